@@ -1,0 +1,8 @@
+"""Turn Hugging Face causal LMs into DeepSpeed Mixture-of-Experts models and train them."""
+
+from .config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
+from .layer import MoEFeedForward, balance_loss, moe_layers_of
+from .surgery import convert_to_moe
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig", "MoEFeedForward",
+           "balance_loss", "convert_to_moe", "moe_layers_of"]

@@ -1,0 +1,43 @@
+"""Per model family: where the transformer blocks and their FFN live.
+
+Surgery finds FFNs through this table, never by guessing module names. A family whose FFN is a
+module taking and returning one hidden-states tensor is one more entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str          # transformers' config.model_type
+    blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
+    ffn: str                 # attribute of one block that holds its FFN
+
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        module = model
+        for name in self.blocks.split("."):
+            module = getattr(module, name)
+        return module
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("llama", blocks="model.layers", ffn="mlp"),
+    Architecture("mistral", blocks="model.layers", ffn="mlp"),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp"),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp"),
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+)}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The table entry for a transformers model; a clear error for families not in the table."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}. A family with a standard FFN is one entry in "
+                         "moe_models/architectures.py:ARCHITECTURES.")
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,156 @@
+"""The DeepSpeed engine loop: step, log, eval, save."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from .config import RunConfig
+from .data import TrainBatches, eval_batches
+from .distributed import World, all_reduce_sum
+from .layer import MoEFeedForward, balance_loss, moe_layers_of
+from .metrics import MetricsLog, Progress, perplexity
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not biases or norms; then DeepSpeed splits expert params into their own groups
+    (they are reduced over the expert-data-parallel group, not the whole world)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def build_engine(model: nn.Module, ds_config: dict, weight_decay: float) -> deepspeed.DeepSpeedEngine:
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model, weight_decay),
+                                           config=ds_config)
+    return engine
+
+
+def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedForward],
+                        input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss (transformers shifts the labels) and the summed balance loss of the same forward."""
+    outputs = engine(input_ids=input_ids, labels=input_ids)
+    return outputs.loss, balance_loss(layers)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, world: World, batches: TrainBatches,
+                 eval_set, output_dir: Path):
+        self.cfg, self.engine, self.world = cfg, engine, world
+        self.batches, self.eval_set = batches, eval_set
+        self.checkpoint_dir = output_dir / "checkpoints"
+        self.layers = moe_layers_of(engine.module)
+        self.state = TrainState()
+        self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
+        self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
+                                * cfg.train.gradient_accumulation_steps * world.world_size)
+
+    def train(self) -> dict:
+        """Train to max_steps; returns the run summary."""
+        t = self.cfg.train
+        progress = Progress(total=t.max_steps, initial=self.state.step, enabled=self.world.is_main and not t.disable_tqdm)
+        # Loss sums stay on the device and are read once per logging interval: no host sync per step.
+        sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
+        interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
+        self.engine.train()
+        while self.state.step < t.max_steps:
+            started = time.perf_counter()
+            sums += self.train_step()
+            self.state.step += 1
+            self.state.tokens_seen += self.tokens_per_step
+            step, last = self.state.step, self.state.step == t.max_steps
+            if step == 1 or step % t.logging_steps == 0 or last:
+                row = self.training_row(sums, interval_seconds + time.perf_counter() - started)
+                self.log.write(row)
+                progress.show(row)
+                sums.zero_()
+                interval_seconds = 0.0
+            else:
+                interval_seconds += time.perf_counter() - started
+            train_seconds += time.perf_counter() - started
+            progress.advance()
+            if (t.eval_steps and step % t.eval_steps == 0) or last:
+                row = self.evaluate()
+                progress.print(f"step {step}: eval_loss {row['eval_loss']:.4f}  perplexity {row['perplexity']:.2f}")
+            if (t.save_steps and step % t.save_steps == 0) or last:
+                self.save()
+        progress.close()
+        return self.summary(train_seconds)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
+        coef = self.cfg.moe.aux_loss_coef
+        sums = torch.zeros(3, device=self.world.device)
+        for _ in range(self.cfg.train.gradient_accumulation_steps):
+            input_ids = next(self.batches)["input_ids"].to(self.world.device)
+            lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
+            self.engine.backward(lm_loss + coef * aux_loss)
+            self.engine.step()
+            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
+        return sums
+
+    def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
+        lm_sum, aux_sum, micro_steps = all_reduce_sum(sums.clone()).tolist()
+        steps_in_interval = micro_steps / self.world.world_size / self.cfg.train.gradient_accumulation_steps
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.state.step,
+            "loss": lm_sum / micro_steps,
+            "aux_loss": aux_sum / micro_steps,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_sec": steps_in_interval * self.tokens_per_step / max(seconds, 1e-9),
+            "tokens_seen": self.state.tokens_seen,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks."""
+        self.engine.eval()
+        sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
+        for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
+                                  self.world.world_size, self.cfg.train.max_eval_batches):
+            input_ids = batch["input_ids"].to(self.world.device)
+            targets = input_ids[:, 1:].numel()
+            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            sums += torch.stack([loss.double() * targets, sums.new_tensor(targets)])
+        self.engine.train()
+        loss_sum, targets = all_reduce_sum(sums).tolist()
+        eval_loss = loss_sum / targets
+        row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        self.log.write(row)
+        return row
+
+    def save(self) -> None:
+        """DeepSpeed's own checkpoint layout: checkpoints/global_step{N}/ (per-expert files) and `latest`."""
+        client_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                        "data": self.batches.state_dict()}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=f"global_step{self.state.step}",
+                                    client_state=client_state)
+
+    def summary(self, train_seconds: float) -> dict:
+        train_rows = [r for r in self.log.rows if "loss" in r]
+        eval_rows = [r for r in self.log.rows if "eval_loss" in r]
+        return {
+            "steps": self.state.step,
+            "first_loss": train_rows[0]["loss"],
+            "last_loss": train_rows[-1]["loss"],
+            "eval_loss": eval_rows[-1]["eval_loss"] if eval_rows else None,
+            "tokens_seen": self.state.tokens_seen,
+            "tokens_per_sec": self.state.tokens_seen / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+        }

@@ -1,0 +1,29 @@
+import os
+
+# Tests never reach the hub or wandb's servers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
+
+from moe_models.model_source import preset_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world():
+    """A one-rank gloo process group in this test process (what `python train.py` makes)."""
+    from moe_models.distributed import init_world
+    return init_world()
+
+
+def tiny_model(preset: str = "tiny-llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small dense causal LM from a built-in preset, in eval mode (no dropout)."""
+    set_seed(seed)
+    config = preset_config(preset)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForCausalLM.from_config(config).eval()

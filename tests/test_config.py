@@ -1,0 +1,104 @@
+"""Flags, validation that reports every problem at once, and the DeepSpeed config's "auto" filling."""
+
+import json
+
+import pytest
+
+from moe_models.config import (ConfigError, RunConfig, build_parser, config_from_dict, parse_args,
+                               shipped_deepspeed_configs, validate)
+from moe_models.ds_config import build_deepspeed_config
+
+
+def test_defaults_are_valid():
+    validate(RunConfig())
+
+
+def test_flags_reach_their_sections():
+    cfg = parse_args(["--num_experts", "4", "--top_k", "1", "--moe_layers", "every:2", "--drop_tokens", "false",
+                      "--noisy_gate_policy", "Jitter", "--learning_rate", "3e-4", "--block_size", "64",
+                      "--model_config", "tiny-qwen3", "--use_residual"])
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.moe_layers) == (4, 1, "every:2")
+    assert cfg.moe.drop_tokens is False and cfg.moe.use_residual is True and cfg.moe.noisy_gate_policy == "Jitter"
+    assert cfg.train.learning_rate == 3e-4 and cfg.data.block_size == 64 and cfg.model.model_config == "tiny-qwen3"
+    assert parse_args(["--num_experts", "2", "4", "8"]).moe.num_experts == [2, 4, 8]
+
+
+def test_unknown_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--num_expert", "4"])
+    assert "unrecognized arguments: --num_expert" in capsys.readouterr().err
+
+
+def test_run_config_round_trips_and_refuses_unknown_keys():
+    cfg = parse_args(["--num_experts", "2", "4"])
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown key moe.num_expert"):
+        config_from_dict({"moe": {"num_expert": 3}})
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cfg = parse_args(["--num_experts", "6", "--ep_size", "4", "--top_k", "8", "--model_config", "tiny-falcon",
+                      "--train_file", str(tmp_path / "missing.txt"), "--learning_rate", "0",
+                      "--deepspeed", "zero9", "--warmup_steps", "500", "--max_steps", "100"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=2)
+    text = str(err.value)
+    for expected in ["num_experts (6) must be divisible by ep_size (4)", "top_k (8) must be <= num_experts (6)",
+                     "ep_size (4) must divide the number of ranks (2)",
+                     "model_config 'tiny-falcon' is neither a built-in preset (tiny-gpt2, tiny-llama",
+                     "missing.txt' does not exist", "learning_rate (0.0) must be > 0",
+                     "deepspeed config 'zero9' is neither a file nor a shipped config (zero0, zero1, zero2)",
+                     "warmup_steps (500) must be <= max_steps (100)"]:
+        assert expected in text
+    assert len(err.value.problems) == 8
+
+
+def test_ep_size_on_one_process_says_how_to_launch():
+    with pytest.raises(ConfigError, match=r"launch with `deepspeed --num_gpus 2 train.py"):
+        validate(parse_args(["--ep_size", "2"]), world_size=1)
+
+
+def test_file_checks(tmp_path):
+    bad = tmp_path / "corpus.docx"
+    bad.write_text("x")
+    with pytest.raises(ConfigError, match="unsupported extension '.docx'"):
+        validate(parse_args(["--train_file", str(bad)]))
+    with pytest.raises(ConfigError, match="--validation_file needs --train_file"):
+        validate(parse_args(["--validation_file", str(bad)]))
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path):
+    (tmp_path / "run_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run; pass --overwrite_output_dir"):
+        validate(parse_args(["--output_dir", str(tmp_path)]))
+    validate(parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"]))
+
+
+@pytest.mark.parametrize("name", shipped_deepspeed_configs())
+def test_every_shipped_deepspeed_config_fills_from_flags(name):
+    cfg = parse_args(["--deepspeed", name, "--per_device_train_batch_size", "3", "--gradient_accumulation_steps",
+                      "2", "--learning_rate", "5e-4", "--max_steps", "77", "--warmup_steps", "7"])
+    ds = build_deepspeed_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["optimizer"]["params"]["lr"] == 5e-4
+    assert ds["scheduler"]["params"]["total_num_steps"] == 77 and ds["scheduler"]["params"]["warmup_num_steps"] == 7
+    assert "auto" not in json.dumps(ds)
+
+
+def test_deepspeed_json_that_disagrees_with_a_flag_is_refused(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": "auto",
+                                "zero_optimization": {"stage": 3}, "optimizer": {"params": {"betas": "auto"}}}))
+    with pytest.raises(ConfigError) as err:
+        build_deepspeed_config(parse_args(["--deepspeed", str(path), "--per_device_train_batch_size", "8"]), 1)
+    text = str(err.value)
+    assert "train_micro_batch_size_per_gpu is 16 but per_device_train_batch_size gives 8" in text
+    assert "ZeRO stage 3 does not work with DeepSpeed MoE layers" in text
+    assert "no flag fills optimizer.params.betas" in text
+
+
+def test_help_lists_every_field():
+    text = build_parser().format_help()
+    for flag in ["--num_experts", "--expert_init", "--deepspeed", "--train_file", "--model_config"]:
+        assert flag in text

@@ -1,0 +1,80 @@
+"""Train a Mixture-of-Experts language model on DeepSpeed.
+
+    python train.py                                  # tiny Llama-MoE on the built-in corpus (CPU or 1 GPU)
+    python train.py --model_name_or_path PATH ...    # upcycle a dense HF model
+    deepspeed --num_gpus 8 train.py --ep_size 4 ...  # expert + data parallel
+
+Reads top to bottom: parse -> validate -> build (tokenizer, model, surgery, data, engine) -> train.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import set_seed
+
+from moe_models.config import ConfigError, RunConfig, parse_args, save_run_config, validate
+from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
+from moe_models.distributed import init_world, launched_world_size
+from moe_models.ds_config import build_deepspeed_config
+from moe_models.model_source import load_dense_model
+from moe_models.surgery import convert_to_moe
+from moe_models.tokenization import load_tokenizer
+from moe_models.trainer import Trainer, build_engine
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    try:  # everything checkable before a process group, a model or data exist
+        validate(cfg, world_size=launched_world_size())
+        ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
+    except ConfigError as err:
+        sys.exit(str(err))
+
+    world = init_world()
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
+    dense_params = sum(p.numel() for p in model.parameters())
+    model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
+
+    data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
+                       cfg.data.text_column, num_proc=cfg.data.preprocessing_num_workers)
+    batches = TrainBatches(data["train"], cfg.train.per_device_train_batch_size, world.rank, world.world_size,
+                           seed=cfg.train.seed)
+    engine = build_engine(model, ds_config, cfg.train.weight_decay)
+
+    output_dir = Path(cfg.train.output_dir)
+    if world.is_main:
+        write_run_files(cfg, output_dir, tokenizer, model, ds_config, world.world_size, dense_params, data)
+    summary = Trainer(cfg, engine, world, batches, data["validation"], output_dir).train()
+    if world.is_main:
+        print_summary(summary, output_dir)
+    return summary
+
+
+def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, ds_config: dict, world_size: int,
+                    dense_params: int, data) -> None:
+    """run_config.json (every resolved setting), the tokenizer and the base model's HF config."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    resolved = {"world_size": world_size, "deepspeed_config": ds_config, "dense_parameters": dense_params,
+                "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
+                "train_blocks": len(data["train"]), "validation_blocks": len(data["validation"])}
+    save_run_config(cfg, output_dir / "run_config.json", resolved)
+    tokenizer.save_pretrained(output_dir / "tokenizer")
+    model.config.save_pretrained(output_dir / "base_model")
+
+
+def print_summary(summary: dict, output_dir: Path) -> None:
+    eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
+    print(f"\nDone: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
+          f"eval_loss {eval_text}, {summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"
+          f"Outputs in {output_dir}/: metrics.jsonl, run_config.json, tokenizer/, base_model/, checkpoints/")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
