@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from moe_models.config import ConfigError, RunConfig, parse_args, save_run_config, validate
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
-from moe_models.distributed import init_world, launched_world_size
+from moe_models.distributed import init_world, launched_world_size, main_process_first
 from moe_models.ds_config import build_deepspeed_config
 from moe_models.model_source import load_dense_model
 from moe_models.surgery import convert_to_moe
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     dense_params = sum(p.numel() for p in model.parameters())
     model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
 
-    data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
-                       cfg.data.text_column, num_proc=cfg.data.preprocessing_num_workers)
+    with main_process_first(world):
+        data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
+                           cfg.data.text_column, num_proc=cfg.data.preprocessing_num_workers)
     batches = TrainBatches(data["train"], cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                            seed=cfg.train.seed)
     engine = build_engine(model, ds_config, cfg.train.weight_decay)

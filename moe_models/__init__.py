@@ -1,5 +1,13 @@
 """Turn Hugging Face causal LMs into DeepSpeed Mixture-of-Experts models and train them."""
 
+import os
+
+import torch
+
+# Without a GPU, DeepSpeed would detect its CPU accelerator anyway, with a warning on every import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from .config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from .layer import MoEFeedForward, balance_loss, moe_layers_of
 from .surgery import convert_to_moe

@@ -34,7 +34,7 @@ class ModelConfig:
     model_name_or_path: Optional[str] = _flag(
         None, "A dense HF causal LM (local folder or hub id). Its weights are loaded and its FFNs upcycled into experts.")
     model_config: Optional[str] = _flag(
-        None, "Train from scratch from a config: a built-in preset name (see moe_models/presets.py) or a config.json "
+        None, "Train from scratch from a config: a built-in preset name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-qwen3, tiny-gpt2; see moe_models/model_source.py) or a config.json "
         "path. Used when --model_name_or_path is not given; defaults to the 'tiny-llama' preset.")
     tokenizer_name: Optional[str] = _flag(
         None, "Tokenizer to use instead of the model's own. Fresh models without one get the built-in byte-level "
@@ -104,7 +104,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _flag(1, "Micro-steps per optimizer step.")
     learning_rate: float = _flag(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _flag(0.1, "AdamW weight decay (not applied to biases and norms).")
-    warmup_steps: int = _flag(10, "Linear warmup steps before the cosine decay.")
+    warmup_steps: int = _flag(10, "Linear warmup steps (from 0) before the cosine decay; at least 1.")
     min_lr_ratio: float = _flag(0.1, "The cosine decay ends at learning_rate * min_lr_ratio.")
     max_steps: int = _flag(300, "Optimizer steps to train for.")
     max_grad_norm: float = _flag(1.0, "Gradient clipping norm (0 disables).")
@@ -352,8 +352,11 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
 
     _positive(problems, train, ("per_device_train_batch_size", "per_device_eval_batch_size",
                                 "gradient_accumulation_steps", "max_steps", "logging_steps"))
-    _positive(problems, train, ("warmup_steps", "eval_steps", "save_steps", "max_eval_batches"),
-              allow_zero=("warmup_steps", "eval_steps", "save_steps", "max_eval_batches"))
+    _positive(problems, train, ("eval_steps", "save_steps", "max_eval_batches"),
+              allow_zero=("eval_steps", "save_steps", "max_eval_batches"))
+    if train.warmup_steps < 1:
+        problems.append(f"warmup_steps ({train.warmup_steps}) must be >= 1 (DeepSpeed's WarmupCosineLR needs at "
+                        "least one warmup step); use 1 for the shortest warmup")
     if train.learning_rate <= 0:
         problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
     if train.max_grad_norm < 0:
@@ -383,3 +386,27 @@ def save_run_config(cfg: RunConfig, path: Path, extra: Optional[dict] = None) ->
     if extra:
         payload["resolved"] = extra
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, generated from the dataclasses so it cannot drift (a test compares the two).
+
+    Regenerate with: UPDATE_DOCS=1 pytest tests/test_config.py -k configuration_doc
+    """
+    lines = ["# Configuration", "",
+             "Every setting is a command-line flag of `train.py` with the same name as its field in",
+             "`moe_models/config.py`. Booleans take `true`/`false` (a bare `--flag` means true). Unknown flags are",
+             "refused. All settings are checked before anything heavy starts, and every problem is reported",
+             "at once. The resolved settings of a run are saved as `run_config.json` in its output folder.", "",
+             "The DeepSpeed JSON (`--deepspeed`) holds what no flag owns (ZeRO stage, optimizer betas, offload);",
+             "its `\"auto\"` values are filled from the flags below, and a value that disagrees with its flag is",
+             "refused.", "",
+             "This page is generated from the code: `UPDATE_DOCS=1 pytest tests/test_config.py -k configuration_doc`.",
+             ""]
+    for section, cls in SECTION_TYPES.items():
+        lines += [f"## {section}: {cls.__doc__}", "", "| flag | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

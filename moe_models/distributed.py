@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import deepspeed
@@ -59,3 +60,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+@contextmanager
+def main_process_first(world: World):
+    """Rank 0 runs the block first (filling the datasets cache), the other ranks then read the cache."""
+    if not world.is_main:
+        dist.barrier()
+    yield
+    if world.is_main and world.world_size > 1:
+        dist.barrier()

@@ -55,6 +55,7 @@ class Trainer:
         self.checkpoint_dir = output_dir / "checkpoints"
         self.layers = moe_layers_of(engine.module)
         self.state = TrainState()
+        self.lr = 0.0
         self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
@@ -99,6 +100,7 @@ class Trainer:
             input_ids = next(self.batches)["input_ids"].to(self.world.device)
             lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
             self.engine.backward(lm_loss + coef * aux_loss)
+            self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
             self.engine.step()
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
         return sums
@@ -111,7 +113,7 @@ class Trainer:
             "step": self.state.step,
             "loss": lm_sum / micro_steps,
             "aux_loss": aux_sum / micro_steps,
-            "lr": self.engine.get_lr()[0],
+            "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_sec": steps_in_interval * self.tokens_per_step / max(seconds, 1e-9),
             "tokens_seen": self.state.tokens_seen,

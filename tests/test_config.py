@@ -1,6 +1,7 @@
 """Flags, validation that reports every problem at once, and the DeepSpeed config's "auto" filling."""
 
 import json
+import os
 
 import pytest
 
@@ -102,3 +103,13 @@ def test_help_lists_every_field():
     text = build_parser().format_help()
     for flag in ["--num_experts", "--expert_init", "--deepspeed", "--train_file", "--model_config"]:
         assert flag in text
+
+
+def test_configuration_doc_matches_the_code():
+    from pathlib import Path
+    from moe_models.config import configuration_markdown
+    path = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    if os.environ.get("UPDATE_DOCS") == "1":
+        path.write_text(configuration_markdown())
+    assert path.read_text() == configuration_markdown(), \
+        "docs/configuration.md is stale: UPDATE_DOCS=1 pytest tests/test_config.py -k configuration_doc"
