@@ -4,7 +4,7 @@
     python train.py --model_name_or_path PATH ...    # upcycle a dense HF model
     deepspeed --num_gpus 8 train.py --ep_size 4 ...  # expert + data parallel
 
-Reads top to bottom: parse -> validate -> build (tokenizer, model, surgery, data, engine) -> train.
+Reads top to bottom: parse -> build (validate, tokenizer, model, surgery, data, engine) -> train.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from moe_models.config import ConfigError, RunConfig, parse_args, save_run_config, validate
+from moe_models.config import RunConfig, parse_args, save_run_config, validate
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
-from moe_models.distributed import init_world, launched_world_size, main_process_first
+from moe_models.distributed import World, init_world, launched_rank, launched_world_size, main_process_first
 from moe_models.ds_config import build_deepspeed_config
 from moe_models.model_source import load_dense_model
 from moe_models.surgery import convert_to_moe
@@ -27,11 +27,22 @@ from moe_models.trainer import Trainer, build_engine
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
-    try:  # everything checkable before a process group, a model or data exist
-        validate(cfg, world_size=launched_world_size())
-        ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
-    except ConfigError as err:
-        sys.exit(str(err))
+    try:
+        world, trainer = build(cfg)
+    except ValueError as err:  # ConfigError and the data/model loaders' errors say what to fix
+        if launched_rank() == 0:  # one message, not one traceback per rank
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    summary = trainer.train()
+    if world.is_main:
+        print_summary(summary, trainer.output_dir)
+    return summary
+
+
+def build(cfg: RunConfig) -> tuple[World, Trainer]:
+    """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
+    validate(cfg, world_size=launched_world_size())
+    ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
 
     world = init_world()
     set_seed(cfg.train.seed)
@@ -50,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
         write_run_files(cfg, output_dir, tokenizer, model, ds_config, world.world_size, dense_params, data)
-    summary = Trainer(cfg, engine, world, batches, data["validation"], output_dir).train()
-    if world.is_main:
-        print_summary(summary, output_dir)
-    return summary
+    return world, Trainer(cfg, engine, world, batches, data["validation"], output_dir)
 
 
 def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, ds_config: dict, world_size: int,

@@ -79,6 +79,8 @@ class MoEConfig:
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _flag(
         None, "Noise on the router during training: Jitter (multiplicative on the input) or RSample (Gumbel).")
     use_rts: bool = _flag(True, "Random token selection when dropping (top-1 only).")
+    top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
+                                           "training (DeepSpeed's default); false = deterministic top-2.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
@@ -363,8 +365,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
     if not 0 <= train.min_lr_ratio <= 1:
         problems.append(f"min_lr_ratio ({train.min_lr_ratio}) must be in [0, 1]")
-    if train.warmup_steps > train.max_steps:
-        problems.append(f"warmup_steps ({train.warmup_steps}) must be <= max_steps ({train.max_steps})")
     try:
         resolve_deepspeed_config_path(train.deepspeed)
     except FileNotFoundError:

@@ -32,7 +32,8 @@ class MoEFeedForward(nn.Module):
         self.moe = MoE(hidden_size, expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
                        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=cfg.min_capacity, use_residual=cfg.use_residual,
-                       noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts)
+                       noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
+                       top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
 

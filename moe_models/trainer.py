@@ -52,6 +52,7 @@ class Trainer:
                  eval_set, output_dir: Path):
         self.cfg, self.engine, self.world = cfg, engine, world
         self.batches, self.eval_set = batches, eval_set
+        self.output_dir = output_dir
         self.checkpoint_dir = output_dir / "checkpoints"
         self.layers = moe_layers_of(engine.module)
         self.state = TrainState()

@@ -118,3 +118,24 @@ def test_balance_loss_coefficient_reaches_the_update(world, tmp_path):
     without, again, with_aux = routers_after_three_steps(0.0), routers_after_three_steps(0.0), routers_after_three_steps(1.0)
     assert all(torch.equal(a, b) for a, b in zip(without, again))  # deterministic, so the comparison means something
     assert any(not torch.allclose(a, b) for a, b in zip(without, with_aux))
+
+
+def test_debug_script_runs_the_same_path(tmp_path):
+    out = tmp_path / "debug"
+    result = subprocess.run(["bash", "launch/debug_single_gpu.sh", "--max_steps", "3", "--synthetic_examples", "500",
+                             "--num_experts", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OUTPUT_DIR": str(out),
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # --logging_steps 1
+    assert json.loads((out / "run_config.json").read_text())["train"]["per_device_train_batch_size"] == 2
+
+
+@pytest.mark.slow
+def test_zero2_with_optimizer_offload(world, tmp_path):
+    cfg = parse_args(["--deepspeed", "zero2_offload", "--max_steps", "6", "--warmup_steps", "1", "--eval_steps", "0",
+                      "--synthetic_examples", "1000", "--num_experts", "2", "--disable_tqdm",
+                      "--output_dir", str(tmp_path / "run")])
+    summary = train_in_process(cfg, world, tmp_path / "run")
+    assert summary["last_loss"] < summary["first_loss"]

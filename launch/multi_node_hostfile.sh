@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Several nodes from ONE command on the first node: the deepspeed launcher reaches the others over
+# passwordless ssh (pdsh) and starts every rank. Every node needs the same code path and environment.
+#   launch/multi_node_hostfile.sh launch/hostfile.example --ep_size 8 --num_experts 64 ...
+# Extra deepspeed launcher flags go in LAUNCHER_ARGS (e.g. LAUNCHER_ARGS="--launcher openmpi").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+hostfile=${1:?usage: launch/multi_node_hostfile.sh HOSTFILE [train.py flags...]}
+shift
+master_addr=${MASTER_ADDR:-$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1; exit}')}
+# shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of launcher flags
+exec deepspeed ${LAUNCHER_ARGS:-} --hostfile "$hostfile" --master_addr "$master_addr" --master_port "${MASTER_PORT:-29500}" \
+    train.py "$@"

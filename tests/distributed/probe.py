@@ -1,0 +1,58 @@
+"""Run under the deepspeed launcher by tests/test_distributed.py: builds the run exactly as train.py
+does, takes a few optimizer steps, and writes what the tests compare to OUTPUT_DIR/probe_rank{R}.pt:
+
+- the initial weights of every local expert, keyed by (layer, global expert id, parameter name);
+- the reduced gradient of every local expert parameter and router after the first backward;
+- the loss of every step as logged (mean over ranks);
+- the number of parameters this rank holds; then it saves a checkpoint like train.py.
+
+Usage: deepspeed --num_gpus N tests/distributed/probe.py --steps K <train.py flags>
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from moe_models.config import parse_args  # noqa: E402
+from moe_models.distributed import all_reduce_sum  # noqa: E402
+from moe_models.layer import moe_layers_of  # noqa: E402
+from moe_models.trainer import lm_and_balance_loss  # noqa: E402
+from train import build  # noqa: E402
+
+
+def expert_tensors(layers, read) -> dict:
+    return {(layer_index, global_id, name): read(param).detach().clone()
+            for layer_index, layer in enumerate(layers)
+            for local, global_id in zip(layer.local_experts, layer.global_expert_ids())
+            for name, param in local.named_parameters()}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    steps = int(args[args.index("--steps") + 1])
+    del args[args.index("--steps"):args.index("--steps") + 2]
+    cfg = parse_args(args)
+    world, trainer = build(cfg)
+    engine, layers = trainer.engine, moe_layers_of(trainer.engine.module)
+    record = {"initial": expert_tensors(layers, lambda p: p), "losses": [],
+              "parameters": sum(p.numel() for p in engine.module.parameters())}
+    for step in range(steps):
+        input_ids = next(trainer.batches)["input_ids"].to(world.device)
+        lm_loss, aux_loss = lm_and_balance_loss(engine, layers, input_ids)
+        engine.backward(lm_loss + cfg.moe.aux_loss_coef * aux_loss)
+        if step == 0:
+            record["grads"] = expert_tensors(layers, safe_get_full_grad)
+            record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
+        engine.step()
+        mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size
+        record["losses"].append(mean_loss.item())
+    trainer.state.step = steps
+    trainer.save()
+    torch.save(record, Path(cfg.train.output_dir) / f"probe_rank{world.rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
