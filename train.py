@@ -61,14 +61,18 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
         write_run_files(cfg, output_dir, tokenizer, model, ds_config, world.world_size, dense_params, data)
-    return world, Trainer(cfg, engine, world, batches, data["validation"], output_dir)
+    trainer = Trainer(cfg, engine, world, batches, data["validation"], output_dir)
+    if cfg.train.resume_from_checkpoint:
+        trainer.resume(cfg.train.resume_from_checkpoint)
+    return world, trainer
 
 
 def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, ds_config: dict, world_size: int,
                     dense_params: int, data) -> None:
     """run_config.json (every resolved setting), the tokenizer and the base model's HF config."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not cfg.train.resume_from_checkpoint:  # a resumed run keeps (and trims) its metrics
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     resolved = {"world_size": world_size, "deepspeed_config": ds_config, "dense_parameters": dense_params,
                 "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
                 "train_blocks": len(data["train"]), "validation_blocks": len(data["validation"])}
@@ -78,9 +82,13 @@ def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, ds_confi
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:
-    eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
-    print(f"\nDone: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-          f"eval_loss {eval_text}, {summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"
+    def number(value, digits=4):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    stopped = f" (stopped by {summary['stopped_by']}; checkpoint saved)" if summary["stopped_by"] else ""
+    print(f"\nDone: {summary['steps']} steps{stopped}, loss {number(summary['first_loss'])} -> "
+          f"{number(summary['last_loss'])}, eval_loss {number(summary['eval_loss'])}, "
+          f"{summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"
           f"Outputs in {output_dir}/: metrics.jsonl, run_config.json, tokenizer/, base_model/, checkpoints/")
     print(json.dumps(summary))
 

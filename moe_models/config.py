@@ -114,7 +114,13 @@ class TrainConfig:
     logging_steps: int = _flag(10, "Log training metrics every N steps.")
     eval_steps: int = _flag(100, "Evaluate every N steps (and at the end); 0 = only at the end.")
     max_eval_batches: int = _flag(20, "Cap on eval batches per rank per evaluation (0 = the whole eval set).")
-    save_steps: int = _flag(0, "Save a DeepSpeed checkpoint every N steps; 0 = only at the end.")
+    save_steps: int = _flag(0, "Save a DeepSpeed checkpoint every N steps; 0 = only at the end (and on SIGTERM/SIGUSR1).")
+    save_total_limit: int = _flag(0, "Keep only the newest N checkpoints (never the one `latest` names); 0 = keep all.")
+    resume_from_checkpoint: Optional[str] = _flag(
+        None, "Continue a run: 'latest' (this output_dir's newest checkpoint; starts fresh if there is none, so "
+        "a requeued job can always pass it), a checkpoints folder, or one tag folder (checkpoints/global_stepN).")
+    reset_optimizer: bool = _flag(False, "When resuming at another world size or ep_size: load the weights and start "
+                                  "a fresh optimizer state (the LR schedule continues).")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 
@@ -354,8 +360,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
 
     _positive(problems, train, ("per_device_train_batch_size", "per_device_eval_batch_size",
                                 "gradient_accumulation_steps", "max_steps", "logging_steps"))
-    _positive(problems, train, ("eval_steps", "save_steps", "max_eval_batches"),
-              allow_zero=("eval_steps", "save_steps", "max_eval_batches"))
+    _positive(problems, train, ("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"),
+              allow_zero=("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"))
+    resume = train.resume_from_checkpoint
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        problems.append(f"resume_from_checkpoint {resume!r} does not exist; give 'latest', a checkpoints folder or "
+                        "a tag folder")
     if train.warmup_steps < 1:
         problems.append(f"warmup_steps ({train.warmup_steps}) must be >= 1 (DeepSpeed's WarmupCosineLR needs at "
                         "least one warmup step); use 1 for the shortest warmup")
@@ -373,9 +383,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     output = Path(train.output_dir)
     if output.is_file():
         problems.append(f"output_dir {train.output_dir!r} is a file; give a folder")
-    elif (output / "run_config.json").exists() and not train.overwrite_output_dir:
-        problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --overwrite_output_dir "
-                        "or choose another --output_dir")
+    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume):
+        problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --resume_from_checkpoint latest "
+                        "to continue it, --overwrite_output_dir to start over in it, or choose another --output_dir")
 
     if problems:
         raise ConfigError(problems)

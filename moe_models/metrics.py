@@ -17,6 +17,14 @@ class MetricsLog:
         self.enabled = enabled
         self.rows: list[dict] = []
 
+    def drop_after(self, step: int) -> None:
+        """On resume: forget rows logged after the checkpoint's step (they will be logged again)."""
+        if self.enabled and self.path.is_file():
+            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in rows))
+            tmp.replace(self.path)
+
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if self.enabled:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -11,11 +10,14 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
+from . import checkpoint
+from .checkpoint import TrainState
 from .config import RunConfig
 from .data import TrainBatches, eval_batches
 from .distributed import World, all_reduce_sum
 from .layer import MoEFeedForward, balance_loss, moe_layers_of
 from .metrics import MetricsLog, Progress, perplexity
+from .preemption import StopRequest
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,12 +43,6 @@ def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedF
     return outputs.loss, balance_loss(layers)
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens_seen: int = 0
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, world: World, batches: TrainBatches,
                  eval_set, output_dir: Path):
@@ -62,36 +58,46 @@ class Trainer:
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
 
     def train(self) -> dict:
-        """Train to max_steps; returns the run summary."""
+        """Train to max_steps (or until a stop signal); returns the run summary."""
         t = self.cfg.train
+        self.first_step = self.state.step  # > 0 after a resume
         progress = Progress(total=t.max_steps, initial=self.state.step, enabled=self.world.is_main and not t.disable_tqdm)
         # Loss sums stay on the device and are read once per logging interval: no host sync per step.
         sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
+        stopped_by = None
         self.engine.train()
-        while self.state.step < t.max_steps:
-            started = time.perf_counter()
-            sums += self.train_step()
-            self.state.step += 1
-            self.state.tokens_seen += self.tokens_per_step
-            step, last = self.state.step, self.state.step == t.max_steps
-            if step == 1 or step % t.logging_steps == 0 or last:
-                row = self.training_row(sums, interval_seconds + time.perf_counter() - started)
-                self.log.write(row)
-                progress.show(row)
-                sums.zero_()
-                interval_seconds = 0.0
-            else:
-                interval_seconds += time.perf_counter() - started
-            train_seconds += time.perf_counter() - started
-            progress.advance()
-            if (t.eval_steps and step % t.eval_steps == 0) or last:
-                row = self.evaluate()
-                progress.print(f"step {step}: eval_loss {row['eval_loss']:.4f}  perplexity {row['perplexity']:.2f}")
-            if (t.save_steps and step % t.save_steps == 0) or last:
-                self.save()
+        with StopRequest(self.world.device) as stop:
+            while self.state.step < t.max_steps:
+                started = time.perf_counter()
+                sums += self.train_step()
+                self.state.step += 1
+                self.state.tokens_seen += self.tokens_per_step
+                step, last = self.state.step, self.state.step == t.max_steps
+                if step == 1 or step % t.logging_steps == 0 or last:
+                    row = self.training_row(sums, interval_seconds + time.perf_counter() - started)
+                    self.log.write(row)
+                    progress.show(row)
+                    sums.zero_()
+                    interval_seconds = 0.0
+                else:
+                    interval_seconds += time.perf_counter() - started
+                train_seconds += time.perf_counter() - started
+                progress.advance()
+                if stop.agreed():
+                    stopped_by = stop.received or "a signal on another rank"
+                    self.save()
+                    progress.print(f"stopped by {stopped_by} after step {step}: saved {self.checkpoint_dir}/"
+                                   f"{checkpoint.tag_of(step)}; relaunch with --resume_from_checkpoint latest")
+                    break
+                if (t.eval_steps and step % t.eval_steps == 0) or last:
+                    row = self.evaluate()
+                    progress.print(f"step {step}: eval_loss {row['eval_loss']:.4f}  perplexity "
+                                   f"{row['perplexity']:.2f}")
+                if (t.save_steps and step % t.save_steps == 0) or last:
+                    self.save()
         progress.close()
-        return self.summary(train_seconds)
+        return {**self.summary(train_seconds), "stopped_by": stopped_by}
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
@@ -139,21 +145,31 @@ class Trainer:
         return row
 
     def save(self) -> None:
-        """DeepSpeed's own checkpoint layout: checkpoints/global_step{N}/ (per-expert files) and `latest`."""
-        client_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
-                        "data": self.batches.state_dict()}
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=f"global_step{self.state.step}",
-                                    client_state=client_state)
+        """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
+        checkpoint.save(self.engine, self.checkpoint_dir, self.state, self.batches, self.world, self.cfg.moe.ep_size,
+                        self.cfg.train.save_total_limit)
+
+    def resume(self, spec: str) -> None:
+        """Continue from a checkpoint ("latest", a checkpoints folder or a tag folder); "latest" with no
+        checkpoint yet starts fresh, so a requeued job can always pass it."""
+        tag_dir = checkpoint.resolve(spec, self.output_dir)
+        if tag_dir is None:
+            return
+        self.state, _ = checkpoint.load(self.engine, tag_dir, self.batches, self.world, self.cfg.moe.ep_size,
+                                        reset_optimizer=self.cfg.train.reset_optimizer)
+        self.log.drop_after(self.state.step)
+        if self.world.is_main:
+            print(f"Resumed from {tag_dir} at step {self.state.step}")
 
     def summary(self, train_seconds: float) -> dict:
         train_rows = [r for r in self.log.rows if "loss" in r]
         eval_rows = [r for r in self.log.rows if "eval_loss" in r]
         return {
             "steps": self.state.step,
-            "first_loss": train_rows[0]["loss"],
-            "last_loss": train_rows[-1]["loss"],
+            "first_loss": train_rows[0]["loss"] if train_rows else None,
+            "last_loss": train_rows[-1]["loss"] if train_rows else None,
             "eval_loss": eval_rows[-1]["eval_loss"] if eval_rows else None,
             "tokens_seen": self.state.tokens_seen,
-            "tokens_per_sec": self.state.tokens_seen / max(train_seconds, 1e-9),
+            "tokens_per_sec": (self.state.step - self.first_step) * self.tokens_per_step / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
         }

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def launch(args: list[str], num_ranks: int = 2, timeout: int = 300) -> str:
 
 
 def probe(output_dir: Path, ep_size: int) -> list[dict]:
-    launch(["tests/distributed/probe.py", "--steps", "3", "--ep_size", str(ep_size), "--output_dir", str(output_dir),
+    launch(["tests/scripts/probe.py", "--steps", "3", "--ep_size", str(ep_size), "--output_dir", str(output_dir),
             *PROBE_FLAGS])
     return [torch.load(output_dir / f"probe_rank{rank}.pt", weights_only=False) for rank in range(2)]
 
@@ -207,3 +208,75 @@ def test_other_zero_stages_train_with_ep2(tmp_path, stage):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < 5.55  # ln(257): learning happened
     assert expert_files(out, 3) == ALL_EXPERT_FILES
+
+
+# Checkpoints across ranks: exact resume at EP=2, resharding EP=2 <-> EP=1, stop signals.
+RESUME = [*QUICK, "--logging_steps", "1", "--eval_steps", "0"]
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    """8 steps on 2 ranks at ep_size 2, checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("ep2") / "run"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "8", "--save_steps", "4", "--output_dir", str(out)])
+    return out
+
+
+def test_resume_is_exact_on_two_ranks_at_ep2(ep2_run, tmp_path):
+    out = tmp_path / "resumed"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "8", "--output_dir", str(out),
+            "--resume_from_checkpoint", str(ep2_run / "checkpoints" / "global_step4")])
+    resumed, straight = logged_losses(out), logged_losses(ep2_run)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in resumed] == [straight[s] for s in resumed]  # bit for bit
+
+
+def test_reshard_ep2_to_ep1_and_back(ep2_run, tmp_path, world):
+    import train
+    from moe_models.checkpoint import CheckpointError
+    from moe_models.layer import moe_layers_of
+
+    tag = ep2_run / "checkpoints" / "global_step8"
+    one_rank = tmp_path / "ep1"
+    args = ["--ep_size", "1", *RESUME, "--max_steps", "10", "--output_dir", str(one_rank),
+            "--resume_from_checkpoint", str(tag)]
+    with pytest.raises(CheckpointError, match="saved with 2 ranks and ep_size 2, this run has 1 ranks and ep_size 1"):
+        train.build(train.parse_args(args))
+    _, trainer = train.build(train.parse_args([*args, "--reset_optimizer", "--overwrite_output_dir"]))
+    for layer_index, layer in enumerate(moe_layers_of(trainer.engine.module)):  # every global expert, by id
+        for expert_id, expert in zip(layer.global_expert_ids(), layer.local_experts):
+            saved = torch.load(tag / f"layer_{layer_index}_expert_{expert_id}_mp_rank_00_model_states.pt",
+                               weights_only=False)
+            for name, param in expert.named_parameters():
+                key = next(k for k in saved if k.endswith(f"deepspeed_experts.{expert_id}.{name}"))
+                torch.testing.assert_close(param.detach(), saved[key], rtol=0, atol=0)
+    summary = trainer.train()
+    assert summary["steps"] == 10 and summary["last_loss"] < 5.55
+
+    back = tmp_path / "ep2-again"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "12", "--output_dir", str(back),
+            "--resume_from_checkpoint", str(one_rank / "checkpoints"), "--reset_optimizer"])
+    assert sorted(logged_losses(back)) == [11, 12]
+    assert expert_files(back, 12) == ALL_EXPERT_FILES
+
+
+def test_stop_signal_on_every_rank_saves_and_exits_zero(tmp_path):
+    import psutil
+    out = tmp_path / "run"
+    proc = start([*LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--ep_size", "2",
+                  *RESUME, "--max_steps", "100000", "--output_dir", str(out)])
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len(logged_losses(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, finish(proc, 10)[1][-6000:]
+        time.sleep(0.5)
+    for rank in psutil.Process(proc.pid).children(recursive=True):  # SLURM signals every process of the step
+        rank.send_signal(signal.SIGUSR1)
+    output = succeed(proc, timeout=120)
+    assert output.count("stopped by SIGUSR1") == 1  # printed by rank 0
+    step = int((out / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert step >= 3 and expert_files(out, step) == ALL_EXPERT_FILES

@@ -6,7 +6,7 @@ does, takes a few optimizer steps, and writes what the tests compare to OUTPUT_D
 - the loss of every step as logged (mean over ranks);
 - the number of parameters this rank holds; then it saves a checkpoint like train.py.
 
-Usage: deepspeed --num_gpus N tests/distributed/probe.py --steps K <train.py flags>
+Usage: deepspeed --num_gpus N tests/scripts/probe.py --steps K <train.py flags>
 """
 
 import sys

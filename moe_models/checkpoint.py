@@ -1,0 +1,185 @@
+"""Checkpoints users can trust: complete-or-absent saves, exact resume, pruning, another world size.
+
+Layout (DeepSpeed's own, plus three small files of ours per tag):
+
+    checkpoints/
+      latest                      the newest COMPLETE tag; replaced atomically (write + rename)
+      global_step{N}/
+        mp_rank_00_model_states.pt, layer_{L}_expert_{E}_*.pt, *optim_states.pt   (DeepSpeed)
+        rng_rank{R}.pt            every RNG of rank R (python, numpy, torch, CUDA)
+        complete.json             written last, after every rank finished: step, world and ep sizes
+
+DeepSpeed writes `latest` itself before all ranks are known to be done, and does not say when a
+tag is complete, so both are done here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import TrainBatches
+from .distributed import World
+
+COMPLETE = "complete.json"
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint restores: optimizer steps taken and tokens read (over all ranks)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+def tag_of(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _step_of(tag_dir: Path) -> int:
+    return int(tag_dir.name.removeprefix("global_step"))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(checkpoint_dir: Path) -> list[Path]:
+    """Tag folders whose save finished on every rank, oldest first."""
+    tags = [p for p in checkpoint_dir.glob("global_step*") if (p / COMPLETE).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def save(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: Path, state: TrainState, batches: TrainBatches,
+         world: World, ep_size: int, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
+    """Save on every rank; the tag becomes `latest` only after all ranks have written all their files."""
+    tag_dir = checkpoint_dir / tag_of(state.step)
+    client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": batches.state_dict(),
+                    **(extra_client_state or {})}
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
+    dist.barrier()  # every rank's files are on disk
+    if world.is_main:
+        meta = {"step": state.step, "world_size": world.world_size, "ep_size": ep_size}
+        _atomic_write(tag_dir / COMPLETE, json.dumps(meta) + "\n")
+        _atomic_write(checkpoint_dir / LATEST, tag_dir.name)
+        if save_total_limit:
+            prune(checkpoint_dir, keep=save_total_limit)
+    dist.barrier()  # nobody reads `latest` or starts the next save before it is in place
+    return tag_dir
+
+
+def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete tags; never the one `latest` names. Returns what was deleted."""
+    latest = (checkpoint_dir / LATEST).read_text().strip() if (checkpoint_dir / LATEST).is_file() else None
+    tags = complete_tags(checkpoint_dir)
+    doomed = [t for t in tags[:max(len(tags) - keep, 0)] if t.name != latest]
+    for tag_dir in doomed:
+        shutil.rmtree(tag_dir)
+    return doomed
+
+
+def resolve(spec: str, output_dir: Path) -> Path | None:
+    """The tag folder to resume from, or None when `spec` is "latest" and there is no checkpoint yet.
+
+    `spec`: "latest" (this run's checkpoints/latest), a checkpoints folder (its `latest`), or a tag folder.
+    """
+    if spec == "latest":
+        checkpoint_dir = output_dir / "checkpoints"
+        if not (checkpoint_dir / LATEST).is_file():
+            return None
+        return checkpoint_dir / (checkpoint_dir / LATEST).read_text().strip()
+    path = Path(spec)
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    if path.is_dir() and path.name.startswith("global_step"):
+        return path
+    raise CheckpointError(f"resume_from_checkpoint {spec!r} is not a checkpoints folder (with a `latest` file) or "
+                          "a tag folder (checkpoints/global_step{N}); use 'latest' for this run's newest checkpoint")
+
+
+def _previous_good(tag_dir: Path) -> str:
+    older = [t for t in complete_tags(tag_dir.parent) if _step_of(t) < _step_of(tag_dir)]
+    return f"resume from the previous good checkpoint {older[-1]}" if older else "no earlier complete checkpoint exists"
+
+
+def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches, world: World, ep_size: int,
+         reset_optimizer: bool) -> tuple[TrainState, dict]:
+    """Restore weights, optimizer, LR schedule, data position and RNGs; returns the state and the client state.
+
+    At another world or ep size, weights load by global expert id; the optimizer state (sharded by
+    the old layout) is refused unless `reset_optimizer`, which keeps the weights and the LR schedule.
+    """
+    if not (tag_dir / COMPLETE).is_file():
+        raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted); "
+                              f"{_previous_good(tag_dir)}")
+    meta = json.loads((tag_dir / COMPLETE).read_text())
+    same_layout = (meta["world_size"], meta["ep_size"]) == (world.world_size, ep_size)
+    if not same_layout and not reset_optimizer:
+        raise CheckpointError(
+            f"{tag_dir} was saved with {meta['world_size']} ranks and ep_size {meta['ep_size']}, this run has "
+            f"{world.world_size} ranks and ep_size {ep_size}: the weights can be loaded by global expert id, but the "
+            "optimizer state is sharded by the old layout. Pass --reset_optimizer to load the weights and start "
+            "a fresh optimizer state (the LR schedule continues).")
+    try:
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                 load_optimizer_states=not reset_optimizer,
+                                                 load_lr_scheduler_states=True)
+    except Exception as err:  # torch / DeepSpeed raise many kinds for a truncated or corrupt file
+        raise CheckpointError(f"cannot load {_unreadable_file(tag_dir) or tag_dir}: {err}; "
+                              f"{_previous_good(tag_dir)}") from err
+    if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
+    batches.load_state_dict(_data_position(client_state["data"], meta["world_size"], world.world_size))
+    if same_layout:
+        _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
+    return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
+
+
+def _unreadable_file(tag_dir: Path) -> Path | None:
+    """The first file of the tag that torch cannot read (only looked for after a load failed)."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            return path
+    return None
+
+
+def _data_position(position: dict, saved_world: int, world_size: int) -> dict:
+    """The data position at this world size: exact at the same size; otherwise the same epoch and the
+    same fraction of it (each rank reads a different stride of the epoch's order at another size)."""
+    if saved_world == world_size:
+        return position
+    return {"epoch": position["epoch"], "batches_in_epoch": position["batches_in_epoch"] * saved_world // world_size}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
