@@ -11,18 +11,18 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import train
-from conftest import child_env
-from moe_models import convert_to_moe
-from moe_models.config import ConfigError, MoEConfig, parse_args, resolve_moe_layers
-from moe_models.export import export, main as export_main
-from moe_models.hf_import import import_hf_moe, settings_from_checkpoint
-from moe_models.hf_moe import NotRepresentable, dense_config_and_moe_settings, hf_moe_config
-from moe_models.layer import EXPERTS, ROUTER_WEIGHT, moe_layers_of
-from moe_models.model_source import preset_config
-from moe_models.tokenization import byte_level_tokenizer
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train.py is a script at the repository root, not part of the package
+import train  # noqa: E402
+from conftest import child_env  # noqa: E402
+from moe_models import convert_to_moe  # noqa: E402
+from moe_models.config import ConfigError, MoEConfig, parse_args, resolve_moe_layers  # noqa: E402
+from moe_models.export import export, main as export_main  # noqa: E402
+from moe_models.hf_import import import_hf_moe, settings_from_checkpoint  # noqa: E402
+from moe_models.hf_moe import NotRepresentable, dense_config_and_moe_settings, hf_moe_config  # noqa: E402
+from moe_models.layer import EXPERTS, ROUTER_WEIGHT, moe_layers_of  # noqa: E402
+from moe_models.model_source import preset_config  # noqa: E402
+from moe_models.tokenization import byte_level_tokenizer  # noqa: E402
 
 # Deterministic, dropless routing: the condition under which DeepSpeed and the HF classes compute the same function.
 EXACT = ["--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
