@@ -1,7 +1,7 @@
 """Train a Mixture-of-Experts language model on DeepSpeed.
 
     python train.py                                  # tiny Llama-MoE on the built-in corpus (CPU or 1 GPU)
-    python train.py --model_name_or_path PATH ...    # upcycle a dense HF model
+    python train.py --model_name_or_path PATH ...    # upcycle a dense HF model, or continue an HF MoE model
     deepspeed --num_gpus 8 train.py --ep_size 4 ...  # expert + data parallel
 
 Reads top to bottom: parse -> build (validate, tokenizer, model, surgery, data, engine) -> train.
@@ -9,6 +9,7 @@ Reads top to bottom: parse -> build (validate, tokenizer, model, surgery, data, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from moe_models.config import RunConfig, parse_args, save_run_config, validate
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
 from moe_models.distributed import World, init_world, launched_rank, launched_world_size, main_process_first
 from moe_models.ds_config import build_deepspeed_config
+from moe_models.hf_import import import_hf_moe, is_hf_moe_folder
 from moe_models.model_source import load_dense_model
 from moe_models.surgery import convert_to_moe
 from moe_models.tokenization import load_tokenizer
@@ -47,9 +49,13 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     world = init_world()
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
-    dense_params = sum(p.numel() for p in model.parameters())
-    model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
+    if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
+        model, moe, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer), cfg.train.seed)
+        cfg = dataclasses.replace(cfg, moe=moe)
+    else:
+        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
+        dense_params = sum(p.numel() for p in model.parameters())
+        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
 
     with main_process_first(world):
         data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,

@@ -1,4 +1,4 @@
-"""Per model family: where the transformer blocks and their FFN live.
+"""Per model family: where the transformer blocks and their FFN live, and its native HF MoE class.
 
 Surgery finds FFNs through this table, never by guessing module names. A family whose FFN is a
 module taking and returning one hidden-states tensor is one more entry here.
@@ -16,6 +16,7 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
+    moe_model_type: str | None = None  # the transformers MoE family a trained model exports to (moe_models/hf_moe.py)
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -25,12 +26,17 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp"),
-    Architecture("mistral", blocks="model.layers", ffn="mlp"),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp"),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp"),
-    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral"),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral"),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe"),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe"),
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),  # transformers has no GPT-2 MoE class
 )}
+
+# The dense family an HF MoE checkpoint is imported as: the one whose attention, norms and embeddings are the
+# MoE class's own. Mixtral's attention is Mistral's (same projections, no biases, same sliding_window); Llama has
+# no sliding window, so a Mixtral imports as Mistral.
+DENSE_MODEL_TYPE_OF_MOE: dict[str, str] = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 
 def architecture_of(model: nn.Module) -> Architecture:

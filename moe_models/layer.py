@@ -14,6 +14,10 @@ from torch import nn
 
 from .config import MoEConfig
 
+# Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them: the router weight, and the
+# list of experts (a layer_{L}_expert_{E}_... checkpoint file holds `{EXPERTS}.{E}.*` with E the global expert id).
+ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
+EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"
 
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, T, D] in, [B, T, D] out.

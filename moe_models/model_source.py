@@ -54,8 +54,13 @@ def load_dense_model(model: ModelConfig, vocab_needed: int) -> PreTrainedModel:
                              "HF_HUB_OFFLINE=1 forbids it).") from err
     else:
         dense = AutoModelForCausalLM.from_config(resolve_model_config(model), dtype=torch.float32)
-    vocab = dense.get_input_embeddings().num_embeddings
+    check_vocabulary(dense, vocab_needed)
+    return dense
+
+
+def check_vocabulary(model: PreTrainedModel, vocab_needed: int) -> None:
+    """The model must embed every token id the tokenizer produces."""
+    vocab = model.get_input_embeddings().num_embeddings
     if vocab < vocab_needed:
         raise ValueError(f"the model's vocabulary ({vocab}) is smaller than the tokenizer's ({vocab_needed}); "
                          "use the model's own tokenizer or a config with a larger vocab_size")
-    return dense

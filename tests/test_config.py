@@ -69,9 +69,11 @@ def test_file_checks(tmp_path):
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     (tmp_path / "run_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="already holds a run; pass --overwrite_output_dir"):
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume_from_checkpoint latest to continue it, "
+                                          "--overwrite_output_dir to start over"):
         validate(parse_args(["--output_dir", str(tmp_path)]))
     validate(parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"]))
+    validate(parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]))
 
 
 @pytest.mark.parametrize("name", shipped_deepspeed_configs())
