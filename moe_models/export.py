@@ -22,6 +22,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from .architectures import ARCHITECTURES
+from .checkpoint import COMPLETE
 from .config import SECTION_TYPES, RunConfig, config_from_dict, resolve_moe_layers
 from .hf_moe import EXPERT_PROJECTIONS, differences_in_training, empty_shared_expert, fuse_experts, hf_moe_config
 from .layer import EXPERTS, ROUTER_WEIGHT
@@ -62,7 +63,7 @@ def read_run(run_dir: Path) -> tuple[RunConfig, PretrainedConfig]:
 
 
 def latest_tag(checkpoint_dir: Path) -> str:
-    latest = checkpoint_dir / "latest"  # DeepSpeed's save_checkpoint writes the newest tag there
+    latest = checkpoint_dir / "latest"  # names the newest complete tag (moe_models.checkpoint.save)
     if not latest.is_file():
         raise ValueError(f"{checkpoint_dir} has no 'latest' file naming the newest checkpoint; pass --tag "
                          "(a global_step* folder in it)")
@@ -78,6 +79,9 @@ def hf_state_dict(checkpoint_dir: Path, tag: str, dense: PretrainedConfig, run: 
     (MoE layer, global expert), are fused into ``<ffn>.experts.gate_up_proj`` and ``<ffn>.experts.down_proj``.
     """
     tag_dir = checkpoint_dir / tag
+    if tag_dir.is_dir() and not (tag_dir / COMPLETE).is_file():
+        raise ValueError(f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted); export the tag that "
+                         f"{checkpoint_dir}/latest names instead")
     module_file = Path(get_model_ckpt_name_for_rank(str(tag_dir), "00"))
     if not module_file.is_file():
         raise ValueError(f"{module_file} not found: {tag!r} is not a complete DeepSpeed checkpoint in {checkpoint_dir}")

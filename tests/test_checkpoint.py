@@ -12,6 +12,7 @@ import pytest
 import train
 from conftest import child_env
 from moe_models.checkpoint import CheckpointError, complete_tags
+from moe_models.export import export
 
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "1000", "--block_size", "64", "--logging_steps", "1",
@@ -83,6 +84,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"global_step6 is incomplete .*previous good checkpoint .*global_step3"):
         train.build(train.parse_args([*FLAGS, "--max_steps", "8", "--output_dir", str(out),
                                       "--resume_from_checkpoint", str(checkpoints / "global_step6")]))
+    with pytest.raises(ValueError, match="global_step6 is incomplete"):
+        export(checkpoints, tmp_path / "hf", tag="global_step6")
     summary = train.main([*FLAGS, "--max_steps", "8", "--save_steps", "3", "--output_dir", str(out),
                           "--resume_from_checkpoint", "latest"])
     assert summary["steps"] == 8 and sorted(losses(out)) == list(range(1, 9))
