@@ -38,8 +38,8 @@ def free_port() -> int:
 def launch_env(**extra: str) -> dict:
     """The ranks' environment: CPU accelerator, one thread per rank, offline, this venv's `deepspeed` on PATH."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return child_env(PATH=path, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                     HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return child_env(**{"PATH": path, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
 
 
 def finish(proc: subprocess.Popen, timeout: int) -> tuple[int, str]:
