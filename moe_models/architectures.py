@@ -7,6 +7,7 @@ module taking and returning one hidden-states tensor is one more entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -16,6 +17,9 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
+    # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
+    # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
+    gated_projections: Optional[tuple[str, str, str]] = None
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -24,12 +28,14 @@ class Architecture:
         return module
 
 
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp"),
-    Architecture("mistral", blocks="model.layers", ffn="mlp"),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp"),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp"),
-    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+    Architecture("llama", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),  # c_fc/c_proj Conv1D with biases, GELU
 )}
 
 
