@@ -42,22 +42,20 @@ def dropless_routes(gate: TopKGate, x_TD: torch.Tensor) -> Routes:
         chooser_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device) if rsample else probs_TE
         topk_ids_TK = chooser_TE.argmax(dim=1, keepdim=True)
         weights_TK = probs_TE.gather(1, topk_ids_TK)  # top-1 keeps the raw probability
-        ce_E = F.one_hot(topk_ids_TK[:, 0], num_experts).float().mean(dim=0)
-        l_aux = (me_E * ce_E).sum() * num_experts
+        l_aux = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).sum() * num_experts
     elif k == 2:
         first_T1 = probs_TE.argmax(dim=1, keepdim=True)
         if gate.top2_2nd_expert_sampling:  # DeepSpeed samples the second expert in eval mode too
             logits_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device)
-        first_mask_TE = F.one_hot(first_T1[:, 0], num_experts)
+        first_mask_TE = _mask(probs_TE, first_T1)
         second_T1 = logits_TE.masked_fill(first_mask_TE.bool(), float("-inf")).argmax(dim=1, keepdim=True)
         topk_ids_TK = torch.cat([first_T1, second_T1], dim=1)
         weights_TK = _renormalised(probs_TE.gather(1, topk_ids_TK))
-        l_aux = (me_E * first_mask_TE.float().mean(dim=0)).mean() * num_experts * num_experts
+        l_aux = (me_E * first_mask_TE.mean(dim=0)).mean() * num_experts * num_experts
     else:
         top_probs_TK, topk_ids_TK = torch.topk(probs_TE, k=k, dim=1)
         weights_TK = _renormalised(top_probs_TK)
-        mask_TE = torch.zeros_like(probs_TE).scatter_(1, topk_ids_TK, 1.0)
-        l_aux = (me_E * mask_TE.mean(dim=0)).mean() * num_experts * num_experts / k
+        l_aux = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).mean() * num_experts * num_experts / k
     return Routes(l_aux, topk_ids_TK, weights_TK, tokens_per_expert(topk_ids_TK, num_experts))
 
 
@@ -75,6 +73,11 @@ def tokens_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tens
     bins_R = torch.where(topk_ids_TK < 0, num_experts, topk_ids_TK).reshape(-1)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=bins_R.device)
     return counts.scatter_add_(0, bins_R, torch.ones_like(bins_R))[:num_experts]
+
+
+def _mask(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """1.0 where a token routes to an expert: a scatter (F.one_hot checks its input on the host on some devices)."""
+    return torch.zeros_like(probs_TE).scatter_(1, ids_TK, 1.0)
 
 
 def _renormalised(weights_TK: torch.Tensor) -> torch.Tensor:
