@@ -23,8 +23,8 @@ def swiglu_ffn():
 def layer_pair(top_k, num_experts=8, expert=None, **kwargs):
     """A stock and a grouped layer with the same weights (random experts, so they differ)."""
     expert = expert or swiglu_ffn()
-    args = dict(expert=expert, num_experts=num_experts, k=top_k, top2_2nd_expert_sampling=False, use_rts=False,
-                **kwargs)
+    args = {"expert": expert, "num_experts": num_experts, "k": top_k, "top2_2nd_expert_sampling": False,
+            "use_rts": False, **kwargs}
     stock = MoE(DIM, **args)
     grouped = GroupedMoE(DIM, gated_projections=SWIGLU if expert is not None else None, **args)
     torch.manual_seed(1)
@@ -35,7 +35,8 @@ def layer_pair(top_k, num_experts=8, expert=None, **kwargs):
     return stock, grouped
 
 
-def run(layer, x):
+def run(layer, x, seed=0):
+    torch.manual_seed(seed)  # the same noise draws for both layers where the gate is noisy
     x = x.clone().requires_grad_(True)
     out, l_aux, counts = layer(x)
     ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + l_aux).backward()
@@ -56,6 +57,14 @@ def assert_same(stock, grouped, x):
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
 def test_dropless_equals_stock(top_k):
     stock, grouped = layer_pair(top_k, drop_tokens=False)
+    assert_same(stock, grouped, torch.randn(2, 40, DIM))
+
+
+@pytest.mark.parametrize("top_k, noise", [(2, dict(top2_2nd_expert_sampling=True)),
+                                          (1, dict(noisy_gate_policy="RSample")),
+                                          (2, dict(noisy_gate_policy="Jitter"))])
+def test_noisy_gates_draw_like_stock(top_k, noise):
+    stock, grouped = layer_pair(top_k, drop_tokens=False, **noise)
     assert_same(stock, grouped, torch.randn(2, 40, DIM))
 
 
@@ -85,6 +94,22 @@ def test_eval_mode_and_bf16_run():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("top_k", [1, 2, 6])
+def test_no_host_sync_in_dropless_forward_and_backward_on_gpu(top_k):
+    _, grouped = layer_pair(top_k, drop_tokens=False, top2_2nd_expert_sampling=True)
+    grouped = grouped.cuda().to(torch.bfloat16)
+    x = torch.randn(2, 64, DIM, device="cuda", dtype=torch.bfloat16)
+    run(grouped, x)  # first call: lazy initialisation may sync
+    x.requires_grad_(True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, l_aux, _ = grouped(x)
+        (out.float().sum() + l_aux).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_same_module_type_parameter_names_and_expert_flags():
     stock, grouped = layer_pair(2)
     assert isinstance(grouped, MoE)
@@ -96,7 +121,7 @@ def test_same_module_type_parameter_names_and_expert_flags():
 
 def test_model_with_grouped_impl_equals_stock_model():
     cfg = dict(num_experts=4, top_k=2, drop_tokens=False, top2_2nd_expert_sampling=False, expert_init="random")
-    stock = convert_to_moe(tiny_model(), MoEConfig(**cfg))
+    stock = convert_to_moe(tiny_model(), MoEConfig(moe_impl="deepspeed", **cfg))
     grouped = convert_to_moe(tiny_model(), MoEConfig(moe_impl="grouped", **cfg))
     assert all(isinstance(layer.moe, GroupedMoE) for layer in moe_layers_of(grouped))
     assert all(isinstance(layer, MoEFeedForward) for layer in moe_layers_of(grouped))
