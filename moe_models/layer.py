@@ -1,7 +1,8 @@
 """The MoE block placed into HF transformer blocks. Its core is ``deepspeed.moe.layer.MoE``.
 
-This is the one module that knows DeepSpeed MoE internals (where the router and expert modules
-sit, how expert-parallel groups are made), so another expert implementation can replace it.
+This module knows DeepSpeed MoE internals (where the router and expert modules sit, how
+expert-parallel groups are made); the only other modules that do are the fast expert path it can
+choose (``experts.py``, ``routing.py``), which keeps DeepSpeed's module tree and parameter names.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """--moe_impl grouped against the stock DeepSpeed MoE layer: same outputs, balance loss, counts and gradients."""
 
+import copy
 import json
 
 import pytest
@@ -26,7 +27,8 @@ def layer_pair(top_k, num_experts=8, expert=None, **kwargs):
     args = {"expert": expert, "num_experts": num_experts, "k": top_k, "top2_2nd_expert_sampling": False,
             "use_rts": False, **kwargs}
     stock = MoE(DIM, **args)
-    grouped = GroupedMoE(DIM, gated_projections=SWIGLU if expert is not None else None, **args)
+    args["expert"] = copy.deepcopy(expert)  # use_residual keeps the module itself: one each
+    grouped = GroupedMoE(DIM, gated_projections=SWIGLU, **args)
     torch.manual_seed(1)
     with torch.no_grad():
         for param in stock.parameters():
@@ -57,6 +59,11 @@ def assert_same(stock, grouped, x):
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
 def test_dropless_equals_stock(top_k):
     stock, grouped = layer_pair(top_k, drop_tokens=False)
+    assert_same(stock, grouped, torch.randn(2, 40, DIM))
+
+
+def test_residual_moe_equals_stock():
+    stock, grouped = layer_pair(2, drop_tokens=False, use_residual=True)
     assert_same(stock, grouped, torch.randn(2, 40, DIM))
 
 
