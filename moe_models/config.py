@@ -83,7 +83,7 @@ class MoEConfig:
                                            "training (DeepSpeed's default); false = deterministic top-2.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     moe_impl: Literal["deepspeed", "grouped"] = _flag(
-        "deepspeed", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
+        "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
         "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "
         "(SwiGLU families; others run their experts one by one), dropless without host syncs at ep_size 1. Same "
         "parameters and checkpoint files, so a checkpoint loads into either (docs/performance.md).")

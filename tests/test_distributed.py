@@ -121,15 +121,11 @@ def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
         torch.testing.assert_close(router2, router1, rtol=1e-4, atol=1e-7)
 
 
-def test_grouped_impl_at_ep2_equals_stock_at_ep1_with_capacity(ep_runs, tmp_path):
-    """Uneven all-to-all of the routes DeepSpeed's gate keeps, against the stock layer without EP."""
-    assert_same_run(ep_runs[1][1], probe(tmp_path, 2, "--moe_impl", "grouped"))
-
-
-def test_grouped_impl_at_ep2_equals_stock_at_ep1_dropless(tmp_path):
-    dropless = ("--drop_tokens", "false")
-    stock = probe(tmp_path / "stock", 1, *dropless)
-    assert_same_run(stock, probe(tmp_path / "grouped", 2, "--moe_impl", "grouped", *dropless))
+@pytest.mark.parametrize("drop_tokens", ["true", "false"])
+def test_grouped_impl_at_ep2_equals_stock_at_ep1(drop_tokens, tmp_path):
+    """Uneven all-to-all of the kept routes (capacity mode: those DeepSpeed's gate keeps; dropless: all)."""
+    stock = probe(tmp_path / "stock", 1, "--moe_impl", "deepspeed", "--drop_tokens", drop_tokens)
+    assert_same_run(stock, probe(tmp_path / "grouped", 2, "--moe_impl", "grouped", "--drop_tokens", drop_tokens))
 
 
 def test_each_rank_holds_only_its_experts_and_checkpoints_hold_all(ep_runs):
