@@ -49,7 +49,8 @@ class GroupedMOELayer(MOELayer):
           2. permute: routes are sorted by expert (a stable argsort) and their tokens gathered, x_RD;
           3. ep_size > 1: per-expert counts are exchanged once, rows travel by uneven all-to-all and are
              regrouped by local expert;
-          4. experts: gate+up as one grouped GEMM, act(gate) * up, down as a second grouped GEMM;
+          4. experts: gate+up as one grouped GEMM, act(gate) * up, down as a second grouped GEMM (FFNs a
+             grouped GEMM cannot express run expert by expert on their slices);
           5. return: rows travel back, are unsorted to [T, K, D] and summed with the routing weights in fp32.
         Sets ``l_aux`` and ``exp_counts`` as DeepSpeed's MOELayer does.
         """
