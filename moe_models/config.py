@@ -86,7 +86,7 @@ class MoEConfig:
         "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
         "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "
         "(SwiGLU families; others run their experts one by one), dropless without host syncs at ep_size 1. Same "
-        "parameters and checkpoint files, so a checkpoint loads into either (docs/performance.md).")
+        "parameters and checkpoint files, so a checkpoint loads into either (docs/architecture.md; speed: docs/performance.md).")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
         "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
