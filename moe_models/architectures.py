@@ -17,6 +17,9 @@ class Architecture:
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
     moe_model_type: str | None = None  # the transformers MoE family a trained model exports to (moe_models/hf_moe.py)
+    # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
+    # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
+    gated_projections: tuple[str, str, str] | None = None
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -25,12 +28,15 @@ class Architecture:
         return module
 
 
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral"),
-    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral"),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe"),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe"),
-    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),  # transformers has no GPT-2 MoE class
+    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU),
+    # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
 )}
 
 # The dense family an HF MoE checkpoint is imported as: the one whose attention, norms and embeddings are the

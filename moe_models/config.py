@@ -84,6 +84,11 @@ class MoEConfig:
     top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
                                            "training (DeepSpeed's default); false = deterministic top-2.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
+    moe_impl: Literal["deepspeed", "grouped"] = _flag(
+        "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
+        "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "
+        "(SwiGLU families; others run their experts one by one), dropless without host syncs at ep_size 1. Same "
+        "parameters and checkpoint files, so a checkpoint loads into either (docs/architecture.md; speed: docs/performance.md).")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
         "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "

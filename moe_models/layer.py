@@ -1,10 +1,13 @@
 """The MoE block placed into HF transformer blocks. Its core is ``deepspeed.moe.layer.MoE``.
 
-This is the one module that knows DeepSpeed MoE internals (where the router and expert modules
-sit, how expert-parallel groups are made), so another expert implementation can replace it.
+This module knows DeepSpeed MoE internals (where the router and expert modules sit, how
+expert-parallel groups are made); the only other modules that do are the fast expert path it can
+choose (``experts.py``, ``routing.py``), which keeps DeepSpeed's module tree and parameter names.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from .config import MoEConfig
+from .experts import GroupedMoE
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them: the router weight, and the
 # list of experts (a layer_{L}_expert_{E}_... checkpoint file holds `{EXPERTS}.{E}.*` with E the global expert id).
@@ -22,7 +26,8 @@ EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, T, D] in, [B, T, D] out.
 
-    Forward steps (all inside DeepSpeed's MoE):
+    Forward steps (all inside DeepSpeed's MoE, or its subclass ``experts.GroupedMoE`` with
+    ``moe_impl="grouped"``, whose forward lists its own steps):
       1. the router scores every token against every expert and keeps the top-k;
       2. tokens are dispatched to their experts (an all-to-all when ep_size > 1);
       3. each local expert (a copy of the dense FFN module) runs on its tokens;
@@ -31,13 +36,18 @@ class MoEFeedForward(nn.Module):
     ``aux_loss`` and ``expert_counts`` for the trainer and metrics.
     """
 
-    def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig):
+    def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
+                 gated_projections: Optional[tuple[str, str, str]] = None):
         super().__init__()
-        self.moe = MoE(hidden_size, expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
-                       capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-                       min_capacity=cfg.min_capacity, use_residual=cfg.use_residual,
-                       noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
-                       top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
+        args = dict(expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
+                    capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                    min_capacity=cfg.min_capacity, use_residual=cfg.use_residual,
+                    noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
+                    top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
+        if cfg.moe_impl == "grouped":  # a MoE subclass: same parameters, names, flags and process groups
+            self.moe = GroupedMoE(hidden_size, gated_projections=gated_projections, **args)
+        else:
+            self.moe = MoE(hidden_size, **args)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
 

@@ -44,7 +44,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0) -> nn.Module
     for block_id, num_experts in zip(block_ids, counts):
         block = blocks[block_id]
         dense_ffn = getattr(block, arch.ffn)
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg)
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections)
         _init_router(layer.router, init_std, _generator(seed, block_id, -1))
         for local, global_id in zip(layer.local_experts, layer.global_expert_ids()):
             _init_expert(local, cfg, init_std, _generator(seed, block_id, global_id))

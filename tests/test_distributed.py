@@ -69,9 +69,9 @@ def launch(args: list[str], num_ranks: int = 2, timeout: int = 300) -> str:
                    timeout)
 
 
-def probe(output_dir: Path, ep_size: int) -> list[dict]:
+def probe(output_dir: Path, ep_size: int, *flags: str) -> list[dict]:
     launch(["tests/scripts/probe.py", "--steps", "3", "--ep_size", str(ep_size), "--output_dir", str(output_dir),
-            *PROBE_FLAGS])
+            *PROBE_FLAGS, *flags])
     return [torch.load(output_dir / f"probe_rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
@@ -104,16 +104,28 @@ def test_expert_init_depends_on_global_expert_id_not_on_rank(ep_runs):
 
 
 def test_ep2_losses_and_gradients_equal_ep1(ep_runs):
-    losses1, losses2 = ep_runs[1][1][0]["losses"], ep_runs[2][1][0]["losses"]
+    assert_same_run(ep_runs[1][1], ep_runs[2][1])
+
+
+def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
+    """Losses of every step, expert and router gradients of the first step (two probe runs' records)."""
+    losses1, losses2 = ep1[0]["losses"], ep2[0]["losses"]
     assert len(losses1) == 3
     assert losses2 == pytest.approx(losses1, rel=1e-5)
-    grads1, grads2 = merged(ep_runs[1][1], "grads"), merged(ep_runs[2][1], "grads")
+    grads1, grads2 = merged(ep1, "grads"), merged(ep2, "grads")
     assert set(grads1) == set(grads2)
     assert sum(g.abs().sum() for g in grads1.values()) > 0
     for name in grads1:
         torch.testing.assert_close(grads2[name], grads1[name], rtol=1e-4, atol=1e-7, msg=f"expert grad {name}")
-    for router1, router2 in zip(ep_runs[1][1][0]["router_grads"], ep_runs[2][1][0]["router_grads"]):
+    for router1, router2 in zip(ep1[0]["router_grads"], ep2[0]["router_grads"]):
         torch.testing.assert_close(router2, router1, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("drop_tokens", ["true", "false"])
+def test_grouped_impl_at_ep2_equals_stock_at_ep1(drop_tokens, tmp_path):
+    """Uneven all-to-all of the kept routes (capacity mode: those DeepSpeed's gate keeps; dropless: all)."""
+    stock = probe(tmp_path / "stock", 1, "--moe_impl", "deepspeed", "--drop_tokens", drop_tokens)
+    assert_same_run(stock, probe(tmp_path / "grouped", 2, "--moe_impl", "grouped", "--drop_tokens", drop_tokens))
 
 
 def test_each_rank_holds_only_its_experts_and_checkpoints_hold_all(ep_runs):
