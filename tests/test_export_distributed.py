@@ -20,7 +20,7 @@ def test_each_rank_imports_its_own_experts(tmp_path):
     byte_level_tokenizer().save_pretrained(tmp_path / "mixtral")
 
     out = tmp_path / "run"
-    launch(["tests/distributed/probe.py", "--steps", "1", "--model_name_or_path", str(tmp_path / "mixtral"),
+    launch(["tests/scripts/probe.py", "--steps", "1", "--model_name_or_path", str(tmp_path / "mixtral"),
             "--ep_size", "2", "--drop_tokens", "false", "--synthetic_examples", "500", "--block_size", "64",
             "--per_device_train_batch_size", "4", "--max_steps", "1", "--warmup_steps", "1", "--deepspeed", "zero2",
             "--disable_tqdm", "--output_dir", str(out)])
