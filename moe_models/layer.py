@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
 from .config import MoEConfig
+from .routing_stats import RoutingCounters
 
 
 class MoEFeedForward(nn.Module):
@@ -24,7 +26,8 @@ class MoEFeedForward(nn.Module):
       3. each local expert (a copy of the dense FFN module) runs on its tokens;
       4. outputs return and are combined with the router weights.
     The load-balancing loss and per-expert token counts of the last forward are kept in
-    ``aux_loss`` and ``expert_counts`` for the trainer and metrics.
+    ``aux_loss`` and ``expert_counts`` for the trainer; ``routing`` sums the routing of every
+    training forward on the device for the metrics (docs/metrics.md).
     """
 
     def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig):
@@ -36,10 +39,16 @@ class MoEFeedForward(nn.Module):
                        top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self.routing = RoutingCounters(num_experts)
+        self.moe.deepspeed_moe.gate.register_forward_hook(self._count_routing)
 
     @property
     def num_experts(self) -> int:
         return self.moe.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.moe.deepspeed_moe.gate.k
 
     @property
     def router(self) -> nn.Linear:
@@ -58,6 +67,46 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
         return output
+
+    @torch.no_grad()
+    def _count_routing(self, gate: nn.Module, inputs: tuple, output: tuple) -> None:
+        """Forward hook on DeepSpeed's TopKGate: add a training forward's routing to ``routing`` (on device).
+
+        MOELayer calls the gate with sparse routes, so it returns (l_aux, capacity, num_experts,
+        indices [k, S] with -1 for a route dropped by capacity, locations, gates, exp_counts [E] before
+        drops). The router distribution is recomputed from the gate's input as the gate computes it
+        (fp32 logits), without the training noise of a noisy gate.
+        """
+        if not (gate.training and self.routing.enabled):
+            return
+        l_aux, _, _, indices_KS, _, _, chosen_E = output
+        logits_SE = F.linear(inputs[0].float(), gate.wg.weight.float())
+        self.routing.add(indices_KS, chosen_E, logits_SE, l_aux)
+
+    @torch.no_grad()
+    def expert_weight_gram(self, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """[E, E] inner products (float64) of the flattened weights of all global experts of this layer.
+
+        With ep_size > 1 each parameter is all-gathered over the expert-parallel group in chunks of
+        about ``chunk_bytes`` (fp32, all experts), so every rank of the group gets the whole matrix;
+        every rank must call it. Cost: docs/metrics.md (expert_similarity).
+        """
+        ep_group = self.moe.deepspeed_moe.ep_group
+        ep_size = self.moe.ep_size
+        device = next(self.local_experts.parameters()).device
+        gram = torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64, device=device)
+        chunk = max(1, chunk_bytes // (4 * self.num_experts))
+        for same_param in zip(*(expert.parameters() for expert in self.local_experts)):
+            local_LN = torch.stack([p.detach().flatten() for p in same_param])
+            for start in range(0, local_LN.shape[1], chunk):
+                part_LN = local_LN[:, start:start + chunk].float().contiguous()
+                part_EN = part_LN
+                if ep_size > 1:  # ep rank r holds the r-th contiguous slice of expert ids
+                    parts = [torch.empty_like(part_LN) for _ in range(ep_size)]
+                    dist.all_gather(parts, part_LN, group=ep_group)
+                    part_EN = torch.cat(parts)
+                gram += (part_EN @ part_EN.T).double()
+        return gram
 
 
 def expert_parallel_rank(ep_size: int) -> int:
