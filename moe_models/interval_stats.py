@@ -48,7 +48,7 @@ class IntervalStats:
 def expert_similarity_metrics(layers: list) -> dict:
     """``moe/layer_{i}/expert_similarity``: mean pairwise cosine of the experts' weights, per layer with 2+ experts.
 
-    Every rank must call it (ep_size > 1 gathers expert weights over the expert-parallel group).
+    Every rank must call it (with ep_size > 1 it all-reduces over the expert-parallel group).
     """
-    return {f"moe/layer_{i}/expert_similarity": mean_pairwise_cosine(layer.expert_weight_gram())
+    return {f"moe/layer_{i}/expert_similarity": mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
             for i, layer in enumerate(layers) if layer.num_experts > 1}

@@ -84,29 +84,27 @@ class MoEFeedForward(nn.Module):
         self.routing.add(indices_KS, chosen_E, logits_SE, l_aux)
 
     @torch.no_grad()
-    def expert_weight_gram(self, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
-        """[E, E] inner products (float64) of the flattened weights of all global experts of this layer.
+    def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> float:
+        """|sum_e w_e / |w_e||^2 over all global experts e of this layer, w_e the expert's flattened weights.
 
-        With ep_size > 1 each parameter is all-gathered over the expert-parallel group in chunks of
-        about ``chunk_bytes`` (fp32, all experts), so every rank of the group gets the whole matrix;
-        every rank must call it. Cost: docs/metrics.md (expert_similarity).
+        It equals E + 2 x (sum of the pairwise cosines), so no expert's weights leave its rank: each rank
+        sums its local experts' unit vectors and, with ep_size > 1, the sums are all-reduced over the
+        expert-parallel group, ``chunk_elements`` (fp32) at a time. Every rank must call it.
         """
-        ep_group = self.moe.deepspeed_moe.ep_group
-        ep_size = self.moe.ep_size
-        device = next(self.local_experts.parameters()).device
-        gram = torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64, device=device)
-        chunk = max(1, chunk_bytes // (4 * self.num_experts))
-        for same_param in zip(*(expert.parameters() for expert in self.local_experts)):
-            local_LN = torch.stack([p.detach().flatten() for p in same_param])
-            for start in range(0, local_LN.shape[1], chunk):
-                part_LN = local_LN[:, start:start + chunk].float().contiguous()
-                part_EN = part_LN
-                if ep_size > 1:  # ep rank r holds the r-th contiguous slice of expert ids
-                    parts = [torch.empty_like(part_LN) for _ in range(ep_size)]
-                    dist.all_gather(parts, part_LN, group=ep_group)
-                    part_EN = torch.cat(parts)
-                gram += (part_EN @ part_EN.T).double()
-        return gram
+        ep_group, ep_size = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
+        experts = list(self.local_experts)
+        norms_L = [torch.stack([torch.linalg.vector_norm(p.detach().float()).double() for p in e.parameters()])
+                   .square().sum().sqrt() for e in experts]
+        total = torch.zeros((), dtype=torch.float64, device=norms_L[0].device)
+        for same_param in zip(*(expert.parameters() for expert in experts)):
+            flat_L = [p.detach().flatten() for p in same_param]
+            for start in range(0, flat_L[0].numel(), chunk_elements):
+                direction_sum_N = sum(flat[start:start + chunk_elements].float() / norm
+                                      for flat, norm in zip(flat_L, norms_L))
+                if ep_size > 1:
+                    dist.all_reduce(direction_sum_N, group=ep_group)
+                total += direction_sum_N.double().square().sum()
+        return total.item()
 
 
 def expert_parallel_rank(ep_size: int) -> int:

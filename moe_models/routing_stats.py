@@ -94,13 +94,10 @@ def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
 
 
 def imbalance(load_E: list[float]) -> float:
-    """Busiest expert's load over the mean load: 1.0 is perfectly even, num_experts is total collapse."""
+    """Busiest expert's load over the mean load: 1.0 is even; E / top_k when every token picks the same experts."""
     return max(load_E) / (sum(load_E) / len(load_E))
 
 
-def mean_pairwise_cosine(gram_EE: torch.Tensor) -> float:
-    """Mean cosine similarity over expert pairs i < j, from the Gram matrix of their flattened weights."""
-    norms = gram_EE.diagonal().clamp_min(1e-30).sqrt()
-    cosine = gram_EE / (norms[:, None] * norms[None, :])
-    i, j = torch.triu_indices(*cosine.shape, offset=1)
-    return cosine[i, j].mean().item()
+def mean_pairwise_cosine(direction_sum_sq: float, num_experts: int) -> float:
+    """Mean cosine similarity over expert pairs i < j, from |sum_i w_i / |w_i||^2 = E + 2 sum_{i<j} cos_ij."""
+    return (direction_sum_sq - num_experts) / (num_experts * (num_experts - 1))
