@@ -5,13 +5,16 @@ import math
 from pathlib import Path
 
 import matplotlib.image
+import pynvml
 import pytest
 import torch
 
 from conftest import tiny_model
 from moe_models.config import MoEConfig, parse_args
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
+from moe_models.device_stats import EnergyMeter
 from moe_models.ds_config import build_deepspeed_config
+from moe_models.interval_stats import IntervalStats
 from moe_models.layer import moe_layers_of
 from moe_models.metrics import Progress, bars, expert_load_lines
 from moe_models.report import main as report_main
@@ -154,3 +157,15 @@ def test_flops_per_token_follows_the_palm_formula():
     assert attention_dims(model.config) == (4, 128)
     assert flops_per_token(1_000_000, 4, 128, 256) == 6 * 1_000_000 + 12 * 4 * 128 * 256
     assert attention_dims(tiny_model("tiny-gpt2").config) == (4, 128)
+
+
+def test_energy_comes_from_the_nvml_counter_of_every_rank(monkeypatch):
+    readings = iter([10_000, 12_500, 20_000])  # millijoules since the driver loaded
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lambda handle: next(readings))
+    stats = IntervalStats(layers=[], device=torch.device("cpu"))
+    assert stats.energy is None  # no NVIDIA GPU: no energy keys at all
+    stats.energy = EnergyMeter(handle=None)
+    assert stats.vector().tolist() == [2.5, 1.0]  # joules since the meter started, ranks that measured
+    row = stats.metrics([7.5, 1.0], tokens=300, world_size=1)
+    assert row["energy_j"] == 7.5 and row["joules_per_token"] == pytest.approx(0.025)
+    assert "energy_j" not in stats.metrics([7.5, 1.0], tokens=300, world_size=2)  # one rank could not measure
