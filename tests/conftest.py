@@ -13,6 +13,16 @@ from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 from moe_models.model_source import preset_config  # noqa: E402
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a subprocess: this one's, without the rank variables the `world` fixture set
+    (a child must make or join its own process group), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, **extra}
+
+
 @pytest.fixture(scope="session")
 def world():
     """A one-rank gloo process group in this test process (what `python train.py` makes)."""

@@ -17,14 +17,14 @@ from moe_models.layer import moe_layers_of
 from moe_models.surgery import convert_to_moe
 from moe_models.tokenization import byte_level_tokenizer
 from moe_models.trainer import Trainer, build_engine
-from conftest import tiny_model
+from conftest import child_env, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=timeout, env=child_env(PYTHONPATH=str(REPO)))
 
 
 @pytest.mark.slow
@@ -124,8 +124,8 @@ def test_debug_script_runs_the_same_path(tmp_path):
     out = tmp_path / "debug"
     result = subprocess.run(["bash", "launch/debug_single_gpu.sh", "--max_steps", "3", "--synthetic_examples", "500",
                              "--num_experts", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OUTPUT_DIR": str(out),
-                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                            env=child_env(PYTHONPATH=str(REPO), OUTPUT_DIR=str(out),
+                                          PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # --logging_steps 1
