@@ -15,6 +15,8 @@ from .routing_stats import mean_pairwise_cosine, routing_metrics
 
 
 class IntervalStats:
+    """The MoE layers' routing counters and this rank's GPU energy meter (None off NVIDIA GPUs)."""
+
     def __init__(self, layers: list, device: torch.device):
         self.layers = layers  # MoEFeedForward layers, in model order
         self.device = device
@@ -50,5 +52,6 @@ def expert_similarity_metrics(layers: list) -> dict:
 
     Every rank must call it (with ep_size > 1 it all-reduces over the expert-parallel group).
     """
-    return {f"moe/layer_{i}/expert_similarity": mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
+    return {f"moe/layer_{i}/expert_similarity":
+            mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
             for i, layer in enumerate(layers) if layer.num_experts > 1}

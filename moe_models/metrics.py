@@ -125,7 +125,7 @@ def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, wandb_run_id: st
     """The run's sinks; ``wandb_run_id`` continues that wandb run (a resumed run's client_state["wandb_run_id"])."""
     wandb = None
     if cfg.log.report_to == "wandb" and is_main:
-        from .wandb_sink import WandbSink  # imports wandb (about a second) only when it is used
+        from .wandb_sink import WandbSink  # imports wandb only when it is used
         wandb = WandbSink(cfg, output_dir, run_id=wandb_run_id)
     return Sinks(MetricsLog(output_dir / "metrics.jsonl", enabled=is_main),
                  Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm), wandb)

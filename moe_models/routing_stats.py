@@ -33,7 +33,7 @@ class RoutingCounters:
 
     ``values`` holds [kept routes per expert (E), routes chosen per expert before capacity (E),
     router entropy summed over tokens, balance loss summed over forwards]; the token and forward
-    counts are known from shapes, so they stay on the host.
+    counts are known from shapes, so they stay on the host. ``enabled = False`` stops counting.
     """
 
     def __init__(self, num_experts: int):

@@ -78,7 +78,7 @@ def flops_per_token(active_params: int, num_layers: int, attention_width: int, s
 
 def throughput_metrics(tokens: float, steps: float, seconds: float, world_size: int, flops_per_token: float,
                        peak_tflops: float | None) -> dict:
-    """Speed of one logging interval: ``tokens`` over all ranks in ``steps`` optimizer steps, ``seconds`` of training."""
+    """Speed of one logging interval: ``tokens`` (all ranks) in ``steps`` optimizer steps and ``seconds``."""
     tokens_per_sec = tokens / max(seconds, 1e-9)
     row = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / world_size,
            "step_time": seconds / steps}
