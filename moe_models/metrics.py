@@ -23,7 +23,7 @@ class MetricsLog:
         self.enabled = enabled
         self.rows: list[dict] = []
 
-    def log(self, row: dict) -> None:
+    def write(self, row: dict) -> None:
         self.rows.append(row)
         if self.enabled:
             with self.path.open("a") as f:
@@ -100,8 +100,14 @@ class Sinks:
 
     @property
     def wandb_run_id(self) -> str | None:
-        """The wandb run's id once started (saved in checkpoints so that a resumed run continues it)."""
+        """The wandb run's id (saved in checkpoints); None without wandb or before `start`."""
         return self.wandb.run.id if self.wandb and self.wandb.run else None
+
+    @wandb_run_id.setter
+    def wandb_run_id(self, run_id: str | None) -> None:
+        """Before `start`: continue that wandb run (a resumed checkpoint's client_state["wandb_run_id"])."""
+        if self.wandb:
+            self.wandb.run_id = run_id
 
     def start(self, step: int) -> None:
         """Open the console bar at ``step`` and the wandb run; call before the first training step."""
@@ -110,7 +116,7 @@ class Sinks:
             self.wandb.start()
 
     def log(self, row: dict) -> None:
-        self.jsonl.log(row)
+        self.jsonl.write(row)
         self.console.log(row)
         if self.wandb:
             self.wandb.log(row)
@@ -121,14 +127,13 @@ class Sinks:
             self.wandb.close()
 
 
-def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, wandb_run_id: str | None = None) -> Sinks:
-    """The run's sinks; ``wandb_run_id`` continues that wandb run (a resumed run's client_state["wandb_run_id"])."""
+def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLog) -> Sinks:
+    """The run's sinks around its metrics.jsonl log: the console, and wandb with --report_to wandb (rank 0)."""
     wandb = None
     if cfg.log.report_to == "wandb" and is_main:
         from .wandb_sink import WandbSink  # imports wandb only when it is used
-        wandb = WandbSink(cfg, output_dir, run_id=wandb_run_id)
-    return Sinks(MetricsLog(output_dir / "metrics.jsonl", enabled=is_main),
-                 Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm), wandb)
+        wandb = WandbSink(cfg, output_dir)
+    return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm), wandb)
 
 
 def perplexity(loss: float) -> float:

@@ -16,7 +16,7 @@ from .data import TrainBatches, eval_batches
 from .distributed import World, all_reduce_sum
 from .interval_stats import IntervalStats, expert_similarity_metrics
 from .layer import MoEFeedForward, balance_loss, moe_layers_of
-from .metrics import open_sinks, perplexity
+from .metrics import MetricsLog, open_sinks, perplexity
 from .throughput import active_parameters, attention_dims, flops_per_token, resolve_peak_tflops, throughput_metrics
 
 
@@ -51,8 +51,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, world: World, batches: TrainBatches,
-                 eval_set, output_dir: Path, wandb_run_id: str | None = None):
-        """``wandb_run_id``: the wandb run to continue (a resumed checkpoint's client_state["wandb_run_id"])."""
+                 eval_set, output_dir: Path):
         self.cfg, self.engine, self.world = cfg, engine, world
         self.batches, self.eval_set = batches, eval_set
         self.output_dir = output_dir
@@ -60,7 +59,8 @@ class Trainer:
         self.layers = moe_layers_of(engine.module)
         self.state = TrainState()
         self.lr = 0.0
-        self.sinks = open_sinks(cfg, world.is_main, output_dir, wandb_run_id)
+        self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
+        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log)  # wandb_run_id settable before train()
         self.interval = IntervalStats(self.layers, world.device)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
@@ -160,8 +160,8 @@ class Trainer:
                                     client_state=client_state)
 
     def summary(self, train_seconds: float) -> dict:
-        train_rows = [r for r in self.sinks.jsonl.rows if "loss" in r]
-        eval_rows = [r for r in self.sinks.jsonl.rows if "eval_loss" in r]
+        train_rows = [r for r in self.log.rows if "loss" in r]
+        eval_rows = [r for r in self.log.rows if "eval_loss" in r]
         return {
             "steps": self.state.step,
             "first_loss": train_rows[0]["loss"],

@@ -18,8 +18,9 @@ class WandbSink:
     """Scalars go to the run's history; per-expert lists become histograms whose bins are the expert ids,
     which wandb draws over steps as a heatmap (x: expert, y: step, colour: tokens)."""
 
-    def __init__(self, cfg: RunConfig, output_dir: Path, run_id: str | None = None):
-        self.cfg, self.output_dir, self.run_id = cfg, output_dir, run_id
+    def __init__(self, cfg: RunConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.run_id: str | None = None  # set before start() to continue that run
         self.run: wandb.Run | None = None
 
     def start(self) -> None:

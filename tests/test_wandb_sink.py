@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_models.config import parse_args
-from moe_models.metrics import open_sinks
+from moe_models.metrics import MetricsLog, open_sinks
 from moe_models.wandb_sink import wandb_values
 from train import main
 
@@ -71,7 +71,8 @@ def test_offline_run_holds_the_config_and_the_metrics(world, tmp_path, capsys, n
 def test_a_resumed_run_continues_its_wandb_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = parse_args(["--report_to", "wandb", "--max_steps", "2"])
-    sinks = open_sinks(cfg, is_main=True, output_dir=tmp_path, wandb_run_id="resume42")
+    sinks = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(tmp_path / "m.jsonl", enabled=True))
+    sinks.wandb_run_id = "resume42"  # what a resume sets from client_state["wandb_run_id"]
     sinks.start(step=1)
     sinks.log({"step": 2, "loss": 1.0, "tokens_per_sec": 10.0})
     sinks.close()
@@ -80,9 +81,9 @@ def test_a_resumed_run_continues_its_wandb_run(world, tmp_path, monkeypatch):
 
 
 def test_only_rank_0_reports_to_wandb(tmp_path):
-    cfg = parse_args(["--report_to", "wandb"])
-    assert open_sinks(cfg, is_main=False, output_dir=tmp_path).wandb is None
-    assert open_sinks(parse_args([]), is_main=True, output_dir=tmp_path).wandb is None
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=False)
+    assert open_sinks(parse_args(["--report_to", "wandb"]), is_main=False, output_dir=tmp_path, jsonl=log).wandb is None
+    assert open_sinks(parse_args([]), is_main=True, output_dir=tmp_path, jsonl=log).wandb is None
 
 
 def test_per_expert_lists_become_histograms_over_expert_ids():
