@@ -132,6 +132,22 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metrics go beside metrics.jsonl, and what MFU is measured against (docs/metrics.md)."""
+
+    report_to: Literal["none", "wandb"] = _flag(
+        "none", "Also log to Weights & Biases (rank 0). Offline, with the `wandb sync` command printed, when no API "
+        "key is set (WANDB_API_KEY or `wandb login`).")
+    wandb_project: Optional[str] = _flag(None, "wandb project; default WANDB_PROJECT, else 'moe-models'.")
+    wandb_entity: Optional[str] = _flag(None, "wandb entity (team or user); default WANDB_ENTITY, else your default.")
+    wandb_run_name: Optional[str] = _flag(None, "wandb run name; default WANDB_NAME, else a generated name.")
+    wandb_tags: Optional[str] = _flag(None, "Comma-separated wandb tags; default WANDB_TAGS.")
+    peak_tflops: Optional[float] = _flag(
+        None, "Peak TFLOPS of one device for `mfu`. Default: the bf16 dense peak of a known GPU (docs/metrics.md); "
+        "without either, `mfu` is not reported.")
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; saved as run_config.json."""
 
@@ -139,12 +155,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "moe": MoEConfig, "train": TrainConfig}
+SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "moe": MoEConfig, "train": TrainConfig, "log": LogConfig}
 
 
 class ConfigError(ValueError):
@@ -380,6 +397,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
     if train.max_grad_norm < 0:
         problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
+    if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:
+        problems.append(f"peak_tflops ({cfg.log.peak_tflops}) must be > 0, or leave it out")
     if not 0 <= train.min_lr_ratio <= 1:
         problems.append(f"min_lr_ratio ({train.min_lr_ratio}) must be in [0, 1]")
     try:

@@ -67,6 +67,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of a tensor over all ranks (one collective; no-op on one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 @contextmanager
 def main_process_first(world: World):
     """Rank 0 runs the block first (filling the datasets cache), the other ranks then read the cache."""

@@ -8,7 +8,7 @@ is replaced by ``GroupedMOELayer``, whose forward never builds [tokens, experts,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ class GroupedMOELayer(MOELayer):
     def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts,
                  gated_projections: Optional[tuple[str, str, str]]):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
+        # called with (x_TD, topk_ids [K, T], exp_counts [E], l_aux) after routing, for the routing metrics
+        self.route_observer: Optional[Callable] = None
         self.gated_projections = gated_projections if _grouped_gemm_fits(experts.deepspeed_experts[0],
                                                                          gated_projections) else None
 
@@ -60,6 +62,8 @@ class GroupedMOELayer(MOELayer):
         num_tokens, dim = x_TD.shape
         routes = capacity_routes(self.gate, x_TD) if self.gate.drop_tokens else dropless_routes(self.gate, x_TD)
         self.l_aux, self.exp_counts = routes.l_aux, routes.exp_counts_E
+        if self.route_observer is not None:
+            self.route_observer(x_TD, routes.topk_ids_TK.t(), routes.exp_counts_E, routes.l_aux)
         top_k, num_experts = routes.topk_ids_TK.shape[1], self.ep_size * self.num_local_experts
 
         ids_R = routes.topk_ids_TK.reshape(-1)

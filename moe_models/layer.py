@@ -11,17 +11,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
 from .config import MoEConfig
 from .experts import GroupedMoE
+from .routing_stats import RoutingCounters
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them: the router weight, and the
 # list of experts (a layer_{L}_expert_{E}_... checkpoint file holds `{EXPERTS}.{E}.*` with E the global expert id).
+
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
 EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"
+
 
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, T, D] in, [B, T, D] out.
@@ -33,7 +37,8 @@ class MoEFeedForward(nn.Module):
       3. each local expert (a copy of the dense FFN module) runs on its tokens;
       4. outputs return and are combined with the router weights.
     The load-balancing loss and per-expert token counts of the last forward are kept in
-    ``aux_loss`` and ``expert_counts`` for the trainer and metrics.
+    ``aux_loss`` and ``expert_counts`` for the trainer; ``routing`` sums the routing of every
+    training forward on the device for the metrics (docs/metrics.md).
     """
 
     def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
@@ -50,10 +55,19 @@ class MoEFeedForward(nn.Module):
             self.moe = MoE(hidden_size, **args)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self.routing = RoutingCounters(num_experts)
+        if cfg.moe_impl == "grouped":  # its dropless routing does not go through the gate module
+            self.moe.deepspeed_moe.route_observer = self._count_routes
+        else:
+            self.moe.deepspeed_moe.gate.register_forward_hook(self._count_gate_output)
 
     @property
     def num_experts(self) -> int:
         return self.moe.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.moe.deepspeed_moe.gate.k
 
     @property
     def router(self) -> nn.Linear:
@@ -72,6 +86,47 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
         return output
+
+    def _count_gate_output(self, gate: nn.Module, inputs: tuple, output: tuple) -> None:
+        """Forward hook on DeepSpeed's TopKGate (stock layer). MOELayer calls the gate with sparse routes, so
+        it returns (l_aux, capacity, num_experts, indices [k, S] with -1 for a route dropped by capacity,
+        locations, gates, exp_counts [E] before drops)."""
+        l_aux, _, _, indices_KS, _, _, chosen_E = output
+        self._count_routes(inputs[0], indices_KS, chosen_E, l_aux)
+
+    @torch.no_grad()
+    def _count_routes(self, x_SD: torch.Tensor, indices_KS: torch.Tensor, chosen_E: torch.Tensor,
+                      l_aux: torch.Tensor) -> None:
+        """Add a training forward's routing to ``routing`` (on device). The router distribution is recomputed
+        from the gate's input as the gate computes it (fp32 logits), without the noise of a noisy gate."""
+        gate = self.moe.deepspeed_moe.gate
+        if not (gate.training and self.routing.enabled):
+            return
+        logits_SE = F.linear(x_SD.float(), gate.wg.weight.float())
+        self.routing.add(indices_KS, chosen_E, logits_SE, l_aux)
+
+    @torch.no_grad()
+    def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> float:
+        """|sum_e w_e / |w_e||^2 over all global experts e of this layer, w_e the expert's flattened weights.
+
+        It equals E + 2 x (sum of the pairwise cosines), so no expert's weights leave its rank: each rank
+        sums its local experts' unit vectors and, with ep_size > 1, the sums are all-reduced over the
+        expert-parallel group, ``chunk_elements`` (fp32) at a time. Every rank must call it.
+        """
+        ep_group, ep_size = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
+        experts = list(self.local_experts)
+        norms_L = [torch.stack([torch.linalg.vector_norm(p.detach().float()).double() for p in e.parameters()])
+                   .square().sum().sqrt() for e in experts]
+        total = torch.zeros((), dtype=torch.float64, device=norms_L[0].device)
+        for same_param in zip(*(expert.parameters() for expert in experts)):
+            flat_L = [p.detach().flatten() for p in same_param]
+            for start in range(0, flat_L[0].numel(), chunk_elements):
+                direction_sum_N = sum(flat[start:start + chunk_elements].float() / norm
+                                      for flat, norm in zip(flat_L, norms_L))
+                if ep_size > 1:
+                    dist.all_reduce(direction_sum_N, group=ep_group)
+                total += direction_sum_N.double().square().sum()
+        return total.item()
 
 
 def expert_parallel_rank(ep_size: int) -> int:

@@ -15,9 +15,11 @@ from .checkpoint import TrainState
 from .config import RunConfig
 from .data import TrainBatches, eval_batches
 from .distributed import World, all_reduce_sum
+from .interval_stats import IntervalStats, expert_similarity_metrics
 from .layer import MoEFeedForward, balance_loss, moe_layers_of
-from .metrics import MetricsLog, Progress, perplexity
+from .metrics import MetricsLog, open_sinks, perplexity
 from .preemption import StopRequest
+from .throughput import active_parameters, attention_dims, flops_per_token, resolve_peak_tflops, throughput_metrics
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -54,14 +56,22 @@ class Trainer:
         self.state = TrainState()
         self.lr = 0.0
         self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
+        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log)  # wandb_run_id settable before train()
+        self.interval = IntervalStats(self.layers, world.device)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
+        self.flops_per_token = flops_per_token(active_parameters(engine.module, self.layers),
+                                               *attention_dims(engine.module.config), cfg.data.block_size)
+        self.peak_tflops, peak_source = resolve_peak_tflops(cfg.log.peak_tflops, world.device,
+                                                            bf16=engine.bfloat16_enabled())
+        if world.is_main and self.peak_tflops is None:
+            print(f"mfu not reported: {peak_source}")
 
     def train(self) -> dict:
         """Train to max_steps (or until a stop signal); returns the run summary."""
         t = self.cfg.train
         self.first_step = self.state.step  # > 0 after a resume
-        progress = Progress(total=t.max_steps, initial=self.state.step, enabled=self.world.is_main and not t.disable_tqdm)
+        self.sinks.start(self.state.step)
         # Loss sums stay on the device and are read once per logging interval: no host sync per step.
         sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
@@ -75,28 +85,25 @@ class Trainer:
                 self.state.tokens_seen += self.tokens_per_step
                 step, last = self.state.step, self.state.step == t.max_steps
                 if step == 1 or step % t.logging_steps == 0 or last:
-                    row = self.training_row(sums, interval_seconds + time.perf_counter() - started)
-                    self.log.write(row)
-                    progress.show(row)
+                    self.sinks.log(self.training_row(sums, interval_seconds + time.perf_counter() - started))
                     sums.zero_()
                     interval_seconds = 0.0
                 else:
                     interval_seconds += time.perf_counter() - started
                 train_seconds += time.perf_counter() - started
-                progress.advance()
+                self.sinks.console.advance()
                 if stop.agreed():
                     stopped_by = stop.received or "a signal on another rank"
                     self.save()
-                    progress.print(f"stopped by {stopped_by} after step {step}: saved {self.checkpoint_dir}/"
-                                   f"{checkpoint.tag_of(step)}; relaunch with --resume_from_checkpoint latest")
+                    self.sinks.console.print(f"stopped by {stopped_by} after step {step}: saved "
+                                             f"{self.checkpoint_dir}/{checkpoint.tag_of(step)}; relaunch with "
+                                             "--resume_from_checkpoint latest")
                     break
                 if (t.eval_steps and step % t.eval_steps == 0) or last:
-                    row = self.evaluate()
-                    progress.print(f"step {step}: eval_loss {row['eval_loss']:.4f}  perplexity "
-                                   f"{row['perplexity']:.2f}")
+                    self.sinks.log(self.evaluate())
                 if (t.save_steps and step % t.save_steps == 0) or last:
                     self.save()
-        progress.close()
+        self.sinks.close()
         return {**self.summary(train_seconds), "stopped_by": stopped_by}
 
     def train_step(self) -> torch.Tensor:
@@ -113,8 +120,11 @@ class Trainer:
         return sums
 
     def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
-        lm_sum, aux_sum, micro_steps = all_reduce_sum(sums.clone()).tolist()
+        """The interval's metrics over all ranks (docs/metrics.md); one all-reduce for losses and MoE counters."""
+        summed = all_reduce_sum(torch.cat([sums.double(), self.interval.vector()])).tolist()
+        lm_sum, aux_sum, micro_steps = summed[:3]
         steps_in_interval = micro_steps / self.world.world_size / self.cfg.train.gradient_accumulation_steps
+        tokens = steps_in_interval * self.tokens_per_step
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.state.step,
@@ -122,8 +132,11 @@ class Trainer:
             "aux_loss": aux_sum / micro_steps,
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_sec": steps_in_interval * self.tokens_per_step / max(seconds, 1e-9),
+            **throughput_metrics(tokens, steps_in_interval, seconds, self.world.world_size, self.flops_per_token,
+                                 self.peak_tflops),
             "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.engine.skipped_steps,
+            **self.interval.metrics(summed[3:], tokens, self.world.world_size),
         }
 
     @torch.no_grad()
@@ -141,13 +154,14 @@ class Trainer:
         loss_sum, targets = all_reduce_sum(sums).tolist()
         eval_loss = loss_sum / targets
         row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
-        self.log.write(row)
+        if self.cfg.moe.expert_init in ("copy", "copy_noise"):  # upcycled: how far experts moved from their origin
+            row.update(expert_similarity_metrics(self.layers))
         return row
 
     def save(self) -> None:
         """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
         checkpoint.save(self.engine, self.checkpoint_dir, self.state, self.batches, self.world, self.cfg.moe.ep_size,
-                        self.cfg.train.save_total_limit)
+                        self.cfg.train.save_total_limit, {"wandb_run_id": self.sinks.wandb_run_id})
 
     def resume(self, spec: str) -> None:
         """Continue from a checkpoint ("latest", a checkpoints folder or a tag folder); "latest" with no
@@ -155,9 +169,10 @@ class Trainer:
         tag_dir = checkpoint.resolve(spec, self.output_dir)
         if tag_dir is None:
             return
-        self.state, _ = checkpoint.load(self.engine, tag_dir, self.batches, self.world, self.cfg.moe.ep_size,
-                                        reset_optimizer=self.cfg.train.reset_optimizer)
-        self.log.drop_after(self.state.step)
+        self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
+                                                   self.cfg.moe.ep_size, reset_optimizer=self.cfg.train.reset_optimizer)
+        self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
+        self.sinks.jsonl.drop_after(self.state.step)
         if self.world.is_main:
             print(f"Resumed from {tag_dir} at step {self.state.step}")
 
