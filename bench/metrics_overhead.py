@@ -1,6 +1,6 @@
 """Training speed with the metrics on vs off, side by side in one process.
 
-    python bench/metrics_overhead.py [--blocks 5] [--block_steps 20] [train.py flags ...]
+    python bench/metrics_overhead.py [--blocks 6] [--block_steps 20] [--threads N] [train.py flags ...]
 
 on:  every MoE layer's routing counters (the gate hook) and, every --logging_steps, the full training
      row (one all-reduce of losses and counters, memory, energy where there is a GPU);
@@ -8,8 +8,9 @@ off: no routing counters; every --logging_steps only the loss sums are read (wha
      before these metrics existed).
 Blocks of steps alternate off/on after one warm-up block, so drift and other load hit both sides.
 Printed per side: the median block's wall time and this process's CPU time per step, and on/off for
-both. On a machine shared with other work, wall time swings with their load; CPU time (all of this
-process's threads) is the steadier measure of the work added.
+both. On a machine shared with other work, wall time swings with their load; with --threads 1 the
+CPU time is the steadier measure of the work added (with more threads it also counts threads
+spinning while they wait for a core).
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ def seconds_per_step(trainer, steps: int, metrics_on: bool) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, default=5, help="measured blocks per side")
+    parser.add_argument("--blocks", type=int, default=6, help="measured blocks per side")
     parser.add_argument("--block_steps", type=int, default=20, help="optimizer steps per block")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args, train_flags = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as output_dir:
         cfg = parse_args(["--output_dir", output_dir, "--disable_tqdm", "--max_steps", "100000", *train_flags])
         _, trainer = build(cfg)
