@@ -16,7 +16,8 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from moe_models.config import RunConfig, parse_args, save_run_config, validate
+from moe_models.cli import parse_args
+from moe_models.config import RunConfig, save_run_config, validate
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
 from moe_models.distributed import World, init_world, launched_rank, launched_world_size, main_process_first
 from moe_models.ds_config import build_deepspeed_config

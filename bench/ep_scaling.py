@@ -42,7 +42,7 @@ def launch(args: argparse.Namespace, train_flags: list[str]) -> int:
 
 def worker(args: argparse.Namespace, train_flags: list[str]) -> None:
     sys.path.insert(0, str(REPO))
-    from moe_models.config import parse_args
+    from moe_models.cli import parse_args
     from train import build
 
     total_steps = (args.rounds + 1) * args.steps

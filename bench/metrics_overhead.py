@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.config import parse_args  # noqa: E402
+from moe_models.cli import parse_args  # noqa: E402
 from moe_models.distributed import all_reduce_sum  # noqa: E402
 from train import build  # noqa: E402
 

@@ -1,17 +1,13 @@
-"""Typed run settings: one dataclass per concern, one flat CLI, validation that reports every problem.
+"""Typed run settings: one dataclass per concern, and validation that reports every problem at once.
 
-Every field is a command-line flag of the same name (``--num_experts 8``). Each field's
+Every field is a command-line flag of the same name (``--num_experts 8``, built in cli.py). Each field's
 ``help`` metadata is its documentation: ``docs/configuration.md`` is checked against it by a test.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -170,67 +166,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("Invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: every field of every section becomes --field_name. Written here rather than taken from
-# transformers.HfArgumentParser because that parser refuses Union[int, list[int]] fields
-# (num_experts, moe_layers) and we want those to stay one flag each.
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes", "y"):
-        return True
-    if lowered in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> None:
-    name, help_text = f"--{f.name}", f.metadata["help"]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    args = typing.get_args(hint)
-    is_union = typing.get_origin(hint) in (Union, types.UnionType)
-    if is_union and type(None) in args:  # Optional[X]
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-        is_union = typing.get_origin(hint) in (Union, types.UnionType)
-    kw = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
-    if hint is bool:
-        parser.add_argument(name, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
-    elif typing.get_origin(hint) is Literal:
-        parser.add_argument(name, choices=list(args), **kw)
-    elif is_union and args == (int, list[int]):
-        parser.add_argument(name, type=int, nargs="+", **kw)
-    elif is_union and args == (str, list[int]):
-        parser.add_argument(name, type=str, **kw)
-    else:
-        parser.add_argument(name, type=hint, **kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Turn a Hugging Face causal LM into a DeepSpeed Mixture-of-Experts model and train it.",
-        allow_abbrev=False)
-    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
-    for section, cls in SECTION_TYPES.items():
-        group = parser.add_argument_group(section, cls.__doc__)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            _add_field(group, f, hints[f.name])
-    return parser
-
-
-def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
-    """Build a RunConfig from command-line flags; unknown flags are an error (argparse exits with usage)."""
-    namespace = vars(build_parser().parse_args(argv))
-    namespace.pop("local_rank", None)
-    sections = {}
-    for section, cls in SECTION_TYPES.items():
-        names = {f.name for f in dataclasses.fields(cls)}
-        sections[section] = cls(**{k: v for k, v in namespace.items() if k in names})
-    return RunConfig(**sections)
 
 
 def config_from_dict(values: dict) -> RunConfig:
@@ -422,27 +357,3 @@ def save_run_config(cfg: RunConfig, path: Path, extra: Optional[dict] = None) ->
     if extra:
         payload["resolved"] = extra
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
-def configuration_markdown() -> str:
-    """docs/configuration.md, generated from the dataclasses so it cannot drift (a test compares the two).
-
-    Regenerate with: UPDATE_DOCS=1 pytest tests/test_config.py -k configuration_doc
-    """
-    lines = ["# Configuration", "",
-             "Every setting is a command-line flag of `train.py` with the same name as its field in",
-             "`moe_models/config.py`. Booleans take `true`/`false` (a bare `--flag` means true). Unknown flags are",
-             "refused. All settings are checked before anything heavy starts, and every problem is reported",
-             "at once. The resolved settings of a run are saved as `run_config.json` in its output folder.", "",
-             "The DeepSpeed JSON (`--deepspeed`) holds what no flag owns (ZeRO stage, optimizer betas, offload);",
-             "its `\"auto\"` values are filled from the flags below, and a value that disagrees with its flag is",
-             "refused.", "",
-             "This page is generated from the code: `UPDATE_DOCS=1 pytest tests/test_config.py -k configuration_doc`.",
-             ""]
-    for section, cls in SECTION_TYPES.items():
-        lines += [f"## {section}: {cls.__doc__}", "", "| flag | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
-        lines.append("")
-    return "\n".join(lines)

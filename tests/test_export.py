@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO))  # train.py is a script at the repository root, no
 import train  # noqa: E402
 from conftest import child_env  # noqa: E402
 from moe_models import convert_to_moe  # noqa: E402
-from moe_models.config import ConfigError, MoEConfig, parse_args, resolve_moe_layers  # noqa: E402
+from moe_models.cli import parse_args  # noqa: E402
+from moe_models.config import ConfigError, MoEConfig, resolve_moe_layers  # noqa: E402
 from moe_models.export import export, main as export_main  # noqa: E402
 from moe_models.hf_import import import_hf_moe, settings_from_checkpoint  # noqa: E402
 from moe_models.hf_moe import NotRepresentable, dense_config_and_moe_settings, hf_moe_config  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from moe_models.config import MoEConfig, parse_args
+from moe_models.cli import parse_args
+from moe_models.config import MoEConfig
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
 from moe_models.device_stats import EnergyMeter
 from moe_models.ds_config import build_deepspeed_config

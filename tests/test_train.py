@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from moe_models.config import RunConfig, parse_args
+from moe_models.cli import parse_args
+from moe_models.config import RunConfig
 from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
 from moe_models.ds_config import build_deepspeed_config
 from moe_models.layer import moe_layers_of

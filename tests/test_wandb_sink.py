@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_models.config import parse_args
+from moe_models.cli import parse_args
 from moe_models.metrics import MetricsLog, open_sinks
 from moe_models.wandb_sink import wandb_values
 from train import main
