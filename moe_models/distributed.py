@@ -6,6 +6,7 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -51,6 +52,7 @@ def init_world() -> World:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
+        _unlink_cpu_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -82,3 +84,20 @@ def main_process_first(world: World):
     yield
     if world.is_main and world.world_size > 1:
         dist.barrier()
+
+
+def _unlink_cpu_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator with all ranks on one machine, ``init_distributed`` makes a 66 MB file per rank in
+    /dev/shm and maps every rank's file; DeepSpeed never removes them (its PR #4115 notes they stay until
+    reboot), so each launch would leave them behind and fill /dev/shm, which is RAM. Written here because
+    DeepSpeed has no cleanup to call. After the barrier every rank holds its mappings, which outlive the name.
+    """
+    world = os.environ.get("WORLD_SIZE")
+    if os.environ.get("LOCAL_SIZE") != world or not deepspeed.get_accelerator().device_name() == "cpu":
+        return  # DeepSpeed makes the buffers only for all-local CPU worlds: the same answer on every rank
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
