@@ -2,8 +2,7 @@
 SwiGLU with the same active FLOPs (intermediate size f * k), on the same tokens.
 
 Rows: dense SwiGLU; the stock DeepSpeed MoE layer (capacity factor 1.25, and dropless); HF's Mixtral
-sparse block with its eager and grouped_mm experts; ours (--moe_impl grouped, dropless and capacity 1.25);
-and the per-step copy of the expert weights that ours makes (see experts.grouped_swiglu), timed alone.
+sparse block with its eager and grouped_mm experts; ours (--moe_impl grouped, dropless and capacity 1.25).
 Candidates run in interleaved rounds so that load from other processes hits them alike; the table gives
 the median milliseconds per forward + backward, the ratio to dense, and the peak memory of one step.
 
@@ -57,19 +56,6 @@ def candidates(d: int, f: int, num_experts: int, k: int) -> dict[str, torch.nn.M
             for param in module.parameters():
                 param.normal_(0, 0.02)
     return built
-
-
-class WeightCopy(torch.nn.Module):
-    """The copy of the expert weights into [E, 2F, D] and [E, D, F] that ours makes every step, alone."""
-
-    def __init__(self, grouped: GroupedMoE):
-        super().__init__()
-        self.experts = grouped.deepspeed_moe.experts.deepspeed_experts
-
-    def forward(self, x):
-        gate_up = torch.cat([p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight)])
-        down = torch.stack([e.down_proj.weight for e in self.experts])
-        return gate_up.sum() + down.sum() + 0 * x.sum()
 
 
 def step(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -147,7 +133,6 @@ def main() -> None:
     for d, f, num_experts, k in GPU_SHAPES if args.gpu else CPU_SHAPES:
         torch.manual_seed(0)
         modules = candidates(d, f, num_experts, k)
-        modules["(ours: per-step weight copy alone)"] = WeightCopy(modules["ours (grouped), dropless"])
         modules = {name: m.to(device, dtype).train() for name, m in modules.items()}
         x = torch.randn(1, tokens, d, device=device, dtype=dtype, requires_grad=True)
         results = measure(modules, x, args.warmup, args.rounds, args.reps)

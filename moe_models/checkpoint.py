@@ -7,7 +7,7 @@ Layout (DeepSpeed's own, plus three small files of ours per tag):
       global_step{N}/
         mp_rank_00_model_states.pt, layer_{L}_expert_{E}_*.pt, *optim_states.pt   (DeepSpeed)
         rng_rank{R}.pt            every RNG of rank R (python, numpy, torch, CUDA)
-        complete.json             written last, after every rank finished: step, world and ep sizes
+        complete.json             written last, after every rank finished: step, world and ep sizes, moe_impl
 
 DeepSpeed writes `latest` itself before all ranks are known to be done, and does not say when a
 tag is complete, so both are done here.
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import MoEConfig
 from .data import TrainBatches
 from .distributed import World
 
@@ -67,7 +68,7 @@ def complete_tags(checkpoint_dir: Path) -> list[Path]:
 
 
 def save(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: Path, state: TrainState, batches: TrainBatches,
-         world: World, ep_size: int, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
+         world: World, moe: MoEConfig, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
     """Save on every rank; the tag becomes `latest` only after all ranks have written all their files."""
     tag_dir = checkpoint_dir / tag_of(state.step)
     client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": batches.state_dict(),
@@ -76,7 +77,7 @@ def save(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: Path, state: TrainSt
     torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
     dist.barrier()  # every rank's files are on disk
     if world.is_main:
-        meta = {"step": state.step, "world_size": world.world_size, "ep_size": ep_size}
+        meta = {"step": state.step, **_layout(world, moe)}
         _atomic_write(tag_dir / COMPLETE, json.dumps(meta) + "\n")
         _atomic_write(checkpoint_dir / LATEST, tag_dir.name)
         if save_total_limit:
@@ -119,24 +120,27 @@ def _previous_good(tag_dir: Path) -> str:
     return f"resume from the previous good checkpoint {older[-1]}" if older else "no earlier complete checkpoint exists"
 
 
-def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches, world: World, ep_size: int,
+def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches, world: World, moe: MoEConfig,
          reset_optimizer: bool) -> tuple[TrainState, dict]:
     """Restore weights, optimizer, LR schedule, data position and RNGs; returns the state and the client state.
 
-    At another world or ep size, weights load by global expert id; the optimizer state (sharded by
-    the old layout) is refused unless `reset_optimizer`, which keeps the weights and the LR schedule.
+    At another world or ep size, or with the other --moe_impl, weights load by global expert id; the optimizer
+    state (sharded and ordered by the old layout) is refused unless `reset_optimizer`, which keeps the weights and
+    the LR schedule.
     """
     if not (tag_dir / COMPLETE).is_file():
         raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted); "
                               f"{_previous_good(tag_dir)}")
     meta = json.loads((tag_dir / COMPLETE).read_text())
-    same_layout = (meta["world_size"], meta["ep_size"]) == (world.world_size, ep_size)
-    if not same_layout and not reset_optimizer:
+    layout = _layout(world, moe)
+    saved = {key: meta.get(key, value) for key, value in layout.items()}  # older checkpoints lack moe_impl
+    if saved != layout and not reset_optimizer:
         raise CheckpointError(
-            f"{tag_dir} was saved with {meta['world_size']} ranks and ep_size {meta['ep_size']}, this run has "
-            f"{world.world_size} ranks and ep_size {ep_size}: the weights can be loaded by global expert id, but the "
-            "optimizer state is sharded by the old layout. Pass --reset_optimizer to load the weights and start "
-            "a fresh optimizer state (the LR schedule continues).")
+            f"{tag_dir} was saved with {_describe(saved)}, this run has {_describe(layout)}: the weights can be "
+            "loaded by global expert id, but the optimizer state is sharded and ordered by the old layout (the "
+            "grouped path holds SwiGLU experts stacked). Pass --reset_optimizer to load the weights and start a "
+            "fresh optimizer state (the LR schedule continues).")
+    same_ranks = saved["world_size"] == world.world_size
     try:
         _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                  load_optimizer_states=not reset_optimizer,
@@ -147,9 +151,18 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
     if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
     batches.load_state_dict(_data_position(client_state["data"], meta["world_size"], world.world_size))
-    if same_layout:
+    if same_ranks:
         _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
     return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
+
+
+def _layout(world: World, moe: MoEConfig) -> dict:
+    """What decides how the optimizer state is cut and ordered: the ranks, expert parallelism, the expert path."""
+    return {"world_size": world.world_size, "ep_size": moe.ep_size, "moe_impl": moe.moe_impl}
+
+
+def _describe(layout: dict) -> str:
+    return f"{layout['world_size']} ranks, ep_size {layout['ep_size']} and --moe_impl {layout['moe_impl']}"
 
 
 def _unreadable_file(tag_dir: Path) -> Path | None:

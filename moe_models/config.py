@@ -83,8 +83,9 @@ class MoEConfig:
     moe_impl: Literal["deepspeed", "grouped"] = _flag(
         "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
         "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "
-        "(SwiGLU families; others run their experts one by one), dropless without host syncs at ep_size 1. Same "
-        "parameters and checkpoint files, so a checkpoint loads into either (docs/architecture.md; speed: docs/performance.md).")
+        "(SwiGLU families, weights held stacked; others run their experts one by one), dropless without host syncs "
+        "at ep_size 1. Same checkpoint files and names, so a checkpoint's weights load into either (the optimizer "
+        "state needs --reset_optimizer; docs/architecture.md; speed: docs/performance.md).")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
         "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
@@ -122,8 +123,8 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _flag(
         None, "Continue a run: 'latest' (this output_dir's newest checkpoint; starts fresh if there is none, so "
         "a requeued job can always pass it), a checkpoints folder, or one tag folder (checkpoints/global_stepN).")
-    reset_optimizer: bool = _flag(False, "When resuming at another world size or ep_size: load the weights and start "
-                                  "a fresh optimizer state (the LR schedule continues).")
+    reset_optimizer: bool = _flag(False, "When resuming at another world size, ep_size or moe_impl: load the weights "
+                                  "and start a fresh optimizer state (the LR schedule continues).")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

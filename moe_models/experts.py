@@ -1,9 +1,13 @@
 """The fast expert path: tokens sorted by expert with index operations, all local experts in one grouped GEMM.
 
-``GroupedMoE`` is a ``deepspeed.moe.layer.MoE``: DeepSpeed builds the gate, the per-expert modules
-(``deepspeed_moe.experts.deepspeed_experts.{i}``, with the same expert-parallel flags) and the process
-groups, so the engine, checkpoints, resharding and export see the stock layer. Only the MOELayer inside
-is replaced by ``GroupedMOELayer``, whose forward never builds [tokens, experts, capacity] tensors.
+``GroupedMoE`` is a ``deepspeed.moe.layer.MoE``: DeepSpeed builds the gate, the local experts (with the same
+expert-parallel flags) and the process groups. Two things are replaced:
+  - the MOELayer, by ``GroupedMOELayer``, whose forward never builds [tokens, experts, capacity] tensors;
+  - for SwiGLU experts, the list of expert modules, by ``StackedExperts``: DeepSpeed's own ``GroupedExperts``
+    (``deepspeed.moe.ep_experts``: the local experts' weights held stacked, [E, F, D] and [E, D, F], and run as
+    grouped GEMMs without copying the weights), which reads and writes state dicts under the per-expert names
+    of the module list it replaces. DeepSpeed's checkpoints (one file per global expert), resharding and
+    export therefore see the stock layer's names and tensors.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe.ep_experts import GroupedExperts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from .routing import capacity_routes, dropless_routes, tokens_per_expert
-
-grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class GroupedMoE(MoE):
@@ -29,20 +32,20 @@ class GroupedMoE(MoE):
     def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
-        self.deepspeed_moe = GroupedMOELayer(stock.gate, stock.experts, stock.ep_group_name, stock.ep_size,
-                                             stock.num_local_experts, gated_projections)
+        experts = stock.experts
+        if _grouped_gemm_fits(experts.deepspeed_experts[0], gated_projections):
+            experts = StackedExperts(experts.deepspeed_experts, gated_projections, self.expert_group_name)
+        self.deepspeed_moe = GroupedMOELayer(stock.gate, experts, stock.ep_group_name, stock.ep_size,
+                                             stock.num_local_experts)
 
 
 class GroupedMOELayer(MOELayer):
     """MOELayer whose forward sorts routes by expert and runs the local experts as one grouped GEMM."""
 
-    def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts,
-                 gated_projections: Optional[tuple[str, str, str]]):
+    def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
         # called with (x_TD, topk_ids [K, T], exp_counts [E], l_aux) after routing, for the routing metrics
         self.route_observer: Optional[Callable] = None
-        self.gated_projections = gated_projections if _grouped_gemm_fits(experts.deepspeed_experts[0],
-                                                                         gated_projections) else None
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Steps:
@@ -51,8 +54,8 @@ class GroupedMOELayer(MOELayer):
           2. permute: routes are sorted by expert (a stable argsort) and their tokens gathered, x_RD;
           3. ep_size > 1: per-expert counts are exchanged once, rows travel by uneven all-to-all and are
              regrouped by local expert;
-          4. experts: gate+up as one grouped GEMM, act(gate) * up, down as a second grouped GEMM (FFNs a
-             grouped GEMM cannot express run expert by expert on their slices);
+          4. experts: SwiGLU experts run as grouped GEMMs over all local experts (``StackedExperts``); FFNs a
+             grouped GEMM cannot express run expert by expert on their slices;
           5. return: rows travel back, are unsorted to [T, K, D] and summed with the routing weights in fp32.
         Sets ``l_aux`` and ``exp_counts`` as DeepSpeed's MOELayer does.
         """
@@ -113,29 +116,63 @@ class GroupedMOELayer(MOELayer):
         return torch.cat([y_sent, y_sent.new_zeros(x_RD.shape[0] - num_kept, x_RD.shape[1])])
 
     def _run_experts(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        experts = self.experts.deepspeed_experts
-        if self.gated_projections is not None:
-            return grouped_swiglu(x_RD, counts_E, experts, self.gated_projections)
-        return expert_loop(x_RD, counts_E, experts)
+        if isinstance(self.experts, StackedExperts):
+            return self.experts(x_RD, counts_E)
+        return expert_loop(x_RD, counts_E, self.experts.deepspeed_experts)
 
 
-def grouped_swiglu(x_RD: torch.Tensor, counts_E: torch.Tensor, experts: nn.ModuleList,
-                   projections: tuple[str, str, str]) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) for rows sorted by expert, as two grouped GEMMs over all local experts.
+class StackedExperts(GroupedExperts):
+    """DeepSpeed's ``GroupedExperts`` made from a list of SwiGLU expert modules, under their names in state dicts.
 
-    The weights stay in DeepSpeed's per-expert modules (so checkpoints keep their layout); they are
-    concatenated into [E, 2F, D] and [E, D, F] here on every call, one copy of the expert weights per
-    forward (and its gradient split per backward). bench/moe_layer.py measures what that copy costs.
+    ``w1`` (gate) and ``w3`` (up) are [E, F, D], ``w2`` (down) [E, D, F]: local expert i's weights are the i-th
+    slices, so no step copies them. The parameters carry DeepSpeed's expert flags (``allreduce=False``, the expert
+    group's name), so the engine reduces and clips their gradients as it does the stock layer's. State dicts show
+    the stock layer's keys, ``deepspeed_experts.{i}.{projection}.weight`` per local expert, and take them back.
     """
-    gate, up, down = projections
-    w_gate_up_E2FD = torch.cat([getattr(e, name).weight for e in experts for name in (gate, up)])
-    w_gate_up_E2FD = w_gate_up_E2FD.view(len(experts), -1, x_RD.shape[1])
-    w_down_EDF = torch.stack([getattr(e, down).weight for e in experts])
-    offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    gate_up_R2F = grouped_mm(x_RD, w_gate_up_E2FD.transpose(-2, -1), offs=offsets_E)
-    gate_RF, up_RF = gate_up_R2F.chunk(2, dim=-1)
-    h_RF = experts[0].act_fn(gate_RF) * up_RF
-    return grouped_mm(h_RF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
+
+    STACKED = ("w1", "w3", "w2")  # GroupedExperts' parameters for the (gate, up, down) projections
+
+    def __init__(self, experts: nn.ModuleList, projections: tuple[str, str, str], expert_group_name: str):
+        gate = getattr(experts[0], projections[0])
+        with torch.device("meta"):  # GroupedExperts allocates its own weights; they are replaced just below
+            super().__init__(gate.in_features, gate.out_features, len(experts), activation="swiglu")
+        self.projections = projections
+        for stacked, projection in zip(self.STACKED, projections):
+            with torch.no_grad():
+                weight = torch.stack([getattr(expert, projection).weight for expert in experts])
+            setattr(self, stacked, nn.Parameter(weight, requires_grad=gate.weight.requires_grad))
+            param = getattr(self, stacked)  # flags after registering: accelerate's meta init re-creates it there
+            param.allreduce, param.group_name, param.is_expert_group = False, expert_group_name, True
+        self.register_state_dict_post_hook(_per_expert_state)
+        self.register_load_state_dict_pre_hook(_stacked_state)
+
+    def per_expert_keys(self, stacked: str) -> list[str]:
+        """The state-dict keys (relative to this module) of the local experts' slices of parameter ``stacked``."""
+        projection = self.projections[self.STACKED.index(stacked)]
+        return [f"deepspeed_experts.{i}.{projection}.weight" for i in range(self.num_experts)]
+
+    def expert_weights(self, i: int, of: Callable = lambda param: param) -> dict[str, torch.Tensor]:
+        """Local expert i's slice of ``of(parameter)`` (default: the weights, as views) for each of its weights,
+        named as in its module, in its order: gate, up, down."""
+        return {f"{projection}.weight": of(getattr(self, stacked))[i]
+                for stacked, projection in zip(self.STACKED, self.projections)}
+
+
+def _per_expert_state(module: StackedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: the stacked parameters become one entry per (local expert, projection), in module order."""
+    stacked = {name: state_dict.pop(prefix + name) for name in module.STACKED}
+    keys = {name: module.per_expert_keys(name) for name in module.STACKED}
+    for i in range(module.num_experts):
+        for name in module.STACKED:
+            state_dict[prefix + keys[name][i]] = stacked[name][i]
+
+
+def _stacked_state(module: StackedExperts, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: per-expert entries are stacked back (a missing one fails a strict load)."""
+    for name in module.STACKED:
+        keys = [prefix + key for key in module.per_expert_keys(name)]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 def expert_loop(x_RD: torch.Tensor, counts_E: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
@@ -158,11 +195,20 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_gemm_fits(expert: nn.Module, projections: Optional[tuple[str, str, str]]) -> bool:
-    """Whether the expert is bias-free SwiGLU-style with 16-byte aligned rows, as torch's grouped_mm needs."""
-    if projections is None or grouped_mm is None or not hasattr(expert, "act_fn"):
+    """Whether the expert is a bias-free SwiGLU (a silu gate: GroupedExperts' "swiglu") with 16-byte aligned rows,
+    as torch's grouped_mm needs."""
+    if projections is None or not hasattr(torch, "_grouped_mm") or not _is_silu(getattr(expert, "act_fn", None)):
         return False
     layers = [getattr(expert, name, None) for name in projections]
     if not all(isinstance(layer, nn.Linear) and layer.bias is None for layer in layers):
         return False
     # 8 elements = 16 bytes in bf16 (fp32 needs 4), so the check holds in either training dtype
     return all(size % 8 == 0 for size in layers[2].weight.shape)
+
+
+def _is_silu(act_fn) -> bool:
+    """Whether ``act_fn`` computes silu (HF families wrap it in several classes, so values are compared)."""
+    if not callable(act_fn):
+        return False
+    probe = torch.linspace(-6, 6, 25, device="cpu")
+    return torch.allclose(act_fn(probe), F.silu(probe))

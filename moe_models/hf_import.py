@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .architectures import DENSE_MODEL_TYPE_OF_MOE
 from .config import ConfigError, MoEConfig, resolve_moe_layers
+from .experts import StackedExperts
 from .hf_moe import EXPERT_PROJECTIONS, dense_config_and_moe_settings
 from .layer import EXPERTS, ROUTER_WEIGHT, MoEFeedForward
 from .model_source import check_vocabulary
@@ -117,6 +118,11 @@ def checkpoint_tensor(model: nn.Module, reader: SafetensorsFolder, name: str) ->
     Routers and experts are found under the MoE class's names (either expert layout), experts by global id;
     every other parameter has the same name in the checkpoint.
     """
+    holder, _, attr = name.rpartition(".")
+    if attr in StackedExperts.STACKED and isinstance(model.get_submodule(holder), StackedExperts):
+        # the grouped path's [E_local, ...] parameters: the local experts' tensors, stacked
+        keys = model.get_submodule(holder).per_expert_keys(attr)
+        return torch.stack([checkpoint_tensor(model, reader, f"{holder}.{key}") for key in keys])
     if name.endswith(f".{ROUTER_WEIGHT}"):
         ffn = name[:-len(ROUTER_WEIGHT) - 1]
         router = f"{ffn}.gate.weight"

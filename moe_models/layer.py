@@ -2,12 +2,12 @@
 
 This module knows DeepSpeed MoE internals (where the router and expert modules sit, how
 expert-parallel groups are made); the only other modules that do are the fast expert path it can
-choose (``experts.py``, ``routing.py``), which keeps DeepSpeed's module tree and parameter names.
+choose (``experts.py``, ``routing.py``), which keeps DeepSpeed's module tree and state-dict names.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,11 +17,12 @@ from deepspeed.utils import groups
 from torch import nn
 
 from .config import MoEConfig
-from .experts import GroupedMoE
+from .experts import GroupedMoE, StackedExperts
 from .routing_stats import RoutingCounters
 
-# Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them: the router weight, and the
-# list of experts (a layer_{L}_expert_{E}_... checkpoint file holds `{EXPERTS}.{E}.*` with E the global expert id).
+# Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path: the
+# router weight, and the list of experts (a layer_{L}_expert_{E}_... checkpoint file holds `{EXPERTS}.{E}.*` with E
+# the global expert id).
 
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
 EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"
@@ -74,8 +75,19 @@ class MoEFeedForward(nn.Module):
         return self.moe.deepspeed_moe.gate.wg
 
     @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+    def experts(self) -> nn.Module:
+        """The module holding this rank's experts (its ``parameters()`` are all the local expert parameters):
+        DeepSpeed's ``Experts`` (a list of expert modules) or, on the grouped path, ``StackedExperts``."""
+        return self.moe.deepspeed_moe.experts
+
+    def local_expert_weights(self, of: Callable = lambda param: param) -> list[dict[str, torch.Tensor]]:
+        """Each local expert's weights by their names in the expert module (``up_proj.weight``...), in module order;
+        with ``of``, what ``of(parameter)`` holds for them (e.g. ``lambda p: p.grad``). With ``StackedExperts``
+        they are slices of the stacked parameters: in-place writes to the weights change the expert."""
+        if isinstance(self.experts, StackedExperts):
+            return [self.experts.expert_weights(i, of) for i in range(self.experts.num_experts)]
+        return [{name: of(param) for name, param in expert.named_parameters()}
+                for expert in self.experts.deepspeed_experts]
 
     def global_expert_ids(self) -> range:
         """Global ids of the experts this rank holds (ep rank r holds a contiguous slice)."""
@@ -114,11 +126,11 @@ class MoEFeedForward(nn.Module):
         expert-parallel group, ``chunk_elements`` (fp32) at a time. Every rank must call it.
         """
         ep_group, ep_size = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
-        experts = list(self.local_experts)
-        norms_L = [torch.stack([torch.linalg.vector_norm(p.detach().float()).double() for p in e.parameters()])
-                   .square().sum().sqrt() for e in experts]
+        experts = [list(weights.values()) for weights in self.local_expert_weights()]
+        norms_L = [torch.stack([torch.linalg.vector_norm(p.detach().float()).double() for p in weights])
+                   .square().sum().sqrt() for weights in experts]
         total = torch.zeros((), dtype=torch.float64, device=norms_L[0].device)
-        for same_param in zip(*(expert.parameters() for expert in experts)):
+        for same_param in zip(*experts):
             flat_L = [p.detach().flatten() for p in same_param]
             for start in range(0, flat_L[0].numel(), chunk_elements):
                 direction_sum_N = sum(flat[start:start + chunk_elements].float() / norm

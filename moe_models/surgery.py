@@ -46,8 +46,8 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0) -> nn.Module
         dense_ffn = getattr(block, arch.ffn)
         layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections)
         _init_router(layer.router, init_std, _generator(seed, block_id, -1))
-        for local, global_id in zip(layer.local_experts, layer.global_expert_ids()):
-            _init_expert(local, cfg, init_std, _generator(seed, block_id, global_id))
+        for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
+            _init_expert(weights, cfg, init_std, _generator(seed, block_id, global_id))
         setattr(block, arch.ffn, layer)
     return model
 
@@ -64,11 +64,12 @@ def _init_router(router: nn.Linear, std: float, gen: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def _init_expert(expert: nn.Module, cfg: MoEConfig, std: float, gen: torch.Generator) -> None:
-    """The expert arrives as a copy of the dense FFN; perturb or re-draw it as cfg.expert_init says."""
+def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, gen: torch.Generator) -> None:
+    """The expert (its weights by name, in module order) arrives as a copy of the dense FFN; perturb or re-draw
+    it as cfg.expert_init says."""
     if cfg.expert_init == "copy":
         return
-    for name, param in expert.named_parameters():
+    for name, param in weights.items():
         if cfg.expert_init == "copy_noise":
             scale = cfg.expert_noise_std * param.float().std().item() if param.numel() > 1 else 0.0
             param.add_((torch.randn(param.shape, generator=gen) * scale).to(param.dtype))

@@ -57,8 +57,8 @@ def active_parameters(model: nn.Module, layers) -> int:
     output = model.get_output_embeddings()
     tied = output.weight if output is not None else None
     lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not tied)
-    local_experts = sum(p.numel() for layer in layers for p in layer.local_experts.parameters())
-    active_experts = sum(layer.top_k * sum(p.numel() for p in layer.local_experts[0].parameters())
+    local_experts = sum(p.numel() for layer in layers for p in layer.experts.parameters())
+    active_experts = sum(layer.top_k * sum(w.numel() for w in layer.local_expert_weights()[0].values())
                          for layer in layers)
     return sum(p.numel() for p in model.parameters()) - lookups - local_experts + active_experts
 

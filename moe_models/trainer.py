@@ -160,7 +160,7 @@ class Trainer:
 
     def save(self) -> None:
         """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
-        checkpoint.save(self.engine, self.checkpoint_dir, self.state, self.batches, self.world, self.cfg.moe.ep_size,
+        checkpoint.save(self.engine, self.checkpoint_dir, self.state, self.batches, self.world, self.cfg.moe,
                         self.cfg.train.save_total_limit, {"wandb_run_id": self.sinks.wandb_run_id})
 
     def resume(self, spec: str) -> None:
@@ -170,7 +170,7 @@ class Trainer:
         if tag_dir is None:
             return
         self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
-                                                   self.cfg.moe.ep_size, reset_optimizer=self.cfg.train.reset_optimizer)
+                                                   self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
         self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
         self.sinks.jsonl.drop_after(self.state.step)
         if self.world.is_main:

@@ -11,7 +11,7 @@ import train
 from conftest import tiny_model
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.architectures import SWIGLU
-from moe_models.experts import GroupedMoE
+from moe_models.experts import GroupedMoE, StackedExperts
 from moe_models.layer import MoEFeedForward
 
 DIM, FFN = 64, 96
@@ -42,8 +42,20 @@ def run(layer, x, seed=0):
     x = x.clone().requires_grad_(True)
     out, l_aux, counts = layer(x)
     ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + l_aux).backward()
-    grads = {name: p.grad for name, p in layer.named_parameters()}
-    return out, l_aux, counts, x.grad, grads
+    return out, l_aux, counts, x.grad, grads_by_state_name(layer)
+
+
+def grads_by_state_name(layer):
+    """Gradients under the state-dict names, stacked experts' split per expert like their weights."""
+    experts = layer.deepspeed_moe.experts
+    grads = {name: p.grad for name, p in layer.named_parameters() if not name.startswith("deepspeed_moe.experts.")}
+    if isinstance(experts, StackedExperts):
+        for i in range(experts.num_experts):
+            for name, grad in experts.expert_weights(i, of=lambda p: p.grad).items():
+                grads[f"deepspeed_moe.experts.deepspeed_experts.{i}.{name}"] = grad
+    else:
+        grads.update({f"deepspeed_moe.experts.{name}": p.grad for name, p in experts.named_parameters()})
+    return grads
 
 
 def assert_same(stock, grouped, x):
@@ -88,7 +100,7 @@ def test_other_ffns_run_expert_by_expert_and_equal_stock():
     gpt2_mlp = tiny_model("tiny-gpt2", n_embd=DIM, n_inner=FFN).transformer.h[0].mlp
     for drop_tokens in (False, True):
         stock, grouped = layer_pair(2, expert=gpt2_mlp, drop_tokens=drop_tokens, capacity_factor=0.5)
-        assert grouped.deepspeed_moe.gated_projections is None
+        assert not isinstance(grouped.deepspeed_moe.experts, StackedExperts)
         assert_same(stock, grouped, torch.randn(2, 40, DIM))
 
 
@@ -117,13 +129,25 @@ def test_no_host_sync_in_dropless_forward_and_backward_on_gpu(top_k):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_same_module_type_parameter_names_and_expert_flags():
+def test_same_module_type_state_dict_names_and_expert_flags():
     stock, grouped = layer_pair(2)
     assert isinstance(grouped, MoE)
+    assert isinstance(grouped.deepspeed_moe.experts, StackedExperts)
     assert list(grouped.state_dict()) == list(stock.state_dict())
-    for (name, a), (_, b) in zip(stock.named_parameters(), grouped.named_parameters()):
-        assert (getattr(a, "allreduce", True), getattr(a, "group_name", None)) == \
-               (getattr(b, "allreduce", True), getattr(b, "group_name", None)), name
+    for layer in (stock, grouped):
+        flags = {(name.startswith("deepspeed_moe.experts."), getattr(p, "allreduce", True), getattr(p, "group_name", None))
+                 for name, p in layer.named_parameters()}
+        assert flags == {(True, False, "ep_size_1"), (False, True, None)}, flags
+
+
+def test_stacked_experts_take_the_stock_state_dict_and_refuse_a_missing_expert():
+    stock, grouped = layer_pair(2)
+    state = stock.state_dict()
+    key = "deepspeed_moe.experts.deepspeed_experts.3.up_proj.weight"
+    assert torch.equal(grouped.deepspeed_moe.experts.w3[3], state[key])  # layer_pair loaded it
+    del state[key]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"deepspeed_moe.experts.w3\""):
+        grouped.load_state_dict(state)
 
 
 def test_model_with_grouped_impl_equals_stock_model():
@@ -143,15 +167,20 @@ def losses(output_dir):
 
 
 @pytest.mark.parametrize("saved_by, resumed_by", [("deepspeed", "grouped"), ("grouped", "deepspeed")])
-def test_checkpoint_round_trips_between_implementations(saved_by, resumed_by, tmp_path, world):
-    """4 steps in one go equal 2 steps by one implementation and 2 more by the other from its checkpoint."""
+def test_checkpoint_loads_into_the_other_implementation(saved_by, resumed_by, tmp_path, world, capsys):
+    """The other implementation refuses the optimizer state (ordered by the old layout) and says what to do; with
+    --reset_optimizer it continues exactly as the saving implementation does from the same checkpoint."""
     flags = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
              "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
              "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false", "--logging_steps", "1",
              "--max_steps", "4", "--save_steps", "2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main([*flags, "--moe_impl", saved_by, "--output_dir", str(straight)])
-    train.main([*flags, "--moe_impl", resumed_by, "--output_dir", str(resumed),
-                "--resume_from_checkpoint", str(straight / "checkpoints" / "global_step2")])
-    assert len(losses(straight)) == 4 and len(losses(resumed)) == 2
-    assert losses(resumed) == pytest.approx(losses(straight)[2:], rel=1e-5)
+    saved = tmp_path / "saved"
+    train.main([*flags, "--moe_impl", saved_by, "--output_dir", str(saved)])
+    resume = ["--resume_from_checkpoint", str(saved / "checkpoints" / "global_step2")]
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--moe_impl", resumed_by, "--output_dir", str(tmp_path / "refused"), *resume])
+    assert f"--moe_impl {saved_by}, this run has 1 ranks, ep_size 1 and --moe_impl {resumed_by}" in capsys.readouterr().err
+    for impl in (saved_by, resumed_by):
+        train.main([*flags, "--moe_impl", impl, "--output_dir", str(tmp_path / impl), *resume, "--reset_optimizer"])
+    assert len(losses(tmp_path / resumed_by)) == 2
+    assert losses(tmp_path / resumed_by) == pytest.approx(losses(tmp_path / saved_by), rel=1e-5)

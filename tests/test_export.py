@@ -86,8 +86,8 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
 
     model = trainer.engine.module
-    expert_param = moe_layers_of(model)[0].local_experts[0].up_proj.weight
-    assert is_moe_param(expert_param)  # DeepSpeed's expert marks survived the meta-device build
+    expert_params = list(moe_layers_of(model)[0].experts.parameters())
+    assert expert_params and all(map(is_moe_param, expert_params))  # DeepSpeed's expert marks survived the meta build
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
     position = trainer.batches.state_dict()
@@ -134,9 +134,9 @@ def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, m
 def test_layer_names_match_deepspeed():
     model = AutoModelForCausalLM.from_config(preset_config("tiny-llama"))
     layer = moe_layers_of(convert_to_moe(model, MoEConfig(num_experts=2)))[0]
-    params = dict(layer.named_parameters())
-    assert params[ROUTER_WEIGHT] is layer.router.weight
-    assert params[f"{EXPERTS}.1.up_proj.weight"] is layer.local_experts[1].up_proj.weight
+    assert dict(layer.named_parameters())[ROUTER_WEIGHT] is layer.router.weight
+    state = layer.state_dict()  # experts under DeepSpeed's per-expert names, whichever path holds them
+    assert torch.equal(state[f"{EXPERTS}.1.up_proj.weight"], layer.local_expert_weights()[1]["up_proj.weight"])
 
 
 @pytest.mark.parametrize("preset, moe", [

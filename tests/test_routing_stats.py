@@ -117,10 +117,10 @@ def test_expert_similarity_of_a_real_layer(world):
     layer = routed_layer(top_k=2, capacity_factor=1.0)
     assert mean_pairwise_cosine(layer.expert_direction_sum_sq(), 4) == pytest.approx(1.0)  # copies of one FFN
     torch.manual_seed(0)
-    for expert in layer.local_experts:
-        for p in expert.parameters():
-            p.data.normal_()
-    flat = torch.stack([torch.cat([p.flatten() for p in e.parameters()]) for e in layer.local_experts]).double()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_()
+    flat = torch.stack([torch.cat([w.flatten() for w in e.values()]) for e in layer.local_expert_weights()]).double()
     cosine = torch.nn.functional.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
     expected = cosine[torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)].mean().item()
     assert mean_pairwise_cosine(layer.expert_direction_sum_sq(), 4) == pytest.approx(expected, rel=1e-6)

@@ -23,14 +23,14 @@ def test_every_family_converts_trains_and_routes(preset):
     blocks = architecture_of(model).blocks_of(model)
     assert sum(isinstance(m, MoE) for m in model.modules()) == len(blocks) == 4
     for layer in moe_layers_of(model):
-        assert layer.num_experts == 4 and len(layer.local_experts) == 4
+        assert layer.num_experts == 4 and len(layer.local_expert_weights()) == 4
     ids = tokens()
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for layer in moe_layers_of(model):
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.local_experts.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.experts.parameters())
 
 
 def test_architecture_table_covers_the_presets_and_refuses_others():
@@ -61,7 +61,7 @@ def test_bad_moe_layers_say_what_is_wrong(spec, message):
 def test_pyramid_expert_counts():
     model = convert_to_moe(tiny_model(), MoEConfig(num_experts=[2, 4, 4, 8], top_k=2))
     assert [layer.num_experts for layer in moe_layers_of(model)] == [2, 4, 4, 8]
-    assert [len(layer.local_experts) for layer in moe_layers_of(model)] == [2, 4, 4, 8]
+    assert [len(layer.local_expert_weights()) for layer in moe_layers_of(model)] == [2, 4, 4, 8]
     with pytest.raises(ConfigError, match="num_experts lists 3 counts but moe_layers selects 4 blocks"):
         convert_to_moe(tiny_model(), MoEConfig(num_experts=[2, 4, 8]))
 
@@ -94,23 +94,23 @@ def test_expert_init_modes():
 
     def experts(init, seed=0):
         model = convert_to_moe(tiny_model(), MoEConfig(num_experts=3, expert_init=init), seed=seed)
-        return moe_layers_of(model)[0].local_experts
+        return moe_layers_of(model)[0].local_expert_weights()
 
     for expert in experts("copy"):
-        for n, p in expert.named_parameters():
+        for n, p in expert.items():
             assert torch.equal(p, reference[n])
     noisy = experts("copy_noise")
     for expert in noisy:
-        for n, p in expert.named_parameters():
+        for n, p in expert.items():
             diff = (p - reference[n]).std() / reference[n].std()
             assert 0.002 < diff < 0.05  # expert_noise_std = 0.01 of each weight's std
-    assert not torch.equal(noisy[0].up_proj.weight, noisy[1].up_proj.weight)
+    assert not torch.equal(noisy[0]["up_proj.weight"], noisy[1]["up_proj.weight"])
     fresh = experts("random")
-    assert not torch.allclose(fresh[0].up_proj.weight, reference["up_proj.weight"])
-    assert fresh[0].up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not torch.allclose(fresh[0]["up_proj.weight"], reference["up_proj.weight"])
+    assert fresh[0]["up_proj.weight"].std().item() == pytest.approx(0.02, rel=0.1)
     # same seed -> same experts; another seed -> other experts
-    assert torch.equal(experts("random")[2].down_proj.weight, fresh[2].down_proj.weight)
-    assert not torch.equal(experts("random", seed=1)[2].down_proj.weight, fresh[2].down_proj.weight)
+    assert torch.equal(experts("random")[2]["down_proj.weight"], fresh[2]["down_proj.weight"])
+    assert not torch.equal(experts("random", seed=1)[2]["down_proj.weight"], fresh[2]["down_proj.weight"])
 
 
 def test_router_starts_fresh_and_seeded():
@@ -138,7 +138,7 @@ def test_balance_loss_reaches_the_router_only():
     aux.backward()
     last = moe_layers_of(model)[-1]  # its balance loss depends on its router, not on its experts
     assert last.router.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in last.local_experts.parameters())
+    assert all(p.grad is None for p in last.experts.parameters())
 
 
 def test_bad_moe_settings_are_reported_together():

@@ -24,10 +24,10 @@ from train import build  # noqa: E402
 
 
 def expert_tensors(layers, read) -> dict:
-    return {(layer_index, global_id, name): read(param).detach().clone()
+    return {(layer_index, global_id, name): tensor.detach().clone()
             for layer_index, layer in enumerate(layers)
-            for local, global_id in zip(layer.local_experts, layer.global_expert_ids())
-            for name, param in local.named_parameters()}
+            for local, global_id in zip(layer.local_expert_weights(of=read), layer.global_expert_ids())
+            for name, tensor in local.items()}
 
 
 def main() -> None:
