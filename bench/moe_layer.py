@@ -59,12 +59,26 @@ def candidates(d: int, f: int, num_experts: int, k: int) -> dict[str, torch.nn.M
 
 
 def step(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Forward and backward with a dense upstream gradient, as from the residual stream of a real model (a
+    `.sum()` loss would hand every layer an expanded, stride-0 gradient, which some kernels copy batch by batch)."""
     out = module(x)
     out = out[0] if isinstance(out, tuple) else out
-    out.float().sum().backward()
+    out.backward(upstream_gradient(out))
     for param in module.parameters():
         param.grad = None
     x.grad = None
+
+
+def upstream_gradient(out: torch.Tensor) -> torch.Tensor:
+    """The same dense gradient for every candidate with this output shape."""
+    key = (tuple(out.shape), out.dtype, out.device)
+    if key not in _GRADIENTS:
+        gen = torch.Generator().manual_seed(1)
+        _GRADIENTS[key] = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    return _GRADIENTS[key]
+
+
+_GRADIENTS: dict = {}
 
 
 class PeakLiveBytes(TorchDispatchMode):

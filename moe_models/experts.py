@@ -86,8 +86,10 @@ class GroupedMOELayer(MOELayer):
             y_RD = self._exchange_and_run(x_RD, counts_E)
 
         y_TKD = y_RD.index_select(0, _inverse(order_R)).view(num_tokens, top_k, dim)
-        # fp32 weights: the product and the sum over routes accumulate in fp32, as in DeepSpeed's decode.
-        out_TD = (y_TKD * routes.weights_TK.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+        # [T, 1, K] @ [T, K, D] weighs and sums each token's routes in one batched GEMM, in fp32 (the gate's
+        # weights) as in DeepSpeed's decode.
+        weights_T1K = routes.weights_TK.unsqueeze(1)
+        out_TD = torch.bmm(weights_T1K, y_TKD.to(weights_T1K.dtype)).squeeze(1).to(hidden_states.dtype)
         return out_TD.reshape(hidden_states.shape)
 
     def _exchange_and_run(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
