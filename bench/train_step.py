@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, set_s
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of  # noqa: E402
-from moe_models.config import _parse_bool  # noqa: E402
+from moe_models.cli import parse_bool  # noqa: E402
 from moe_models.layer import balance_loss  # noqa: E402
 from moe_models.model_source import preset_config  # noqa: E402
 from moe_models.throughput import active_parameters, attention_dims, flops_per_token, known_peak_tflops  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-llama", help="the dense model on CPU (a built-in preset)")
     parser.add_argument("--num_experts", type=int, default=8)
     parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--drop_tokens", type=_parse_bool, default=True,
+    parser.add_argument("--drop_tokens", type=parse_bool, default=True,
                         help="capacity factor 1.0 for the DeepSpeed layers (Mixtral is always dropless)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 128 on CPU, 2048 on GPU)")

@@ -16,7 +16,7 @@ from .config import SECTION_TYPES, RunConfig
 # (num_experts, moe_layers) and we want those to stay one flag each.
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("true", "1", "yes", "y"):
         return True
@@ -36,7 +36,7 @@ def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> N
         is_union = typing.get_origin(hint) in (Union, types.UnionType)
     kw = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
     if hint is bool:
-        parser.add_argument(name, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
+        parser.add_argument(name, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
     elif typing.get_origin(hint) is Literal:
         parser.add_argument(name, choices=list(args), **kw)
     elif is_union and args == (int, list[int]):

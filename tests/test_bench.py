@@ -1,0 +1,19 @@
+"""The benchmarks in bench/ still start: every script parses its arguments (imports included) and prints its help."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")))
+def test_benchmark_script_starts(script):
+    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout
