@@ -133,7 +133,8 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
                               f"{_previous_good(tag_dir)}")
     meta = json.loads((tag_dir / COMPLETE).read_text())
     layout = _layout(world, moe)
-    saved = {key: meta.get(key, value) for key, value in layout.items()}  # older checkpoints lack moe_impl
+    # Checkpoints from before moe_impl was recorded hold every expert's parameters apart, in the stock order.
+    saved = {"moe_impl": "deepspeed", **{key: meta[key] for key in layout if key in meta}}
     if saved != layout and not reset_optimizer:
         raise CheckpointError(
             f"{tag_dir} was saved with {_describe(saved)}, this run has {_describe(layout)}: the weights can be "

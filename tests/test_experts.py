@@ -166,21 +166,39 @@ def losses(output_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
+RUN_FLAGS = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
+             "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
+             "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false", "--logging_steps", "1",
+             "--max_steps", "4", "--save_steps", "2"]
+
+
 @pytest.mark.parametrize("saved_by, resumed_by", [("deepspeed", "grouped"), ("grouped", "deepspeed")])
 def test_checkpoint_loads_into_the_other_implementation(saved_by, resumed_by, tmp_path, world, capsys):
     """The other implementation refuses the optimizer state (ordered by the old layout) and says what to do; with
     --reset_optimizer it continues exactly as the saving implementation does from the same checkpoint."""
-    flags = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
-             "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
-             "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false", "--logging_steps", "1",
-             "--max_steps", "4", "--save_steps", "2"]
     saved = tmp_path / "saved"
-    train.main([*flags, "--moe_impl", saved_by, "--output_dir", str(saved)])
+    train.main([*RUN_FLAGS, "--moe_impl", saved_by, "--output_dir", str(saved)])
     resume = ["--resume_from_checkpoint", str(saved / "checkpoints" / "global_step2")]
     with pytest.raises(SystemExit):
-        train.main([*flags, "--moe_impl", resumed_by, "--output_dir", str(tmp_path / "refused"), *resume])
+        train.main([*RUN_FLAGS, "--moe_impl", resumed_by, "--output_dir", str(tmp_path / "refused"), *resume])
     assert f"--moe_impl {saved_by}, this run has 1 ranks, ep_size 1 and --moe_impl {resumed_by}" in capsys.readouterr().err
     for impl in (saved_by, resumed_by):
-        train.main([*flags, "--moe_impl", impl, "--output_dir", str(tmp_path / impl), *resume, "--reset_optimizer"])
+        train.main([*RUN_FLAGS, "--moe_impl", impl, "--output_dir", str(tmp_path / impl), *resume, "--reset_optimizer"])
     assert len(losses(tmp_path / resumed_by)) == 2
     assert losses(tmp_path / resumed_by) == pytest.approx(losses(tmp_path / saved_by), rel=1e-5)
+
+
+def test_a_checkpoint_without_moe_impl_counts_as_the_stock_layout(tmp_path, world, capsys):
+    """Checkpoints written before complete.json recorded moe_impl held every expert apart (the stock order)."""
+    saved = tmp_path / "saved"
+    train.main([*RUN_FLAGS, "--moe_impl", "deepspeed", "--output_dir", str(saved)])
+    complete = saved / "checkpoints" / "global_step2" / "complete.json"
+    meta = json.loads(complete.read_text())
+    del meta["moe_impl"]
+    complete.write_text(json.dumps(meta))
+    resume = ["--resume_from_checkpoint", str(complete.parent)]
+    with pytest.raises(SystemExit):
+        train.main([*RUN_FLAGS, "--moe_impl", "grouped", "--output_dir", str(tmp_path / "refused"), *resume])
+    assert "--moe_impl deepspeed, this run has" in capsys.readouterr().err
+    train.main([*RUN_FLAGS, "--moe_impl", "deepspeed", "--output_dir", str(tmp_path / "resumed"), *resume])
+    assert len(losses(tmp_path / "resumed")) == 2
