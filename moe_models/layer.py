@@ -35,7 +35,7 @@ class MoEFeedForward(nn.Module):
     ``moe_impl="grouped"``, whose forward lists its own steps):
       1. the router scores every token against every expert and keeps the top-k;
       2. tokens are dispatched to their experts (an all-to-all when ep_size > 1);
-      3. each local expert (a copy of the dense FFN module) runs on its tokens;
+      3. each local expert (it starts as a copy of the dense FFN) runs on its tokens;
       4. outputs return and are combined with the router weights.
     The load-balancing loss and per-expert token counts of the last forward are kept in
     ``aux_loss`` and ``expert_counts`` for the trainer; ``routing`` sums the routing of every
