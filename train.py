@@ -17,15 +17,18 @@ from pathlib import Path
 from transformers import set_seed
 
 from moe_models.cli import parse_args
-from moe_models.config import RunConfig, save_run_config, validate
-from moe_models.data import TrainBatches, load_text_datasets, pack_blocks
+from moe_models.config import RunConfig
+from moe_models.data.batches import TrainBatches
+from moe_models.data.text import load_text_datasets, pack_blocks
 from moe_models.distributed import World, init_world, launched_rank, launched_world_size, main_process_first
-from moe_models.ds_config import build_deepspeed_config
-from moe_models.hf_import import import_hf_moe, is_hf_moe_folder
-from moe_models.model_source import load_dense_model
-from moe_models.surgery import convert_to_moe
-from moe_models.tokenization import load_tokenizer
-from moe_models.trainer import Trainer, build_engine
+from moe_models.hf.load import import_hf_moe, is_hf_moe_folder
+from moe_models.models.source import load_dense_model
+from moe_models.models.tokenization import load_tokenizer
+from moe_models.moe.layout import MoELayout
+from moe_models.moe.surgery import convert_to_moe, layout_of
+from moe_models.training.ds_config import build_deepspeed_config
+from moe_models.training.trainer import Trainer, build_engine
+from moe_models.training.validate import validate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,12 +54,14 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
-        model, moe, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer), cfg.train.seed)
+        model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
+                                                         cfg.train.seed)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
         model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
         dense_params = sum(p.numel() for p in model.parameters())
-        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
+        layout = layout_of(model, cfg.moe)
+        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)
 
     with main_process_first(world):
         data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
@@ -67,23 +72,23 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
 
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
-        write_run_files(cfg, output_dir, tokenizer, model, ds_config, world.world_size, dense_params, data)
+        write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data)
     trainer = Trainer(cfg, engine, world, batches, data["validation"], output_dir)
     if cfg.train.resume_from_checkpoint:
         trainer.resume(cfg.train.resume_from_checkpoint)
     return world, trainer
 
 
-def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, ds_config: dict, world_size: int,
-                    dense_params: int, data) -> None:
-    """run_config.json (every resolved setting), the tokenizer and the base model's HF config."""
+def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: MoELayout, ds_config: dict,
+                    world_size: int, dense_params: int, data) -> None:
+    """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.train.resume_from_checkpoint:  # a resumed run keeps (and trims) its metrics
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    resolved = {"world_size": world_size, "deepspeed_config": ds_config, "dense_parameters": dense_params,
-                "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
+    resolved = {"world_size": world_size, "deepspeed_config": ds_config, "moe_layout": layout.to_dict(),
+                "dense_parameters": dense_params, "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
                 "train_blocks": len(data["train"]), "validation_blocks": len(data["validation"])}
-    save_run_config(cfg, output_dir / "run_config.json", resolved)
+    (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
     tokenizer.save_pretrained(output_dir / "tokenizer")
     model.config.save_pretrained(output_dir / "base_model")
 

@@ -28,8 +28,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.architectures import SWIGLU  # noqa: E402
-from moe_models.experts import GroupedMoE  # noqa: E402
+from moe_models.models.architectures import SWIGLU  # noqa: E402
+from moe_models.moe.layer import GroupedMoE  # noqa: E402
 
 CPU_SHAPES = [(256, 512, 8, 2), (256, 128, 32, 4)]                         # (d_model, d_ffn, experts, top_k)
 GPU_SHAPES = [(2048, 5632, 8, 2), (4096, 14336, 8, 2), (2048, 1408, 64, 6)]

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from .config import ConfigError, DataConfig, LogConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
-from .layer import MoEFeedForward, balance_loss, moe_layers_of
-from .surgery import convert_to_moe
+from .moe.layer import MoEFeedForward, balance_loss, moe_layers_of
+from .moe.surgery import convert_to_moe
 
 __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig",
            "MoEFeedForward", "balance_loss", "convert_to_moe", "moe_layers_of"]

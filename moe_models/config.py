@@ -1,19 +1,16 @@
-"""Typed run settings: one dataclass per concern, and validation that reports every problem at once.
+"""Typed run settings: one dataclass per concern, and the one error that lists every problem.
 
 Every field is a command-line flag of the same name (``--num_experts 8``, built in cli.py). Each field's
 ``help`` metadata is its documentation: ``docs/configuration.md`` is checked against it by a test.
+This module imports nothing else of the package; each part checks its own section (``moe_problems``,
+``data_problems``, ...) and ``training/validate.py`` gathers their findings into one ConfigError.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional, Union
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
 def _flag(default, help: str, **kw):
@@ -32,7 +29,7 @@ class ModelConfig:
         "A local Mixtral, Qwen2-MoE or Qwen3-MoE folder is imported instead: its experts and routers are loaded as they "
         "are (see docs/export.md).")
     model_config: Optional[str] = _flag(
-        None, "Train from scratch from a config: a built-in preset name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-qwen3, tiny-gpt2; see moe_models/model_source.py) or a config.json "
+        None, "Train from scratch from a config: a built-in preset name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-qwen3, tiny-gpt2; see moe_models/models/source.py) or a config.json "
         "path. Used when --model_name_or_path is not given; defaults to the 'tiny-llama' preset.")
     tokenizer_name: Optional[str] = _flag(
         None, "Tokenizer to use instead of the model's own. Fresh models without one get the built-in byte-level "
@@ -103,7 +100,7 @@ class TrainConfig:
 
     output_dir: str = _flag("outputs/run", "Where metrics.jsonl, run_config.json, the tokenizer and checkpoints/ go.")
     overwrite_output_dir: bool = _flag(False, "Allow writing into an output_dir that already holds a run.")
-    deepspeed: str = _flag("zero1", "DeepSpeed JSON config: a path, or a name in ds_configs/ (zero0, zero1, zero2). "
+    deepspeed: str = _flag("zero1", "DeepSpeed JSON config: a path, or a name in moe_models/training/ds_configs/ (zero0, zero1, zero2). "
                            "Values set to \"auto\" are filled from the flags below.")
     per_device_train_batch_size: int = _flag(8, "Sequences per rank per micro-step.")
     per_device_eval_batch_size: int = _flag(8, "Sequences per rank per eval step.")
@@ -184,177 +181,7 @@ def config_from_dict(values: dict) -> RunConfig:
     return RunConfig(**sections)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: everything checkable before a model is built or a process group started.
-
-
-def _positive(problems: list[str], cfg, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        low = 0 if name in allow_zero else 1
-        if value is not None and value < low:
-            problems.append(f"{name} ({value}) must be >= {low}")
-
-
-def resolve_moe_layers(spec: Union[str, list[int]], num_layers: int) -> list[int]:
-    """Turn 'all' / 'every:N' / '1,3,5' / [1, 3, 5] into sorted block indices; raise ValueError when malformed."""
-    if isinstance(spec, (list, tuple)):
-        indices = [int(i) for i in spec]
-    elif spec == "all":
-        indices = list(range(num_layers))
-    elif spec.startswith("every:"):
-        try:
-            step = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"moe_layers {spec!r}: N in 'every:N' must be an integer, e.g. 'every:2'") from None
-        if step < 1:
-            raise ValueError(f"moe_layers {spec!r}: N in 'every:N' must be >= 1")
-        indices = list(range(step - 1, num_layers, step))
-    else:
-        try:
-            indices = [int(part) for part in spec.replace(" ", "").split(",") if part]
-        except ValueError:
-            raise ValueError(f"moe_layers {spec!r} is not 'all', 'every:N' or comma-separated block indices "
-                             "such as '1,3,5'") from None
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"moe_layers {spec!r} names blocks {bad}, but the model has blocks 0..{num_layers - 1}")
-    if not indices:
-        raise ValueError(f"moe_layers {spec!r} selects no block; the model has {num_layers} blocks")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"moe_layers {spec!r} names a block twice")
-    return sorted(indices)
-
-
-def moe_problems(moe: MoEConfig) -> list[str]:
-    """Problems in MoE settings alone (no model or world needed)."""
-    problems: list[str] = []
-    counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts]
-    for count in counts:
-        if count < 1:
-            problems.append(f"num_experts ({count}) must be >= 1")
-            continue
-        if moe.ep_size >= 1 and count % moe.ep_size:
-            problems.append(f"num_experts ({count}) must be divisible by ep_size ({moe.ep_size}): "
-                            f"pick num_experts as a multiple of {moe.ep_size} or an ep_size that divides {count}")
-        if moe.top_k > count:
-            problems.append(f"top_k ({moe.top_k}) must be <= num_experts ({count})")
-    _positive(problems, moe, ("top_k", "ep_size"))
-    _positive(problems, moe, ("min_capacity",), allow_zero=("min_capacity",))
-    for name in ("capacity_factor", "eval_capacity_factor"):
-        if getattr(moe, name) <= 0:
-            problems.append(f"{name} ({getattr(moe, name)}) must be > 0")
-    if moe.aux_loss_coef < 0:
-        problems.append(f"aux_loss_coef ({moe.aux_loss_coef}) must be >= 0")
-    if moe.expert_noise_std < 0:
-        problems.append(f"expert_noise_std ({moe.expert_noise_std}) must be >= 0")
-    if moe.noisy_gate_policy not in (None, "Jitter", "RSample"):
-        problems.append(f"noisy_gate_policy ({moe.noisy_gate_policy!r}) must be None, 'Jitter' or 'RSample'")
-    if moe.expert_init not in ("copy", "copy_noise", "random"):
-        problems.append(f"expert_init ({moe.expert_init!r}) must be 'copy', 'copy_noise' or 'random'")
-    if isinstance(moe.moe_layers, str) and moe.moe_layers != "all":
-        try:  # shape only; indices are checked against the model once its depth is known
-            resolve_moe_layers(moe.moe_layers, num_layers=10**6)
-        except ValueError as err:
-            problems.append(str(err))
-    return problems
-
-
-def resolve_deepspeed_config_path(name_or_path: str) -> Path:
-    """'zero2' -> ds_configs/zero2.json; an existing path is returned as is."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = DS_CONFIG_DIR / f"{name_or_path}.json"
-    if shipped.is_file():
-        return shipped
-    raise FileNotFoundError(name_or_path)
-
-
-def shipped_deepspeed_configs() -> list[str]:
-    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-
-
-def validate(cfg: RunConfig, world_size: int = 1) -> None:
-    """Check every setting that can be checked before anything heavy starts; raise one ConfigError listing all.
-
-    ``world_size`` is the number of ranks the launcher started (1 for ``python train.py``).
-    """
-    from .model_source import PRESETS  # local import: it imports transformers
-
-    problems = moe_problems(cfg.moe)
-    model, data, train = cfg.model, cfg.data, cfg.train
-    if cfg.moe.ep_size >= 1 and world_size % cfg.moe.ep_size:
-        problems.append(f"ep_size ({cfg.moe.ep_size}) must divide the number of ranks ({world_size}): "
-                        + (f"launch with `deepspeed --num_gpus {cfg.moe.ep_size} train.py ...`" if world_size == 1
-                           else f"use an ep_size that divides {world_size}"))
-
-    if model.model_name_or_path and model.model_config:
-        problems.append("give either --model_name_or_path (upcycle a trained model) or --model_config "
-                        "(train from scratch), not both")
-    if model.model_config and model.model_config not in PRESETS and not Path(model.model_config).is_file():
-        problems.append(f"model_config {model.model_config!r} is neither a built-in preset "
-                        f"({', '.join(sorted(PRESETS))}) nor an existing config.json file")
-    if model.model_name_or_path and model.model_name_or_path.startswith((".", "/", "~")) and \
-            not Path(model.model_name_or_path).expanduser().exists():
-        problems.append(f"model_name_or_path {model.model_name_or_path!r} does not exist; give a model folder "
-                        "(with config.json) or a hub id")
-
-    if data.train_file and data.dataset_name:
-        problems.append("give either --train_file or --dataset_name, not both")
-    for name in ("train_file", "validation_file"):
-        path = getattr(data, name)
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            problems.append(f"{name} {path!r} does not exist")
-        elif Path(path).suffix.lower() not in (".txt", ".text", ".json", ".jsonl", ".parquet", ".csv"):
-            problems.append(f"{name} {path!r}: unsupported extension {Path(path).suffix!r}; "
-                            "use .txt, .json, .jsonl, .parquet or .csv")
-    if data.validation_file and not (data.train_file or data.dataset_name):
-        problems.append("--validation_file needs --train_file or --dataset_name (the built-in corpus has its own "
-                        "held-out split)")
-    _positive(problems, data, ("block_size", "synthetic_examples"))
-    if not 0 < data.validation_split_percentage < 100:
-        problems.append(f"validation_split_percentage ({data.validation_split_percentage}) must be in 1..99")
-
-    _positive(problems, train, ("per_device_train_batch_size", "per_device_eval_batch_size",
-                                "gradient_accumulation_steps", "max_steps", "logging_steps"))
-    _positive(problems, train, ("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"),
-              allow_zero=("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"))
-    resume = train.resume_from_checkpoint
-    if resume and resume != "latest" and not Path(resume).is_dir():
-        problems.append(f"resume_from_checkpoint {resume!r} does not exist; give 'latest', a checkpoints folder or "
-                        "a tag folder")
-    if train.warmup_steps < 1:
-        problems.append(f"warmup_steps ({train.warmup_steps}) must be >= 1 (DeepSpeed's WarmupCosineLR needs at "
-                        "least one warmup step); use 1 for the shortest warmup")
-    if train.learning_rate <= 0:
-        problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
-    if train.max_grad_norm < 0:
-        problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
-    if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:
-        problems.append(f"peak_tflops ({cfg.log.peak_tflops}) must be > 0, or leave it out")
-    if not 0 <= train.min_lr_ratio <= 1:
-        problems.append(f"min_lr_ratio ({train.min_lr_ratio}) must be in [0, 1]")
-    try:
-        resolve_deepspeed_config_path(train.deepspeed)
-    except FileNotFoundError:
-        problems.append(f"deepspeed config {train.deepspeed!r} is neither a file nor a shipped config "
-                        f"({', '.join(shipped_deepspeed_configs())})")
-    output = Path(train.output_dir)
-    if output.is_file():
-        problems.append(f"output_dir {train.output_dir!r} is a file; give a folder")
-    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume):
-        problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --resume_from_checkpoint latest "
-                        "to continue it, --overwrite_output_dir to start over in it, or choose another --output_dir")
-
-    if problems:
-        raise ConfigError(problems)
-
-
-def save_run_config(cfg: RunConfig, path: Path, extra: Optional[dict] = None) -> None:
-    payload = cfg.to_dict()
-    if extra:
-        payload["resolved"] = extra
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:
+    """One problem per field of ``section`` named in ``names`` whose value (when set) is below ``minimum``."""
+    return [f"{name} ({getattr(section, name)}) must be >= {minimum}" for name in names
+            if getattr(section, name) is not None and getattr(section, name) < minimum]

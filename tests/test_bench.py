@@ -2,13 +2,11 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import child_env
+from helpers import REPO, child_env
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")))

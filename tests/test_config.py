@@ -6,8 +6,9 @@ import os
 import pytest
 
 from moe_models.cli import build_parser, parse_args
-from moe_models.config import ConfigError, RunConfig, config_from_dict, shipped_deepspeed_configs, validate
-from moe_models.ds_config import build_deepspeed_config
+from moe_models.config import ConfigError, RunConfig, config_from_dict
+from moe_models.training.ds_config import build_deepspeed_config, shipped_deepspeed_configs
+from moe_models.training.validate import validate
 
 
 def test_defaults_are_valid():

@@ -18,8 +18,8 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moe_models.cli import parse_args  # noqa: E402
 from moe_models.distributed import all_reduce_sum  # noqa: E402
-from moe_models.layer import moe_layers_of  # noqa: E402
-from moe_models.trainer import lm_and_balance_loss  # noqa: E402
+from moe_models.moe.layer import moe_layers_of  # noqa: E402
+from moe_models.training.trainer import lm_and_balance_loss  # noqa: E402
 from train import build  # noqa: E402
 
 

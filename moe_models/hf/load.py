@@ -1,0 +1,147 @@
+"""Continue from an HF MoE checkpoint (Mixtral, Qwen2-MoE or Qwen3-MoE; exported here or anyone's): its experts
+and routers become the DeepSpeed MoE layers' own, instead of upcycled copies of a dense FFN.
+
+The model is built on the meta device (accelerate's ``init_empty_weights``), then each rank reads from the
+safetensors files only what it holds: the non-expert weights and its own num_experts / ep_size experts per layer.
+No rank materialises every expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..config import ConfigError, MoEConfig
+from ..models.architectures import architecture_of
+from ..models.source import check_vocabulary
+from ..moe.experts import StackedExperts
+from ..moe.layer import moe_layers_of
+from ..moe.layout import MoELayout, resolve_moe_layers
+from ..moe.surgery import convert_to_moe
+from .adapters import ADAPTERS
+from .configs import dense_config_and_moe_settings
+
+
+def is_hf_moe_folder(name_or_path: str | None) -> bool:
+    """A local model folder whose config.json names an MoE class this project imports."""
+    if not name_or_path or not (Path(name_or_path) / "config.json").is_file():
+        return False
+    return AutoConfig.from_pretrained(name_or_path).model_type in ADAPTERS
+
+
+def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
+                  seed: int) -> tuple[nn.Module, MoEConfig, MoELayout, int]:
+    """The DeepSpeed MoE model holding the checkpoint's weights (this rank's experts only), the MoE settings it was
+    built with (the checkpoint's num_experts, top_k and moe_layers; the rest from ``moe``), its MoE layout, and the
+    parameter count of its dense skeleton. Raises NotRepresentable, or ConfigError when a flag disagrees with the
+    checkpoint."""
+    checkpoint_config = AutoConfig.from_pretrained(path)
+    dense_config, settings, layout = dense_config_and_moe_settings(checkpoint_config)
+    moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
+        check_vocabulary(model, vocab_needed)
+        dense_parameters = sum(p.numel() for p in model.parameters())
+        # "copy" draws nothing: every expert weight is read from the checkpoint below.
+        model = convert_to_moe(model, dataclasses.replace(moe, expert_init="copy"), seed=seed, layout=layout)
+    reader = SafetensorsFolder(Path(path), checkpoint_config.model_type)
+    layers = moe_layers_of(model)
+    sources = ADAPTERS[checkpoint_config.model_type].deepspeed_sources(
+        architecture_of(model), layout, lambda moe_layer_id: layers[moe_layer_id].global_expert_ids())
+    fill_meta_parameters(model, lambda name: checkpoint_tensor(model, reader, sources, name))
+    return model, moe, layout, dense_parameters
+
+
+def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int) -> MoEConfig:
+    """``moe`` with the checkpoint's num_experts, top_k and moe_layers. A flag left at its default takes the
+    checkpoint's value; one set to a different value is refused, as are flags that have no meaning for an import."""
+    defaults, problems = MoEConfig(), []
+    for name, value in checkpoint.items():
+        given = getattr(moe, name)
+        same = (resolve_moe_layers(given, num_layers) == resolve_moe_layers(value, num_layers) if name == "moe_layers"
+                else given == value)
+        if given != getattr(defaults, name) and not same:
+            problems.append(f"--{name} {given} disagrees with the imported checkpoint ({value}); drop the flag to "
+                            "continue the checkpoint's model")
+    if moe.use_residual:
+        problems.append("--use_residual: an imported checkpoint has no residual dense FFN; drop the flag")
+    if moe.expert_init != defaults.expert_init:
+        problems.append(f"--expert_init {moe.expert_init}: an import reads its experts from the checkpoint; drop the flag")
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(moe, **checkpoint)
+
+
+class SafetensorsFolder:
+    """Single tensors, or slices of them, read lazily from a folder of safetensors files (sharded or not)."""
+
+    def __init__(self, folder: Path, moe_type: str):
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{folder} holds no *.safetensors files; the importer reads safetensors weights only "
+                             "(save_pretrained writes them)")
+        self.folder, self.moe_type = folder, moe_type
+        self._file_of = {name: handle for handle in (safe_open(str(f), framework="pt") for f in files)
+                         for name in handle.keys()}
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def slice(self, name: str):
+        """A lazy view: indexing it reads only the indexed part from disk."""
+        return self._handle(name).get_slice(name)
+
+    def _handle(self, name: str):
+        if name not in self._file_of:
+            raise ValueError(f"{self.folder} has no tensor {name!r}; is it a complete {self.moe_type} checkpoint?")
+        return self._file_of[name]
+
+
+def checkpoint_tensor(model: nn.Module, reader: SafetensorsFolder, sources: dict[str, Callable],
+                      name: str) -> torch.Tensor:
+    """The checkpoint's tensor for the DeepSpeed model's parameter ``name``: routers and experts by the family
+    adapter's ``sources`` (under their state-dict names), every other parameter under the same name."""
+    holder, _, attr = name.rpartition(".")
+    if attr in StackedExperts.STACKED and isinstance(model.get_submodule(holder), StackedExperts):
+        # the grouped path's [L, ...] parameters: the local experts' tensors, stacked
+        keys = model.get_submodule(holder).per_expert_keys(attr)
+        return torch.stack([sources[f"{holder}.{key}"](reader) for key in keys])
+    return sources[name](reader) if name in sources else reader.tensor(name)
+
+
+def fill_meta_parameters(model: nn.Module, tensor_for: Callable[[str], torch.Tensor]) -> None:
+    """Replace every meta-device parameter by ``tensor_for(its name)``, cast to the parameter's dtype.
+
+    Written here because ``Module.to_empty``, ``load_state_dict(assign=True)`` and accelerate's
+    ``set_module_tensor_to_device`` all make new Parameter objects without the attributes libraries hang on them
+    (DeepSpeed marks expert parameters with ``allreduce``/``group_name``, which its optimizer groups need);
+    these are copied over. Tied parameters stay one parameter.
+    """
+    if isinstance(model, PreTrainedModel):
+        model.tie_weights()  # meta init leaves tied parameters as separate objects
+    filled: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters():  # a shared parameter once, under its first name
+        if not param.is_meta:
+            continue
+        value = tensor_for(name)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"checkpoint tensor for {name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(param.shape)}")
+        new = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+        new.__dict__.update(param.__dict__)
+        filled[id(param)] = new
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None and id(param) in filled:
+                module._parameters[attr] = filled[id(param)]
+

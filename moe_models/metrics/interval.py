@@ -1,0 +1,57 @@
+"""What a logging interval measured beside the losses, over all ranks: expert routing, energy, memory.
+
+The routing counters of every MoE layer and the GPU energy are one flat float64 vector that the
+trainer sums over ranks together with its loss sums (one all-reduce per interval); peak memory
+takes one max-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import all_reduce_max
+from .device import EnergyMeter, memory_gib
+from .routing import mean_pairwise_cosine, routing_metrics
+
+
+class IntervalStats:
+    """The MoE layers' routing counters and this rank's GPU energy meter (None off NVIDIA GPUs)."""
+
+    def __init__(self, layers: list, device: torch.device):
+        self.layers = layers  # MoEFeedForward layers, in model order
+        self.device = device
+        self.energy = EnergyMeter.for_device(device)
+
+    def vector(self) -> torch.Tensor:
+        """Every layer's routing counters, then [joules, 1 if this rank measured energy else 0]."""
+        energy = [self.energy.joules_since_last(), 1.0] if self.energy else [0.0, 0.0]
+        parts = [layer.routing.as_vector(self.device) for layer in self.layers]
+        return torch.cat([*parts, torch.tensor(energy, dtype=torch.float64, device=self.device)])
+
+    def metrics(self, summed: list[float], tokens: float, world_size: int) -> dict:
+        """Row entries from `vector` summed over ranks; resets the counters. ``tokens``: the interval's, all ranks."""
+        row = {}
+        offset = 0
+        for i, layer in enumerate(self.layers):
+            values = summed[offset:offset + layer.routing.vector_size]
+            offset += layer.routing.vector_size
+            layer_row = routing_metrics(values, layer.num_experts, layer.top_k)
+            row.update({f"moe/layer_{i}/{key}": value for key, value in layer_row.items()})
+            layer.routing.reset()
+        joules, ranks_measured = summed[offset:offset + 2]
+        if ranks_measured == world_size:  # energy of every GPU, or none reported
+            row.update(energy_j=joules, joules_per_token=joules / tokens)
+        memory = memory_gib(self.device)
+        peaks = all_reduce_max(torch.tensor(list(memory.values()), dtype=torch.float64, device=self.device))
+        row.update(zip(memory, peaks.tolist()))
+        return row
+
+
+def expert_similarity_metrics(layers: list) -> dict:
+    """``moe/layer_{i}/expert_similarity``: mean pairwise cosine of the experts' weights, per layer with 2+ experts.
+
+    Every rank must call it (with ep_size > 1 it all-reduces over the expert-parallel group).
+    """
+    return {f"moe/layer_{i}/expert_similarity":
+            mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
+            for i, layer in enumerate(layers) if layer.num_experts > 1}

@@ -1,0 +1,71 @@
+"""Rows to a Weights & Biases run (rank 0), offline when no API key is configured."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import wandb
+
+from ..config import RunConfig
+
+PER_EXPERT_KEYS = ("tokens_per_expert", "routed_per_expert")
+
+
+class WandbSink:
+    """Scalars go to the run's history; per-expert lists become histograms whose bins are the expert ids,
+    which wandb draws over steps as a heatmap (x: expert, y: step, colour: tokens)."""
+
+    def __init__(self, cfg: RunConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.run_id: str | None = None  # set before start() to continue that run
+        self.run: wandb.Run | None = None
+
+    def start(self) -> None:
+        log = self.cfg.log
+        mode, offline_reason = wandb_mode()
+        self.run = wandb.init(
+            project=log.wandb_project or os.environ.get("WANDB_PROJECT", "moe-models"), entity=log.wandb_entity,
+            name=log.wandb_run_name, tags=log.wandb_tags.split(",") if log.wandb_tags else None,
+            config=run_config(self.cfg, self.output_dir), dir=self.output_dir, mode=mode,
+            id=self.run_id, resume="allow" if self.run_id else None)
+        if self.run.offline:
+            sync_dir = self.run.settings.sync_dir
+            print(f"wandb: logging offline ({offline_reason}) to {sync_dir}\n"
+                  f"wandb: upload it later with: wandb sync {sync_dir}", flush=True)
+
+    def log(self, row: dict) -> None:
+        self.run.log(wandb_values(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_mode() -> tuple[str, str]:
+    """(mode for wandb.init, why it would be offline): WANDB_MODE when set; else online with credentials
+    (WANDB_API_KEY, .netrc, wandb settings), offline without."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if wandb.login(prompt=False, verify=False):
+        return "online", ""
+    return "offline", "no API key: set WANDB_API_KEY or run `wandb login`"
+
+
+def run_config(cfg: RunConfig, output_dir: Path) -> dict:
+    """run_config.json as train.py wrote it (the settings and what they resolved to), else the settings."""
+    path = output_dir / "run_config.json"
+    return json.loads(path.read_text()) if path.is_file() else cfg.to_dict()
+
+
+def wandb_values(row: dict) -> dict:
+    """The row without its step, per-expert lists as histograms over expert ids."""
+    values = {}
+    for key, value in row.items():
+        if key == "step":
+            continue
+        if key.endswith(PER_EXPERT_KEYS):
+            value = wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))
+        values[key] = value
+    return values

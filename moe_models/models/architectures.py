@@ -1,0 +1,56 @@
+"""Per model family: where the transformer blocks and their FFN live, and its native HF MoE class.
+
+Surgery finds FFNs through this table, never by guessing module names. A family whose FFN is a
+module taking and returning one hidden-states tensor is one more entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str          # transformers' config.model_type
+    blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
+    ffn: str                 # attribute of one block that holds its FFN
+    moe_model_type: str | None = None  # the transformers MoE family a trained model exports to (moe_models/hf/)
+    # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
+    # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
+    gated_projections: tuple[str, str, str] | None = None
+
+    def ffn_path(self, block_id: int) -> str:
+        """The module path, from the causal LM, of block ``block_id``'s FFN (an MoE layer after surgery)."""
+        return f"{self.blocks}.{block_id}.{self.ffn}"
+
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        module = model
+        for name in self.blocks.split("."):
+            module = getattr(module, name)
+        return module
+
+
+# The (gate, up, down) projection names of the SwiGLU FFN of Llama, Mistral and Qwen, which every HF MoE class this
+# project exports to keeps inside its experts too.
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU),
+    # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+)}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The table entry for a transformers model; a clear error for families not in the table."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}. A family with a standard FFN is one entry in "
+                         "moe_models/models/architectures.py:ARCHITECTURES.")
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,83 @@
+"""Where the dense model comes from: a trained HF model (upcycled), a config.json, or a built-in preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from ..config import ModelConfig
+from .tokenization import BYTE_VOCAB_SIZE
+
+DEFAULT_PRESET = "tiny-llama"
+
+_TINY = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+             bos_token_id=BYTE_VOCAB_SIZE - 1, eos_token_id=BYTE_VOCAB_SIZE - 1, pad_token_id=BYTE_VOCAB_SIZE - 1)
+
+# Small configs for from-scratch runs and tests; sized for a 2-core CPU (see docs/quickstart.md).
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(model_type="llama", **_TINY),
+    "tiny-mistral": dict(model_type="mistral", sliding_window=None, **_TINY),
+    "tiny-qwen2": dict(model_type="qwen2", **_TINY),
+    "tiny-qwen3": dict(model_type="qwen3", head_dim=32, **_TINY),
+    "tiny-gpt2": dict(model_type="gpt2", vocab_size=BYTE_VOCAB_SIZE, n_embd=128, n_inner=256, n_layer=4, n_head=4,
+                      n_positions=512, bos_token_id=BYTE_VOCAB_SIZE - 1, eos_token_id=BYTE_VOCAB_SIZE - 1,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    values = dict(PRESETS[name])
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def resolve_model_config(model: ModelConfig) -> PretrainedConfig:
+    """The HF config of a from-scratch model: a preset name, or a config.json path."""
+    source = model.model_config or DEFAULT_PRESET
+    if source in PRESETS:
+        return preset_config(source)
+    return AutoConfig.from_pretrained(source)
+
+
+def load_dense_model(model: ModelConfig, vocab_needed: int) -> PreTrainedModel:
+    """Load (upcycling) or build (from scratch) the dense causal LM, in fp32, ready for surgery.
+
+    The global torch seed must be set before calling: from-scratch weights come from it.
+    """
+    if model.model_name_or_path:
+        try:
+            dense = AutoModelForCausalLM.from_pretrained(model.model_name_or_path, dtype=torch.float32)
+        except OSError as err:
+            raise ValueError(f"could not load a causal LM from {model.model_name_or_path!r}: {err}. Give a folder "
+                             "with config.json and weights, or a hub id (the hub needs network access; "
+                             "HF_HUB_OFFLINE=1 forbids it).") from err
+    else:
+        dense = AutoModelForCausalLM.from_config(resolve_model_config(model), dtype=torch.float32)
+    check_vocabulary(dense, vocab_needed)
+    return dense
+
+
+def check_vocabulary(model: PreTrainedModel, vocab_needed: int) -> None:
+    """The model must embed every token id the tokenizer produces."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < vocab_needed:
+        raise ValueError(f"the model's vocabulary ({vocab}) is smaller than the tokenizer's ({vocab_needed}); "
+                         "use the model's own tokenizer or a config with a larger vocab_size")
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    """Problems in the model settings that show before anything is loaded."""
+    problems = []
+    if model.model_name_or_path and model.model_config:
+        problems.append("give either --model_name_or_path (upcycle a trained model) or --model_config "
+                        "(train from scratch), not both")
+    if model.model_config and model.model_config not in PRESETS and not Path(model.model_config).is_file():
+        problems.append(f"model_config {model.model_config!r} is neither a built-in preset "
+                        f"({', '.join(sorted(PRESETS))}) nor an existing config.json file")
+    if model.model_name_or_path and model.model_name_or_path.startswith((".", "/", "~")) and \
+            not Path(model.model_name_or_path).expanduser().exists():
+        problems.append(f"model_name_or_path {model.model_name_or_path!r} does not exist; give a model folder "
+                        "(with config.json) or a hub id")
+    return problems

@@ -1,0 +1,11 @@
+"""The MoE layer and how a dense model gets it.
+
+One MoE forward is four steps, each its own module: ``router`` (one GEMM, DeepSpeed's gate rules -> one ``Routes``
+record), ``dispatcher`` (routes sorted by expert; the all-to-all at ep_size > 1), ``experts`` (the local experts as
+one grouped GEMM, or one by one), and the combine in ``layer``. ``surgery`` puts layers into a model by the
+``layout`` it resolves once; ``counters`` add up the ``Routes`` of training forwards for the metrics.
+
+Shape letters, one legend for the whole package (a tensor's name ends with its shape): B batch, S sequence,
+T tokens (B x S), D hidden size, F FFN width, E experts (global), L local experts (E / ep_size), K top-k,
+R routes (T x K), N rows a rank's experts process.
+"""

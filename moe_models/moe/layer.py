@@ -1,0 +1,219 @@
+"""The MoE layer placed into HF transformer blocks. Its core is ``deepspeed.moe.layer.MoE``.
+
+``MoEFeedForward`` holds the stock DeepSpeed layer (``--moe_impl deepspeed``) or ``GroupedMoE``, its subclass whose
+forward reads as its four steps: route -> dispatch -> experts -> combine. Either way the module tree and
+state-dict names are DeepSpeed's, so checkpoints, resharding and export see the stock names. Shape letters:
+moe/router.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer
+from deepspeed.utils import groups
+from torch import nn
+
+from ..config import MoEConfig
+from .counters import RoutingCounters
+from .dispatcher import dispatcher_for
+from .experts import StackedExperts, local_experts, per_expert_key
+from .router import Router
+
+# Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
+ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
+EXPERTS_MODULE = "moe.deepspeed_moe.experts"
+
+
+def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
+    """The state-dict key of one expert's ``projection`` weight in the MoE layer at module path ``ffn``. In a
+    ``layer_{L}_expert_{E}_...`` checkpoint file ``expert_id`` is the global id; in a rank's model, the local one."""
+    return f"{ffn}.{EXPERTS_MODULE}.{per_expert_key(expert_id, projection)}"
+
+
+class MoEFeedForward(nn.Module):
+    """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
+
+    The load-balancing loss and per-expert counts of the last forward are kept in ``aux_loss`` and
+    ``expert_counts`` for the trainer; ``routing`` adds up the ``Routes`` of every training forward on the
+    device for the metrics (docs/metrics.md).
+    """
+
+    def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
+                 gated_projections: Optional[tuple[str, str, str]] = None):
+        super().__init__()
+        args = dict(expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
+                    capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                    min_capacity=cfg.min_capacity, use_residual=cfg.use_residual,
+                    noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
+                    top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
+        if cfg.moe_impl == "grouped":  # a MoE subclass: same parameters, names, flags and process groups
+            self.moe = GroupedMoE(hidden_size, gated_projections=gated_projections, **args)
+        else:
+            self.moe = MoE(hidden_size, **args)
+            self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+        self.routing = RoutingCounters(num_experts)
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.gate.k
+
+    @property
+    def gate(self) -> Router:
+        return self.moe.deepspeed_moe.gate
+
+    @property
+    def router(self) -> nn.Linear:
+        """The router's weight holder (DeepSpeed's ``gate.wg``)."""
+        return self.gate.wg
+
+    @property
+    def experts(self) -> nn.Module:
+        """The module holding this rank's experts (its ``parameters()`` are all the local expert parameters):
+        DeepSpeed's ``Experts``, or on the grouped path ``StackedExperts`` or ``ExpertLoop``."""
+        return self.moe.deepspeed_moe.experts
+
+    def local_expert_weights(self, of: Callable = lambda param: param) -> list[dict[str, torch.Tensor]]:
+        """Each local expert's weights by their names in the expert module (``up_proj.weight``...), in module order;
+        with ``of``, what ``of(parameter)`` holds for them (e.g. ``lambda p: p.grad``). With ``StackedExperts``
+        they are slices of the stacked parameters: in-place writes to the weights change the expert."""
+        if isinstance(self.experts, StackedExperts):
+            return [self.experts.expert_weights(i, of) for i in range(self.experts.num_experts)]
+        return [{name: of(param) for name, param in expert.named_parameters()}
+                for expert in self.experts.deepspeed_experts]
+
+    def global_expert_ids(self) -> range:
+        """Global ids of the experts this rank holds (ep rank r holds a contiguous slice)."""
+        n_local = self.moe.num_local_experts
+        first = expert_parallel_rank(self.moe.ep_size) * n_local
+        return range(first, first + n_local)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
+        routes, self.gate.last_routes = self.gate.last_routes, None
+        if self.training and self.routing.enabled and routes is not None:
+            self.routing.add(routes)
+        return output
+
+    @torch.no_grad()
+    def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> float:
+        """|sum_e w_e / |w_e||^2 over all global experts e of this layer, w_e the expert's flattened weights.
+
+        It equals E + 2 x (sum of the pairwise cosines), so no expert's weights leave its rank: each rank
+        sums its local experts' unit vectors and, with ep_size > 1, the sums are all-reduced over the
+        expert-parallel group, ``chunk_elements`` (fp32) at a time. Every rank must call it.
+        """
+        ep_group, ep_size = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
+        experts = [list(weights.values()) for weights in self.local_expert_weights()]
+        norms_L = [torch.stack([torch.linalg.vector_norm(p.detach().float()).double() for p in weights])
+                   .square().sum().sqrt() for weights in experts]
+        total = torch.zeros((), dtype=torch.float64, device=norms_L[0].device)
+        for same_param in zip(*experts):
+            flat_L = [p.detach().flatten() for p in same_param]
+            for start in range(0, flat_L[0].numel(), chunk_elements):
+                direction_sum = sum(flat[start:start + chunk_elements].float() / norm
+                                      for flat, norm in zip(flat_L, norms_L))
+                if ep_size > 1:
+                    dist.all_reduce(direction_sum, group=ep_group)
+                total += direction_sum.double().square().sum()
+        return total.item()
+
+
+class GroupedMoE(MoE):
+    """``deepspeed.moe.layer.MoE`` with the grouped, index-based expert path (same arguments, plus
+    ``gated_projections``: the (gate, up, down) attribute names of a SwiGLU-style expert, or None). DeepSpeed builds
+    the gate, the local experts (with their expert-parallel flags) and the process groups; the MOELayer is
+    replaced by ``GroupedMOELayer``."""
+
+    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        stock = self.deepspeed_moe
+        experts = local_experts(stock.experts, gated_projections, self.expert_group_name)
+        self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate), experts, stock.ep_group_name, stock.ep_size,
+                                             stock.num_local_experts)
+
+
+class GroupedMOELayer(MOELayer):
+    """MOELayer whose forward never builds [tokens, experts, capacity] tensors."""
+
+    def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int):
+        super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
+        self.dispatcher = dispatcher_for(ep_size * num_local_experts, ep_size, gate.drop_tokens)
+
+    def _set_ep_group(self, ep_group) -> None:
+        super()._set_ep_group(ep_group)
+        self.dispatcher.ep_group = ep_group
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """route -> dispatch -> experts -> combine.
+
+        1. route: one router GEMM; DeepSpeed's gate rules give each token's top-k global expert ids and fp32
+           weights (dropless: every route kept; capacity mode: DeepSpeed's own gating drops, marked -1);
+        2. dispatch: routes sorted by expert and their tokens gathered (at ep_size > 1 also sent to the ranks
+           holding their experts);
+        3. experts: the local experts on their rows (one grouped GEMM, or one by one);
+        4. combine: rows back in token order, each token's k outputs summed with the routing weights in fp32.
+        Sets ``l_aux`` and ``exp_counts`` as DeepSpeed's MOELayer does.
+        """
+        if used_token is not None:
+            raise ValueError("used_token is not supported by --moe_impl grouped; use --moe_impl deepspeed")
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routes = self.gate.route(x_TD)                                  # 1. route
+        x_ND, counts_L, sorted_ = self.dispatcher.dispatch(x_TD, routes)  # 2. dispatch
+        y_ND = self.experts(x_ND, counts_L)                             # 3. experts
+        y_TKD = self.dispatcher.combine(y_ND, sorted_)                  # 4. combine
+        out_TD = weighted_sum(y_TKD, routes.weights_TK)
+        self.l_aux, self.exp_counts = routes.balance_loss, routes.chosen_E
+        return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+
+def weighted_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Each token's k outputs weighed and summed as one batched GEMM, [T, 1, K] @ [T, K, D], in the weights' dtype
+    (fp32, as in DeepSpeed's decode)."""
+    weights_T1K = weights_TK.unsqueeze(1)
+    return torch.bmm(weights_T1K, y_TKD.to(weights_T1K.dtype)).squeeze(1)
+
+
+def router_like(gate) -> Router:
+    """A ``Router`` with the settings of DeepSpeed's ``TopKGate`` ``gate`` and its very router weight (``wg``)."""
+    with torch.device("meta"):  # its own wg is replaced below: allocate nothing and draw no random numbers
+        router = Router(gate.wg.in_features, gate.wg.out_features, gate.k, gate.capacity_factor,
+                        gate.eval_capacity_factor, gate.min_capacity, gate.noisy_gate_policy, gate.drop_tokens,
+                        gate.use_rts, gate.ep_group, gate.top2_2nd_expert_sampling)
+    router.wg = gate.wg
+    return router
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's position in its expert-parallel group, using DeepSpeed's own group layout.
+
+    The groups are created here (DeepSpeed's engine would create the same ones at initialize) so that
+    experts can be initialised by global expert id before the engine exists.
+    """
+    if ep_size == 1:
+        return 0
+    if not dist.is_initialized():
+        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed: launch with "
+                           f"`deepspeed --num_gpus N train.py ...` where N is a multiple of {ep_size}")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(name)
+
+
+def moe_layers_of(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
+    """Sum of the load-balancing losses of the last forward over all MoE layers."""
+    return torch.stack([layer.aux_loss for layer in layers]).sum()

@@ -1,0 +1,74 @@
+"""convert_to_moe: replace the FFN of chosen transformer blocks by DeepSpeed MoE layers (upcycling)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError, MoEConfig
+from ..models.architectures import architecture_of
+from .layer import MoEFeedForward
+from .layout import MoELayout, moe_problems
+
+
+def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Optional[MoELayout] = None) -> nn.Module:
+    """Replace the FFN of the blocks the ``layout`` names (default: resolved from ``cfg``) with DeepSpeed MoE
+    layers, in place.
+
+    Experts start from the dense FFN as ``cfg.expert_init`` says; the router starts fresh (normal,
+    std = the model's initializer_range). Every random draw is seeded by (seed, block, global expert
+    id), so the same seed builds the same model at any ep_size. Returns the model.
+    """
+    problems = moe_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    arch = architecture_of(model)
+    blocks = arch.blocks_of(model)
+    layout = layout or layout_of(model, cfg)
+    init_std = getattr(model.config, "initializer_range", 0.02)
+    hidden_size = model.config.hidden_size
+
+    for block_id, num_experts in zip(layout.blocks, layout.num_experts):
+        block = blocks[block_id]
+        dense_ffn = getattr(block, arch.ffn)
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections)
+        _init_router(layer.router, init_std, _generator(seed, block_id, -1))
+        for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
+            _init_expert(weights, cfg, init_std, _generator(seed, block_id, global_id))
+        setattr(block, arch.ffn, layer)
+    return model
+
+
+def layout_of(model: nn.Module, cfg: MoEConfig) -> MoELayout:
+    """The MoE layout ``cfg`` gives this dense model (a ConfigError when it does not fit its blocks)."""
+    return MoELayout.resolve(cfg, len(architecture_of(model).blocks_of(model)))
+
+
+def _generator(seed: int, block_id: int, expert_id: int) -> torch.Generator:
+    """A generator owned by one (block, expert): independent of the rank, the ep_size and global RNG state."""
+    state = np.random.SeedSequence([seed, block_id, expert_id + 1]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@torch.no_grad()
+def _init_router(router: nn.Linear, std: float, gen: torch.Generator) -> None:
+    router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, gen: torch.Generator) -> None:
+    """The expert (its weights by name, in module order) arrives as a copy of the dense FFN; perturb or re-draw
+    it as cfg.expert_init says."""
+    if cfg.expert_init == "copy":
+        return
+    for name, param in weights.items():
+        if cfg.expert_init == "copy_noise":
+            scale = cfg.expert_noise_std * param.float().std().item() if param.numel() > 1 else 0.0
+            param.add_((torch.randn(param.shape, generator=gen) * scale).to(param.dtype))
+        elif param.dim() >= 2:  # "random": weight matrices drawn like the model's own init, biases zero
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        elif name.endswith("bias"):
+            param.zero_()

@@ -1,0 +1,219 @@
+"""Checkpoints users can trust: complete-or-absent saves, exact resume, pruning, another world size.
+
+Layout (DeepSpeed's own, plus three small files of ours per tag):
+
+    checkpoints/
+      latest                      the newest COMPLETE tag; replaced atomically (write + rename)
+      global_step{N}/
+        mp_rank_00_model_states.pt, layer_{L}_expert_{E}_*.pt, *optim_states.pt   (DeepSpeed)
+        rng_rank{R}.pt            every RNG of rank R (python, numpy, torch, CUDA)
+        complete.json             written last, after every rank finished: step, world and ep sizes, moe_impl
+
+DeepSpeed writes `latest` itself before all ranks are known to be done, and does not say when a
+tag is complete, so both are done here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import MoEConfig
+from ..data.batches import TrainBatches
+from ..distributed import World
+
+COMPLETE = "complete.json"
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint restores: optimizer steps taken and tokens read (over all ranks)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class CheckpointFolder:
+    """One run's checkpoints/ folder and its rules: tag names, which tags are complete, `latest`, retention.
+    Training saves and resumes through it, export reads through it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @staticmethod
+    def tag_of(step: int) -> str:
+        return f"global_step{step}"
+
+    @staticmethod
+    def step_of(tag_dir: Path) -> int:
+        return int(tag_dir.name.removeprefix("global_step"))
+
+    def tag_dir(self, step: int) -> Path:
+        return self.path / self.tag_of(step)
+
+    def complete_tags(self) -> list[Path]:
+        """Tag folders whose save finished on every rank, oldest first."""
+        tags = [p for p in self.path.glob("global_step*") if (p / COMPLETE).is_file()]
+        return sorted(tags, key=self.step_of)
+
+    def latest(self) -> Path | None:
+        """The tag folder `latest` names (always a complete one), or None before the first save."""
+        latest = self.path / LATEST
+        return self.path / latest.read_text().strip() if latest.is_file() else None
+
+    def mark_complete(self, tag_dir: Path, meta: dict) -> None:
+        """After every rank wrote its files: the tag gets complete.json, then becomes `latest` (each atomically)."""
+        _atomic_write(tag_dir / COMPLETE, json.dumps(meta) + "\n")
+        _atomic_write(self.path / LATEST, tag_dir.name)
+
+    def check_complete(self, tag_dir: Path) -> dict:
+        """The tag's complete.json; a CheckpointError that points to the previous good tag when it has none."""
+        if not (tag_dir / COMPLETE).is_file():
+            raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted); "
+                                  f"{self.previous_good(tag_dir)}")
+        return json.loads((tag_dir / COMPLETE).read_text())
+
+    def previous_good(self, tag_dir: Path) -> str:
+        older = [t for t in self.complete_tags() if self.step_of(t) < self.step_of(tag_dir)]
+        return (f"use the previous good checkpoint {older[-1]}" if older
+                else "no earlier complete checkpoint exists")
+
+    def prune(self, keep: int) -> list[Path]:
+        """Delete all but the newest `keep` complete tags; never the one `latest` names. Returns what was deleted."""
+        latest = self.latest()
+        tags = self.complete_tags()
+        doomed = [t for t in tags[:max(len(tags) - keep, 0)] if t != latest]
+        for tag_dir in doomed:
+            shutil.rmtree(tag_dir)
+        return doomed
+
+    @classmethod
+    def resolve(cls, spec: str, output_dir: Path) -> Path | None:
+        """The tag folder to resume from, or None when `spec` is "latest" and there is no checkpoint yet.
+
+        `spec`: "latest" (this run's checkpoints/latest), a checkpoints folder (its `latest`), or a tag folder.
+        """
+        if spec == "latest":
+            return cls(output_dir / "checkpoints").latest()
+        path = Path(spec)
+        if (path / LATEST).is_file():
+            return cls(path).latest()
+        if path.is_dir() and path.name.startswith("global_step"):
+            return path
+        raise CheckpointError(f"resume_from_checkpoint {spec!r} is not a checkpoints folder (with a `latest` file) "
+                              "or a tag folder (checkpoints/global_step{N}); use 'latest' for this run's newest "
+                              "checkpoint")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: TrainState, batches: TrainBatches,
+         world: World, moe: MoEConfig, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
+    """Save on every rank; the tag becomes `latest` only after all ranks have written all their files."""
+    tag_dir = folder.tag_dir(state.step)
+    client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": batches.state_dict(),
+                    **(extra_client_state or {})}
+    engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
+    dist.barrier()  # every rank's files are on disk
+    if world.is_main:
+        folder.mark_complete(tag_dir, {"step": state.step, **_layout(world, moe)})
+        if save_total_limit:
+            folder.prune(keep=save_total_limit)
+    dist.barrier()  # nobody reads `latest` or starts the next save before it is in place
+    return tag_dir
+
+
+def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches, world: World, moe: MoEConfig,
+         reset_optimizer: bool) -> tuple[TrainState, dict]:
+    """Restore weights, optimizer, LR schedule, data position and RNGs; returns the state and the client state.
+
+    At another world or ep size, or with the other --moe_impl, weights load by global expert id; the optimizer
+    state (sharded and ordered by the old layout) is refused unless `reset_optimizer`, which keeps the weights and
+    the LR schedule.
+    """
+    folder = CheckpointFolder(tag_dir.parent)
+    meta = folder.check_complete(tag_dir)
+    layout = _layout(world, moe)
+    # Checkpoints from before moe_impl was recorded hold every expert's parameters apart, in the stock order.
+    saved = {"moe_impl": "deepspeed", **{key: meta[key] for key in layout if key in meta}}
+    if saved != layout and not reset_optimizer:
+        raise CheckpointError(
+            f"{tag_dir} was saved with {_describe(saved)}, this run has {_describe(layout)}: the weights can be "
+            "loaded by global expert id, but the optimizer state is sharded and ordered by the old layout (the "
+            "grouped path holds SwiGLU experts stacked). Pass --reset_optimizer to load the weights and start a "
+            "fresh optimizer state (the LR schedule continues).")
+    same_ranks = saved["world_size"] == world.world_size
+    try:
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                 load_optimizer_states=not reset_optimizer,
+                                                 load_lr_scheduler_states=True)
+    except Exception as err:  # torch / DeepSpeed raise many kinds for a truncated or corrupt file
+        raise CheckpointError(f"cannot load {_unreadable_file(tag_dir) or tag_dir}: {err}; "
+                              f"{folder.previous_good(tag_dir)}") from err
+    if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
+    batches.load_state_dict(_data_position(client_state["data"], meta["world_size"], world.world_size))
+    if same_ranks:
+        _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
+    return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
+
+
+def _layout(world: World, moe: MoEConfig) -> dict:
+    """What decides how the optimizer state is cut and ordered: the ranks, expert parallelism, the expert path."""
+    return {"world_size": world.world_size, "ep_size": moe.ep_size, "moe_impl": moe.moe_impl}
+
+
+def _describe(layout: dict) -> str:
+    return f"{layout['world_size']} ranks, ep_size {layout['ep_size']} and --moe_impl {layout['moe_impl']}"
+
+
+def _unreadable_file(tag_dir: Path) -> Path | None:
+    """The first file of the tag that torch cannot read (only looked for after a load failed)."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            return path
+    return None
+
+
+def _data_position(position: dict, saved_world: int, world_size: int) -> dict:
+    """The data position at this world size: exact at the same size; otherwise the same epoch and the
+    same fraction of it (each rank reads a different stride of the epoch's order at another size)."""
+    if saved_world == world_size:
+        return position
+    return {"epoch": position["epoch"], "batches_in_epoch": position["batches_in_epoch"] * saved_world // world_size}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

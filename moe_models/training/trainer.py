@@ -1,0 +1,191 @@
+"""The DeepSpeed engine loop: step, log, eval, save."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from ..config import RunConfig
+from ..data.batches import TrainBatches, eval_batches
+from ..distributed import World, all_reduce_sum
+from ..metrics.interval import IntervalStats, expert_similarity_metrics
+from ..metrics.sinks import MetricsLog, open_sinks, perplexity
+from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
+                                  throughput_metrics)
+from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of
+from . import checkpoint
+from .checkpoint import CheckpointFolder, TrainState
+from .preemption import StopRequest
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not biases or norms; then DeepSpeed splits expert params into their own groups
+    (they are reduced over the expert-data-parallel group, not the whole world)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def build_engine(model: nn.Module, ds_config: dict, weight_decay: float) -> deepspeed.DeepSpeedEngine:
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model, weight_decay),
+                                           config=ds_config)
+    return engine
+
+
+def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedForward],
+                        input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss (transformers shifts the labels) and the summed balance loss of the same forward."""
+    outputs = engine(input_ids=input_ids, labels=input_ids)
+    return outputs.loss, balance_loss(layers)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, world: World, batches: TrainBatches,
+                 eval_set, output_dir: Path):
+        self.cfg, self.engine, self.world = cfg, engine, world
+        self.batches, self.eval_set = batches, eval_set
+        self.output_dir = output_dir
+        self.checkpoints = CheckpointFolder(output_dir / "checkpoints")
+        self.layers = moe_layers_of(engine.module)
+        self.state = TrainState()
+        self.lr = 0.0
+        self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
+        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log)  # wandb_run_id settable before train()
+        self.interval = IntervalStats(self.layers, world.device)
+        self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
+                                * cfg.train.gradient_accumulation_steps * world.world_size)
+        self.flops_per_token = flops_per_token(active_parameters(engine.module, self.layers),
+                                               *attention_dims(engine.module.config), cfg.data.block_size)
+        self.peak_tflops, peak_source = resolve_peak_tflops(cfg.log.peak_tflops, world.device,
+                                                            bf16=engine.bfloat16_enabled())
+        if world.is_main and self.peak_tflops is None:
+            print(f"mfu not reported: {peak_source}")
+
+    def train(self) -> dict:
+        """Train to max_steps (or until a stop signal); returns the run summary."""
+        t = self.cfg.train
+        self.first_step = self.state.step  # > 0 after a resume
+        self.sinks.start(self.state.step)
+        # Loss sums stay on the device and are read once per logging interval: no host sync per step.
+        sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
+        interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
+        stopped_by = None
+        self.engine.train()
+        with StopRequest() as stop:
+            while self.state.step < t.max_steps:
+                started = time.perf_counter()
+                sums += self.train_step()
+                self.state.step += 1
+                self.state.tokens_seen += self.tokens_per_step
+                step, last = self.state.step, self.state.step == t.max_steps
+                if step == 1 or step % t.logging_steps == 0 or last:
+                    self.sinks.log(self.training_row(sums, interval_seconds + time.perf_counter() - started))
+                    sums.zero_()
+                    interval_seconds = 0.0
+                else:
+                    interval_seconds += time.perf_counter() - started
+                train_seconds += time.perf_counter() - started
+                self.sinks.console.advance()
+                if stop.agreed():
+                    stopped_by = stop.received or "a signal on another rank"
+                    self.save()
+                    self.sinks.console.print(f"stopped by {stopped_by} after step {step}: saved "
+                                             f"{self.checkpoints.tag_dir(step)}; relaunch with "
+                                             "--resume_from_checkpoint latest")
+                    break
+                if (t.eval_steps and step % t.eval_steps == 0) or last:
+                    self.sinks.log(self.evaluate())
+                if (t.save_steps and step % t.save_steps == 0) or last:
+                    self.save()
+        self.sinks.close()
+        return {**self.summary(train_seconds), "stopped_by": stopped_by}
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
+        coef = self.cfg.moe.aux_loss_coef
+        sums = torch.zeros(3, device=self.world.device)
+        for _ in range(self.cfg.train.gradient_accumulation_steps):
+            input_ids = next(self.batches)["input_ids"].to(self.world.device)
+            lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
+            self.engine.backward(lm_loss + coef * aux_loss)
+            self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
+            self.engine.step()
+            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
+        return sums
+
+    def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
+        """The interval's metrics over all ranks (docs/metrics.md); one all-reduce for losses and MoE counters."""
+        summed = all_reduce_sum(torch.cat([sums.double(), self.interval.vector()])).tolist()
+        lm_sum, aux_sum, micro_steps = summed[:3]
+        steps_in_interval = micro_steps / self.world.world_size / self.cfg.train.gradient_accumulation_steps
+        tokens = steps_in_interval * self.tokens_per_step
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.state.step,
+            "loss": lm_sum / micro_steps,
+            "aux_loss": aux_sum / micro_steps,
+            "lr": self.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            **throughput_metrics(tokens, steps_in_interval, seconds, self.world.world_size, self.flops_per_token,
+                                 self.peak_tflops),
+            "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.engine.skipped_steps,
+            **self.interval.metrics(summed[3:], tokens, self.world.world_size),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks."""
+        self.engine.eval()
+        sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
+        for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
+                                  self.world.world_size, self.cfg.train.max_eval_batches):
+            input_ids = batch["input_ids"].to(self.world.device)
+            targets = input_ids[:, 1:].numel()
+            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            sums += torch.stack([loss.double() * targets, sums.new_tensor(targets)])
+        self.engine.train()
+        loss_sum, targets = all_reduce_sum(sums).tolist()
+        eval_loss = loss_sum / targets
+        row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        if self.cfg.moe.expert_init in ("copy", "copy_noise"):  # upcycled: how far experts moved from their origin
+            row.update(expert_similarity_metrics(self.layers))
+        return row
+
+    def save(self) -> None:
+        """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
+        checkpoint.save(self.engine, self.checkpoints, self.state, self.batches, self.world, self.cfg.moe,
+                        self.cfg.train.save_total_limit, {"wandb_run_id": self.sinks.wandb_run_id})
+
+    def resume(self, spec: str) -> None:
+        """Continue from a checkpoint ("latest", a checkpoints folder or a tag folder); "latest" with no
+        checkpoint yet starts fresh, so a requeued job can always pass it."""
+        tag_dir = CheckpointFolder.resolve(spec, self.output_dir)
+        if tag_dir is None:
+            return
+        self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
+                                                   self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
+        self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
+        self.sinks.jsonl.drop_after(self.state.step)
+        if self.world.is_main:
+            print(f"Resumed from {tag_dir} at step {self.state.step}")
+
+    def summary(self, train_seconds: float) -> dict:
+        train_rows = [r for r in self.log.rows if "loss" in r]
+        eval_rows = [r for r in self.log.rows if "eval_loss" in r]
+        return {
+            "steps": self.state.step,
+            "first_loss": train_rows[0]["loss"] if train_rows else None,
+            "last_loss": train_rows[-1]["loss"] if train_rows else None,
+            "eval_loss": eval_rows[-1]["eval_loss"] if eval_rows else None,
+            "tokens_seen": self.state.tokens_seen,
+            "tokens_per_sec": (self.state.step - self.first_step) * self.tokens_per_step / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+        }

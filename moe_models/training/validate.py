@@ -1,0 +1,57 @@
+"""Every setting checked before anything heavy starts: each part's own checks and the training section's,
+gathered into one ConfigError that lists every problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, TrainConfig, too_small
+from ..data.text import data_problems
+from ..metrics.sinks import log_problems
+from ..models.source import model_problems
+from ..moe.layout import moe_problems
+from .ds_config import deepspeed_config_problems
+
+
+def validate(cfg: RunConfig, world_size: int = 1) -> None:
+    """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
+    started (1 for ``python train.py``)."""
+    problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
+                + model_problems(cfg.model) + data_problems(cfg.data) + train_problems(cfg.train)
+                + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
+    if problems:
+        raise ConfigError(problems)
+
+
+def expert_parallel_problems(ep_size: int, world_size: int) -> list[str]:
+    if ep_size >= 1 and world_size % ep_size:
+        return [f"ep_size ({ep_size}) must divide the number of ranks ({world_size}): "
+                + (f"launch with `deepspeed --num_gpus {ep_size} train.py ...`" if world_size == 1
+                   else f"use an ep_size that divides {world_size}")]
+    return []
+
+
+def train_problems(train: TrainConfig) -> list[str]:
+    problems = too_small(train, ("per_device_train_batch_size", "per_device_eval_batch_size",
+                                 "gradient_accumulation_steps", "max_steps", "logging_steps"))
+    problems += too_small(train, ("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"), minimum=0)
+    resume = train.resume_from_checkpoint
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        problems.append(f"resume_from_checkpoint {resume!r} does not exist; give 'latest', a checkpoints folder or "
+                        "a tag folder")
+    if train.warmup_steps < 1:
+        problems.append(f"warmup_steps ({train.warmup_steps}) must be >= 1 (DeepSpeed's WarmupCosineLR needs at "
+                        "least one warmup step); use 1 for the shortest warmup")
+    if train.learning_rate <= 0:
+        problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
+    if train.max_grad_norm < 0:
+        problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
+    if not 0 <= train.min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio ({train.min_lr_ratio}) must be in [0, 1]")
+    output = Path(train.output_dir)
+    if output.is_file():
+        problems.append(f"output_dir {train.output_dir!r} is a file; give a folder")
+    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume):
+        problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --resume_from_checkpoint latest "
+                        "to continue it, --overwrite_output_dir to start over in it, or choose another --output_dir")
+    return problems

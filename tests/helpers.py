@@ -1,0 +1,81 @@
+"""What several test modules share: the repository root, child-process environments, tiny models, and the real
+`deepspeed` launcher on CPU ranks (started, timed out, and its ranks' output shown on failure)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, set_seed
+
+from moe_models.models.source import preset_config
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a subprocess: this one's, without the rank variables the `world` fixture set
+    (a child must make or join its own process group), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, **extra}
+
+
+def tiny_model(preset: str = "tiny-llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small dense causal LM from a built-in preset, in eval mode (no dropout)."""
+    set_seed(seed)
+    config = preset_config(preset)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict:
+    """The ranks' environment: CPU accelerator, one thread per rank, offline, this venv's `deepspeed` on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return child_env(**{"PATH": path, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
+
+
+def finish(proc: subprocess.Popen, timeout: int) -> tuple[int, str]:
+    """Wait for a launcher; on timeout kill its whole process group and fail with the ranks' output."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"launcher hung for {timeout} s; rank output:\n{output[-12000:]}")
+    return proc.returncode, output
+
+
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, env=launch_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def succeed(proc: subprocess.Popen, timeout: int = 300) -> str:
+    code, output = finish(proc, timeout)
+    assert code == 0, f"launcher exited {code}; rank output:\n{output[-12000:]}"
+    return output
+
+
+def launch(args: list[str], num_ranks: int = 2, timeout: int = 300) -> str:
+    """Run the launcher to success; the ranks must not leave DeepSpeed's CPU all-reduce buffers in /dev/shm."""
+    port = free_port()
+    output = succeed(start([*LAUNCHER, "--num_gpus", str(num_ranks), "--master_port", str(port), *args]), timeout)
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the ranks left {left} in /dev/shm"
+    return output

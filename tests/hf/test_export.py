@@ -1,0 +1,263 @@
+"""Export to native HF MoE classes and import back: the same function, the same loss, clear refusals."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.moe.utils import is_moe_param
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import train  # a script at the repository root (pytest puts the root on sys.path)
+from helpers import REPO, child_env
+from moe_models import convert_to_moe
+from moe_models.cli import parse_args
+from moe_models.config import ConfigError, MoEConfig
+from moe_models.hf.configs import NotRepresentable, dense_config_and_moe_settings, hf_moe_config
+from moe_models.hf.export import export, main as export_main
+from moe_models.hf.load import import_hf_moe, settings_from_checkpoint
+from moe_models.models.source import preset_config
+from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.moe.layer import EXPERTS_MODULE, ROUTER_WEIGHT, moe_layers_of
+from moe_models.moe.layout import MoELayout, resolve_moe_layers
+
+# Deterministic, dropless routing: the condition under which DeepSpeed and the HF classes compute the same function.
+EXACT = ["--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
+SHORT = ["--synthetic_examples", "300", "--block_size", "64", "--per_device_train_batch_size", "4",
+         "--warmup_steps", "1", "--learning_rate", "1e-2", "--eval_steps", "0", "--max_eval_batches", "1",
+         "--disable_tqdm", *EXACT]
+
+# preset, MoE flags, the class it exports to. Experts start random so that they differ.
+CASES = {
+    "llama": ("tiny-llama", ["--top_k", "2"], "MixtralForCausalLM"),
+    "mistral": ("tiny-mistral", ["--top_k", "3"], "MixtralForCausalLM"),
+    "qwen2": ("tiny-qwen2", ["--top_k", "2", "--moe_layers", "every:2"], "Qwen2MoeForCausalLM"),
+    "qwen3": ("tiny-qwen3", ["--top_k", "1", "--moe_layers", "0,3"], "Qwen3MoeForCausalLM"),
+}
+
+
+def tokens(batch=2, length=48, seed=0):
+    return torch.randint(0, 257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def exported(request, world, tmp_path_factory):
+    """A short train.py run of one case (checkpoint on disk, engine in memory) and its export."""
+    preset, flags, hf_class = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    cfg = parse_args(["--model_config", preset, "--num_experts", "4", "--expert_init", "random", "--max_steps", "3",
+                      *flags, *SHORT, "--output_dir", str(root / "run")])
+    _, trainer = train.build(cfg)
+    trainer.train()
+    export(root / "run" / "checkpoints", root / "hf")
+    return {"name": request.param, "cfg": cfg, "ds_model": trainer.engine.module.eval(), "hf_dir": root / "hf",
+            "hf_class": hf_class, "root": root}
+
+
+@torch.no_grad()
+def test_export_loads_natively_and_computes_the_deepspeed_function(exported):
+    hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
+    assert type(hf).__name__ == exported["hf_class"]
+    assert "auto_map" not in json.loads((exported["hf_dir"] / "config.json").read_text())  # no remote code
+    gate_up = next(p for n, p in hf.named_parameters() if n.endswith("experts.gate_up_proj"))
+    assert not torch.allclose(gate_up[0], gate_up[1])  # the experts differ, so routing matters
+    ids = tokens()
+    torch.testing.assert_close(hf(ids).logits, exported["ds_model"](ids).logits, rtol=1e-4, atol=1e-4)
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["hf_dir"])
+    assert tokenizer.decode(tokenizer("37+48=85")["input_ids"]) == "37+48=85"
+
+
+@pytest.mark.parametrize("exported", ["llama", "qwen3"], indirect=True)  # Mixtral; Qwen3-MoE with dense blocks, top-1
+def test_import_continues_where_the_export_left_off(exported, tmp_path):
+    """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
+    cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
+                      "--output_dir", str(tmp_path / "continued")])
+    _, trainer = train.build(cfg)
+    trained = exported["cfg"].moe
+    moe = trainer.cfg.moe  # the checkpoint's settings, not the defaults
+    assert (moe.num_experts, moe.top_k) == (trained.num_experts, trained.top_k)
+    assert resolve_moe_layers(moe.moe_layers, 4) == resolve_moe_layers(trained.moe_layers, 4)
+    saved = json.loads((tmp_path / "continued" / "run_config.json").read_text())["moe"]
+    assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
+
+    model = trainer.engine.module
+    expert_params = list(moe_layers_of(model)[0].experts.parameters())
+    assert expert_params and all(map(is_moe_param, expert_params))  # DeepSpeed's expert marks survived the meta build
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+    position = trainer.batches.state_dict()
+    input_ids = next(trainer.batches)["input_ids"]
+    trainer.batches.load_state_dict(position)
+    first_loss = trainer.train_step()[0].item()
+    hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids=input_ids, labels=input_ids).loss.item()
+    assert first_loss == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("exported", ["llama"], indirect=True)
+def test_both_expert_layouts_on_disk_import_alike(exported, tmp_path):
+    """save_pretrained writes one tensor per expert (the hub's layout); transformers' own fused layout reads the same."""
+    fused_dir = tmp_path / "fused"
+    AutoModelForCausalLM.from_pretrained(exported["hf_dir"]).save_pretrained(fused_dir, save_original_format=False)
+    per_expert, *_ = import_hf_moe(str(exported["hf_dir"]), MoEConfig(), 257, seed=0)
+    fused, *_ = import_hf_moe(str(fused_dir), MoEConfig(), 257, seed=0)
+    for (name, a), (_, b) in zip(per_expert.state_dict().items(), fused.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("moe_type, extra", [
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=256,
+                       mlp_only_layers=[1], head_dim=32)),
+])
+@torch.no_grad()
+def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, moe_type, extra):
+    """An HF MoE model made by transformers itself (random weights, the hub's on-disk layout) imports exactly."""
+    config = AutoConfig.for_model(moe_type, vocab_size=257, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path)
+    model, moe, _, _ = import_hf_moe(str(tmp_path), MoEConfig(drop_tokens=False, top2_2nd_expert_sampling=False),
+                                     257, seed=0)
+    assert moe.num_experts == 4 and moe.top_k == 2
+    ids = tokens()
+    torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_names_match_deepspeed():
+    model = AutoModelForCausalLM.from_config(preset_config("tiny-llama"))
+    layer = moe_layers_of(convert_to_moe(model, MoEConfig(num_experts=2)))[0]
+    assert dict(layer.named_parameters())[ROUTER_WEIGHT] is layer.router.weight
+    state = layer.state_dict()  # experts under DeepSpeed's per-expert names, whichever path holds them
+    assert torch.equal(state[f"{EXPERTS_MODULE}.deepspeed_experts.1.up_proj.weight"],
+                       layer.local_expert_weights()[1]["up_proj.weight"])
+
+
+@pytest.mark.parametrize("preset, moe", [
+    ("tiny-llama", MoEConfig(num_experts=4, top_k=2)),
+    ("tiny-mistral", MoEConfig(num_experts=8, top_k=3)),
+    ("tiny-qwen2", MoEConfig(num_experts=4, top_k=1, moe_layers="every:2")),
+    ("tiny-qwen3", MoEConfig(num_experts=[4, 4, 4, 4], top_k=2)),  # equal per-layer counts are one count
+])
+def test_configs_round_trip(preset, moe):
+    dense = preset_config(preset)
+    back, settings, layout = dense_config_and_moe_settings(hf_moe_config(dense, moe, MoELayout.resolve(moe, 4)))
+    for name in ("hidden_size", "intermediate_size", "num_key_value_heads", "head_dim", "rope_parameters",
+                 "tie_word_embeddings", "rms_norm_eps", "vocab_size", "eos_token_id"):
+        assert getattr(back, name, None) == getattr(dense, name, None), name
+    counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts]
+    assert settings["num_experts"] == counts[0] and settings["top_k"] == moe.top_k
+    assert resolve_moe_layers(settings["moe_layers"], 4) == resolve_moe_layers(moe.moe_layers, 4)
+    assert layout == MoELayout.resolve(moe, 4)
+
+
+@pytest.mark.parametrize("preset, moe, overrides, message", [
+    ("tiny-gpt2", MoEConfig(), {}, "gpt2 has no Mixture-of-Experts class in transformers"),
+    ("tiny-llama", MoEConfig(top_k=1), {}, "top_k 1: DeepSpeed scales the chosen expert's output by its router "
+                                           "probability, Mixtral gives it weight 1.0"),
+    ("tiny-mistral", MoEConfig(moe_layers="every:2"), {}, "Mixtral has an MoE FFN in every block"),
+    ("tiny-qwen3", MoEConfig(num_experts=[2, 4, 4, 8]), {}, "per-layer expert counts [2, 4, 4, 8]"),
+    ("tiny-qwen2", MoEConfig(use_residual=True), {}, "residual MoE (use_residual)"),
+    ("tiny-llama", MoEConfig(), {"attention_bias": True}, "attention_bias is true: Mixtral's attention"),
+    ("tiny-qwen3", MoEConfig(), {"layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2},
+     "Qwen3-MoE applies its window to every block or to none"),
+])
+def test_unrepresentable_models_are_refused_with_the_reason(preset, moe, overrides, message):
+    dense = preset_config(preset)
+    for key, value in overrides.items():
+        setattr(dense, key, value)
+    with pytest.raises(NotRepresentable, match="cannot be represented exactly") as err:
+        hf_moe_config(dense, moe, MoELayout.resolve(moe, dense.num_hidden_layers))
+    assert message in str(err.value)
+
+
+def test_every_reason_is_reported_at_once():
+    with pytest.raises(NotRepresentable) as err:
+        moe = MoEConfig(num_experts=[2, 4, 4, 4], top_k=1, use_residual=True)
+        hf_moe_config(preset_config("tiny-llama"), moe, MoELayout.resolve(moe, 4))
+    assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize("moe_type, fields, message", [
+    ("mixtral", dict(num_experts_per_tok=1), "num_experts_per_tok 1: Mixtral gives the chosen expert weight 1.0"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=64, norm_topk_prob=True),
+     "a shared expert (shared_expert_intermediate_size 64)"),
+    ("qwen3_moe", dict(num_experts_per_tok=2, norm_topk_prob=False),
+     "norm_topk_prob False with num_experts_per_tok 2: DeepSpeed rescales"),
+    ("qwen3_moe", dict(mlp_only_layers=[0], moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True),
+     "DeepSpeed's experts are copies of the dense FFN"),
+])
+def test_unrepresentable_checkpoints_are_refused_on_import(moe_type, fields, message):
+    config = AutoConfig.for_model(moe_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, **fields)
+    with pytest.raises(NotRepresentable) as err:
+        dense_config_and_moe_settings(config)
+    assert message in str(err.value)
+
+
+def test_flags_that_disagree_with_an_imported_checkpoint_are_refused():
+    checkpoint = {"num_experts": 4, "top_k": 2, "moe_layers": [1, 3]}
+    settings = settings_from_checkpoint(MoEConfig(top_k=2, capacity_factor=2.0), checkpoint, num_layers=4)
+    assert (settings.num_experts, settings.top_k, settings.moe_layers, settings.capacity_factor) == (4, 2, [1, 3], 2.0)
+    assert settings_from_checkpoint(MoEConfig(moe_layers="every:2"), checkpoint, 4).moe_layers == [1, 3]
+    with pytest.raises(ConfigError) as err:
+        settings_from_checkpoint(MoEConfig(num_experts=16, top_k=1, moe_layers="0,1", expert_init="random",
+                                           use_residual=True), checkpoint, num_layers=4)
+    text = str(err.value)
+    for expected in ["--num_experts 16 disagrees with the imported checkpoint (4)", "--top_k 1 disagrees",
+                     "--moe_layers 0,1 disagrees", "--use_residual", "--expert_init random"]:
+        assert expected in text
+
+
+def write_run_without_weights(run_dir: Path, preset: str, moe: dict) -> None:
+    """run_config.json, base_model/ and tokenizer/ as train.py writes them; no checkpoint needed for a refusal."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.json").write_text(json.dumps({"moe": moe, "resolved": {}}))
+    preset_config(preset).save_pretrained(run_dir / "base_model")
+    byte_level_tokenizer().save_pretrained(run_dir / "tokenizer")
+
+
+def test_cli_refusal_is_one_clear_error_and_writes_nothing(tmp_path):
+    write_run_without_weights(tmp_path / "run", "tiny-llama", {"num_experts": 4, "use_residual": True})
+    result = subprocess.run([sys.executable, "-m", "moe_models.export", "--checkpoint", str(tmp_path / "run" / "checkpoints"),
+                             "--output", str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=child_env(PYTHONPATH=str(REPO)))
+    assert result.returncode == 1
+    assert "error: this llama MoE model cannot be represented exactly:\n  - residual MoE (use_residual)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_help_and_missing_inputs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        export_main(["--help"])
+    assert exit_code.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(tmp_path / "checkpoints"), "--output", str(tmp_path / "hf")])
+    assert "--checkpoint must be the checkpoints/ folder inside a train.py output folder" in capsys.readouterr().err
+    write_run_without_weights(tmp_path / "run", "tiny-llama", {"num_experts": 4})
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(tmp_path / "hf")])
+    assert "has no 'latest' file naming the newest checkpoint; pass --tag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exported", ["llama"], indirect=True)
+def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(exported["root"] / "run", run)
+    config = json.loads((run / "run_config.json").read_text())
+    config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with the defaults
+    (run / "run_config.json").write_text(json.dumps(config))
+    export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert "note: the run dropped tokens above expert capacity" in out
+    assert "note: the run picked the second expert with Gumbel noise" in out
+    assert f"Wrote MixtralForCausalLM (mixtral) and the tokenizer to {tmp_path / 'hf'}" in out
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""A real offline wandb run from train.py, read back with wandb's own reader of .wandb files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moe_models.cli import parse_args
+from moe_models.metrics.sinks import MetricsLog, open_sinks
+from moe_models.metrics.wandb_sink import wandb_values
+from train import main
+
+FLAGS = ["--num_experts", "4", "--max_steps", "4", "--logging_steps", "2", "--eval_steps", "4", "--max_eval_batches",
+         "2", "--warmup_steps", "1", "--synthetic_examples", "600", "--block_size", "32",
+         "--per_device_train_batch_size", "4", "--disable_tqdm"]
+
+
+def wandb_records(run_dir, *flags: str) -> list[dict]:
+    """`wandb leet inspect --json`: one JSON object per record of the run's .wandb transaction log."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json", *flags],
+                            capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+
+def test_offline_run_holds_the_config_and_the_metrics(world, tmp_path, capsys, no_wandb_credentials):
+    out = tmp_path / "run"
+    main([*FLAGS, "--output_dir", str(out), "--report_to", "wandb", "--wandb_project", "moe-test",
+          "--wandb_run_name", "tiny", "--wandb_tags", "ci,metrics"])
+    printed = capsys.readouterr().out
+    run_dirs = list((out / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    assert "wandb: logging offline (no API key: set WANDB_API_KEY or run `wandb login`)" in printed
+    assert f"wandb sync {run_dirs[0]}" in printed
+
+    history = [r["history"]["item"] for r in wandb_records(run_dirs[0]) if r["type"] == "history"]
+    assert [h["_step"] for h in history] == [1, 2, 4]
+    train_keys = ["loss", "aux_loss", "lr", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_device", "step_time",
+                  "tokens_seen", "skipped_steps", "cpu_rss_gib", "moe/layer_0/drop_fraction",
+                  "moe/layer_3/router_entropy", "moe/layer_1/imbalance", "moe/layer_2/aux_loss",
+                  "moe/layer_0/routed_tokens", "moe/layer_0/dropped"]
+    for item in history:
+        assert all(key in item for key in train_keys), set(train_keys) - set(item)
+        assert item["moe/layer_0/tokens_per_expert._type"] == "histogram"
+        assert item["moe/layer_0/tokens_per_expert.bins"] == [0, 1, 2, 3, 4]  # one bin per expert id
+        assert sum(item["moe/layer_0/tokens_per_expert.values"]) == \
+            item["moe/layer_0/routed_tokens"] * 2 - item["moe/layer_0/dropped"]
+    assert {"eval_loss", "perplexity", "moe/layer_0/expert_similarity"} <= set(history[-1])  # same step as train
+
+    summary = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dirs[0]),
+                                         "--summary", "--json"], capture_output=True, text=True, timeout=120,
+                                        check=True).stdout)
+    assert summary["project"] == "moe-test" and summary["name"] == "tiny" and summary["tags"] == ["ci", "metrics"]
+    assert summary["config"]["moe"]["num_experts"] == 4 and summary["config"]["log"]["report_to"] == "wandb"
+    assert summary["config"]["resolved"]["world_size"] == 1  # run_config.json, resolved values included
+
+    client = torch.load(out / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["wandb_run_id"] == summary["run_id"]
+
+
+def test_a_resumed_run_continues_its_wandb_run(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = parse_args(["--report_to", "wandb", "--max_steps", "2"])
+    sinks = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(tmp_path / "m.jsonl", enabled=True))
+    sinks.wandb_run_id = "resume42"  # what a resume sets from client_state["wandb_run_id"]
+    sinks.start(step=1)
+    sinks.log({"step": 2, "loss": 1.0, "tokens_per_sec": 10.0})
+    sinks.close()
+    assert sinks.wandb_run_id == "resume42"
+    assert list((tmp_path / "wandb").glob("offline-run-*-resume42"))
+
+
+def test_only_rank_0_reports_to_wandb(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=False)
+    assert open_sinks(parse_args(["--report_to", "wandb"]), is_main=False, output_dir=tmp_path, jsonl=log).wandb is None
+    assert open_sinks(parse_args([]), is_main=True, output_dir=tmp_path, jsonl=log).wandb is None
+
+
+def test_per_expert_lists_become_histograms_over_expert_ids():
+    values = wandb_values({"step": 3, "loss": 2.0, "moe/layer_1/tokens_per_expert": [5, 0, 7],
+                           "moe/layer_1/routed_per_expert": [6, 1, 7]})
+    assert set(values) == {"loss", "moe/layer_1/tokens_per_expert", "moe/layer_1/routed_per_expert"}
+    histogram = values["moe/layer_1/tokens_per_expert"]
+    assert histogram.histogram == [5, 0, 7] and np.array_equal(histogram.bins, [0, 1, 2, 3])

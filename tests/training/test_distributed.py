@@ -1,0 +1,250 @@
+"""Expert + data parallelism through the real deepspeed launcher, on 2 CPU ranks (gloo).
+
+Every test starts `python -m deepspeed.launcher.runner` (the module behind the `deepspeed` command),
+has a timeout, and on failure or hang shows the ranks' output.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, start, succeed
+
+pytestmark = pytest.mark.distributed
+
+# Small and fast, deterministic routing (no random token selection, no sampled second expert).
+PROBE_FLAGS = ["--num_experts", "4", "--top_k", "2", "--use_rts", "false", "--top2_2nd_expert_sampling", "false",
+               "--expert_init", "random", "--synthetic_examples", "2000", "--block_size", "64",
+               "--per_device_train_batch_size", "4", "--max_steps", "10", "--warmup_steps", "1",
+               "--learning_rate", "3e-3", "--deepspeed", "zero2", "--disable_tqdm"]
+
+
+def probe(output_dir: Path, ep_size: int, *flags: str) -> list[dict]:
+    launch(["tests/scripts/probe.py", "--steps", "3", "--ep_size", str(ep_size), "--output_dir", str(output_dir),
+            *PROBE_FLAGS, *flags])
+    return [torch.load(output_dir / f"probe_rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory):
+    """The same run (seed, data, world size 2) at ep_size 1 and ep_size 2."""
+    root = tmp_path_factory.mktemp("ep")
+    return {ep: (root / f"ep{ep}", probe(root / f"ep{ep}", ep)) for ep in (1, 2)}
+
+
+def merged(records: list[dict], key: str) -> dict:
+    """One dict over global expert ids from the ranks' shares (ranks holding the same expert must agree)."""
+    result = {}
+    for record in records:
+        for name, tensor in record[key].items():
+            if name in result:
+                torch.testing.assert_close(tensor, result[name], rtol=0, atol=0)
+            result[name] = tensor
+    return result
+
+
+def test_expert_init_depends_on_global_expert_id_not_on_rank(ep_runs):
+    ep1, ep2 = merged(ep_runs[1][1], "initial"), merged(ep_runs[2][1], "initial")
+    assert set(ep1) == set(ep2) and {gid for _, gid, _ in ep1} == {0, 1, 2, 3}
+    for name in ep1:
+        torch.testing.assert_close(ep2[name], ep1[name], rtol=0, atol=0)
+    # each ep=2 rank holds a different half of the experts
+    halves = [{gid for _, gid, _ in record["initial"]} for record in ep_runs[2][1]]
+    assert halves == [{0, 1}, {2, 3}]
+
+
+def test_ep2_losses_and_gradients_equal_ep1(ep_runs):
+    assert_same_run(ep_runs[1][1], ep_runs[2][1])
+
+
+def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
+    """Losses of every step, expert and router gradients of the first step (two probe runs' records)."""
+    losses1, losses2 = ep1[0]["losses"], ep2[0]["losses"]
+    assert len(losses1) == 3
+    assert losses2 == pytest.approx(losses1, rel=1e-5)
+    grads1, grads2 = merged(ep1, "grads"), merged(ep2, "grads")
+    assert set(grads1) == set(grads2)
+    assert sum(g.abs().sum() for g in grads1.values()) > 0
+    for name in grads1:
+        torch.testing.assert_close(grads2[name], grads1[name], rtol=1e-4, atol=1e-7, msg=f"expert grad {name}")
+    for router1, router2 in zip(ep1[0]["router_grads"], ep2[0]["router_grads"]):
+        torch.testing.assert_close(router2, router1, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("drop_tokens", ["true", "false"])
+def test_grouped_impl_at_ep2_equals_stock_at_ep1(drop_tokens, tmp_path):
+    """Uneven all-to-all of the kept routes (capacity mode: those DeepSpeed's gate keeps; dropless: all)."""
+    stock = probe(tmp_path / "stock", 1, "--moe_impl", "deepspeed", "--drop_tokens", drop_tokens)
+    assert_same_run(stock, probe(tmp_path / "grouped", 2, "--moe_impl", "grouped", "--drop_tokens", drop_tokens))
+
+
+def test_each_rank_holds_only_its_experts_and_checkpoints_hold_all(ep_runs):
+    full = ep_runs[1][1][0]["parameters"]
+    expert_params = sum(t.numel() for t in merged(ep_runs[1][1], "initial").values())  # all layers, all experts
+    assert [r["parameters"] for r in ep_runs[2][1]] == [full - expert_params // 2] * 2
+    for ep in (1, 2):
+        step_dir = ep_runs[ep][0] / "checkpoints" / "global_step3"
+        names = {p.name for p in step_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")}
+        assert names == {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+                         for layer in range(4) for expert in range(4)}
+
+
+# Short train.py runs for the launch/ wrappers.
+QUICK = ["--num_experts", "4", "--max_steps", "3", "--warmup_steps", "1", "--synthetic_examples", "1000",
+         "--block_size", "64", "--per_device_train_batch_size", "4", "--max_eval_batches", "2", "--disable_tqdm"]
+
+
+def expert_files(output_dir: Path, step: int) -> set[str]:
+    return {p.name for p in (output_dir / "checkpoints" / f"global_step{step}").glob("layer_*_expert_*_*.pt")}
+
+
+ALL_EXPERT_FILES = {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+                    for layer in range(4) for expert in range(4)}
+
+
+def test_world_mismatch_ends_in_one_clear_error(tmp_path):
+    code, output = finish(start(["launch/single_node.sh", "2", "--ep_size", "4", *QUICK, "--output_dir",
+                                 str(tmp_path / "run")], MASTER_PORT=str(free_port())), timeout=120)
+    assert code != 0
+    assert output.count("ep_size (4) must divide the number of ranks (2): use an ep_size that divides 2") == 1
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_without_ssh(tmp_path):
+    """Two launchers on this machine acting as two nodes (1 rank each); the experts are split across them."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port, out = str(free_port()), tmp_path / "run"
+    nodes = [start(["launch/multi_node_no_ssh.sh", str(hostfile), str(rank), "127.0.0.1", "--ep_size", "2", *QUICK,
+                    "--output_dir", str(out)], MASTER_PORT=port) for rank in (0, 1)]
+    outputs = [succeed(node) for node in nodes]
+    assert "Done: 3 steps" in outputs[0]
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
+    assert expert_files(out, 3) == ALL_EXPERT_FILES
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
+
+
+def test_hostfile_launcher_on_one_host(tmp_path):
+    """launch/multi_node_hostfile.sh with a one-host hostfile. The launcher would check ssh to the host
+    first (and use pdsh for several hosts, which this machine cannot do); --no_ssh_check skips that."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# comment\nlocalhost slots=2\n")
+    out = tmp_path / "run"
+    succeed(start(["launch/multi_node_hostfile.sh", str(hostfile), "--ep_size", "2", *QUICK, "--output_dir", str(out)],
+                  MASTER_PORT=str(free_port()), LAUNCHER_ARGS="--no_ssh_check"))
+    assert expert_files(out, 3) == ALL_EXPERT_FILES
+
+
+def test_slurm_script_with_stub_srun(tmp_path):
+    """launch/slurm.sbatch on one 2-slot 'node': scontrol and srun are stubs, the launcher and ranks are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'SLURM_NODEID=0 exec "$@"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "run"
+    env = launch_env()
+    succeed(start(["bash", "launch/slurm.sbatch", "--ep_size", "2", *QUICK, "--output_dir", str(out)],
+                  PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242",
+                  SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="2", HOSTFILE_DIR=str(tmp_path),
+                  MASTER_PORT=str(free_port())))
+    assert (tmp_path / "hostfile.4242").read_text() == "localhost slots=2\n"
+    assert expert_files(out, 3) == ALL_EXPERT_FILES
+
+
+def test_accelerate_launch_with_the_deepspeed_plugin(tmp_path):
+    out = tmp_path / "run"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    succeed(start([*accelerate, "--config_file", "launch/accelerate_deepspeed.yaml", "--main_process_port",
+                   str(free_port()), "train.py", "--ep_size", "2", *QUICK, "--output_dir", str(out)]))
+    assert expert_files(out, 3) == ALL_EXPERT_FILES
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero1"])
+def test_other_zero_stages_train_with_ep2(tmp_path, stage):
+    out = tmp_path / "run"
+    launch(["train.py", "--ep_size", "2", "--deepspeed", stage, *QUICK, "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_loss"] < 5.55  # ln(257): learning happened
+    assert expert_files(out, 3) == ALL_EXPERT_FILES
+
+
+# Checkpoints across ranks: exact resume at EP=2, resharding EP=2 <-> EP=1, stop signals.
+RESUME = [*QUICK, "--logging_steps", "1", "--eval_steps", "0"]
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    """8 steps on 2 ranks at ep_size 2, checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("ep2") / "run"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "8", "--save_steps", "4", "--output_dir", str(out)])
+    return out
+
+
+def test_resume_is_exact_on_two_ranks_at_ep2(ep2_run, tmp_path):
+    out = tmp_path / "resumed"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "8", "--output_dir", str(out),
+            "--resume_from_checkpoint", str(ep2_run / "checkpoints" / "global_step4")])
+    resumed, straight = logged_losses(out), logged_losses(ep2_run)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in resumed] == [straight[s] for s in resumed]  # bit for bit
+
+
+def test_reshard_ep2_to_ep1_and_back(ep2_run, tmp_path, world):
+    import train
+    from moe_models.training.checkpoint import CheckpointError
+    from moe_models.moe.layer import moe_layers_of
+
+    tag = ep2_run / "checkpoints" / "global_step8"
+    one_rank = tmp_path / "ep1"
+    args = ["--ep_size", "1", *RESUME, "--max_steps", "10", "--output_dir", str(one_rank),
+            "--resume_from_checkpoint", str(tag)]
+    with pytest.raises(CheckpointError, match="saved with 2 ranks, ep_size 2 and --moe_impl grouped, this run has 1 ranks, ep_size 1 and"):
+        train.build(train.parse_args(args))
+    _, trainer = train.build(train.parse_args([*args, "--reset_optimizer", "--overwrite_output_dir"]))
+    for layer_index, layer in enumerate(moe_layers_of(trainer.engine.module)):  # every global expert, by id
+        for expert_id, expert in zip(layer.global_expert_ids(), layer.local_expert_weights()):
+            saved = torch.load(tag / f"layer_{layer_index}_expert_{expert_id}_mp_rank_00_model_states.pt",
+                               weights_only=False)
+            for name, param in expert.items():
+                key = next(k for k in saved if k.endswith(f"deepspeed_experts.{expert_id}.{name}"))
+                torch.testing.assert_close(param.detach(), saved[key], rtol=0, atol=0)
+    summary = trainer.train()
+    assert summary["steps"] == 10 and summary["last_loss"] < 5.55
+
+    back = tmp_path / "ep2-again"
+    launch(["train.py", "--ep_size", "2", *RESUME, "--max_steps", "12", "--output_dir", str(back),
+            "--resume_from_checkpoint", str(one_rank / "checkpoints"), "--reset_optimizer"])
+    assert sorted(logged_losses(back)) == [11, 12]
+    assert expert_files(back, 12) == ALL_EXPERT_FILES
+
+
+def test_stop_signal_on_every_rank_saves_and_exits_zero(tmp_path):
+    import psutil
+    out = tmp_path / "run"
+    proc = start([*LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--ep_size", "2",
+                  *RESUME, "--max_steps", "100000", "--output_dir", str(out)])
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len(logged_losses(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, finish(proc, 10)[1][-6000:]
+        time.sleep(0.5)
+    for rank in psutil.Process(proc.pid).children(recursive=True):  # SLURM signals every process of the step
+        rank.send_signal(signal.SIGUSR1)
+    output = succeed(proc, timeout=120)
+    assert output.count("stopped by SIGUSR1") == 1  # printed by rank 0
+    step = int((out / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert step >= 3 and expert_files(out, step) == ALL_EXPERT_FILES
