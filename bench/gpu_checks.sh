@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the grouped expert path, as one run (written for one H200; not yet run on a GPU):
-#   1. the dropless path never synchronises with the host (tests/test_experts.py, set_sync_debug_mode "error");
+#   1. the dropless path never synchronises with the host (tests/moe/test_grouped_layer.py, set_sync_debug_mode "error");
 #   2. bench/moe_layer.py --gpu: the three layer shapes of the design notes, bf16, 16384 tokens;
 #   3. bench/train_step.py --gpu: the reference LM step (d1024 f3584 L8 E8 k2, 8 x 2048 tokens), tokens/s and MFU.
 # Logs go to $OUT (default: gpu_checks/); the tables are printed last. On a machine without deepspeed installed,
@@ -15,7 +15,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_experts.py -k "no_host_sync or equals_stock" > "$OUT/sync_test.log" 2>&1
+python3 -m pytest -q -p no:cacheprovider tests/moe/test_grouped_layer.py -k "no_host_sync or equals_stock" > "$OUT/sync_test.log" 2>&1
 echo "sync + equality tests: exit $?" | tee -a "$OUT/versions.txt"
 python3 bench/moe_layer.py --gpu > "$OUT/moe_layer.log" 2>&1; echo "moe_layer: exit $?"
 python3 bench/train_step.py --gpu --rounds 3 --steps 5 > "$OUT/train_step.log" 2>&1; echo "train_step: exit $?"
