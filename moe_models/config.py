@@ -122,6 +122,13 @@ class TrainConfig:
         "a requeued job can always pass it), a checkpoints folder, or one tag folder (checkpoints/global_stepN).")
     reset_optimizer: bool = _flag(False, "When resuming at another world size, ep_size or moe_impl: load the weights "
                                   "and start a fresh optimizer state (the LR schedule continues).")
+    max_nonfinite_steps: int = _flag(
+        10, "Stop (exit 1) after this many consecutive optimizer steps whose loss or gradient norm is NaN or inf. Each "
+        "such step is skipped on every rank and counted in metrics.jsonl (`nonfinite_steps`); 0 = never stop.")
+    dist_timeout_s: int = _flag(
+        600, "Seconds any collective (all-reduce, all-to-all, barrier) may wait for the other ranks before the run "
+             "stops with an error naming it: a frozen rank or a node that stopped answering ends the job instead of "
+             "hanging it. Data preparation on rank 0 (the others wait for its cache) has a timeout of its own.")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

@@ -34,7 +34,9 @@ def expert_parallel_problems(ep_size: int, world_size: int) -> list[str]:
 def train_problems(train: TrainConfig) -> list[str]:
     problems = too_small(train, ("per_device_train_batch_size", "per_device_eval_batch_size",
                                  "gradient_accumulation_steps", "max_steps", "logging_steps"))
-    problems += too_small(train, ("eval_steps", "save_steps", "max_eval_batches", "save_total_limit"), minimum=0)
+    problems += too_small(train, ("eval_steps", "save_steps", "max_eval_batches", "save_total_limit",
+                                  "max_nonfinite_steps"), minimum=0)
+    problems += too_small(train, ("dist_timeout_s",))
     resume = train.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).is_dir():
         problems.append(f"resume_from_checkpoint {resume!r} does not exist; give 'latest', a checkpoints folder or "
