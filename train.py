@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from moe_models.cli import parse_args
 from moe_models.config import RunConfig
 from moe_models.data.batches import TrainBatches
 from moe_models.data.text import load_text_datasets, pack_blocks
-from moe_models.distributed import World, init_world, launched_rank, launched_world_size, main_process_first
+from moe_models.distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
+                                    main_process_first)
 from moe_models.hf.load import import_hf_moe, is_hf_moe_folder
 from moe_models.models.source import load_dense_model
 from moe_models.models.tokenization import load_tokenizer
 from moe_models.moe.layout import MoELayout
 from moe_models.moe.surgery import convert_to_moe, layout_of
+from moe_models.training.checkpoint import CheckpointError
 from moe_models.training.ds_config import build_deepspeed_config
+from moe_models.training.nonfinite import NonFiniteError
 from moe_models.training.trainer import Trainer, build_engine
 from moe_models.training.validate import validate
 
@@ -39,7 +43,21 @@ def main(argv: list[str] | None = None) -> dict:
         if launched_rank() == 0:  # one message, not one traceback per rank
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except (NonFiniteError, CheckpointError) as err:  # every rank stops at the same step, with the same reason
+        if world.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as err:
+        if not is_collective_timeout(err):
+            raise
+        print(f"error: rank {world.rank}: {trainer.phase} waited more than --dist_timeout_s "
+              f"({cfg.train.dist_timeout_s} s) for the other ranks ({str(err).splitlines()[0]}). A rank is frozen or "
+              "its node stopped answering: check every node's processes, devices and network. The last complete "
+              f"checkpoint is {trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint "
+              "latest.", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
     if world.is_main:
         print_summary(summary, trainer.output_dir)
     return summary
@@ -50,7 +68,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     validate(cfg, world_size=launched_world_size())
     ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
 
-    world = init_world()
+    world = init_world(cfg.train.dist_timeout_s)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled

@@ -6,11 +6,13 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_world() -> World:
-    """Join (or, for a single process, create) the process group that DeepSpeed uses.
+def init_world(timeout_s: int = 600) -> World:
+    """Join (or, for a single process, create) the process group that DeepSpeed uses; no collective of the run
+    waits longer than ``timeout_s`` for the other ranks (a RuntimeError that ``is_collective_timeout`` then).
 
     A plain `python train.py` gets the env a launcher would set for one rank, so that one process
     and `deepspeed train.py` run the same code path.
@@ -51,7 +54,14 @@ def init_world() -> World:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        timeout = timedelta(seconds=timeout_s)
+        # torch gives a group made without a timeout of its own (DeepSpeed makes its expert-parallel and
+        # expert-data-parallel groups so) its module-wide default, 30 minutes, not the world's: the run's timeout
+        # becomes that default too. Written here because neither DeepSpeed nor torch has a setting for it.
+        c10d.default_pg_timeout = timeout
+        if isinstance(c10d.default_pg_nccl_timeout, timedelta):
+            c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
         _unlink_cpu_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -76,14 +86,22 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether a collective gave up waiting for the other ranks (gloo and NCCL say "timed out" / "timeout")."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
 @contextmanager
-def main_process_first(world: World):
-    """Rank 0 runs the block first (filling the datasets cache), the other ranks then read the cache."""
+def main_process_first(world: World, timeout_s: int = 6 * 3600):
+    """Rank 0 runs the block first (filling the datasets cache), the other ranks then read the cache. They wait on a
+    group of their own whose timeout (default 6 h) allows for tokenizing a large corpus."""
+    group = dist.new_group(timeout=timedelta(seconds=timeout_s)) if world.world_size > 1 else None
     if not world.is_main:
-        dist.barrier()
+        dist.barrier(group=group)
     yield
     if world.is_main and world.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _unlink_cpu_allreduce_buffer() -> None:

@@ -42,8 +42,8 @@ class Progress:
     """Rank 0's console: a tqdm bar over optimizer steps with loss and tokens/s (tqdm shows the ETA), and at
     every eval the eval loss plus one expert-load line per MoE layer from the latest training row."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool, is_main: bool = True):
+        self.total, self.enabled, self.is_main = total, enabled, is_main
         self.bar: tqdm | None = None
         self.last_training_row: dict = {}
 
@@ -66,8 +66,11 @@ class Progress:
                 self.print(line)
 
     def print(self, text: str) -> None:
+        """A line on rank 0's console, above the bar when there is one."""
         if self.bar:
             self.bar.write(text)
+        elif self.is_main:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar:
@@ -141,7 +144,8 @@ def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLo
     if cfg.log.report_to == "wandb" and is_main:
         from .wandb_sink import WandbSink  # imports wandb only when it is used
         wandb = WandbSink(cfg, output_dir)
-    return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm), wandb)
+    return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm, is_main=is_main),
+                 wandb)
 
 
 def perplexity(loss: float) -> float:

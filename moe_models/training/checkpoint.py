@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..config import MoEConfig
 from ..data.batches import TrainBatches
-from ..distributed import World
+from ..distributed import World, all_reduce_sum
 
 COMPLETE = "complete.json"
 LATEST = "latest"
@@ -127,12 +127,30 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: TrainState, batches: TrainBatches,
          world: World, moe: MoEConfig, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
-    """Save on every rank; the tag becomes `latest` only after all ranks have written all their files."""
+    """Save on every rank; the tag becomes `latest` only after all ranks have written all their files.
+
+    A write that fails on any rank (a full disk, a quota, a file system gone) fails the save on every rank: the
+    partial tag folder is removed, `latest` keeps naming the previous complete tag, and a CheckpointError says so.
+    """
     tag_dir = folder.tag_dir(state.step)
     client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": batches.state_dict(),
                     **(extra_client_state or {})}
-    engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
+    failure = None
+    try:
+        engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
+    except OSError as err:
+        failure = err
+    failed_ranks = int(all_reduce_sum(torch.tensor([float(failure is not None)], device=world.device)).item())
+    if failed_ranks:  # every rank's files are settled (written or failed): the tag can go
+        if world.is_main and tag_dir != folder.latest():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointError(
+            f"saving checkpoint {tag_dir} failed on {failed_ranks} of {world.world_size} ranks (rank {world.rank}: "
+            f"{failure or 'its files were written'}). Nothing was lost: the partial folder is removed and "
+            f"{folder.latest() or 'no earlier checkpoint'} is still the latest complete checkpoint. Free space or fix "
+            "the file system, then relaunch with --resume_from_checkpoint latest.")
     dist.barrier()  # every rank's files are on disk
     if world.is_main:
         folder.mark_complete(tag_dir, {"step": state.step, **_layout(world, moe)})

@@ -37,12 +37,12 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self._vote is not None:
-            self._vote[0].wait()  # leave no collective in flight
-            self._vote = None
-        if self._group is not None:
+        if self._vote is not None and exc[0] is None:
+            self._vote[0].wait()  # leave no collective in flight (all ranks end the loop at the same step)
+        self._vote = None
+        if self._group is not None and exc[0] is None:
             dist.destroy_process_group(self._group)
-            self._group = None
+        self._group = None
 
     def _record(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name

@@ -20,6 +20,7 @@ from ..metrics.throughput import (active_parameters, attention_dims, flops_per_t
 from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of
 from . import checkpoint
 from .checkpoint import CheckpointFolder, TrainState
+from .nonfinite import NonFiniteError, NonFiniteGuard, first_nonfinite_layer
 from .preemption import StopRequest
 
 
@@ -56,6 +57,9 @@ class Trainer:
         self.layers = moe_layers_of(engine.module)
         self.state = TrainState()
         self.lr = 0.0
+        self.guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
+        self.last_skipped_batch: torch.Tensor | None = None
+        self.phase = "setup"  # what the ranks are doing, for the message when a collective times out
         self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
         self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log)  # wandb_run_id settable before train()
         self.interval = IntervalStats(self.layers, world.device)
@@ -69,7 +73,8 @@ class Trainer:
             print(f"mfu not reported: {peak_source}")
 
     def train(self) -> dict:
-        """Train to max_steps (or until a stop signal); returns the run summary."""
+        """Train to max_steps (or until a stop signal); returns the run summary. Raises NonFiniteError after
+        max_nonfinite_steps skipped steps in a row."""
         t = self.cfg.train
         self.first_step = self.state.step  # > 0 after a resume
         self.sinks.start(self.state.step)
@@ -78,33 +83,39 @@ class Trainer:
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
         stopped_by = None
         self.engine.train()
-        with StopRequest() as stop:
-            while self.state.step < t.max_steps:
-                started = time.perf_counter()
-                sums += self.train_step()
-                self.state.step += 1
-                self.state.tokens_seen += self.tokens_per_step
-                step, last = self.state.step, self.state.step == t.max_steps
-                if step == 1 or step % t.logging_steps == 0 or last:
-                    self.sinks.log(self.training_row(sums, interval_seconds + time.perf_counter() - started))
-                    sums.zero_()
-                    interval_seconds = 0.0
-                else:
-                    interval_seconds += time.perf_counter() - started
-                train_seconds += time.perf_counter() - started
-                self.sinks.console.advance()
-                if stop.agreed():
-                    stopped_by = stop.received or "a signal on another rank"
-                    self.save()
-                    self.sinks.console.print(f"stopped by {stopped_by} after step {step}: saved "
-                                             f"{self.checkpoints.tag_dir(step)}; relaunch with "
-                                             "--resume_from_checkpoint latest")
-                    break
-                if (t.eval_steps and step % t.eval_steps == 0) or last:
-                    self.sinks.log(self.evaluate())
-                if (t.save_steps and step % t.save_steps == 0) or last:
-                    self.save()
-        self.sinks.close()
+        try:
+            with StopRequest() as stop:
+                while self.state.step < t.max_steps:
+                    started = time.perf_counter()
+                    self.phase = f"training step {self.state.step + 1} (forward, backward, optimizer step)"
+                    sums += self.train_step()
+                    self.state.step += 1
+                    self.state.tokens_seen += self.tokens_per_step
+                    step, last = self.state.step, self.state.step == t.max_steps
+                    self.check_finite(step)
+                    if step == 1 or step % t.logging_steps == 0 or last:
+                        self.phase = f"the logging all-reduce after step {step}"
+                        self.sinks.log(self.training_row(sums, interval_seconds + time.perf_counter() - started))
+                        sums.zero_()
+                        interval_seconds = 0.0
+                    else:
+                        interval_seconds += time.perf_counter() - started
+                    train_seconds += time.perf_counter() - started
+                    self.sinks.console.advance()
+                    self.phase = f"the stop-signal vote after step {step}"
+                    if stop.agreed():
+                        stopped_by = stop.received or "a signal on another rank"
+                        self.save()
+                        self.sinks.console.print(f"stopped by {stopped_by} after step {step}: saved "
+                                                 f"{self.checkpoints.tag_dir(step)}; relaunch with "
+                                                 "--resume_from_checkpoint latest")
+                        break
+                    if (t.eval_steps and step % t.eval_steps == 0) or last:
+                        self.sinks.log(self.evaluate())
+                    if (t.save_steps and step % t.save_steps == 0) or last:
+                        self.save()
+        finally:
+            self.sinks.close()
         return {**self.summary(train_seconds), "stopped_by": stopped_by}
 
     def train_step(self) -> torch.Tensor:
@@ -116,9 +127,40 @@ class Trainer:
             lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
             self.engine.backward(lm_loss + coef * aux_loss)
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
+            if self.engine.is_gradient_accumulation_boundary():
+                self.guard.before_step()
             self.engine.step()
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
+        if self.guard.after_step():
+            self.last_skipped_batch = input_ids
         return sums
+
+    def check_finite(self, step: int) -> None:
+        """Say so when the step just taken was skipped as non-finite; give up after too many in a row."""
+        if self.guard.consecutive == 0:
+            return
+        limit = self.cfg.train.max_nonfinite_steps
+        self.sinks.console.print(f"step {step}: the loss or gradient norm is not finite; the update was skipped on "
+                                 f"every rank ({self.guard.consecutive} in a row"
+                                 + (f"; the run stops at {limit})" if limit else ")"))
+        if self.guard.exhausted:
+            raise NonFiniteError(self.nonfinite_report(step))
+
+    def nonfinite_report(self, step: int) -> str:
+        t, n = self.cfg.train, self.guard.consecutive
+        self.phase = f"the non-finite diagnosis after step {step}"
+        layer = first_nonfinite_layer(self.engine.module, self.layers, self.last_skipped_batch)
+        where = (f"the first non-finite value on the last batch appears in {layer}" if layer else
+                 "every MoE layer's router logits and output are finite on the last batch, so the non-finite values "
+                 "arise elsewhere (attention, embeddings, the loss or the gradients)")
+        latest = self.checkpoints.latest()
+        return (f"steps {step - n + 1}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"and were skipped on every rank (--max_nonfinite_steps {t.max_nonfinite_steps}); {where}. The last "
+                f"good checkpoint is {latest or 'none (no save yet)'}. What usually fixes it: a lower --learning_rate "
+                f"(now {t.learning_rate:g}), a longer --warmup_steps (now {t.warmup_steps}), gradient clipping "
+                f"(--max_grad_norm, now {t.max_grad_norm:g}), a smaller --aux_loss_coef (now "
+                f"{self.cfg.moe.aux_loss_coef:g}), or fp32 where bf16 overflows; then resume with "
+                "--resume_from_checkpoint latest, or start over.")
 
     def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
         """The interval's metrics over all ranks (docs/metrics.md); one all-reduce for losses and MoE counters."""
@@ -137,12 +179,14 @@ class Trainer:
                                  self.peak_tflops),
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.engine.skipped_steps,
+            "nonfinite_steps": self.guard.total,
             **self.interval.metrics(summed[3:], tokens, self.world.world_size),
         }
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks."""
+        self.phase = f"evaluation at step {self.state.step}"
         self.engine.eval()
         sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
@@ -161,6 +205,7 @@ class Trainer:
 
     def save(self) -> None:
         """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
+        self.phase = f"saving checkpoint {self.checkpoints.tag_of(self.state.step)}"
         checkpoint.save(self.engine, self.checkpoints, self.state, self.batches, self.world, self.cfg.moe,
                         self.cfg.train.save_total_limit, {"wandb_run_id": self.sinks.wandb_run_id})
 
