@@ -83,6 +83,7 @@ def test_a_frozen_rank_ends_the_job_and_the_run_resumes_exactly(tmp_path):
         nodes[1].communicate()
     print(f"node 0 exited {code} {waited:.1f} s after the freeze")
     assert code != 0 and waited < 60, f"node 0 exited {code} after {waited:.0f} s"
+    print(next((line for line in output.splitlines() if "error: rank" in line), "no error line"))
     assert "waited more than --dist_timeout_s (20 s) for the other ranks" in output, output[-3000:]
     assert "A rank is frozen or its node stopped answering" in output
     assert "Traceback" not in output
