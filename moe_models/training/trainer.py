@@ -207,7 +207,8 @@ class Trainer:
         """DeepSpeed's checkpoint layout under checkpoints/global_step{N}/, made complete-or-absent."""
         self.phase = f"saving checkpoint {self.checkpoints.tag_of(self.state.step)}"
         checkpoint.save(self.engine, self.checkpoints, self.state, self.batches, self.world, self.cfg.moe,
-                        self.cfg.train.save_total_limit, {"wandb_run_id": self.sinks.wandb_run_id})
+                        self.cfg.train.save_total_limit,
+                        {"wandb_run_id": self.sinks.wandb_run_id, "nonfinite_steps": self.guard.total})
 
     def resume(self, spec: str) -> None:
         """Continue from a checkpoint ("latest", a checkpoints folder or a tag folder); "latest" with no
@@ -218,6 +219,7 @@ class Trainer:
         self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
                                                    self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
         self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
+        self.guard.total = client_state.get("nonfinite_steps", 0)
         self.sinks.jsonl.drop_after(self.state.step)
         if self.world.is_main:
             print(f"Resumed from {tag_dir} at step {self.state.step}")

@@ -48,6 +48,10 @@ def test_a_nan_step_is_skipped_and_counted(zero, world, tmp_path, monkeypatch, c
     before, skipped, after = (module_weights(out, step) for step in (2, 3, 4))
     assert all(torch.equal(before[name], skipped[name]) for name in before)  # step 3 changed nothing
     assert not all(torch.equal(skipped[name], after[name]) for name in skipped)  # step 4 trained again
+    resumed = tmp_path / f"{zero}_resumed"  # the count is part of the run: a resume continues it
+    train.main([*FLAGS, "--deepspeed", zero, "--max_steps", "5", "--output_dir", str(resumed),
+                "--resume_from_checkpoint", str(out / "checkpoints" / "global_step3")])
+    assert [r["nonfinite_steps"] for r in rows(resumed) if "loss" in r] == [1, 1]
 
 
 def test_too_many_nonfinite_steps_stop_the_run_with_what_to_try(world, tmp_path, monkeypatch, capsys):

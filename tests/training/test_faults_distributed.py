@@ -9,8 +9,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
-from helpers import LAUNCHER, finish, free_port, start
+from helpers import LAUNCHER, finish, free_port, start, succeed
 
 pytestmark = pytest.mark.distributed
 
@@ -98,3 +99,21 @@ def test_a_frozen_rank_ends_the_job_and_the_run_resumes_exactly(tmp_path):
     resumed = losses(out)
     assert [resumed[s] for s in range(latest + 1, end + 1)] == pytest.approx(
         [losses(reference)[s] for s in range(latest + 1, end + 1)], rel=1e-5)
+
+
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])  # stage 0: the guard's own check; stage 2: DeepSpeed's
+def test_a_nan_on_one_rank_is_skipped_on_every_rank_at_ep2(zero, tmp_path):
+    out = tmp_path / "run"
+    succeed(start([*LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "tests/scripts/nan_on_rank.py",
+                   "--ep_size", "2", "--deepspeed", zero, *RUN, "--max_steps", "4", "--save_steps", "1",
+                   "--output_dir", str(out)], NAN_RANK="1", NAN_STEPS="3"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in rows if "loss" in r] == [0, 0, 1, 1]
+    weights = {step: torch.load(out / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt",
+                                weights_only=False)["module"] for step in (2, 3)}
+    assert all(torch.equal(weights[2][name], weights[3][name]) for name in weights[2])  # no rank applied step 3
+    for expert in range(4):  # the experts, on both ranks' halves, too
+        files = [out / "checkpoints" / f"global_step{step}" / f"layer_0_expert_{expert}_mp_rank_00_model_states.pt"
+                 for step in (2, 3)]
+        before, after = (torch.load(f, weights_only=False) for f in files)
+        assert all(torch.equal(before[name], after[name]) for name in before)
