@@ -25,7 +25,7 @@ class Sorted(NamedTuple):
     order_R: torch.Tensor                 # route index of each sorted row (routes sorted by expert, dropped last)
     top_k: int
     kept_R1: Optional[torch.Tensor]       # [R, 1] False for a dropped row (None when nothing can be dropped)
-    exchange: Optional[tuple] = None      # AllToAllDispatcher: (send splits, recv splits, regrouping order)
+    exchange: Optional[tuple] = None      # AllToAllDispatcher: (send splits, recv splits, regrouping order, R)
 
 
 class LocalDispatcher:
