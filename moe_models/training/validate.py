@@ -17,7 +17,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
     started (1 for ``python train.py``)."""
     problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
-                + model_problems(cfg.model) + data_problems(cfg.data) + train_problems(cfg.train)
+                + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
     if problems:
         raise ConfigError(problems)
