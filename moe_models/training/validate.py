@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ..config import ConfigError, RunConfig, TrainConfig, too_small
 from ..data.text import data_problems
 from ..metrics.sinks import log_problems
 from ..models.source import model_problems
 from ..moe.layout import moe_problems
 from .ds_config import deepspeed_config_problems
+from .resumable import check_resumable
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
@@ -21,6 +24,31 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
     if problems:
         raise ConfigError(problems)
+    check_resumable(cfg)
+
+
+def check_same_settings(cfg: RunConfig) -> None:
+    """Once the process group exists: every rank must have been given the same settings. Raise a ConfigError
+    naming the ranks that differ from rank 0 and in which flags."""
+    settings = [None] * dist.get_world_size()
+    dist.all_gather_object(settings, _flat(cfg.to_dict()))
+    problems = []
+    for rank, theirs in enumerate(settings[1:], start=1):
+        differing = sorted(name for name in theirs.keys() | settings[0].keys()
+                           if theirs.get(name) != settings[0].get(name))
+        if differing:
+            shown = ", ".join(f"--{name} {theirs.get(name)!r} (rank 0: {settings[0].get(name)!r})"
+                              for name in differing[:3])
+            problems.append(f"rank {rank} was given other settings than rank 0: {shown}"
+                            + (f" and {len(differing) - 3} more" if len(differing) > 3 else ""))
+    if problems:
+        raise ConfigError(problems + ["every rank must get the same flags: start all ranks with one launcher "
+                                      "command (on several nodes, the same command and files on each node)"])
+
+
+def _flat(settings: dict) -> dict:
+    """{"moe": {"top_k": 2}} -> {"top_k": 2}: flag names are unique across sections."""
+    return {name: value for section in settings.values() for name, value in section.items()}
 
 
 def expert_parallel_problems(ep_size: int, world_size: int) -> list[str]:
