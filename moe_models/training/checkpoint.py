@@ -90,7 +90,7 @@ class CheckpointFolder:
     def previous_good(self, tag_dir: Path) -> str:
         older = [t for t in self.complete_tags() if self.step_of(t) < self.step_of(tag_dir)]
         return (f"use the previous good checkpoint {older[-1]}" if older
-                else "no earlier complete checkpoint exists")
+                else "no earlier complete checkpoint exists: start over without --resume_from_checkpoint")
 
     def prune(self, keep: int) -> list[Path]:
         """Delete all but the newest `keep` complete tags; never the one `latest` names. Returns what was deleted."""
