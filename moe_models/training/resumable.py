@@ -56,16 +56,19 @@ def _damage(path: Path) -> str | None:
 
 def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
     """How the checkpoint's run differs from this one in the model or the MoE shape, with the fix."""
-    recorded = json.loads((run_dir / "run_config.json").read_text())
+    saved_model = run_dir / "base_model" / "config.json"
+    try:
+        recorded = json.loads((run_dir / "run_config.json").read_text())
+        saved = json.loads(saved_model.read_text()) if saved_model.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):  # not a run folder this project wrote: loading will tell
+        return None
     fix = (f"resume with the settings it was trained with ({run_dir / 'run_config.json'}), or start a new run "
            "without --resume_from_checkpoint")
     current, _ = local_config(cfg.model)
-    saved_model = run_dir / "base_model" / "config.json"
     moe_types = {a.moe_model_type for a in ARCHITECTURES.values() if a.moe_model_type}
     if current is None or current.get("model_type") in moe_types:  # a hub id, or an import that takes its MoE
         return None                                                # settings from the imported checkpoint
-    if saved_model.is_file():
-        saved = json.loads(saved_model.read_text())
+    if saved is not None:
         differing = [key for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
         if differing:
             source = recorded.get("model", {})
