@@ -1,5 +1,6 @@
 """Every setting checked before anything heavy starts: each part's own checks and the training section's,
-gathered into one ConfigError that lists every problem."""
+gathered into one ConfigError that lists every problem; and, once the process group exists, that every rank
+was given the same settings."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .resumable import check_resumable
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
-    started (1 for ``python train.py``)."""
+    started (1 for ``python train.py``). Then the checkpoint to resume, if any (a CheckpointError naming it)."""
     problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
