@@ -32,7 +32,7 @@ from moe_models.training.checkpoint import CheckpointError
 from moe_models.training.ds_config import build_deepspeed_config
 from moe_models.training.nonfinite import NonFiniteError
 from moe_models.training.trainer import Trainer, build_engine
-from moe_models.training.validate import validate
+from moe_models.training.validate import check_same_settings, validate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,6 +69,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
 
     world = init_world(cfg.train.dist_timeout_s)
+    check_same_settings(cfg)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled

@@ -25,12 +25,40 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# How "no value" is written for an Optional flag in DeepSpeed's and HF's docs (Python's None, JSON's null).
+NONE_SPELLINGS = ("none", "null")
+
+
+def choice_parser(choices: tuple[str, ...], optional: bool):
+    """A flag's choices in any letter case (DeepSpeed writes 'Jitter', users copy 'jitter'), plus None/none for
+    an Optional one."""
+    by_lower = {choice.lower(): choice for choice in choices}
+
+    def parse(text: str):
+        if optional and text.lower() in NONE_SPELLINGS:
+            return None
+        if text.lower() in by_lower:
+            return by_lower[text.lower()]
+        allowed = [*choices, *(["None"] if optional else [])]
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}; choose from {', '.join(allowed)}")
+    return parse
+
+
+def optional_parser(parse):
+    """An Optional number flag: None/none/null give None, anything else goes to ``parse``."""
+    def parse_optional(text: str):
+        return None if text.lower() in NONE_SPELLINGS else parse(text)
+    parse_optional.__name__ = parse.__name__  # argparse names the expected type after it ("invalid int value")
+    return parse_optional
+
+
 def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> None:
     name, help_text = f"--{f.name}", f.metadata["help"]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     args = typing.get_args(hint)
     is_union = typing.get_origin(hint) in (Union, types.UnionType)
-    if is_union and type(None) in args:  # Optional[X]
+    optional = is_union and type(None) in args
+    if optional:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
         is_union = typing.get_origin(hint) in (Union, types.UnionType)
@@ -38,11 +66,14 @@ def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> N
     if hint is bool:
         parser.add_argument(name, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
     elif typing.get_origin(hint) is Literal:
-        parser.add_argument(name, choices=list(args), **kw)
+        metavar = "{" + ",".join([*args, *(["None"] if optional else [])]) + "}"
+        parser.add_argument(name, type=choice_parser(args, optional), metavar=metavar, **kw)
     elif is_union and args == (int, list[int]):
         parser.add_argument(name, type=int, nargs="+", **kw)
     elif is_union and args == (str, list[int]):
         parser.add_argument(name, type=str, **kw)
+    elif optional and hint in (int, float):
+        parser.add_argument(name, type=optional_parser(hint), **kw)
     else:
         parser.add_argument(name, type=hint, **kw)
 
@@ -78,7 +109,9 @@ def configuration_markdown() -> str:
     """
     lines = ["# Configuration", "",
              "Every setting is a command-line flag of `train.py` with the same name as its field in",
-             "`moe_models/config.py`. Booleans take `true`/`false` (a bare `--flag` means true). Unknown flags are",
+             "`moe_models/config.py`. Booleans take `true`/`false` in any letter case (also `yes`/`no`, `1`/`0`; a",
+             "bare `--flag` means true). Choices are matched in any letter case (`jitter` is `Jitter`), and a number",
+             "or choice whose default is `None` takes `None` (or `none`, `null`) for no value. Unknown flags are",
              "refused. All settings are checked before anything heavy starts, and every problem is reported",
              "at once. The resolved settings of a run are saved as `run_config.json` in its output folder.", "",
              "The DeepSpeed JSON (`--deepspeed`) holds what no flag owns (ZeRO stage, optimizer betas, offload);",

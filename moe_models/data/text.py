@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
 
 from ..config import DataConfig, too_small
+from .files import FILE_BUILDERS, file_problems, unreadable_reason
 from .synthetic import DOMAIN_INDEX, synthetic_corpus
 
 
@@ -23,14 +25,8 @@ def data_problems(data: DataConfig) -> list[str]:
     if data.train_file and data.dataset_name:
         problems.append("give either --train_file or --dataset_name, not both")
     for name in ("train_file", "validation_file"):
-        path = getattr(data, name)
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            problems.append(f"{name} {path!r} does not exist")
-        elif Path(path).suffix.lower() not in FILE_BUILDERS:
-            problems.append(f"{name} {path!r}: unsupported extension {Path(path).suffix!r}; "
-                            f"use {', '.join(FILE_BUILDERS)}")
+        if getattr(data, name) is not None:
+            problems += file_problems(name, getattr(data, name))
     if data.validation_file and not (data.train_file or data.dataset_name):
         problems.append("--validation_file needs --train_file or --dataset_name (the built-in corpus has its own "
                         "held-out split)")
@@ -38,11 +34,6 @@ def data_problems(data: DataConfig) -> list[str]:
     if not 0 < data.validation_split_percentage < 100:
         problems.append(f"validation_split_percentage ({data.validation_split_percentage}) must be in 1..99")
     return problems
-
-
-# The file formats --train_file and --validation_file take: extension -> the datasets builder that reads it.
-FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                 ".csv": "csv"}
 
 
 def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
@@ -70,7 +61,12 @@ def _load_file(path: str, text_column: str) -> Dataset:
     builder = FILE_BUILDERS.get(Path(path).suffix.lower())
     if builder is None:
         raise ValueError(f"{path!r}: unsupported extension; use one of {', '.join(FILE_BUILDERS)}")
-    dataset = load_dataset(builder, data_files={"train": path}, split="train")
+    try:
+        dataset = load_dataset(builder, data_files={"train": path}, split="train")
+    except (DatasetGenerationError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(unreadable_reason(path, builder, err)) from err
+    if len(dataset) == 0:
+        raise ValueError(f"{path} holds no texts; give a file with at least a few lines of text")
     if builder == "text":  # the text builder always names its one column "text"
         dataset = _rename_text_column(dataset, text_column)
     return _select_columns(dataset, text_column, source=path)

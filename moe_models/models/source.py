@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config import ModelConfig
+from .architectures import ARCHITECTURES
 from .tokenization import BYTE_VOCAB_SIZE
 
 DEFAULT_PRESET = "tiny-llama"
@@ -67,8 +69,9 @@ def check_vocabulary(model: PreTrainedModel, vocab_needed: int) -> None:
                          "use the model's own tokenizer or a config with a larger vocab_size")
 
 
-def model_problems(model: ModelConfig) -> list[str]:
-    """Problems in the model settings that show before anything is loaded."""
+def model_problems(model: ModelConfig, block_size: int) -> list[str]:
+    """Problems in the model settings that show before anything is loaded: the source exists, is a family this
+    project converts, has weights when it is to be upcycled, and has positions for ``block_size`` tokens."""
     problems = []
     if model.model_name_or_path and model.model_config:
         problems.append("give either --model_name_or_path (upcycle a trained model) or --model_config "
@@ -80,4 +83,66 @@ def model_problems(model: ModelConfig) -> list[str]:
             not Path(model.model_name_or_path).expanduser().exists():
         problems.append(f"model_name_or_path {model.model_name_or_path!r} does not exist; give a model folder "
                         "(with config.json) or a hub id")
-    return problems
+    folder = Path(model.model_name_or_path).expanduser() if model.model_name_or_path else None
+    if problems or (folder and folder.is_dir() and not (folder / "config.json").is_file()):
+        return problems or [f"model folder {str(folder)!r} has no config.json; give a folder written by "
+                            "save_pretrained (config.json and weights)"]
+    config, where = local_config(model)
+    if config is None:  # a hub id: checked when it loads
+        return []
+    problems += family_problems(config, where)
+    if not problems and folder and folder.is_dir():
+        problems += weight_problems(folder)
+    return problems + position_problems(config, where, block_size)
+
+
+# What from_pretrained reads weights from (single files or sharded with an index).
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def weight_problems(folder: Path) -> list[str]:
+    """A local --model_name_or_path folder is read for its weights."""
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        return [f"model folder {str(folder)!r} has config.json but no weights (model.safetensors or "
+                "pytorch_model.bin); copy the weights into it, or pass --model_config "
+                f"{folder / 'config.json'} instead to train that architecture from scratch"]
+    return []
+
+
+def local_config(model: ModelConfig) -> tuple[dict | None, str]:
+    """The model's config as a dict and where it comes from, when it is local (a preset, a config.json, a model
+    folder); (None, "") for a hub id, which is only read when the model loads."""
+    if model.model_name_or_path:
+        path = Path(model.model_name_or_path).expanduser() / "config.json"
+    else:
+        source = model.model_config or DEFAULT_PRESET
+        if source in PRESETS:
+            return PRESETS[source], f"the {source} preset"
+        path = Path(source)
+    if not path.is_file():
+        return None, ""
+    try:
+        return json.loads(path.read_text()), str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return {"model_type": None, "_error": f"{path} is not valid JSON: {err}"}, str(path)
+
+
+def family_problems(config: dict, where: str) -> list[str]:
+    if "_error" in config:
+        return [config["_error"] + "; give a config.json written by save_pretrained"]
+    model_type = config.get("model_type")
+    moe_types = sorted({a.moe_model_type for a in ARCHITECTURES.values() if a.moe_model_type})
+    if model_type in ARCHITECTURES or model_type in moe_types:
+        return []
+    return [f"model type {model_type!r} ({where}) is not supported; supported: {', '.join(sorted(ARCHITECTURES))} "
+            f"(dense, upcycled) and {', '.join(moe_types)} (HF MoE folders, imported). A family with a standard FFN "
+            "is one entry in moe_models/models/architectures.py:ARCHITECTURES."]
+
+
+def position_problems(config: dict, where: str, block_size: int) -> list[str]:
+    """A block must fit the model's position table (max_position_embeddings, or n_positions for GPT-2)."""
+    name = next((n for n in ("max_position_embeddings", "n_positions") if isinstance(config.get(n), int)), None)
+    if name is None or block_size <= config[name]:
+        return []
+    return [f"block_size ({block_size}) is longer than the model's {config[name]} positions ({name} of {where}); "
+            f"use --block_size {config[name]} or less"]

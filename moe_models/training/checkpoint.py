@@ -90,7 +90,7 @@ class CheckpointFolder:
     def previous_good(self, tag_dir: Path) -> str:
         older = [t for t in self.complete_tags() if self.step_of(t) < self.step_of(tag_dir)]
         return (f"use the previous good checkpoint {older[-1]}" if older
-                else "no earlier complete checkpoint exists")
+                else "no earlier complete checkpoint exists: start over without --resume_from_checkpoint")
 
     def prune(self, keep: int) -> list[Path]:
         """Delete all but the newest `keep` complete tags; never the one `latest` names. Returns what was deleted."""
@@ -114,6 +114,12 @@ class CheckpointFolder:
             return cls(path).latest()
         if path.is_dir() and path.name.startswith("global_step"):
             return path
+        if path.is_dir() and any(path.glob("global_step*")):
+            complete = cls(path).complete_tags()
+            raise CheckpointError(
+                f"checkpoints folder {spec!r} has no `latest` file (it is written after the first complete save); "
+                + (f"pass a tag folder instead, e.g. --resume_from_checkpoint {complete[-1]}" if complete else
+                   "none of its tags is complete either: start over without --resume_from_checkpoint"))
         raise CheckpointError(f"resume_from_checkpoint {spec!r} is not a checkpoints folder (with a `latest` file) "
                               "or a tag folder (checkpoints/global_step{N}); use 'latest' for this run's newest "
                               "checkpoint")
@@ -185,8 +191,14 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
                                                  load_optimizer_states=not reset_optimizer,
                                                  load_lr_scheduler_states=True)
     except Exception as err:  # torch / DeepSpeed raise many kinds for a truncated or corrupt file
-        raise CheckpointError(f"cannot load {_unreadable_file(tag_dir) or tag_dir}: {err}; "
-                              f"{folder.previous_good(tag_dir)}") from err
+        unreadable = _unreadable_file(tag_dir)
+        if unreadable is None:  # every file reads: they hold another model's tensors
+            raise CheckpointError(
+                f"cannot load {tag_dir} into this model ({_first_line(err)}); it was saved by a run with another "
+                f"model or MoE shape: resume with that run's settings ({tag_dir.parent.parent / 'run_config.json'}) "
+                "or start a new run without --resume_from_checkpoint") from err
+        raise CheckpointError(f"cannot load {unreadable}: {_first_line(err)}; {folder.previous_good(tag_dir)}") \
+            from err
     if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
     batches.load_state_dict(_data_position(client_state["data"], meta["world_size"], world.world_size))
@@ -202,6 +214,11 @@ def _layout(world: World, moe: MoEConfig) -> dict:
 
 def _describe(layout: dict) -> str:
     return f"{layout['world_size']} ranks, ep_size {layout['ep_size']} and --moe_impl {layout['moe_impl']}"
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _unreadable_file(tag_dir: Path) -> Path | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
 from ..config import ConfigError, RunConfig
 
@@ -73,8 +75,13 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError([f"deepspeed config {str(path)!r} is not valid JSON: {err}"]) from None
-    problems = []
+        raise ConfigError([f"deepspeed config {str(path)!r} is not valid JSON: {err}; fix the file (a JSON "
+                           "object, no trailing commas or comments) or pass a shipped config (--deepspeed zero2)"]) \
+            from None
+    if not isinstance(ds, dict):
+        raise ConfigError([f"deepspeed config {str(path)!r} holds a JSON {type(ds).__name__}; it must be one JSON "
+                           "object ({\"zero_optimization\": ..., \"optimizer\": ...})"])
+    problems = component_problems(ds, path.name)
     for keys, (flag, value) in flag_values(cfg, world_size).items():
         parent = ds
         for key in keys[:-1]:
@@ -100,6 +107,29 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if problems:
         raise ConfigError(problems)
     return ds
+
+
+def component_problems(ds: dict, file_name: str) -> list[str]:
+    """The optimizer and scheduler types must be ones DeepSpeed builds (its own or a torch.optim class)."""
+    problems = []
+    optimizer = _type_of(ds, "optimizer")
+    if optimizer is not None and not _known_optimizer(optimizer):
+        problems.append(f"{file_name}: optimizer.type {optimizer!r} is not an optimizer DeepSpeed knows; use one of "
+                        f"{', '.join(DEEPSPEED_OPTIMIZERS)} (DeepSpeed's) or a torch.optim class name such as AdamW")
+    scheduler = _type_of(ds, "scheduler")
+    if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
+        problems.append(f"{file_name}: scheduler.type {scheduler!r} is not a DeepSpeed schedule; use one of "
+                        f"{', '.join(VALID_LR_SCHEDULES)} (the shipped configs use WarmupCosineLR)")
+    return problems
+
+
+def _type_of(ds: dict, section: str):
+    return ds[section].get("type") if isinstance(ds.get(section), dict) else None
+
+
+def _known_optimizer(name) -> bool:
+    """What DeepSpeed's engine accepts: its own names in any letter case, or a torch.optim class."""
+    return isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name))
 
 
 def _walk(tree: dict, prefix: str = ""):

@@ -1,9 +1,12 @@
 """Every setting checked before anything heavy starts: each part's own checks and the training section's,
-gathered into one ConfigError that lists every problem."""
+gathered into one ConfigError that lists every problem; and, once the process group exists, that every rank
+was given the same settings."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, TrainConfig, too_small
 from ..data.text import data_problems
@@ -11,16 +14,42 @@ from ..metrics.sinks import log_problems
 from ..models.source import model_problems
 from ..moe.layout import moe_problems
 from .ds_config import deepspeed_config_problems
+from .resumable import check_resumable
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
-    started (1 for ``python train.py``)."""
+    started (1 for ``python train.py``). Then the checkpoint to resume, if any (a CheckpointError naming it)."""
     problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
-                + model_problems(cfg.model) + data_problems(cfg.data) + train_problems(cfg.train)
+                + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
     if problems:
         raise ConfigError(problems)
+    check_resumable(cfg)
+
+
+def check_same_settings(cfg: RunConfig) -> None:
+    """Once the process group exists: every rank must have been given the same settings. Raise a ConfigError
+    naming the ranks that differ from rank 0 and in which flags."""
+    settings = [None] * dist.get_world_size()
+    dist.all_gather_object(settings, _flat(cfg.to_dict()))
+    problems = []
+    for rank, theirs in enumerate(settings[1:], start=1):
+        differing = sorted(name for name in theirs.keys() | settings[0].keys()
+                           if theirs.get(name) != settings[0].get(name))
+        if differing:
+            shown = ", ".join(f"--{name} {theirs.get(name)!r} (rank 0: {settings[0].get(name)!r})"
+                              for name in differing[:3])
+            problems.append(f"rank {rank} was given other settings than rank 0: {shown}"
+                            + (f" and {len(differing) - 3} more" if len(differing) > 3 else ""))
+    if problems:
+        raise ConfigError(problems + ["every rank must get the same flags: start all ranks with one launcher "
+                                      "command (on several nodes, the same command and files on each node)"])
+
+
+def _flat(settings: dict) -> dict:
+    """{"moe": {"top_k": 2}} -> {"top_k": 2}: flag names are unique across sections."""
+    return {name: value for section in settings.values() for name, value in section.items()}
 
 
 def expert_parallel_problems(ep_size: int, world_size: int) -> list[str]:

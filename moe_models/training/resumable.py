@@ -1,0 +1,105 @@
+"""Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
+data exist and before anything in the output folder is written: it must be complete, its files whole, and its run
+must have trained the same model with the same experts and top_k (what its run_config.json recorded)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from ..config import RunConfig
+from ..models.architectures import ARCHITECTURES
+from ..models.source import DEFAULT_PRESET, local_config
+from ..moe.layout import resolve_moe_layers
+from .checkpoint import CheckpointError, CheckpointFolder
+
+# The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
+              "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads")
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """Raise a CheckpointError naming the checkpoint (or its file) and the fix when it cannot be resumed."""
+    spec = cfg.train.resume_from_checkpoint
+    if not spec or (spec != "latest" and not Path(spec).is_dir()):  # a missing path is a settings problem
+        return
+    tag_dir = CheckpointFolder.resolve(spec, Path(cfg.train.output_dir))
+    if tag_dir is None:  # "latest" before the first save: a fresh start
+        return
+    folder = CheckpointFolder(tag_dir.parent)
+    folder.check_complete(tag_dir)
+    for path in sorted(tag_dir.glob("*.pt")):
+        damage = _damage(path)
+        if damage:
+            raise CheckpointError(f"checkpoint file {path} is {damage}; {folder.previous_good(tag_dir)}")
+    run_dir = tag_dir.parent.parent
+    if (run_dir / "run_config.json").is_file():
+        problem = _other_run(tag_dir, run_dir, cfg)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def _damage(path: Path) -> str | None:
+    """Why a torch file cannot be read, found without reading it: empty, or a zip archive cut short."""
+    if path.stat().st_size == 0:
+        return "empty (0 bytes)"
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # not torch's zip format (an old-style file): loading will tell
+            return None
+    try:
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        return "truncated or corrupt (its zip directory is missing)"
+    return None
+
+
+def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
+    """How the checkpoint's run differs from this one in the model or the MoE shape, with the fix."""
+    saved_model = run_dir / "base_model" / "config.json"
+    try:
+        recorded = json.loads((run_dir / "run_config.json").read_text())
+        saved = json.loads(saved_model.read_text()) if saved_model.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):  # not a run folder this project wrote: loading will tell
+        return None
+    fix = (f"resume with the settings it was trained with ({run_dir / 'run_config.json'}), or start a new run "
+           "without --resume_from_checkpoint")
+    current, _ = local_config(cfg.model)
+    moe_types = {a.moe_model_type for a in ARCHITECTURES.values() if a.moe_model_type}
+    if current is None or current.get("model_type") in moe_types:  # a hub id, or an import that takes its MoE
+        return None                                                # settings from the imported checkpoint
+    if saved is not None:
+        differing = [key for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
+        if differing:
+            source = recorded.get("model", {})
+            was = source.get("model_name_or_path") or source.get("model_config") or DEFAULT_PRESET
+            return (f"{tag_dir} holds another model than this run builds ("
+                    + ", ".join(f"{key} {saved[key]} there, {current[key]} here" for key in differing)
+                    + f"); it was trained from {was!r}: {fix}")
+    moe = recorded.get("moe", {})
+    for name in ("num_experts", "top_k"):
+        if name in moe and _one(moe[name]) != _one(getattr(cfg.moe, name)):
+            return (f"{tag_dir} was trained with --{name} {_flag_text(moe[name])}, this run has --{name} "
+                    f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(moe[name])} to continue it, "
+                    "or start a new run without --resume_from_checkpoint")
+    blocks = recorded.get("resolved", {}).get("moe_layout", {}).get("blocks")
+    layers = current.get("num_hidden_layers") or current.get("n_layer")
+    if blocks is not None and layers:
+        try:
+            wanted = resolve_moe_layers(cfg.moe.moe_layers, layers)
+        except ValueError:
+            return None  # the settings checks report a malformed --moe_layers
+        if wanted != blocks:
+            return (f"{tag_dir} has MoE layers in blocks {blocks}, --moe_layers {cfg.moe.moe_layers} gives {wanted}; "
+                    f"pass --moe_layers {','.join(map(str, blocks))} to continue it, or start a new run without "
+                    "--resume_from_checkpoint")
+    return None
+
+
+def _one(value):
+    """num_experts as saved in JSON (an int, or a list for a pyramid) and as parsed compare alike."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
