@@ -116,7 +116,7 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     def number(value, digits=4):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    stopped = f" (stopped by {summary['stopped_by']}; checkpoint saved)" if summary["stopped_by"] else ""
+    stopped = f" (stopped early: {summary['stopped_by']}; checkpoint saved)" if summary["stopped_by"] else ""
     print(f"\nDone: {summary['steps']} steps{stopped}, loss {number(summary['first_loss'])} -> "
           f"{number(summary['last_loss'])}, eval_loss {number(summary['eval_loss'])}, "
           f"{summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"

@@ -5,8 +5,11 @@
 # Extra deepspeed launcher flags go in LAUNCHER_ARGS (e.g. LAUNCHER_ARGS="--launcher openmpi").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=launch/check_hostfile.sh
+source launch/check_hostfile.sh
 hostfile=${1:?usage: launch/multi_node_hostfile.sh HOSTFILE [train.py flags...]}
 shift
+check_hostfile "$hostfile"
 master_addr=${MASTER_ADDR:-$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1; exit}')}
 # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of launcher flags
 exec deepspeed ${LAUNCHER_ARGS:-} --hostfile "$hostfile" --master_addr "$master_addr" --master_port "${MASTER_PORT:-29500}" \

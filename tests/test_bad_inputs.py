@@ -300,8 +300,6 @@ def test_ranks_given_different_flags(run_dir, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="DeepSpeed's runner parses the hostfile and raises with a traceback before "
-                   "train.py starts; the launch/ scripts do not check the hostfile first yet")
 def test_hostfile_line_without_slots(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost\n")

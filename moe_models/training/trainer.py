@@ -153,14 +153,16 @@ class Trainer:
         where = (f"the first non-finite value on the last batch appears in {layer}" if layer else
                  "every MoE layer's router logits and output are finite on the last batch, so the non-finite values "
                  "arise elsewhere (attention, embeddings, the loss or the gradients)")
-        latest = self.checkpoints.latest()
-        return (f"steps {step - n + 1}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm "
+        first = step - n + 1
+        before = [tag for tag in self.checkpoints.complete_tags() if self.checkpoints.step_of(tag) < first]
+        return (f"steps {first}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm "
                 f"and were skipped on every rank (--max_nonfinite_steps {t.max_nonfinite_steps}); {where}. The last "
-                f"good checkpoint is {latest or 'none (no save yet)'}. What usually fixes it: a lower --learning_rate "
+                f"checkpoint saved before step {first} is {before[-1] if before else 'none'}. What usually fixes it: "
+                f"a lower --learning_rate "
                 f"(now {t.learning_rate:g}), a longer --warmup_steps (now {t.warmup_steps}), gradient clipping "
                 f"(--max_grad_norm, now {t.max_grad_norm:g}), a smaller --aux_loss_coef (now "
-                f"{self.cfg.moe.aux_loss_coef:g}), or fp32 where bf16 overflows; then resume with "
-                "--resume_from_checkpoint latest, or start over.")
+                f"{self.cfg.moe.aux_loss_coef:g}), or fp32 where bf16 overflows; then resume from that checkpoint "
+                "(--resume_from_checkpoint TAG_FOLDER), or start over.")
 
     def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
         """The interval's metrics over all ranks (docs/metrics.md); one all-reduce for losses and MoE counters."""

@@ -63,7 +63,7 @@ def test_too_many_nonfinite_steps_stop_the_run_with_what_to_try(world, tmp_path,
     assert exit_code.value.code == 1
     err = capsys.readouterr().err
     assert "steps 3..5: 3 optimizer steps in a row had a non-finite loss or gradient norm" in err
-    assert f"The last good checkpoint is {out / 'checkpoints' / 'global_step4'}" in err
+    assert f"The last checkpoint saved before step 3 is {out / 'checkpoints' / 'global_step2'}" in err
     assert "a lower --learning_rate" in err and "Traceback" not in err
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]  # step 5 raised before its row
 
@@ -102,3 +102,18 @@ def test_a_failed_save_loses_nothing(world, tmp_path, monkeypatch, capsys):
     train.main([*FLAGS, "--max_steps", "6", "--save_steps", "2", "--output_dir", str(out),
                 "--resume_from_checkpoint", "latest"])
     assert (checkpoints / "latest").read_text().strip() == "global_step6"
+
+
+def test_the_error_names_the_first_moe_layer_that_went_non_finite(world, tmp_path, monkeypatch, capsys):
+    real, calls = trainer_module.lm_and_balance_loss, itertools.count(1)
+
+    def break_router_of_layer_1(engine, layers, input_ids):
+        if next(calls) == 3:
+            with torch.no_grad():
+                layers[1].router.weight.fill_(float("nan"))
+        return real(engine, layers, input_ids)
+
+    monkeypatch.setattr(trainer_module, "lm_and_balance_loss", break_router_of_layer_1)
+    with pytest.raises(SystemExit):
+        train.main([*FLAGS, "--max_steps", "20", "--max_nonfinite_steps", "2", "--output_dir", str(tmp_path / "run")])
+    assert "the first non-finite value on the last batch appears in MoE layer 1 (router logits)" in capsys.readouterr().err
