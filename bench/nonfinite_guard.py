@@ -64,8 +64,9 @@ def main() -> None:
             for side in times:
                 times[side].append(seconds_per_step(trainer, args.block_steps, guard if side == "on" else NoGuard()))
     zero_stage = trainer.engine.zero_optimization_stage()
-    print(f"ZeRO stage {zero_stage} ({'DeepSpeed checks overflow' if guard.checked_by_deepspeed else 'the guard checks'}),"
-          f" {trainer.tokens_per_step} tokens/step, {args.blocks} x {args.block_steps} steps per side, "
+    checker = "DeepSpeed checks overflow" if guard.checked_by_deepspeed else "the guard checks"
+    print(f"ZeRO stage {zero_stage} ({checker}), {trainer.tokens_per_step} tokens/step, "
+          f"{args.blocks} x {args.block_steps} steps per side, "
           f"{torch.get_num_threads()} torch threads")
     medians = {side: [statistics.median(t[i] for t in times[side]) for i in (0, 1)] for side in times}
     for side, (wall, cpu) in medians.items():

@@ -87,8 +87,9 @@ def first_bad_json_line(path: Path) -> str | None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                return (f"{path} line {number} is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}); fix or remove "
-                        "that line (each line of a .jsonl file is one JSON object)")
+                reason = f"{err.msg.removesuffix(' at')} at column {err.colno}"
+                return (f"{path} line {number} is not valid JSON ({reason}); fix or remove that line (each line of a "
+                        ".jsonl file is one JSON object)")
             if not isinstance(record, dict):
                 return (f"{path} line {number} is a JSON {type(record).__name__}, not an object; write each line "
                         'as {"text": "..."}')

@@ -1,8 +1,8 @@
 """The native transformers MoE class of each family, both ways: its config, and which blocks are sparse.
 
 Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``moe_model_type`` in
-moe_models/models/architectures.py; the weights' names: hf/adapters.py). A mapping is made only when the MoE class computes exactly what the DeepSpeed
-model computes; anything else raises NotRepresentable with every reason at once.
+moe_models/models/architectures.py; the weights' names: hf/adapters.py). A mapping is made only when the MoE class
+computes exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
 
 Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */modeling_*_moe.py):
   - DeepSpeed top-1 scales the chosen expert's output by its softmax probability; top-2 and top-k > 2 rescale
