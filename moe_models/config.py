@@ -84,6 +84,10 @@ class MoEConfig:
         "at ep_size 1. Same checkpoint files and names, so a checkpoint's weights load into either (the optimizer "
         "state needs --reset_optimizer; docs/architecture.md; speed: docs/performance.md).")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
+    router_z_loss_coef: float = _flag(
+        0.0, "Weight of the router z-loss (ST-MoE): per MoE layer the mean over tokens of logsumexp(router logits)^2, "
+        "summed over layers and added to the loss; it keeps router logits small (docs/routing.md). 0 = off; it is "
+        "logged per layer either way.")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
         "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
         "weights. The router always starts fresh.")

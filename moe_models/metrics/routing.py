@@ -13,12 +13,17 @@ def router_entropy_sum(logits_TE: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum()
 
 
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
 def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
     """One layer's logged values from ``RoutingCounters.as_vector`` (moe/counters.py), summed over ranks; {}
     without tokens."""
     E = num_experts
     kept, chosen = [round(v) for v in summed[:E]], [round(v) for v in summed[E:2 * E]]
-    entropy_sum, aux_sum, tokens, forwards = summed[2 * E:]
+    entropy_sum, aux_sum, z_sum, tokens, forwards = summed[2 * E:]
     if tokens == 0:
         return {}
     routes = round(tokens) * top_k
@@ -32,6 +37,7 @@ def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
         "router_entropy": entropy_sum / tokens,
         "imbalance": imbalance(chosen),
         "aux_loss": aux_sum / forwards,
+        "z_loss": z_sum / forwards,
     }
 
 

@@ -18,6 +18,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from ..config import MoEConfig
+from ..metrics.routing import router_z_loss
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import StackedExperts, local_experts, per_expert_key
@@ -57,6 +58,8 @@ class MoEFeedForward(nn.Module):
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self.z_loss_coef = cfg.router_z_loss_coef
+        self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
         self.routing = RoutingCounters(num_experts)
 
     @property
@@ -100,6 +103,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
         routes, self.gate.last_routes = self.gate.last_routes, None
+        self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
         if self.training and self.routing.enabled and routes is not None:
             self.routing.add(routes)
         return output
@@ -217,3 +221,11 @@ def moe_layers_of(model: nn.Module) -> list[MoEFeedForward]:
 def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
     """Sum of the load-balancing losses of the last forward over all MoE layers."""
     return torch.stack([layer.aux_loss for layer in layers]).sum()
+
+
+def router_loss(layers: list[MoEFeedForward], moe: MoEConfig) -> torch.Tensor:
+    """What the router adds to the LM loss for the last forward: the weighted balance loss and, when on, the weighted
+    z-loss, summed over the MoE layers."""
+    loss = moe.aux_loss_coef * balance_loss(layers)
+    z_losses = [layer.z_loss for layer in layers if layer.z_loss is not None]
+    return loss + moe.router_z_loss_coef * torch.stack(z_losses).sum() if z_losses else loss

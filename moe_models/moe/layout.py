@@ -95,8 +95,9 @@ def moe_problems(moe: MoEConfig) -> list[str]:
     for name in ("capacity_factor", "eval_capacity_factor"):
         if getattr(moe, name) <= 0:
             problems.append(f"{name} ({getattr(moe, name)}) must be > 0")
-    if moe.aux_loss_coef < 0:
-        problems.append(f"aux_loss_coef ({moe.aux_loss_coef}) must be >= 0")
+    for name in ("aux_loss_coef", "router_z_loss_coef"):
+        if getattr(moe, name) < 0:
+            problems.append(f"{name} ({getattr(moe, name)}) must be >= 0")
     if moe.expert_noise_std < 0:
         problems.append(f"expert_noise_std ({moe.expert_noise_std}) must be >= 0")
     if moe.noisy_gate_policy not in (None, "Jitter", "RSample"):

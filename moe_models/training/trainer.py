@@ -17,7 +17,7 @@ from ..metrics.interval import IntervalStats, expert_similarity_metrics
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
-from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of
+from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of, router_loss
 from . import checkpoint
 from .checkpoint import CheckpointFolder, TrainState
 from .nonfinite import NonFiniteError, NonFiniteGuard, first_nonfinite_layer
@@ -120,12 +120,11 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
-        coef = self.cfg.moe.aux_loss_coef
         sums = torch.zeros(3, device=self.world.device)
         for _ in range(self.cfg.train.gradient_accumulation_steps):
             input_ids = next(self.batches)["input_ids"].to(self.world.device)
             lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
-            self.engine.backward(lm_loss + coef * aux_loss)
+            self.engine.backward(lm_loss + router_loss(self.layers, self.cfg.moe))
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
             if self.engine.is_gradient_accumulation_boundary():
                 self.guard.before_step()

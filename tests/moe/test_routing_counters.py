@@ -76,6 +76,7 @@ def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, 
     assert metrics["drop_fraction"] == pytest.approx((routes - sum(kept)) / routes)
     assert metrics["imbalance"] == pytest.approx(max(chosen) / (routes / 4))
     assert metrics["router_entropy"] == pytest.approx(entropy_of([10, 5, 0, 0]), rel=1e-6)
+    assert metrics["z_loss"] == pytest.approx(math.log(sum(math.exp(v) for v in [10, 5, 0, 0])) ** 2, rel=1e-6)
     assert metrics["aux_loss"] == pytest.approx(layer.aux_loss.item())
 
 

@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moe_models.cli import parse_args  # noqa: E402
 from moe_models.distributed import all_reduce_sum  # noqa: E402
-from moe_models.moe.layer import moe_layers_of  # noqa: E402
+from moe_models.moe.layer import moe_layers_of, router_loss  # noqa: E402
 from moe_models.training.trainer import lm_and_balance_loss  # noqa: E402
 from train import build  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
     for step in range(steps):
         input_ids = next(trainer.batches)["input_ids"].to(world.device)
         lm_loss, aux_loss = lm_and_balance_loss(engine, layers, input_ids)
-        engine.backward(lm_loss + cfg.moe.aux_loss_coef * aux_loss)
+        engine.backward(lm_loss + router_loss(layers, cfg.moe))
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]

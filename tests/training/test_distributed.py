@@ -63,6 +63,10 @@ def test_ep2_losses_and_gradients_equal_ep1(ep_runs):
     assert_same_run(ep_runs[1][1], ep_runs[2][1])
 
 
+def test_router_z_loss_at_ep2_equals_ep1(tmp_path):
+    assert_same_run(*(probe(tmp_path / f"ep{ep}", ep, "--router_z_loss_coef", "0.01") for ep in (1, 2)))
+
+
 def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
     """Losses of every step, expert and router gradients of the first step (two probe runs' records)."""
     losses1, losses2 = ep1[0]["losses"], ep2[0]["losses"]
