@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         world, trainer = build(cfg)
     except ValueError as err:  # ConfigError and the data/model loaders' errors say what to fix
-        if launched_rank() == 0:  # one message, not one traceback per rank
-            print(f"error: {err}", file=sys.stderr)
+        # One message per node, not one traceback per rank: a node's own problem (a file missing there) shows in
+        # that node's launcher output.
+        rank = launched_rank()
+        if rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
         sys.exit(1)
     try:
         summary = trainer.train()
