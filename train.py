@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     except RuntimeError as err:
         if not is_collective_timeout(err):
             raise
-        print(f"error: rank {world.rank}: {trainer.phase} waited more than --dist_timeout_s "
-              f"({cfg.train.dist_timeout_s} s) for the other ranks ({str(err).splitlines()[0]}). A rank is frozen or "
-              "its node stopped answering: check every node's processes, devices and network. The last complete "
-              f"checkpoint is {trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint "
-              "latest.", file=sys.stderr, flush=True)
+        print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world.rank), file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
     if world.is_main:
         print_summary(summary, trainer.output_dir)
@@ -113,6 +109,13 @@ def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: 
     (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
     tokenizer.save_pretrained(output_dir / "tokenizer")
     model.config.save_pretrained(output_dir / "base_model")
+
+
+def timeout_message(err: RuntimeError, trainer: Trainer, timeout_s: int, rank: int) -> str:
+    return (f"error: rank {rank}: {trainer.phase} waited more than --dist_timeout_s ({timeout_s} s) for the other "
+            f"ranks ({str(err).splitlines()[0]}). A rank is frozen or its node stopped answering: check every node's "
+            f"processes, devices and network. The last complete checkpoint is "
+            f"{trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint latest.")
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:
