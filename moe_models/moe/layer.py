@@ -223,9 +223,9 @@ def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
     return torch.stack([layer.aux_loss for layer in layers]).sum()
 
 
-def router_loss(layers: list[MoEFeedForward], moe: MoEConfig) -> torch.Tensor:
-    """What the router adds to the LM loss for the last forward: the weighted balance loss and, when on, the weighted
-    z-loss, summed over the MoE layers."""
-    loss = moe.aux_loss_coef * balance_loss(layers)
+def router_loss(balance: torch.Tensor, layers: list[MoEFeedForward], moe: MoEConfig) -> torch.Tensor:
+    """What the router adds to the LM loss for the last forward: the weighted balance loss (``balance``, the layers'
+    summed ``balance_loss``) and, when on, the weighted z-loss, summed over the MoE layers."""
+    loss = moe.aux_loss_coef * balance
     z_losses = [layer.z_loss for layer in layers if layer.z_loss is not None]
     return loss + moe.router_z_loss_coef * torch.stack(z_losses).sum() if z_losses else loss

@@ -124,7 +124,7 @@ class Trainer:
         for _ in range(self.cfg.train.gradient_accumulation_steps):
             input_ids = next(self.batches)["input_ids"].to(self.world.device)
             lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
-            self.engine.backward(lm_loss + router_loss(self.layers, self.cfg.moe))
+            self.engine.backward(lm_loss + router_loss(aux_loss, self.layers, self.cfg.moe))
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
             if self.engine.is_gradient_accumulation_boundary():
                 self.guard.before_step()

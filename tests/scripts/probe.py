@@ -42,7 +42,7 @@ def main() -> None:
     for step in range(steps):
         input_ids = next(trainer.batches)["input_ids"].to(world.device)
         lm_loss, aux_loss = lm_and_balance_loss(engine, layers, input_ids)
-        engine.backward(lm_loss + router_loss(layers, cfg.moe))
+        engine.backward(lm_loss + router_loss(aux_loss, layers, cfg.moe))
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
