@@ -64,7 +64,8 @@ def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> N
         is_union = typing.get_origin(hint) in (Union, types.UnionType)
     kw = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
     if hint is bool:
-        parser.add_argument(name, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
+        parser.add_argument(name, type=optional_parser(parse_bool) if optional else parse_bool, nargs="?", const=True,
+                            metavar="BOOL", **kw)
     elif typing.get_origin(hint) is Literal:
         metavar = "{" + ",".join([*args, *(["None"] if optional else [])]) + "}"
         parser.add_argument(name, type=choice_parser(args, optional), metavar=metavar, **kw)

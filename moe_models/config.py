@@ -88,6 +88,23 @@ class MoEConfig:
         0.0, "Weight of the router z-loss (ST-MoE): per MoE layer the mean over tokens of logsumexp(router logits)^2, "
         "summed over layers and added to the loss; it keeps router logits small (docs/routing.md). 0 = off; it is "
         "logged per layer either way.")
+    score_function: Literal["softmax", "sigmoid"] = _flag(
+        "softmax", "How router logits become expert scores: softmax over the experts, or an independent sigmoid per "
+        "expert (DeepSeek-V3). Any setting of this or the four options below other than its default routes by "
+        "deterministic top-k of the scores (docs/routing.md); --moe_impl grouped only.")
+    norm_topk_prob: Optional[bool] = _flag(
+        None, "Rescale each token's chosen scores to sum to 1 (true) or keep them as they are (false). None = "
+        "DeepSpeed's rule: top-1 keeps its probability, top-2 and more rescale.")
+    routed_scaling_factor: float = _flag(
+        1.0, "Multiply the routed experts' combine weights by this (DeepSeek-V3 uses 2.5 with sigmoid scores).")
+    router_bias_update_rate: float = _flag(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice of experts "
+        "only; after each optimizer step bias_e += rate x sign(mean load - load_e), the load counted over every token "
+        "of the step on all ranks. 0 = off; 1e-3 is the published rate. With it, --aux_loss_coef 0 is supported.")
+    aux_loss_type: Literal["micro_batch", "sequence", "global_batch"] = _flag(
+        "micro_batch", "Over which tokens the balance loss counts expert frequencies: each micro-batch (DeepSpeed's), "
+        "each sequence averaged (DeepSeek-V2/V3), or the whole optimizer step on all data-parallel ranks (Qwen's "
+        "global-batch loss; one all-reduce of E counts per micro-step).")
     expert_init: Literal["copy", "copy_noise", "random"] = _flag(
         "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
         "weights. The router always starts fresh.")

@@ -37,6 +37,8 @@ class IntervalStats:
             offset += layer.routing.vector_size
             layer_row = routing_metrics(values, layer.num_experts, layer.top_k)
             row.update({f"moe/layer_{i}/{key}": value for key, value in layer_row.items()})
+            if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
+                row[f"moe/layer_{i}/score_bias"] = layer.gate.score_bias.tolist()
             layer.routing.reset()
         joules, ranks_measured = summed[offset:offset + 2]
         if ranks_measured == world_size:  # energy of every GPU, or none reported

@@ -60,12 +60,15 @@ def run_config(cfg: RunConfig, output_dir: Path) -> dict:
 
 
 def wandb_values(row: dict) -> dict:
-    """The row without its step, per-expert lists as histograms over expert ids."""
+    """The row without its step, per-expert counts as histograms over expert ids, other lists as histograms of
+    their values."""
     values = {}
     for key, value in row.items():
         if key == "step":
             continue
         if key.endswith(PER_EXPERT_KEYS):
             value = wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))
+        elif isinstance(value, list):  # per-expert values that are not counts (score_bias): their distribution
+            value = wandb.Histogram(value)
         values[key] = value
     return values

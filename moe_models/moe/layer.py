@@ -22,7 +22,7 @@ from ..metrics.routing import router_z_loss
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import StackedExperts, local_experts, per_expert_key
-from .router import Router
+from .router import Router, Scoring
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
@@ -52,7 +52,7 @@ class MoEFeedForward(nn.Module):
                     noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
                     top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
         if cfg.moe_impl == "grouped":  # a MoE subclass: same parameters, names, flags and process groups
-            self.moe = GroupedMoE(hidden_size, gated_projections=gated_projections, **args)
+            self.moe = GroupedMoE(hidden_size, gated_projections=gated_projections, scoring=Scoring.of(cfg), **args)
         else:
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
@@ -134,16 +134,18 @@ class MoEFeedForward(nn.Module):
 
 class GroupedMoE(MoE):
     """``deepspeed.moe.layer.MoE`` with the grouped, index-based expert path (same arguments, plus
-    ``gated_projections``: the (gate, up, down) attribute names of a SwiGLU-style expert, or None). DeepSpeed builds
+    ``gated_projections``: the (gate, up, down) attribute names of a SwiGLU-style expert, or None; ``scoring``: the
+    router's options beyond DeepSpeed's gate). DeepSpeed builds
     the gate, the local experts (with their expert-parallel flags) and the process groups; the MOELayer is
     replaced by ``GroupedMOELayer``."""
 
-    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None, **kwargs):
+    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None, scoring: Scoring = Scoring(),
+                 **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
         experts = local_experts(stock.experts, gated_projections, self.expert_group_name)
-        self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate), experts, stock.ep_group_name, stock.ep_size,
-                                             stock.num_local_experts)
+        self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate, scoring), experts, stock.ep_group_name,
+                                             stock.ep_size, stock.num_local_experts)
 
 
 class GroupedMOELayer(MOELayer):
@@ -171,7 +173,7 @@ class GroupedMOELayer(MOELayer):
         if used_token is not None:
             raise ValueError("used_token is not supported by --moe_impl grouped; use --moe_impl deepspeed")
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routes = self.gate.route(x_TD)                                  # 1. route
+        routes = self.gate.route(x_TD, hidden_states.shape[-2])         # 1. route (sequences of S tokens)
         x_ND, counts_L, sorted_ = self.dispatcher.dispatch(x_TD, routes)  # 2. dispatch
         y_ND = self.experts(x_ND, counts_L)                             # 3. experts
         y_TKD = self.dispatcher.combine(y_ND, sorted_)                  # 4. combine
@@ -187,13 +189,16 @@ def weighted_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights_T1K, y_TKD.to(weights_T1K.dtype)).squeeze(1)
 
 
-def router_like(gate) -> Router:
-    """A ``Router`` with the settings of DeepSpeed's ``TopKGate`` ``gate`` and its very router weight (``wg``)."""
+def router_like(gate, scoring: Scoring = Scoring()) -> Router:
+    """A ``Router`` with the settings of DeepSpeed's ``TopKGate`` ``gate`` and its very router weight (``wg``), plus
+    the options of ``scoring`` (with aux-loss-free balancing, a zero expert bias)."""
     with torch.device("meta"):  # its own wg is replaced below: allocate nothing and draw no random numbers
         router = Router(gate.wg.in_features, gate.wg.out_features, gate.k, gate.capacity_factor,
                         gate.eval_capacity_factor, gate.min_capacity, gate.noisy_gate_policy, gate.drop_tokens,
-                        gate.use_rts, gate.ep_group, gate.top2_2nd_expert_sampling)
+                        gate.use_rts, gate.ep_group, gate.top2_2nd_expert_sampling, scoring=scoring)
     router.wg = gate.wg
+    if scoring.bias_update_rate > 0:
+        router.add_score_bias(gate.wg.weight.device)
     return router
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Union
 
 from ..config import ConfigError, MoEConfig, too_small
+from .balance import AUX_LOSS_TYPES
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def moe_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"expert_noise_std ({moe.expert_noise_std}) must be >= 0")
     if moe.noisy_gate_policy not in (None, "Jitter", "RSample"):
         problems.append(f"noisy_gate_policy ({moe.noisy_gate_policy!r}) must be None, 'Jitter' or 'RSample'")
+    problems += scoring_problems(moe)
     if moe.expert_init not in ("copy", "copy_noise", "random"):
         problems.append(f"expert_init ({moe.expert_init!r}) must be 'copy', 'copy_noise' or 'random'")
     if isinstance(moe.moe_layers, str) and moe.moe_layers != "all":
@@ -110,3 +112,30 @@ def moe_problems(moe: MoEConfig) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     return problems
+
+
+def scoring_problems(moe: MoEConfig) -> list[str]:
+    """Problems with the router options beyond DeepSpeed's gate (moe/router.py ``Scoring``)."""
+    problems = []
+    if moe.score_function not in ("softmax", "sigmoid"):
+        problems.append(f"score_function ({moe.score_function!r}) must be 'softmax' or 'sigmoid'")
+    if moe.aux_loss_type not in AUX_LOSS_TYPES:
+        problems.append(f"aux_loss_type ({moe.aux_loss_type!r}) must be one of {', '.join(AUX_LOSS_TYPES)}")
+    if moe.routed_scaling_factor <= 0:
+        problems.append(f"routed_scaling_factor ({moe.routed_scaling_factor}) must be > 0")
+    if moe.router_bias_update_rate < 0:
+        problems.append(f"router_bias_update_rate ({moe.router_bias_update_rate}) must be >= 0 (0 = off)")
+    default = MoEConfig()
+    chosen = [f"--{name} {getattr(moe, name)}" for name in SCORING_FLAGS if getattr(moe, name) != getattr(default, name)]
+    if chosen and moe.moe_impl == "deepspeed":
+        problems.append(f"{', '.join(chosen)}: the stock DeepSpeed gate (--moe_impl deepspeed) routes by softmax top-k "
+                        "with its own balance loss only; use --moe_impl grouped (the default), which keeps the same "
+                        "DeepSpeed layer and checkpoint names")
+    if chosen and moe.noisy_gate_policy == "RSample":
+        problems.append(f"noisy_gate_policy RSample with {', '.join(chosen)}: RSample belongs to DeepSpeed's top-1 rule, "
+                        "and these options route by deterministic top-k of the scores; use Jitter or no noise")
+    return problems
+
+
+# MoEConfig fields beyond DeepSpeed's gate (moe/router.py Scoring): any of them off its default selects the scored rule
+SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type")

@@ -12,15 +12,24 @@ Two rule sets:
     functions cannot skip that, so these rules are written here.
   - capacity: DeepSpeed's own gating functions on the same logits, in their sparse form, so routes are dropped
     exactly as the stock layer drops them.
+
+Any of the options beyond DeepSpeed's gate (``Scoring``: sigmoid scores, renormalisation, a scaling factor, an
+aux-loss-free bias, another balance-loss scope) switches to the scored rule, as DeepSeek-V3, Qwen3-MoE and
+Megatron-Core route: scores -> deterministic top-k of the scores (plus the bias) -> the chosen scores as weights,
+with the balance loss of moe/balance.py and, with drops, a capacity that keeps each expert's highest-weighted routes.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter, top1gating, top2gating, topkgating
+
+from .balance import StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss, switch_balance_loss
 
 
 class Routes(NamedTuple):
@@ -34,17 +43,60 @@ class Routes(NamedTuple):
     balance_loss: torch.Tensor     # the gate's load-balancing loss (a scalar; DeepSpeed's l_aux)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """The router options beyond DeepSpeed's gate (MoEConfig fields of the same names; docs/routing.md). All at
+    their defaults, the router follows DeepSpeed's rules; otherwise the scored rule."""
+
+    score_function: str = "softmax"          # softmax | sigmoid
+    norm_topk_prob: Optional[bool] = None    # None: DeepSpeed's rule (top-1 keeps its score, top-k > 1 rescales)
+    routed_scaling_factor: float = 1.0
+    aux_loss_type: str = "micro_batch"       # micro_batch | sequence | global_batch
+    bias_update_rate: float = 0.0            # > 0: aux-loss-free balancing
+
+    @classmethod
+    def of(cls, moe) -> "Scoring":
+        """From a MoEConfig."""
+        return cls(moe.score_function, moe.norm_topk_prob, moe.routed_scaling_factor, moe.aux_loss_type,
+                   moe.router_bias_update_rate)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self == Scoring()
+
+    def renormalises(self, top_k: int) -> bool:
+        return self.norm_topk_prob if self.norm_topk_prob is not None else top_k > 1
+
+
 class Router(TopKGate):
     """DeepSpeed's ``TopKGate`` (same arguments, parameter ``wg`` and process group) whose logits are computed once
     per forward and kept in the ``Routes`` of the last forward (``last_routes``), for the routing counters.
 
     ``route`` is the grouped layer's step 1; ``forward`` keeps TopKGate's contract, so the stock ``MOELayer``
-    (``--moe_impl deepspeed``) runs through it unchanged.
+    (``--moe_impl deepspeed``) runs through it unchanged. ``scoring`` (keyword only) holds the options beyond
+    DeepSpeed's gate; with aux-loss-free balancing the router holds ``score_bias`` [E] (fp32, in state dicts and
+    checkpoints; ``add_score_bias``).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, scoring: Scoring = Scoring(), **kwargs):
         super().__init__(*args, **kwargs)
+        self.scoring = scoring
         self.last_routes: Optional[Routes] = None
+        self.register_buffer("score_bias", None)
+        self.step_load = StepLoad()  # this optimizer step's routes per expert (moe/balance.py)
+
+    def add_score_bias(self, device: torch.device) -> None:
+        """The aux-loss-free bias, zero at the start. (Its name must not contain "expert": DeepSpeed saves every state
+        key with that word as an expert parameter.)"""
+        self.score_bias = torch.zeros(self.wg.out_features, dtype=torch.float32, device=device)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but the expert bias keeps fp32 (a bf16 engine casts the module): the bias moves by
+        small steps that bf16 would round away. It follows the module to its device."""
+        bias = self._buffers.pop("score_bias")
+        super()._apply(fn, recurse)
+        self._buffers["score_bias"] = bias if bias is None else bias.to(fn(bias).device)
+        return self
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 router logits exactly as ``TopKGate.forward`` computes them (jitter only in training)."""
@@ -53,16 +105,50 @@ class Router(TopKGate):
             x_TD = multiplicative_jitter(x_TD, device=x_TD.device)
         return F.linear(x_TD, self.wg.weight.float())
 
-    def route(self, x_TD: torch.Tensor) -> Routes:
-        """Every token's routes: with a capacity (drop_tokens) by DeepSpeed's gating, else by the dropless rules."""
+    def route(self, x_TD: torch.Tensor, tokens_per_sequence: Optional[int] = None) -> Routes:
+        """Every token's routes (tokens sequence after sequence, ``tokens_per_sequence`` each; default: one
+        sequence). DeepSpeed's rules: with a capacity (drop_tokens) by DeepSpeed's gating, else by the dropless
+        rules; with any ``scoring`` option, by the scored rule."""
         logits_TE = self.logits(x_TD)
-        if self.drop_tokens:
+        if not self.scoring.is_deepspeed:
+            routes = self._scored_routes(logits_TE, tokens_per_sequence or logits_TE.shape[0])
+        elif self.drop_tokens:
             routes = capacity_routes(logits_TE, self._deepspeed_gating(logits_TE, None, sparse_routes=True))
         else:
             routes = dropless_routes(logits_TE, self.k, self.noisy_gate_policy == "RSample" and self.training,
                                      self.top2_2nd_expert_sampling)
+        if self.training and self.score_bias is not None:
+            self.step_load.add_local(routes.chosen_E)
         self.last_routes = routes
         return routes
+
+    def _scored_routes(self, logits_TE: torch.Tensor, tokens_per_sequence: int) -> Routes:
+        """The scored rule: scores -> top-k of the scores plus the expert bias -> the chosen scores (rescaled,
+        scaled) as weights; the balance loss as ``aux_loss_type`` says; drops above capacity with drop_tokens."""
+        s = self.scoring
+        T, E = logits_TE.shape
+        scores_TE = logits_TE.sigmoid() if s.score_function == "sigmoid" else F.softmax(logits_TE, dim=1)
+        choice_TE = scores_TE if self.score_bias is None else scores_TE + self.score_bias
+        topk_ids_TK = choice_TE.topk(self.k, dim=1).indices
+        weights_TK = scores_TE.gather(1, topk_ids_TK)
+        if s.renormalises(self.k):
+            weights_TK = _renormalised(weights_TK)
+        weights_TK = weights_TK * s.routed_scaling_factor
+        chosen_E = routes_per_expert(topk_ids_TK, E)
+        probs_TE = balance_probs(scores_TE)
+        if s.aux_loss_type == "sequence":
+            balance_loss = sequence_balance_loss(probs_TE, topk_ids_TK, tokens_per_sequence)
+        elif s.aux_loss_type == "global_batch" and self.training:
+            balance_loss = global_batch_balance_loss(probs_TE, self.step_load.add_all_ranks(chosen_E, T), self.k)
+        else:  # micro_batch (and global_batch in eval, where there is no step to count over)
+            balance_loss = switch_balance_loss(probs_TE, chosen_E, T * self.k)
+        kept_E = chosen_E
+        if self.drop_tokens:
+            capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            topk_ids_TK, weights_TK = drop_over_capacity(topk_ids_TK, weights_TK, E, capacity(
+                T, self.k, E, capacity_factor, self.min_capacity))
+            kept_E = routes_per_expert(topk_ids_TK, E)
+        return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, kept_E, balance_loss)
 
     def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None, sparse_routes: bool = False,
                 use_tutel: bool = False):
@@ -123,6 +209,25 @@ def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_secon
         balance_loss = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).mean() * num_experts * num_experts / k
     counts_E = routes_per_expert(topk_ids_TK, num_experts)
     return Routes(logits_TE, topk_ids_TK, weights_TK, counts_E, counts_E, balance_loss)  # dropless: kept = chosen
+
+
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Routes one expert may take: capacity_factor x its even share of the routes, at least min_capacity (as
+    DeepSpeed's top-k gating sizes it)."""
+    return max(math.ceil(tokens * top_k * capacity_factor / num_experts), min_capacity)
+
+
+def drop_over_capacity(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                       capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert keeps at most ``capacity`` of its routes, those of highest weight; the others are dropped (id -1,
+    weight 0). The capacity is known on the host from shapes, so this reads nothing back."""
+    T = topk_ids_TK.shape[0]
+    priority_TE = torch.full((T, num_experts), float("-inf"), dtype=weights_TK.dtype, device=weights_TK.device)
+    priority_TE.scatter_(1, topk_ids_TK, weights_TK.detach())
+    top_CE, tokens_CE = priority_TE.topk(min(capacity, T), dim=0)
+    keep_TE = torch.zeros_like(priority_TE, dtype=torch.bool).scatter_(0, tokens_CE, top_CE > float("-inf"))
+    keep_TK = keep_TE.gather(1, topk_ids_TK)
+    return torch.where(keep_TK, topk_ids_TK, -1), torch.where(keep_TK, weights_TK, 0.0)
 
 
 def routes_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

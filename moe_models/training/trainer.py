@@ -17,6 +17,7 @@ from ..metrics.interval import IntervalStats, expert_similarity_metrics
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
+from ..moe.balance import end_of_step
 from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of, router_loss
 from . import checkpoint
 from .checkpoint import CheckpointFolder, TrainState
@@ -130,8 +131,10 @@ class Trainer:
                 self.guard.before_step()
             self.engine.step()
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
-        if self.guard.after_step():
+        skipped = self.guard.after_step()
+        if skipped:
             self.last_skipped_batch = input_ids
+        end_of_step([layer.gate for layer in self.layers], self.cfg.moe.router_bias_update_rate, not skipped)
         return sums
 
     def check_finite(self, step: int) -> None:

@@ -1,0 +1,100 @@
+"""Load balancing beyond DeepSpeed's gate: the balance loss over a micro-batch, per sequence or over the global
+batch, and aux-loss-free balancing by a per-expert bias (docs/routing.md has each formula and its source).
+
+Every balance loss here has the Switch Transformer form ``E x sum_e f_e x P_e``: ``f_e`` the share of routes
+choosing expert e (so sum_e f_e = 1), ``P_e`` the mean normalised score of expert e. The forms differ only in the
+tokens ``f`` and ``P`` are counted over. Shape letters: moe/__init__.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+AUX_LOSS_TYPES = ("micro_batch", "sequence", "global_batch")
+
+
+def balance_probs(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Each token's scores rescaled to sum to 1 (softmax scores already do; sigmoid scores do not), as the
+    balance loss reads them (DeepSeek-V3's s'_{i,t})."""
+    return scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=torch.finfo(scores_TE.dtype).tiny)
+
+
+def switch_balance_loss(probs_TE: torch.Tensor, chosen_E: torch.Tensor, routes: float) -> torch.Tensor:
+    """E x sum_e f_e x P_e with f_e = chosen_E / routes and P_e the mean of probs_TE over its tokens."""
+    num_experts = probs_TE.shape[1]
+    return num_experts * (chosen_E.to(probs_TE.dtype) / routes * probs_TE.mean(dim=0)).sum()
+
+
+def sequence_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, tokens_per_sequence: int) -> torch.Tensor:
+    """The balance loss of each sequence (f and P over its own tokens), averaged over the sequences (DeepSeek-V2/V3's
+    sequence-wise loss). Tokens come sequence after sequence, ``tokens_per_sequence`` each."""
+    T, E = probs_TE.shape
+    K = topk_ids_TK.shape[1]
+    B, S = T // tokens_per_sequence, tokens_per_sequence
+    chosen_BE = torch.zeros_like(probs_TE).scatter_(1, topk_ids_TK, 1.0).view(B, S, E).sum(dim=1)
+    P_BE = probs_TE.view(B, S, E).mean(dim=1)
+    return E * (chosen_BE / (S * K) * P_BE).sum(dim=1).mean()
+
+
+class StepLoad:
+    """Routes chosen per expert over the training forwards of one optimizer step, for what balances by the step's
+    load: this rank's counts (for the aux-loss-free bias) and, for the global-batch loss, every rank's so far (with
+    their token count). ``reset`` after each optimizer step."""
+
+    def __init__(self):
+        self.local_E: Optional[torch.Tensor] = None
+        self.all_ranks_E1: Optional[torch.Tensor] = None  # [E routes per expert..., tokens], summed over ranks
+
+    def add_local(self, chosen_E: torch.Tensor) -> None:
+        self.local_E = chosen_E.clone() if self.local_E is None else self.local_E + chosen_E
+
+    def add_all_ranks(self, chosen_E: torch.Tensor, tokens: int) -> torch.Tensor:
+        """This micro-step's counts summed over all ranks (one all-reduce of E + 1 values, on the device) and added
+        to the step's; returns the step's so far: [routes per expert (E), tokens]."""
+        counts_E1 = torch.cat([chosen_E.double(), chosen_E.new_tensor([tokens], dtype=torch.float64)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts_E1)
+        self.all_ranks_E1 = counts_E1 if self.all_ranks_E1 is None else self.all_ranks_E1 + counts_E1
+        return self.all_ranks_E1
+
+    def reset(self) -> None:
+        self.local_E = self.all_ranks_E1 = None
+
+
+def global_batch_balance_loss(probs_TE: torch.Tensor, step_counts_E1: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The balance loss with f_e counted over the optimizer step so far on every rank (``StepLoad.add_all_ranks``)
+    and P_e over this micro-batch (Qwen's global-batch loss, as Megatron-Core's global_aux_loss counts it)."""
+    return switch_balance_loss(probs_TE, step_counts_E1[:-1], step_counts_E1[-1] * top_k)
+
+
+def end_of_step(routers: list, bias_update_rate: float, step_applied: bool) -> None:
+    """After each optimizer step (every rank): move the aux-loss-free biases by the step's load when the step was
+    applied (a skipped step changes no weight, so no bias either), and start counting the next step."""
+    if step_applied and bias_update_rate > 0:
+        update_score_biases(routers, bias_update_rate)
+    for router in routers:
+        router.step_load.reset()
+
+
+@torch.no_grad()
+def update_score_biases(routers: list, rate: float) -> None:
+    """Aux-loss-free balancing, after an optimizer step: ``bias_e += rate x sign(mean load - load_e)`` per layer,
+    the load being every rank's routes per expert over the step (one all-reduce of all layers' counts, on the
+    device). Every rank calls it, and every rank ends with the same biases."""
+    biased = [router for router in routers if router.score_bias is not None]
+    if not biased:
+        return
+    loads = torch.cat([_local_load(router) for router in biased])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(loads)
+    for router, load_E in zip(biased, loads.split([router.score_bias.numel() for router in biased])):
+        router.score_bias += rate * torch.sign(load_E.mean() - load_E).to(router.score_bias.dtype)
+
+
+def _local_load(router) -> torch.Tensor:
+    load_E = router.step_load.local_E
+    return load_E.double() if load_E is not None else router.score_bias.new_zeros(router.score_bias.shape,
+                                                                                   dtype=torch.float64)
