@@ -18,6 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moe_models.cli import parse_args  # noqa: E402
 from moe_models.distributed import all_reduce_sum  # noqa: E402
+from moe_models.moe.balance import end_of_step  # noqa: E402
 from moe_models.moe.layer import moe_layers_of, router_loss  # noqa: E402
 from moe_models.training.trainer import lm_and_balance_loss  # noqa: E402
 from train import build  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
         engine.step()
+        end_of_step([layer.gate for layer in layers], cfg.moe.router_bias_update_rate, engine.was_step_applied())
         mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size
         record["losses"].append(mean_loss.item())
     trainer.state.step = steps
