@@ -1,7 +1,8 @@
 """The native transformers MoE class of each family, both ways: its config, and which blocks are sparse.
 
-Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``moe_model_type`` in
-moe_models/models/architectures.py; the weights' names: hf/adapters.py). A mapping is made only when the MoE class
+With softmax scores, Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``moe_model_type``
+in moe_models/models/architectures.py); with sigmoid scores (``--score_function sigmoid``, DeepSeek-V3's routing)
+all four map to GLM4-MoE (the weights' names: hf/adapters.py). A mapping is made only when the MoE class
 computes exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
 
 Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */modeling_*_moe.py):
@@ -9,6 +10,10 @@ Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */
     the chosen probabilities to sum to 1.
   - Mixtral always rescales the top-k probabilities to sum to 1 (so top-1 gets weight 1.0).
   - Qwen2-MoE and Qwen3-MoE rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
+  - GLM4-MoE scores by sigmoid, chooses by the scores plus ``e_score_correction_bias`` (within ``topk_group`` of
+    ``n_group`` groups; one group here), weighs by the unbiased scores, rescaled when ``norm_topk_prob``, times
+    ``routed_scaling_factor``: the scored rule of moe/router.py. Its attention is Llama's with optional q/k RMSNorms
+    per head (Qwen3's) and q/k/v biases (Qwen2's), rotary over ``partial_rotary_factor`` of each head (1.0 here).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from transformers import AutoConfig, PretrainedConfig
 from ..config import MoEConfig
 from ..models.architectures import ARCHITECTURES
 from ..moe.layout import MoELayout
+from ..moe.router import Scoring
 from .adapters import ADAPTERS
 
 # Config fields that mean the same in a dense family and its MoE class: embeddings, attention, norms, rope, tokens.
@@ -30,7 +36,17 @@ SHARED_FIELDS_OF_MOE_TYPE = {
     "mixtral": ("sliding_window",),  # Mistral's and Mixtral's window apply to every block alike
     "qwen2_moe": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
     "qwen3_moe": ("attention_bias",),  # Qwen3-MoE windows every block, Qwen3 only some: sliding is refused
+    "glm4_moe": ("attention_bias",),  # Llama's and Qwen3's bias is also on o_proj, GLM4-MoE's is not: refused
 }
+SIGMOID_MOE_TYPE = "glm4_moe"  # the class for --score_function sigmoid, from these dense families:
+SIGMOID_BASES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def native_moe_type(dense: PretrainedConfig, moe: MoEConfig) -> str | None:
+    """The transformers MoE class (model_type) the model built from ``dense`` with ``moe`` maps to, if any."""
+    if moe.score_function == "sigmoid":
+        return SIGMOID_MOE_TYPE if dense.model_type in SIGMOID_BASES else None
+    return ARCHITECTURES[dense.model_type].moe_model_type
 
 
 class NotRepresentable(ValueError):
@@ -44,11 +60,22 @@ class NotRepresentable(ValueError):
 def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
     """Why the DeepSpeed MoE model built from ``dense`` with ``moe`` (MoE layers as in ``layout``) has no exact native
     HF MoE class (empty: it has)."""
-    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    moe_type = native_moe_type(dense, moe)
     if moe_type is None:
         return [f"{dense.model_type} has no Mixture-of-Experts class in transformers (Mixtral covers Llama and "
-                "Mistral, Qwen2-MoE and Qwen3-MoE cover Qwen2 and Qwen3); keep using the DeepSpeed checkpoint"]
+                "Mistral, Qwen2-MoE and Qwen3-MoE cover Qwen2 and Qwen3, GLM4-MoE all four with sigmoid scores); "
+                "keep using the DeepSpeed checkpoint"]
     problems = []
+    scoring = Scoring.of(moe)
+    if moe_type != SIGMOID_MOE_TYPE:
+        if moe.router_bias_update_rate > 0:
+            problems.append("aux-loss-free bias (router_bias_update_rate) with softmax scores: Mixtral, Qwen2-MoE and "
+                            "Qwen3-MoE choose experts without a bias (GLM4-MoE has one, with --score_function sigmoid)")
+        if moe.routed_scaling_factor != 1.0:
+            problems.append(f"routed_scaling_factor {moe.routed_scaling_factor}: Mixtral, Qwen2-MoE and Qwen3-MoE do "
+                            "not scale the routed output (GLM4-MoE does, with --score_function sigmoid)")
+    else:
+        problems += _glm4_moe_problems(dense, moe, layout)
     if layout.uniform_num_experts is None:
         problems.append(f"per-layer expert counts {list(layout.num_experts)}: an HF MoE class has one expert count "
                         "for every MoE block")
@@ -56,9 +83,11 @@ def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) 
         problems.append("residual MoE (use_residual): no HF MoE class mixes a dense FFN into the experts' output "
                         "with a learned coefficient")
     if moe_type == "mixtral":
-        if moe.top_k == 1:
-            problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
-                            "Mixtral gives it weight 1.0 (it rescales the top-k probabilities to sum to 1)")
+        if not scoring.renormalises(moe.top_k):
+            problems.append(f"top_k {moe.top_k}: DeepSpeed scales the chosen expert's output by its router probability, "
+                            "Mixtral gives it weight 1.0 (it rescales the top-k probabilities to sum to 1; "
+                            "--norm_topk_prob true does too)" if moe.top_k == 1 else
+                            "norm_topk_prob false: Mixtral rescales the top-k probabilities to sum to 1")
         if len(layout.blocks) < dense.num_hidden_layers:
             problems.append(f"moe_layers {moe.moe_layers!r} keeps dense FFNs in some of the {dense.num_hidden_layers} "
                             "blocks: Mixtral has an MoE FFN in every block (Qwen2-MoE and Qwen3-MoE can mix them)")
@@ -76,13 +105,17 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     problems = export_problems(dense, moe, layout)
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
-    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    moe_type = native_moe_type(dense, moe)
     num_layers, ffn_size, num_experts = dense.num_hidden_layers, dense.intermediate_size, layout.uniform_num_experts
     fields = _shared_fields(dense, moe_type)
+    renormalises = Scoring.of(moe).renormalises(moe.top_k)
     if moe_type == "mixtral":
         fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=ffn_size)
+    elif moe_type == SIGMOID_MOE_TYPE:
+        fields.update(_glm4_moe_fields(dense, moe, layout), n_routed_experts=num_experts, num_experts_per_tok=moe.top_k,
+                      norm_topk_prob=renormalises, moe_intermediate_size=ffn_size, intermediate_size=ffn_size)
     else:
-        fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=moe.top_k > 1,
+        fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=renormalises,
                       moe_intermediate_size=ffn_size, intermediate_size=ffn_size, decoder_sparse_step=1,
                       mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
     if moe_type == "qwen2_moe":
@@ -91,9 +124,44 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     return AutoConfig.for_model(moe_type, **fields)
 
 
+def _glm4_moe_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
+    """What GLM4-MoE cannot compute of a Llama, Mistral, Qwen2 or Qwen3 model with sigmoid routing."""
+    problems = []
+    first_moe_block = dense.num_hidden_layers - len(layout.blocks)
+    if list(layout.blocks) != list(range(first_moe_block, dense.num_hidden_layers)):
+        problems.append(f"MoE blocks {list(layout.blocks)}: GLM4-MoE keeps dense FFNs only in its first blocks "
+                        f"(first_k_dense_replace); use --moe_layers all or the last blocks, e.g. "
+                        f"'{','.join(map(str, range(dense.num_hidden_layers // 2, dense.num_hidden_layers)))}'")
+    if dense.model_type in ("llama", "qwen3") and getattr(dense, "attention_bias", False):
+        problems.append("attention_bias is true: it puts a bias on o_proj too, GLM4-MoE's o_proj has none")
+    if getattr(dense, "mlp_bias", False):
+        problems.append("mlp_bias is true: GLM4-MoE's FFNs and experts have no biases")
+    windowed = (getattr(dense, "sliding_window", None) if dense.model_type == "mistral"
+                else getattr(dense, "use_sliding_window", False))
+    if windowed or "sliding_attention" in (getattr(dense, "layer_types", None) or []):
+        problems.append("sliding-window attention: GLM4-MoE attends over the whole sequence")
+    if layout.uniform_num_experts == 1:
+        problems.append("1 expert: GLM4-MoE's router picks expert groups by their two best scores, so it needs 2+")
+    return problems
+
+
+def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> dict:
+    """GLM4-MoE settings that make it the dense family's attention with the scored rule's routing: full rotary, q/k
+    norms for Qwen3, q/k/v biases for Qwen2, one expert group, no shared expert, dense FFNs in the first blocks."""
+    rope = dict(dense.rope_parameters or {}, partial_rotary_factor=1.0)
+    return dict(rope_parameters=rope, partial_rotary_factor=1.0, use_qk_norm=dense.model_type == "qwen3",
+                attention_bias=dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False)),
+                head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
+                routed_scaling_factor=moe.routed_scaling_factor, n_group=1, topk_group=1, n_shared_experts=0,
+                first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
+
+
 def import_problems(config: PretrainedConfig) -> list[str]:
     """Why an HF MoE checkpoint's model cannot be rebuilt exactly from DeepSpeed MoE layers (empty: it can)."""
     moe_type, top_k = config.model_type, config.num_experts_per_tok
+    if moe_type == SIGMOID_MOE_TYPE:
+        return ["GLM4-MoE folders are written by export but not imported: its attention (partial rotary, q/k norms) "
+                "has no single dense family to rebuild it from"]
     problems = []
     if moe_type == "mixtral" and top_k == 1:
         problems.append("num_experts_per_tok 1: Mixtral gives the chosen expert weight 1.0, DeepSpeed's top-1 "
@@ -159,7 +227,7 @@ def differences_in_training(moe: MoEConfig) -> list[str]:
         notes.append(f"the run dropped tokens above expert capacity (drop_tokens true, capacity_factor "
                      f"{moe.capacity_factor}, eval_capacity_factor {moe.eval_capacity_factor}); the HF model routes "
                      "every token, so the two agree on a batch only where DeepSpeed dropped none")
-    if moe.top_k == 2 and moe.top2_2nd_expert_sampling:
+    if moe.top_k == 2 and moe.top2_2nd_expert_sampling and Scoring.of(moe).is_deepspeed:
         notes.append("the run picked the second expert with Gumbel noise (top2_2nd_expert_sampling true, which "
                      "DeepSpeed applies in eval too); the HF model takes the two highest-scoring experts, as "
                      "DeepSpeed does with top2_2nd_expert_sampling false")

@@ -26,6 +26,7 @@ from .router import Router, Scoring
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
+ROUTER_SCORE_BIAS = "moe.deepspeed_moe.gate.score_bias"  # aux-loss-free balancing only
 EXPERTS_MODULE = "moe.deepspeed_moe.experts"
 
 

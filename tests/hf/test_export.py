@@ -36,6 +36,13 @@ CASES = {
     "mistral": ("tiny-mistral", ["--top_k", "3"], "MixtralForCausalLM"),
     "qwen2": ("tiny-qwen2", ["--top_k", "2", "--moe_layers", "every:2"], "Qwen2MoeForCausalLM"),
     "qwen3": ("tiny-qwen3", ["--top_k", "1", "--moe_layers", "0,3"], "Qwen3MoeForCausalLM"),
+    # sigmoid scores with the aux-loss-free bias (it moves 0.05 a step, enough to change choices) -> GLM4-MoE
+    "llama_sigmoid": ("tiny-llama", ["--top_k", "2", "--score_function", "sigmoid", "--router_bias_update_rate", "0.05",
+                                     "--routed_scaling_factor", "2.5"], "Glm4MoeForCausalLM"),
+    "qwen2_sigmoid": ("tiny-qwen2", ["--top_k", "3", "--score_function", "sigmoid", "--norm_topk_prob", "false",
+                                     "--router_bias_update_rate", "0.05", "--moe_layers", "2,3"], "Glm4MoeForCausalLM"),
+    "qwen3_sigmoid": ("tiny-qwen3", ["--top_k", "1", "--score_function", "sigmoid", "--router_bias_update_rate", "0.05",
+                                     "--norm_topk_prob", "true"], "Glm4MoeForCausalLM"),
 }
 
 
@@ -69,6 +76,19 @@ def test_export_loads_natively_and_computes_the_deepspeed_function(exported):
 
     tokenizer = AutoTokenizer.from_pretrained(exported["hf_dir"])
     assert tokenizer.decode(tokenizer("37+48=85")["input_ids"]) == "37+48=85"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("exported", ["llama_sigmoid"], indirect=True)
+def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
+    hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
+    biases = [buffer for name, buffer in hf.named_buffers() if name.endswith("gate.e_score_correction_bias")]
+    assert len(biases) == 4 and all(b.abs().sum() > 0 for b in biases)
+    ids = tokens()
+    with_bias = hf(ids).logits
+    for bias in biases:
+        bias.zero_()
+    assert not torch.allclose(hf(ids).logits, with_bias, atol=1e-3)
 
 
 @pytest.mark.parametrize("exported", ["llama", "qwen3"], indirect=True)  # Mixtral; Qwen3-MoE with dense blocks, top-1
@@ -167,6 +187,12 @@ def test_configs_round_trip(preset, moe):
     ("tiny-llama", MoEConfig(), {"attention_bias": True}, "attention_bias is true: Mixtral's attention"),
     ("tiny-qwen3", MoEConfig(), {"layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2},
      "Qwen3-MoE applies its window to every block or to none"),
+    ("tiny-llama", MoEConfig(router_bias_update_rate=1e-3), {}, "GLM4-MoE has one, with --score_function sigmoid"),
+    ("tiny-qwen2", MoEConfig(routed_scaling_factor=2.0), {}, "do not scale the routed output"),
+    ("tiny-llama", MoEConfig(norm_topk_prob=False), {}, "norm_topk_prob false: Mixtral rescales"),
+    ("tiny-llama", MoEConfig(score_function="sigmoid", moe_layers="0,1"), {}, "first_k_dense_replace"),
+    ("tiny-mistral", MoEConfig(score_function="sigmoid"), {"sliding_window": 16}, "GLM4-MoE attends over the whole"),
+    ("tiny-gpt2", MoEConfig(score_function="sigmoid"), {}, "gpt2 has no Mixture-of-Experts class"),
 ])
 def test_unrepresentable_models_are_refused_with_the_reason(preset, moe, overrides, message):
     dense = preset_config(preset)
