@@ -72,6 +72,10 @@ FLAG_CASES = {
     "zero_learning_rate": (["--learning_rate", "0"], "learning_rate (0.0) must be > 0"),
     "zero_warmup": (["--warmup_steps", "0"], "warmup_steps (0) must be >= 1"),
     "moe_layer_beyond_model": (["--moe_layers", "7"], "moe_layers '7' names blocks [7], but the model has blocks 0..3"),
+    "scored_rule_on_stock_gate": (["--score_function", "sigmoid", "--moe_impl", "deepspeed"],
+                                  "--score_function sigmoid: the stock DeepSpeed gate (--moe_impl deepspeed) routes by "
+                                  "softmax top-k with its own balance loss only; use --moe_impl grouped"),
+    "negative_bias_rate": (["--router_bias_update_rate", "-0.001"], "router_bias_update_rate (-0.001) must be >= 0"),
 }
 
 
