@@ -163,14 +163,7 @@ def import_problems(config: PretrainedConfig) -> list[str]:
         return ["GLM4-MoE folders are written by export but not imported: its attention (partial rotary, q/k norms) "
                 "has no single dense family to rebuild it from"]
     problems = []
-    if moe_type == "mixtral" and top_k == 1:
-        problems.append("num_experts_per_tok 1: Mixtral gives the chosen expert weight 1.0, DeepSpeed's top-1 "
-                        "scales it by its router probability")
     if moe_type in ("qwen2_moe", "qwen3_moe"):
-        if config.norm_topk_prob != (top_k > 1):
-            problems.append(f"norm_topk_prob {config.norm_topk_prob} with num_experts_per_tok {top_k}: DeepSpeed "
-                            + ("keeps the top-1 probability as the weight" if top_k == 1 else
-                               "rescales the top-k probabilities to sum to 1"))
         block_ids = _qwen_moe_block_ids(config)
         if not block_ids:
             problems.append("no block has an MoE FFN (mlp_only_layers / decoder_sparse_step); load it as a dense "
@@ -193,7 +186,8 @@ def import_problems(config: PretrainedConfig) -> list[str]:
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers) that rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers, and norm_topk_prob where the class weighs routes otherwise than DeepSpeed's rule) that rebuild the
+    checkpoint's model, and its MoE layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
@@ -206,6 +200,9 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
     dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     moe_layers = "all" if len(block_ids) == num_layers else block_ids
     settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers}
+    renormalises = True if moe_type == "mixtral" else config.norm_topk_prob
+    if renormalises != (config.num_experts_per_tok > 1):  # not DeepSpeed's rule: the scored rule's norm_topk_prob
+        settings["norm_topk_prob"] = renormalises
     return dense, settings, MoELayout(tuple(block_ids), (num_experts,) * len(block_ids))
 
 

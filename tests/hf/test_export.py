@@ -134,6 +134,10 @@ def test_both_expert_layouts_on_disk_import_alike(exported, tmp_path):
     ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=256,
                        mlp_only_layers=[1], head_dim=32)),
+    # weighed otherwise than DeepSpeed's rule: imported with --norm_topk_prob (the scored rule)
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=1)),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, norm_topk_prob=False, moe_intermediate_size=256,
+                       head_dim=32)),
 ])
 @torch.no_grad()
 def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, moe_type, extra):
@@ -145,7 +149,8 @@ def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, m
     hf.save_pretrained(tmp_path)
     model, moe, _, _ = import_hf_moe(str(tmp_path), MoEConfig(drop_tokens=False, top2_2nd_expert_sampling=False),
                                      257, seed=0)
-    assert moe.num_experts == 4 and moe.top_k == 2
+    assert moe.num_experts == 4 and moe.top_k == config.num_experts_per_tok
+    assert moe.norm_topk_prob == (None if moe.top_k == 2 else moe.top_k == 1)
     ids = tokens()
     torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -211,11 +216,8 @@ def test_every_reason_is_reported_at_once():
 
 
 @pytest.mark.parametrize("moe_type, fields, message", [
-    ("mixtral", dict(num_experts_per_tok=1), "num_experts_per_tok 1: Mixtral gives the chosen expert weight 1.0"),
     ("qwen2_moe", dict(shared_expert_intermediate_size=64, norm_topk_prob=True),
      "a shared expert (shared_expert_intermediate_size 64)"),
-    ("qwen3_moe", dict(num_experts_per_tok=2, norm_topk_prob=False),
-     "norm_topk_prob False with num_experts_per_tok 2: DeepSpeed rescales"),
     ("qwen3_moe", dict(mlp_only_layers=[0], moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True),
      "DeepSpeed's experts are copies of the dense FFN"),
 ])
