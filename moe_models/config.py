@@ -150,6 +150,10 @@ class TrainConfig:
         600, "Seconds any collective (all-reduce, all-to-all, barrier) may wait for the other ranks before the run "
              "stops with an error naming it: a frozen rank or a node that stopped answering ends the job instead of "
              "hanging it. Data preparation on rank 0 (the others wait for its cache) has a timeout of its own.")
+    gradient_checkpointing: bool = _flag(
+        False, "Activation checkpointing (transformers' own, per decoder block, non-reentrant): keep only each block's "
+        "input and recompute its activations in the backward pass; less memory for about one more forward of time. "
+        "Routes are counted once, not again when recomputed (docs/performance.md).")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

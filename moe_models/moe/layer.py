@@ -22,7 +22,7 @@ from ..metrics.routing import router_z_loss
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import StackedExperts, local_experts, per_expert_key
-from .router import Router, Scoring
+from .router import Router, Scoring, recomputing
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
@@ -105,7 +105,7 @@ class MoEFeedForward(nn.Module):
         output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
         routes, self.gate.last_routes = self.gate.last_routes, None
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
-        if self.training and self.routing.enabled and routes is not None:
+        if self.training and self.routing.enabled and routes is not None and not recomputing():
             self.routing.add(routes)
         return output
 

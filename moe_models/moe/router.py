@@ -117,7 +117,7 @@ class Router(TopKGate):
         else:
             routes = dropless_routes(logits_TE, self.k, self.noisy_gate_policy == "RSample" and self.training,
                                      self.top2_2nd_expert_sampling)
-        if self.training and self.score_bias is not None:
+        if self.training and self.score_bias is not None and not recomputing():
             self.step_load.add_local(routes.chosen_E)
         self.last_routes = routes
         return routes
@@ -138,8 +138,9 @@ class Router(TopKGate):
         probs_TE = balance_probs(scores_TE)
         if s.aux_loss_type == "sequence":
             balance_loss = sequence_balance_loss(probs_TE, topk_ids_TK, tokens_per_sequence)
-        elif s.aux_loss_type == "global_batch" and self.training:
-            balance_loss = global_batch_balance_loss(probs_TE, self.step_load.add_all_ranks(chosen_E, T), self.k)
+        elif s.aux_loss_type == "global_batch" and self.training:  # a recompute reuses its forward's counts
+            step_counts_E1 = self.step_load.all_ranks_E1 if recomputing() else self.step_load.add_all_ranks(chosen_E, T)
+            balance_loss = global_batch_balance_loss(probs_TE, step_counts_E1, self.k)
         else:  # micro_batch (and global_batch in eval, where there is no step to count over)
             balance_loss = switch_balance_loss(probs_TE, chosen_E, T * self.k)
         kept_E = chosen_E
@@ -209,6 +210,12 @@ def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_secon
         balance_loss = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).mean() * num_experts * num_experts / k
     counts_E = routes_per_expert(topk_ids_TK, num_experts)
     return Routes(logits_TE, topk_ids_TK, weights_TK, counts_E, counts_E, balance_loss)  # dropless: kept = chosen
+
+
+def recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recompute, run by the autograd engine during backward:
+    routes were counted in the first forward and must not be counted again (nor the step's load all-reduced)."""
+    return torch._C._current_graph_task_id() != -1  # -1 outside a backward pass; torch has no public flag for it
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:

@@ -56,6 +56,8 @@ class Trainer:
         self.output_dir = output_dir
         self.checkpoints = CheckpointFolder(output_dir / "checkpoints")
         self.layers = moe_layers_of(engine.module)
+        if cfg.train.gradient_checkpointing:  # transformers' own, per decoder block
+            engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.state = TrainState()
         self.lr = 0.0
         self.guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
