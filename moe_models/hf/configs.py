@@ -1,14 +1,18 @@
 """The native transformers MoE class of each family, both ways: its config, and which blocks are sparse.
 
 Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``moe_model_type`` in
-moe_models/models/architectures.py; the weights' names: hf/adapters.py). A mapping is made only when the MoE class
-computes exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
+moe_models/models/architectures.py; the weights' names: hf/adapters.py); Llama and Mistral with shared experts map to
+GraniteMoeShared (export only). A mapping is made only when the MoE class computes exactly what the DeepSpeed model
+computes; anything else raises NotRepresentable with every reason at once.
 
 Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */modeling_*_moe.py):
   - DeepSpeed top-1 scales the chosen expert's output by its softmax probability; top-2 and top-k > 2 rescale
     the chosen probabilities to sum to 1.
   - Mixtral always rescales the top-k probabilities to sum to 1 (so top-1 gets weight 1.0).
   - Qwen2-MoE and Qwen3-MoE rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
+  - GraniteMoe(Shared) takes the softmax of the top-k logits: the top-k probabilities rescaled to sum to 1 (so
+    top-1 gets weight 1.0).
+  - Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared adds shared_mlp(x), ungated.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ SHARED_FIELDS_OF_MOE_TYPE = {
     "mixtral": ("sliding_window",),  # Mistral's and Mixtral's window apply to every block alike
     "qwen2_moe": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
     "qwen3_moe": ("attention_bias",),  # Qwen3-MoE windows every block, Qwen3 only some: sliding is refused
+    "granitemoeshared": ("attention_bias",),  # Granite has no sliding window: a Mistral window is refused
 }
+# The class names the refusals use.
+CLASS_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE",
+               "granitemoeshared": "GraniteMoeShared"}
 
 
 class NotRepresentable(ValueError):
@@ -41,10 +49,18 @@ class NotRepresentable(ValueError):
         super().__init__(f"{subject} cannot be represented exactly:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def export_model_type(dense: PretrainedConfig, moe: MoEConfig) -> str | None:
+    """The model_type of the transformers MoE class the model built from ``dense`` with ``moe`` exports to: its
+    family's (models/architectures.py), but GraniteMoeShared for Llama and Mistral with shared experts (Mixtral has
+    none)."""
+    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    return "granitemoeshared" if moe_type == "mixtral" and moe.num_shared_experts > 0 else moe_type
+
+
 def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
     """Why the DeepSpeed MoE model built from ``dense`` with ``moe`` (MoE layers as in ``layout``) has no exact native
     HF MoE class (empty: it has)."""
-    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    moe_type = export_model_type(dense, moe)
     if moe_type is None:
         return [f"{dense.model_type} has no Mixture-of-Experts class in transformers (Mixtral covers Llama and "
                 "Mistral, Qwen2-MoE and Qwen3-MoE cover Qwen2 and Qwen3); keep using the DeepSpeed checkpoint"]
@@ -55,20 +71,56 @@ def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) 
     if moe.use_residual:
         problems.append("residual MoE (use_residual): no HF MoE class mixes a dense FFN into the experts' output "
                         "with a learned coefficient")
+    if moe_type in ("mixtral", "granitemoeshared"):
+        problems += every_block_sparse_problems(dense, moe, layout, CLASS_NAMES[moe_type])
     if moe_type == "mixtral":
-        if moe.top_k == 1:
-            problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
-                            "Mixtral gives it weight 1.0 (it rescales the top-k probabilities to sum to 1)")
-        if len(layout.blocks) < dense.num_hidden_layers:
-            problems.append(f"moe_layers {moe.moe_layers!r} keeps dense FFNs in some of the {dense.num_hidden_layers} "
-                            "blocks: Mixtral has an MoE FFN in every block (Qwen2-MoE and Qwen3-MoE can mix them)")
         for bias in ("attention_bias", "mlp_bias"):
             if getattr(dense, bias, False):
                 problems.append(f"{bias} is true: Mixtral's attention and experts have no biases")
     if moe_type == "qwen3_moe" and "sliding_attention" in (getattr(dense, "layer_types", None) or []):
         problems.append("sliding-window attention in some blocks: Qwen3-MoE applies its window to every block or "
                         "to none")
+    if moe_type == "granitemoeshared":
+        problems += granite_problems(dense, moe)
+    if moe_type == "qwen3_moe" and moe.num_shared_experts > 0:
+        problems.append(f"num_shared_experts {moe.num_shared_experts}: Qwen3-MoE has no shared expert")
     return problems
+
+
+def every_block_sparse_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout, name: str) -> list[str]:
+    """What a class with an MoE FFN in every block and top-k weights renormalised even for top-1 (Mixtral,
+    GraniteMoeShared) cannot compute."""
+    problems = []
+    if moe.top_k == 1:
+        problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
+                        f"{name} gives it weight 1.0 (it rescales the top-k probabilities to sum to 1)")
+    if len(layout.blocks) < dense.num_hidden_layers:
+        problems.append(f"moe_layers {moe.moe_layers!r} keeps dense FFNs in some of the {dense.num_hidden_layers} "
+                        f"blocks: {name} has an MoE FFN in every block (Qwen2-MoE and Qwen3-MoE can mix them)")
+    return problems
+
+
+def granite_problems(dense: PretrainedConfig, moe: MoEConfig) -> list[str]:
+    """What GraniteMoeShared, set to compute Llama's attention (granite_multipliers), cannot compute of a Llama or
+    Mistral model with shared experts."""
+    problems = []
+    if moe.shared_expert_gate:
+        problems.append("shared_expert_gate on a Llama/Mistral base: GraniteMoeShared's shared MLP has no gate and "
+                        "no other HF MoE class has this attention with a shared expert; train without "
+                        "--shared_expert_gate to export to GraniteMoeShared (Qwen2 bases export a gate to Qwen2-MoE)")
+    if getattr(dense, "mlp_bias", False):
+        problems.append("mlp_bias is true: GraniteMoeShared's experts and shared MLP have no biases")
+    if getattr(dense, "sliding_window", None) is not None:
+        problems.append(f"sliding_window {dense.sliding_window}: GraniteMoeShared's attention has no sliding window")
+    return problems
+
+
+def granite_multipliers(dense: PretrainedConfig) -> dict:
+    """GraniteMoeShared's scalings set to compute a Llama-style model: 1.0 for the embeddings, the residual branches
+    and the logits, and Llama's attention scale 1 / sqrt(head_dim) (the same Python float Llama computes)."""
+    head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
+    return {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+            "attention_multiplier": head_dim**-0.5}
 
 
 def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> PretrainedConfig:
@@ -76,10 +128,10 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     problems = export_problems(dense, moe, layout)
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
-    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    moe_type = export_model_type(dense, moe)
     num_layers, ffn_size, num_experts = dense.num_hidden_layers, dense.intermediate_size, layout.uniform_num_experts
     fields = _shared_fields(dense, moe_type)
-    if moe_type == "mixtral":
+    if moe_type in ("mixtral", "granitemoeshared"):
         fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=ffn_size)
     else:
         fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=moe.top_k > 1,
@@ -87,7 +139,9 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
                       mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
     if moe_type == "qwen2_moe":
         # Qwen2-MoE always builds a shared expert; with no intermediate units it adds exactly zero (tested).
-        fields.update(shared_expert_intermediate_size=0, qkv_bias=True)
+        fields.update(shared_expert_intermediate_size=moe.num_shared_experts * ffn_size, qkv_bias=True)
+    if moe_type == "granitemoeshared":
+        fields.update(shared_intermediate_size=moe.num_shared_experts * ffn_size, **granite_multipliers(dense))
     return AutoConfig.for_model(moe_type, **fields)
 
 
@@ -112,9 +166,10 @@ def import_problems(config: PretrainedConfig) -> list[str]:
                             f"moe_intermediate_size {config.moe_intermediate_size}: DeepSpeed's experts are copies "
                             "of the dense FFN, so the two sizes must be equal")
     if moe_type == "qwen2_moe":
-        if config.shared_expert_intermediate_size > 0:
-            problems.append(f"a shared expert (shared_expert_intermediate_size {config.shared_expert_intermediate_size})"
-                            ": a DeepSpeed MoE layer has no always-on expert beside the routed ones")
+        shared_size, ffn_size = config.shared_expert_intermediate_size, config.moe_intermediate_size
+        if shared_size % ffn_size:
+            problems.append(f"shared_expert_intermediate_size {shared_size} is not a multiple of moe_intermediate_size "
+                            f"{ffn_size}: N shared experts are N copies' width of an expert (--num_shared_experts N)")
         if not config.qkv_bias:
             problems.append("qkv_bias is false: Qwen2's attention always has query/key/value biases")
     if moe_type == "qwen3_moe" and config.use_sliding_window:
@@ -125,7 +180,7 @@ def import_problems(config: PretrainedConfig) -> list[str]:
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers) that rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers, num_shared_experts, shared_expert_gate) that rebuild the checkpoint's model, and its MoE layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
@@ -137,7 +192,9 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
     fields = _shared_fields(config, moe_type)
     dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     moe_layers = "all" if len(block_ids) == num_layers else block_ids
-    settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers}
+    num_shared = getattr(config, "shared_expert_intermediate_size", 0) // ffn_size  # Qwen2-MoE's, gated
+    settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers,
+                "num_shared_experts": num_shared, "shared_expert_gate": num_shared > 0}
     return dense, settings, MoELayout(tuple(block_ids), (num_experts,) * len(block_ids))
 
 
