@@ -81,8 +81,9 @@ class MoEConfig:
         0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "
         "held as one FFN of the dense family's class with N x the dense FFN width and added to the routed output of "
         "every token. Upcycled as copies of the dense FFN (--expert_init copy/copy_noise; the output projections are "
-        "scaled so that the layer still computes the dense FFN at step 0 for top_k >= 2), fresh with --expert_init "
-        "random. Data-parallel parameters, not expert-parallel ones. 0 = off (docs/routing.md#shared-experts).")
+        "scaled so that the layer still computes the dense FFN at step 0 for top_k >= 2; exact copies get equal "
+        "gradients and stay equal, so use copy_noise for N > 1), fresh with --expert_init random. Data-parallel "
+        "parameters, not expert-parallel ones. 0 = off (docs/routing.md; export: docs/export.md).")
     shared_expert_gate: bool = _flag(
         False, "Needs --num_shared_experts >= 1: scale the shared experts' output per token by sigmoid(w . x), one "
         "learned vector w per MoE layer starting at 0 (a factor of 1/2), as Qwen2-MoE does.")

@@ -121,5 +121,5 @@ def shared_expert_problems(moe: MoEConfig) -> list[str]:
                         f"{moe.num_shared_experts}: pass --num_shared_experts 1 or more, or drop --shared_expert_gate")
     if moe.use_residual and moe.num_shared_experts > 0:
         problems.append("use_residual and num_shared_experts both keep an always-on dense FFN beside the routed "
-                        "experts: use one (shared experts also export to HF classes; docs/routing.md#shared-experts)")
+                        "experts: use one (shared experts also export to HF classes; docs/routing.md)")
     return problems

@@ -11,6 +11,7 @@ import train
 from helpers import tiny_model
 from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.metrics.interval import IntervalStats
+from moe_models.metrics.throughput import active_parameters
 from moe_models.models.architectures import ARCHITECTURES, SWIGLU
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.layout import moe_problems
@@ -159,6 +160,15 @@ def test_metrics_follow_their_formulas():
     assert "moe/layer_0/shared_share" not in stats.metrics(stats.vector().tolist(), tokens=32, world_size=1)
 
 
+@torch.no_grad()
+def test_an_upcycled_model_starts_with_a_shared_share_of_n_over_n_plus_1():
+    model = convert_to_moe(tiny_model().train(), MoEConfig(num_experts=4, num_shared_experts=3, drop_tokens=False))
+    model(tokens())
+    stats = IntervalStats(moe_layers_of(model), torch.device("cpu"))
+    row = stats.metrics(stats.vector().tolist(), tokens=48, world_size=1)
+    assert [row[f"moe/layer_{i}/shared_share"] for i in range(4)] == pytest.approx([3 / 4] * 4, rel=1e-5)
+
+
 def test_metrics_only_with_shared_experts():
     plain, ungated = layer(num_shared=0, gate=False), layer(num_shared=1, gate=False)
     for moe in (plain, ungated):
@@ -168,6 +178,16 @@ def test_metrics_only_with_shared_experts():
     assert "moe/layer_0/shared_share" not in row and "moe/layer_1/shared_share" in row
     assert not any(key.endswith("shared_gate") for key in row)
     assert plain.shared_experts is None and plain.shared_expert_gate is None
+
+
+def test_every_token_multiplies_by_the_shared_experts():
+    """MFU's active parameters: top_k experts, the router, and the N shared experts and their gate, whole."""
+    dense = tiny_model()
+    dense_params = sum(p.numel() for p in dense.parameters())  # tied embeddings: no lookup table to leave out
+    ffn = sum(p.numel() for p in dense.model.layers[0].mlp.parameters())
+    moe = convert_to_moe(dense, MoEConfig(num_experts=4, top_k=2, num_shared_experts=3, shared_expert_gate=True))
+    router, gate = 4 * 128, 128  # E x D, 1 x D
+    assert active_parameters(moe, moe_layers_of(moe)) == dense_params + 4 * (ffn + router + 3 * ffn + gate)
 
 
 @pytest.mark.parametrize("settings, message", [
