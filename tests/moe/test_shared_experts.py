@@ -1,5 +1,6 @@
 """Shared experts (--num_shared_experts, --shared_expert_gate): the upcycled model against the dense model, the
-layer's output against its formula written out here, initialisation, metrics, settings, and an exact resume."""
+layer's output against its formula written out here, initialisation, metrics, settings, the engine's groups and an
+exact resume."""
 
 import json
 
@@ -10,13 +11,13 @@ import torch.nn.functional as F
 import train
 from helpers import tiny_model
 from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
+from moe_models.cli import parse_args
 from moe_models.metrics.interval import IntervalStats
 from moe_models.metrics.throughput import active_parameters
 from moe_models.models.architectures import ARCHITECTURES, SWIGLU
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.layout import moe_problems
 from moe_models.moe.shared import widened_ffn
-from moe_models.training.trainer import optimizer_param_groups
 
 DIM, WIDTH = 64, 96
 
@@ -86,17 +87,6 @@ def test_layer_output_is_routed_plus_gated_shared(moe_impl, gate):
     if gate:
         shared_out = torch.sigmoid(x @ moe.shared_expert_gate.weight.t()) * shared_out
     torch.testing.assert_close(moe(x), routed + shared_out, rtol=1e-5, atol=1e-5)
-
-
-def test_shared_experts_are_data_parallel_parameters():
-    moe = layer()
-    shared = list(moe.shared_experts.parameters()) + [moe.shared_expert_gate.weight]
-    assert all(not hasattr(p, "allreduce") for p in shared)  # DeepSpeed's mark of an expert parameter
-    groups = optimizer_param_groups(moe, weight_decay=0.1)
-    in_expert_groups = {id(p) for g in groups if g.get("moe") for p in g["params"]}
-    in_other_groups = {id(p) for g in groups if not g.get("moe") for p in g["params"]}
-    assert all(id(p) in in_other_groups and id(p) not in in_expert_groups for p in shared)
-    assert {id(p) for p in moe.experts.parameters()} <= in_expert_groups
 
 
 def test_initialisation_copies_scales_or_draws():
@@ -222,3 +212,16 @@ def test_a_run_logs_them_per_layer_and_resumes_exactly(world, tmp_path):
     values = logged(full)  # loss, shared share, gate of step 1, then of step 2, ...
     assert len(values) == 12 and all(0 < v < 1 for v in values[1::3] + values[2::3])
     assert logged(resumed) == pytest.approx(values[6:], rel=1e-6)
+
+
+def test_the_engine_reduces_them_with_the_data_parallel_parameters(world, tmp_path):
+    """No expert mark (DeepSpeed's allreduce=False), and in the ZeRO optimizer's non-expert groups, which are
+    reduced over every rank (expert groups: over the expert-data-parallel group)."""
+    _, trainer = train.build(parse_args([*FLAGS, "--max_steps", "1", "--output_dir", str(tmp_path)]))
+    zero, layer = trainer.engine.optimizer, moe_layers_of(trainer.engine.module)[0]
+    shared = [*layer.shared_experts.parameters(), layer.shared_expert_gate.weight]
+    assert all(getattr(p, "allreduce", True) for p in shared)
+    in_expert_group = {id(p): is_moe for group, is_moe in zip(zero.bit16_groups, zero.is_moe_param_group)
+                       for p in group}
+    assert not any(in_expert_group[id(p)] for p in shared)
+    assert all(in_expert_group[id(p)] for p in layer.experts.parameters())
