@@ -77,6 +77,16 @@ class MoEConfig:
     top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
                                            "training (DeepSpeed's default); false = deterministic top-2.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
+    num_shared_experts: int = _flag(
+        0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "
+        "held as one FFN of the dense family's class with N x the dense FFN width and added to the routed output of "
+        "every token. Upcycled as copies of the dense FFN (--expert_init copy/copy_noise; the output projections are "
+        "scaled so that the layer still computes the dense FFN at step 0 for top_k >= 2; exact copies get equal "
+        "gradients and stay equal, so use copy_noise for N > 1), fresh with --expert_init random. Data-parallel "
+        "parameters, not expert-parallel ones. 0 = off (docs/routing.md; export: docs/export.md).")
+    shared_expert_gate: bool = _flag(
+        False, "Needs --num_shared_experts >= 1: scale the shared experts' output per token by sigmoid(w . x), one "
+        "learned vector w per MoE layer starting at 0 (a factor of 1/2), as Qwen2-MoE does.")
     moe_impl: Literal["deepspeed", "grouped"] = _flag(
         "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
         "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "

@@ -230,6 +230,8 @@ CHECKPOINT_CASES = {
     "another_expert_count": (["--num_experts", "8"], "was trained with --num_experts 4, this run has --num_experts 8; "
                              "pass --num_experts 4 to continue it"),
     "another_top_k": (["--top_k", "1"], "was trained with --top_k 2, this run has --top_k 1; pass --top_k 2"),
+    "shared_experts_added": (["--num_shared_experts", "1"], "was trained with --num_shared_experts 0, this run has "
+                             "--num_shared_experts 1; pass --num_shared_experts 0"),
     "other_moe_blocks": (["--moe_layers", "1,3"], "has MoE layers in blocks [0, 1, 2, 3], --moe_layers 1,3 gives "
                          "[1, 3]; pass --moe_layers 0,1,2,3"),
 }

@@ -1,4 +1,4 @@
-"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE or Qwen3-MoE).
+"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE or GraniteMoeShared).
 
     python -m moe_models.export --checkpoint OUT/checkpoints [--tag TAG] --output HF_DIR
 
@@ -26,7 +26,7 @@ from ..models.architectures import ARCHITECTURES, SWIGLU
 from ..moe.layer import expert_weight_key
 from ..moe.layout import MoELayout
 from ..training.checkpoint import CheckpointError, CheckpointFolder
-from .adapters import ADAPTERS
+from .adapters import EXPORT_ADAPTERS
 from .configs import differences_in_training, hf_moe_config
 
 
@@ -97,7 +97,7 @@ def hf_state_dict(folder: CheckpointFolder, tag_dir: Path, dense: PretrainedConf
         ffn = arch.ffn_path(layout.blocks[moe_layer_id])
         return tuple(weights[expert_weight_key(ffn, expert_id, projection)] for projection in SWIGLU)
 
-    return ADAPTERS[config.model_type].to_hf(module, arch, layout, dense.hidden_size, expert_weights)
+    return EXPORT_ADAPTERS[config.model_type].to_hf(module, arch, layout, expert_weights)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,9 +39,9 @@ def is_hf_moe_folder(name_or_path: str | None) -> bool:
 def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
                   seed: int) -> tuple[nn.Module, MoEConfig, MoELayout, int]:
     """The DeepSpeed MoE model holding the checkpoint's weights (this rank's experts only), the MoE settings it was
-    built with (the checkpoint's num_experts, top_k and moe_layers; the rest from ``moe``), its MoE layout, and the
-    parameter count of its dense skeleton. Raises NotRepresentable, or ConfigError when a flag disagrees with the
-    checkpoint."""
+    built with (the checkpoint's num_experts, top_k, moe_layers and shared experts; the rest from ``moe``), its MoE
+    layout, and the parameter count of its dense skeleton. Raises NotRepresentable, or ConfigError when a flag
+    disagrees with the checkpoint."""
     checkpoint_config = AutoConfig.from_pretrained(path)
     dense_config, settings, layout = dense_config_and_moe_settings(checkpoint_config)
     moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers)
@@ -60,8 +60,9 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
 
 
 def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int) -> MoEConfig:
-    """``moe`` with the checkpoint's num_experts, top_k and moe_layers. A flag left at its default takes the
-    checkpoint's value; one set to a different value is refused, as are flags that have no meaning for an import."""
+    """``moe`` with the checkpoint's num_experts, top_k, moe_layers and shared experts. A flag left at its default
+    takes the checkpoint's value; one set to a different value is refused, as are flags that have no meaning for an
+    import."""
     defaults, problems = MoEConfig(), []
     for name, value in checkpoint.items():
         given = getattr(moe, name)

@@ -7,15 +7,18 @@ takes one max-reduce.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..distributed import all_reduce_max
 from .device import EnergyMeter, memory_gib
-from .routing import mean_pairwise_cosine, routing_metrics
+from .routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
 
 
 class IntervalStats:
-    """The MoE layers' routing counters and this rank's GPU energy meter (None off NVIDIA GPUs)."""
+    """The MoE layers' routing counters (and shared-expert counters, where a layer has shared experts) and this
+    rank's GPU energy meter (None off NVIDIA GPUs)."""
 
     def __init__(self, layers: list, device: torch.device):
         self.layers = layers  # MoEFeedForward layers, in model order
@@ -23,23 +26,24 @@ class IntervalStats:
         self.energy = EnergyMeter.for_device(device)
 
     def vector(self) -> torch.Tensor:
-        """Every layer's routing counters, then [joules, 1 if this rank measured energy else 0]."""
+        """Every layer's routing counters, the shared-expert counters, then [joules, 1 if this rank measured energy
+        else 0]."""
         energy = [self.energy.joules_since_last(), 1.0] if self.energy else [0.0, 0.0]
-        parts = [layer.routing.as_vector(self.device) for layer in self.layers]
+        parts = [counter.as_vector(self.device) for _, counter, _ in self.counters()]
         return torch.cat([*parts, torch.tensor(energy, dtype=torch.float64, device=self.device)])
 
     def metrics(self, summed: list[float], tokens: float, world_size: int) -> dict:
         """Row entries from `vector` summed over ranks; resets the counters. ``tokens``: the interval's, all ranks."""
         row = {}
         offset = 0
+        for i, counter, metrics_of in self.counters():
+            values = summed[offset:offset + counter.vector_size]
+            offset += counter.vector_size
+            row.update({f"moe/layer_{i}/{key}": value for key, value in metrics_of(values).items()})
+            counter.reset()
         for i, layer in enumerate(self.layers):
-            values = summed[offset:offset + layer.routing.vector_size]
-            offset += layer.routing.vector_size
-            layer_row = routing_metrics(values, layer.num_experts, layer.top_k)
-            row.update({f"moe/layer_{i}/{key}": value for key, value in layer_row.items()})
             if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
                 row[f"moe/layer_{i}/score_bias"] = layer.gate.score_bias.tolist()
-            layer.routing.reset()
         joules, ranks_measured = summed[offset:offset + 2]
         if ranks_measured == world_size:  # energy of every GPU, or none reported
             row.update(energy_j=joules, joules_per_token=joules / tokens)
@@ -47,6 +51,14 @@ class IntervalStats:
         peaks = all_reduce_max(torch.tensor(list(memory.values()), dtype=torch.float64, device=self.device))
         row.update(zip(memory, peaks.tolist()))
         return row
+
+    def counters(self) -> list[tuple]:
+        """(MoE layer index, counters, summed values -> that layer's row entries), in the order of ``vector``."""
+        routing = [(i, layer.routing, partial(routing_metrics, num_experts=layer.num_experts, top_k=layer.top_k))
+                   for i, layer in enumerate(self.layers)]
+        shared = [(i, layer.shared_counters, partial(shared_expert_metrics, gated=layer.shared_expert_gate is not None))
+                  for i, layer in enumerate(self.layers) if layer.shared_counters is not None]
+        return routing + shared
 
 
 def expert_similarity_metrics(layers: list) -> dict:

@@ -49,3 +49,20 @@ def imbalance(load_E: list[float]) -> float:
 def mean_pairwise_cosine(direction_sum_sq: float, num_experts: int) -> float:
     """Mean cosine similarity over expert pairs i < j, from |sum_i w_i / |w_i||^2 = E + 2 sum_{i<j} cos_ij."""
     return (direction_sum_sq - num_experts) / (num_experts * (num_experts - 1))
+
+
+def shared_share_sum(routed_TD: torch.Tensor, shared_TD: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of |shared| / (|shared| + |routed|), L2 norms of each token's shared-expert and routed-expert
+    outputs in fp32 (a token with both zero counts 0)."""
+    shared_T = torch.linalg.vector_norm(shared_TD.float(), dim=-1)
+    routed_T = torch.linalg.vector_norm(routed_TD.float(), dim=-1)
+    return (shared_T / (shared_T + routed_T).clamp_min(torch.finfo(torch.float32).tiny)).sum()
+
+
+def shared_expert_metrics(summed: list[float], gated: bool) -> dict:
+    """One layer's shared-expert values from ``SharedExpertCounters.as_vector`` (moe/shared.py), summed over ranks;
+    {} without tokens."""
+    share_sum, gate_sum, tokens = summed
+    if tokens == 0:
+        return {}
+    return {"shared_share": share_sum / tokens, **({"shared_gate": gate_sum / tokens} if gated else {})}

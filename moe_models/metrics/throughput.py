@@ -51,8 +51,9 @@ def active_parameters(model: nn.Module, layers) -> int:
     """Parameters one token's forward multiplies by, for an HF causal LM and its MoEFeedForward ``layers``.
 
     Every parameter except embedding lookups (an output embedding tied to the input one counts), with
-    each MoE layer's experts counted as top_k experts (the router and a residual MoE's dense FFN
-    count whole). Works on any rank: with ep_size > 1 the model holds a slice of the experts.
+    each MoE layer's experts counted as top_k experts (the router, the shared experts and their gate, and a
+    residual MoE's dense FFN count whole). Works on any rank: with ep_size > 1 the model holds a slice of the
+    experts.
     """
     output = model.get_output_embeddings()
     tied = output.weight if output is not None else None

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+# The (gate, up, down) projection names of the SwiGLU FFN of Llama, Mistral and Qwen, which every HF MoE class this
+# project exports to keeps inside its experts too.
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
+# The same FFN as (the projections into its hidden units, the one out of them).
+SWIGLU_FFN_PROJECTIONS = ((SWIGLU[0], SWIGLU[1]), SWIGLU[2])
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -20,6 +27,9 @@ class Architecture:
     # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
     # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
     gated_projections: tuple[str, str, str] | None = None
+    # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): how the shared
+    # experts (moe/shared.py) widen the FFN, and how upcycling scales an FFN's output (moe/surgery.py)
+    ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS
 
     def ffn_path(self, block_id: int) -> str:
         """The module path, from the causal LM, of block ``block_id``'s FFN (an MoE layer after surgery)."""
@@ -32,17 +42,13 @@ class Architecture:
         return module
 
 
-# The (gate, up, down) projection names of the SwiGLU FFN of Llama, Mistral and Qwen, which every HF MoE class this
-# project exports to keeps inside its experts too.
-SWIGLU = ("gate_proj", "up_proj", "down_proj")
-
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
     Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
     Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU),
     Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU),
     # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
-    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp", ffn_projections=(("c_fc",), "c_proj")),
 )}
 
 

@@ -19,15 +19,18 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..metrics.routing import router_z_loss
+from ..models.architectures import SWIGLU_FFN_PROJECTIONS
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import StackedExperts, local_experts, per_expert_key
 from .router import Router, Scoring, recomputing
+from .shared import SharedExpertCounters, shared_experts_output, widened_ffn, zero_gate
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
 ROUTER_SCORE_BIAS = "moe.deepspeed_moe.gate.score_bias"  # aux-loss-free balancing only
 EXPERTS_MODULE = "moe.deepspeed_moe.experts"
+SHARED_EXPERTS_MODULE, SHARED_EXPERT_GATE_WEIGHT = "shared_experts", "shared_expert_gate.weight"
 
 
 def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
@@ -42,10 +45,16 @@ class MoEFeedForward(nn.Module):
     The load-balancing loss and per-expert counts of the last forward are kept in ``aux_loss`` and
     ``expert_counts`` for the trainer; ``routing`` adds up the ``Routes`` of every training forward on the
     device for the metrics (docs/metrics.md).
+
+    With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N x its width,
+    moe/shared.py) is added to every token's output, scaled by sigmoid(``shared_expert_gate``(x)) with
+    ``cfg.shared_expert_gate``; ``shared_counters`` sums its metrics. ``ffn_projections`` names the dense FFN's
+    projections (into its hidden units, out of them) for the widening.
     """
 
     def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
-                 gated_projections: Optional[tuple[str, str, str]] = None):
+                 gated_projections: Optional[tuple[str, str, str]] = None,
+                 ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS):
         super().__init__()
         args = dict(expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
                     capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
@@ -62,6 +71,11 @@ class MoEFeedForward(nn.Module):
         self.z_loss_coef = cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
         self.routing = RoutingCounters(num_experts)
+        shared = cfg.num_shared_experts > 0
+        self.shared_experts = widened_ffn(dense_ffn, ffn_projections, cfg.num_shared_experts) if shared else None
+        self.shared_expert_gate = (zero_gate(hidden_size, like=next(dense_ffn.parameters()))
+                                   if shared and cfg.shared_expert_gate else None)
+        self.shared_counters = SharedExpertCounters() if shared else None
 
     @property
     def num_experts(self) -> int:
@@ -107,7 +121,16 @@ class MoEFeedForward(nn.Module):
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
         if self.training and self.routing.enabled and routes is not None and not recomputing():
             self.routing.add(routes)
+        if self.shared_experts is not None:
+            output = output + self.shared_output(hidden_states, routed=output)
         return output
+
+    def shared_output(self, hidden_states: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The shared experts' (gated) output; a training forward's is counted with its ``routed`` output."""
+        shared, gate = shared_experts_output(self.shared_experts, self.shared_expert_gate, hidden_states)
+        if self.training and self.routing.enabled and not recomputing():
+            self.shared_counters.add(routed, shared, gate)
+        return shared
 
     @torch.no_grad()
     def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> float:

@@ -92,7 +92,8 @@ def moe_problems(moe: MoEConfig) -> list[str]:
                             f"pick num_experts as a multiple of {moe.ep_size} or an ep_size that divides {count}")
         if moe.top_k > count:
             problems.append(f"top_k ({moe.top_k}) must be <= num_experts ({count})")
-    problems += too_small(moe, ("top_k", "ep_size")) + too_small(moe, ("min_capacity",), minimum=0)
+    problems += too_small(moe, ("top_k", "ep_size")) + too_small(moe, ("min_capacity", "num_shared_experts"), minimum=0)
+    problems += shared_expert_problems(moe)
     for name in ("capacity_factor", "eval_capacity_factor"):
         if getattr(moe, name) <= 0:
             problems.append(f"{name} ({getattr(moe, name)}) must be > 0")
@@ -114,6 +115,16 @@ def moe_problems(moe: MoEConfig) -> list[str]:
     return problems
 
 
+def shared_expert_problems(moe: MoEConfig) -> list[str]:
+    """What does not go with --num_shared_experts / --shared_expert_gate."""
+    problems = []
+    if moe.shared_expert_gate and moe.num_shared_experts < 1:
+        problems.append("shared_expert_gate gates the shared experts' output, but num_shared_experts is "
+                        f"{moe.num_shared_experts}: pass --num_shared_experts 1 or more, or drop --shared_expert_gate")
+    if moe.use_residual and moe.num_shared_experts > 0:
+        problems.append("use_residual and num_shared_experts both keep an always-on dense FFN beside the routed "
+                        "experts: use one (shared experts also export to HF classes; docs/routing.md)")
+    return problems
 def scoring_problems(moe: MoEConfig) -> list[str]:
     """Problems with the router options beyond DeepSpeed's gate (moe/router.py ``Scoring``)."""
     problems = []

@@ -12,6 +12,10 @@ from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
+from .shared import upcycled_output_factors
+
+# The spawn key of a layer's shared-experts generator: a stream apart from every (block, expert) and router one.
+SHARED_EXPERTS_STREAM = (1,)
 
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Optional[MoELayout] = None) -> nn.Module:
@@ -20,7 +24,9 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
 
     Experts start from the dense FFN as ``cfg.expert_init`` says; the router starts fresh (normal,
     std = the model's initializer_range). Every random draw is seeded by (seed, block, global expert
-    id), so the same seed builds the same model at any ep_size. Returns the model.
+    id), so the same seed builds the same model at any ep_size. Shared experts (``cfg.num_shared_experts``) start
+    like the experts, from their own generator per block; upcycled, the output projections of routed and shared
+    experts are scaled so that the layer computes the dense FFN (``_keep_dense_function``). Returns the model.
     """
     problems = moe_problems(cfg)
     if problems:
@@ -34,10 +40,15 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     for block_id, num_experts in zip(layout.blocks, layout.num_experts):
         block = blocks[block_id]
         dense_ffn = getattr(block, arch.ffn)
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections)
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections, arch.ffn_projections)
         _init_router(layer.router, init_std, _generator(seed, block_id, -1))
         for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
             _init_expert(weights, cfg, init_std, _generator(seed, block_id, global_id))
+        if layer.shared_experts is not None:
+            shared = dict(layer.shared_experts.named_parameters())
+            _init_expert(shared, cfg, init_std, _generator(seed, block_id, -1, SHARED_EXPERTS_STREAM))
+            if cfg.expert_init != "random":
+                _keep_dense_function(layer, shared, cfg, output=arch.ffn_projections[1])
         setattr(block, arch.ffn, layer)
     return model
 
@@ -47,9 +58,10 @@ def layout_of(model: nn.Module, cfg: MoEConfig) -> MoELayout:
     return MoELayout.resolve(cfg, len(architecture_of(model).blocks_of(model)))
 
 
-def _generator(seed: int, block_id: int, expert_id: int) -> torch.Generator:
-    """A generator owned by one (block, expert): independent of the rank, the ep_size and global RNG state."""
-    state = np.random.SeedSequence([seed, block_id, expert_id + 1]).generate_state(1)[0]
+def _generator(seed: int, block_id: int, expert_id: int, spawn_key: tuple[int, ...] = ()) -> torch.Generator:
+    """A generator owned by one (block, expert), the router being expert -1: independent of the rank, the ep_size
+    and global RNG state. A ``spawn_key`` gives the block another stream of its own (the shared experts')."""
+    state = np.random.SeedSequence([seed, block_id, expert_id + 1], spawn_key=spawn_key).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -72,3 +84,24 @@ def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, g
             param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif name.endswith("bias"):
             param.zero_()
+
+
+@torch.no_grad()
+def _keep_dense_function(layer: MoEFeedForward, shared: dict[str, torch.Tensor], cfg: MoEConfig, output: str) -> None:
+    """Scale the output projection (``output``) of each local routed expert and of the shared experts (their
+    weights by name: ``shared``) by ``upcycled_output_factors``, so that the upcycled layer computes the dense FFN
+    (exactly with copies and top_k >= 2)."""
+    routed, shared_weight, shared_bias = upcycled_output_factors(cfg.num_shared_experts, cfg.shared_expert_gate)
+    for weights in layer.local_expert_weights():
+        _scale_projection(weights, output, routed, routed)
+    _scale_projection(shared, output, shared_weight, shared_bias)
+
+
+def _scale_projection(weights: dict[str, torch.Tensor], projection: str, weight_factor: float,
+                      bias_factor: float) -> None:
+    """Multiply the weight and bias of ``projection`` among ``weights`` (by name) in place."""
+    for name, param in weights.items():
+        if name == f"{projection}.weight":
+            param.mul_(weight_factor)
+        elif name == f"{projection}.bias":
+            param.mul_(bias_factor)

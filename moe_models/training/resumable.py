@@ -1,6 +1,7 @@
 """Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
 data exist and before anything in the output folder is written: it must be complete, its files whole, and its run
-must have trained the same model with the same experts and top_k (what its run_config.json recorded)."""
+must have trained the same model with the same experts, shared experts and top_k (what its run_config.json
+recorded)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from .checkpoint import CheckpointError, CheckpointFolder
 # The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
               "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads")
+
+# MoE settings that decide the weights' shapes, as runs saved before the setting existed had them.
+SHAPE_SETTINGS_BEFORE_SAVED = {"num_shared_experts": 0, "shared_expert_gate": False}
 
 
 def check_resumable(cfg: RunConfig) -> None:
@@ -76,8 +80,8 @@ def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
             return (f"{tag_dir} holds another model than this run builds ("
                     + ", ".join(f"{key} {saved[key]} there, {current[key]} here" for key in differing)
                     + f"); it was trained from {was!r}: {fix}")
-    moe = recorded.get("moe", {})
-    for name in ("num_experts", "top_k"):
+    moe = {**SHAPE_SETTINGS_BEFORE_SAVED, **recorded.get("moe", {})}
+    for name in ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
         if name in moe and _one(moe[name]) != _one(getattr(cfg.moe, name)):
             return (f"{tag_dir} was trained with --{name} {_flag_text(moe[name])}, this run has --{name} "
                     f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(moe[name])} to continue it, "

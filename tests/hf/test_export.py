@@ -43,6 +43,15 @@ CASES = {
                                      "--router_bias_update_rate", "0.05", "--moe_layers", "2,3"], "Glm4MoeForCausalLM"),
     "qwen3_sigmoid": ("tiny-qwen3", ["--top_k", "1", "--score_function", "sigmoid", "--router_bias_update_rate", "0.05",
                                      "--norm_topk_prob", "true"], "Glm4MoeForCausalLM"),
+    "llama_sigmoid_shared": ("tiny-llama", ["--top_k", "2", "--score_function", "sigmoid", "--num_shared_experts", "2"],
+                             "Glm4MoeForCausalLM"),
+    # shared experts: with their gate; without it (a zero gate and a doubled down projection); Llama -> Granite
+    "qwen2_shared_gate": ("tiny-qwen2", ["--top_k", "2", "--moe_layers", "every:2", "--num_shared_experts", "2",
+                                         "--shared_expert_gate"], "Qwen2MoeForCausalLM"),
+    "qwen2_shared": ("tiny-qwen2", ["--top_k", "2", "--num_shared_experts", "1"], "Qwen2MoeForCausalLM"),
+    "llama_shared": ("tiny-llama", ["--top_k", "2", "--num_shared_experts", "2"], "GraniteMoeSharedForCausalLM"),
+    "mistral_shared": ("tiny-mistral", ["--top_k", "3", "--num_shared_experts", "1", "--moe_impl", "deepspeed"],
+                       "GraniteMoeSharedForCausalLM"),
 }
 
 
@@ -91,7 +100,8 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
     assert not torch.allclose(hf(ids).logits, with_bias, atol=1e-3)
 
 
-@pytest.mark.parametrize("exported", ["llama", "qwen3"], indirect=True)  # Mixtral; Qwen3-MoE with dense blocks, top-1
+# Mixtral; Qwen3-MoE with dense blocks, top-1; Qwen2-MoE with a shared expert, its gate trained or the exported zero one
+@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared"], indirect=True)
 def test_import_continues_where_the_export_left_off(exported, tmp_path):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
@@ -103,10 +113,14 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     assert resolve_moe_layers(moe.moe_layers, 4) == resolve_moe_layers(trained.moe_layers, 4)
     saved = json.loads((tmp_path / "continued" / "run_config.json").read_text())["moe"]
     assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
+    assert moe.num_shared_experts == trained.num_shared_experts  # Qwen2-MoE's shared expert is always gated:
+    assert moe.shared_expert_gate == (trained.num_shared_experts > 0)  # an ungated one comes back with its zero gate
 
     model = trainer.engine.module
     expert_params = list(moe_layers_of(model)[0].experts.parameters())
     assert expert_params and all(map(is_moe_param, expert_params))  # DeepSpeed's expert marks survived the meta build
+    shared = moe_layers_of(model)[0].shared_experts
+    assert shared is None or not any(map(is_moe_param, shared.parameters()))  # data-parallel
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
     position = trainer.batches.state_dict()
@@ -138,6 +152,8 @@ def test_both_expert_layouts_on_disk_import_alike(exported, tmp_path):
     ("mixtral", dict(num_local_experts=4, num_experts_per_tok=1)),
     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, norm_topk_prob=False, moe_intermediate_size=256,
                        head_dim=32)),
+    ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=256,
+                       shared_expert_intermediate_size=512, mlp_only_layers=[0])),  # 2 shared experts, gated
 ])
 @torch.no_grad()
 def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, moe_type, extra):
@@ -151,6 +167,7 @@ def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, m
                                      257, seed=0)
     assert moe.num_experts == 4 and moe.top_k == config.num_experts_per_tok
     assert moe.norm_topk_prob == (None if moe.top_k == 2 else moe.top_k == 1)
+    assert moe.num_shared_experts == extra.get("shared_expert_intermediate_size", 0) // 256
     ids = tokens()
     torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -169,6 +186,7 @@ def test_layer_names_match_deepspeed():
     ("tiny-mistral", MoEConfig(num_experts=8, top_k=3)),
     ("tiny-qwen2", MoEConfig(num_experts=4, top_k=1, moe_layers="every:2")),
     ("tiny-qwen3", MoEConfig(num_experts=[4, 4, 4, 4], top_k=2)),  # equal per-layer counts are one count
+    ("tiny-qwen2", MoEConfig(num_experts=4, top_k=2, num_shared_experts=3, shared_expert_gate=True)),
 ])
 def test_configs_round_trip(preset, moe):
     dense = preset_config(preset)
@@ -178,6 +196,8 @@ def test_configs_round_trip(preset, moe):
         assert getattr(back, name, None) == getattr(dense, name, None), name
     counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts]
     assert settings["num_experts"] == counts[0] and settings["top_k"] == moe.top_k
+    assert (settings["num_shared_experts"], settings["shared_expert_gate"]) == (moe.num_shared_experts,
+                                                                               moe.shared_expert_gate)
     assert resolve_moe_layers(settings["moe_layers"], 4) == resolve_moe_layers(moe.moe_layers, 4)
     assert layout == MoELayout.resolve(moe, 4)
 
@@ -193,11 +213,22 @@ def test_configs_round_trip(preset, moe):
     ("tiny-qwen3", MoEConfig(), {"layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2},
      "Qwen3-MoE applies its window to every block or to none"),
     ("tiny-llama", MoEConfig(router_bias_update_rate=1e-3), {}, "GLM4-MoE has one, with --score_function sigmoid"),
-    ("tiny-qwen2", MoEConfig(routed_scaling_factor=2.0), {}, "do not scale the routed output"),
+    ("tiny-qwen2", MoEConfig(routed_scaling_factor=2.0), {}, "does not scale the routed output"),
     ("tiny-llama", MoEConfig(norm_topk_prob=False), {}, "norm_topk_prob false: Mixtral rescales"),
     ("tiny-llama", MoEConfig(score_function="sigmoid", moe_layers="0,1"), {}, "first_k_dense_replace"),
     ("tiny-mistral", MoEConfig(score_function="sigmoid"), {"sliding_window": 16}, "GLM4-MoE attends over the whole"),
     ("tiny-gpt2", MoEConfig(score_function="sigmoid"), {}, "gpt2 has no Mixture-of-Experts class"),
+    ("tiny-qwen2", MoEConfig(score_function="sigmoid", num_shared_experts=1, shared_expert_gate=True), {},
+     "GLM4-MoE's shared experts have no gate"),
+    ("tiny-qwen3", MoEConfig(num_shared_experts=1), {}, "num_shared_experts 1: Qwen3-MoE has no shared expert"),
+    ("tiny-llama", MoEConfig(num_shared_experts=1, shared_expert_gate=True), {},
+     "shared_expert_gate on a Llama/Mistral base: GraniteMoeShared's shared MLP has no gate"),
+    ("tiny-llama", MoEConfig(num_shared_experts=1, top_k=1), {}, "GraniteMoeShared gives it weight 1.0"),
+    ("tiny-mistral", MoEConfig(num_shared_experts=2, moe_layers="every:2"), {},
+     "GraniteMoeShared has an MoE FFN in every block"),
+    ("tiny-mistral", MoEConfig(num_shared_experts=1), {"sliding_window": 64},
+     "sliding_window 64: GraniteMoeShared's attention has no sliding window"),
+    ("tiny-llama", MoEConfig(num_shared_experts=1), {"mlp_bias": True}, "mlp_bias is true: GraniteMoeShared's"),
 ])
 def test_unrepresentable_models_are_refused_with_the_reason(preset, moe, overrides, message):
     dense = preset_config(preset)
@@ -216,8 +247,8 @@ def test_every_reason_is_reported_at_once():
 
 
 @pytest.mark.parametrize("moe_type, fields, message", [
-    ("qwen2_moe", dict(shared_expert_intermediate_size=64, norm_topk_prob=True),
-     "a shared expert (shared_expert_intermediate_size 64)"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=96, moe_intermediate_size=64, norm_topk_prob=True),
+     "shared_expert_intermediate_size 96 is not a multiple of moe_intermediate_size 64"),
     ("qwen3_moe", dict(mlp_only_layers=[0], moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True),
      "DeepSpeed's experts are copies of the dense FFN"),
 ])

@@ -2,7 +2,7 @@
 does, takes a few optimizer steps, and writes what the tests compare to OUTPUT_DIR/probe_rank{R}.pt:
 
 - the initial weights of every local expert, keyed by (layer, global expert id, parameter name);
-- the reduced gradient of every local expert parameter and router after the first backward;
+- the reduced gradient of every local expert parameter, router and shared-expert parameter after the first backward;
 - the loss of every step as logged (mean over ranks);
 - the number of parameters this rank holds; then it saves a checkpoint like train.py.
 
@@ -31,6 +31,13 @@ def expert_tensors(layers, read) -> dict:
             for name, tensor in local.items()}
 
 
+def shared_expert_grads(layers) -> dict:
+    """(layer, parameter name) -> the reduced gradient of each shared-expert parameter (and gate), if any."""
+    return {(layer_index, name): safe_get_full_grad(param).clone()
+            for layer_index, layer in enumerate(layers) for name, param in layer.named_parameters()
+            if name.startswith("shared_expert")}
+
+
 def main() -> None:
     args = sys.argv[1:]
     steps = int(args[args.index("--steps") + 1])
@@ -47,6 +54,7 @@ def main() -> None:
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
+            record["shared_grads"] = shared_expert_grads(layers)
         engine.step()
         end_of_step([layer.gate for layer in layers], cfg.moe.router_bias_update_rate, engine.was_step_applied())
         mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size

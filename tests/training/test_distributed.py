@@ -67,6 +67,23 @@ def test_router_z_loss_at_ep2_equals_ep1(tmp_path):
     assert_same_run(*(probe(tmp_path / f"ep{ep}", ep, "--router_z_loss_coef", "0.01") for ep in (1, 2)))
 
 
+def test_shared_experts_at_ep2_equal_ep1_and_are_reduced_over_every_rank(tmp_path):
+    """Upcycled shared experts with their gate: the same losses and gradients at ep_size 2 as at 1, and being
+    data-parallel parameters, the same gradient on both ranks (an expert-parallel one at ep_size 2 would be reduced
+    over a group of one rank, and differ)."""
+    flags = ("--num_shared_experts", "2", "--shared_expert_gate", "--expert_init", "copy_noise")
+    ep1, ep2 = (probe(tmp_path / f"ep{ep}", ep, *flags) for ep in (1, 2))
+    assert_same_run(ep1, ep2)
+    for run in (ep1, ep2):
+        rank0, rank1 = (record["shared_grads"] for record in run)
+        assert len(rank0) == 4 * 4 and set(rank1) == set(rank0)  # gate/up/down and the gate, in 4 layers
+        for name in rank0:
+            torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"shared grad {name}")
+    assert sum(g.abs().sum() for g in ep1[0]["shared_grads"].values()) > 0
+    for name, grad in ep1[0]["shared_grads"].items():
+        torch.testing.assert_close(ep2[0]["shared_grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"shared {name}")
+
+
 def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
     """Losses of every step, expert and router gradients of the first step (two probe runs' records)."""
     losses1, losses2 = ep1[0]["losses"], ep2[0]["losses"]
