@@ -88,10 +88,23 @@ class MoEConfig:
         0.0, "Weight of the router z-loss (ST-MoE): per MoE layer the mean over tokens of logsumexp(router logits)^2, "
         "summed over layers and added to the loss; it keeps router logits small (docs/routing.md). 0 = off; it is "
         "logged per layer either way.")
-    expert_init: Literal["copy", "copy_noise", "random"] = _flag(
-        "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
-        "weights. The router always starts fresh.")
+    expert_init: Literal["copy", "copy_noise", "random", "granular", "drop"] = _flag(
+        "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, fresh random "
+        "weights, 'granular' (fine-grained experts: each holds 1/granularity of the dense FFN's hidden units, "
+        "scaled so that the model starts as the dense one) or 'drop' (Drop-Upcycling: copies with reinit_ratio of "
+        "each expert's hidden units re-drawn). The router always starts fresh (for granular, one row per group of "
+        "granularity experts). docs/upcycling.md.")
     expert_noise_std: float = _flag(0.01, "For expert_init=copy_noise: noise std relative to each weight's std.")
+    granularity: int = _flag(
+        1, "For expert_init=granular: G, the number of slices the dense FFN's F hidden units are cut into. Each expert "
+        "holds F/G units (slice e mod G for expert e) with its output projection scaled by G; G must divide F and "
+        "num_experts. top_k counts these fine-grained experts (it is not multiplied by G): with top_k a multiple of G "
+        "(and >= 2), --drop_tokens false and, for top_k 2, --top2_2nd_expert_sampling false, the model starts as "
+        "exactly the dense model's function.")
+    reinit_ratio: float = _flag(
+        0.5, "For expert_init=drop: the fraction r of each expert's hidden units re-drawn (round(r x F) units chosen "
+        "per expert by its own seed; their gate/up rows and down columns drawn from a normal with the mean and std "
+        "of the dense weight matrix). 0 = copies, 1 = every unit re-drawn.")
 
     def __post_init__(self):
         if isinstance(self.num_experts, list) and len(self.num_experts) == 1:

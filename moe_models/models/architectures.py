@@ -20,6 +20,9 @@ class Architecture:
     # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
     # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
     gated_projections: tuple[str, str, str] | None = None
+    # (the projections into the FFN's hidden units, the projection out of them): where --expert_init granular and
+    # drop find each hidden unit's weights (moe/upcycling.py). None: those two inits are refused for the family.
+    unit_projections: tuple[tuple[str, ...], str] | None = None
 
     def ffn_path(self, block_id: int) -> str:
         """The module path, from the causal LM, of block ``block_id``'s FFN (an MoE layer after surgery)."""
@@ -35,14 +38,19 @@ class Architecture:
 # The (gate, up, down) projection names of the SwiGLU FFN of Llama, Mistral and Qwen, which every HF MoE class this
 # project exports to keeps inside its experts too.
 SWIGLU = ("gate_proj", "up_proj", "down_proj")
+SWIGLU_UNITS = (("gate_proj", "up_proj"), "down_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
-    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU),
+    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU,
+                 unit_projections=SWIGLU_UNITS),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU,
+                 unit_projections=SWIGLU_UNITS),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU,
+                 unit_projections=SWIGLU_UNITS),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU,
+                 unit_projections=SWIGLU_UNITS),
     # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
-    Architecture("gpt2", blocks="transformer.h", ffn="mlp"),
+    Architecture("gpt2", blocks="transformer.h", ffn="mlp", unit_projections=(("c_fc",), "c_proj")),
 )}
 
 

@@ -12,6 +12,8 @@ from typing import Union
 
 from ..config import ConfigError, MoEConfig, too_small
 
+EXPERT_INITS = ("copy", "copy_noise", "random", "granular", "drop")
+
 
 @dataclass(frozen=True)
 class MoELayout:
@@ -102,11 +104,33 @@ def moe_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"expert_noise_std ({moe.expert_noise_std}) must be >= 0")
     if moe.noisy_gate_policy not in (None, "Jitter", "RSample"):
         problems.append(f"noisy_gate_policy ({moe.noisy_gate_policy!r}) must be None, 'Jitter' or 'RSample'")
-    if moe.expert_init not in ("copy", "copy_noise", "random"):
-        problems.append(f"expert_init ({moe.expert_init!r}) must be 'copy', 'copy_noise' or 'random'")
+    if moe.expert_init not in EXPERT_INITS:
+        problems.append(f"expert_init ({moe.expert_init!r}) must be one of {', '.join(map(repr, EXPERT_INITS))}")
+    problems += upcycling_problems(moe, counts)
     if isinstance(moe.moe_layers, str) and moe.moe_layers != "all":
         try:  # shape only; indices are checked against the model once its depth is known
             resolve_moe_layers(moe.moe_layers, num_layers=10**6)
         except ValueError as err:
             problems.append(str(err))
+    return problems
+
+
+def upcycling_problems(moe: MoEConfig, counts: list[int]) -> list[str]:
+    """Problems in the settings of --expert_init granular (granularity) and drop (reinit_ratio); the FFN width is
+    checked against the granularity once the model is known (moe/upcycling.py)."""
+    problems = too_small(moe, ("granularity",))
+    if not 0 <= moe.reinit_ratio <= 1:
+        problems.append(f"reinit_ratio ({moe.reinit_ratio}) must be in [0, 1]: the fraction of each expert's hidden "
+                        "units that --expert_init drop re-draws")
+    if moe.granularity != 1 and moe.expert_init != "granular":
+        problems.append(f"granularity ({moe.granularity}) is only used by --expert_init granular (this run has "
+                        f"--expert_init {moe.expert_init}): add --expert_init granular or drop --granularity")
+    if moe.reinit_ratio != MoEConfig.reinit_ratio and moe.expert_init != "drop":
+        problems.append(f"reinit_ratio ({moe.reinit_ratio}) is only used by --expert_init drop (this run has "
+                        f"--expert_init {moe.expert_init}): add --expert_init drop or drop --reinit_ratio")
+    if moe.expert_init == "granular" and moe.granularity >= 1:
+        problems += [f"num_experts ({count}) must be a multiple of granularity ({moe.granularity}) for --expert_init "
+                     f"granular: each group of {moe.granularity} experts holds the dense FFN's {moe.granularity} "
+                     f"slices once; pick num_experts as a multiple of {moe.granularity}"
+                     for count in counts if count >= 1 and count % moe.granularity]
     return problems

@@ -12,15 +12,17 @@ from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
+from .upcycling import grouped_router_rows, unit_upcycling
 
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Optional[MoELayout] = None) -> nn.Module:
     """Replace the FFN of the blocks the ``layout`` names (default: resolved from ``cfg``) with DeepSpeed MoE
     layers, in place.
 
-    Experts start from the dense FFN as ``cfg.expert_init`` says; the router starts fresh (normal,
-    std = the model's initializer_range). Every random draw is seeded by (seed, block, global expert
-    id), so the same seed builds the same model at any ep_size. Returns the model.
+    Experts start from the dense FFN as ``cfg.expert_init`` says (granular and drop: moe/upcycling.py); the router
+    starts fresh (normal, std = the model's initializer_range; for granular experts one row per group of
+    ``cfg.granularity``). Every random draw is seeded by (seed, block, global expert id), so the same seed builds
+    the same model at any ep_size. Returns the model.
     """
     problems = moe_problems(cfg)
     if problems:
@@ -34,10 +36,18 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     for block_id, num_experts in zip(layout.blocks, layout.num_experts):
         block = blocks[block_id]
         dense_ffn = getattr(block, arch.ffn)
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections)
-        _init_router(layer.router, init_std, _generator(seed, block_id, -1))
+        by_units = unit_upcycling(dense_ffn, arch, cfg, block_id)  # granular or drop; None for whole-FFN inits
+        expert = by_units.expert_template() if by_units else dense_ffn
+        layer = MoEFeedForward(expert, hidden_size, num_experts, cfg, arch.gated_projections)
+        if layer.moe.use_residual:  # the residual FFN is the whole dense FFN, whatever the experts hold
+            layer.moe.mlp = dense_ffn
+        _init_router(layer.router, init_std, _generator(seed, block_id, -1), cfg.granularity)
         for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
-            _init_expert(weights, cfg, init_std, _generator(seed, block_id, global_id))
+            gen = _generator(seed, block_id, global_id)
+            if by_units:
+                by_units.init_expert(weights, global_id, gen)
+            else:
+                _init_expert(weights, cfg, init_std, gen)
         setattr(block, arch.ffn, layer)
     return model
 
@@ -54,14 +64,15 @@ def _generator(seed: int, block_id: int, expert_id: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _init_router(router: nn.Linear, std: float, gen: torch.Generator) -> None:
-    router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * std)
+def _init_router(router: nn.Linear, std: float, gen: torch.Generator, granularity: int) -> None:
+    """N(0, std^2) rows, one per expert, or with granular experts one per group of ``granularity`` experts."""
+    router.weight.copy_(grouped_router_rows(router.out_features, router.in_features, granularity, std, gen))
 
 
 @torch.no_grad()
 def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, gen: torch.Generator) -> None:
     """The expert (its weights by name, in module order) arrives as a copy of the dense FFN; perturb or re-draw
-    it as cfg.expert_init says."""
+    it as cfg.expert_init says (copy, copy_noise or random)."""
     if cfg.expert_init == "copy":
         return
     for name, param in weights.items():
