@@ -72,6 +72,9 @@ FLAG_CASES = {
     "zero_learning_rate": (["--learning_rate", "0"], "learning_rate (0.0) must be > 0"),
     "zero_warmup": (["--warmup_steps", "0"], "warmup_steps (0) must be >= 1"),
     "moe_layer_beyond_model": (["--moe_layers", "7"], "moe_layers '7' names blocks [7], but the model has blocks 0..3"),
+    "granularity_not_dividing_the_ffn": (["--expert_init", "granular", "--granularity", "3", "--num_experts", "3"],
+                                         "granularity (3) must divide the FFN's 256 hidden units (block 0) for "
+                                         "--expert_init granular: pick a divisor of 256, such as 2, 4, 8, 16, 32, 64"),
 }
 
 
@@ -228,6 +231,9 @@ CHECKPOINT_CASES = {
     "another_top_k": (["--top_k", "1"], "was trained with --top_k 2, this run has --top_k 1; pass --top_k 2"),
     "other_moe_blocks": (["--moe_layers", "1,3"], "has MoE layers in blocks [0, 1, 2, 3], --moe_layers 1,3 gives "
                          "[1, 3]; pass --moe_layers 0,1,2,3"),
+    "other_expert_width": (["--expert_init", "granular", "--granularity", "2"], "holds experts of the dense FFN's "
+                           "width, this run builds experts of 1/2 of the dense FFN's width (--expert_init granular "
+                           "--granularity 2); pass an --expert_init other than granular to continue it"),
 }
 
 
