@@ -77,18 +77,24 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
     moe_type = ARCHITECTURES[dense.model_type].moe_model_type
-    num_layers, ffn_size, num_experts = dense.num_hidden_layers, dense.intermediate_size, layout.uniform_num_experts
+    num_layers, num_experts = dense.num_hidden_layers, layout.uniform_num_experts
+    expert_size = expert_intermediate_size(dense, moe)
     fields = _shared_fields(dense, moe_type)
-    if moe_type == "mixtral":
-        fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=ffn_size)
-    else:
+    if moe_type == "mixtral":  # every block is sparse: intermediate_size is the experts'
+        fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=expert_size)
+    else:  # dense blocks keep the dense FFN's intermediate_size
         fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=moe.top_k > 1,
-                      moe_intermediate_size=ffn_size, intermediate_size=ffn_size, decoder_sparse_step=1,
-                      mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
+                      moe_intermediate_size=expert_size, intermediate_size=dense.intermediate_size,
+                      decoder_sparse_step=1, mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
     if moe_type == "qwen2_moe":
         # Qwen2-MoE always builds a shared expert; with no intermediate units it adds exactly zero (tested).
         fields.update(shared_expert_intermediate_size=0, qkv_bias=True)
     return AutoConfig.for_model(moe_type, **fields)
+
+
+def expert_intermediate_size(dense: PretrainedConfig, moe: MoEConfig) -> int:
+    """An expert's hidden units: the dense FFN's, or 1/granularity of them with --expert_init granular."""
+    return dense.intermediate_size // moe.granularity if moe.expert_init == "granular" else dense.intermediate_size
 
 
 def import_problems(config: PretrainedConfig) -> list[str]:
@@ -107,10 +113,11 @@ def import_problems(config: PretrainedConfig) -> list[str]:
         if not block_ids:
             problems.append("no block has an MoE FFN (mlp_only_layers / decoder_sparse_step); load it as a dense "
                             "model instead")
-        if len(block_ids) < config.num_hidden_layers and config.moe_intermediate_size != config.intermediate_size:
+        if 0 < len(block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(config) is None:
             problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
                             f"moe_intermediate_size {config.moe_intermediate_size}: DeepSpeed's experts are copies "
-                            "of the dense FFN, so the two sizes must be equal")
+                            "of the dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
+                            f"({config.num_experts}) a multiple of G; no whole G gives these sizes")
     if moe_type == "qwen2_moe":
         if config.shared_expert_intermediate_size > 0:
             problems.append(f"a shared expert (shared_expert_intermediate_size {config.shared_expert_intermediate_size})"
@@ -125,7 +132,8 @@ def import_problems(config: PretrainedConfig) -> list[str]:
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers) that rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers; expert_init granular and its granularity when dense blocks are wider than the experts) that
+    rebuild the checkpoint's model, and its MoE layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
@@ -134,11 +142,24 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
         num_experts, ffn_size, block_ids = config.num_local_experts, config.intermediate_size, list(range(num_layers))
     else:
         num_experts, ffn_size, block_ids = config.num_experts, config.moe_intermediate_size, _qwen_moe_block_ids(config)
-    fields = _shared_fields(config, moe_type)
-    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     moe_layers = "all" if len(block_ids) == num_layers else block_ids
     settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers}
+    granularity = _granularity_beside_dense_blocks(config) if moe_layers != "all" else 1
+    if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
+        ffn_size = config.intermediate_size
+        settings.update(expert_init="granular", granularity=granularity)
+    fields = _shared_fields(config, moe_type)
+    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     return dense, settings, MoELayout(tuple(block_ids), (num_experts,) * len(block_ids))
+
+
+def _granularity_beside_dense_blocks(config: PretrainedConfig) -> int | None:
+    """G such that a Qwen MoE checkpoint's dense blocks (intermediate_size F) and experts (moe_intermediate_size
+    F/G) are the model --expert_init granular --granularity G builds; None when there is no such G."""
+    dense_size, expert_size = config.intermediate_size, config.moe_intermediate_size
+    if expert_size < 1 or dense_size % expert_size or config.num_experts % (dense_size // expert_size):
+        return None
+    return dense_size // expert_size
 
 
 def _qwen_moe_block_ids(config: PretrainedConfig) -> list[int]:
