@@ -135,12 +135,15 @@ def test_granular_experts_run_as_grouped_gemms_when_aligned(granularity, holder)
     assert state["moe.deepspeed_moe.experts.deepspeed_experts.7.down_proj.weight"].shape == (128, 96 // granularity)
 
 
-def test_granular_trains_and_its_residual_ffn_is_the_whole_dense_ffn():
-    model = tiny_model()
-    up_FD = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    model = convert_to_moe(model.train(), granular(4, 2, 2, use_residual=True))
-    ids = tokens()
-    model(input_ids=ids, labels=ids).loss.backward()
+def test_granular_with_a_residual_ffn_keeps_the_dense_function_and_trains():
+    """The residual FFN is the whole dense FFN (not an F/G slice), so the learned mix of two dense functions is one."""
+    dense, ids = tiny_model(), tokens()
+    up_FD = dense.model.layers[0].mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():
+        expected = dense(ids).logits
+        model = convert_to_moe(dense, granular(4, 2, 2, use_residual=True, **EXACT))
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    model.train()(input_ids=ids, labels=ids).loss.backward()
     layer = moe_layers_of(model)[0]
     assert torch.equal(layer.moe.mlp.up_proj.weight, up_FD) and layer.moe.mlp.up_proj.weight.grad is not None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.experts.parameters())
