@@ -54,7 +54,8 @@ def _out_features_dim(module: nn.Module) -> int:
     raise ValueError(f"{type(module).__name__} is neither nn.Linear nor Conv1D: its hidden units cannot be found")
 
 
-def unit_upcycling(dense_ffn: nn.Module, arch: Architecture, cfg: MoEConfig, block_id: int):
+def unit_upcycling(dense_ffn: nn.Module, arch: Architecture, cfg: MoEConfig,
+                   block_id: int) -> GranularUpcycling | DropUpcycling | None:
     """The GranularUpcycling or DropUpcycling of one dense FFN as ``cfg.expert_init`` asks, or None for the inits
     that take the FFN whole (copy, copy_noise, random). A ConfigError when the FFN does not fit the settings."""
     if cfg.expert_init not in ("granular", "drop"):
@@ -136,8 +137,8 @@ def grouped_router_rows(num_experts: int, hidden_size: int, granularity: int, st
                         gen: torch.Generator) -> torch.Tensor:
     """[E, D] router weight: one N(0, std^2) row per group of G experts, repeated for each expert of the group, so
     the G slices of a group get equal logits and are chosen together. G = 1: one fresh row per expert."""
-    rows_GD = torch.randn((num_experts // granularity, hidden_size), generator=gen) * std
-    return rows_GD.repeat_interleave(granularity, dim=0)
+    group_rows = torch.randn((num_experts // granularity, hidden_size), generator=gen) * std  # [E / G, D]
+    return group_rows.repeat_interleave(granularity, dim=0)
 
 
 class DropUpcycling:
@@ -161,12 +162,12 @@ def redraw_units(weights: dict[str, torch.Tensor], units: HiddenUnits, ratio: fl
     """Re-draw round(ratio x F) hidden units of one expert that is a copy of the dense FFN, in place: the units are
     the first of a random permutation drawn from ``gen``; in every hidden-unit parameter their entries are drawn
     from N(mean, std^2) of that whole parameter as it was (the dense FFN's). Returns the re-drawn units' indices."""
-    chosen_U = torch.randperm(units.width, generator=gen)[:round(ratio * units.width)]
+    chosen = torch.randperm(units.width, generator=gen)[:round(ratio * units.width)]
     for name, dim in units.dims.items():
         param = weights[name]
         mean, std = param.float().mean(), param.float().std()
         shape = list(param.shape)
-        shape[dim] = len(chosen_U)
+        shape[dim] = len(chosen)
         fresh = torch.randn(shape, generator=gen) * std + mean
-        param.index_copy_(dim, chosen_U.to(param.device), fresh.to(param.device, param.dtype))
-    return chosen_U
+        param.index_copy_(dim, chosen.to(param.device), fresh.to(param.device, param.dtype))
+    return chosen
