@@ -79,7 +79,8 @@ class MoEConfig:
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     num_shared_experts: int = _flag(
         0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "
-        "held as one FFN of the dense family's class with N x the dense FFN width and added to the routed output of "
+        "held as one FFN of the dense family's class N routed experts wide (with granular experts N must be a "
+        "multiple of granularity) and added to the routed output of "
         "every token. Upcycled as copies of the dense FFN (--expert_init copy/copy_noise; the output projections are "
         "scaled so that the layer still computes the dense FFN at step 0 for top_k >= 2; exact copies get equal "
         "gradients and stay equal, so use copy_noise for N > 1), fresh with --expert_init random. Data-parallel "
@@ -115,10 +116,23 @@ class MoEConfig:
         "micro_batch", "Over which tokens the balance loss counts expert frequencies: each micro-batch (DeepSpeed's), "
         "each sequence averaged (DeepSeek-V2/V3), or the whole optimizer step on all data-parallel ranks (Qwen's "
         "global-batch loss; one all-reduce of E counts per micro-step).")
-    expert_init: Literal["copy", "copy_noise", "random"] = _flag(
-        "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, or fresh random "
-        "weights. The router always starts fresh.")
+    expert_init: Literal["copy", "copy_noise", "random", "granular", "drop"] = _flag(
+        "copy", "How experts start: copies of the dense FFN (sparse upcycling), copies plus noise, fresh random "
+        "weights, 'granular' (fine-grained experts: each holds 1/granularity of the dense FFN's hidden units, "
+        "scaled so that the model starts as the dense one) or 'drop' (Drop-Upcycling: copies with reinit_ratio of "
+        "each expert's hidden units re-drawn). The router always starts fresh (for granular, one row per group of "
+        "granularity experts). docs/upcycling.md.")
     expert_noise_std: float = _flag(0.01, "For expert_init=copy_noise: noise std relative to each weight's std.")
+    granularity: int = _flag(
+        1, "For expert_init=granular: G, the number of slices the dense FFN's F hidden units are cut into. Each expert "
+        "holds F/G units (slice e mod G for expert e) with its output projection scaled by G; G must divide F and "
+        "num_experts. top_k counts these fine-grained experts (it is not multiplied by G): with top_k a multiple of G "
+        "(and >= 2), --drop_tokens false and, for top_k 2, --top2_2nd_expert_sampling false, the model starts as "
+        "exactly the dense model's function.")
+    reinit_ratio: float = _flag(
+        0.5, "For expert_init=drop: the fraction r of each expert's hidden units re-drawn (round(r x F) units chosen "
+        "per expert by its own seed; their gate/up rows and down columns drawn from a normal with the mean and std "
+        "of the dense weight matrix). 0 = copies, 1 = every unit re-drawn.")
 
     def __post_init__(self):
         if isinstance(self.num_experts, list) and len(self.num_experts) == 1:

@@ -76,6 +76,9 @@ FLAG_CASES = {
                                   "--score_function sigmoid: the stock DeepSpeed gate (--moe_impl deepspeed) routes by "
                                   "softmax top-k with its own balance loss only; use --moe_impl grouped"),
     "negative_bias_rate": (["--router_bias_update_rate", "-0.001"], "router_bias_update_rate (-0.001) must be >= 0"),
+    "granularity_not_dividing_the_ffn": (["--expert_init", "granular", "--granularity", "3", "--num_experts", "3"],
+                                         "granularity (3) must divide the FFN's 256 hidden units (block 0) for "
+                                         "--expert_init granular: pick a divisor of 256, such as 2, 4, 8, 16, 32, 64"),
 }
 
 
@@ -234,6 +237,9 @@ CHECKPOINT_CASES = {
                              "--num_shared_experts 1; pass --num_shared_experts 0"),
     "other_moe_blocks": (["--moe_layers", "1,3"], "has MoE layers in blocks [0, 1, 2, 3], --moe_layers 1,3 gives "
                          "[1, 3]; pass --moe_layers 0,1,2,3"),
+    "other_expert_width": (["--expert_init", "granular", "--granularity", "2"], "holds experts of the dense FFN's "
+                           "width, this run builds experts of 1/2 of the dense FFN's width (--expert_init granular "
+                           "--granularity 2); pass an --expert_init other than granular to continue it"),
 }
 
 

@@ -153,23 +153,25 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
     moe_type = export_model_type(dense, moe)
-    num_layers, ffn_size, num_experts = dense.num_hidden_layers, dense.intermediate_size, layout.uniform_num_experts
+    num_layers, num_experts = dense.num_hidden_layers, layout.uniform_num_experts
+    expert_size = expert_intermediate_size(dense, moe)
     fields = _shared_fields(dense, moe_type)
     renormalises = Scoring.of(moe).renormalises(moe.top_k)
-    if moe_type in ("mixtral", "granitemoeshared"):
-        fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=ffn_size)
-    elif moe_type == SIGMOID_MOE_TYPE:
+    if moe_type in ("mixtral", "granitemoeshared"):  # every block is sparse: intermediate_size is the experts'
+        fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=expert_size)
+    elif moe_type == SIGMOID_MOE_TYPE:  # dense blocks keep the dense FFN's intermediate_size
         fields.update(_glm4_moe_fields(dense, moe, layout), n_routed_experts=num_experts, num_experts_per_tok=moe.top_k,
-                      norm_topk_prob=renormalises, moe_intermediate_size=ffn_size, intermediate_size=ffn_size)
-    else:
+                      norm_topk_prob=renormalises, moe_intermediate_size=expert_size,
+                      intermediate_size=dense.intermediate_size)
+    else:  # dense blocks keep the dense FFN's intermediate_size
         fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=renormalises,
-                      moe_intermediate_size=ffn_size, intermediate_size=ffn_size, decoder_sparse_step=1,
-                      mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
+                      moe_intermediate_size=expert_size, intermediate_size=dense.intermediate_size,
+                      decoder_sparse_step=1, mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
     if moe_type == "qwen2_moe":
         # Qwen2-MoE always builds a shared expert; with no intermediate units it adds exactly zero (tested).
-        fields.update(shared_expert_intermediate_size=moe.num_shared_experts * ffn_size, qkv_bias=True)
+        fields.update(shared_expert_intermediate_size=moe.num_shared_experts * expert_size, qkv_bias=True)
     if moe_type == "granitemoeshared":
-        fields.update(shared_intermediate_size=moe.num_shared_experts * ffn_size, **granite_multipliers(dense))
+        fields.update(shared_intermediate_size=moe.num_shared_experts * expert_size, **granite_multipliers(dense))
     return AutoConfig.for_model(moe_type, **fields)
 
 
@@ -210,6 +212,12 @@ def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout)
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
 
 
+def expert_intermediate_size(dense: PretrainedConfig, moe: MoEConfig) -> int:
+    """An expert's hidden units: the dense FFN's, or 1/granularity of them with --expert_init granular. A shared
+    expert is as wide."""
+    return dense.intermediate_size // moe.granularity if moe.expert_init == "granular" else dense.intermediate_size
+
+
 def import_problems(config: PretrainedConfig) -> list[str]:
     """Why an HF MoE checkpoint's model cannot be rebuilt exactly from DeepSpeed MoE layers (empty: it can)."""
     moe_type = config.model_type
@@ -219,10 +227,11 @@ def import_problems(config: PretrainedConfig) -> list[str]:
         if not block_ids:
             problems.append("no block has an MoE FFN (mlp_only_layers / decoder_sparse_step); load it as a dense "
                             "model instead")
-        if len(block_ids) < config.num_hidden_layers and config.moe_intermediate_size != config.intermediate_size:
+        if 0 < len(block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(config) is None:
             problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
                             f"moe_intermediate_size {config.moe_intermediate_size}: DeepSpeed's experts are copies "
-                            "of the dense FFN, so the two sizes must be equal")
+                            "of the dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
+                            f"({config.num_experts}) a multiple of G; no whole G gives these sizes")
     if moe_type == "qwen2_moe":
         shared_size, ffn_size = config.shared_expert_intermediate_size, config.moe_intermediate_size
         if shared_size % ffn_size:
@@ -238,8 +247,9 @@ def import_problems(config: PretrainedConfig) -> list[str]:
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers, num_shared_experts, shared_expert_gate, and norm_topk_prob where the class weighs routes otherwise than
-    DeepSpeed's rule) that rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers, num_shared_experts, shared_expert_gate, norm_topk_prob where the class weighs routes otherwise than
+    DeepSpeed's rule; expert_init granular and its granularity when dense blocks are wider than the experts) that
+    rebuild the checkpoint's model, and its MoE layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
@@ -248,8 +258,6 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
         num_experts, ffn_size, block_ids = config.num_local_experts, config.intermediate_size, list(range(num_layers))
     else:
         num_experts, ffn_size, block_ids = config.num_experts, config.moe_intermediate_size, _qwen_moe_block_ids(config)
-    fields = _shared_fields(config, moe_type)
-    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     moe_layers = "all" if len(block_ids) == num_layers else block_ids
     num_shared = getattr(config, "shared_expert_intermediate_size", 0) // ffn_size  # Qwen2-MoE's, gated
     settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers,
@@ -257,7 +265,22 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
     renormalises = True if moe_type == "mixtral" else config.norm_topk_prob
     if renormalises != (config.num_experts_per_tok > 1):  # not DeepSpeed's rule: the scored rule's norm_topk_prob
         settings["norm_topk_prob"] = renormalises
+    granularity = _granularity_beside_dense_blocks(config) if moe_layers != "all" else 1
+    if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
+        ffn_size = config.intermediate_size
+        settings.update(expert_init="granular", granularity=granularity)
+    fields = _shared_fields(config, moe_type)
+    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
     return dense, settings, MoELayout(tuple(block_ids), (num_experts,) * len(block_ids))
+
+
+def _granularity_beside_dense_blocks(config: PretrainedConfig) -> int | None:
+    """G such that a Qwen MoE checkpoint's dense blocks (intermediate_size F) and experts (moe_intermediate_size
+    F/G) are the model --expert_init granular --granularity G builds; None when there is no such G."""
+    dense_size, expert_size = config.intermediate_size, config.moe_intermediate_size
+    if expert_size < 1 or dense_size % expert_size or config.num_experts % (dense_size // expert_size):
+        return None
+    return dense_size // expert_size
 
 
 def _qwen_moe_block_ids(config: PretrainedConfig) -> list[int]:

@@ -49,8 +49,10 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
         model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
         check_vocabulary(model, vocab_needed)
         dense_parameters = sum(p.numel() for p in model.parameters())
-        # "copy" draws nothing: every expert weight is read from the checkpoint below.
-        model = convert_to_moe(model, dataclasses.replace(moe, expert_init="copy"), seed=seed, layout=layout)
+        # Every expert weight is read from the checkpoint below: "copy" draws nothing; "granular" (the checkpoint's
+        # setting when its dense blocks are wider than its experts) only gives the experts their width.
+        shape_only = dataclasses.replace(moe, expert_init="granular" if moe.expert_init == "granular" else "copy")
+        model = convert_to_moe(model, shape_only, seed=seed, layout=layout)
     reader = SafetensorsFolder(Path(path), checkpoint_config.model_type)
     layers = moe_layers_of(model)
     sources = ADAPTERS[checkpoint_config.model_type].deepspeed_sources(

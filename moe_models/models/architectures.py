@@ -27,8 +27,9 @@ class Architecture:
     # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
     # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
     gated_projections: tuple[str, str, str] | None = None
-    # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): how the shared
-    # experts (moe/shared.py) widen the FFN, and how upcycling scales an FFN's output (moe/surgery.py)
+    # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): where each hidden
+    # unit's weights sit, for the shared experts' widening (moe/shared.py), the upcycled output scaling
+    # (moe/surgery.py) and --expert_init granular and drop (moe/upcycling.py)
     ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS
 
     def ffn_path(self, block_id: int) -> str:

@@ -24,7 +24,7 @@ from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import StackedExperts, local_experts, per_expert_key
 from .router import Router, Scoring, recomputing
-from .shared import SharedExpertCounters, shared_experts_output, widened_ffn, zero_gate
+from .shared import SharedExpertCounters, shared_expert_copies, shared_experts_output, widened_ffn, zero_gate
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
@@ -46,17 +46,19 @@ class MoEFeedForward(nn.Module):
     ``expert_counts`` for the trainer; ``routing`` adds up the ``Routes`` of every training forward on the
     device for the metrics (docs/metrics.md).
 
-    With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N x its width,
+    With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
     moe/shared.py) is added to every token's output, scaled by sigmoid(``shared_expert_gate``(x)) with
     ``cfg.shared_expert_gate``; ``shared_counters`` sums its metrics. ``ffn_projections`` names the dense FFN's
-    projections (into its hidden units, out of them) for the widening.
+    projections (into its hidden units, out of them) for the widening. ``expert`` (default: the dense FFN) is the
+    module DeepSpeed copies into each local expert (a narrowed one for granular experts, moe/upcycling.py).
     """
 
     def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
                  gated_projections: Optional[tuple[str, str, str]] = None,
-                 ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS):
+                 ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS,
+                 expert: Optional[nn.Module] = None):
         super().__init__()
-        args = dict(expert=dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
+        args = dict(expert=expert if expert is not None else dense_ffn, num_experts=num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
                     capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                     min_capacity=cfg.min_capacity, use_residual=cfg.use_residual,
                     noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
@@ -72,7 +74,7 @@ class MoEFeedForward(nn.Module):
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
         self.routing = RoutingCounters(num_experts)
         shared = cfg.num_shared_experts > 0
-        self.shared_experts = widened_ffn(dense_ffn, ffn_projections, cfg.num_shared_experts) if shared else None
+        self.shared_experts = widened_ffn(dense_ffn, ffn_projections, shared_expert_copies(cfg)) if shared else None
         self.shared_expert_gate = (zero_gate(hidden_size, like=next(dense_ffn.parameters()))
                                    if shared and cfg.shared_expert_gate else None)
         self.shared_counters = SharedExpertCounters() if shared else None

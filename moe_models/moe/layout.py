@@ -13,6 +13,8 @@ from typing import Union
 from ..config import ConfigError, MoEConfig, too_small
 from .balance import AUX_LOSS_TYPES
 
+EXPERT_INITS = ("copy", "copy_noise", "random", "granular", "drop")
+
 
 @dataclass(frozen=True)
 class MoELayout:
@@ -105,8 +107,9 @@ def moe_problems(moe: MoEConfig) -> list[str]:
     if moe.noisy_gate_policy not in (None, "Jitter", "RSample"):
         problems.append(f"noisy_gate_policy ({moe.noisy_gate_policy!r}) must be None, 'Jitter' or 'RSample'")
     problems += scoring_problems(moe)
-    if moe.expert_init not in ("copy", "copy_noise", "random"):
-        problems.append(f"expert_init ({moe.expert_init!r}) must be 'copy', 'copy_noise' or 'random'")
+    if moe.expert_init not in EXPERT_INITS:
+        problems.append(f"expert_init ({moe.expert_init!r}) must be one of {', '.join(map(repr, EXPERT_INITS))}")
+    problems += upcycling_problems(moe, counts)
     if isinstance(moe.moe_layers, str) and moe.moe_layers != "all":
         try:  # shape only; indices are checked against the model once its depth is known
             resolve_moe_layers(moe.moe_layers, num_layers=10**6)
@@ -125,6 +128,8 @@ def shared_expert_problems(moe: MoEConfig) -> list[str]:
         problems.append("use_residual and num_shared_experts both keep an always-on dense FFN beside the routed "
                         "experts: use one (shared experts also export to HF classes; docs/routing.md)")
     return problems
+
+
 def scoring_problems(moe: MoEConfig) -> list[str]:
     """Problems with the router options beyond DeepSpeed's gate (moe/router.py ``Scoring``)."""
     problems = []
@@ -150,3 +155,28 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
 
 # MoEConfig fields beyond DeepSpeed's gate (moe/router.py Scoring): any of them off its default selects the scored rule
 SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type")
+
+
+def upcycling_problems(moe: MoEConfig, counts: list[int]) -> list[str]:
+    """Problems in the settings of --expert_init granular (granularity) and drop (reinit_ratio); the FFN width is
+    checked against the granularity once the model is known (moe/upcycling.py)."""
+    problems = too_small(moe, ("granularity",))
+    if not 0 <= moe.reinit_ratio <= 1:
+        problems.append(f"reinit_ratio ({moe.reinit_ratio}) must be in [0, 1]: the fraction of each expert's hidden "
+                        "units that --expert_init drop re-draws")
+    if moe.granularity != 1 and moe.expert_init != "granular":
+        problems.append(f"granularity ({moe.granularity}) is only used by --expert_init granular (this run has "
+                        f"--expert_init {moe.expert_init}): add --expert_init granular or drop --granularity")
+    if moe.reinit_ratio != MoEConfig.reinit_ratio and moe.expert_init != "drop":
+        problems.append(f"reinit_ratio ({moe.reinit_ratio}) is only used by --expert_init drop (this run has "
+                        f"--expert_init {moe.expert_init}): add --expert_init drop or drop --reinit_ratio")
+    if moe.expert_init == "granular" and moe.granularity >= 1 and moe.num_shared_experts % moe.granularity:
+        problems.append(f"num_shared_experts ({moe.num_shared_experts}) must be a multiple of granularity "
+                        f"({moe.granularity}) for --expert_init granular: a shared expert is as wide as a routed one "
+                        f"(1/{moe.granularity} of the dense FFN), and they start as whole copies of the dense FFN")
+    if moe.expert_init == "granular" and moe.granularity >= 1:
+        problems += [f"num_experts ({count}) must be a multiple of granularity ({moe.granularity}) for --expert_init "
+                     f"granular: each group of {moe.granularity} experts holds the dense FFN's {moe.granularity} "
+                     f"slices once; pick num_experts as a multiple of {moe.granularity}"
+                     for count in counts if count >= 1 and count % moe.granularity]
+    return problems

@@ -52,6 +52,12 @@ def _tiled(projection: nn.Module, copies: int, into_units: bool) -> nn.Module:
     return tiled
 
 
+def shared_expert_copies(cfg) -> int:
+    """How many copies of the dense FFN the shared experts of a MoEConfig hold: a shared expert is as wide as a routed
+    one, so N of them are N copies, or with granular experts (1/G of the dense FFN each) N / G copies."""
+    return cfg.num_shared_experts // cfg.granularity if cfg.expert_init == "granular" else cfg.num_shared_experts
+
+
 def zero_gate(hidden_size: int, like: torch.Tensor) -> nn.Linear:
     """The shared experts' gate, Linear(D, 1) without bias, at 0: sigmoid gives every token 1/2. Its dtype and
     device are ``like``'s; no random number is drawn."""

@@ -12,7 +12,8 @@ from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
-from .shared import upcycled_output_factors
+from .shared import shared_expert_copies, upcycled_output_factors
+from .upcycling import grouped_router_rows, unit_upcycling
 
 # The spawn key of a layer's shared-experts generator: a stream apart from every (block, expert) and router one.
 SHARED_EXPERTS_STREAM = (1,)
@@ -22,11 +23,13 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     """Replace the FFN of the blocks the ``layout`` names (default: resolved from ``cfg``) with DeepSpeed MoE
     layers, in place.
 
-    Experts start from the dense FFN as ``cfg.expert_init`` says; the router starts fresh (normal,
-    std = the model's initializer_range). Every random draw is seeded by (seed, block, global expert
-    id), so the same seed builds the same model at any ep_size. Shared experts (``cfg.num_shared_experts``) start
-    like the experts, from their own generator per block; upcycled, the output projections of routed and shared
-    experts are scaled so that the layer computes the dense FFN (``_keep_dense_function``). Returns the model.
+    Experts start from the dense FFN as ``cfg.expert_init`` says (granular and drop: moe/upcycling.py); the router
+    starts fresh (normal, std = the model's initializer_range; for granular experts one row per group of
+    ``cfg.granularity``). Every random draw is seeded by (seed, block, global expert id), so the same seed builds
+    the same model at any ep_size. Shared experts (``cfg.num_shared_experts``) start as copies of the dense FFN
+    (with noise for copy_noise, fresh for random), from their own generator per block; upcycled, the output
+    projections of routed and shared experts are scaled so that the layer computes the dense FFN
+    (``_keep_dense_function``). Returns the model.
     """
     problems = moe_problems(cfg)
     if problems:
@@ -40,13 +43,23 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     for block_id, num_experts in zip(layout.blocks, layout.num_experts):
         block = blocks[block_id]
         dense_ffn = getattr(block, arch.ffn)
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections, arch.ffn_projections)
-        _init_router(layer.router, init_std, _generator(seed, block_id, -1))
+        by_units = unit_upcycling(dense_ffn, arch, cfg, block_id)  # granular or drop; None for whole-FFN inits
+        expert = by_units.expert_template() if by_units else dense_ffn
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections, arch.ffn_projections,
+                               expert=expert)
+        if layer.moe.use_residual:  # the residual FFN is the whole dense FFN, whatever the experts hold
+            layer.moe.mlp = dense_ffn
+        _init_router(layer.router, init_std, _generator(seed, block_id, -1), cfg.granularity)
         for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
-            _init_expert(weights, cfg, init_std, _generator(seed, block_id, global_id))
+            gen = _generator(seed, block_id, global_id)
+            if by_units:
+                by_units.init_expert(weights, global_id, gen)
+            else:
+                _init_expert(weights, cfg, init_std, gen)
         if layer.shared_experts is not None:
             shared = dict(layer.shared_experts.named_parameters())
-            _init_expert(shared, cfg, init_std, _generator(seed, block_id, -1, SHARED_EXPERTS_STREAM))
+            if cfg.expert_init in ("copy_noise", "random"):  # granular and drop keep whole copies of the dense FFN
+                _init_expert(shared, cfg, init_std, _generator(seed, block_id, -1, SHARED_EXPERTS_STREAM))
             if cfg.expert_init != "random":
                 _keep_dense_function(layer, shared, cfg, output=arch.ffn_projections[1])
         setattr(block, arch.ffn, layer)
@@ -66,14 +79,15 @@ def _generator(seed: int, block_id: int, expert_id: int, spawn_key: tuple[int, .
 
 
 @torch.no_grad()
-def _init_router(router: nn.Linear, std: float, gen: torch.Generator) -> None:
-    router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * std)
+def _init_router(router: nn.Linear, std: float, gen: torch.Generator, granularity: int) -> None:
+    """N(0, std^2) rows, one per expert, or with granular experts one per group of ``granularity`` experts."""
+    router.weight.copy_(grouped_router_rows(router.out_features, router.in_features, granularity, std, gen))
 
 
 @torch.no_grad()
 def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, gen: torch.Generator) -> None:
     """The expert (its weights by name, in module order) arrives as a copy of the dense FFN; perturb or re-draw
-    it as cfg.expert_init says."""
+    it as cfg.expert_init says (copy, copy_noise or random)."""
     if cfg.expert_init == "copy":
         return
     for name, param in weights.items():
@@ -91,7 +105,7 @@ def _keep_dense_function(layer: MoEFeedForward, shared: dict[str, torch.Tensor],
     """Scale the output projection (``output``) of each local routed expert and of the shared experts (their
     weights by name: ``shared``) by ``upcycled_output_factors``, so that the upcycled layer computes the dense FFN
     (exactly with copies and top_k >= 2)."""
-    routed, shared_weight, shared_bias = upcycled_output_factors(cfg.num_shared_experts, cfg.shared_expert_gate)
+    routed, shared_weight, shared_bias = upcycled_output_factors(shared_expert_copies(cfg), cfg.shared_expert_gate)
     for weights in layer.local_expert_weights():
         _scale_projection(weights, output, routed, routed)
     _scale_projection(shared, output, shared_weight, shared_bias)

@@ -1,7 +1,7 @@
 """Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
 data exist and before anything in the output folder is written: it must be complete, its files whole, and its run
-must have trained the same model with the same experts, shared experts and top_k (what its run_config.json
-recorded)."""
+must have trained the same model with the same experts (count and width), shared experts and top_k (what its
+run_config.json recorded)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,13 @@ def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
             return (f"{tag_dir} was trained with --{name} {_flag_text(moe[name])}, this run has --{name} "
                     f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(moe[name])} to continue it, "
                     "or start a new run without --resume_from_checkpoint")
+    was = _granularity(moe.get("expert_init"), moe.get("granularity", 1))
+    now = _granularity(cfg.moe.expert_init, cfg.moe.granularity)
+    if was != now:
+        return (f"{tag_dir} holds experts of {_expert_width_text(was)}, this run builds experts of "
+                f"{_expert_width_text(now)}; pass "
+                + (f"--expert_init granular --granularity {was}" if was > 1 else "an --expert_init other than granular")
+                + " to continue it, or start a new run without --resume_from_checkpoint")
     blocks = recorded.get("resolved", {}).get("moe_layout", {}).get("blocks")
     layers = current.get("num_hidden_layers") or current.get("n_layer")
     if blocks is not None and layers:
@@ -98,6 +105,16 @@ def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
                     f"pass --moe_layers {','.join(map(str, blocks))} to continue it, or start a new run without "
                     "--resume_from_checkpoint")
     return None
+
+
+def _granularity(expert_init: str | None, granularity: int) -> int:
+    """How many slices of the dense FFN an expert's width is (granular experts hold one)."""
+    return granularity if expert_init == "granular" else 1
+
+
+def _expert_width_text(granularity: int) -> str:
+    return ("the dense FFN's width" if granularity == 1
+            else f"1/{granularity} of the dense FFN's width (--expert_init granular --granularity {granularity})")
 
 
 def _one(value):

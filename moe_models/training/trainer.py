@@ -205,7 +205,7 @@ class Trainer:
         loss_sum, targets = all_reduce_sum(sums).tolist()
         eval_loss = loss_sum / targets
         row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
-        if self.cfg.moe.expert_init in ("copy", "copy_noise"):  # upcycled: how far experts moved from their origin
+        if self.cfg.moe.expert_init in ("copy", "copy_noise", "drop"):  # upcycled: how far experts moved from the FFN
             row.update(expert_similarity_metrics(self.layers))
         return row
 

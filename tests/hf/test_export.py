@@ -52,6 +52,9 @@ CASES = {
     "llama_shared": ("tiny-llama", ["--top_k", "2", "--num_shared_experts", "2"], "GraniteMoeSharedForCausalLM"),
     "mistral_shared": ("tiny-mistral", ["--top_k", "3", "--num_shared_experts", "1", "--moe_impl", "deepspeed"],
                        "GraniteMoeSharedForCausalLM"),
+    # experts of F/2 beside dense blocks of F: moe_intermediate_size and intermediate_size differ
+    "qwen2_granular": ("tiny-qwen2", ["--top_k", "2", "--moe_layers", "every:2", "--expert_init", "granular",
+                                      "--granularity", "2"], "Qwen2MoeForCausalLM"),
 }
 
 
@@ -87,6 +90,15 @@ def test_export_loads_natively_and_computes_the_deepspeed_function(exported):
     assert tokenizer.decode(tokenizer("37+48=85")["input_ids"]) == "37+48=85"
 
 
+@pytest.mark.parametrize("exported", ["qwen2_granular"], indirect=True)
+def test_granular_experts_export_as_moe_intermediate_size_beside_dense_blocks(exported):
+    config = json.loads((exported["hf_dir"] / "config.json").read_text())
+    assert (config["intermediate_size"], config["moe_intermediate_size"]) == (256, 128)
+    hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32)
+    assert hf.model.layers[1].mlp.experts.down_proj.shape == (4, 128, 128)  # [E, D, F/G]
+    assert hf.model.layers[0].mlp.down_proj.weight.shape == (128, 256)  # a dense block: [D, F]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("exported", ["llama_sigmoid"], indirect=True)
 def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
@@ -100,8 +112,10 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
     assert not torch.allclose(hf(ids).logits, with_bias, atol=1e-3)
 
 
-# Mixtral; Qwen3-MoE with dense blocks, top-1; Qwen2-MoE with a shared expert, its gate trained or the exported zero one
-@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared"], indirect=True)
+# Mixtral; Qwen3-MoE with dense blocks, top-1; Qwen2-MoE with a shared expert, its gate trained or the exported zero
+# one; Qwen2-MoE whose dense blocks are wider than its experts
+@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular"],
+                         indirect=True)
 def test_import_continues_where_the_export_left_off(exported, tmp_path):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
@@ -110,6 +124,7 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     trained = exported["cfg"].moe
     moe = trainer.cfg.moe  # the checkpoint's settings, not the defaults
     assert (moe.num_experts, moe.top_k) == (trained.num_experts, trained.top_k)
+    assert moe.granularity == trained.granularity  # experts as wide as the exported ones
     assert resolve_moe_layers(moe.moe_layers, 4) == resolve_moe_layers(trained.moe_layers, 4)
     saved = json.loads((tmp_path / "continued" / "run_config.json").read_text())["moe"]
     assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
@@ -154,6 +169,9 @@ def test_both_expert_layouts_on_disk_import_alike(exported, tmp_path):
                        head_dim=32)),
     ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=256,
                        shared_expert_intermediate_size=512, mlp_only_layers=[0])),  # 2 shared experts, gated
+    # dense blocks 4x wider than the experts: rebuilt as granular experts (granularity 4)
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=64,
+                       mlp_only_layers=[1], head_dim=32)),
 ])
 @torch.no_grad()
 def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, moe_type, extra):
@@ -199,6 +217,21 @@ def test_configs_round_trip(preset, moe):
     assert (settings["num_shared_experts"], settings["shared_expert_gate"]) == (moe.num_shared_experts,
                                                                                moe.shared_expert_gate)
     assert resolve_moe_layers(settings["moe_layers"], 4) == resolve_moe_layers(moe.moe_layers, 4)
+    assert layout == MoELayout.resolve(moe, 4)
+
+
+@pytest.mark.parametrize("preset, moe_layers, dense_size, settings", [
+    ("tiny-llama", "all", 128, {}),  # Mixtral: every block sparse, so the experts' width is the dense skeleton's
+    ("tiny-qwen3", "all", 128, {}),
+    ("tiny-qwen3", "every:2", 256, {"expert_init": "granular", "granularity": 2}),  # dense blocks keep F
+])
+def test_granular_configs_round_trip(preset, moe_layers, dense_size, settings):
+    moe = MoEConfig(num_experts=4, top_k=2, expert_init="granular", granularity=2, moe_layers=moe_layers)
+    config = hf_moe_config(preset_config(preset), moe, MoELayout.resolve(moe, 4))
+    assert getattr(config, "moe_intermediate_size", config.intermediate_size) == 128  # F/G
+    back, got, layout = dense_config_and_moe_settings(config)
+    assert back.intermediate_size == dense_size
+    assert {name: got[name] for name in ("expert_init", "granularity") if name in got} == settings
     assert layout == MoELayout.resolve(moe, 4)
 
 
@@ -249,8 +282,9 @@ def test_every_reason_is_reported_at_once():
 @pytest.mark.parametrize("moe_type, fields, message", [
     ("qwen2_moe", dict(shared_expert_intermediate_size=96, moe_intermediate_size=64, norm_topk_prob=True),
      "shared_expert_intermediate_size 96 is not a multiple of moe_intermediate_size 64"),
-    ("qwen3_moe", dict(mlp_only_layers=[0], moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True),
-     "DeepSpeed's experts are copies of the dense FFN"),
+    ("qwen3_moe", dict(mlp_only_layers=[0], moe_intermediate_size=96, intermediate_size=256, norm_topk_prob=True),
+     "dense blocks of intermediate_size 256 beside experts of moe_intermediate_size 96: DeepSpeed's experts are "
+     "copies of the dense FFN or, as --expert_init granular makes them, 1/G of it"),
 ])
 def test_unrepresentable_checkpoints_are_refused_on_import(moe_type, fields, message):
     config = AutoConfig.for_model(moe_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, **fields)

@@ -84,6 +84,19 @@ def test_shared_experts_at_ep2_equal_ep1_and_are_reduced_over_every_rank(tmp_pat
         torch.testing.assert_close(ep2[0]["shared_grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"shared {name}")
 
 
+@pytest.mark.parametrize("init", [["--expert_init", "granular", "--granularity", "4", "--top_k", "4"],
+                                  ["--expert_init", "drop", "--reinit_ratio", "0.25"]], ids=["granular", "drop"])
+def test_granular_and_drop_upcycling_at_ep2_equal_ep1(init, tmp_path):
+    """The same global experts (each by its global id, whatever rank holds it: with G = 4 rank 1 holds slices 2
+    and 3), losses and gradients."""
+    ep1, ep2 = (probe(tmp_path / f"ep{ep}", ep, *init) for ep in (1, 2))
+    initial1, initial2 = merged(ep1, "initial"), merged(ep2, "initial")
+    assert set(initial1) == set(initial2) and {gid for _, gid, _ in initial1} == {0, 1, 2, 3}
+    for name in initial1:
+        torch.testing.assert_close(initial2[name], initial1[name], rtol=0, atol=0)
+    assert_same_run(ep1, ep2)
+
+
 def assert_same_run(ep1: list[dict], ep2: list[dict]) -> None:
     """Losses of every step, expert and router gradients of the first step (two probe runs' records)."""
     losses1, losses2 = ep1[0]["losses"], ep2[0]["losses"]
