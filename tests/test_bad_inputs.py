@@ -76,6 +76,9 @@ FLAG_CASES = {
                                   "--score_function sigmoid: the stock DeepSpeed gate (--moe_impl deepspeed) routes by "
                                   "softmax top-k with its own balance loss only; use --moe_impl grouped"),
     "negative_bias_rate": (["--router_bias_update_rate", "-0.001"], "router_bias_update_rate (-0.001) must be >= 0"),
+    "unknown_report_target": (["--report_to", "mlflow"],
+                              "report_to 'mlflow' names mlflow: use none, wandb, tensorboard, or both as "
+                              "wandb,tensorboard"),
 }
 
 
