@@ -1,134 +1,16 @@
-"""Train a Mixture-of-Experts language model on DeepSpeed.
+"""Train a Mixture-of-Experts language model on DeepSpeed: the script form of the `moe-train` command.
 
     python train.py                                  # tiny Llama-MoE on the built-in corpus (CPU or 1 GPU)
     python train.py --model_name_or_path PATH ...    # upcycle a dense HF model, or continue an HF MoE model
     deepspeed --num_gpus 8 train.py --ep_size 4 ...  # expert + data parallel
 
-Reads top to bottom: parse -> build (validate, tokenizer, model, surgery, data, engine) -> train.
+The code lives in moe_models/train.py (installed as `moe-train`, also `python -m moe_models.train`); the names
+below are what scripts and tests import from here.
 """
 
-from __future__ import annotations
+from moe_models.train import build, main, parse_args
 
-import dataclasses
-import json
-import os
-import sys
-from pathlib import Path
-
-from transformers import set_seed
-
-from moe_models.cli import parse_args
-from moe_models.config import RunConfig
-from moe_models.data.batches import TrainBatches
-from moe_models.data.text import load_text_datasets, pack_blocks
-from moe_models.distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
-                                    main_process_first)
-from moe_models.hf.load import import_hf_moe, is_hf_moe_folder
-from moe_models.models.source import load_dense_model
-from moe_models.models.tokenization import load_tokenizer
-from moe_models.moe.layout import MoELayout
-from moe_models.moe.surgery import convert_to_moe, layout_of
-from moe_models.training.checkpoint import CheckpointError
-from moe_models.training.ds_config import build_deepspeed_config
-from moe_models.training.nonfinite import NonFiniteError
-from moe_models.training.trainer import Trainer, build_engine
-from moe_models.training.validate import check_same_settings, validate
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    try:
-        world, trainer = build(cfg)
-    except ValueError as err:  # ConfigError and the data/model loaders' errors say what to fix
-        # One message per node, not one traceback per rank: a node's own problem (a file missing there) shows in
-        # that node's launcher output.
-        rank = launched_rank()
-        if rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        summary = trainer.train()
-    except (NonFiniteError, CheckpointError) as err:  # every rank stops at the same step, with the same reason
-        if world.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as err:
-        if not is_collective_timeout(err):
-            raise
-        print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world.rank), file=sys.stderr, flush=True)
-        os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
-    if world.is_main:
-        print_summary(summary, trainer.output_dir)
-    return summary
-
-
-def build(cfg: RunConfig) -> tuple[World, Trainer]:
-    """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
-    validate(cfg, world_size=launched_world_size())
-    ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
-
-    world = init_world(cfg.train.dist_timeout_s)
-    check_same_settings(cfg)
-    set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
-        model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
-                                                         cfg.train.seed)
-        cfg = dataclasses.replace(cfg, moe=moe)
-    else:
-        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
-        dense_params = sum(p.numel() for p in model.parameters())
-        layout = layout_of(model, cfg.moe)
-        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)
-
-    with main_process_first(world):
-        data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
-                           cfg.data.text_column, num_proc=cfg.data.preprocessing_num_workers)
-    batches = TrainBatches(data["train"], cfg.train.per_device_train_batch_size, world.rank, world.world_size,
-                           seed=cfg.train.seed)
-    engine = build_engine(model, ds_config, cfg.train.weight_decay)
-
-    output_dir = Path(cfg.train.output_dir)
-    if world.is_main:
-        write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data)
-    trainer = Trainer(cfg, engine, world, batches, data["validation"], output_dir)
-    if cfg.train.resume_from_checkpoint:
-        trainer.resume(cfg.train.resume_from_checkpoint)
-    return world, trainer
-
-
-def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: MoELayout, ds_config: dict,
-                    world_size: int, dense_params: int, data) -> None:
-    """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.train.resume_from_checkpoint:  # a resumed run keeps (and trims) its metrics
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    resolved = {"world_size": world_size, "deepspeed_config": ds_config, "moe_layout": layout.to_dict(),
-                "dense_parameters": dense_params, "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
-                "train_blocks": len(data["train"]), "validation_blocks": len(data["validation"])}
-    (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-    tokenizer.save_pretrained(output_dir / "tokenizer")
-    model.config.save_pretrained(output_dir / "base_model")
-
-
-def timeout_message(err: RuntimeError, trainer: Trainer, timeout_s: int, rank: int) -> str:
-    return (f"error: rank {rank}: {trainer.phase} waited more than --dist_timeout_s ({timeout_s} s) for the other "
-            f"ranks ({str(err).splitlines()[0]}). A rank is frozen or its node stopped answering: check every node's "
-            f"processes, devices and network. The last complete checkpoint is "
-            f"{trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint latest.")
-
-
-def print_summary(summary: dict, output_dir: Path) -> None:
-    def number(value, digits=4):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
-    stopped = f" (stopped early: {summary['stopped_by']}; checkpoint saved)" if summary["stopped_by"] else ""
-    print(f"\nDone: {summary['steps']} steps{stopped}, loss {number(summary['first_loss'])} -> "
-          f"{number(summary['last_loss'])}, eval_loss {number(summary['eval_loss'])}, "
-          f"{summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"
-          f"Outputs in {output_dir}/: metrics.jsonl, run_config.json, tokenizer/, base_model/, checkpoints/")
-    print(json.dumps(summary))
-
+__all__ = ["build", "main", "parse_args"]
 
 if __name__ == "__main__":
     main()

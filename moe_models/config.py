@@ -185,9 +185,10 @@ class TrainConfig:
 class LogConfig:
     """Where metrics go beside metrics.jsonl, and what MFU is measured against (docs/metrics.md)."""
 
-    report_to: Literal["none", "wandb"] = _flag(
-        "none", "Also log to Weights & Biases (rank 0). Offline, with the `wandb sync` command printed, when no API "
-        "key is set (WANDB_API_KEY or `wandb login`).")
+    report_to: str = _flag(
+        "none", "Also log to `wandb` (Weights & Biases; offline, with the `wandb sync` command printed, when no API "
+        "key is set: WANDB_API_KEY or `wandb login`), `tensorboard` (event files in output_dir/tensorboard; needs "
+        "the tensorboard package: the `tensorboard` extra), or both: `wandb,tensorboard`. Rank 0 only.")
     wandb_project: Optional[str] = _flag(None, "wandb project; default WANDB_PROJECT, else 'moe-models'.")
     wandb_entity: Optional[str] = _flag(None, "wandb entity (team or user); default WANDB_ENTITY, else your default.")
     wandb_run_name: Optional[str] = _flag(None, "wandb run name; default WANDB_NAME, else a generated name.")

@@ -1,9 +1,11 @@
-"""What several test modules share: the repository root, child-process environments, tiny models, and the real
-`deepspeed` launcher on CPU ranks (started, timed out, and its ranks' output shown on failure)."""
+"""What several test modules share: the repository root, child-process environments, tiny models, the real
+`deepspeed` launcher on CPU ranks (started, timed out, and its ranks' output shown on failure), and a non-editable
+install of the project."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,8 +63,8 @@ def finish(proc: subprocess.Popen, timeout: int) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def start(command: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=launch_env(**env), stdout=subprocess.PIPE,
+def start(command: list[str], cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=launch_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -72,10 +74,26 @@ def succeed(proc: subprocess.Popen, timeout: int = 300) -> str:
     return output
 
 
-def launch(args: list[str], num_ranks: int = 2, timeout: int = 300) -> str:
+def launch(args: list[str], num_ranks: int = 2, timeout: int = 300, cwd: Path = REPO, **env: str) -> str:
     """Run the launcher to success; the ranks must not leave DeepSpeed's CPU all-reduce buffers in /dev/shm."""
     port = free_port()
-    output = succeed(start([*LAUNCHER, "--num_gpus", str(num_ranks), "--master_port", str(port), *args]), timeout)
+    output = succeed(start([*LAUNCHER, "--num_gpus", str(num_ranks), "--master_port", str(port), *args], cwd, **env),
+                     timeout)
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the ranks left {left} in /dev/shm"
     return output
+
+
+def install_project(folder: Path) -> Path:
+    """`pip install .` (not editable, no dependencies, offline) of a copy of the package into folder/site, which
+    holds the package and bin/ with the console scripts; returns folder/site. A copy, because the build writes
+    build/ beside its sources; no train.py or tests, so what runs from site/ is the installed package alone."""
+    source, site = folder / "source", folder / "site"
+    shutil.copytree(REPO / "moe_models", source / "moe_models", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                              "--target", str(site), str(source)], capture_output=True, text=True, timeout=300,
+                             env=child_env())
+    assert install.returncode == 0, install.stderr
+    return site

@@ -2,19 +2,18 @@
 another directory, finds its shipped files."""
 
 import ast
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, child_env
+from helpers import REPO, child_env, install_project
 
 PACKAGE = REPO / "moe_models"
 # Each subpackage may import from its own layer and the layers below (the root modules are the lowest).
 LAYERS = {"": 0, "models": 1, "data": 1, "metrics": 1, "moe": 2, "training": 3, "hf": 4}
-ENTRY_POINTS = {"moe_models", "moe_models.export", "moe_models.report"}  # `python -m` commands and the public API
+ENTRY_POINTS = {"moe_models", "moe_models.train", "moe_models.export", "moe_models.report"}  # commands, public API
 
 
 def module_name(path: Path) -> str:
@@ -89,14 +88,7 @@ def test_the_checks_find_a_planted_circle_and_upward_import():
 
 @pytest.mark.slow
 def test_a_non_editable_install_finds_the_shipped_deepspeed_configs(tmp_path):
-    source, site = tmp_path / "source", tmp_path / "site"  # a copy: the build writes build/ beside its sources
-    shutil.copytree(REPO / "moe_models", source / "moe_models", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                              "--target", str(site), str(source)], capture_output=True, text=True, timeout=300,
-                             env=child_env())
-    assert install.returncode == 0, install.stderr
+    site = install_project(tmp_path)
     probe = ("import moe_models; from moe_models.training.ds_config import resolve_deepspeed_config_path, "
              "shipped_deepspeed_configs; print(moe_models.__file__); print(shipped_deepspeed_configs()); "
              "print(resolve_deepspeed_config_path('zero2'))")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from .sinks import layer_values  # noqa: E402
+from .rows import layer_values, moe_layer_ids  # noqa: E402
 
 
 def read_rows(metrics_path: Path) -> tuple[list[dict], list[dict]]:
@@ -31,11 +30,6 @@ def read_rows(metrics_path: Path) -> tuple[list[dict], list[dict]]:
     train = {r["step"]: r for r in rows if "loss" in r}
     evals = {r["step"]: r for r in rows if "eval_loss" in r}
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
-
-
-def moe_layer_ids(rows: list[dict]) -> list[int]:
-    found = {int(m.group(1)) for r in rows for k in r if (m := re.match(r"moe/layer_(\d+)/", k))}
-    return sorted(found)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -1,10 +1,11 @@
-"""Where metrics go: metrics.jsonl (always), the console, and wandb with --report_to wandb; rank 0 only.
+"""Where metrics go: metrics.jsonl (always), the console, and with --report_to wandb and/or tensorboard; rank 0 only.
 
-The trainer talks to `Sinks`, which hands each row to every sink.
+The trainer talks to `Sinks`, which hands each row to every sink, and at each eval the expert load to the reporters.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import LogConfig, RunConfig
+from .rows import layer_values, moe_layer_ids
 
 
 class MetricsLog:
@@ -90,12 +92,6 @@ def expert_load_lines(row: dict) -> list[str]:
                      f"/{math.log(len(load)):.2f} nats")
 
 
-def layer_values(row: dict, layer: int) -> dict:
-    """The ``moe/layer_{layer}/...`` entries of a row, keyed by their last part."""
-    prefix = f"moe/layer_{layer}/"
-    return {key[len(prefix):]: value for key, value in row.items() if key.startswith(prefix)}
-
-
 def bars(values: list[float]) -> str:
     """Values as block characters scaled to the largest (a sparkline; wandb's is private API, so not reused)."""
     blocks = "▁▂▃▄▅▆▇█"
@@ -104,10 +100,16 @@ def bars(values: list[float]) -> str:
 
 
 class Sinks:
-    """Hands every row to metrics.jsonl, the console and (optionally) wandb."""
+    """Hands every row to metrics.jsonl, the console and the reporters (wandb, tensorboard); at each eval, the
+    expert load of the latest training row and the eval row to the reporters as a table and a heatmap."""
 
-    def __init__(self, jsonl: MetricsLog, console: Progress, wandb=None):
-        self.jsonl, self.console, self.wandb = jsonl, console, wandb
+    def __init__(self, jsonl: MetricsLog, console: Progress, wandb=None, tensorboard=None):
+        self.jsonl, self.console, self.wandb, self.tensorboard = jsonl, console, wandb, tensorboard
+        self.last_training_row: dict = {}
+
+    @property
+    def reporters(self) -> list:
+        return [reporter for reporter in (self.wandb, self.tensorboard) if reporter]
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -121,31 +123,52 @@ class Sinks:
             self.wandb.run_id = run_id
 
     def start(self, step: int) -> None:
-        """Open the console bar at ``step`` and the wandb run; call before the first training step."""
+        """Open the console bar at ``step`` and the reporters; call before the first training step."""
         self.console.start(step)
-        if self.wandb:
-            self.wandb.start()
+        for reporter in self.reporters:
+            reporter.start(step)
 
     def log(self, row: dict) -> None:
         self.jsonl.write(row)
         self.console.log(row)
-        if self.wandb:
-            self.wandb.log(row)
+        for reporter in self.reporters:
+            reporter.log(row)
+        if "loss" in row:
+            self.last_training_row = row
+        if "eval_loss" in row and moe_layer_ids([self.last_training_row]):
+            for reporter in self.reporters:
+                reporter.log_expert_load(self.last_training_row, row)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Close the console and the reporters; ``summary`` (the finished run's, None after an error) goes to wandb's
+        run summary."""
         self.console.close()
-        if self.wandb:
-            self.wandb.close()
+        for reporter in self.reporters:
+            reporter.close(summary)
+
+
+REPORT_TARGETS = ("wandb", "tensorboard")
+
+
+def report_targets(report_to: str) -> list[str]:
+    """--report_to as names: "none" -> [], "wandb,tensorboard" -> both (any letter case, spaces and repeats
+    ignored)."""
+    names = list(dict.fromkeys(name.strip().lower() for name in report_to.split(",") if name.strip()))
+    return [] if names == ["none"] else names
 
 
 def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLog) -> Sinks:
-    """The run's sinks around its metrics.jsonl log: the console, and wandb with --report_to wandb (rank 0)."""
-    wandb = None
-    if cfg.log.report_to == "wandb" and is_main:
+    """The run's sinks around its metrics.jsonl log: the console, and the --report_to reporters (rank 0)."""
+    targets = report_targets(cfg.log.report_to) if is_main else []
+    wandb = tensorboard = None
+    if "wandb" in targets:
         from .wandb_sink import WandbSink  # imports wandb only when it is used
         wandb = WandbSink(cfg, output_dir)
+    if "tensorboard" in targets:
+        from .tensorboard_sink import TensorboardSink  # imports tensorboard only when it is used
+        tensorboard = TensorboardSink(output_dir / "tensorboard")
     return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm, is_main=is_main),
-                 wandb)
+                 wandb, tensorboard)
 
 
 def perplexity(loss: float) -> float:
@@ -153,6 +176,15 @@ def perplexity(loss: float) -> float:
 
 
 def log_problems(log: LogConfig) -> list[str]:
+    problems = []
     if log.peak_tflops is not None and log.peak_tflops <= 0:
-        return [f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out"]
-    return []
+        problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
+    targets = report_targets(log.report_to)
+    unknown = [name for name in targets if name not in REPORT_TARGETS]
+    if unknown or not log.report_to.strip():
+        problems.append(f"report_to {log.report_to!r} names {', '.join(unknown) or 'nothing'}: use none, wandb, "
+                        "tensorboard, or both as wandb,tensorboard")
+    elif "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
+        problems.append("report_to tensorboard needs the tensorboard package, which is not installed: pip install "
+                        "\"moe-models[tensorboard]\" (or pip install tensorboard), or leave tensorboard out of --report_to")
+    return problems

@@ -1,4 +1,5 @@
-"""Rows to a Weights & Biases run (rank 0), offline when no API key is configured."""
+"""Rows to a Weights & Biases run (rank 0), offline when no API key is configured; at each eval the expert load as an
+image and a table; the finished run's summary."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ import numpy as np
 import wandb
 
 from ..config import RunConfig
+from .expert_load import expert_load_figure, figure_pixels, routing_table
 
 PER_EXPERT_KEYS = ("tokens_per_expert", "routed_per_expert")
 
 
 class WandbSink:
     """Scalars go to the run's history; per-expert lists become histograms whose bins are the expert ids,
-    which wandb draws over steps as a heatmap (x: expert, y: step, colour: tokens)."""
+    which wandb draws over steps as a heatmap (x: expert, y: step, colour: tokens). At each eval, the expert load
+    of every MoE layer as an image (moe/expert_load) and a table (moe/routing); at the end, the run's summary under
+    final/ in the run summary."""
 
     def __init__(self, cfg: RunConfig, output_dir: Path):
         self.cfg, self.output_dir = cfg, output_dir
         self.run_id: str | None = None  # set before start() to continue that run
         self.run: wandb.Run | None = None
 
-    def start(self) -> None:
+    def start(self, step: int) -> None:
+        """Open (or, with run_id set, continue) the run; its history continues at the rows' own steps."""
         log = self.cfg.log
         mode, offline_reason = wandb_mode()
         self.run = wandb.init(
@@ -39,8 +44,23 @@ class WandbSink:
     def log(self, row: dict) -> None:
         self.run.log(wandb_values(row), step=row["step"])
 
-    def close(self) -> None:
+    def log_expert_load(self, train_row: dict, eval_row: dict) -> None:
+        columns, rows = routing_table(train_row, eval_row)
+        image = wandb.Image(figure_pixels(expert_load_figure(train_row)),
+                            caption=f"routes per expert, share of each MoE layer's routes (step {train_row['step']})")
+        self.run.log({"moe/expert_load": image, "moe/routing": wandb.Table(columns=columns, data=rows)},
+                     step=eval_row["step"])
+
+    def close(self, summary: dict | None = None) -> None:
+        if summary:
+            self.run.summary.update(final_summary(summary))
         self.run.finish()
+
+
+def final_summary(summary: dict) -> dict:
+    """The finished run's summary (steps, first and last loss, eval loss, tokens, tokens/s, seconds, what stopped it)
+    under final/, beside the latest value of each logged key that wandb keeps in the run summary itself."""
+    return {f"final/{key}": value for key, value in summary.items() if value is not None}
 
 
 def wandb_mode() -> tuple[str, str]:

@@ -84,7 +84,7 @@ class Trainer:
         # Loss sums stay on the device and are read once per logging interval: no host sync per step.
         sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
-        stopped_by = None
+        stopped_by = summary = None
         self.engine.train()
         try:
             with StopRequest() as stop:
@@ -117,9 +117,10 @@ class Trainer:
                         self.sinks.log(self.evaluate())
                     if (t.save_steps and step % t.save_steps == 0) or last:
                         self.save()
+            summary = {**self.summary(train_seconds), "stopped_by": stopped_by}
         finally:
-            self.sinks.close()
-        return {**self.summary(train_seconds), "stopped_by": stopped_by}
+            self.sinks.close(summary)  # the summary goes to wandb's run summary; None after an error
+        return summary
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""

@@ -1,9 +1,11 @@
-"""A real offline wandb run from train.py, read back with wandb's own reader of .wandb files."""
+"""Real offline wandb runs from train.py, read back with wandb's own reader of .wandb files and the run folder's
+media files."""
 
 import json
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,57 @@ def test_per_expert_lists_become_histograms_over_expert_ids():
     assert set(values) == {"loss", "moe/layer_1/tokens_per_expert", "moe/layer_1/routed_per_expert"}
     histogram = values["moe/layer_1/tokens_per_expert"]
     assert histogram.histogram == [5, 0, 7] and np.array_equal(histogram.bins, [0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def reported_run(world, tmp_path_factory):
+    """A 4-step run with evals at steps 2 and 4, reporting to wandb (offline) and tensorboard."""
+    out = tmp_path_factory.mktemp("reported") / "run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        main([*FLAGS, "--eval_steps", "2", "--output_dir", str(out), "--report_to", "wandb,tensorboard"])
+    run_dir, = (out / "wandb").glob("offline-run-*")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, run_dir, rows
+
+
+def test_each_eval_logs_the_expert_load_as_an_image_and_a_table(reported_run):
+    out, run_dir, rows = reported_run
+    training = {r["step"]: r for r in rows if "loss" in r}
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    logged = [r["history"]["item"] for r in wandb_records(run_dir) if r["type"] == "history"]
+    at_evals = [item for item in logged if "moe/routing.path" in item]
+    assert [item["_step"] for item in at_evals] == sorted(evals) == [2, 4]
+    for item in at_evals:
+        step = item["_step"]
+        assert item["moe/expert_load._type"] == "image-file"
+        pixels = matplotlib.image.imread(run_dir / "files" / item["moe/expert_load.path"])
+        assert pixels.shape[:2] == (item["moe/expert_load.height"], item["moe/expert_load.width"])
+        table = json.loads((run_dir / "files" / item["moe/routing.path"]).read_text())
+        assert table["columns"][:5] == ["layer", "expert", "routes", "share", "kept"]
+        assert {"drop_fraction", "router_entropy", "imbalance", "expert_similarity"} <= set(table["columns"])
+        lines = [dict(zip(table["columns"], line)) for line in table["data"]]
+        assert len(lines) == 4 * 4  # MoE layers x experts
+        for layer in range(4):
+            mine = [line for line in lines if line["layer"] == layer]
+            prefix = f"moe/layer_{layer}/"
+            assert [line["routes"] for line in mine] == training[step][prefix + "routed_per_expert"]
+            assert [line["kept"] for line in mine] == training[step][prefix + "tokens_per_expert"]
+            assert sum(line["share"] for line in mine) == pytest.approx(1.0)
+            assert {line["imbalance"] for line in mine} == {training[step][prefix + "imbalance"]}
+            assert {line["expert_similarity"] for line in mine} == {evals[step][prefix + "expert_similarity"]}
+
+
+def test_the_run_holds_the_resolved_deepspeed_config_and_a_final_summary(reported_run):
+    out, run_dir, rows = reported_run
+    summary = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--summary",
+                                         "--json"], capture_output=True, text=True, timeout=120, check=True).stdout)
+    resolved = json.loads((out / "run_config.json").read_text())["resolved"]["deepspeed_config"]
+    assert summary["config"]["resolved"]["deepspeed_config"] == resolved
+    assert resolved["train_micro_batch_size_per_gpu"] == 4 and resolved["zero_optimization"]["stage"] == 1
+    final = {key: value for key, value in summary["summary"].items() if key.startswith("final/")}
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert final["final/steps"] == 4 and final["final/tokens_seen"] == 4 * 4 * 32
+    assert final["final/first_loss"] == losses[0] and final["final/last_loss"] == losses[-1]
+    assert final["final/eval_loss"] == [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    assert final["final/tokens_per_sec"] > 0 and "final/stopped_by" not in final  # not stopped by a signal

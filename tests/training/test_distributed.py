@@ -195,12 +195,18 @@ def test_slurm_script_with_stub_srun(tmp_path):
     assert expert_files(out, 3) == ALL_EXPERT_FILES
 
 
-def test_accelerate_launch_with_the_deepspeed_plugin(tmp_path):
-    out = tmp_path / "run"
+def test_accelerate_launch_with_the_deepspeed_plugin_trains_as_the_deepspeed_launcher(tmp_path):
+    """The same flags under both launchers: the same processes and ranks, so the same losses step by step."""
+    flags = ["--ep_size", "2", *QUICK, "--logging_steps", "1"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     succeed(start([*accelerate, "--config_file", "launch/accelerate_deepspeed.yaml", "--main_process_port",
-                   str(free_port()), "train.py", "--ep_size", "2", *QUICK, "--output_dir", str(out)]))
-    assert expert_files(out, 3) == ALL_EXPERT_FILES
+                   str(free_port()), "train.py", *flags, "--output_dir", str(tmp_path / "accelerate")]))
+    launch(["train.py", *flags, "--output_dir", str(tmp_path / "deepspeed")])
+    assert expert_files(tmp_path / "accelerate", 3) == ALL_EXPERT_FILES
+    by_accelerate, by_deepspeed = (logged_rows(tmp_path / name) for name in ("accelerate", "deepspeed"))
+    assert sorted(by_accelerate) == sorted(by_deepspeed) == [(1, "loss"), (2, "loss"), (3, "eval_loss"), (3, "loss")]
+    for key, value in by_deepspeed.items():
+        assert by_accelerate[key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.parametrize("stage", ["zero0", "zero1"])
@@ -217,8 +223,13 @@ RESUME = [*QUICK, "--logging_steps", "1", "--eval_steps", "0"]
 
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
+    return {step: loss for (step, key), loss in logged_rows(output_dir).items() if key == "loss"}
+
+
+def logged_rows(output_dir: Path) -> dict[tuple[int, str], float]:
+    """(step, "loss" or "eval_loss") -> the value metrics.jsonl holds."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {(r["step"], key): r[key] for r in rows for key in ("loss", "eval_loss") if key in r}
 
 
 @pytest.fixture(scope="module")
