@@ -10,7 +10,8 @@ order and schedule. Extra flags go to every train.py run. Printed per recipe (ma
 - eval loss at the end;
 - imbalance: max / mean routes per expert over the last half of the training steps, in the worst MoE layer;
 - drop fraction: routes dropped by capacity over the last half of the steps, all layers;
-- step time: train.py's train_seconds / steps (eval and saves excluded).
+- step time: train.py's train_seconds / steps (eval and saves excluded);
+- active FFN units per token, as a multiple of the dense FFN's width (the shared recipe does more work per token).
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ from moe_models.data.text import pack_blocks  # noqa: E402
 from moe_models.models.source import preset_config  # noqa: E402
 from moe_models.models.tokenization import byte_level_tokenizer  # noqa: E402
 
-# Every recipe keeps the active FFN compute of the default (top-2 of 8 copies of the dense FFN = 2 F active units).
+AUX_FREE = ["--score_function", "sigmoid", "--norm_topk_prob", "true", "--router_bias_update_rate", "1e-3",
+            "--aux_loss_coef", "0"]
+# Each recipe's flags beyond SHARED_FLAGS (8 experts, top-2), and the FFN hidden units a token goes through, in units
+# of the dense FFN's width F: the default's top-2 of 8 copies is 2 F; one shared expert adds F; granular G = 4 keeps
+# 2 F with top-8 of 32 quarter-width experts (and the same 8 F of expert weights).
 RECIPES = {
-    "default": [],
-    "aux_free": ["--score_function", "sigmoid", "--norm_topk_prob", "true", "--router_bias_update_rate", "1e-3",
-                 "--aux_loss_coef", "0"],
-    "aux_free_z": ["--score_function", "sigmoid", "--norm_topk_prob", "true", "--router_bias_update_rate", "1e-3",
-                   "--aux_loss_coef", "0", "--router_z_loss_coef", "1e-3"],
+    "default": ([], 2.0),
+    "aux_free": (AUX_FREE, 2.0),
+    "aux_free_z": ([*AUX_FREE, "--router_z_loss_coef", "1e-3"], 2.0),
+    "shared": (["--num_shared_experts", "1"], 3.0),
+    "granular_g4": (["--expert_init", "granular", "--granularity", "4", "--num_experts", "32", "--top_k", "8"], 2.0),
+    "drop": (["--expert_init", "drop", "--reinit_ratio", "0.5"], 2.0),
 }
 SHARED_FLAGS = ["--num_experts", "8", "--top_k", "2", "--logging_steps", "10", "--eval_steps", "0",
                 "--max_eval_batches", "20", "--disable_tqdm", "--seed", "42"]
@@ -111,14 +117,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pretrain_dense(root / "dense", args.dense_steps, args.seed)
-        results = {name: run_recipe(name, RECIPES[name], root / "dense", root, args.steps, extra) for name in names}
+        results = {name: run_recipe(name, RECIPES[name][0], root / "dense", root, args.steps, extra) for name in names}
     print(f"\n{args.dense_steps} dense steps, then {args.steps} steps per recipe; {torch.get_num_threads()} torch "
           f"threads\n")
-    print("| recipe | flags | eval loss | imbalance (worst layer) | drop fraction | s/step |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | flags | active FFN units / token | eval loss | imbalance (worst layer) | drop fraction | s/step |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | `{' '.join(RECIPES[name]) or '(defaults)'}` | {r['eval_loss']:.4f} | {r['imbalance']:.2f} | "
-              f"{r['drop_fraction']:.3f} | {r['seconds_per_step']:.3f} |")
+        flags, active = RECIPES[name]
+        print(f"| {name} | `{' '.join(flags) or '(defaults)'}` | {active:g} F | {r['eval_loss']:.4f} | "
+              f"{r['imbalance']:.2f} | {r['drop_fraction']:.3f} | {r['seconds_per_step']:.3f} |")
 
 
 if __name__ == "__main__":
