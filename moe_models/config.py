@@ -40,10 +40,15 @@ class ModelConfig:
 class DataConfig:
     """What the model reads."""
 
-    train_file: Optional[str] = _flag(None, "Training text: .txt, .json/.jsonl, .parquet or .csv. "
-                                      "Without it (and without --dataset_name) the built-in synthetic corpus is used.")
-    validation_file: Optional[str] = _flag(None, "Evaluation text, same formats. Without it a held-out split of the "
-                                           "training data is used (--validation_split_percentage).")
+    train_file: Optional[str] = _flag(
+        None, "Training text: .txt, .json/.jsonl, .parquet or .csv files, formats mixed. Several files and shell globs "
+        "separated by commas (data/*.jsonl,extra.txt); every entry must name an existing file. name=path (or "
+        "name=glob) makes every text of those files belong to domain `name` (code=src/*.jsonl,prose=books.txt), "
+        "giving per-token domain_ids. Without it (and without --dataset_name) the built-in synthetic corpus is used "
+        "(docs/data.md).")
+    validation_file: Optional[str] = _flag(
+        None, "Evaluation text, same formats and syntax as --train_file. Without it a held-out part of the training "
+        "data is used (--validation_split_percentage; with --streaming, --streaming_validation_texts).")
     dataset_name: Optional[str] = _flag(None, "A dataset on the HF hub (needs network access).")
     dataset_config_name: Optional[str] = _flag(None, "The hub dataset's configuration name.")
     text_column: str = _flag("text", "Column that holds the text (ignored for .txt files).")
@@ -52,6 +57,27 @@ class DataConfig:
                                              "validation file or split.")
     synthetic_examples: int = _flag(20000, "Number of examples the built-in synthetic multi-domain corpus generates.")
     preprocessing_num_workers: Optional[int] = _flag(None, "Processes for tokenisation (datasets.map num_proc).")
+    domains: Optional[str] = _flag(
+        None, "Comma-separated domain names whose positions are the per-token domain_ids (texts of any other domain "
+        "get -1). Default: the built-in corpus's domains, else the names of per-domain files in the order given, then "
+        "the sorted values of a `domain` column. With --streaming a `domain` column needs this list. The list a run "
+        "used is saved in run_config.json (resolved.domains).")
+    streaming: bool = _flag(
+        False, "Read --train_file (or --dataset_name) as a stream instead of tokenising it all first: each rank reads "
+        "its own share (whole files when their number is a multiple of the ranks, else every N-th text), tokenises "
+        "and packs it on the fly, and a checkpoint saves each rank's place in it, so that a resume reads exactly the "
+        "batches the run would have read (docs/data.md). Not for the built-in corpus.")
+    shuffle_buffer_size: int = _flag(
+        10000, "With --streaming: texts held in the shuffle buffer; each epoch shuffles the file order and the "
+        "buffer with seed + epoch. 0 = no shuffle: the files' order, every epoch.")
+    streaming_validation_texts: int = _flag(
+        1000, "With --streaming and no --validation_file (or hub validation split): the first N texts of the "
+        "training files, in the order given, are held out for eval (tokenised once) and never trained on.")
+    data_cache_dir: Optional[str] = _flag(
+        None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, "
+        "block_size, the text column, the domains and the packing code), so that a second run on the same data "
+        "skips tokenising. Default: $MOE_MODELS_DATA_CACHE, else ~/.cache/moe_models/data. Delete the folder to "
+        "clear it.")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Local text files (--train_file, --validation_file): what is checked before one is read, and, when the reader
+"""Local text files (each file of --train_file, --validation_file): what is checked before one is read, and, when the reader
 fails, which byte or line is at fault and how to fix it.
 
 Text must be UTF-8. A file in another encoding is refused, naming the first byte that is not UTF-8, rather than
@@ -22,8 +22,8 @@ def file_problems(name: str, path: str) -> list[str]:
     """Problems of one data file flag (``name`` is the flag) that show without reading the file."""
     file = Path(path)
     if file.is_dir():
-        return [f"{name} {path!r} is a folder; give one file ({', '.join(FILE_BUILDERS)}), or concatenate the "
-                "folder's files into one"]
+        return [f"{name} {path!r} is a folder; give its files with a glob, such as {str(Path(path) / '*.jsonl')!r} "
+                f"(formats: {', '.join(FILE_BUILDERS)})"]
     if not file.is_file():
         return [f"{name} {path!r} does not exist"]
     if file.suffix.lower() not in FILE_BUILDERS:
@@ -33,8 +33,21 @@ def file_problems(name: str, path: str) -> list[str]:
     return []
 
 
-def unreadable_reason(path: str, builder: str, err: BaseException) -> str:
-    """Why the datasets builder ``builder`` could not read ``path`` (after it failed with ``err``), with the fix."""
+def unreadable_reason(paths: list[str], builder: str, err: BaseException) -> str:
+    """Why the datasets builder ``builder`` could not read ``paths`` (after it failed with ``err``), with the fix: the
+    first file with a bad byte or line, else the reader's own reason."""
+    for path in paths:
+        fault = file_fault(path, builder)
+        if fault:
+            return fault
+    shown = paths[0] if len(paths) == 1 else f"one of {', '.join(paths)}"
+    return (f"could not read {shown} as {builder}: {_root_cause(err)}; check that the file is valid "
+            f"{Path(paths[0]).suffix} (or give it the extension of its real format)")
+
+
+def file_fault(path: str, builder: str) -> str | None:
+    """What is wrong in ``path`` for the builder ``builder`` (a byte that is not UTF-8, a bad JSON line) and how to
+    fix it, or None when neither is found."""
     if builder in TEXT_BUILDERS:
         offset = first_non_utf8_byte(Path(path))
         if offset is not None:
@@ -44,11 +57,8 @@ def unreadable_reason(path: str, builder: str, err: BaseException) -> str:
                     f"file to UTF-8 (for Latin-1 text: `iconv -f latin1 -t utf-8 {path} > {converted}`) and pass "
                     "the converted file")
     if builder == "json":
-        bad_line = first_bad_json_line(Path(path))
-        if bad_line:
-            return bad_line
-    return (f"could not read {path} as {builder}: {_root_cause(err)}; check that the file is valid "
-            f"{Path(path).suffix} (or give it the extension of its real format)")
+        return first_bad_json_line(Path(path))
+    return None
 
 
 def first_non_utf8_byte(path: Path) -> tuple[int, int] | None:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import itertools
 import math
 from functools import partial
-from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
 
 from ..config import DataConfig, too_small
-from .files import FILE_BUILDERS, file_problems, unreadable_reason
-from .synthetic import DOMAIN_INDEX, synthetic_corpus
+from .domains import domain_index, domains_problems
+from .file_specs import DataFile, data_files, resolve_files
+from .files import unreadable_reason
+from .synthetic import DOMAINS, synthetic_corpus
 
 
 def data_problems(data: DataConfig) -> list[str]:
@@ -26,14 +27,29 @@ def data_problems(data: DataConfig) -> list[str]:
         problems.append("give either --train_file or --dataset_name, not both")
     for name in ("train_file", "validation_file"):
         if getattr(data, name) is not None:
-            problems += file_problems(name, getattr(data, name))
+            problems += resolve_files(name, getattr(data, name))[1]
     if data.validation_file and not (data.train_file or data.dataset_name):
         problems.append("--validation_file needs --train_file or --dataset_name (the built-in corpus has its own "
                         "held-out split)")
+    problems += domains_problems(data.domains) + streaming_problems(data)
     problems += too_small(data, ("block_size", "synthetic_examples"))
+    problems += too_small(data, ("shuffle_buffer_size", "streaming_validation_texts"), minimum=0)
     if not 0 < data.validation_split_percentage < 100:
         problems.append(f"validation_split_percentage ({data.validation_split_percentage}) must be in 1..99")
     return problems
+
+
+def streaming_problems(data: DataConfig) -> list[str]:
+    """What --streaming cannot do."""
+    if not data.streaming:
+        return []
+    if not (data.train_file or data.dataset_name):
+        return ["--streaming reads --train_file or --dataset_name; the built-in corpus is made in memory and needs no "
+                "stream: drop --streaming, or give --train_file"]
+    if data.streaming_validation_texts == 0 and not data.validation_file:
+        return ["--streaming with --streaming_validation_texts 0 leaves nothing to evaluate on: give a "
+                "--validation_file, or hold out some texts (--streaming_validation_texts 1000)"]
+    return []
 
 
 def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
@@ -43,33 +59,52 @@ def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
     ``--validation_file``, else the hub dataset's validation split, else a seeded hold-out of the training data.
     """
     if data.train_file:
-        splits = {"train": _load_file(data.train_file, data.text_column)}
+        splits = {"train": load_files(data_files("train_file", data.train_file), data.text_column)}
     elif data.dataset_name:
         splits = _load_hub_dataset(data.dataset_name, data.dataset_config_name, data.text_column)
     else:
         corpus = synthetic_corpus(data.synthetic_examples, seed)
         splits = {"train": _rename_text_column(corpus, data.text_column)}
     if data.validation_file:
-        splits["validation"] = _load_file(data.validation_file, data.text_column)
+        splits["validation"] = load_files(data_files("validation_file", data.validation_file), data.text_column)
     if "validation" not in splits:
         splits["train"], splits["validation"] = _hold_out(splits["train"], data.validation_split_percentage, seed)
     return DatasetDict({"train": splits["train"], "validation": splits["validation"]})
 
 
-def _load_file(path: str, text_column: str) -> Dataset:
-    """One local file, read by the datasets builder that matches its extension."""
-    builder = FILE_BUILDERS.get(Path(path).suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path!r}: unsupported extension; use one of {', '.join(FILE_BUILDERS)}")
+def load_files(files: list[DataFile], text_column: str) -> Dataset:
+    """The texts of ``files`` in order, with column ``domain`` set from each file's ``name=`` entry, else kept from
+    the file's own ``domain`` column (None where a file has neither, if another one has one)."""
+    parts = [_load_group(group, text_column) for group in _runs(files)]
+    if any("domain" in part.column_names for part in parts):
+        parts = [part if "domain" in part.column_names else part.add_column("domain", [None] * len(part))
+                 for part in parts]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _runs(files: list[DataFile]) -> list[list[DataFile]]:
+    """Consecutive files of the same format and domain, read by one datasets call each."""
+    return [list(run) for _, run in itertools.groupby(files, key=lambda file: (file.builder, file.domain))]
+
+
+def _load_group(files: list[DataFile], text_column: str) -> Dataset:
+    """Files of one format and domain, read by the datasets builder of that format."""
+    builder, domain, paths = files[0].builder, files[0].domain, [file.path for file in files]
     try:
-        dataset = load_dataset(builder, data_files={"train": path}, split="train")
+        dataset = load_dataset(builder, data_files={"train": paths}, split="train")
     except (DatasetGenerationError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(unreadable_reason(path, builder, err)) from err
+        raise ValueError(unreadable_reason(paths, builder, err)) from err
+    shown = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more {builder} files)"
     if len(dataset) == 0:
-        raise ValueError(f"{path} holds no texts; give a file with at least a few lines of text")
+        raise ValueError(f"{shown} holds no texts; give a file with at least a few lines of text")
     if builder == "text":  # the text builder always names its one column "text"
         dataset = _rename_text_column(dataset, text_column)
-    return _select_columns(dataset, text_column, source=path)
+    dataset = _select_columns(dataset, text_column, source=shown)
+    if domain is None:
+        return dataset
+    if "domain" in dataset.column_names:  # the entry's name wins over the file's own column
+        dataset = dataset.remove_columns("domain")
+    return dataset.add_column("domain", [domain] * len(dataset))
 
 
 def _load_hub_dataset(name: str, config_name: Optional[str], text_column: str) -> dict[str, Dataset]:
@@ -77,15 +112,19 @@ def _load_hub_dataset(name: str, config_name: Optional[str], text_column: str) -
     try:
         loaded = load_dataset(name, config_name)
     except OSError as err:  # includes ConnectionError (offline / unreachable) and DatasetNotFoundError
-        reason = ("The HF hub is not reachable: offline mode is on (HF_HUB_OFFLINE=1)." if hub_constants.HF_HUB_OFFLINE
-                  else "Check the name, and whether the HF hub is reachable from this machine.")
-        raise ValueError(f"could not load dataset {name!r} (config {config_name!r}): {err}. {reason} "
-                         "To train on local text instead, pass --train_file (and optionally --validation_file).") \
-            from err
+        raise ValueError(hub_unreachable(name, config_name, err)) from err
     if "train" not in loaded:
         raise ValueError(f"dataset {name!r} has no 'train' split (it has {', '.join(loaded)})")
     return {split: _select_columns(loaded[split], text_column, source=f"{name} ({split} split)")
             for split in ("train", "validation") if split in loaded}
+
+
+def hub_unreachable(name: str, config_name: Optional[str], err: OSError) -> str:
+    """Why a hub dataset could not be loaded, and the way to local files."""
+    reason = ("The HF hub is not reachable: offline mode is on (HF_HUB_OFFLINE=1)." if hub_constants.HF_HUB_OFFLINE
+              else "Check the name, and whether the HF hub is reachable from this machine.")
+    return (f"could not load dataset {name!r} (config {config_name!r}): {err}. {reason} To train on local text "
+            "instead, pass --train_file (and optionally --validation_file).")
 
 
 def _rename_text_column(dataset: Dataset, text_column: str) -> Dataset:
@@ -112,24 +151,26 @@ def _hold_out(dataset: Dataset, percentage: int, seed: int) -> tuple[Dataset, Da
 
 
 def pack_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, block_size: int, text_column: str,
-                num_proc: Optional[int] = None) -> DatasetDict:
+                num_proc: Optional[int] = None, domains: Sequence[str] = DOMAINS) -> DatasetDict:
     """Tokenize every text, append eos, concatenate and cut into blocks of exactly ``block_size`` tokens.
 
     As in transformers' run_clm.py, each map batch (1000 texts) is concatenated on its own and its
     remainder shorter than a block is dropped. Output column ``input_ids``; when the input has a
-    ``domain`` column, also ``domain_ids``: per token, the index in DOMAINS of the domain of the text the
-    token came from (-1 for a domain not in DOMAINS).
+    ``domain`` column, also ``domain_ids``: per token, the index in ``domains`` of the domain of the text the
+    token came from (-1 for none, or one not in ``domains``).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token, which is needed to separate packed texts")
-    return DatasetDict({split: _pack_split(dataset, split, tokenizer, block_size, text_column, num_proc)
+    index = domain_index(domains)
+    return DatasetDict({split: _pack_split(dataset, split, tokenizer, block_size, text_column, num_proc, index)
                         for split, dataset in raw.items()})
 
 
 def _pack_split(dataset: Dataset, split: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
-                text_column: str, num_proc: Optional[int]) -> Dataset:
+                text_column: str, num_proc: Optional[int], index: dict[str, int]) -> Dataset:
     """pack_blocks for one split; raises a ValueError when it yields no block."""
-    tokenized = dataset.map(partial(_tokenize_batch, tokenizer=tokenizer, text_column=text_column), batched=True,
+    tokenized = dataset.map(partial(_tokenize_batch, tokenizer=tokenizer, text_column=text_column, index=index),
+                            batched=True,
                             remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {split}")
     blocks = tokenized.map(partial(_group_into_blocks, block_size=block_size), batched=True,
                            remove_columns=tokenized.column_names, num_proc=num_proc,
@@ -141,15 +182,26 @@ def _pack_split(dataset: Dataset, split: str, tokenizer: PreTrainedTokenizerBase
     return blocks
 
 
-def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, text_column: str) -> dict[str, list]:
+def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, text_column: str,
+                    index: dict[str, int]) -> dict[str, list]:
     """Token ids of each text followed by eos, and (with a ``domain`` column) each token's domain index."""
-    texts = [text or "" for text in batch[text_column]]  # empty CSV / JSON cells arrive as None
-    token_ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    input_ids = [ids + [tokenizer.eos_token_id] for ids in token_ids]
+    input_ids = tokenize_texts(batch[text_column], tokenizer)
     if "domain" not in batch:
         return {"input_ids": input_ids}
-    domain_ids = [[DOMAIN_INDEX.get(domain, -1)] * len(ids) for domain, ids in zip(batch["domain"], input_ids)]
-    return {"input_ids": input_ids, "domain_ids": domain_ids}
+    return {"input_ids": input_ids, "domain_ids": token_domains(batch["domain"], input_ids, index)}
+
+
+def tokenize_texts(texts: Sequence[Optional[str]], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each text's token ids followed by eos (empty CSV / JSON cells arrive as None and give eos alone)."""
+    token_ids = tokenizer([text or "" for text in texts], add_special_tokens=False,
+                          return_attention_mask=False)["input_ids"]
+    return [ids + [tokenizer.eos_token_id] for ids in token_ids]
+
+
+def token_domains(domains: Sequence, input_ids: Sequence[list[int]], index: dict[str, int]) -> list[list[int]]:
+    """Per text, its domain's index (-1: none or not listed) once per token."""
+    return [[index.get(str(domain), -1) if domain is not None else -1] * len(ids)
+            for domain, ids in zip(domains, input_ids)]
 
 
 def _group_into_blocks(batch: dict, block_size: int) -> dict[str, list[list[int]]]:
