@@ -20,8 +20,7 @@ from transformers import set_seed
 
 from .cli import parse_args
 from .config import RunConfig
-from .data.batches import TrainBatches
-from .data.text import load_text_datasets, pack_blocks
+from .data.prepare import PreparedData, prepare_data
 from .distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
                           main_process_first)
 from .hf.load import import_hf_moe, is_hf_moe_folder
@@ -82,31 +81,30 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
         layout = layout_of(model, cfg.moe)
         model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)
 
-    with main_process_first(world):
-        data = pack_blocks(load_text_datasets(cfg.data, seed=cfg.train.seed), tokenizer, cfg.data.block_size,
-                           cfg.data.text_column, num_proc=cfg.data.preprocessing_num_workers)
-    batches = TrainBatches(data["train"], cfg.train.per_device_train_batch_size, world.rank, world.world_size,
-                           seed=cfg.train.seed)
+    with main_process_first(world):  # rank 0 fills the cache, the others then read it
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
+                                 seed=cfg.train.seed)
     engine = build_engine(model, ds_config, cfg.train.weight_decay)
 
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
         write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data)
-    trainer = Trainer(cfg, engine, world, batches, data["validation"], output_dir)
+    trainer = Trainer(cfg, engine, world, batches, data.validation, output_dir)
     if cfg.train.resume_from_checkpoint:
         trainer.resume(cfg.train.resume_from_checkpoint)
     return world, trainer
 
 
 def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: MoELayout, ds_config: dict,
-                    world_size: int, dense_params: int, data) -> None:
+                    world_size: int, dense_params: int, data: PreparedData) -> None:
     """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.train.resume_from_checkpoint:  # a resumed run keeps (and trims) its metrics
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     resolved = {"world_size": world_size, "deepspeed_config": ds_config, "moe_layout": layout.to_dict(),
                 "dense_parameters": dense_params, "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
-                "train_blocks": len(data["train"]), "validation_blocks": len(data["validation"])}
+                **data.resolved()}
     (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
     tokenizer.save_pretrained(output_dir / "tokenizer")
     model.config.save_pretrained(output_dir / "base_model")

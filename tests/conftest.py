@@ -14,3 +14,11 @@ def world():
     """A one-rank gloo process group in this test process (what `python train.py` makes)."""
     from moe_models.distributed import init_world
     return init_world()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Packed blocks are cached in a folder of the session, not in ~/.cache (child processes inherit it)."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ["MOE_MODELS_DATA_CACHE"] = str(folder)
+    return folder

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from datasets import Dataset
@@ -38,6 +38,7 @@ class TrainBatches:
             raise ValueError(f"rank {rank} of {world_size} gets {self.sampler.num_samples} of the {len(dataset)} "
                              f"training blocks, fewer than one batch of {batch_size}. Use more data, a smaller "
                              "--block_size or a smaller --per_device_train_batch_size.")
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.batches_in_epoch = 0
         self._batches: Optional[Iterator[dict[str, torch.Tensor]]] = None
@@ -74,10 +75,23 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a ``state_dict()``: the next batch is the one the saved iterator would have given."""
+        if "batches_in_epoch" not in state:
+            raise ValueError(f"the saved data position {state} is of a run with --streaming; resume it with "
+                             "--streaming (a run cannot switch between the two in the middle)")
         if not 0 <= state["batches_in_epoch"] <= self.batches_per_epoch:
             raise ValueError(f"saved data position {state} does not fit this run's {self.batches_per_epoch} "
                              "batches per epoch; resume with the same data, batch size and number of ranks")
         self.epoch, self.batches_in_epoch, self._batches = state["epoch"], state["batches_in_epoch"], None
+
+    def resume(self, saved: Callable[[int], dict], saved_world: int) -> None:
+        """Continue from a checkpoint: ``saved(r)`` is the ``state_dict()`` of saving rank r (all ranks' are the
+        same). At the same number of ranks, exactly; at another, the same epoch and the same fraction of it (each rank
+        reads a different stride of the epoch's order at another size)."""
+        state = saved(0)
+        if saved_world != self.world_size and "batches_in_epoch" in state:
+            state = {"epoch": state["epoch"],
+                     "batches_in_epoch": state["batches_in_epoch"] * saved_world // self.world_size}
+        self.load_state_dict(state)
 
 
 def eval_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int,

@@ -7,6 +7,7 @@ Layout (DeepSpeed's own, plus three small files of ours per tag):
       global_step{N}/
         mp_rank_00_model_states.pt, layer_{L}_expert_{E}_*.pt, *optim_states.pt   (DeepSpeed)
         rng_rank{R}.pt            every RNG of rank R (python, numpy, torch, CUDA)
+        data_rank{R}.json         where rank R's next batch starts (a stream's position differs per rank)
         complete.json             written last, after every rank finished: step, world and ep sizes, moe_impl
 
 DeepSpeed writes `latest` itself before all ranks are known to be done, and does not say when a
@@ -20,6 +21,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -29,10 +31,12 @@ import torch.distributed as dist
 
 from ..config import MoEConfig
 from ..data.batches import TrainBatches
+from ..data.stream_batches import StreamBatches
 from ..distributed import World, all_reduce_sum
 
 COMPLETE = "complete.json"
 LATEST = "latest"
+DATA_POSITION = "data_rank{rank}.json"
 
 
 @dataclass
@@ -131,7 +135,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: TrainState, batches: TrainBatches,
+def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: TrainState,
+         batches: TrainBatches | StreamBatches,
          world: World, moe: MoEConfig, save_total_limit: int | None, extra_client_state: dict | None = None) -> Path:
     """Save on every rank; the tag becomes `latest` only after all ranks have written all their files.
 
@@ -145,6 +150,7 @@ def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: Tra
     try:
         engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
+        (tag_dir / DATA_POSITION.format(rank=world.rank)).write_text(json.dumps(batches.state_dict()) + "\n")
     except OSError as err:
         failure = err
     failed_ranks = int(all_reduce_sum(torch.tensor([float(failure is not None)], device=world.device)).item())
@@ -166,8 +172,8 @@ def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: Tra
     return tag_dir
 
 
-def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches, world: World, moe: MoEConfig,
-         reset_optimizer: bool) -> tuple[TrainState, dict]:
+def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches | StreamBatches, world: World,
+         moe: MoEConfig, reset_optimizer: bool) -> tuple[TrainState, dict]:
     """Restore weights, optimizer, LR schedule, data position and RNGs; returns the state and the client state.
 
     At another world or ep size, or with the other --moe_impl, weights load by global expert id; the optimizer
@@ -201,7 +207,10 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
             from err
     if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
-    batches.load_state_dict(_data_position(client_state["data"], meta["world_size"], world.world_size))
+    try:
+        batches.resume(partial(_data_position, tag_dir, client_state["data"]), meta["world_size"])
+    except ValueError as err:  # a position of the other kind (--streaming or not), or one that does not fit
+        raise CheckpointError(f"{tag_dir}: {err}") from err
     if same_ranks:
         _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
     return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
@@ -231,12 +240,11 @@ def _unreadable_file(tag_dir: Path) -> Path | None:
     return None
 
 
-def _data_position(position: dict, saved_world: int, world_size: int) -> dict:
-    """The data position at this world size: exact at the same size; otherwise the same epoch and the
-    same fraction of it (each rank reads a different stride of the epoch's order at another size)."""
-    if saved_world == world_size:
-        return position
-    return {"epoch": position["epoch"], "batches_in_epoch": position["batches_in_epoch"] * saved_world // world_size}
+def _data_position(tag_dir: Path, rank0_position: dict, saved_rank: int) -> dict:
+    """Where the saving rank ``saved_rank``'s next batch started. Checkpoints from before the per-rank files hold
+    rank 0's in the client state, which was every rank's then."""
+    path = tag_dir / DATA_POSITION.format(rank=saved_rank)
+    return json.loads(path.read_text()) if path.is_file() else rank0_position
 
 
 def _rng_state() -> dict:

@@ -1,7 +1,7 @@
 """Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
 data exist and before anything in the output folder is written: it must be complete, its files whole, and its run
 must have trained the same model with the same experts (count and width), shared experts and top_k (what its
-run_config.json recorded)."""
+run_config.json recorded), and its data position must be of the same kind (a stream's or blocks')."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..models.architectures import ARCHITECTURES
 from ..models.source import DEFAULT_PRESET, local_config
 from ..moe.layout import resolve_moe_layers
-from .checkpoint import CheckpointError, CheckpointFolder
+from .checkpoint import DATA_POSITION, CheckpointError, CheckpointFolder
 
 # The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
@@ -37,6 +37,9 @@ def check_resumable(cfg: RunConfig) -> None:
         damage = _damage(path)
         if damage:
             raise CheckpointError(f"checkpoint file {path} is {damage}; {folder.previous_good(tag_dir)}")
+    problem = _other_data_kind(tag_dir, cfg.data.streaming)
+    if problem:
+        raise CheckpointError(problem)
     run_dir = tag_dir.parent.parent
     if (run_dir / "run_config.json").is_file():
         problem = _other_run(tag_dir, run_dir, cfg)
@@ -56,6 +59,21 @@ def _damage(path: Path) -> str | None:
     except zipfile.BadZipFile:
         return "truncated or corrupt (its zip directory is missing)"
     return None
+
+
+def _other_data_kind(tag_dir: Path, streaming: bool) -> str | None:
+    """A stream's position (--streaming) and a position in packed blocks do not translate into each other."""
+    path = tag_dir / DATA_POSITION.format(rank=0)
+    try:
+        streamed = path.is_file() and "text" in json.loads(path.read_text())  # checkpoints without it: blocks
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # loading will tell
+    if streamed == streaming:
+        return None
+    was, now = ("with", "without") if streamed else ("without", "with")
+    return (f"{tag_dir} was saved by a run {was} --streaming, this run is {now} it: a position in a stream and one "
+            f"in packed blocks do not translate into each other; pass --streaming {str(streamed).lower()} to continue "
+            "it, or start a new run without --resume_from_checkpoint")
 
 
 def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
