@@ -74,16 +74,16 @@ class RankStream:
     """One rank's share of the stream: its texts in a fixed order per epoch."""
 
     def __init__(self, dataset: IterableDataset, rank: int, world_size: int, seed: int, shuffle_buffer_size: int):
-        if shuffle_buffer_size:
+        self.shuffled = shuffle_buffer_size > 0
+        if self.shuffled:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        self.whole_shards = dataset.num_shards % world_size == 0
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.rank, self.world_size = rank, world_size
 
     def texts(self, epoch: int, start: int = 0) -> Iterator[tuple[Optional[str], Optional[str]]]:
         """(text, domain) of this rank's share of ``epoch``, from its text number ``start`` on (the texts before it
         are read and skipped, not tokenised)."""
-        self.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch if self.shuffled else 0)  # datasets reorders the shards in every epoch but 0
         for row in islice(iter(self.dataset), start, None):
             yield row["text"], row["domain"]
 
