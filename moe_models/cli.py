@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from .config import SECTION_TYPES, RunConfig
@@ -94,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     """Build a RunConfig from command-line flags; unknown flags are an error (argparse exits with usage)."""
-    namespace = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        expanded = any(not arg.startswith("-") and Path(arg).exists() for arg in unknown)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
+            "; these look like files of a glob the shell expanded: quote the glob (--train_file 'data/*.jsonl') or "
+            "join the files with commas" if expanded else ""))
+    namespace = vars(namespace)
     namespace.pop("local_rank", None)
     sections = {}
     for section, cls in SECTION_TYPES.items():

@@ -71,8 +71,9 @@ class DataConfig:
         10000, "With --streaming: texts held in the shuffle buffer; each epoch shuffles the file order and the "
         "buffer with seed + epoch. 0 = no shuffle: the files' order, every epoch.")
     streaming_validation_texts: int = _flag(
-        1000, "With --streaming and no --validation_file (or hub validation split): the first N texts of the "
-        "training files, in the order given, are held out for eval (tokenised once) and never trained on.")
+        1000, "With --streaming and no --validation_file: the eval texts, the first N of the hub dataset's validation "
+        "split if it has one, else the first N texts of the training data in the order given, which are then held "
+        "out (never trained on). Tokenised once at the start.")
     data_cache_dir: Optional[str] = _flag(
         None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, "
         "block_size, the text column, the domains and the packing code), so that a second run on the same data "

@@ -21,6 +21,7 @@ from transformers import set_seed
 from .cli import parse_args
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
+from .data.stream import StreamError
 from .distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
                           main_process_first)
 from .hf.load import import_hf_moe, is_hf_moe_folder
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
         if world.is_main:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except StreamError as err:  # one rank's share of the stream reached a bad file; the others wait for it
+        print(f"error: {err}" if world.is_main else f"error (rank {world.rank}): {err}", file=sys.stderr, flush=True)
+        os._exit(1)  # the other ranks are inside a collective: exit handlers that wait on the group would hang
     except RuntimeError as err:
         if not is_collective_timeout(err):
             raise

@@ -171,7 +171,73 @@ def test_data_file(case, capsys, run_dir, tmp_path):
 
 
 def test_data_folder_instead_of_a_file(capsys, run_dir, tmp_path):
-    refused(capsys, ["--train_file", str(tmp_path), *into(run_dir)], "is a folder; give one file", folder=run_dir)
+    refused(capsys, ["--train_file", str(tmp_path), *into(run_dir)],
+            f"is a folder; give its files with a glob, such as '{tmp_path / '*.jsonl'}'", folder=run_dir)
+
+
+def jsonl(path: Path, texts: int = 40, **columns) -> str:
+    path.write_text("".join(json.dumps({"text": f"text {i} " * 4, **columns}) + "\n" for i in range(texts)))
+    return str(path)
+
+
+def test_glob_that_matches_nothing(capsys, run_dir, tmp_path):
+    refused(capsys, ["--train_file", f"{jsonl(tmp_path / 'a.jsonl')},{tmp_path}/shards/*.jsonl", *into(run_dir)],
+            f"train_file pattern '{tmp_path}/shards/*.jsonl' matches no file (relative paths start at ",
+            folder=run_dir)
+
+
+def test_missing_file_in_a_list(capsys, run_dir, tmp_path):
+    refused(capsys, ["--train_file", f"{jsonl(tmp_path / 'a.jsonl')},{tmp_path / 'b.jsonl'}", *into(run_dir)],
+            f"train_file '{tmp_path / 'b.jsonl'}' does not exist", folder=run_dir)
+
+
+def test_domain_entry_with_an_unsupported_format(capsys, run_dir, tmp_path):
+    (tmp_path / "notes.docx").write_text("text")
+    refused(capsys, ["--train_file", f"prose={jsonl(tmp_path / 'a.jsonl')},code={tmp_path / 'notes.docx'}",
+                     *into(run_dir)], f"train_file 'code={tmp_path / 'notes.docx'}': unsupported extension '.docx'; "
+            "use .txt, .text, .json, .jsonl, .parquet, .csv", folder=run_dir)
+
+
+def test_domain_named_twice(capsys, run_dir):
+    refused(capsys, ["--domains", "code,prose,code", *into(run_dir)],
+            "domains 'code,prose,code' names code more than once; give each domain once", folder=run_dir)
+
+
+def test_shell_expanded_glob(capsys, run_dir, tmp_path):
+    files = [jsonl(tmp_path / f"{name}.jsonl") for name in "ab"]
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*QUICK, "--train_file", *files, *into(run_dir)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"unrecognized arguments: {files[1]}; these look like files of a glob the shell expanded: quote the glob "
+        "(--train_file 'data/*.jsonl') or join the files with commas")
+
+
+# Streaming -----------------------------------------------------------------------------------------------------
+
+def test_streaming_the_built_in_corpus(capsys, run_dir):
+    refused(capsys, ["--streaming", *into(run_dir)], "--streaming reads --train_file or --dataset_name; the built-in "
+            "corpus is made in memory and needs no stream: drop --streaming, or give --train_file", folder=run_dir)
+
+
+def test_streaming_without_eval_texts(capsys, run_dir, tmp_path):
+    refused(capsys, ["--streaming", "--train_file", jsonl(tmp_path / "a.jsonl"), "--streaming_validation_texts", "0",
+                     *into(run_dir)], "--streaming with --streaming_validation_texts 0 leaves nothing to evaluate on: "
+            "give a --validation_file, or hold out some texts (--streaming_validation_texts 1000)", folder=run_dir)
+
+
+def test_streaming_a_domain_column_without_its_list(capsys, run_dir, tmp_path):
+    refused(capsys, ["--streaming", "--train_file", jsonl(tmp_path / "a.jsonl", domain="web"),
+                     "--streaming_validation_texts", "5", *into(run_dir)],
+            "--streaming: the training texts have a `domain` column, whose values a stream cannot list before reading "
+            "all of it; pass them with --domains (such as --domains code,prose)", folder=run_dir)
+
+
+def test_resuming_a_run_with_streaming_switched(capsys, run_dir, tmp_path):
+    refused(capsys, ["--streaming", "--train_file", jsonl(tmp_path / "a.jsonl"), "--streaming_validation_texts", "5",
+                     *resume(run_dir)], f"{run_dir / 'checkpoints' / 'global_step1'} was saved by a run without "
+            "--streaming, this run is with it: a position in a stream and one in packed blocks do not translate into "
+            "each other; pass --streaming false to continue it", folder=run_dir)
 
 
 def test_data_file_that_does_not_exist(capsys, run_dir, tmp_path):

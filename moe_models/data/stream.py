@@ -13,17 +13,20 @@ given.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Iterator, Optional
 
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from ..config import DataConfig
 from .domains import file_domains, listed_domains
 from .file_specs import DataFile, data_files
+from .files import unreadable_reason
 from .text import hub_unreachable, load_files, pack_blocks
 
 FEATURES = Features({"text": Value("string"), "domain": Value("string")})
@@ -51,14 +54,28 @@ class Shard:
         else:
             dataset = load_dataset(self.builder, data_files=self.source, split="train", streaming=True)
         column = "text" if self.builder == "text" else text_column  # the text builder's one column is "text"
-        for row in islice(dataset, self.skip, None):
-            yield _text_and_domain(row, column, self.domain, self.source)
+        rows = iter(dataset)
+        for number in itertools.count():
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except (DatasetGenerationError, UnicodeDecodeError, ValueError) as err:  # a bad line, a bad byte
+                if self.is_hub:
+                    raise
+                raise StreamError(unreadable_reason([self.source], self.builder, err)) from err
+            if number >= self.skip:
+                yield _text_and_domain(row, column, self.domain, self.source)
+
+
+class StreamError(ValueError):
+    """A streamed file turned out to be unreadable while training ran; the message names it and the fix."""
 
 
 def _text_and_domain(row: dict, column: str, domain: Optional[str], source: str) -> dict:
     """A stream row: the text, and the entry's domain, else the row's own ``domain`` value (as a string), else None."""
     if column not in row:
-        raise ValueError(f"{source}: no column {column!r}; its columns are {list(row)}. Pass --text_column with the "
+        raise StreamError(f"{source}: no column {column!r}; its columns are {list(row)}. Pass --text_column with the "
                          "one that holds the text.")
     domain = domain if domain is not None else row.get("domain")
     return {"text": row[column], "domain": None if domain is None else str(domain)}

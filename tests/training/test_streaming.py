@@ -3,13 +3,15 @@ one rank and on two ranks through the deepspeed launcher, whose ranks read disjo
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from helpers import launch
+from helpers import REPO, child_env, launch
 from moe_models.models.tokenization import byte_level_tokenizer
 
 FLAGS = ["--num_experts", "4", "--block_size", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
@@ -68,3 +70,18 @@ def test_two_ranks_read_disjoint_texts_and_resume_exactly(tmp_path):
     assert positions[0] != positions[1]  # each rank has its own place in its own share
     straight, again = losses(full), losses(resumed)
     assert sorted(again) == [3, 4] and [again[s] for s in again] == [straight[s] for s in again]
+
+
+def test_a_bad_line_reached_mid_run_ends_it_naming_the_file(tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "zbad.jsonl"
+    # 20 texts held out, then a first tokenised chunk of 64 texts (about 8 steps) before the stream reads on
+    good.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(100)))
+    bad.write_text(json.dumps({"text": "fine " * 40}) + "\n" + '{"text": "cut\n')
+    result = subprocess.run([sys.executable, "train.py", *FLAGS, "--train_file", f"{good},{bad}", "--max_steps", "80",
+                             "--shuffle_buffer_size", "0", "--output_dir", str(tmp_path / "run")],
+                            cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {bad} line 2 is not valid JSON (Invalid control character at column 14); fix or remove that line "
+        "(each line of a .jsonl file is one JSON object)")
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) > 3  # it trained before reaching it
