@@ -69,7 +69,7 @@ class DataConfig:
         "batches the run would have read (docs/data.md). Not for the built-in corpus.")
     shuffle_buffer_size: int = _flag(
         10000, "With --streaming: texts held in the shuffle buffer; each epoch shuffles the file order and the "
-        "buffer with seed + epoch. 0 = no shuffle: the files' order, every epoch.")
+        "buffer with a generator seeded from --seed and the epoch. 0 = no shuffle: the files' order, every epoch.")
     streaming_validation_texts: int = _flag(
         1000, "With --streaming and no --validation_file: the eval texts, the first N of the hub dataset's validation "
         "split if it has one, else the first N texts of the training data in the order given, which are then held "

@@ -14,6 +14,7 @@ entry is written to a temporary folder and renamed into place, so it is complete
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -56,10 +57,19 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def code_digest() -> str:
+    """A hash of the packing modules' source (an install without sources hashes the package version instead)."""
     digest = hashlib.sha256()
     for name in PACKING_CODE:
-        digest.update((Path(__file__).parent / name).read_bytes())
+        source = Path(__file__).parent / name
+        digest.update(source.read_bytes() if source.is_file() else _version().encode())
     return digest.hexdigest()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("moe-models")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def entry_key(parts: dict) -> str:

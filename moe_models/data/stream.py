@@ -3,8 +3,8 @@ training goes, each rank reading its own share, epoch after epoch.
 
 The stream's shards are the files in the order given (for a hub dataset, its own shards); each is read by the
 datasets builder of its format, so formats can be mixed and a ``name=`` entry tags its texts with a domain. Each
-epoch shuffles the shard order and a buffer of texts with seed + epoch (datasets' buffer shuffle; a fixed order with
---shuffle_buffer_size 0). datasets.distributed.split_dataset_by_node then gives each rank whole shards when their
+epoch shuffles the shard order and a buffer of texts with a generator seeded by --seed and the epoch (datasets'
+buffer shuffle; a fixed order with --shuffle_buffer_size 0). datasets.distributed.split_dataset_by_node then gives each rank whole shards when their
 number is a multiple of the number of ranks, otherwise every rank reads all of them and keeps every N-th text: either
 way the ranks' shares are disjoint and together the whole stream. The first --streaming_validation_texts texts (in
 the order given, before any shuffle) are held out for eval unless a --validation_file (or a hub validation split) is
@@ -137,7 +137,7 @@ def open_stream(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[T
                          f"(--streaming_validation_texts {data.streaming_validation_texts}); give more data, a "
                          "smaller --streaming_validation_texts or a --validation_file")
     peeked = first or list(islice(shards[0].rows(data.text_column), 1))  # checks the text column early
-    domains = _stream_domains(data, files + validation_files, peeked, shards[0].domain)
+    domains = _stream_domains(data, files + validation_files, peeked)
     if validation_files:
         eval_texts = load_files(validation_files, data.text_column)
         text_column = data.text_column
@@ -170,14 +170,13 @@ def _take(shards: list[Shard], count: int, text_column: str) -> tuple[list[dict]
     return taken, rest
 
 
-def _stream_domains(data: DataConfig, files: list[DataFile], peeked: list[dict], first_domain: Optional[str]
-                    ) -> list[str]:
+def _stream_domains(data: DataConfig, files: list[DataFile], peeked: list[dict]) -> list[str]:
     """--domains, else the per-domain files' names; a domain column alone cannot be listed from a stream."""
     listed = listed_domains(data.domains)
     if listed is not None:
         return listed
     named = file_domains(files)
-    if not named and any(row["domain"] is not None for row in peeked) and first_domain is None:
+    if not named and any(row["domain"] is not None for row in peeked):
         raise ValueError("--streaming: the training texts have a `domain` column, whose values a stream cannot list "
                          "before reading all of it; pass them with --domains (such as --domains code,prose), in the "
                          "order that gives their domain_ids")

@@ -227,3 +227,8 @@ def test_a_missing_text_column_names_the_file(tmp_path, tokenizer):
     path.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match=f"{path}: no column 'text'; its columns are \\['body'\\]"):
         open_stream(config([str(path)]), tokenizer)
+
+
+def test_an_unreachable_hub_dataset_suggests_train_file(tokenizer):
+    with pytest.raises(ValueError, match="To train on local text instead, pass --train_file"):
+        open_stream(DataConfig(dataset_name="nobody/no_such_dataset", streaming=True), tokenizer)
