@@ -226,6 +226,14 @@ def test_train_batches_resume_exactly(taken):
     assert resumed.state_dict() == original.state_dict()
 
 
+def test_train_batches_resume_at_another_world_size_at_the_same_fraction_of_the_epoch():
+    batches = TrainBatches(_numbered_blocks(40), batch_size=4, rank=0, world_size=1, seed=0)
+    batches.resume(lambda rank: {"epoch": 2, "batches_in_epoch": 3}, saved_world=2)
+    assert batches.state_dict() == {"epoch": 2, "batches_in_epoch": 6}
+    with pytest.raises(ValueError, match="of a run with --streaming; resume it with --streaming"):
+        batches.resume(lambda rank: {"epoch": 0, "text": 3, "offset": 0}, saved_world=1)
+
+
 def test_train_batches_refuse_a_share_smaller_than_a_batch():
     with pytest.raises(ValueError, match="fewer than one batch"):
         TrainBatches(_numbered_blocks(10), batch_size=8, rank=0, world_size=2, seed=0)

@@ -45,6 +45,20 @@ def test_resume_is_exact(straight_run, tmp_path):
     assert [resumed[s] for s in resumed] == [straight[s] for s in resumed]  # bit for bit
 
 
+def test_a_checkpoint_without_per_rank_data_files_resumes_from_its_client_state(straight_run, tmp_path):
+    """Checkpoints saved before data_rank{R}.json existed kept rank 0's position in the client state only."""
+    import shutil
+    old = tmp_path / "checkpoints"
+    shutil.copytree(straight_run / "checkpoints" / "global_step8", old / "global_step8")
+    assert json.loads((old / "global_step8" / "data_rank0.json").read_text()) == {"epoch": 0, "batches_in_epoch": 8}
+    (old / "global_step8" / "data_rank0.json").unlink()
+    out = tmp_path / "resumed"
+    train.main([*FLAGS, "--max_steps", "12", "--output_dir", str(out), "--resume_from_checkpoint",
+                str(old / "global_step8")])
+    resumed, straight = losses(out), losses(straight_run)
+    assert sorted(resumed) == [9, 10, 11, 12] and [resumed[s] for s in resumed] == [straight[s] for s in resumed]
+
+
 def test_resume_latest_continues_in_place_and_trims_metrics(straight_run, tmp_path):
     out = tmp_path / "run"
     train.main([*FLAGS, "--max_steps", "6", "--save_steps", "3", "--output_dir", str(out)])
