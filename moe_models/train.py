@@ -31,7 +31,7 @@ from .moe.layout import MoELayout
 from .moe.surgery import convert_to_moe, layout_of
 from .plan import run_plan
 from .training.checkpoint import CheckpointError
-from .training.ds_config import build_deepspeed_config
+from .training.ds_config import build_deepspeed_config, training_dtype
 from .training.nonfinite import NonFiniteError
 from .training.trainer import Trainer, build_engine
 from .training.validate import check_same_settings, validate
@@ -86,7 +86,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
                                                          cfg.train.seed)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
-        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
+        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
         dense_params = sum(p.numel() for p in model.parameters())
         layout = layout_of(model, cfg.moe)
         model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)

@@ -9,7 +9,7 @@ import torch
 
 import train
 from helpers import launch, tiny_model
-from moe_models import MoEConfig, convert_to_moe
+from moe_models import MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.cli import parse_args
 from moe_models.plan import (GIB, Setup, activation_bytes, bytes_per_rank, checkpoint_kept_bytes, model_shape,
                               smallest_fitting_change)
@@ -89,3 +89,19 @@ def test_the_advice_is_the_first_change_that_fits():
     assert bytes_per_rank(shape, setup)["total"] / GIB > with_ckpt * 1.001  # it does not fit as it is
     assert smallest_fitting_change(shape, setup, 4, with_ckpt * 1.001) == "--gradient_checkpointing"
     assert smallest_fitting_change(shape, setup, 4, 1e-6) is None
+
+
+def test_a_bf16_run_loads_and_converts_the_dense_model_in_bf16(tmp_path):
+    """The lean build: the dense folder is read in the training dtype, so no fp32 copy of it (or of the experts
+    made from it) exists in a bf16 run; fp32 runs are unchanged."""
+    from moe_models.config import ModelConfig
+    from moe_models.models.source import load_dense_model
+    from moe_models.training.ds_config import training_dtype
+    tiny_model().save_pretrained(tmp_path)
+    assert training_dtype({"bf16": {"enabled": True}}) == torch.bfloat16
+    assert training_dtype({"bf16": {"enabled": False}}) == training_dtype({}) == torch.float32
+    dense = load_dense_model(ModelConfig(model_name_or_path=str(tmp_path)), 257, dtype=torch.bfloat16)
+    moe = convert_to_moe(dense, MoEConfig(num_experts=4))
+    assert {p.dtype for p in moe.parameters()} - {torch.float32} == {torch.bfloat16}
+    experts = [p for layer in moe_layers_of(moe) for p in layer.experts.parameters()]
+    assert experts and all(p.dtype == torch.bfloat16 for p in experts)
