@@ -48,8 +48,10 @@ class MoETrainer(Trainer):
                              "is not supported")
         self.moe_config, self.moe_layout = settings_of(model)
         check_parallelism(self.moe_config, args)
-        if args is not None and args.deepspeed and "RANK" not in os.environ:
-            init_world()  # one process, no launcher: DeepSpeed needs a process group of one rank
+        if args is not None and args.deepspeed:
+            # DeepSpeed joins the launched process group (or makes one of one rank without a launcher, as train.py
+            # does), with the Trainer's timeout, and its CPU all-reduce buffers do not outlive the run in /dev/shm
+            init_world(timeout_s=int(args.ddp_timeout))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.moe_layers: list[MoEFeedForward] = moe_layers_of(self.model)
         self.per_expert_metrics = per_expert_metrics
