@@ -20,7 +20,7 @@ from helpers import (REPO, ZERO2, child_env, tiny_blocks, tiny_moe_model, tiny_m
 from moe_models import MoETrainer, moe_layers_of
 from moe_models.hf.export import export
 from moe_models.models.tokenization import byte_level_tokenizer
-from moe_models.moe.saved_settings import SETTINGS_FILE, attach_settings, settings_of
+from moe_models.moe.saved_settings import SETTINGS_FILE, attach_settings, settings_of, write_settings
 
 DEEPSPEED = {"plain": None, "zero2": ZERO2}
 ZERO2_WITH_OPTIMIZER = {**ZERO2, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
@@ -209,9 +209,16 @@ def test_refusals_say_what_to_do(tmp_path):
         moe_trainer(recorded_as(tiny_moe_model(), ep_size=2), tmp_path)
     with pytest.raises(ValueError, match="ZeRO stage 3"):
         moe_trainer(tiny_moe_model(), tmp_path, deepspeed={**ZERO2, "zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="model_init is not supported"):
+        MoETrainer(model_init=tiny_moe_model, args=trainer_args(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="or a folder MoETrainer saved"):
         export(tmp_path / "empty", tmp_path / "hf")
+    model, no_tokenizer = tiny_moe_model(), tmp_path / "no_tokenizer"
+    model.config.save_pretrained(no_tokenizer)
+    write_settings(no_tokenizer, *settings_of(model))
+    with pytest.raises(ValueError, match="tokenizer_config.json: .* pass processing_class=tokenizer to MoETrainer"):
+        export(no_tokenizer, tmp_path / "hf")
 
 
 def recorded_as(model, **moe):
@@ -221,6 +228,7 @@ def recorded_as(model, **moe):
     return model
 
 
+@pytest.mark.slow
 def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
     example = (REPO / "examples" / "hf_trainer.py").read_text()
     assert f"```python\n{example}```" in (REPO / "docs" / "hf-trainer.md").read_text()
