@@ -88,6 +88,20 @@ def test_the_loss_is_the_lm_loss_plus_the_router_losses(backend, accumulation, t
         assert sum(row[f"moe/layer_{i}/tokens_per_expert/{e}"] for e in range(4)) == 2 * 8 * len(block)
 
 
+def test_gradient_checkpointing_changes_no_loss_and_counts_each_forward_once(tmp_path):
+    """transformers' activation checkpointing runs each block's forward again in the backward: the router losses are
+    taken from the first forward, and the recomputation is not counted in the routing metrics."""
+    rows = []
+    for checkpointing in (False, True):
+        trainer = moe_trainer(tiny_moe_model(aux_loss_coef=0.1, router_z_loss_coef=0.01), tmp_path / str(checkpointing),
+                              max_steps=2, gradient_checkpointing=checkpointing)
+        trainer.train()
+        rows.append([r for r in trainer.state.log_history if "loss" in r])
+    for plain, checkpointed in zip(*rows):
+        assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert checkpointed["moe/layer_0/routed_tokens"] == plain["moe/layer_0/routed_tokens"] == 4 * 32
+
+
 def test_a_plain_trainer_adds_no_router_loss(tmp_path):
     block = tiny_blocks()[0]["input_ids"]
     data = Dataset.from_dict({"input_ids": [block] * 4, "labels": [block] * 4})
