@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 

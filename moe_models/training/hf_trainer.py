@@ -163,7 +163,8 @@ def check_parallelism(moe: MoEConfig, args) -> None:
     if moe.ep_size > 1 and deepspeed_config is None:
         raise ValueError(f"the model was converted with ep_size {moe.ep_size}: expert parallelism needs DeepSpeed. "
                          "Pass TrainingArguments(deepspeed=...) (a DeepSpeed JSON path or dict) and launch with "
-                         f"`deepspeed --num_gpus N script.py`, N a multiple of {moe.ep_size}; or convert with ep_size 1")
+                         f"`deepspeed --num_gpus N script.py`, N a multiple of {moe.ep_size}; or convert with "
+                         "ep_size 1")
     if deepspeed_config is not None:
         if deepspeed_config.config.get("zero_optimization", {}).get("stage", 0) == 3:
             raise ValueError("ZeRO stage 3 does not work with DeepSpeed MoE layers (it partitions the expert weights "

@@ -2,7 +2,8 @@
 on tiny-llama converted to 4 experts (exact routing; sigmoid scores with the aux-loss-free bias, which export to
 GLM4-MoE; z-loss), logging every step. Writes
 OUTPUT_DIR/result_rank{R}.pt: the Trainer's log history, the aux-loss-free biases and, after training, a fixed batch
-and its logits (every rank runs the forward: at ep_size 2 each holds half the experts); then save_model(OUTPUT_DIR/final).
+and its logits (every rank runs the forward: at ep_size 2 each holds half the experts); then
+save_model(OUTPUT_DIR/final).
 
 Usage: deepspeed --num_gpus 2 tests/scripts/hf_trainer_run.py --ep_size N --output_dir DIR --max_steps K
        [--save_steps S] [--resume CHECKPOINT_DIR]
