@@ -13,4 +13,13 @@ from .moe.layer import MoEFeedForward, balance_loss, moe_layers_of
 from .moe.surgery import convert_to_moe
 
 __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig",
-           "MoEFeedForward", "balance_loss", "convert_to_moe", "moe_layers_of"]
+           "MoEFeedForward", "MoETrainer", "balance_loss", "convert_to_moe", "moe_layers_of"]
+
+
+def __getattr__(name: str):
+    """``MoETrainer`` is imported on first use: importing transformers' Trainer takes seconds that `import moe_models`
+    should not cost everyone."""
+    if name == "MoETrainer":
+        from .training.hf_trainer import MoETrainer
+        return MoETrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -205,6 +205,14 @@ class TrainConfig:
         False, "Activation checkpointing (transformers' own, per decoder block, non-reentrant): keep only each block's "
         "input and recompute its activations in the backward pass; less memory for about one more forward of time. "
         "Routes are counted once, not again when recomputed (docs/performance.md).")
+    plan: bool = _flag(
+        False, "Print the preflight plan and exit: parameters, bytes per rank of weights, gradients, optimizer "
+        "states and activations under these settings, all-to-all bytes and FLOPs; writes plan.json to output_dir. "
+        "Nothing is allocated (the model is built on the meta device); works under the launcher too "
+        "(docs/performance.md).")
+    device_memory_gb: Optional[float] = _flag(
+        None, "With --plan: the memory of one device in GiB; the plan says whether the run fits and, if not, the "
+        "smallest change that does.")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

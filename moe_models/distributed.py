@@ -53,7 +53,7 @@ def init_world(timeout_s: int = 600) -> World:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    if not dist.is_initialized():
+    if not deepspeed.comm.is_initialized():  # also when another library (TrainingArguments) made torch's group
         timeout = timedelta(seconds=timeout_s)
         # torch gives a group made without a timeout of its own (DeepSpeed makes its expert-parallel and
         # expert-data-parallel groups so) its module-wide default, 30 minutes, not the world's: the run's timeout

@@ -29,8 +29,9 @@ from .models.source import load_dense_model
 from .models.tokenization import load_tokenizer
 from .moe.layout import MoELayout
 from .moe.surgery import convert_to_moe, layout_of
+from .plan import run_plan
 from .training.checkpoint import CheckpointError
-from .training.ds_config import build_deepspeed_config
+from .training.ds_config import build_deepspeed_config, training_dtype
 from .training.nonfinite import NonFiniteError
 from .training.trainer import Trainer, build_engine
 from .training.validate import check_same_settings, validate
@@ -39,6 +40,8 @@ from .training.validate import check_same_settings, validate
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     try:
+        if cfg.train.plan:  # the preflight plan: validate, count on the meta device, print; nothing is trained
+            return preflight(cfg)
         world, trainer = build(cfg)
     except ValueError as err:  # ConfigError and the data/model loaders' errors say what to fix
         # One message per node, not one traceback per rank: a node's own problem (a file missing there) shows in
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def preflight(cfg: RunConfig) -> dict:
+    validate(cfg, world_size=launched_world_size())  # a plan may be made beside an existing run
+    ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
+    return run_plan(cfg, ds_config, launched_world_size(), is_main=launched_rank() == 0)
+
+
 def build(cfg: RunConfig) -> tuple[World, Trainer]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
     validate(cfg, world_size=launched_world_size())
@@ -80,7 +89,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
                                                          cfg.train.seed)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
-        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer))
+        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
         dense_params = sum(p.numel() for p in model.parameters())
         layout = layout_of(model, cfg.moe)
         model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)

@@ -97,3 +97,43 @@ def install_project(folder: Path) -> Path:
                              env=child_env())
     assert install.returncode == 0, install.stderr
     return site
+
+
+# -- MoETrainer (the transformers Trainer path) ------------------------------------------------------------------
+
+# ZeRO-2 with every batch setting from TrainingArguments; no "optimizer" section, so the Trainer's AdamW is used.
+ZERO2 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+         "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+# Dropless, deterministic top-2 routing over 4 random experts: runs at any ep_size and their export compute alike.
+EXACT_MOE = dict(num_experts=4, top_k=2, drop_tokens=False, top2_2nd_expert_sampling=False, expert_init="random")
+
+
+def tiny_moe_model(seed: int = 0, **moe):
+    """tiny-llama converted to MoE (EXACT_MOE, overridden by ``moe``), in training mode."""
+    from moe_models import MoEConfig, convert_to_moe
+    return convert_to_moe(tiny_model(seed=seed).train(), MoEConfig(**{**EXACT_MOE, **moe}), seed=seed)
+
+
+def tiny_blocks(num_examples: int = 200, block_size: int = 32, seed: int = 0):
+    """Packed blocks of the synthetic corpus (byte-level tokens) with labels = input_ids."""
+    from datasets import DatasetDict
+    from moe_models.data.synthetic import synthetic_corpus
+    from moe_models.data.text import pack_blocks
+    from moe_models.models.tokenization import byte_level_tokenizer
+    raw = DatasetDict({"train": synthetic_corpus(num_examples, seed)})
+    blocks = pack_blocks(raw, byte_level_tokenizer(), block_size, "text")["train"].select_columns(["input_ids"])
+    return blocks.map(lambda batch: {"labels": batch["input_ids"]}, batched=True)
+
+
+def trainer_args(output_dir, deepspeed: dict | None = None, **overrides):
+    """TrainingArguments for a few CPU steps: log every step, no saves, no reporters, no progress bar."""
+    from transformers import TrainingArguments
+    values = dict(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4, learning_rate=3e-3,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                  deepspeed=deepspeed)
+    return TrainingArguments(**{**values, **overrides})
+
+
+def trainer_losses(log_history: list[dict]) -> dict[int, float]:
+    """step -> the logged training loss."""
+    return {row["step"]: row["loss"] for row in log_history if "loss" in row}

@@ -24,6 +24,7 @@ from ..models.source import check_vocabulary
 from ..moe.experts import StackedExperts
 from ..moe.layer import moe_layers_of
 from ..moe.layout import MoELayout, resolve_moe_layers
+from ..moe.saved_settings import attach_settings
 from ..moe.surgery import convert_to_moe
 from .adapters import ADAPTERS
 from .configs import dense_config_and_moe_settings
@@ -53,6 +54,7 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
         # setting when its dense blocks are wider than its experts) only gives the experts their width.
         shape_only = dataclasses.replace(moe, expert_init="granular" if moe.expert_init == "granular" else "copy")
         model = convert_to_moe(model, shape_only, seed=seed, layout=layout)
+    attach_settings(model, moe, layout)  # the settings it trains with, not the shape-only ones it was built from
     reader = SafetensorsFolder(Path(path), checkpoint_config.model_type)
     layers = moe_layers_of(model)
     sources = ADAPTERS[checkpoint_config.model_type].deepspeed_sources(

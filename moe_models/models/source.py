@@ -43,20 +43,22 @@ def resolve_model_config(model: ModelConfig) -> PretrainedConfig:
     return AutoConfig.from_pretrained(source)
 
 
-def load_dense_model(model: ModelConfig, vocab_needed: int) -> PreTrainedModel:
-    """Load (upcycling) or build (from scratch) the dense causal LM, in fp32, ready for surgery.
+def load_dense_model(model: ModelConfig, vocab_needed: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load (upcycling) or build (from scratch) the dense causal LM in ``dtype`` (the training dtype), ready for
+    surgery. transformers memory-maps a folder's safetensors and casts each tensor as it is loaded, so the host
+    holds the dense model once, in ``dtype``; surgery then adds only this rank's experts.
 
     The global torch seed must be set before calling: from-scratch weights come from it.
     """
     if model.model_name_or_path:
         try:
-            dense = AutoModelForCausalLM.from_pretrained(model.model_name_or_path, dtype=torch.float32)
+            dense = AutoModelForCausalLM.from_pretrained(model.model_name_or_path, dtype=dtype)
         except OSError as err:
             raise ValueError(f"could not load a causal LM from {model.model_name_or_path!r}: {err}. Give a folder "
                              "with config.json and weights, or a hub id (the hub needs network access; "
                              "HF_HUB_OFFLINE=1 forbids it).") from err
     else:
-        dense = AutoModelForCausalLM.from_config(resolve_model_config(model), dtype=torch.float32)
+        dense = AutoModelForCausalLM.from_config(resolve_model_config(model), dtype=dtype)
     check_vocabulary(dense, vocab_needed)
     return dense
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
@@ -18,6 +19,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from ..config import MoEConfig
+from ..distributed import init_world, launched_world_size
 from ..metrics.routing import router_z_loss
 from ..models.architectures import SWIGLU_FFN_PROJECTIONS
 from .counters import RoutingCounters
@@ -232,10 +234,13 @@ def expert_parallel_rank(ep_size: int) -> int:
     """This rank's position in its expert-parallel group, using DeepSpeed's own group layout.
 
     The groups are created here (DeepSpeed's engine would create the same ones at initialize) so that
-    experts can be initialised by global expert id before the engine exists.
+    experts can be initialised by global expert id before the engine exists. Under a launcher, DeepSpeed joins the
+    process group (or adopts the one another library made, e.g. transformers' TrainingArguments) when it has not yet.
     """
     if ep_size == 1:
         return 0
+    if not deepspeed.comm.is_initialized() and (dist.is_initialized() or launched_world_size() > 1):
+        init_world()
     if not dist.is_initialized():
         raise RuntimeError(f"ep_size={ep_size} needs torch.distributed: launch with "
                            f"`deepspeed --num_gpus N train.py ...` where N is a multiple of {ep_size}")

@@ -12,6 +12,7 @@ from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
+from .saved_settings import attach_settings
 from .shared import shared_expert_copies, upcycled_output_factors
 from .upcycling import grouped_router_rows, unit_upcycling
 
@@ -29,7 +30,8 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     the same model at any ep_size. Shared experts (``cfg.num_shared_experts``) start as copies of the dense FFN
     (with noise for copy_noise, fresh for random), from their own generator per block; upcycled, the output
     projections of routed and shared experts are scaled so that the layer computes the dense FFN
-    (``_keep_dense_function``). Returns the model.
+    (``_keep_dense_function``). The settings and layout are kept on the model (``moe.saved_settings.settings_of``)
+    for trainers and export. Returns the model.
     """
     problems = moe_problems(cfg)
     if problems:
@@ -63,6 +65,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
             if cfg.expert_init != "random":
                 _keep_dense_function(layer, shared, cfg, output=arch.ffn_projections[1])
         setattr(block, arch.ffn, layer)
+    attach_settings(model, cfg, layout)
     return model
 
 

@@ -138,3 +138,9 @@ def _walk(tree: dict, prefix: str = ""):
             yield from _walk(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def training_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the engine trains in: bf16 when the resolved DeepSpeed config enables it, else fp32. The dense
+    model is loaded and converted in it, so a bf16 run never holds fp32 copies of its weights."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32

@@ -75,6 +75,8 @@ def train_problems(train: TrainConfig) -> list[str]:
                         "least one warmup step); use 1 for the shortest warmup")
     if train.learning_rate <= 0:
         problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
+    if train.device_memory_gb is not None and train.device_memory_gb <= 0:
+        problems.append(f"device_memory_gb ({train.device_memory_gb}) must be > 0")
     if train.max_grad_norm < 0:
         problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
     if not 0 <= train.min_lr_ratio <= 1:
@@ -82,7 +84,7 @@ def train_problems(train: TrainConfig) -> list[str]:
     output = Path(train.output_dir)
     if output.is_file():
         problems.append(f"output_dir {train.output_dir!r} is a file; give a folder")
-    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume):
+    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume or train.plan):
         problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start over in it, or choose another --output_dir")
     return problems

@@ -1,0 +1,287 @@
+"""The preflight plan (`train.py --plan`): what a run will hold per rank, before it is launched.
+
+The settings are validated as for a run, the model is built on the meta device (no weight is allocated) and its
+parameters are counted; the rest is arithmetic on DeepSpeed's rules (docs/performance.md#the-preflight-plan):
+
+- weights: the dense (non-expert) parameters and this rank's num_experts / ep_size experts, in the training dtype;
+- gradients: ZeRO 0 holds one per local parameter; ZeRO 1 and 2 keep this rank's partition of them (dense
+  parameters partitioned over all ranks, expert ones over their expert-data-parallel group of world / ep_size);
+- optimizer states: Adam's two fp32 moments, plus the fp32 master copy that ZeRO 1/2 (and bf16) keep, per
+  partition; none on the device with optimizer offload;
+- activations: an estimate of what the forward of one micro-batch keeps for the backward (below), with and
+  without activation checkpointing.
+
+The test checks weights, gradients and optimizer states against the tensors a live engine holds (ZeRO 0/1/2,
+ep_size 1 and 2, 2 ranks; tests/training/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from deepspeed.moe.utils import is_moe_param
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import RunConfig
+from .hf.configs import dense_config_and_moe_settings
+from .hf.load import is_hf_moe_folder
+from .metrics.throughput import active_parameters, attention_dims, flops_per_token
+from .models.source import resolve_model_config
+from .moe.layer import moe_layers_of
+from .moe.shared import shared_expert_copies
+from .moe.surgery import convert_to_moe, layout_of
+
+GIB = 2**30
+ADAM_MOMENTS = 2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of the model the settings build."""
+
+    dense_parameters: int      # every parameter that is not a routed expert's (replicated on every rank)
+    expert_parameters: int     # every routed expert's, all MoE layers, all global experts
+    active_parameters: int     # those one token's forward multiplies by (experts counted top_k times)
+    flops_per_token: float     # training FLOPs per token (6 N + attention, metrics/throughput.py)
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    moe_layers: int            # MoE layers
+    routes: int                # per token, its routes summed over MoE layers (top_k each)
+    routed_units: int          # per token, the hidden units of the experts it goes through, summed over MoE layers
+    always_on_units: int       # per token, the hidden units of dense FFNs (blocks left dense) and shared experts
+    router_outputs: int        # per token, the router logits over all MoE layers
+
+
+def model_shape(cfg: RunConfig) -> ModelShape:
+    """Build the model of ``cfg`` on the meta device (as at ep_size 1: every expert) and measure it."""
+    config = _dense_config(cfg)
+    moe = dataclasses.replace(cfg.moe, ep_size=1, expert_init="granular" if cfg.moe.expert_init == "granular"
+                              else "copy")  # the same shapes, nothing drawn at random
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # init_empty_weights re-creates assigned parameters: tie once outside it
+    with torch.device("meta"):
+        model = convert_to_moe(model, moe, seed=0, layout=layout_of(model, moe))
+    layers = moe_layers_of(model)
+    experts = sum(p.numel() for p in model.parameters() if is_moe_param(p))
+    active = active_parameters(model, layers)
+    dense_units = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    expert_units = dense_units // moe.granularity if moe.expert_init == "granular" else dense_units
+    shared_units = shared_expert_copies(moe) * dense_units * len(layers)
+    return ModelShape(
+        dense_parameters=sum(p.numel() for p in model.parameters()) - experts, expert_parameters=experts,
+        active_parameters=active,
+        flops_per_token=flops_per_token(active, *attention_dims(config), cfg.data.block_size),
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        moe_layers=len(layers), routes=sum(layer.top_k for layer in layers),
+        routed_units=sum(layer.top_k for layer in layers) * expert_units,
+        always_on_units=(config.num_hidden_layers - len(layers)) * dense_units + shared_units,
+        router_outputs=sum(layer.num_experts for layer in layers))
+
+
+def _dense_config(cfg: RunConfig):
+    if is_hf_moe_folder(cfg.model.model_name_or_path):
+        dense, _settings, _layout = dense_config_and_moe_settings(AutoConfig.from_pretrained(
+            cfg.model.model_name_or_path))
+        return dense
+    if cfg.model.model_name_or_path:
+        return AutoConfig.from_pretrained(cfg.model.model_name_or_path)
+    return resolve_model_config(cfg.model)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the memory of a rank depends on beside the model."""
+
+    world_size: int
+    ep_size: int
+    zero_stage: int
+    bf16: bool
+    offload_optimizer: bool
+    micro_batch: int
+    block_size: int
+    gradient_accumulation_steps: int
+    activation_checkpointing: bool
+
+    @classmethod
+    def of(cls, cfg: RunConfig, ds_config: dict, world_size: int) -> Setup:
+        zero = ds_config.get("zero_optimization", {})
+        return cls(world_size=world_size, ep_size=cfg.moe.ep_size, zero_stage=zero.get("stage", 0),
+                   bf16=bool(ds_config.get("bf16", {}).get("enabled", False)),
+                   offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
+                   micro_batch=cfg.train.per_device_train_batch_size, block_size=cfg.data.block_size,
+                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                   activation_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def bytes_per_rank(shape: ModelShape, setup: Setup) -> dict[str, float]:
+    """weights, gradients, optimizer_states, activations, total: bytes one rank holds on its device."""
+    width = 2 if setup.bf16 else 4
+    local_experts = shape.expert_parameters / setup.ep_size
+    local = shape.dense_parameters + local_experts
+    if setup.zero_stage == 0:  # every local parameter's gradient and states on this rank
+        gradients = local * (width + (4 if setup.bf16 else 0))  # bf16: DeepSpeed's BF16_Optimizer adds fp32 grads
+        optimizer = local * 4 * (ADAM_MOMENTS + (1 if setup.bf16 else 0))  # bf16: an fp32 master copy
+    else:  # ZeRO 1/2: this rank's partition (expert parameters over world / ep_size ranks)
+        partition = shape.dense_parameters / setup.world_size + local_experts / (setup.world_size / setup.ep_size)
+        gradients = partition * width
+        optimizer = partition * 4 * (ADAM_MOMENTS + 1)  # the fp32 master partition and the two moments
+    if setup.offload_optimizer:
+        optimizer = 0.0
+    activations = activation_bytes(shape, setup)
+    memory = {"weights": local * width, "gradients": gradients, "optimizer_states": optimizer,
+              "activations": activations}
+    return {**memory, "total": sum(memory.values())}
+
+
+def activation_bytes(shape: ModelShape, setup: Setup) -> float:
+    """Estimated bytes one micro-batch's forward keeps for the backward; with activation checkpointing, what the
+    checkpoints keep plus one block's activations while it is recomputed.
+
+    Per token, in elements (checked against a count of the tensors autograd saves, docs/performance.md): per block
+    9 h for attention and norms (scaled dot-product attention, no s^2 term), per route 4 F + 2 h for the expert
+    FFN (F its hidden units), 4 F' for a dense FFN or shared experts of F' units, one per router logit (fp32), then
+    4 h and the vocabulary's logits (fp32) at the end. Checkpointing keeps 2 h per block and 3 h + the logits at the end.
+    """
+    width = 2 if setup.bf16 else 4
+    h, L = shape.hidden_size, shape.num_layers
+    tokens = setup.micro_batch * setup.block_size
+    blocks = 9 * h * L + 4 * shape.routed_units + 2 * h * shape.routes + 4 * shape.always_on_units
+    head = 4 * h * width + shape.vocab_size * 4
+    if not setup.activation_checkpointing:
+        return tokens * (blocks * width + shape.router_outputs * 4 + head)
+    one_block = blocks / L * width + shape.router_outputs / max(shape.moe_layers, 1) * 4
+    return checkpoint_kept_bytes(shape, setup) + tokens * one_block
+
+
+def checkpoint_kept_bytes(shape: ModelShape, setup: Setup) -> float:
+    """With activation checkpointing, what the forward keeps for the backward: 2 h per block (its input) and 3 h
+    and the logits (fp32) at the end, per token."""
+    width = 2 if setup.bf16 else 4
+    h = shape.hidden_size
+    return setup.micro_batch * setup.block_size * ((2 * shape.num_layers + 3) * h * width + shape.vocab_size * 4)
+
+
+def all_to_all_bytes_per_step(shape: ModelShape, cfg: RunConfig, setup: Setup) -> float:
+    """Bytes one rank sends in the expert-parallel all-to-alls of one optimizer step, with routes spread evenly over
+    the experts: each route's hidden state goes out and its output comes back, in the forward and again (as
+    gradients) in the backward, (ep_size - 1) / ep_size of them to other ranks; a checkpointed recompute sends the
+    forward's again."""
+    if setup.ep_size == 1:
+        return 0.0
+    width = 2 if setup.bf16 else 4
+    routes = setup.micro_batch * setup.block_size * shape.routes
+    passes = 2 + (1 if setup.activation_checkpointing else 0)  # forward, backward (, recompute)
+    return (routes * shape.hidden_size * width * 2 * passes * (setup.ep_size - 1) / setup.ep_size
+            * setup.gradient_accumulation_steps)
+
+
+def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
+    """The plan of a run: the model's shape, each rank's bytes, the all-to-all traffic and FLOPs (plan.json)."""
+    shape = model_shape(cfg)
+    setup = Setup.of(cfg, ds_config, world_size)
+    memory = bytes_per_rank(shape, setup)
+    return {
+        "setup": dataclasses.asdict(setup),
+        "parameters": {"dense": shape.dense_parameters, "experts": shape.expert_parameters,
+                       "total": shape.dense_parameters + shape.expert_parameters,
+                       "local": shape.dense_parameters + shape.expert_parameters // setup.ep_size,
+                       "active": shape.active_parameters},
+        "bytes_per_rank": memory,
+        "activations_other_way": activation_bytes(shape, dataclasses.replace(
+            setup, activation_checkpointing=not setup.activation_checkpointing)),
+        "all_to_all_bytes_per_step": all_to_all_bytes_per_step(shape, cfg, setup),
+        "flops_per_token": shape.flops_per_token,
+        "shape": dataclasses.asdict(shape),
+    }
+
+
+# The changes a plan that does not fit may suggest, smallest first: (description, change to the Setup or None)
+def _changes(setup: Setup, shape: ModelShape, num_experts: int) -> list[tuple[str, Setup]]:
+    changes = []
+    if not setup.activation_checkpointing:
+        changes.append(("--gradient_checkpointing", dataclasses.replace(setup, activation_checkpointing=True)))
+    if setup.zero_stage < 2:
+        changes.append(("--deepspeed zero2", dataclasses.replace(setup, zero_stage=2)))
+    ep = setup.ep_size * 2
+    if setup.world_size % ep == 0 and num_experts % ep == 0:
+        changes.append((f"--ep_size {ep}", dataclasses.replace(setup, ep_size=ep)))
+    batch = setup.micro_batch // 2
+    while batch >= 1:
+        changes.append((f"--per_device_train_batch_size {batch} (and --gradient_accumulation_steps "
+                        f"{setup.gradient_accumulation_steps * setup.micro_batch // batch} for the same batch)",
+                        dataclasses.replace(setup, micro_batch=batch,
+                                            gradient_accumulation_steps=setup.gradient_accumulation_steps
+                                            * setup.micro_batch // batch)))
+        batch //= 2
+    if not setup.offload_optimizer:
+        changes.append(("--deepspeed zero2_offload (optimizer states in CPU memory)",
+                        dataclasses.replace(setup, zero_stage=max(setup.zero_stage, 2), offload_optimizer=True)))
+    return changes
+
+
+def smallest_fitting_change(shape: ModelShape, setup: Setup, num_experts: int, device_gib: float) -> str | None:
+    """The first change (in the order of ``_changes``) after which a rank fits ``device_gib``; then pairs of them;
+    None when nothing listed fits."""
+    single = _changes(setup, shape, num_experts)
+    for description, changed in single:
+        if bytes_per_rank(shape, changed)["total"] <= device_gib * GIB:
+            return description
+    for first, changed in single:
+        for second, twice in _changes(changed, shape, num_experts):
+            if second != first and bytes_per_rank(shape, twice)["total"] <= device_gib * GIB:
+                return f"{first} and {second}"
+    return None
+
+
+def plan_table(result: dict, device_gib: float | None, advice: str | None) -> str:
+    """The plan as the console shows it (every rank holds the same: one column)."""
+    p, m, s = result["parameters"], result["bytes_per_rank"], result["setup"]
+    precision = "bf16" if s["bf16"] else "fp32"
+    rows = [f"Preflight plan: {s['world_size']} ranks, ep_size {s['ep_size']}, ZeRO {s['zero_stage']}"
+            f"{' + optimizer offload' if s['offload_optimizer'] else ''}, {precision}, micro-batch {s['micro_batch']} x "
+            f"{s['block_size']} tokens{', activation checkpointing' if s['activation_checkpointing'] else ''}",
+            f"  parameters: {_count(p['total'])} total ({_count(p['dense'])} dense, {_count(p['experts'])} in experts), "
+            f"{_count(p['local'])} on each rank, {_count(p['active'])} active per token",
+            "  per rank (GiB):"]
+    rows += [f"    {name:<18} {m[name] / GIB:10.3f}" for name in ("weights", "gradients", "optimizer_states",
+                                                                 "activations", "total")]
+    other = "with" if not s["activation_checkpointing"] else "without"
+    rows.append(f"    (activations {other} activation checkpointing: {result['activations_other_way'] / GIB:.3f})")
+    rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing)")
+    rows.append(f"  training FLOPs per token: {result['flops_per_token']:.4g}")
+    if device_gib is not None:
+        fits = m["total"] <= device_gib * GIB
+        rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
+                    + ("" if fits else f"; smallest change that fits: {advice or 'none of the listed changes'}"))
+    return "\n".join(rows)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def run_plan(cfg: RunConfig, ds_config: dict, world_size: int, is_main: bool) -> dict:
+    """`train.py --plan`: print the table and write plan.json to output_dir (rank 0); nothing is trained."""
+    result = plan(cfg, ds_config, world_size)
+    shape = ModelShape(**result["shape"])
+    device_gib = cfg.train.device_memory_gb
+    counts = cfg.moe.num_experts if isinstance(cfg.moe.num_experts, list) else [cfg.moe.num_experts]
+    fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
+    advice = (smallest_fitting_change(shape, Setup(**result["setup"]), math.gcd(*counts), device_gib)
+              if fits is False else None)
+    result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice)
+    if is_main:
+        output_dir = Path(cfg.train.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(plan_table(result, device_gib, advice))
+        print(f"Wrote {output_dir / 'plan.json'}")
+    return result

@@ -1,0 +1,257 @@
+"""MoETrainer, one process: plain PyTorch and DeepSpeed ZeRO-2 at ep_size 1. The router losses in the loss (against
+an independent computation), expert parameter groups, end_of_step after each step, MoE metrics in the logs, exact
+resume, export to a Mixtral folder that stock transformers loads. What a plain transformers.Trainer does instead is
+pinned here too (docs/hf-trainer.md)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, default_data_collator
+
+from helpers import (REPO, ZERO2, child_env, tiny_blocks, tiny_moe_model, tiny_model, trainer_args,
+                     trainer_losses)
+from moe_models import MoETrainer, moe_layers_of
+from moe_models.hf.export import export
+from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.moe.saved_settings import SETTINGS_FILE, attach_settings, settings_of, write_settings
+
+DEEPSPEED = {"plain": None, "zero2": ZERO2}
+ZERO2_WITH_OPTIMIZER = {**ZERO2, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
+                                                                           "torch_adam": True}}}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(world):
+    """Each test builds its Trainer from scratch: TrainingArguments(deepspeed=...) leaves a DeepSpeed plugin in
+    accelerate's process-wide state and ACCELERATE_USE_DEEPSPEED in the environment, which would make the next plain
+    Trainer a DeepSpeed one."""
+    yield
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def moe_trainer(model, output_dir, data=None, *, trainer_class=MoETrainer, **args):
+    return trainer_class(model=model, args=trainer_args(output_dir, **args), train_dataset=data or tiny_blocks(),
+                         data_collator=default_data_collator, processing_class=byte_level_tokenizer())
+
+
+@torch.no_grad()
+def reference_losses(model, input_ids: torch.Tensor) -> tuple[float, list[float], list[float]]:
+    """The LM loss (transformers' own), and per MoE layer the top-2 balance loss and the z-loss computed here from the
+    layer's input and router weight alone: E x sum_e mean_t(p_te) x share of tokens whose first choice is e
+    (DeepSpeed's top-2 l_aux), and mean_t logsumexp(logits_t)^2."""
+    layers, inputs = moe_layers_of(model), {}
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.update({module: args[0]})) for layer in layers]
+    lm_loss = model(input_ids=input_ids, labels=input_ids).loss.item()
+    for hook in hooks:
+        hook.remove()
+    balance, z = [], []
+    for layer in layers:
+        x_TD = inputs[layer].reshape(-1, inputs[layer].shape[-1]).float()
+        logits_TE = x_TD @ layer.router.weight.float().T
+        probs_TE = logits_TE.softmax(dim=-1)
+        first_TE = torch.nn.functional.one_hot(probs_TE.argmax(dim=-1), probs_TE.shape[1]).float()
+        balance.append((probs_TE.shape[1] * (probs_TE.mean(0) * first_TE.mean(0)).sum()).item())
+        z.append(torch.logsumexp(logits_TE, dim=-1).square().mean().item())
+    return lm_loss, balance, z
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("backend", sorted(DEEPSPEED))
+def test_the_loss_is_the_lm_loss_plus_the_router_losses(backend, accumulation, tmp_path):
+    """Step 1's logged loss against an independent lm + 0.1 x balance + 0.01 x z-loss of the same weights and batch.
+    Every micro-batch is the same block, so each one's router loss is the step's; with accumulation the router loss
+    must be averaged over micro-batches (not summed), as the LM loss is."""
+    moe = dict(aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    block = tiny_blocks()[0]["input_ids"]
+    data = Dataset.from_dict({"input_ids": [block] * 8, "labels": [block] * 8})
+    lm_loss, balance, z = reference_losses(tiny_moe_model(**moe), torch.tensor([block] * 4))
+
+    trainer = moe_trainer(tiny_moe_model(**moe), tmp_path, data, max_steps=1,
+                          per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation,
+                          deepspeed=DEEPSPEED[backend])
+    trainer.train()
+    row = next(r for r in trainer.state.log_history if "loss" in r)
+    assert row["loss"] == pytest.approx(lm_loss + 0.1 * sum(balance) + 0.01 * sum(z), rel=1e-5)
+    assert row["loss"] - lm_loss > 0.1  # the router losses are in it
+    assert row["aux_loss"] == pytest.approx(sum(balance), rel=1e-5)
+    for i in range(4):
+        assert row[f"moe/layer_{i}/aux_loss"] == pytest.approx(balance[i], rel=1e-5)
+        assert row[f"moe/layer_{i}/z_loss"] == pytest.approx(z[i], rel=1e-5)
+        assert row[f"moe/layer_{i}/routed_tokens"] == 8 * len(block)
+        assert sum(row[f"moe/layer_{i}/tokens_per_expert/{e}"] for e in range(4)) == 2 * 8 * len(block)
+
+
+def test_gradient_checkpointing_changes_no_loss_and_counts_each_forward_once(tmp_path):
+    """transformers' activation checkpointing runs each block's forward again in the backward: the router losses are
+    taken from the first forward, and the recomputation is not counted in the routing metrics."""
+    rows = []
+    for checkpointing in (False, True):
+        trainer = moe_trainer(tiny_moe_model(aux_loss_coef=0.1, router_z_loss_coef=0.01), tmp_path / str(checkpointing),
+                              max_steps=2, gradient_checkpointing=checkpointing)
+        trainer.train()
+        rows.append([r for r in trainer.state.log_history if "loss" in r])
+    for plain, checkpointed in zip(*rows):
+        assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert checkpointed["moe/layer_0/routed_tokens"] == plain["moe/layer_0/routed_tokens"] == 4 * 32
+
+
+def test_a_plain_trainer_adds_no_router_loss(tmp_path):
+    block = tiny_blocks()[0]["input_ids"]
+    data = Dataset.from_dict({"input_ids": [block] * 4, "labels": [block] * 4})
+    lm_loss, _, _ = reference_losses(tiny_moe_model(aux_loss_coef=0.1), torch.tensor([block] * 4))
+    trainer = moe_trainer(tiny_moe_model(aux_loss_coef=0.1), tmp_path, data, trainer_class=Trainer, max_steps=1)
+    trainer.train()
+    assert trainer_losses(trainer.state.log_history)[1] == pytest.approx(lm_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", sorted(DEEPSPEED))
+def test_the_aux_loss_free_bias_moves_after_every_step(backend, tmp_path):
+    """bias += rate x sign(mean load - load) after each step, the load being the step's routes per expert (logged as
+    routed_per_expert, every step); a plain Trainer never moves it."""
+    rate = 0.05
+    trainer = moe_trainer(tiny_moe_model(router_bias_update_rate=rate), tmp_path, max_steps=2,
+                          deepspeed=DEEPSPEED[backend])
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    for i in range(4):
+        expected = torch.zeros(4, dtype=torch.float64)
+        for row in rows:
+            load = torch.tensor([row[f"moe/layer_{i}/routed_per_expert/{e}"] for e in range(4)], dtype=torch.float64)
+            moves = rate * torch.sign(load.mean() - load)
+            assert moves.abs().sum() > 0  # an uneven load
+            expected += moves
+            logged = torch.tensor([row[f"moe/layer_{i}/score_bias/{e}"] for e in range(4)], dtype=torch.float64)
+            torch.testing.assert_close(logged, expected)
+        torch.testing.assert_close(trainer.moe_layers[i].gate.score_bias.double(), expected)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    plain = moe_trainer(tiny_moe_model(router_bias_update_rate=rate), tmp_path / "plain", trainer_class=Trainer,
+                        max_steps=2)
+    plain.train()
+    assert all(layer.gate.score_bias.abs().sum() == 0 for layer in moe_layers_of(plain.model))
+
+
+def optimizer_groups(trainer) -> list[dict]:
+    """The param groups of the optimizer DeepSpeed steps (inside ZeRO's wrapper)."""
+    return trainer.model_wrapped.optimizer.optimizer.param_groups
+
+
+@pytest.mark.parametrize("ds_config", [ZERO2, ZERO2_WITH_OPTIMIZER], ids=["trainer_optimizer", "deepspeed_optimizer"])
+def test_deepspeed_gets_expert_parameter_groups_and_no_decay_on_norms(ds_config, tmp_path):
+    trainer = moe_trainer(tiny_moe_model(), tmp_path, max_steps=1, deepspeed=ds_config, weight_decay=0.1)
+    trainer.train()
+    groups = optimizer_groups(trainer)
+    assert {(g.get("moe", False), g["weight_decay"]) for g in groups} == {(False, 0.1), (False, 0.0), (True, 0.1)}
+    # every expert parameter is in an expert group: ZeRO flattens each group into one tensor of its parameters
+    expert_numel = sum(p.numel() for layer in trainer.moe_layers for p in layer.experts.parameters())
+    assert sum(g["params"][0].numel() for g in groups if g.get("moe")) == expert_numel
+
+
+def test_a_plain_trainer_fails_deepspeed_moe_checks_or_decays_every_parameter(tmp_path):
+    """The finding: without an "optimizer" section (the Trainer's AdamW, decay / no-decay groups) ZeRO refuses the
+    model; with one, DeepSpeed makes the expert groups itself but puts every parameter under weight decay."""
+    with pytest.raises(AssertionError, match="None of the param groups are marked as MoE"):
+        moe_trainer(tiny_moe_model(), tmp_path, trainer_class=Trainer, max_steps=1, deepspeed=ZERO2).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = moe_trainer(tiny_moe_model(), tmp_path, trainer_class=Trainer, max_steps=1,
+                          deepspeed=ZERO2_WITH_OPTIMIZER, weight_decay=0.1)
+    trainer.train()
+    assert {(g.get("moe", False), g["weight_decay"]) for g in optimizer_groups(trainer)} == {(False, 0.1), (True, 0.1)}
+
+
+@pytest.mark.parametrize("backend", sorted(DEEPSPEED))
+def test_resume_gives_the_same_losses_and_biases(backend, tmp_path):
+    """4 steps in one go against 2 + 2 from checkpoint-2 into a model built with another seed: weights, optimizer,
+    schedule, aux-loss-free biases and data position all come back."""
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, deepspeed=DEEPSPEED[backend],
+                    lr_scheduler_type="cosine", warmup_steps=1)
+    straight = moe_trainer(tiny_moe_model(router_bias_update_rate=0.02), tmp_path / "straight", **settings)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / SETTINGS_FILE).is_file()
+    if backend == "zero2":
+        files = {p.name for p in (checkpoint / "global_step2").glob("layer_*_expert_*_model_states.pt")}
+        assert files == {f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt" for i in range(4) for e in range(4)}
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = moe_trainer(tiny_moe_model(seed=1, router_bias_update_rate=0.02), tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    want, got = trainer_losses(straight.state.log_history), trainer_losses(resumed.state.log_history)
+    assert sorted(got) == [1, 2, 3, 4]  # steps 1 and 2 from the checkpoint's trainer_state.json
+    assert [got[step] for step in range(1, 5)] == pytest.approx([want[step] for step in range(1, 5)], rel=1e-6)
+    for a, b in zip(straight.moe_layers, resumed.moe_layers):
+        torch.testing.assert_close(b.gate.score_bias, a.gate.score_bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", sorted(DEEPSPEED))
+def test_export_loads_natively_with_the_trained_logits(backend, tmp_path):
+    trainer = moe_trainer(tiny_moe_model(), tmp_path / "run", max_steps=3, save_strategy="steps", save_steps=3,
+                          deepspeed=DEEPSPEED[backend])
+    trainer.train()
+    export(tmp_path / "run", tmp_path / "hf")  # the output_dir: its newest checkpoint-N
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trainer.model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+        untrained = tiny_moe_model().eval()(ids).logits
+    assert not torch.allclose(hf(ids).logits, untrained, atol=1e-3)  # the trained weights, not the initial ones
+
+
+def test_save_model_folder_exports_too(tmp_path):
+    trainer = moe_trainer(tiny_moe_model(), tmp_path / "run", max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    export(tmp_path / "final", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 257, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trainer.model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="convert it first"):
+        moe_trainer(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match=r"ep_size 2: expert parallelism needs DeepSpeed.*TrainingArguments\(deep"):
+        moe_trainer(recorded_as(tiny_moe_model(), ep_size=2), tmp_path)
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        moe_trainer(tiny_moe_model(), tmp_path, deepspeed={**ZERO2, "zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="model_init is not supported"):
+        MoETrainer(model_init=tiny_moe_model, args=trainer_args(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="or a folder MoETrainer saved"):
+        export(tmp_path / "empty", tmp_path / "hf")
+    model, no_tokenizer = tiny_moe_model(), tmp_path / "no_tokenizer"
+    model.config.save_pretrained(no_tokenizer)
+    write_settings(no_tokenizer, *settings_of(model))
+    with pytest.raises(ValueError, match="tokenizer_config.json: .* pass processing_class=tokenizer to MoETrainer"):
+        export(no_tokenizer, tmp_path / "hf")
+
+
+def recorded_as(model, **moe):
+    """``model`` with its recorded MoE settings changed (real ep_size 2 layers need 2 ranks to build)."""
+    settings, layout = settings_of(model)
+    attach_settings(model, dataclasses.replace(settings, **moe), layout)
+    return model
+
+
+@pytest.mark.slow
+def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
+    example = (REPO / "examples" / "hf_trainer.py").read_text()
+    assert f"```python\n{example}```" in (REPO / "docs" / "hf-trainer.md").read_text()
+    out = tmp_path / "out"
+    for command in (["examples/hf_trainer.py", "--deepspeed", "--max_steps", "2", "--output_dir", str(out)],
+                    ["-m", "moe_models.export", "--checkpoint", str(out), "--output", str(out / "hf")]):
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env=child_env(PYTHONPATH=str(REPO)))
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert "Wrote MixtralForCausalLM" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(out / "hf").config.num_local_experts == 8

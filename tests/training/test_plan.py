@@ -1,0 +1,107 @@
+"""The preflight plan (--plan) against reality: the bytes of weights, gradients and optimizer states a live engine
+holds on each of 2 ranks (ZeRO 0, 1 and 2; ep_size 1 and 2) within 5%; its activation estimate against the bytes
+autograd saves in a forward; the command and its fit advice."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from helpers import launch, tiny_model
+from moe_models import MoEConfig, convert_to_moe, moe_layers_of
+from moe_models.cli import parse_args
+from moe_models.plan import (GIB, Setup, activation_bytes, bytes_per_rank, checkpoint_kept_bytes, model_shape,
+                              smallest_fitting_change)
+
+RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--per_device_train_batch_size",
+       "2", "--disable_tqdm"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2"])
+@pytest.mark.parametrize("ep_size", ["1", "2"])
+def test_plan_matches_what_a_live_engine_holds(tmp_path, zero, ep_size):
+    launch(["tests/scripts/plan_check.py", "--deepspeed", zero, "--ep_size", ep_size, *RUN,
+            "--output_dir", str(tmp_path)])
+    for rank in range(2):
+        record = json.loads((tmp_path / f"plan_check_rank{rank}.json").read_text())
+        for part in ("weights", "gradients", "optimizer_states"):
+            held, predicted = record["held"][part], record["predicted"][part]
+            assert held > 0 and predicted == pytest.approx(held, rel=0.05), (rank, part, held, predicted)
+
+
+def saved_bytes(model, ids, checkpointing: bool) -> int:
+    """Bytes of the tensors autograd saves in one forward (each storage once, weights left out); with
+    checkpointing, plus each checkpointed block's input, which the checkpoint keeps."""
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages, inputs = {}, []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0].nbytes))
+             for block in model.model.layers] if checkpointing else []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    for hook in hooks:
+        hook.remove()
+    return sum(storages.values()) + sum(inputs)
+
+
+@pytest.mark.parametrize("flags", [[], ["--top_k", "4"], ["--num_shared_experts", "1"],
+                                   ["--expert_init", "granular", "--granularity", "2"], ["--moe_layers", "1,3"]])
+def test_activation_estimate_is_within_10_percent_of_what_autograd_saves(flags):
+    cfg = parse_args(["--num_experts", "8", "--block_size", "64", "--per_device_train_batch_size", "2",
+                      "--drop_tokens", "false", *flags])
+    shape = model_shape(cfg)
+    setup = Setup(world_size=1, ep_size=1, zero_stage=0, bf16=False, offload_optimizer=False, micro_batch=2,
+                  block_size=64, gradient_accumulation_steps=1, activation_checkpointing=False)
+    ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
+    for checkpointing in (False, True):
+        model = convert_to_moe(tiny_model().train(), cfg.moe)
+        measured = saved_bytes(model, ids, checkpointing)
+        estimate = (checkpoint_kept_bytes(shape, setup) if checkpointing else activation_bytes(shape, setup))
+        assert estimate == pytest.approx(measured, rel=0.10), (checkpointing, estimate, measured)
+
+
+def test_plan_command_writes_plan_json_and_says_what_fits(world, tmp_path, capsys):
+    train.main([*RUN, "--plan", "--device_memory_gb", "0.02", "--output_dir", str(tmp_path)])
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert set(plan["bytes_per_rank"]) == {"weights", "gradients", "optimizer_states", "activations", "total"}
+    assert plan["fits"] is False and plan["smallest_fitting_change"]
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained
+    shown = capsys.readouterr().out
+    assert "Preflight plan" in shown and f"smallest change that fits: {plan['smallest_fitting_change']}" in shown
+
+
+def test_the_advice_is_the_first_change_that_fits():
+    shape = model_shape(parse_args(RUN))
+    setup = Setup(world_size=2, ep_size=1, zero_stage=0, bf16=False, offload_optimizer=False, micro_batch=64,
+                  block_size=512, gradient_accumulation_steps=1, activation_checkpointing=False)
+    with_ckpt = bytes_per_rank(shape, Setup(**{**setup.__dict__, "activation_checkpointing": True}))["total"] / GIB
+    assert bytes_per_rank(shape, setup)["total"] / GIB > with_ckpt * 1.001  # it does not fit as it is
+    assert smallest_fitting_change(shape, setup, 4, with_ckpt * 1.001) == "--gradient_checkpointing"
+    assert smallest_fitting_change(shape, setup, 4, 1e-6) is None
+
+
+def test_a_bf16_run_loads_and_converts_the_dense_model_in_bf16(tmp_path):
+    """The lean build: the dense folder is read in the training dtype, so no fp32 copy of it (or of the experts
+    made from it) exists in a bf16 run; fp32 runs are unchanged."""
+    from moe_models.config import ModelConfig
+    from moe_models.models.source import load_dense_model
+    from moe_models.training.ds_config import training_dtype
+    tiny_model().save_pretrained(tmp_path)
+    assert training_dtype({"bf16": {"enabled": True}}) == torch.bfloat16
+    assert training_dtype({"bf16": {"enabled": False}}) == training_dtype({}) == torch.float32
+    dense = load_dense_model(ModelConfig(model_name_or_path=str(tmp_path)), 257, dtype=torch.bfloat16)
+    moe = convert_to_moe(dense, MoEConfig(num_experts=4))
+    assert {p.dtype for p in moe.parameters()} - {torch.float32} == {torch.bfloat16}
+    experts = [p for layer in moe_layers_of(moe) for p in layer.experts.parameters()]
+    assert experts and all(p.dtype == torch.bfloat16 for p in experts)
