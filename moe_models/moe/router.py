@@ -91,7 +91,7 @@ class Router(TopKGate):
         self.score_bias = torch.zeros(self.wg.out_features, dtype=torch.float32, device=device)
 
     def _apply(self, fn, recurse=True):
-        """As nn.Module's, but the expert bias keeps fp32 (a bf16 engine casts the module): the bias moves by
+        """As nn.Module's, but the score bias keeps fp32 (a bf16 engine casts the module): the bias moves by
         small steps that bf16 would round away. It follows the module to its device."""
         bias = self._buffers.pop("score_bias")
         super()._apply(fn, recurse)
