@@ -13,7 +13,6 @@ settings in that dtype.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def main() -> None:
     world = init_world()
     before = psutil.Process().memory_info().rss
     dtype = getattr(torch, args.dtype)
-    dense = load_dense_model(dataclasses.replace(cfg.model), vocab_needed=0, dtype=dtype)
+    dense = load_dense_model(cfg.model, vocab_needed=0, dtype=dtype)
     model = convert_to_moe(dense, cfg.moe, seed=0, layout=layout_of(dense, cfg.moe))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     held = sum(p.numel() * p.element_size() for p in model.parameters())

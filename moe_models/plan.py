@@ -203,8 +203,8 @@ def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     }
 
 
-# The changes a plan that does not fit may suggest, smallest first: (description, change to the Setup or None)
-def _changes(setup: Setup, shape: ModelShape, num_experts: int) -> list[tuple[str, Setup]]:
+# The changes a plan that does not fit may suggest, smallest first: (description, the changed Setup)
+def _changes(setup: Setup, num_experts: int) -> list[tuple[str, Setup]]:
     changes = []
     if not setup.activation_checkpointing:
         changes.append(("--gradient_checkpointing", dataclasses.replace(setup, activation_checkpointing=True)))
@@ -230,12 +230,12 @@ def _changes(setup: Setup, shape: ModelShape, num_experts: int) -> list[tuple[st
 def smallest_fitting_change(shape: ModelShape, setup: Setup, num_experts: int, device_gib: float) -> str | None:
     """The first change (in the order of ``_changes``) after which a rank fits ``device_gib``; then pairs of them;
     None when nothing listed fits."""
-    single = _changes(setup, shape, num_experts)
+    single = _changes(setup, num_experts)
     for description, changed in single:
         if bytes_per_rank(shape, changed)["total"] <= device_gib * GIB:
             return description
     for first, changed in single:
-        for second, twice in _changes(changed, shape, num_experts):
+        for second, twice in _changes(changed, num_experts):
             if second != first and bytes_per_rank(shape, twice)["total"] <= device_gib * GIB:
                 return f"{first} and {second}"
     return None

@@ -3,7 +3,8 @@ batch, and aux-loss-free balancing by a per-expert bias (docs/routing.md has eac
 
 Every balance loss here has the Switch Transformer form ``E x sum_e f_e x P_e``: ``f_e`` the share of routes
 choosing expert e (so sum_e f_e = 1), ``P_e`` the mean normalised score of expert e. The forms differ only in the
-tokens ``f`` and ``P`` are counted over. Shape letters: moe/__init__.py.
+tokens ``f`` and ``P`` are counted over. DeepSpeed's gate computes only its own micro-batch loss (``l_aux``) inside
+its gating functions, and has no bias balancing, so these are written here. Shape letters: moe/__init__.py.
 """
 
 from __future__ import annotations

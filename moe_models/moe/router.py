@@ -17,6 +17,8 @@ Any of the options beyond DeepSpeed's gate (``Scoring``: sigmoid scores, renorma
 aux-loss-free bias, another balance-loss scope) switches to the scored rule, as DeepSeek-V3, Qwen3-MoE and
 Megatron-Core route: scores -> deterministic top-k of the scores (plus the bias) -> the chosen scores as weights,
 with the balance loss of moe/balance.py and, with drops, a capacity that keeps each expert's highest-weighted routes.
+DeepSpeed's gating functions take the softmax of the logits and choose by it, so they can neither score by sigmoid
+nor choose by biased scores: this rule is written here.
 """
 
 from __future__ import annotations
