@@ -1,7 +1,6 @@
 """The native transformers MoE class of each family, both ways: its config, and which blocks are sparse.
 
-With softmax scores, Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``moe_model_type``
-in moe_models/models/architectures.py); Llama and Mistral with shared experts map to GraniteMoeShared; with sigmoid
+With softmax scores, Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``MOE_MODEL_TYPE_OF``); Llama and Mistral with shared experts map to GraniteMoeShared; with sigmoid
 scores (``--score_function sigmoid``, DeepSeek-V3's routing) all four map to GLM4-MoE (the weights' names:
 hf/adapters.py; GraniteMoeShared and GLM4-MoE are export only). A mapping is made only when the MoE class computes
 exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
@@ -25,7 +24,6 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from ..config import MoEConfig
-from ..models.architectures import ARCHITECTURES
 from ..moe.layout import MoELayout
 from ..moe.router import Scoring
 from .adapters import ADAPTERS
@@ -46,6 +44,8 @@ SHARED_FIELDS_OF_MOE_TYPE = {
 # The class names the refusals use.
 CLASS_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE",
                "granitemoeshared": "GraniteMoeShared", "glm4_moe": "GLM4-MoE"}
+# The transformers MoE class (model_type) a dense family exports to with softmax scores.
+MOE_MODEL_TYPE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 SIGMOID_MOE_TYPE = "glm4_moe"  # the class for --score_function sigmoid, from these dense families:
 SIGMOID_BASES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -60,11 +60,11 @@ class NotRepresentable(ValueError):
 
 def export_model_type(dense: PretrainedConfig, moe: MoEConfig) -> str | None:
     """The model_type of the transformers MoE class the model built from ``dense`` with ``moe`` exports to: GLM4-MoE
-    for sigmoid scores, else its family's (models/architectures.py), but GraniteMoeShared for Llama and Mistral with
+    for sigmoid scores, else its family's (``MOE_MODEL_TYPE_OF``), but GraniteMoeShared for Llama and Mistral with
     shared experts (Mixtral has none)."""
     if moe.score_function == "sigmoid":
         return SIGMOID_MOE_TYPE if dense.model_type in SIGMOID_BASES else None
-    moe_type = ARCHITECTURES[dense.model_type].moe_model_type
+    moe_type = MOE_MODEL_TYPE_OF.get(dense.model_type)
     return "granitemoeshared" if moe_type == "mixtral" and moe.num_shared_experts > 0 else moe_type
 
 

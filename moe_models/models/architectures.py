@@ -1,4 +1,5 @@
-"""Per model family: where the transformer blocks and their FFN live, and its native HF MoE class.
+"""Per model family: where the transformer blocks and their FFN live. (Which native HF MoE class a family exports to
+is hf/configs.py's concern.)
 
 Surgery finds FFNs through this table, never by guessing module names. A family whose FFN is a
 module taking and returning one hidden-states tensor is one more entry here.
@@ -23,7 +24,6 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
-    moe_model_type: str | None = None  # the transformers MoE family a trained model exports to (moe_models/hf/)
     # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
     # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
     gated_projections: tuple[str, str, str] | None = None
@@ -44,13 +44,18 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
-    Architecture("mistral", blocks="model.layers", ffn="mlp", moe_model_type="mixtral", gated_projections=SWIGLU),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp", moe_model_type="qwen2_moe", gated_projections=SWIGLU),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp", moe_model_type="qwen3_moe", gated_projections=SWIGLU),
+    Architecture("llama", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("mistral", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
     # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
     Architecture("gpt2", blocks="transformer.h", ffn="mlp", ffn_projections=(("c_fc",), "c_proj")),
 )}
+
+
+# The model_types of the transformers MoE classes whose checkpoints import (moe_models/hf/load.py; hf/adapters.py has
+# one adapter for each): a folder of one of these is an MoE model to continue, not a dense model to upcycle.
+IMPORTABLE_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def architecture_of(model: nn.Module) -> Architecture:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config import ModelConfig
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES
 from .tokenization import BYTE_VOCAB_SIZE
 
 DEFAULT_PRESET = "tiny-llama"
@@ -133,7 +133,7 @@ def family_problems(config: dict, where: str) -> list[str]:
     if "_error" in config:
         return [config["_error"] + "; give a config.json written by save_pretrained"]
     model_type = config.get("model_type")
-    moe_types = sorted({a.moe_model_type for a in ARCHITECTURES.values() if a.moe_model_type})
+    moe_types = sorted(IMPORTABLE_MOE_MODEL_TYPES)
     if model_type in ARCHITECTURES or model_type in moe_types:
         return []
     return [f"model type {model_type!r} ({where}) is not supported; supported: {', '.join(sorted(ARCHITECTURES))} "

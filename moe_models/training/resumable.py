@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 from ..config import RunConfig
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.source import DEFAULT_PRESET, local_config
 from ..moe.layout import resolve_moe_layers
 from .checkpoint import DATA_POSITION, CheckpointError, CheckpointFolder
@@ -87,7 +87,7 @@ def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
     fix = (f"resume with the settings it was trained with ({run_dir / 'run_config.json'}), or start a new run "
            "without --resume_from_checkpoint")
     current, _ = local_config(cfg.model)
-    moe_types = {a.moe_model_type for a in ARCHITECTURES.values() if a.moe_model_type}
+    moe_types = IMPORTABLE_MOE_MODEL_TYPES
     if current is None or current.get("model_type") in moe_types:  # a hub id, or an import that takes its MoE
         return None                                                # settings from the imported checkpoint
     if saved is not None:
