@@ -21,7 +21,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import SECTION_TYPES, MoEConfig, RunConfig, config_from_dict
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import architecture_of_config
 from ..moe.layout import MoELayout
 from ..training.checkpoint import CheckpointError, CheckpointFolder
 from .adapters import EXPORT_ADAPTERS
@@ -46,7 +46,7 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     else:
         module, expert_weights = run_weights(checkpoint_dir, tag, dense, layout)
         tokenizer_dir = checkpoint_dir.parent / "tokenizer"
-    state = EXPORT_ADAPTERS[config.model_type].to_hf(module, ARCHITECTURES[dense.model_type], layout, expert_weights)
+    state = EXPORT_ADAPTERS[config.model_type].to_hf(module, architecture_of_config(dense), layout, expert_weights)
 
     dtype = next(iter(state.values())).dtype
     with init_empty_weights():
@@ -94,7 +94,7 @@ def run_weights(checkpoint_dir: Path, tag: str | None, dense: PretrainedConfig, 
                               "(a global_step* folder in it)")
     if tag_dir.is_dir():
         folder.check_complete(tag_dir)
-    return deepspeed_weights(folder.path, tag_dir, ARCHITECTURES[dense.model_type], layout)
+    return deepspeed_weights(folder.path, tag_dir, architecture_of_config(dense), layout)
 
 
 def moe_settings(checkpoint_dir: Path) -> MoEConfig:

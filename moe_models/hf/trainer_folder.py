@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import MoEConfig
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import architecture_of_config
 from ..moe.layout import MoELayout
 from ..moe.saved_settings import SETTINGS_FILE, read_settings
 from .weights import ExpertWeights, deepspeed_weights, has_safetensors, safetensors_weights
@@ -46,7 +46,7 @@ def trainer_folder_weights(folder: Path, tag: str | None, dense: PretrainedConfi
                            layout: MoELayout) -> tuple[dict, ExpertWeights]:
     """The weights (hf/weights.py): the DeepSpeed checkpoint ``tag`` (default: the one ``latest`` names) when the
     folder holds one, else its model.safetensors."""
-    arch = ARCHITECTURES[dense.model_type]
+    arch = architecture_of_config(dense)
     if tag or (folder / DEEPSPEED_LATEST).is_file():
         tag_dir = folder / (tag or (folder / DEEPSPEED_LATEST).read_text().strip())
         if not tag_dir.is_dir():

@@ -60,7 +60,13 @@ IMPORTABLE_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The table entry for a transformers model; a clear error for families not in the table."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return architecture_of_config(getattr(model, "config", None))
+
+
+def architecture_of_config(config) -> Architecture:
+    """The table entry for a transformers config (a model's ``config``, or a saved run's base model config): what
+    code that holds a config but no model (export, import) uses. A clear error for families not in the table."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model type {model_type!r} is not supported yet; supported: "
                          f"{', '.join(sorted(ARCHITECTURES))}. A family with a standard FFN is one entry in "
