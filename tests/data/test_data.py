@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 
@@ -16,9 +17,12 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 
 from moe_models.config import DataConfig  # noqa: E402
 from moe_models.data.batches import TrainBatches, eval_batches  # noqa: E402
-from moe_models.data.synthetic import DOMAINS, synthetic_corpus  # noqa: E402
+from moe_models.data.synthetic import FACT_DOMAINS as FACTS, DOMAINS, entropy_floor, synthetic_corpus  # noqa: E402
 from moe_models.data.text import load_text_datasets, pack_blocks  # noqa: E402
 from moe_models.models.tokenization import byte_level_tokenizer  # noqa: E402
+
+
+FACT_DOMAINS = {domain.name: domain for domain in FACTS}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +53,13 @@ def _check_example(text: str, domain: str) -> None:
     elif domain == "kv_recall":
         pairs, key, value = re.fullmatch(r"((?:k\d=[a-z] ?)+) \? (k\d) -> ([a-z])", text).groups()
         assert dict(pair.split("=") for pair in pairs.split())[key] == value
-    else:
-        assert domain == "prose"
+    elif domain == "prose":
         assert re.fullmatch(r"[A-Z][a-z ]+\.", text)
+    else:
+        fact = FACT_DOMAINS[domain]
+        letters = f"[{fact.consonants}{fact.vowels}]+"
+        name, attribute, value = re.fullmatch(f"({letters}) ([a-z]+) ({letters})", text).groups()
+        assert attribute in fact.attributes
 
 
 def test_synthetic_corpus_is_deterministic_per_seed():
@@ -64,14 +72,52 @@ def test_synthetic_corpus_is_deterministic_per_seed():
 
 
 def test_synthetic_corpus_mixes_all_domains_with_correct_tags():
-    corpus = synthetic_corpus(500, seed=0)
-    assert len(corpus) == 500
-    assert len(DOMAINS) >= 5
+    count = 100 * len(DOMAINS)
+    corpus = synthetic_corpus(count, seed=0)
+    assert len(corpus) == count
+    assert len(DOMAINS) >= 8
     domains = corpus["domain"]
     assert {d: domains.count(d) for d in DOMAINS} == {d: 100 for d in DOMAINS}
     assert len(set(domains[:20])) >= 3  # interleaved, not grouped by domain
     for example in corpus:
         _check_example(example["text"], example["domain"])
+
+
+def test_facts_never_change_across_examples_and_seeds():
+    """A fact domain states fixed facts: every example about an (entity, attribute) gives the same value, in any seed's
+    corpus, so held-out examples test what training showed."""
+    values: dict[tuple[str, str, str], set[str]] = {}
+    for seed in (0, 1):
+        corpus = synthetic_corpus(4000, seed)
+        for text, domain in zip(corpus["text"], corpus["domain"]):
+            if domain in FACT_DOMAINS:
+                name, attribute, value = text.split()
+                values.setdefault((domain, name, attribute), set()).add(value)
+    assert values and all(len(seen) == 1 for seen in values.values())
+    # each domain's names are its own (disjoint letters), and many facts recur
+    names = {domain: {name for d, name, _ in values if d == domain} for domain in FACT_DOMAINS}
+    assert all(not (names[a] & names[b]) for a in names for b in names if a < b)
+    assert all(len(n) > 50 for n in names.values())
+
+
+def test_entropy_floor_matches_the_generators_written_out():
+    """The floor per domain is (log of the number of domains + the generator's choices) per token, here computed from
+    the texts alone: arithmetic draws two numbers below 100 (log 10^4), a fact picks one of its domain's entities and
+    attributes; tokens are the UTF-8 bytes plus one end-of-text token."""
+    num_examples, seed = 3000, 7
+    corpus, floor = synthetic_corpus(num_examples, seed), entropy_floor(num_examples, seed)
+    domain_nats = math.log(len(DOMAINS))
+
+    def per_token(domain: str, nats_per_example: float) -> float:
+        texts = [t for t, d in zip(corpus["text"], corpus["domain"]) if d == domain]
+        return len(texts) * (domain_nats + nats_per_example) / sum(len(t.encode()) + 1 for t in texts)
+
+    assert floor.by_domain["arithmetic"] == pytest.approx(per_token("arithmetic", math.log(100 * 100)))
+    geography = FACT_DOMAINS["geography"]
+    assert floor.by_domain["geography"] == pytest.approx(
+        per_token("geography", math.log(geography.entities) + math.log(len(geography.attributes))))
+    assert min(floor.by_domain.values()) < floor.nats_per_token < max(floor.by_domain.values())
+
 
 
 # --------------------------------------------------------------------------------------------- loading files
