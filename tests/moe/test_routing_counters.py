@@ -77,6 +77,9 @@ def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, 
     assert metrics["imbalance"] == pytest.approx(max(chosen) / (routes / 4))
     assert metrics["router_entropy"] == pytest.approx(entropy_of([10, 5, 0, 0]), rel=1e-6)
     assert metrics["z_loss"] == pytest.approx(math.log(sum(math.exp(v) for v in [10, 5, 0, 0])) ** 2, rel=1e-6)
+    assert metrics["router_logit_norm"] == pytest.approx(math.sqrt(10 ** 2 + 5 ** 2), rel=1e-6)
+    shares = [n / routes for n in chosen]
+    assert metrics["effective_experts"] == pytest.approx(math.exp(-sum(p * math.log(p) for p in shares if p)))
     assert metrics["aux_loss"] == pytest.approx(layer.aux_loss.item())
 
 
