@@ -28,7 +28,7 @@ def domain_expert_counts(topk_ids_TK: torch.Tensor, domain_ids_T: torch.Tensor, 
     domain_TK = domain_ids_T.to(topk_ids_TK.device).long().unsqueeze(1).expand_as(topk_ids_TK)
     counted_TK = (domain_TK >= 0) & (domain_TK < num_domains) & (topk_ids_TK >= 0)
     cells = num_domains * num_experts
-    bins_R = torch.where(counted_TK, domain_TK * num_experts + topk_ids_TK, cells).reshape(-1)  # the last bin: not counted
+    bins_R = torch.where(counted_TK, domain_TK * num_experts + topk_ids_TK, cells).reshape(-1)  # last bin: not counted
     counts = torch.zeros(cells + 1, dtype=torch.int64, device=topk_ids_TK.device)
     return counts.scatter_add_(0, bins_R, torch.ones_like(bins_R))[:cells].view(num_domains, num_experts)
 

@@ -45,7 +45,8 @@ class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
     The load-balancing loss, per-expert counts and routes (each token's top-k global expert ids, -1 for a dropped
-    route) of the last forward are kept in ``aux_loss``, ``expert_counts`` and ``last_topk_ids_TK`` for the trainer; ``routing`` adds up the ``Routes`` of every training forward on the
+    route) of the last forward are kept in ``aux_loss``, ``expert_counts`` and ``last_topk_ids_TK`` for the trainer;
+    ``routing`` adds up the ``Routes`` of every training forward on the
     device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,

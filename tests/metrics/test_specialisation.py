@@ -4,12 +4,14 @@ built-in corpus (the counts of real layers: tests/moe/test_routing_counters.py).
 import json
 import math
 
+import matplotlib.image
 import pytest
 import torch
 
 from moe_models.metrics.specialisation import (domain_expert_counts, entropy_bits, mutual_information_bits,
                                                specialisation_metrics)
 from moe_models.cli import parse_args
+from moe_models.metrics.report import main as report_main
 from train import build
 
 
@@ -60,7 +62,7 @@ FLAGS = ["--num_experts", "4", "--top_k", "2", "--drop_tokens", "false", "--max_
          "--synthetic_examples", "600", "--block_size", "32", "--per_device_train_batch_size", "4", "--disable_tqdm"]
 
 
-def test_eval_rows_hold_the_routes_per_domain_of_every_layer(world, tmp_path):
+def test_eval_rows_hold_the_routes_per_domain_of_every_layer_and_the_report_draws_them(world, tmp_path):
     out = tmp_path / "run"
     _, trainer = build(parse_args([*FLAGS, "--output_dir", str(out)]))
     trainer.train()
@@ -80,3 +82,10 @@ def test_eval_rows_hold_the_routes_per_domain_of_every_layer(world, tmp_path):
         assert eval_row[f"moe/layer_{i}/domain_mutual_information_normalised"] == pytest.approx(
             information / entropy_bits(tokens_per_domain))
     assert not any("domain" in key for r in rows if "loss" in r for key in r)  # eval rows only
+    report_main([str(out)])
+    summary = (out / "report" / "summary.txt").read_text()
+    for i in range(4):
+        image = matplotlib.image.imread(out / "report" / f"domain_experts_layer_{i}.png")
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        information = eval_row[f"moe/layer_{i}/domain_mutual_information"]
+        assert f"moe layer {i}: I(domain; expert) {information:.3f} bits" in summary
