@@ -245,6 +245,9 @@ class LogConfig:
     collapse_logit_norm_growth: float = _flag(
         1.5, "Router-collapse warning: the growth of the router-logit norm over --collapse_logit_norm_intervals "
         "intervals above which steady growth warns (a healthy router's norm grows slowly while it learns).")
+    collapse_logit_rms: float = _flag(
+        2.0, "Router-collapse warning: growing router logits warn only once their norm is above this x sqrt(E), a "
+        "root-mean-square logit above this (a router that starts from small logits grows them fast while it learns).")
 
 
 @dataclass

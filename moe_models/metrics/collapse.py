@@ -4,7 +4,9 @@
 - ``effective_experts``: exp(entropy of the load) below ``--collapse_effective_experts`` x E;
 - ``imbalance``: the busiest expert's load over the mean load above ``--collapse_imbalance``;
 - ``router_logit_norm``: the mean router-logit norm grew in each of the last ``--collapse_logit_norm_intervals``
-  logging intervals, by a factor above ``--collapse_logit_norm_growth`` over them.
+  logging intervals, by a factor above ``--collapse_logit_norm_growth`` over them, to above
+  ``--collapse_logit_rms`` x sqrt(E) (a root-mean-square logit above that: a router that learns from small logits
+  grows them fast too, but not that far).
 
 A condition of a layer warns once when it starts and once more when it clears, never on every row in between.
 Each warning and clearance is a row of its own (``{"step", "collapse": "warning" | "cleared", "layer", "condition",
@@ -28,11 +30,12 @@ class CollapseThresholds:
     imbalance: float = 2.5              # max / mean load
     logit_norm_intervals: int = 5       # consecutive growing intervals
     logit_norm_growth: float = 1.5      # total growth factor over them
+    logit_rms: float = 2.0              # and the norm above this x sqrt(E)
 
     @classmethod
     def of(cls, log: LogConfig) -> "CollapseThresholds":
         return cls(log.collapse_effective_experts, log.collapse_imbalance, log.collapse_logit_norm_intervals,
-                   log.collapse_logit_norm_growth)
+                   log.collapse_logit_norm_growth, log.collapse_logit_rms)
 
 
 class CollapseMonitor:
@@ -80,7 +83,7 @@ class CollapseMonitor:
             del norms[:-(t.logit_norm_intervals + 1)]
             growth = norms[-1] / norms[0] if norms[0] > 0 else float("inf")
             growing = (len(norms) == t.logit_norm_intervals + 1 and all(b > a for a, b in zip(norms, norms[1:]))
-                       and growth > t.logit_norm_growth)
+                       and growth > t.logit_norm_growth and norms[-1] > t.logit_rms * num_experts ** 0.5)
             found["router_logit_norm"] = (growing, growth, t.logit_norm_growth)
         return found
 
@@ -89,9 +92,10 @@ class CollapseMonitor:
         values now."""
         moe, num_experts = self.moe, len(layer["routed_per_expert"])
         if condition == "router_logit_norm":
-            what = (f"the mean router-logit norm grew in each of the last {self.thresholds.logit_norm_intervals} "
-                    f"logging intervals, x{value:.2f} in all (now {layer['router_logit_norm']:.3g}; warns above "
-                    f"x{threshold:g})")
+            norm, t = layer["router_logit_norm"], self.thresholds
+            what = (f"the mean router-logit norm grew in each of the last {t.logit_norm_intervals} logging intervals, "
+                    f"x{value:.2f} in all (warns above x{threshold:g}), to {norm:.3g} (an RMS logit of "
+                    f"{norm / num_experts ** 0.5:.2f}; warns above {t.logit_rms:g})")
             fixes = [f"the router z-loss, --router_z_loss_coef 1e-3 or more (now {moe.router_z_loss_coef:g})",
                      "a lower --learning_rate"]
         else:

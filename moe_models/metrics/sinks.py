@@ -205,7 +205,7 @@ def log_problems(log: LogConfig) -> list[str]:
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
     minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_logit_norm_intervals": 0,
-                "collapse_logit_norm_growth": 1}
+                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0}
     problems += [f"{name} ({getattr(log, name)}) must be >= {low}" for name, low in minimums.items()
                  if getattr(log, name) < low]
     if log.collapse_effective_experts > 1:

@@ -25,7 +25,7 @@ def domain_expert_counts(topk_ids_TK: torch.Tensor, domain_ids_T: torch.Tensor, 
     """Routes per (domain, expert) [num_domains, num_experts] (int64) of one forward: each token's k expert ids
     (``topk_ids_TK``; -1 = a route dropped by capacity) against its domain id (``domain_ids_T``; -1 = no domain).
     Dropped routes and tokens without a domain are not counted. A scatter on the device: no host sync."""
-    domain_TK = domain_ids_T.to(topk_ids_TK.device).long().unsqueeze(1).expand_as(topk_ids_TK)
+    domain_TK = domain_ids_T.to(topk_ids_TK.device, torch.int64).unsqueeze(1).expand_as(topk_ids_TK)
     counted_TK = (domain_TK >= 0) & (domain_TK < num_domains) & (topk_ids_TK >= 0)
     cells = num_domains * num_experts
     bins_R = torch.where(counted_TK, domain_TK * num_experts + topk_ids_TK, cells).reshape(-1)  # last bin: not counted

@@ -32,7 +32,7 @@ class DomainRouteCounts:
         """Count the routes of the forward just run on a batch with these domain ids (None: the data has none)."""
         if not self.enabled or domain_ids_BS is None:
             return
-        domain_ids_T = domain_ids_BS.reshape(-1)
+        domain_ids_T = domain_ids_BS.reshape(-1).to(self.counts[0].device)  # one copy for all layers
         for counts_NE, layer in zip(self.counts, self.layers):
             topk_ids_TK = layer.last_topk_ids_TK
             if topk_ids_TK is None:

@@ -69,20 +69,28 @@ def test_router_logits_growing_for_several_intervals_warn():
     assert found[:3] == [[], [], []]
     warned, = found[3]
     assert warned["condition"] == "router_logit_norm" and warned["value"] == pytest.approx(6.5 / 4.0)
+    assert "an RMS logit of 2.30; warns above 2" in warned["message"]  # 6.5 / sqrt(8)
     assert "--router_z_loss_coef 1e-3 or more (now 0)" in warned["message"]
     assert [w["collapse"] for w in found[4]] == ["cleared"]
     # Growth of x1.2 over three intervals, each one up: below the factor, no warning.
     slow = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
     assert not any(slow.check(training_row(step, EVEN, logit_norm=4.0 * 1.06 ** step)) for step in range(2, 12))
+    # A router learning from small logits (a run with random experts: 0.32 -> 1.93 in 9 intervals): fast growth, but
+    # the RMS logit stays below 2 (a norm of 2 x sqrt(8) = 5.66), so no warning.
+    learning = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
+    norms = [0.32, 0.54, 1.04, 1.18, 1.45, 1.60, 1.66, 1.76, 1.90, 1.93]
+    assert not any(learning.check(training_row(step, EVEN, logit_norm=norm)) for step, norm in enumerate(norms, 2))
 
 
 def test_collapse_thresholds_are_checked():
     with pytest.raises(ValueError) as err:
         validate(parse_args(["--collapse_effective_experts", "2", "--collapse_imbalance", "-1",
-                             "--collapse_logit_norm_growth", "0.5"]), world_size=1)
+                             "--collapse_logit_norm_growth", "0.5", "--collapse_logit_rms", "-2"]), world_size=1)
     message = str(err.value)
     assert "collapse_effective_experts (2.0) is a fraction" in message
-    assert "collapse_imbalance (-1.0) must be >= 0" in message and "collapse_logit_norm_growth (0.5) must be >= 1" in message
+    assert "collapse_imbalance (-1.0) must be >= 0" in message
+    assert "collapse_logit_norm_growth (0.5) must be >= 1" in message
+    assert "collapse_logit_rms (-2.0) must be >= 0" in message
 
 
 FLAGS = ["--num_experts", "8", "--top_k", "2", "--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0",
@@ -108,7 +116,8 @@ def test_a_router_forced_to_collapse_is_warned_of(world, tmp_path, monkeypatch, 
     # Every token's logits favour experts 0 and 1 by 10 and all logits grow x1.25 per forward: the load collapses
     # onto two experts and the logit norm grows at every interval.
     favour_E = torch.tensor([10.0, 10.0] + [0.0] * 6)
-    monkeypatch.setattr(Router, "logits", forced_logits(lambda router, logits_TE, n: (logits_TE + favour_E) * 1.25 ** n))
+    collapsing = forced_logits(lambda router, logits_TE, n: (logits_TE + favour_E) * 1.25 ** n)
+    monkeypatch.setattr(Router, "logits", collapsing)
     out = tmp_path / "run"
     main([*FLAGS, "--output_dir", str(out), "--report_to", "wandb"])
     printed = capsys.readouterr().out
