@@ -29,13 +29,16 @@ class MetricsLog:
         self.enabled = enabled
         self.rows: list[dict] = []
 
-    def drop_after(self, step: int) -> None:
-        """On resume: forget rows logged after the checkpoint's step (they will be logged again)."""
-        if self.enabled and self.path.is_file():
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in rows))
-            tmp.replace(self.path)
+    def drop_after(self, step: int) -> list[dict]:
+        """On resume: forget rows logged after the checkpoint's step (they will be logged again); returns the rows
+        kept ([] on other ranks)."""
+        if not (self.enabled and self.path.is_file()):
+            return []
+        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in rows))
+        tmp.replace(self.path)
+        return [json.loads(line) for line in rows]
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -130,6 +133,14 @@ class Sinks:
         """Before `start`: continue that wandb run (a resumed checkpoint's client_state["wandb_run_id"])."""
         if self.wandb:
             self.wandb.run_id = run_id
+
+    def resume(self, step: int) -> None:
+        """A run resumed at ``step``: metrics.jsonl drops what was logged after it, and the collapse monitor reads the
+        training rows kept, so that it goes on as in a run that was never stopped (no second warning of a condition
+        that held at the stop)."""
+        for row in self.jsonl.drop_after(step):
+            if "loss" in row and self.collapse:
+                self.collapse.check(row)
 
     def start(self, step: int) -> None:
         """Open the console bar at ``step`` and the reporters; call before the first training step."""

@@ -237,7 +237,7 @@ class Trainer:
                                                    self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
         self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
         self.guard.total = client_state.get("nonfinite_steps", 0)
-        self.sinks.jsonl.drop_after(self.state.step)
+        self.sinks.resume(self.state.step)
         if self.world.is_main:
             print(f"Resumed from {tag_dir} at step {self.state.step}")
 

@@ -12,6 +12,7 @@ import torch
 from moe_models.cli import parse_args
 from moe_models.config import MoEConfig
 from moe_models.metrics.collapse import CollapseMonitor, CollapseThresholds
+from moe_models.metrics.sinks import MetricsLog, open_sinks
 from moe_models.moe.router import Router
 from moe_models.training.validate import validate
 from train import main
@@ -80,6 +81,21 @@ def test_router_logits_growing_for_several_intervals_warn():
     learning = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
     norms = [0.32, 0.54, 1.04, 1.18, 1.45, 1.60, 1.66, 1.76, 1.90, 1.93]
     assert not any(learning.check(training_row(step, EVEN, logit_norm=norm)) for step, norm in enumerate(norms, 2))
+
+
+def test_a_resumed_run_does_not_warn_again_of_a_collapse_that_held_at_its_checkpoint(tmp_path):
+    cfg, path = parse_args(["--disable_tqdm"]), tmp_path / "metrics.jsonl"
+    stopped = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
+    for step in (10, 20, 30):
+        stopped.log(training_row(step, COLLAPSED))
+    resumed = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
+    resumed.resume(20)  # from the checkpoint of step 20: step 30 comes again
+    for step in (30, 40):
+        resumed.log(training_row(step, COLLAPSED))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40]
+    assert [(r["step"], r["condition"]) for r in rows if "collapse" in r] == [(10, "effective_experts"),
+                                                                             (10, "imbalance")]
 
 
 def test_collapse_thresholds_are_checked():
