@@ -17,8 +17,8 @@ class RoutingCounters:
 
     ``values`` holds [kept routes per expert (E), routes chosen per expert before capacity (E),
     router entropy summed over tokens, balance loss and z-loss summed over forwards, router-logit norm summed over
-    tokens]; the token and forward
-    counts are known from shapes, so they stay on the host. ``enabled = False`` stops counting.
+    tokens]; the token and forward counts are known from shapes, so they stay on the host. ``enabled = False`` stops
+    counting.
     """
 
     def __init__(self, num_experts: int):

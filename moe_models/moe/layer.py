@@ -46,8 +46,7 @@ class MoEFeedForward(nn.Module):
 
     The load-balancing loss, per-expert counts and routes (each token's top-k global expert ids, -1 for a dropped
     route) of the last forward are kept in ``aux_loss``, ``expert_counts`` and ``last_topk_ids_TK`` for the trainer;
-    ``routing`` adds up the ``Routes`` of every training forward on the
-    device for the metrics (docs/metrics.md).
+    ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
     moe/shared.py) is added to every token's output, scaled by sigmoid(``shared_expert_gate``(x)) with
