@@ -69,7 +69,7 @@ class Trainer:
         self.last_skipped_batch: torch.Tensor | None = None
         self.phase = "setup"  # what the ranks are doing, for the message when a collective times out
         self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
-        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log, self.domains)  # wandb_run_id: set it first
+        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log, self.domains)  # wandb_run_id set by resume
         self.interval = IntervalStats(self.layers, world.device)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
