@@ -218,7 +218,8 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    """Where metrics go beside metrics.jsonl, and what MFU is measured against (docs/metrics.md)."""
+    """Where metrics go beside metrics.jsonl, what MFU is measured against, and when a router-collapse warning is
+    given (docs/metrics.md)."""
 
     report_to: str = _flag(
         "none", "Also log to `wandb` (Weights & Biases; offline, with the `wandb sync` command printed, when no API "
@@ -231,6 +232,22 @@ class LogConfig:
     peak_tflops: Optional[float] = _flag(
         None, "Peak TFLOPS of one device for `mfu`. Default: the bf16 dense peak of a known GPU (docs/metrics.md); "
         "without either, `mfu` is not reported.")
+    collapse_effective_experts: float = _flag(
+        0.5, "Router-collapse warning: warn when an MoE layer's effective expert count, exp(entropy of its load), falls "
+        "below this fraction of its experts (E when even; top_k when every token picks the same experts, so with E <= "
+        "2 x top_k the default cannot fire and --collapse_imbalance is the check). 0 = off (docs/metrics.md).")
+    collapse_imbalance: float = _flag(
+        2.5, "Router-collapse warning: warn when an MoE layer's imbalance, its busiest expert's load over the mean load, "
+        "rises above this (1 is even; E / top_k is every token on the same experts). 0 = off.")
+    collapse_logit_norm_intervals: int = _flag(
+        5, "Router-collapse warning: warn when an MoE layer's mean router-logit norm grew in each of this many "
+        "consecutive logging intervals, by a factor above --collapse_logit_norm_growth over them. 0 = off.")
+    collapse_logit_norm_growth: float = _flag(
+        1.5, "Router-collapse warning: the growth of the router-logit norm over --collapse_logit_norm_intervals "
+        "intervals above which steady growth warns (a healthy router's norm grows slowly while it learns).")
+    collapse_logit_rms: float = _flag(
+        2.0, "Router-collapse warning: growing router logits warn only once their norm is above this x sqrt(E), a "
+        "root-mean-square logit above this (a router that starts from small logits grows them fast while it learns).")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
         write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data)
-    trainer = Trainer(cfg, engine, world, batches, data.validation, output_dir)
+    trainer = Trainer(cfg, engine, world, batches, data.validation, output_dir, domains=data.domains)
     if cfg.train.resume_from_checkpoint:
         trainer.resume(cfg.train.resume_from_checkpoint)
     return world, trainer

@@ -20,9 +20,11 @@ FIRST_COLUMNS = ["layer", "expert", "routes", "share", "kept"]
 def routing_table(train_row: dict, eval_row: dict | None = None) -> tuple[list[str], list[list]]:
     """(columns, rows): per (MoE layer, expert) its routes (the router's choices, before capacity), share (routes over
     the layer's routes), kept (routes processed, after capacity), score_bias when logged, then the layer's own
-    values (drop_fraction, router_entropy, imbalance, ..., expert_similarity from the eval row), repeated on each
-    of its experts' lines."""
+    values (drop_fraction, router_entropy, imbalance, ..., expert_similarity and domain_mutual_information from the
+    eval row), repeated on each of its experts' lines."""
     layers = {i: {**layer_values(train_row, i), **layer_values(eval_row or {}, i)} for i in moe_layer_ids([train_row])}
+    for values in layers.values():
+        values.pop("domain_expert_counts", None)  # a domain x expert table, not an expert's value: moe/domain_experts
     columns = FIRST_COLUMNS + (["score_bias"] if any("score_bias" in values for values in layers.values()) else [])
     columns += sorted({key for values in layers.values() for key in values if key not in PER_EXPERT})
     rows = []

@@ -4,7 +4,8 @@
 
 loss.png (train and eval loss), throughput.png (tokens/s, and MFU when logged), expert_load_layer_{i}.png
 (router load per expert over time, one per MoE layer), routing.png (drop fraction, router entropy and
-imbalance per layer). How to read them: docs/metrics.md.
+imbalance per layer), domain_experts_layer_{i}.png (the last eval's routes per (domain, expert), when the data has
+domains). How to read them: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from .domain_heatmap import domain_expert_figure, layers_with_domain_counts  # noqa: E402
 from .rows import layer_values, moe_layer_ids  # noqa: E402
 
 
@@ -138,7 +140,19 @@ def summary_text(train: list[dict], evals: list[dict], layers: list[int]) -> str
         if starved:
             text += f"; experts under 10% of an even share: {starved}"
         lines.append(text)
+    for i in layers_with_domain_counts(evals[-1]) if evals else []:
+        values = layer_values(evals[-1], i)
+        normalised = values.get("domain_mutual_information_normalised")
+        lines.append(f"moe layer {i}: I(domain; expert) {values['domain_mutual_information']:.3f} bits"
+                     + (f" ({100 * normalised:.0f}% of H(domain))" if normalised is not None else "")
+                     + f" at step {evals[-1]['step']}")
     return "\n".join(lines) + "\n"
+
+
+def run_domains(output_dir: Path) -> list[str] | None:
+    """The run's domain names (run_config.json's resolved.domains), None when not recorded."""
+    path = output_dir / "run_config.json"
+    return json.loads(path.read_text()).get("resolved", {}).get("domains") if path.is_file() else None
 
 
 def write_report(output_dir: Path, report_dir: Path | None = None) -> list[Path]:
@@ -161,6 +175,9 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> list[Path]
             plot_expert_load(train, layer, paths[-1])
         paths.append(report_dir / "routing.png")
         plot_routing(train, layers, paths[-1])
+    for layer in layers_with_domain_counts(evals[-1]) if evals else []:
+        paths.append(report_dir / f"domain_experts_layer_{layer}.png")
+        domain_expert_figure(evals[-1], layer, run_domains(output_dir)).savefig(paths[-1], dpi=100)
     paths.append(report_dir / "summary.txt")
     paths[-1].write_text(summary_text(train, evals, layers))
     return paths

@@ -1,16 +1,23 @@
 """Expert health from the router's decisions, as formulas: load per expert, drops, router entropy, imbalance,
-expert similarity (docs/metrics.md has each with its unit)."""
+effective experts, router-logit norm, expert similarity (docs/metrics.md has each with its unit)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .specialisation import entropy_bits
+
 
 def router_entropy_sum(logits_TE: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of the entropy (nats) of each token's router distribution softmax(logits)."""
     log_probs = F.log_softmax(logits_TE.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum()
+
+
+def router_logit_norm_sum(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of the L2 norm of each token's router logits (fp32)."""
+    return torch.linalg.vector_norm(logits_TE.float(), dim=-1).sum()
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -23,7 +30,7 @@ def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
     without tokens."""
     E = num_experts
     kept, chosen = [round(v) for v in summed[:E]], [round(v) for v in summed[E:2 * E]]
-    entropy_sum, aux_sum, z_sum, tokens, forwards = summed[2 * E:]
+    entropy_sum, aux_sum, z_sum, logit_norm_sum, tokens, forwards = summed[2 * E:]
     if tokens == 0:
         return {}
     routes = round(tokens) * top_k
@@ -36,14 +43,22 @@ def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
         "drop_fraction": dropped / routes,
         "router_entropy": entropy_sum / tokens,
         "imbalance": imbalance(chosen),
+        "effective_experts": effective_experts(chosen),
         "aux_loss": aux_sum / forwards,
         "z_loss": z_sum / forwards,
+        "router_logit_norm": logit_norm_sum / tokens,
     }
 
 
 def imbalance(load_E: list[float]) -> float:
     """Busiest expert's load over the mean load: 1.0 is even; E / top_k when every token picks the same experts."""
     return max(load_E) / (sum(load_E) / len(load_E))
+
+
+def effective_experts(load_E: list[float]) -> float:
+    """exp(entropy of the load shares in nats) = 2^(entropy in bits), the perplexity of the load: E when even, top_k
+    when every token picks the same experts."""
+    return 2.0 ** entropy_bits(load_E)
 
 
 def mean_pairwise_cosine(direction_sum_sq: float, num_experts: int) -> float:

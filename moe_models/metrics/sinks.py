@@ -1,6 +1,7 @@
 """Where metrics go: metrics.jsonl (always), the console, and with --report_to wandb and/or tensorboard; rank 0 only.
 
-The trainer talks to `Sinks`, which hands each row to every sink, and at each eval the expert load to the reporters.
+The trainer talks to `Sinks`, which hands each row to every sink, at each eval the expert load to the reporters, and
+after each training row the router-collapse warnings it starts or clears to all of them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from ..config import LogConfig, RunConfig
+from .collapse import CollapseMonitor, CollapseThresholds
+from .domain_heatmap import layers_with_domain_counts
 from .rows import layer_values, moe_layer_ids
 
 
@@ -25,13 +29,16 @@ class MetricsLog:
         self.enabled = enabled
         self.rows: list[dict] = []
 
-    def drop_after(self, step: int) -> None:
-        """On resume: forget rows logged after the checkpoint's step (they will be logged again)."""
-        if self.enabled and self.path.is_file():
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in rows))
-            tmp.replace(self.path)
+    def drop_after(self, step: int) -> list[dict]:
+        """On resume: forget rows logged after the checkpoint's step (they will be logged again); returns the rows
+        kept ([] on other ranks)."""
+        if not (self.enabled and self.path.is_file()):
+            return []
+        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in rows))
+        tmp.replace(self.path)
+        return [json.loads(line) for line in rows]
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -101,10 +108,15 @@ def bars(values: list[float]) -> str:
 
 class Sinks:
     """Hands every row to metrics.jsonl, the console and the reporters (wandb, tensorboard); at each eval, the
-    expert load of the latest training row and the eval row to the reporters as a table and a heatmap."""
+    expert load of the latest training row and the eval row to the reporters as a table and a heatmap, and the eval
+    row's routes per (domain, expert) as heatmaps (rows named by ``domains``); after each
+    training row, the collapse warnings of ``collapse`` (metrics/collapse.py) to metrics.jsonl and the console, and
+    a warning's start to the reporters as an alert."""
 
-    def __init__(self, jsonl: MetricsLog, console: Progress, wandb=None, tensorboard=None):
+    def __init__(self, jsonl: MetricsLog, console: Progress, wandb=None, tensorboard=None,
+                 collapse: CollapseMonitor | None = None, domains: Sequence[str] = ()):
         self.jsonl, self.console, self.wandb, self.tensorboard = jsonl, console, wandb, tensorboard
+        self.collapse, self.domains = collapse, list(domains)
         self.last_training_row: dict = {}
 
     @property
@@ -122,6 +134,14 @@ class Sinks:
         if self.wandb:
             self.wandb.run_id = run_id
 
+    def resume(self, step: int) -> None:
+        """A run resumed at ``step``: metrics.jsonl drops what was logged after it, and the collapse monitor reads the
+        training rows kept, so that it goes on as in a run that was never stopped (no second warning of a condition
+        that held at the stop)."""
+        for row in self.jsonl.drop_after(step):
+            if "loss" in row and self.collapse:
+                self.collapse.check(row)
+
     def start(self, step: int) -> None:
         """Open the console bar at ``step`` and the reporters; call before the first training step."""
         self.console.start(step)
@@ -135,9 +155,22 @@ class Sinks:
             reporter.log(row)
         if "loss" in row:
             self.last_training_row = row
+            self.warn_of_collapse(row)
         if "eval_loss" in row and moe_layer_ids([self.last_training_row]):
             for reporter in self.reporters:
                 reporter.log_expert_load(self.last_training_row, row)
+        if "eval_loss" in row and layers_with_domain_counts(row):
+            for reporter in self.reporters:
+                reporter.log_domain_routes(row, self.domains)
+
+    def warn_of_collapse(self, training_row: dict) -> None:
+        for warning in self.collapse.check(training_row) if self.collapse else []:
+            self.jsonl.write(warning)
+            self.console.print(warning["message"])
+            if warning["collapse"] == "warning":
+                for reporter in self.reporters:
+                    reporter.alert(f"Router collapse: MoE layer {warning['layer']}, {warning['condition']}",
+                                   warning["message"], warning["step"])
 
     def close(self, summary: dict | None = None) -> None:
         """Close the console and the reporters; ``summary`` (the finished run's, None after an error) goes to wandb's
@@ -157,8 +190,10 @@ def report_targets(report_to: str) -> list[str]:
     return [] if names == ["none"] else names
 
 
-def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLog) -> Sinks:
-    """The run's sinks around its metrics.jsonl log: the console, and the --report_to reporters (rank 0)."""
+def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLog,
+               domains: Sequence[str] = ()) -> Sinks:
+    """The run's sinks around its metrics.jsonl log: the console, and the --report_to reporters (rank 0); ``domains``
+    names the rows of the domain x expert heatmaps."""
     targets = report_targets(cfg.log.report_to) if is_main else []
     wandb = tensorboard = None
     if "wandb" in targets:
@@ -168,7 +203,8 @@ def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLo
         from .tensorboard_sink import TensorboardSink  # imports tensorboard only when it is used
         tensorboard = TensorboardSink(output_dir / "tensorboard")
     return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm, is_main=is_main),
-                 wandb, tensorboard)
+                 wandb, tensorboard, CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe) if is_main else None,
+                 domains)
 
 
 def perplexity(loss: float) -> float:
@@ -179,6 +215,13 @@ def log_problems(log: LogConfig) -> list[str]:
     problems = []
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
+    minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_logit_norm_intervals": 0,
+                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0}
+    problems += [f"{name} ({getattr(log, name)}) must be >= {low}" for name, low in minimums.items()
+                 if getattr(log, name) < low]
+    if log.collapse_effective_experts > 1:
+        problems.append(f"collapse_effective_experts ({log.collapse_effective_experts}) is a fraction of a layer's "
+                        "experts: give a value from 0 (off) to 1")
     targets = report_targets(log.report_to)
     unknown = [name for name in targets if name not in REPORT_TARGETS]
     if unknown or not log.report_to.strip():

@@ -1,5 +1,5 @@
-"""Rows to TensorBoard event files (rank 0): every number as a scalar under its metrics.jsonl key, and at each eval
-the expert-load heatmap as an image."""
+"""Rows to TensorBoard event files (rank 0): every number as a scalar under its metrics.jsonl key, at each eval the
+expert-load and domain x expert heatmaps as images, and router-collapse warnings as text."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from .domain_heatmap import domain_experts_figure
 from .expert_load import expert_load_figure, figure_pixels
 
 
@@ -30,6 +31,13 @@ class TensorboardSink:
     def log_expert_load(self, train_row: dict, eval_row: dict) -> None:
         self.writer.add_image("moe/expert_load", figure_pixels(expert_load_figure(train_row)), eval_row["step"],
                               dataformats="HWC")
+
+    def log_domain_routes(self, eval_row: dict, domains: list[str]) -> None:
+        self.writer.add_image("moe/domain_experts", figure_pixels(domain_experts_figure(eval_row, domains)),
+                              eval_row["step"], dataformats="HWC")
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        self.writer.add_text("moe/collapse_warnings", f"**{title}**: {text}", step)
 
     def close(self, summary: dict | None = None) -> None:
         self.writer.close()

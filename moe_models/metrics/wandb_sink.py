@@ -1,5 +1,6 @@
 """Rows to a Weights & Biases run (rank 0), offline when no API key is configured; at each eval the expert load as an
-image and a table; the finished run's summary."""
+image and a table, and the routes per (domain, expert) as an image; router-collapse warnings as alerts; the finished
+run's summary."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import wandb
 
 from ..config import RunConfig
+from .domain_heatmap import domain_experts_figure
 from .expert_load import expert_load_figure, figure_pixels, routing_table
 
 PER_EXPERT_KEYS = ("tokens_per_expert", "routed_per_expert")
@@ -50,6 +52,16 @@ class WandbSink:
                             caption=f"routes per expert, share of each MoE layer's routes (step {train_row['step']})")
         self.run.log({"moe/expert_load": image, "moe/routing": wandb.Table(columns=columns, data=rows)},
                      step=eval_row["step"])
+
+    def log_domain_routes(self, eval_row: dict, domains: list[str]) -> None:
+        image = wandb.Image(figure_pixels(domain_experts_figure(eval_row, domains)),
+                            caption=f"routes per (domain, expert) of each MoE layer at eval (step {eval_row['step']})")
+        self.run.log({"moe/domain_experts": image}, step=eval_row["step"])
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        """A wandb alert (e-mail or Slack as the user's wandb settings say; an offline run records it, and `wandb
+        sync` uploads it)."""
+        self.run.alert(title=title, text=f"step {step}: {text}", level=wandb.AlertLevel.WARN)
 
     def close(self, summary: dict | None = None) -> None:
         if summary:

@@ -44,9 +44,9 @@ def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
-    The load-balancing loss and per-expert counts of the last forward are kept in ``aux_loss`` and
-    ``expert_counts`` for the trainer; ``routing`` adds up the ``Routes`` of every training forward on the
-    device for the metrics (docs/metrics.md).
+    The load-balancing loss, per-expert counts and routes (each token's top-k global expert ids, -1 for a dropped
+    route) of the last forward are kept in ``aux_loss``, ``expert_counts`` and ``last_topk_ids_TK`` for the trainer;
+    ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
     moe/shared.py) is added to every token's output, scaled by sigmoid(``shared_expert_gate``(x)) with
@@ -74,6 +74,7 @@ class MoEFeedForward(nn.Module):
         self.expert_counts: torch.Tensor | None = None
         self.z_loss_coef = cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
+        self.last_topk_ids_TK: torch.Tensor | None = None  # the last forward's routes (global ids; for eval counts)
         self.routing = RoutingCounters(num_experts)
         shared = cfg.num_shared_experts > 0
         self.shared_experts = widened_ffn(dense_ffn, ffn_projections, shared_expert_copies(cfg)) if shared else None
@@ -122,6 +123,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
         routes, self.gate.last_routes = self.gate.last_routes, None
+        self.last_topk_ids_TK = routes.topk_ids_TK if routes is not None else None
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
         if self.training and self.routing.enabled and routes is not None and not recomputing():
             self.routing.add(routes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import deepspeed
 import torch
@@ -18,6 +19,7 @@ from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
 from ..moe.balance import end_of_step
+from ..moe.domain_routing import DomainRouteCounts
 from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of, router_loss
 from . import checkpoint
 from .checkpoint import CheckpointFolder, TrainState
@@ -50,8 +52,11 @@ def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedF
 
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, world: World, batches: TrainBatches,
-                 eval_set, output_dir: Path):
+                 eval_set, output_dir: Path, domains: Sequence[str] = ()):
+        """``domains``: the run's domain list (the positions of the eval batches' domain_ids), for the routes per
+        (domain, expert) at each eval; none: not counted."""
         self.cfg, self.engine, self.world = cfg, engine, world
+        self.domains = list(domains)
         self.batches, self.eval_set = batches, eval_set
         self.output_dir = output_dir
         self.checkpoints = CheckpointFolder(output_dir / "checkpoints")
@@ -64,7 +69,7 @@ class Trainer:
         self.last_skipped_batch: torch.Tensor | None = None
         self.phase = "setup"  # what the ranks are doing, for the message when a collective times out
         self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
-        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log)  # wandb_run_id settable before train()
+        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log, self.domains)  # wandb_run_id set by resume
         self.interval = IntervalStats(self.layers, world.device)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
@@ -192,22 +197,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks."""
+        """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks; with domains,
+        each MoE layer's routes per (domain, expert) and I(domain; expert)."""
         self.phase = f"evaluation at step {self.state.step}"
         self.engine.eval()
         sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
+        domain_routes = DomainRouteCounts(self.layers, len(self.domains), self.world.device)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)
             targets = input_ids[:, 1:].numel()
             loss = self.engine(input_ids=input_ids, labels=input_ids).loss
             sums += torch.stack([loss.double() * targets, sums.new_tensor(targets)])
+            domain_routes.add(batch.get("domain_ids"))
         self.engine.train()
         loss_sum, targets = all_reduce_sum(sums).tolist()
         eval_loss = loss_sum / targets
         row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
         if self.cfg.moe.expert_init in ("copy", "copy_noise", "drop"):  # upcycled: how far experts moved from the FFN
             row.update(expert_similarity_metrics(self.layers))
+        row.update(domain_routes.metrics())  # routes per (domain, expert) and I(domain; expert), per MoE layer
         return row
 
     def save(self) -> None:
@@ -227,7 +236,7 @@ class Trainer:
                                                    self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
         self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
         self.guard.total = client_state.get("nonfinite_steps", 0)
-        self.sinks.jsonl.drop_after(self.state.step)
+        self.sinks.resume(self.state.step)
         if self.world.is_main:
             print(f"Resumed from {tag_dir} at step {self.state.step}")
 

@@ -22,7 +22,7 @@ def events(log_dir) -> EventAccumulator:
     return accumulator
 
 
-def test_tensorboard_holds_every_number_of_every_row_and_the_expert_load_at_each_eval(world, tmp_path):
+def test_tensorboard_holds_every_number_of_every_row_and_the_heatmaps_at_each_eval(world, tmp_path):
     out = tmp_path / "run"
     main([*FLAGS, "--output_dir", str(out), "--report_to", "tensorboard"])
     assert not (out / "wandb").exists()
@@ -36,9 +36,10 @@ def test_tensorboard_holds_every_number_of_every_row_and_the_expert_load_at_each
         assert event.value == pytest.approx(value, rel=1e-6), (key, step)  # stored as float32
     assert [e.step for e in logged.Scalars("loss")] == [1, 2, 4]
     assert [e.step for e in logged.Scalars("eval_loss")] == [2, 4]
-    images = logged.Images("moe/expert_load")
-    assert [e.step for e in images] == [2, 4]
-    assert all(e.encoded_image_string.startswith(b"\x89PNG") and e.width > 100 for e in images)
+    for tag in ("moe/expert_load", "moe/domain_experts"):  # the domain x expert heatmaps: the built-in corpus's domains
+        images = logged.Images(tag)
+        assert [e.step for e in images] == [2, 4]
+        assert all(e.encoded_image_string.startswith(b"\x89PNG") and e.width > 100 for e in images)
 
 
 def test_a_resumed_run_purges_the_steps_it_logs_again(tmp_path):

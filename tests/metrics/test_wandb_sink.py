@@ -108,7 +108,7 @@ def reported_run(world, tmp_path_factory):
     return out, run_dir, rows
 
 
-def test_each_eval_logs_the_expert_load_as_an_image_and_a_table(reported_run):
+def test_each_eval_logs_the_expert_load_and_the_domain_routes_as_images_and_a_table(reported_run):
     out, run_dir, rows = reported_run
     training = {r["step"]: r for r in rows if "loss" in r}
     evals = {r["step"]: r for r in rows if "eval_loss" in r}
@@ -117,9 +117,10 @@ def test_each_eval_logs_the_expert_load_as_an_image_and_a_table(reported_run):
     assert [item["_step"] for item in at_evals] == sorted(evals) == [2, 4]
     for item in at_evals:
         step = item["_step"]
-        assert item["moe/expert_load._type"] == "image-file"
-        pixels = matplotlib.image.imread(run_dir / "files" / item["moe/expert_load.path"])
-        assert pixels.shape[:2] == (item["moe/expert_load.height"], item["moe/expert_load.width"])
+        for image in ("moe/expert_load", "moe/domain_experts"):  # domain x expert: the built-in corpus's domains
+            assert item[f"{image}._type"] == "image-file"
+            pixels = matplotlib.image.imread(run_dir / "files" / item[f"{image}.path"])
+            assert pixels.shape[:2] == (item[f"{image}.height"], item[f"{image}.width"])
         table = json.loads((run_dir / "files" / item["moe/routing.path"]).read_text())
         assert table["columns"][:5] == ["layer", "expert", "routes", "share", "kept"]
         assert {"drop_fraction", "router_entropy", "imbalance", "expert_similarity"} <= set(table["columns"])

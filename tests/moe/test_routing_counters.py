@@ -1,5 +1,5 @@
 """Routing counters on hand-made routings through real layers: counts, drops, entropy, imbalance, aux loss, expert
-similarity."""
+similarity, routes per (domain, expert) at eval."""
 
 import math
 
@@ -8,7 +8,9 @@ import torch
 
 from moe_models.config import MoEConfig
 from moe_models.metrics.routing import mean_pairwise_cosine, routing_metrics
+from moe_models.metrics.specialisation import mutual_information_bits
 from moe_models.moe.counters import RoutingCounters
+from moe_models.moe.domain_routing import DomainRouteCounts
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.router import Routes, routes_per_expert
 
@@ -77,6 +79,9 @@ def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, 
     assert metrics["imbalance"] == pytest.approx(max(chosen) / (routes / 4))
     assert metrics["router_entropy"] == pytest.approx(entropy_of([10, 5, 0, 0]), rel=1e-6)
     assert metrics["z_loss"] == pytest.approx(math.log(sum(math.exp(v) for v in [10, 5, 0, 0])) ** 2, rel=1e-6)
+    assert metrics["router_logit_norm"] == pytest.approx(math.sqrt(10 ** 2 + 5 ** 2), rel=1e-6)
+    shares = [n / routes for n in chosen]
+    assert metrics["effective_experts"] == pytest.approx(math.exp(-sum(p * math.log(p) for p in shares if p)))
     assert metrics["aux_loss"] == pytest.approx(layer.aux_loss.item())
 
 
@@ -121,3 +126,30 @@ def test_expert_similarity_of_a_real_layer(world):
     assert mean_pairwise_cosine(layer.expert_direction_sum_sq(), 4) == pytest.approx(expected, rel=1e-6)
     in_chunks = layer.expert_direction_sum_sq(chunk_elements=3)
     assert in_chunks == pytest.approx(layer.expert_direction_sum_sq(), rel=1e-6)
+
+
+@pytest.mark.parametrize("moe_impl", ["deepspeed", "grouped"])
+def test_real_layers_count_their_routes_per_domain_over_batches(world, moe_impl):
+    layer = routed_layer(top_k=2, capacity_factor=None, moe_impl=moe_impl).eval()
+    domain_ids_BS = torch.tensor([[0, 0, 1, 1, 2, 2, -1, 0]])
+    counts = DomainRouteCounts([layer], num_domains=3, device=torch.device("cpu"))
+    for _ in range(2):  # two eval batches
+        layer(hand_made_tokens())
+        counts.add(domain_ids_BS)
+    expected = [[0] * 4 for _ in range(3)]
+    for (first, second), domain in zip(CHOICES, domain_ids_BS[0].tolist()):
+        if domain >= 0:
+            expected[domain][first] += 2
+            expected[domain][second] += 2
+    row = counts.metrics()
+    assert row["moe/layer_0/domain_expert_counts"] == expected
+    assert row["moe/layer_0/domain_mutual_information"] == pytest.approx(mutual_information_bits(expected))
+
+
+def test_nothing_is_counted_without_moe_layers_or_domains(world):
+    assert DomainRouteCounts([], num_domains=3, device=torch.device("cpu")).metrics() == {}
+    layer = routed_layer(top_k=2, capacity_factor=None)
+    counts = DomainRouteCounts([layer], num_domains=0, device=torch.device("cpu"))
+    layer(hand_made_tokens())
+    counts.add(torch.zeros(1, 8, dtype=torch.long))
+    assert counts.metrics() == {}

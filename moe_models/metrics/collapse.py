@@ -1,0 +1,118 @@
+"""Router-collapse early warning: each training row's per-layer routing values checked against three conditions
+(docs/metrics.md, "Router-collapse warnings").
+
+- ``effective_experts``: exp(entropy of the load) below ``--collapse_effective_experts`` x E;
+- ``imbalance``: the busiest expert's load over the mean load above ``--collapse_imbalance``;
+- ``router_logit_norm``: the mean router-logit norm grew in each of the last ``--collapse_logit_norm_intervals``
+  logging intervals, by a factor above ``--collapse_logit_norm_growth`` over them, to above
+  ``--collapse_logit_rms`` x sqrt(E) (a root-mean-square logit above that: a router that learns from small logits
+  grows them fast too, but not that far).
+
+A condition of a layer warns once when it starts and once more when it clears, never on every row in between.
+Each warning and clearance is a row of its own (``{"step", "collapse": "warning" | "cleared", "layer", "condition",
+"value", "threshold", "message"}``), which the sinks write to metrics.jsonl and print on rank 0's console; a warning
+also goes to wandb as an alert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import LogConfig, MoEConfig
+from .rows import layer_values, moe_layer_ids
+
+
+@dataclass(frozen=True)
+class CollapseThresholds:
+    """LogConfig's collapse settings; 0 turns a condition off."""
+
+    effective_experts: float = 0.5      # fraction of E
+    imbalance: float = 2.5              # max / mean load
+    logit_norm_intervals: int = 5       # consecutive growing intervals
+    logit_norm_growth: float = 1.5      # total growth factor over them
+    logit_rms: float = 2.0              # and the norm above this x sqrt(E)
+
+    @classmethod
+    def of(cls, log: LogConfig) -> "CollapseThresholds":
+        return cls(log.collapse_effective_experts, log.collapse_imbalance, log.collapse_logit_norm_intervals,
+                   log.collapse_logit_norm_growth, log.collapse_logit_rms)
+
+
+class CollapseMonitor:
+    """Reads training rows in step order and returns the warning rows they start or clear (rank 0; no collective)."""
+
+    def __init__(self, thresholds: CollapseThresholds, moe: MoEConfig):
+        self.thresholds, self.moe = thresholds, moe
+        self.active: dict[tuple[int, str], bool] = {}    # (layer, condition) -> warned and not cleared since
+        self.logit_norms: dict[int, list[float]] = {}   # layer -> its last router_logit_norm values
+
+    def check(self, row: dict) -> list[dict]:
+        """The warning rows of a training row: one per condition of a layer that starts or clears at it. The row of
+        step 1 is not checked: it holds a single step of the untrained router."""
+        found = []
+        if row["step"] <= 1:
+            return found
+        for i in moe_layer_ids([row]):
+            layer = layer_values(row, i)
+            if "routed_per_expert" not in layer:
+                continue
+            for condition, (firing, value, threshold) in self.conditions(i, layer).items():
+                key = (i, condition)
+                if firing == self.active.get(key, False):
+                    continue
+                message = (self.advice(i, condition, value, threshold, layer) if firing else
+                           f"moe layer {i}: {LABELS[condition]} is back within its threshold ({value:.3g}; threshold "
+                           f"{threshold:.3g})")
+                self.active[key] = firing
+                found.append({"step": row["step"], "collapse": "warning" if firing else "cleared", "layer": i,
+                              "condition": condition, "value": value, "threshold": threshold, "message": message})
+        return found
+
+    def conditions(self, i: int, layer: dict) -> dict[str, tuple[bool, float, float]]:
+        """condition -> (whether it holds, the value, its threshold) for the conditions that are on."""
+        t, num_experts = self.thresholds, len(layer["routed_per_expert"])
+        found = {}
+        if t.effective_experts > 0 and "effective_experts" in layer:
+            bound = t.effective_experts * num_experts
+            found["effective_experts"] = (layer["effective_experts"] < bound, layer["effective_experts"], bound)
+        if t.imbalance > 0 and "imbalance" in layer:
+            found["imbalance"] = (layer["imbalance"] > t.imbalance, layer["imbalance"], t.imbalance)
+        if t.logit_norm_intervals > 0 and "router_logit_norm" in layer:
+            norms = self.logit_norms.setdefault(i, [])
+            norms.append(layer["router_logit_norm"])
+            del norms[:-(t.logit_norm_intervals + 1)]
+            growth = norms[-1] / norms[0] if norms[0] > 0 else float("inf")
+            growing = (len(norms) == t.logit_norm_intervals + 1 and all(b > a for a, b in zip(norms, norms[1:]))
+                       and growth > t.logit_norm_growth and norms[-1] > t.logit_rms * num_experts ** 0.5)
+            found["router_logit_norm"] = (growing, growth, t.logit_norm_growth)
+        return found
+
+    def advice(self, i: int, condition: str, value: float, threshold: float, layer: dict) -> str:
+        """What the warning says: the condition with its numbers, and the settings that counter it, with their
+        values now."""
+        moe, num_experts = self.moe, len(layer["routed_per_expert"])
+        if condition == "router_logit_norm":
+            norm, t = layer["router_logit_norm"], self.thresholds
+            what = (f"the mean router-logit norm grew in each of the last {t.logit_norm_intervals} logging intervals, "
+                    f"x{value:.2f} in all (warns above x{threshold:g}), to {norm:.3g} (an RMS logit of "
+                    f"{norm / num_experts ** 0.5:.2f}; warns above {t.logit_rms:g})")
+            fixes = [f"the router z-loss, --router_z_loss_coef 1e-3 or more (now {moe.router_z_loss_coef:g})",
+                     "a lower --learning_rate"]
+        else:
+            what = (f"effective experts {layer['effective_experts']:.2f} of {num_experts} "
+                    f"(warns below {self.thresholds.effective_experts:g} x E = "
+                    f"{self.thresholds.effective_experts * num_experts:g})" if condition == "effective_experts" else
+                    f"imbalance (max/mean load) {layer['imbalance']:.2f} (1 is even, {num_experts / moe.top_k:g} = "
+                    f"E/top_k is every token on the same experts; warns above {threshold:g})")
+            fixes = [f"a larger --aux_loss_coef (now {moe.aux_loss_coef:g})",
+                     f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {moe.router_bias_update_rate:g})",
+                     f"router noise, --noisy_gate_policy Jitter (now {moe.noisy_gate_policy})"]
+            if moe.drop_tokens:
+                fixes.append(f"and, while it lasts, a larger --capacity_factor (now {moe.capacity_factor:g}) or "
+                             f"--drop_tokens false, so that overloaded experts drop fewer tokens (drop fraction now "
+                             f"{layer.get('drop_fraction', 0.0):.1%})")
+        return f"router collapse warning, moe layer {i}: {what}. Try {'; '.join(fixes)}."
+
+
+LABELS = {"effective_experts": "the effective expert count", "imbalance": "the imbalance",
+          "router_logit_norm": "the router-logit norm's growth"}

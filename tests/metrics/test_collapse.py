@@ -1,0 +1,165 @@
+"""Router-collapse warnings: the conditions on hand-made rows, and runs of train.py whose router is forced to collapse
+(warned on the console, in metrics.jsonl and as wandb alerts) or to route evenly (no warning)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_models.cli import parse_args
+from moe_models.config import MoEConfig
+from moe_models.metrics.collapse import CollapseMonitor, CollapseThresholds
+from moe_models.metrics.sinks import MetricsLog, open_sinks
+from moe_models.moe.router import Router
+from moe_models.training.validate import validate
+from train import main
+
+
+def training_row(step: int, load: list[float], logit_norm: float = 4.0, layer: int = 0) -> dict:
+    """A training row of one MoE layer with this router load; effective experts and imbalance by their definitions."""
+    shares = [n / sum(load) for n in load]
+    prefix = f"moe/layer_{layer}/"
+    return {"step": step, "loss": 1.0, prefix + "routed_per_expert": load,
+            prefix + "effective_experts": math.exp(-sum(p * math.log(p) for p in shares if p > 0)),
+            prefix + "imbalance": max(shares) * len(load), prefix + "router_logit_norm": logit_norm,
+            prefix + "drop_fraction": 0.25}
+
+
+EVEN, COLLAPSED = [100] * 8, [400, 400, 0, 0, 0, 0, 0, 0]  # top-2 over 8 experts: every token on experts 0 and 1
+
+
+def monitor(**thresholds) -> CollapseMonitor:
+    return CollapseMonitor(CollapseThresholds(**thresholds), MoEConfig())
+
+
+def test_an_even_load_with_a_steady_router_does_not_warn():
+    watch = monitor()
+    for step in range(2, 40):
+        assert watch.check(training_row(step, EVEN, logit_norm=4.0 + 0.01 * step)) == []  # slow growth: learning
+
+
+def test_a_collapsed_layer_warns_once_per_condition_until_it_clears():
+    watch = monitor(logit_norm_intervals=0)
+    first = watch.check(training_row(10, COLLAPSED))
+    assert [(w["collapse"], w["condition"], w["layer"]) for w in first] == [
+        ("warning", "effective_experts", 0), ("warning", "imbalance", 0)]
+    effective, imbalance = first
+    assert effective["value"] == pytest.approx(2.0) and effective["threshold"] == 4.0  # 0.5 x 8 experts
+    assert imbalance["value"] == pytest.approx(4.0) and imbalance["threshold"] == 2.5
+    for text in ("--aux_loss_coef (now 0.01)", "--router_bias_update_rate 1e-3 (now 0)", "--capacity_factor (now 1)"):
+        assert text in effective["message"] and text in imbalance["message"]
+    assert watch.check(training_row(20, COLLAPSED)) == []  # still collapsed: no repeat
+    cleared = watch.check(training_row(30, EVEN))
+    assert [(w["collapse"], w["condition"]) for w in cleared] == [("cleared", "effective_experts"),
+                                                                  ("cleared", "imbalance")]
+    assert len(watch.check(training_row(40, COLLAPSED))) == 2  # collapsed again: warned again
+
+
+def test_the_row_of_step_1_is_not_checked_and_zero_turns_a_condition_off():
+    assert monitor().check(training_row(1, COLLAPSED)) == []
+    assert monitor(effective_experts=0, imbalance=0, logit_norm_intervals=0).check(training_row(5, COLLAPSED)) == []
+
+
+def test_router_logits_growing_for_several_intervals_warn():
+    watch = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
+    norms = [4.0, 4.4, 5.3, 6.5, 6.4]  # grows x1.625 over intervals 2-4, then falls
+    found = [watch.check(training_row(step, EVEN, logit_norm=norm)) for step, norm in enumerate(norms, start=2)]
+    assert found[:3] == [[], [], []]
+    warned, = found[3]
+    assert warned["condition"] == "router_logit_norm" and warned["value"] == pytest.approx(6.5 / 4.0)
+    assert "an RMS logit of 2.30; warns above 2" in warned["message"]  # 6.5 / sqrt(8)
+    assert "--router_z_loss_coef 1e-3 or more (now 0)" in warned["message"]
+    assert [w["collapse"] for w in found[4]] == ["cleared"]
+    # Growth of x1.2 over three intervals, each one up: below the factor, no warning.
+    slow = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
+    assert not any(slow.check(training_row(step, EVEN, logit_norm=4.0 * 1.06 ** step)) for step in range(2, 12))
+    # A router learning from small logits (a run with random experts: 0.32 -> 1.93 in 9 intervals): fast growth, but
+    # the RMS logit stays below 2 (a norm of 2 x sqrt(8) = 5.66), so no warning.
+    learning = monitor(logit_norm_intervals=3, logit_norm_growth=1.5)
+    norms = [0.32, 0.54, 1.04, 1.18, 1.45, 1.60, 1.66, 1.76, 1.90, 1.93]
+    assert not any(learning.check(training_row(step, EVEN, logit_norm=norm)) for step, norm in enumerate(norms, 2))
+
+
+def test_a_resumed_run_does_not_warn_again_of_a_collapse_that_held_at_its_checkpoint(tmp_path):
+    cfg, path = parse_args(["--disable_tqdm"]), tmp_path / "metrics.jsonl"
+    stopped = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
+    for step in (10, 20, 30):
+        stopped.log(training_row(step, COLLAPSED))
+    resumed = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
+    resumed.resume(20)  # from the checkpoint of step 20: step 30 comes again
+    for step in (30, 40):
+        resumed.log(training_row(step, COLLAPSED))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40]
+    assert [(r["step"], r["condition"]) for r in rows if "collapse" in r] == [(10, "effective_experts"),
+                                                                             (10, "imbalance")]
+
+
+def test_collapse_thresholds_are_checked():
+    with pytest.raises(ValueError) as err:
+        validate(parse_args(["--collapse_effective_experts", "2", "--collapse_imbalance", "-1",
+                             "--collapse_logit_norm_growth", "0.5", "--collapse_logit_rms", "-2"]), world_size=1)
+    message = str(err.value)
+    assert "collapse_effective_experts (2.0) is a fraction" in message
+    assert "collapse_imbalance (-1.0) must be >= 0" in message
+    assert "collapse_logit_norm_growth (0.5) must be >= 1" in message
+    assert "collapse_logit_rms (-2.0) must be >= 0" in message
+
+
+FLAGS = ["--num_experts", "8", "--top_k", "2", "--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0",
+         "--max_eval_batches", "1", "--warmup_steps", "1", "--synthetic_examples", "600", "--block_size", "32",
+         "--per_device_train_batch_size", "4", "--disable_tqdm"]
+
+
+def forced_logits(rule):
+    """Router.logits replaced by ``rule(router, the real logits [T, E], how many forwards this router has run)``."""
+    real = Router.logits
+
+    def logits(self, x_TD):
+        self.forwards_seen = getattr(self, "forwards_seen", 0) + 1
+        return rule(self, real(self, x_TD), self.forwards_seen)
+    return logits
+
+
+def rows_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_router_forced_to_collapse_is_warned_of(world, tmp_path, monkeypatch, capsys):
+    # Every token's logits favour experts 0 and 1 by 10 and all logits grow x1.25 per forward: the load collapses
+    # onto two experts and the logit norm grows at every interval.
+    favour_E = torch.tensor([10.0, 10.0] + [0.0] * 6)
+    collapsing = forced_logits(lambda router, logits_TE, n: (logits_TE + favour_E) * 1.25 ** n)
+    monkeypatch.setattr(Router, "logits", collapsing)
+    out = tmp_path / "run"
+    main([*FLAGS, "--output_dir", str(out), "--report_to", "wandb"])
+    printed = capsys.readouterr().out
+    warnings = [r for r in rows_of(out) if r.get("collapse") == "warning"]
+    found = {(w["layer"], w["condition"]) for w in warnings}
+    assert found == {(i, c) for i in range(4) for c in ("effective_experts", "imbalance", "router_logit_norm")}
+    assert len(warnings) == len(found)  # once each: the collapse lasts, the warning is not repeated
+    assert {w["step"] for w in warnings if w["condition"] != "router_logit_norm"} == {2}  # the first row checked
+    assert {w["step"] for w in warnings if w["condition"] == "router_logit_norm"} == {7}  # 5 growing intervals
+    for w in warnings:
+        assert printed.count(w["message"]) == 1
+    run_dir, = (out / "wandb").glob("offline-run-*")
+    records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    alerts = [json.loads(line)["alert"] for line in records if '"type":"alert"' in line]
+    assert sorted(a["title"] for a in alerts) == sorted(f"Router collapse: MoE layer {w['layer']}, {w['condition']}"
+                                                        for w in warnings)
+    assert all(a["level"] == "WARN" for a in alerts)
+
+
+def test_an_even_routing_is_not_warned_of(world, tmp_path, monkeypatch, capsys):
+    # Logits drawn afresh for every token: each expert gets an even share, and the logit norm stays put.
+    monkeypatch.setattr(Router, "logits", forced_logits(lambda router, logits_TE, n: torch.randn_like(logits_TE)))
+    out = tmp_path / "run"
+    main([*FLAGS, "--output_dir", str(out)])
+    rows = rows_of(out)
+    assert not [r for r in rows if "collapse" in r] and "collapse" not in capsys.readouterr().out
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["moe/layer_0/effective_experts"] > 7.5 and last["moe/layer_0/imbalance"] < 1.5
