@@ -14,6 +14,7 @@ from torch import nn
 from ..config import RunConfig
 from ..data.batches import TrainBatches, eval_batches
 from ..distributed import World, all_reduce_sum
+from ..metrics.domain_loss import domain_loss_metrics, domain_loss_sums
 from ..metrics.interval import IntervalStats, expert_similarity_metrics
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
@@ -198,22 +199,27 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean next-token loss over the eval set (capped at max_eval_batches per rank), over all ranks; with domains,
-        each MoE layer's routes per (domain, expert) and I(domain; expert)."""
+        the loss per domain and each MoE layer's routes per (domain, expert) and I(domain; expert)."""
         self.phase = f"evaluation at step {self.state.step}"
         self.engine.eval()
         sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
+        by_domain = torch.zeros(2, len(self.domains), device=self.world.device, dtype=torch.float64)
         domain_routes = DomainRouteCounts(self.layers, len(self.domains), self.world.device)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)
             targets = input_ids[:, 1:].numel()
-            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
-            sums += torch.stack([loss.double() * targets, sums.new_tensor(targets)])
+            output = self.engine(input_ids=input_ids, labels=input_ids)
+            sums += torch.stack([output.loss.double() * targets, sums.new_tensor(targets)])
+            if "domain_ids" in batch and self.domains:
+                by_domain += domain_loss_sums(output.logits, input_ids, batch["domain_ids"], len(self.domains))
             domain_routes.add(batch.get("domain_ids"))
         self.engine.train()
-        loss_sum, targets = all_reduce_sum(sums).tolist()
+        loss_sum, targets, *by_domain_sums = all_reduce_sum(torch.cat([sums, by_domain.flatten()])).tolist()
         eval_loss = loss_sum / targets
         row = {"step": self.state.step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        n = len(self.domains)
+        row.update(domain_loss_metrics([by_domain_sums[:n], by_domain_sums[n:]], self.domains))
         if self.cfg.moe.expert_init in ("copy", "copy_noise", "drop"):  # upcycled: how far experts moved from the FFN
             row.update(expert_similarity_metrics(self.layers))
         row.update(domain_routes.metrics())  # routes per (domain, expert) and I(domain; expert), per MoE layer

@@ -82,6 +82,13 @@ def test_eval_rows_hold_the_routes_per_domain_of_every_layer_and_the_report_draw
         assert eval_row[f"moe/layer_{i}/domain_mutual_information_normalised"] == pytest.approx(
             information / entropy_bits(tokens_per_domain))
     assert not any("domain" in key for r in rows if "loss" in r for key in r)  # eval rows only
+    # Loss per domain: each target token counts in its own position's domain; every token of the built-in corpus has
+    # one, so the per-domain losses weighted by their target tokens give back the eval loss.
+    targets = [(domain_ids[:, 1:] == d).sum().item() for d in range(len(domains))]
+    losses = {name: eval_row[f"eval_loss/{name}"] for name, n in zip(domains, targets) if n}
+    assert len(losses) > 1 and len(set(losses.values())) == len(losses)
+    weighted = sum(losses[name] * n for name, n in zip(domains, targets) if n) / sum(targets)
+    assert weighted == pytest.approx(eval_row["eval_loss"], rel=1e-5)
     report_main([str(out)])
     summary = (out / "report" / "summary.txt").read_text()
     for i in range(4):
