@@ -113,9 +113,9 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
 
 
 # Mixtral; Qwen3-MoE with dense blocks, top-1; Qwen2-MoE with a shared expert, its gate trained or the exported zero
-# one; Qwen2-MoE whose dense blocks are wider than its experts
-@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular"],
-                         indirect=True)
+# one; Qwen2-MoE whose dense blocks are wider than its experts; GraniteMoeShared from Llama (imported as Granite)
+@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular",
+                                      "llama_shared"], indirect=True)
 def test_import_continues_where_the_export_left_off(exported, tmp_path):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
@@ -128,8 +128,11 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     assert resolve_moe_layers(moe.moe_layers, 4) == resolve_moe_layers(trained.moe_layers, 4)
     saved = json.loads((tmp_path / "continued" / "run_config.json").read_text())["moe"]
     assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
-    assert moe.num_shared_experts == trained.num_shared_experts  # Qwen2-MoE's shared expert is always gated:
-    assert moe.shared_expert_gate == (trained.num_shared_experts > 0)  # an ungated one comes back with its zero gate
+    assert moe.num_shared_experts == trained.num_shared_experts
+    # Qwen2-MoE's shared expert is always gated: an ungated one comes back with its zero gate; GraniteMoeShared's has
+    # none
+    qwen2_moe = exported["hf_class"] == "Qwen2MoeForCausalLM"
+    assert moe.shared_expert_gate == (qwen2_moe and trained.num_shared_experts > 0)
 
     model = trainer.engine.module
     expert_params = list(moe_layers_of(model)[0].experts.parameters())
@@ -255,7 +258,7 @@ def test_granular_configs_round_trip(preset, moe_layers, dense_size, settings):
      "GLM4-MoE's shared experts have no gate"),
     ("tiny-qwen3", MoEConfig(num_shared_experts=1), {}, "num_shared_experts 1: Qwen3-MoE has no shared expert"),
     ("tiny-llama", MoEConfig(num_shared_experts=1, shared_expert_gate=True), {},
-     "shared_expert_gate on a Llama/Mistral base: GraniteMoeShared's shared MLP has no gate"),
+     "shared_expert_gate: GraniteMoeShared's shared experts have no gate"),
     ("tiny-llama", MoEConfig(num_shared_experts=1, top_k=1), {}, "GraniteMoeShared gives it weight 1.0"),
     ("tiny-mistral", MoEConfig(num_shared_experts=2, moe_layers="every:2"), {},
      "GraniteMoeShared has an MoE FFN in every block"),
