@@ -1,6 +1,5 @@
 """One adapter per native transformers MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe, GraniteMoeShared,
-FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE): its weights' names, both ways (ERNIE-4.5-MoE and GLM4-MoE: export
-only).
+FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE): its weights' names, both ways.
 
 An adapter turns a DeepSpeed MoE model's state (the stock layer's names, moe/layer.py) into the HF class's
 state (export), and reads the HF class's checkpoint back for any DeepSpeed parameter (import). The other
@@ -66,7 +65,7 @@ class MoEFamilyAdapter:
         return f"{self.fused_block_of(ffn)}.{self.router_name}.weight"
 
     def score_bias_key(self, ffn: str) -> str:
-        """The router's aux-loss-free bias (GLM4-MoE's e_score_correction_bias)."""
+        """The router's aux-loss-free bias (GLM4-MoE's, ERNIE-4.5-MoE's e_score_correction_bias)."""
         return f"{self.fused_block_of(ffn)}.{self.router_name}.{self.score_bias_name}"
 
     def fused_keys(self, ffn: str) -> tuple[str, str]:
@@ -143,6 +142,10 @@ class MoEFamilyAdapter:
     def read_router(self, reader, ffn: str) -> torch.Tensor:
         key = self.router_key(ffn)
         return reader.tensor(key if reader.has(key) else self.router_key(self.per_expert_block_of(ffn)))
+
+    def read_score_bias(self, reader, ffn: str) -> torch.Tensor | None:
+        """The router's bias ([E]) of the MoE layer at ``ffn``; None for a class whose router has none."""
+        return None
 
     def fused_keys_on_disk(self, reader, ffn: str) -> tuple[str, str] | None:
         """(gate_up, down) names of the fused experts of the MoE layer at ``ffn`` in ``reader``'s checkpoint; None
@@ -243,6 +246,11 @@ class BiasedRouterAdapter(MoEFamilyAdapter):
     def score_bias_shape(self, num_experts: int) -> tuple[int, ...]:
         return (num_experts,)
 
+    def read_score_bias(self, reader, ffn: str) -> torch.Tensor:
+        """Under the class's name, or where save_pretrained writes ERNIE-4.5-MoE's (``<ffn>.moe_statics.*``)."""
+        key = self.score_bias_key(ffn)
+        return reader.tensor(key if reader.has(key) else f"{ffn}.{self.score_bias_name}").reshape(-1)
+
 
 class Ernie4_5MoeAdapter(BiasedRouterAdapter):
     """ERNIE-4.5-MoE keeps its router's bias as one row, [1, E], in ``gate.moe_statics``."""
@@ -272,6 +280,7 @@ def _pop_prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 # Each class imports as the dense family whose attention, norms and embeddings are its own. Mixtral's attention is
 # Mistral's (same projections, no biases, same sliding_window); Llama has no sliding window, so a Mixtral imports as
 # Mistral. GraniteMoe(Shared) imports as Granite, also when a Llama run exported it (its scalings set to 1.0).
+# GLM4-MoE imports as Llama, Qwen2 or Qwen3, as its settings say (hf/configs.py: import_dense_model_type).
 ADAPTERS: dict[str, MoEFamilyAdapter] = {a.model_type: a for a in (
     MoEFamilyAdapter("mixtral", "mistral", per_expert_block="block_sparse_moe", per_expert_names=("w1", "w3", "w2")),
     Qwen2MoeAdapter("qwen2_moe", "qwen2", per_expert_block="mlp", per_expert_names=SWIGLU,
@@ -282,11 +291,8 @@ ADAPTERS: dict[str, MoEFamilyAdapter] = {a.model_type: a for a in (
     MoEFamilyAdapter("flex_olmo", "olmo2", per_expert_block="mlp", per_expert_names=SWIGLU),
     MoEFamilyAdapter("hunyuan_v1_moe", "hunyuan_v1_dense", per_expert_block="mlp", per_expert_names=SWIGLU,
                      router_name="gate.wg", shared_name="shared_mlp"),
+    Ernie4_5MoeAdapter("ernie4_5_moe", "ernie4_5", per_expert_block="mlp", per_expert_names=SWIGLU,
+                       shared_name=SHARED_EXPERTS_MODULE, score_bias_name="moe_statics.e_score_correction_bias"),
+    BiasedRouterAdapter("glm4_moe", "llama", per_expert_block="mlp", per_expert_names=SWIGLU,
+                        shared_name=SHARED_EXPERTS_MODULE, always_shared=True),
 )}
-# What export writes: those, and ERNIE-4.5-MoE and GLM4-MoE, which are not imported: their routers' bias would need
-# the aux-loss-free bias of a run (hf/configs.py).
-EXPORT_ADAPTERS: dict[str, MoEFamilyAdapter] = {
-    **ADAPTERS,
-    "ernie4_5_moe": Ernie4_5MoeAdapter("ernie4_5_moe", "ernie4_5", shared_name=SHARED_EXPERTS_MODULE,
-                                       score_bias_name="moe_statics.e_score_correction_bias"),
-    "glm4_moe": BiasedRouterAdapter("glm4_moe", "llama", shared_name=SHARED_EXPERTS_MODULE, always_shared=True)}

@@ -332,6 +332,9 @@ class CheckpointShape:
     shared_size: int             # the shared experts' hidden units, all together
     shared_gated: bool
     renormalises: bool           # the top-k weights are rescaled to sum to 1
+    score_function: str = "softmax"
+    score_bias: bool = False     # the router chooses by the scores plus a bias the checkpoint holds
+    routed_scaling_factor: float = 1.0
 
 
 def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
@@ -347,29 +350,45 @@ def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
     if moe_type == "hunyuan_v1_moe":  # one ungated shared MLP as wide as an expert
         return CheckpointShape(config.num_experts, config.moe_topk, config.intermediate_size, every_block,
                                config.intermediate_size, False, True)
+    if moe_type == "ernie4_5_moe":
+        blocks = ernie_sparse_blocks(config.moe_layer_start_index, config.moe_layer_end_index,
+                                     config.moe_layer_interval, num_layers)
+        return CheckpointShape(config.moe_num_experts, config.moe_k, config.moe_intermediate_size, blocks,
+                               config.moe_num_shared_experts * config.moe_intermediate_size, False, True,
+                               score_bias=True)
+    if moe_type == SIGMOID_MOE_TYPE:
+        return CheckpointShape(config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                               list(range(config.first_k_dense_replace, num_layers)),
+                               config.n_shared_experts * config.moe_intermediate_size, False, config.norm_topk_prob,
+                               "sigmoid", True, config.routed_scaling_factor)
     return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                            _qwen_moe_block_ids(config), getattr(config, "shared_expert_intermediate_size", 0),
                            True, config.norm_topk_prob)
 
 
+def import_dense_model_type(config: PretrainedConfig) -> str:
+    """The dense family an HF MoE checkpoint imports as: its adapter's, but for GLM4-MoE the one whose attention its
+    settings make (Qwen3's q/k norms, Qwen2's q/k/v biases, else Llama's)."""
+    if config.model_type == SIGMOID_MOE_TYPE:
+        return "qwen3" if config.use_qk_norm else "qwen2" if config.attention_bias else "llama"
+    return ADAPTERS[config.model_type].dense_model_type
+
+
 def import_problems(config: PretrainedConfig) -> list[str]:
     """Why an HF MoE checkpoint's model cannot be rebuilt exactly from DeepSpeed MoE layers (empty: it can)."""
     moe_type = config.model_type
-    problems = []
     if moe_type == "hunyuan_v1_moe" and not all(isinstance(getattr(config, name), int)
                                                 for name in ("num_experts", "moe_topk")):
         return [f"per-layer num_experts {config.num_experts} or moe_topk {config.moe_topk}: DeepSpeed's MoE layers "
                 "here have one top_k for every block"]
-    shape = checkpoint_shape(config)
-    if moe_type in ("qwen2_moe", "qwen3_moe"):
-        if not shape.block_ids:
-            problems.append("no block has an MoE FFN (mlp_only_layers / decoder_sparse_step); load it as a dense "
-                            "model instead")
-        if 0 < len(shape.block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(config) is None:
-            problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
-                            f"moe_intermediate_size {config.moe_intermediate_size}: DeepSpeed's experts are copies "
-                            "of the dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
-                            f"({config.num_experts}) a multiple of G; no whole G gives these sizes")
+    shape, problems = checkpoint_shape(config), []
+    if not shape.block_ids:
+        problems.append("no block has an MoE FFN; load it as a dense model instead")
+    if 0 < len(shape.block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(shape, config) is None:
+        problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
+                        f"moe_intermediate_size {shape.expert_size}: DeepSpeed's experts are copies of the dense FFN "
+                        "or, as --expert_init granular makes them, 1/G of it with num_experts "
+                        f"({shape.num_experts}) a multiple of G; no whole G gives these sizes")
     if shape.shared_size % shape.expert_size:
         shared, expert = (("shared_expert_intermediate_size", "moe_intermediate_size") if moe_type == "qwen2_moe"
                           else ("shared_intermediate_size", "intermediate_size"))
@@ -380,14 +399,40 @@ def import_problems(config: PretrainedConfig) -> list[str]:
     if moe_type == "qwen3_moe" and config.use_sliding_window:
         problems.append("use_sliding_window is true: Qwen3 windows only blocks from max_window_layers on, "
                         "Qwen3-MoE windows every block")
+    if moe_type == "ernie4_5_moe":
+        if config.use_bias:
+            problems.append("use_bias is true: ERNIE-4.5's FFN biases would become the experts' biases, "
+                            "ERNIE-4.5-MoE's experts have none")
+        if config.moe_norm_min * shape.num_experts > 1:
+            problems.append(f"moe_norm_min {config.moe_norm_min}: the top-k weights' sum can fall below it, where "
+                            "ERNIE-4.5-MoE stops rescaling them to sum to 1; DeepSpeed's rule always rescales")
+    if moe_type == SIGMOID_MOE_TYPE:
+        problems += _glm4_moe_import_problems(config)
+    return problems
+
+
+def _glm4_moe_import_problems(config: PretrainedConfig) -> list[str]:
+    """What of GLM4-MoE no dense family's attention (Llama's, Qwen2's, Qwen3's) or the scored rule computes."""
+    problems = []
+    rotary = (config.rope_parameters or {}).get("partial_rotary_factor",
+                                                getattr(config, "partial_rotary_factor", 1.0))
+    if rotary != 1.0:
+        problems.append(f"partial_rotary_factor {rotary}: Llama, Qwen2 and Qwen3 rotate whole heads")
+    if config.use_qk_norm and config.attention_bias:
+        problems.append("use_qk_norm and attention_bias: Qwen3 has the q/k norms but no q/k/v biases, Qwen2 the "
+                        "biases but no norms")
+    if config.n_group > 1 and config.topk_group < config.n_group:
+        problems.append(f"topk_group {config.topk_group} of n_group {config.n_group}: the scored rule chooses "
+                        "among all experts, not within the best groups")
     return problems
 
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers, num_shared_experts, shared_expert_gate, norm_topk_prob where the class weighs routes otherwise than
-    DeepSpeed's rule; expert_init granular and its granularity when dense blocks are wider than the experts) that
-    rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers, num_shared_experts, shared_expert_gate; norm_topk_prob where the class weighs routes otherwise than
+    DeepSpeed's rule or chooses by a bias, with score_function and routed_scaling_factor; expert_init granular and
+    its granularity when dense blocks are wider than the experts) that rebuild the checkpoint's model, and its MoE
+    layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
@@ -397,22 +442,29 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
     num_shared = shape.shared_size // ffn_size
     settings = {"num_experts": shape.num_experts, "top_k": shape.top_k, "moe_layers": moe_layers,
                 "num_shared_experts": num_shared, "shared_expert_gate": shape.shared_gated and num_shared > 0}
-    if shape.renormalises != (shape.top_k > 1):  # not DeepSpeed's rule: the scored rule's norm_topk_prob
+    # the scored rule (with the checkpoint's router bias loaded: hf/load.py), or DeepSpeed's rule where it weighs alike
+    if shape.score_bias or shape.renormalises != (shape.top_k > 1):
         settings["norm_topk_prob"] = shape.renormalises
-    granularity = _granularity_beside_dense_blocks(config) if moe_layers != "all" else 1
+    if shape.score_function != "softmax":
+        settings["score_function"] = shape.score_function
+    if shape.routed_scaling_factor != 1.0:
+        settings["routed_scaling_factor"] = shape.routed_scaling_factor
+    granularity = _granularity_beside_dense_blocks(shape, config) if moe_layers != "all" else 1
     if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
         ffn_size = config.intermediate_size
         settings.update(expert_init="granular", granularity=granularity)
-    fields = _shared_fields(config, moe_type)
-    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
+    # the head width the MoE class's attention uses (a family's default may differ: ERNIE-4.5's is 128)
+    fields = dict(_shared_fields(config, moe_type),
+                  head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    dense = AutoConfig.for_model(import_dense_model_type(config), intermediate_size=ffn_size, **fields)
     return dense, settings, MoELayout(tuple(block_ids), (shape.num_experts,) * len(block_ids))
 
 
-def _granularity_beside_dense_blocks(config: PretrainedConfig) -> int | None:
-    """G such that a Qwen MoE checkpoint's dense blocks (intermediate_size F) and experts (moe_intermediate_size
-    F/G) are the model --expert_init granular --granularity G builds; None when there is no such G."""
-    dense_size, expert_size = config.intermediate_size, config.moe_intermediate_size
-    if expert_size < 1 or dense_size % expert_size or config.num_experts % (dense_size // expert_size):
+def _granularity_beside_dense_blocks(shape: CheckpointShape, config: PretrainedConfig) -> int | None:
+    """G such that a checkpoint's dense blocks (intermediate_size F) and experts (F/G wide) are the model
+    --expert_init granular --granularity G builds; None when there is no such G."""
+    dense_size, expert_size = config.intermediate_size, shape.expert_size
+    if expert_size < 1 or dense_size % expert_size or shape.num_experts % (dense_size // expert_size):
         return None
     return dense_size // expert_size
 

@@ -49,7 +49,8 @@ def class_rows() -> list[tuple[str, ...]]:
                    else "`norm_topk_prob`: DeepSpeed's rule or `--norm_topk_prob`")
         router = [target.score_function] + (["aux-loss-free bias"] if target.score_bias else []) + (
             ["`--routed_scaling_factor`"] if target.routed_scaling else [])
-        imported = f"yes, as {ADAPTERS[moe_type].dense_model_type}" if moe_type in ADAPTERS else "no"
+        imported = ("yes, as llama, qwen2 or qwen3, as its attention settings say" if moe_type == SIGMOID_MOE_TYPE
+                    else f"yes, as {ADAPTERS[moe_type].dense_model_type}")
         rows.append((f"`{target.hf_class}`", SPARSE_BLOCKS[target.dense_blocks], weights,
                      SHARED[target.shared_experts], ", ".join(router), imported))
     return rows

@@ -59,8 +59,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 
 # The model_types of the transformers MoE classes whose checkpoints import (moe_models/hf/load.py; hf/adapters.py has
 # one adapter for each): a folder of one of these is an MoE model to continue, not a dense model to upcycle.
-IMPORTABLE_MOE_MODEL_TYPES = ("flex_olmo", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "mixtral",
-                              "qwen2_moe", "qwen3_moe")
+IMPORTABLE_MOE_MODEL_TYPES = ("ernie4_5_moe", "flex_olmo", "glm4_moe", "granitemoe", "granitemoeshared",
+                              "hunyuan_v1_moe", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def architecture_of(model: nn.Module) -> Architecture:

@@ -46,7 +46,7 @@ CASES = {
     "ernie": ("ernie4_5", TINY, dict(top_k=2, moe_layers="every:2", num_shared_experts=2,
                                      router_bias_update_rate=0.01), "Ernie4_5_MoeForCausalLM"),
 }
-IMPORTED = ["granite", "granite_shared", "olmo2", "olmo2_top1", "hunyuan"]
+IMPORTED = ["granite", "granite_shared", "olmo2", "olmo2_top1", "hunyuan", "ernie"]
 
 
 def tokens(batch=2, length=24, seed=0):
@@ -123,6 +123,49 @@ def test_the_exported_folder_imports_back_and_trains(exported):
     for name, param in model.named_parameters():
         if name.endswith(ROUTER_WEIGHT) or ".experts." in name:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+FOREIGN = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, pad_token_id=BYTE_VOCAB_SIZE - 1)
+FULL_ROTARY = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+                   partial_rotary_factor=1.0)
+
+
+@pytest.mark.parametrize("moe_type, fields, settings", [
+    ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+                        residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.2), {}),
+    ("granitemoeshared", dict(num_local_experts=4, num_experts_per_tok=1, shared_intermediate_size=192),
+     dict(num_shared_experts=2, norm_topk_prob=True)),
+    ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False), dict(norm_topk_prob=False)),
+    ("hunyuan_v1_moe", dict(num_experts=4, moe_topk=2, head_dim=16), dict(num_shared_experts=1)),
+    ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1,
+                          moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1),
+     dict(num_shared_experts=1, norm_topk_prob=True, moe_layers=[1, 2])),
+    # dense block 0 twice as wide as the experts: granular experts; q/k norms: imported as Qwen3
+    ("glm4_moe", dict(n_routed_experts=4, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=2,
+                      first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=False, use_qk_norm=True,
+                      routed_scaling_factor=1.5, head_dim=16, **FULL_ROTARY),
+     dict(score_function="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5, num_shared_experts=2,
+          expert_init="granular", granularity=2, moe_layers=[1, 2])),
+])
+@torch.no_grad()
+def test_a_checkpoint_made_by_transformers_imports_with_its_function(world, tmp_path, moe_type, fields, settings):
+    """The HF class built by transformers itself (random weights and router biases, the hub's layout on disk)
+    imports exactly: the DeepSpeed model computes its logits."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(moe_type, **FOREIGN, **fields)).eval()
+    for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
+        if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and tensor.shape[0] == 4:
+            tensor.mul_(30)  # routers that tell experts apart
+        elif name.endswith("e_score_correction_bias"):
+            tensor.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    model, moe, _, _ = import_hf_moe(str(tmp_path), MoEConfig(drop_tokens=False, top2_2nd_expert_sampling=False),
+                                     BYTE_VOCAB_SIZE, seed=0)
+    for name, value in settings.items():
+        assert getattr(moe, name) == value, name
+    ids = tokens()
+    torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type, fields, settings, message", [
