@@ -1,5 +1,5 @@
 """One adapter per native transformers MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe, GraniteMoeShared,
-FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE): its weights' names, both ways.
+FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE, Cohere2-MoE): its weights' names, both ways.
 
 An adapter turns a DeepSpeed MoE model's state (the stock layer's names, moe/layer.py) into the HF class's
 state (export), and reads the HF class's checkpoint back for any DeepSpeed parameter (import). The other
@@ -13,7 +13,8 @@ GraniteMoe (``input_linear``, ``output_linear``). Export writes the fused layout
 because from_pretrained has no way to load only some experts.
 
 Shared experts (``<ffn>.shared_experts.{gate,up,down}_proj`` and ``<ffn>.shared_expert_gate``, moe/shared.py) are
-Qwen2-MoE's ``shared_expert`` and ``shared_expert_gate``, GLM4-MoE's and ERNIE-4.5-MoE's ``shared_experts``,
+Qwen2-MoE's ``shared_expert`` and ``shared_expert_gate``, GLM4-MoE's, ERNIE-4.5-MoE's and Cohere2-MoE's
+``shared_experts``,
 HunYuan-MoE's ``shared_mlp``, and GraniteMoeShared's ``shared_mlp`` beside the sparse block (gate and up rows fused
 as ``input_linear``, gate rows first); all but Qwen2-MoE's have no gate.
 """
@@ -295,4 +296,6 @@ ADAPTERS: dict[str, MoEFamilyAdapter] = {a.model_type: a for a in (
                        shared_name=SHARED_EXPERTS_MODULE, score_bias_name="moe_statics.e_score_correction_bias"),
     BiasedRouterAdapter("glm4_moe", "llama", per_expert_block="mlp", per_expert_names=SWIGLU,
                         shared_name=SHARED_EXPERTS_MODULE, always_shared=True),
+    MoEFamilyAdapter("cohere2_moe", "cohere2", per_expert_block="mlp", per_expert_names=SWIGLU,
+                     shared_name=SHARED_EXPERTS_MODULE),
 )}

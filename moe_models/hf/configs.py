@@ -3,8 +3,9 @@
 With softmax scores each dense family maps to the MoE class with its very attention, norms and embeddings
 (``MOE_MODEL_TYPE_OF``): Llama and Mistral to Mixtral (with shared experts: GraniteMoeShared, set to Llama's scalings),
 Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE, Granite to GraniteMoe (with shared experts: GraniteMoeShared), OLMo2 to
-FlexOlmo, HunYuan-Dense to HunYuan-MoE, ERNIE-4.5 to ERNIE-4.5-MoE; with sigmoid scores (``--score_function sigmoid``,
-DeepSeek-V3's routing) Llama, Mistral, Qwen2 and Qwen3 map to GLM4-MoE (the weights' names: hf/adapters.py). What
+FlexOlmo, HunYuan-Dense to HunYuan-MoE, ERNIE-4.5 to ERNIE-4.5-MoE, Cohere2 to Cohere2-MoE; with sigmoid scores
+(``--score_function sigmoid``, DeepSeek-V3's routing) Llama, Mistral, Qwen2 and Qwen3 map to GLM4-MoE (the weights'
+names: hf/adapters.py). What
 each class can hold of the routing and the layout is ``MOE_CLASSES``. A mapping is made only when the MoE class
 computes exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
 ``NO_MOE_CLASS`` says, for the families with none, what no transformers MoE class computes (docs/export.md's table
@@ -16,7 +17,8 @@ Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */
   - Mixtral, HunYuan-MoE and ERNIE-4.5-MoE always rescale the top-k probabilities to sum to 1 (so top-1 gets weight
     1.0); ERNIE-4.5-MoE divides by the sum clamped to at least ``moe_norm_min`` (1e-12), which the sum of the top-k
     of E probabilities (at least 1/E) never is below.
-  - GraniteMoe(Shared) takes the softmax of the top-k logits: the top-k probabilities rescaled to sum to 1.
+  - GraniteMoe(Shared) and Cohere2-MoE take the softmax of the top-k logits: the top-k probabilities rescaled to sum
+    to 1.
   - Qwen2-MoE, Qwen3-MoE and FlexOlmo rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
   - ERNIE-4.5-MoE chooses by the softmax probabilities plus ``e_score_correction_bias`` and weighs by the unbiased
     ones: the scored rule of moe/router.py with softmax scores and an aux-loss-free bias.
@@ -24,8 +26,9 @@ Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */
     ``n_group`` groups; one group here), weighs by the unbiased scores, rescaled when ``norm_topk_prob``, times
     ``routed_scaling_factor``: the scored rule of moe/router.py. Its attention is Llama's with optional q/k RMSNorms
     per head (Qwen3's) and q/k/v biases (Qwen2's), rotary over ``partial_rotary_factor`` of each head (1.0 here).
-  - Shared experts: Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared, GLM4-MoE and
-    ERNIE-4.5-MoE add N experts' width of ungated MLP; HunYuan-MoE always adds one ungated MLP as wide as an expert.
+  - Shared experts: Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared, GLM4-MoE,
+    ERNIE-4.5-MoE and Cohere2-MoE (shared_expert_combination_strategy "sum") add N experts' width of ungated MLP;
+    HunYuan-MoE always adds one ungated MLP as wide as an expert.
 """
 
 from __future__ import annotations
@@ -57,7 +60,11 @@ SHARED_FIELDS_OF_MOE_TYPE = {
     "flex_olmo": ("attention_bias",),
     "hunyuan_v1_moe": ("attention_bias", "eod_token_id", "sep_token_id"),
     "ernie4_5_moe": ("use_bias",),  # on the attention and the dense FFNs, not on the experts: refused
+    "cohere2_moe": ("attention_bias", "layer_norm_eps", "logit_scale", "sliding_window", "layer_types"),
 }
+# Cohere2-MoE rotates q/k in its dense full-attention blocks when this is 1; Cohere2 (like Cohere2-MoE's sparse
+# blocks) only in sliding-window blocks. Any other value keeps Cohere2's rule (it only spaces default layer_types).
+COHERE2_PREFIX_PATTERN = 4
 
 
 @dataclass(frozen=True)
@@ -89,11 +96,12 @@ MOE_CLASSES = {
                              score_bias=True),
     "glm4_moe": MoEClass("GLM4-MoE", "Glm4MoeForCausalLM", "first", False, "ungated", score_function="sigmoid",
                          score_bias=True, routed_scaling=True),
+    "cohere2_moe": MoEClass("Cohere2-MoE", "Cohere2MoeForCausalLM", "any", True, "ungated"),
 }
 # The transformers MoE class (model_type) a dense family exports to with softmax scores.
 MOE_MODEL_TYPE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe",
                      "granite": "granitemoe", "olmo2": "flex_olmo", "hunyuan_v1_dense": "hunyuan_v1_moe",
-                     "ernie4_5": "ernie4_5_moe"}
+                     "ernie4_5": "ernie4_5_moe", "cohere2": "cohere2_moe"}
 # The class a run with shared experts exports to instead, where the family's own has none: GraniteMoeShared holds
 # Llama's and Mistral's function too, its scalings set to 1 (``granite_multipliers``).
 WITH_SHARED_EXPERTS = {"mixtral": "granitemoeshared", "granitemoe": "granitemoeshared"}
@@ -152,6 +160,7 @@ def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) 
 
 
 def _covered_families() -> str:
+    """Which families each class covers, for the refusal of a family without one."""
     by_class = {}
     for family, moe_type in MOE_MODEL_TYPE_OF.items():
         by_class.setdefault(MOE_CLASSES[moe_type].name, []).append(family)
@@ -256,9 +265,8 @@ def ernie_sparse_blocks(start: int, end: int, interval: int, num_layers: int) ->
 def granite_multipliers(dense: PretrainedConfig) -> dict:
     """GraniteMoe(Shared)'s scalings set to compute a Llama-style model: 1.0 for the embeddings, the residual branches
     and the logits, and Llama's attention scale 1 / sqrt(head_dim) (the same Python float Llama computes)."""
-    head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
     return {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
-            "attention_multiplier": head_dim**-0.5}
+            "attention_multiplier": head_dim(dense)**-0.5}
 
 
 def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> PretrainedConfig:
@@ -270,7 +278,7 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     num_layers, num_experts, top_k = dense.num_hidden_layers, layout.uniform_num_experts, moe.top_k
     expert_size = expert_intermediate_size(dense, moe)
     shared_size = moe.num_shared_experts * expert_size
-    fields = _shared_fields(dense, moe_type)
+    fields = dict(_shared_fields(dense, moe_type), head_dim=head_dim(dense))
     renormalises = Scoring.of(moe).renormalises(top_k)
     if moe_type in ("mixtral", "granitemoe", "granitemoeshared"):  # all sparse: intermediate_size is the experts'
         fields.update(num_local_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size)
@@ -284,6 +292,12 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
         fields.update(moe_num_experts=num_experts, moe_k=top_k, moe_intermediate_size=expert_size,
                       intermediate_size=dense.intermediate_size, moe_num_shared_experts=moe.num_shared_experts,
                       moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)
+    elif moe_type == "cohere2_moe":  # dense blocks keep the dense FFN's width, in prefix_dense_intermediate_size
+        fields.update(num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
+                      prefix_dense_intermediate_size=dense.intermediate_size, expert_selection_fn="softmax",
+                      mlp_layer_types=["sparse" if i in layout.blocks else "dense" for i in range(num_layers)],
+                      num_shared_experts=moe.num_shared_experts, shared_expert_combination_strategy="sum",
+                      prefix_dense_sliding_window_pattern=COHERE2_PREFIX_PATTERN)
     elif moe_type == SIGMOID_MOE_TYPE:  # dense blocks keep the dense FFN's intermediate_size
         fields.update(_glm4_moe_fields(dense, moe, layout), n_routed_experts=num_experts, num_experts_per_tok=top_k,
                       norm_topk_prob=renormalises, moe_intermediate_size=expert_size,
@@ -309,7 +323,6 @@ def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout)
     rope = dict(dense.rope_parameters or {}, partial_rotary_factor=1.0)
     return dict(rope_parameters=rope, partial_rotary_factor=1.0, use_qk_norm=dense.model_type == "qwen3",
                 attention_bias=dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False)),
-                head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
                 routed_scaling_factor=moe.routed_scaling_factor, n_group=1, topk_group=1,
                 n_shared_experts=moe.num_shared_experts,  # N x moe_intermediate_size units, ungated
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
@@ -332,6 +345,7 @@ class CheckpointShape:
     shared_size: int             # the shared experts' hidden units, all together
     shared_gated: bool
     renormalises: bool           # the top-k weights are rescaled to sum to 1
+    dense_size: int | None = None  # the dense blocks' hidden units (None: intermediate_size)
     score_function: str = "softmax"
     score_bias: bool = False     # the router chooses by the scores plus a bias the checkpoint holds
     routed_scaling_factor: float = 1.0
@@ -356,11 +370,17 @@ def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
         return CheckpointShape(config.moe_num_experts, config.moe_k, config.moe_intermediate_size, blocks,
                                config.moe_num_shared_experts * config.moe_intermediate_size, False, True,
                                score_bias=True)
+    if moe_type == "cohere2_moe":
+        blocks = [i for i, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+        return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.intermediate_size, blocks,
+                               config.num_shared_experts * config.intermediate_size, False, True,
+                               config.prefix_dense_intermediate_size or config.intermediate_size)
     if moe_type == SIGMOID_MOE_TYPE:
         return CheckpointShape(config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                                list(range(config.first_k_dense_replace, num_layers)),
                                config.n_shared_experts * config.moe_intermediate_size, False, config.norm_topk_prob,
-                               "sigmoid", True, config.routed_scaling_factor)
+                               score_function="sigmoid", score_bias=True,
+                               routed_scaling_factor=config.routed_scaling_factor)
     return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                            _qwen_moe_block_ids(config), getattr(config, "shared_expert_intermediate_size", 0),
                            True, config.norm_topk_prob)
@@ -385,9 +405,9 @@ def import_problems(config: PretrainedConfig) -> list[str]:
     if not shape.block_ids:
         problems.append("no block has an MoE FFN; load it as a dense model instead")
     if 0 < len(shape.block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(shape, config) is None:
-        problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
-                        f"moe_intermediate_size {shape.expert_size}: DeepSpeed's experts are copies of the dense FFN "
-                        "or, as --expert_init granular makes them, 1/G of it with num_experts "
+        problems.append(f"dense blocks of intermediate_size {shape.dense_size or config.intermediate_size} beside "
+                        f"experts of moe_intermediate_size {shape.expert_size}: DeepSpeed's experts are copies of the "
+                        "dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
                         f"({shape.num_experts}) a multiple of G; no whole G gives these sizes")
     if shape.shared_size % shape.expert_size:
         shared, expert = (("shared_expert_intermediate_size", "moe_intermediate_size") if moe_type == "qwen2_moe"
@@ -408,6 +428,27 @@ def import_problems(config: PretrainedConfig) -> list[str]:
                             "ERNIE-4.5-MoE stops rescaling them to sum to 1; DeepSpeed's rule always rescales")
     if moe_type == SIGMOID_MOE_TYPE:
         problems += _glm4_moe_import_problems(config)
+    if moe_type == "cohere2_moe":
+        problems += _cohere2_moe_import_problems(config, shape)
+    return problems
+
+
+def _cohere2_moe_import_problems(config: PretrainedConfig, shape: CheckpointShape) -> list[str]:
+    """What of Cohere2-MoE neither Cohere2's blocks nor DeepSpeed's router compute."""
+    problems = []
+    if config.rms_norm_eps is not None:
+        problems.append("rms_norm_eps is set: Cohere2-MoE then normalises by RMSNorm, Cohere2 by LayerNorm")
+    if config.expert_selection_fn != "softmax":
+        problems.append(f"expert_selection_fn {config.expert_selection_fn!r}: weights from the sigmoid of the top-k "
+                        "logits are not the scored rule's (it scores every expert before choosing)")
+    if shape.shared_size and config.shared_expert_combination_strategy != "sum":
+        problems.append(f"shared_expert_combination_strategy {config.shared_expert_combination_strategy!r}: "
+                        "DeepSpeed's MoE layers add the shared experts' output")
+    dense_full = [i for i, (mlp, attention) in enumerate(zip(config.mlp_layer_types, config.layer_types))
+                  if mlp == "dense" and attention == "full_attention"]
+    if dense_full and config.prefix_dense_sliding_window_pattern == 1:
+        problems.append(f"prefix_dense_sliding_window_pattern 1: Cohere2-MoE rotates q/k in dense full-attention "
+                        f"blocks {dense_full}, Cohere2 rotates only in sliding-window blocks")
     return problems
 
 
@@ -451,11 +492,9 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
         settings["routed_scaling_factor"] = shape.routed_scaling_factor
     granularity = _granularity_beside_dense_blocks(shape, config) if moe_layers != "all" else 1
     if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
-        ffn_size = config.intermediate_size
+        ffn_size = shape.dense_size or config.intermediate_size
         settings.update(expert_init="granular", granularity=granularity)
-    # the head width the MoE class's attention uses (a family's default may differ: ERNIE-4.5's is 128)
-    fields = dict(_shared_fields(config, moe_type),
-                  head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    fields = dict(_shared_fields(config, moe_type), head_dim=head_dim(config))
     dense = AutoConfig.for_model(import_dense_model_type(config), intermediate_size=ffn_size, **fields)
     return dense, settings, MoELayout(tuple(block_ids), (shape.num_experts,) * len(block_ids))
 
@@ -463,7 +502,7 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
 def _granularity_beside_dense_blocks(shape: CheckpointShape, config: PretrainedConfig) -> int | None:
     """G such that a checkpoint's dense blocks (intermediate_size F) and experts (F/G wide) are the model
     --expert_init granular --granularity G builds; None when there is no such G."""
-    dense_size, expert_size = config.intermediate_size, shape.expert_size
+    dense_size, expert_size = shape.dense_size or config.intermediate_size, shape.expert_size
     if expert_size < 1 or dense_size % expert_size or shape.num_experts % (dense_size // expert_size):
         return None
     return dense_size // expert_size
@@ -473,6 +512,12 @@ def _qwen_moe_block_ids(config: PretrainedConfig) -> list[int]:
     """The blocks Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer give a sparse MoE block."""
     return [i for i in range(config.num_hidden_layers)
             if i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0]
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """The head width a config's attention uses, written out for the other class's config, whose default may differ
+    (ERNIE-4.5's and Cohere2-MoE's is 128)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _shared_fields(source: PretrainedConfig, moe_type: str) -> dict:

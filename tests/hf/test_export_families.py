@@ -16,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from moe_models import convert_to_moe
 from moe_models.config import MoEConfig
-from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, hf_moe_config
+from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, dense_config_and_moe_settings, hf_moe_config
 from moe_models.hf.export import export
 from moe_models.hf.export_table import export_table_markdown, with_export_table
 from moe_models.hf.load import import_hf_moe
@@ -45,8 +45,12 @@ CASES = {
     # softmax scores with the aux-loss-free bias, sparse blocks 1 and 3 beside dense ones, 2 shared experts
     "ernie": ("ernie4_5", TINY, dict(top_k=2, moe_layers="every:2", num_shared_experts=2,
                                      router_bias_update_rate=0.01), "Ernie4_5_MoeForCausalLM"),
+    # a parallel attention + FFN block, LayerNorm, logit_scale, windows of 8 in 3 of 4 blocks (the probe is 24 long);
+    # dense blocks 0 and 3 (a sliding and a full-attention one) beside the sparse ones
+    "cohere2": ("cohere2", dict(TINY, sliding_window=8, logit_scale=0.5),
+                dict(top_k=2, moe_layers="1,2", num_shared_experts=1), "Cohere2MoeForCausalLM"),
 }
-IMPORTED = ["granite", "granite_shared", "olmo2", "olmo2_top1", "hunyuan", "ernie"]
+IMPORTED = ["granite", "granite_shared", "olmo2", "olmo2_top1", "hunyuan", "ernie", "cohere2"]
 
 
 def tokens(batch=2, length=24, seed=0):
@@ -147,13 +151,19 @@ FULL_ROTARY = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.
                       routed_scaling_factor=1.5, head_dim=16, **FULL_ROTARY),
      dict(score_function="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5, num_shared_experts=2,
           expert_init="granular", granularity=2, moe_layers=[1, 2])),
+    # dense first block twice as wide as the experts (granular), a summed shared expert, top-1 (weight 1.0)
+    ("cohere2_moe", dict(num_experts=4, num_experts_per_tok=1, intermediate_size=48, head_dim=16, sliding_window=8,
+                         mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=96,
+                         prefix_dense_sliding_window_pattern=2, num_shared_experts=2,
+                         shared_expert_combination_strategy="sum", bos_token_id=1, eos_token_id=2),
+     dict(num_shared_experts=2, norm_topk_prob=True, expert_init="granular", granularity=2, moe_layers=[1, 2])),
 ])
 @torch.no_grad()
 def test_a_checkpoint_made_by_transformers_imports_with_its_function(world, tmp_path, moe_type, fields, settings):
     """The HF class built by transformers itself (random weights and router biases, the hub's layout on disk)
     imports exactly: the DeepSpeed model computes its logits."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(moe_type, **FOREIGN, **fields)).eval()
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(moe_type, **{**FOREIGN, **fields})).eval()
     for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
         if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and tensor.shape[0] == 4:
             tensor.mul_(30)  # routers that tell experts apart
@@ -212,6 +222,23 @@ def test_ernie_sparse_blocks_are_the_layout(moe_layers, start_end_interval):
 def test_every_export_class_is_documented_with_its_hf_class():
     for moe_type, target in MOE_CLASSES.items():
         assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[moe_type] == target.hf_class
+
+
+@pytest.mark.parametrize("moe_type, fields, message", [
+    ("cohere2_moe", dict(num_shared_experts=1, shared_expert_combination_strategy="average"),
+     "shared_expert_combination_strategy 'average': DeepSpeed's MoE layers add the shared experts' output"),
+    ("cohere2_moe", dict(rms_norm_eps=1e-6), "Cohere2-MoE then normalises by RMSNorm, Cohere2 by LayerNorm"),
+    ("cohere2_moe", dict(mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
+                         prefix_dense_sliding_window_pattern=1), "rotates q/k in dense full-attention blocks [0]"),
+    ("glm4_moe", dict(n_group=4, topk_group=2, n_routed_experts=8), "topk_group 2 of n_group 4"),
+    ("glm4_moe", dict(use_qk_norm=True, attention_bias=True), "use_qk_norm and attention_bias"),
+    ("ernie4_5_moe", dict(use_bias=True), "use_bias is true: ERNIE-4.5's FFN biases"),
+])
+def test_checkpoints_no_dense_family_rebuilds_are_refused_on_import(moe_type, fields, message):
+    config = AutoConfig.for_model(moe_type, **dict(FOREIGN, num_hidden_layers=2), **fields)
+    with pytest.raises(NotRepresentable) as err:
+        dense_config_and_moe_settings(config)
+    assert message in str(err.value)
 
 
 def test_export_doc_tables_match_the_code():
