@@ -1,5 +1,5 @@
 """One adapter per native transformers MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe, GraniteMoeShared,
-FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE, Cohere2-MoE): its weights' names, both ways.
+GraniteMoe-SWA, FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, GLM4-MoE, Cohere2-MoE): its weights' names, both ways.
 
 An adapter turns a DeepSpeed MoE model's state (the stock layer's names, moe/layer.py) into the HF class's
 state (export), and reads the HF class's checkpoint back for any DeepSpeed parameter (import). The other
@@ -14,9 +14,8 @@ because from_pretrained has no way to load only some experts.
 
 Shared experts (``<ffn>.shared_experts.{gate,up,down}_proj`` and ``<ffn>.shared_expert_gate``, moe/shared.py) are
 Qwen2-MoE's ``shared_expert`` and ``shared_expert_gate``, GLM4-MoE's, ERNIE-4.5-MoE's and Cohere2-MoE's
-``shared_experts``,
-HunYuan-MoE's ``shared_mlp``, and GraniteMoeShared's ``shared_mlp`` beside the sparse block (gate and up rows fused
-as ``input_linear``, gate rows first); all but Qwen2-MoE's have no gate.
+``shared_experts``, HunYuan-MoE's ``shared_mlp``, and GraniteMoeShared's and GraniteMoe-SWA's ``shared_mlp`` beside
+the sparse block (gate and up rows fused as ``input_linear``, gate rows first); all but Qwen2-MoE's have no gate.
 """
 
 from __future__ import annotations
@@ -289,6 +288,7 @@ ADAPTERS: dict[str, MoEFamilyAdapter] = {a.model_type: a for a in (
     MoEFamilyAdapter("qwen3_moe", "qwen3", per_expert_block="mlp", per_expert_names=SWIGLU),
     GraniteMoeAdapter("granitemoe", "granite", fused_block="block_sparse_moe", router_name="router"),
     GraniteMoeSharedAdapter("granitemoeshared", "granite", fused_block="block_sparse_moe", router_name="router"),
+    GraniteMoeSharedAdapter("granitemoe_swa", "granite_swa", fused_block="block_sparse_moe", router_name="router"),
     MoEFamilyAdapter("flex_olmo", "olmo2", per_expert_block="mlp", per_expert_names=SWIGLU),
     MoEFamilyAdapter("hunyuan_v1_moe", "hunyuan_v1_dense", per_expert_block="mlp", per_expert_names=SWIGLU,
                      router_name="gate.wg", shared_name="shared_mlp"),

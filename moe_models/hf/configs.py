@@ -2,7 +2,8 @@
 
 With softmax scores each dense family maps to the MoE class with its very attention, norms and embeddings
 (``MOE_MODEL_TYPE_OF``): Llama and Mistral to Mixtral (with shared experts: GraniteMoeShared, set to Llama's scalings),
-Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE, Granite to GraniteMoe (with shared experts: GraniteMoeShared), OLMo2 to
+Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE, Granite to GraniteMoe (with shared experts: GraniteMoeShared), Granite-SWA
+to GraniteMoe-SWA, OLMo2 to
 FlexOlmo, HunYuan-Dense to HunYuan-MoE, ERNIE-4.5 to ERNIE-4.5-MoE, Cohere2 to Cohere2-MoE; with sigmoid scores
 (``--score_function sigmoid``, DeepSeek-V3's routing) Llama, Mistral, Qwen2 and Qwen3 map to GLM4-MoE (the weights'
 names: hf/adapters.py). What
@@ -17,8 +18,8 @@ Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */
   - Mixtral, HunYuan-MoE and ERNIE-4.5-MoE always rescale the top-k probabilities to sum to 1 (so top-1 gets weight
     1.0); ERNIE-4.5-MoE divides by the sum clamped to at least ``moe_norm_min`` (1e-12), which the sum of the top-k
     of E probabilities (at least 1/E) never is below.
-  - GraniteMoe(Shared) and Cohere2-MoE take the softmax of the top-k logits: the top-k probabilities rescaled to sum
-    to 1.
+  - GraniteMoe(Shared), GraniteMoe-SWA and Cohere2-MoE take the softmax of the top-k logits: the top-k
+    probabilities rescaled to sum to 1.
   - Qwen2-MoE, Qwen3-MoE and FlexOlmo rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
   - ERNIE-4.5-MoE chooses by the softmax probabilities plus ``e_score_correction_bias`` and weighs by the unbiased
     ones: the scored rule of moe/router.py with softmax scores and an aux-loss-free bias.
@@ -26,9 +27,9 @@ Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */
     ``n_group`` groups; one group here), weighs by the unbiased scores, rescaled when ``norm_topk_prob``, times
     ``routed_scaling_factor``: the scored rule of moe/router.py. Its attention is Llama's with optional q/k RMSNorms
     per head (Qwen3's) and q/k/v biases (Qwen2's), rotary over ``partial_rotary_factor`` of each head (1.0 here).
-  - Shared experts: Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared, GLM4-MoE,
-    ERNIE-4.5-MoE and Cohere2-MoE (shared_expert_combination_strategy "sum") add N experts' width of ungated MLP;
-    HunYuan-MoE always adds one ungated MLP as wide as an expert.
+  - Shared experts: Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared,
+    GraniteMoe-SWA, GLM4-MoE, ERNIE-4.5-MoE and Cohere2-MoE (shared_expert_combination_strategy "sum") add N
+    experts' width of ungated MLP; HunYuan-MoE always adds one ungated MLP as wide as an expert.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "tie_word_embeddings", "rope_parameters", "attention_dropout", "pad_token_id", "bos_token_id",
                  "eos_token_id")
 GRANITE_SCALINGS = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")
+GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared", "granitemoe_swa")
 SHARED_FIELDS_OF_MOE_TYPE = {
     "mixtral": ("sliding_window",),  # Mistral's and Mixtral's window apply to every block alike
     "qwen2_moe": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
@@ -57,6 +59,7 @@ SHARED_FIELDS_OF_MOE_TYPE = {
     # Granite has no sliding window: a Mistral window is refused; a Llama base gets Llama's scalings
     "granitemoe": ("attention_bias", *GRANITE_SCALINGS),
     "granitemoeshared": ("attention_bias", *GRANITE_SCALINGS),
+    "granitemoe_swa": ("attention_bias", *GRANITE_SCALINGS, "sliding_window", "layer_types", "layer_rope_theta"),
     "flex_olmo": ("attention_bias",),
     "hunyuan_v1_moe": ("attention_bias", "eod_token_id", "sep_token_id"),
     "ernie4_5_moe": ("use_bias",),  # on the attention and the dense FFNs, not on the experts: refused
@@ -88,6 +91,7 @@ MOE_CLASSES = {
     "mixtral": MoEClass("Mixtral", "MixtralForCausalLM", "none", True, "none"),
     "granitemoe": MoEClass("GraniteMoe", "GraniteMoeForCausalLM", "none", True, "none"),
     "granitemoeshared": MoEClass("GraniteMoeShared", "GraniteMoeSharedForCausalLM", "none", True, "ungated"),
+    "granitemoe_swa": MoEClass("GraniteMoe-SWA", "GraniteMoeSWAForCausalLM", "none", True, "ungated"),
     "qwen2_moe": MoEClass("Qwen2-MoE", "Qwen2MoeForCausalLM", "any", False, "gated or not"),
     "qwen3_moe": MoEClass("Qwen3-MoE", "Qwen3MoeForCausalLM", "any", False, "none"),
     "flex_olmo": MoEClass("FlexOlmo", "FlexOlmoForCausalLM", "none", False, "none"),
@@ -101,7 +105,7 @@ MOE_CLASSES = {
 # The transformers MoE class (model_type) a dense family exports to with softmax scores.
 MOE_MODEL_TYPE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe",
                      "granite": "granitemoe", "olmo2": "flex_olmo", "hunyuan_v1_dense": "hunyuan_v1_moe",
-                     "ernie4_5": "ernie4_5_moe", "cohere2": "cohere2_moe"}
+                     "ernie4_5": "ernie4_5_moe", "cohere2": "cohere2_moe", "granite_swa": "granitemoe_swa"}
 # The class a run with shared experts exports to instead, where the family's own has none: GraniteMoeShared holds
 # Llama's and Mistral's function too, its scalings set to 1 (``granite_multipliers``).
 WITH_SHARED_EXPERTS = {"mixtral": "granitemoeshared", "granitemoe": "granitemoeshared"}
@@ -280,7 +284,7 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     shared_size = moe.num_shared_experts * expert_size
     fields = dict(_shared_fields(dense, moe_type), head_dim=head_dim(dense))
     renormalises = Scoring.of(moe).renormalises(top_k)
-    if moe_type in ("mixtral", "granitemoe", "granitemoeshared"):  # all sparse: intermediate_size is the experts'
+    if moe_type in ("mixtral", *GRANITE_MOE_TYPES):  # every block sparse: intermediate_size is the experts'
         fields.update(num_local_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size)
     elif moe_type == "flex_olmo":
         fields.update(num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
@@ -309,9 +313,9 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     if moe_type == "qwen2_moe":
         # Qwen2-MoE always builds a shared expert; with no intermediate units it adds exactly zero (tested).
         fields.update(shared_expert_intermediate_size=shared_size, qkv_bias=True)
-    if moe_type in ("granitemoe", "granitemoeshared") and dense.model_type != "granite":
+    if moe_type in GRANITE_MOE_TYPES and MOE_MODEL_TYPE_OF[dense.model_type] == "mixtral":  # Llama's, Mistral's
         fields.update(granite_multipliers(dense))
-    if moe_type == "granitemoeshared":
+    if moe_type in ("granitemoeshared", "granitemoe_swa"):
         fields.update(shared_intermediate_size=shared_size)
     return AutoConfig.for_model(moe_type, **fields)
 
@@ -355,7 +359,7 @@ def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
     """The checkpoint's routing and layout, read from each importable class's own config fields."""
     moe_type, num_layers = config.model_type, config.num_hidden_layers
     every_block = list(range(num_layers))
-    if moe_type in ("mixtral", "granitemoe", "granitemoeshared"):
+    if moe_type in ("mixtral", *GRANITE_MOE_TYPES):
         return CheckpointShape(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
                                every_block, getattr(config, "shared_intermediate_size", 0), False, True)
     if moe_type == "flex_olmo":

@@ -1,4 +1,4 @@
-"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe(Shared),
+"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe(Shared, -SWA),
 FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, Cohere2-MoE or GLM4-MoE: hf/configs.py).
 
     python -m moe_models.export --checkpoint OUT/checkpoints [--tag TAG] --output HF_DIR     # a train.py run

@@ -38,6 +38,9 @@ EXACT = dict(num_experts=4, expert_init="random", drop_tokens=False, top2_2nd_ex
 CASES = {
     "granite": ("granite", GRANITE, dict(top_k=2), "GraniteMoeForCausalLM"),
     "granite_shared": ("granite", GRANITE, dict(top_k=3, num_shared_experts=1), "GraniteMoeSharedForCausalLM"),
+    # windows of 8 (the probe is 24 long) in 3 of 4 blocks, attention sinks, NoPE in block 2
+    "granite_swa": ("granite_swa", dict(GRANITE, sliding_window=8, layer_rope_theta=[10000.0, 500.0, 0, 10000.0]),
+                    dict(top_k=2, num_shared_experts=1), "GraniteMoeSWAForCausalLM"),
     "olmo2": ("olmo2", dict(TINY, attention_bias=True), dict(top_k=2), "FlexOlmoForCausalLM"),
     # DeepSpeed's top-1 keeps the probability: FlexOlmo with norm_topk_prob false
     "olmo2_top1": ("olmo2", TINY, dict(top_k=1), "FlexOlmoForCausalLM"),
@@ -50,7 +53,7 @@ CASES = {
     "cohere2": ("cohere2", dict(TINY, sliding_window=8, logit_scale=0.5),
                 dict(top_k=2, moe_layers="1,2", num_shared_experts=1), "Cohere2MoeForCausalLM"),
 }
-IMPORTED = ["granite", "granite_shared", "olmo2", "olmo2_top1", "hunyuan", "ernie", "cohere2"]
+IMPORTED = ["granite", "granite_shared", "granite_swa", "olmo2", "olmo2_top1", "hunyuan", "ernie", "cohere2"]
 
 
 def tokens(batch=2, length=24, seed=0):
@@ -60,7 +63,7 @@ def tokens(batch=2, length=24, seed=0):
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, world, tmp_path_factory):
     """One case converted (random experts, routers 30x their init so that weights differ between routes, random
-    router biases), saved as MoETrainer saves it, and exported."""
+    router biases and attention sinks), saved as MoETrainer saves it, and exported."""
     model_type, fields, settings, hf_class = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
@@ -74,6 +77,8 @@ def exported(request, world, tmp_path_factory):
                 tensor.mul_(30)
             elif name.endswith(ROUTER_SCORE_BIAS):
                 tensor.normal_(0, 0.1)
+            elif name.endswith("sinks"):  # Granite-SWA's attention sinks start at zero
+                tensor.normal_()
     model.save_pretrained(root / "trained")
     write_settings(root / "trained", moe, layout)
     byte_level_tokenizer().save_pretrained(root / "trained")
