@@ -1,25 +1,40 @@
 """The native transformers MoE class of each family, both ways: its config, and which blocks are sparse.
 
-With softmax scores, Llama and Mistral map to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE (``MOE_MODEL_TYPE_OF``); Llama and Mistral with shared experts map to GraniteMoeShared; with sigmoid
-scores (``--score_function sigmoid``, DeepSeek-V3's routing) all four map to GLM4-MoE (the weights' names:
-hf/adapters.py; GraniteMoeShared and GLM4-MoE are export only). A mapping is made only when the MoE class computes
-exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
+With softmax scores each dense family maps to the MoE class with its very attention, norms and embeddings
+(``MOE_MODEL_TYPE_OF``): Llama and Mistral to Mixtral (with shared experts: GraniteMoeShared, set to Llama's scalings),
+Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE, Granite to GraniteMoe (with shared experts: GraniteMoeShared), Granite-SWA
+to GraniteMoe-SWA, OLMo2 to
+FlexOlmo, HunYuan-Dense to HunYuan-MoE, ERNIE-4.5 to ERNIE-4.5-MoE, Cohere2 to Cohere2-MoE; with sigmoid scores
+(``--score_function sigmoid``, DeepSeek-V3's routing) Llama, Mistral, Qwen2 and Qwen3 map to GLM4-MoE (the weights'
+names: hf/adapters.py). What
+each class can hold of the routing and the layout is ``MOE_CLASSES``. A mapping is made only when the MoE class
+computes exactly what the DeepSpeed model computes; anything else raises NotRepresentable with every reason at once.
+``NO_MOE_CLASS`` says, for the families with none, what no transformers MoE class computes (docs/export.md's table
+is generated from these tables).
 
-Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */modeling_*_moe.py):
+Routing facts the checks rest on (deepspeed/moe/sharded_moe.py, transformers' */modeling_*.py):
   - DeepSpeed top-1 scales the chosen expert's output by its softmax probability; top-2 and top-k > 2 rescale
     the chosen probabilities to sum to 1.
-  - Mixtral always rescales the top-k probabilities to sum to 1 (so top-1 gets weight 1.0).
-  - Qwen2-MoE and Qwen3-MoE rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
+  - Mixtral, HunYuan-MoE and ERNIE-4.5-MoE always rescale the top-k probabilities to sum to 1 (so top-1 gets weight
+    1.0); ERNIE-4.5-MoE divides by the sum clamped to at least ``moe_norm_min`` (1e-12), which the sum of the top-k
+    of E probabilities (at least 1/E) never is below.
+  - GraniteMoe(Shared), GraniteMoe-SWA and Cohere2-MoE take the softmax of the top-k logits: the top-k
+    probabilities rescaled to sum to 1.
+  - Qwen2-MoE, Qwen3-MoE and FlexOlmo rescale when ``norm_topk_prob`` is true, and keep the probabilities otherwise.
+  - ERNIE-4.5-MoE chooses by the softmax probabilities plus ``e_score_correction_bias`` and weighs by the unbiased
+    ones: the scored rule of moe/router.py with softmax scores and an aux-loss-free bias.
   - GLM4-MoE scores by sigmoid, chooses by the scores plus ``e_score_correction_bias`` (within ``topk_group`` of
     ``n_group`` groups; one group here), weighs by the unbiased scores, rescaled when ``norm_topk_prob``, times
     ``routed_scaling_factor``: the scored rule of moe/router.py. Its attention is Llama's with optional q/k RMSNorms
     per head (Qwen3's) and q/k/v biases (Qwen2's), rotary over ``partial_rotary_factor`` of each head (1.0 here).
-  - GraniteMoe(Shared) takes the softmax of the top-k logits: the top-k probabilities rescaled to sum to 1 (so
-    top-1 gets weight 1.0).
-  - Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared adds shared_mlp(x), ungated.
+  - Shared experts: Qwen2-MoE adds sigmoid(shared_expert_gate(x)) x shared_expert(x); GraniteMoeShared,
+    GraniteMoe-SWA, GLM4-MoE, ERNIE-4.5-MoE and Cohere2-MoE (shared_expert_combination_strategy "sum") add N
+    experts' width of ungated MLP; HunYuan-MoE always adds one ungated MLP as wide as an expert.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -34,20 +49,80 @@ SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
                  "tie_word_embeddings", "rope_parameters", "attention_dropout", "pad_token_id", "bos_token_id",
                  "eos_token_id")
+GRANITE_SCALINGS = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")
+GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared", "granitemoe_swa")
 SHARED_FIELDS_OF_MOE_TYPE = {
     "mixtral": ("sliding_window",),  # Mistral's and Mixtral's window apply to every block alike
     "qwen2_moe": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
     "qwen3_moe": ("attention_bias",),  # Qwen3-MoE windows every block, Qwen3 only some: sliding is refused
     "glm4_moe": ("attention_bias",),  # Llama's and Qwen3's bias is also on o_proj, GLM4-MoE's is not: refused
-    "granitemoeshared": ("attention_bias",),  # Granite has no sliding window: a Mistral window is refused
+    # Granite has no sliding window: a Mistral window is refused; a Llama base gets Llama's scalings
+    "granitemoe": ("attention_bias", *GRANITE_SCALINGS),
+    "granitemoeshared": ("attention_bias", *GRANITE_SCALINGS),
+    "granitemoe_swa": ("attention_bias", *GRANITE_SCALINGS, "sliding_window", "layer_types", "layer_rope_theta"),
+    "flex_olmo": ("attention_bias",),
+    "hunyuan_v1_moe": ("attention_bias", "eod_token_id", "sep_token_id"),
+    "ernie4_5_moe": ("use_bias",),  # on the attention and the dense FFNs, not on the experts: refused
+    "cohere2_moe": ("attention_bias", "layer_norm_eps", "logit_scale", "sliding_window", "layer_types"),
 }
-# The class names the refusals use.
-CLASS_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE",
-               "granitemoeshared": "GraniteMoeShared", "glm4_moe": "GLM4-MoE"}
+# Cohere2-MoE rotates q/k in its dense full-attention blocks when this is 1; Cohere2 (like Cohere2-MoE's sparse
+# blocks) only in sliding-window blocks. Any other value keeps Cohere2's rule (it only spaces default layer_types).
+COHERE2_PREFIX_PATTERN = 4
+
+
+@dataclass(frozen=True)
+class MoEClass:
+    """What a transformers MoE class can hold of a DeepSpeed MoE model's routing and layout (its attention, norms and
+    embeddings are its dense families' own: ``MOE_MODEL_TYPE_OF``)."""
+
+    name: str                        # as the documentation and the refusals name it
+    hf_class: str                    # its causal LM class
+    # which blocks may keep a dense FFN: "none" (every block is sparse), "any" (mlp_only_layers), "first"
+    # (first_k_dense_replace), "interval" (every interval-th block from a start to an end block)
+    dense_blocks: str
+    always_renormalises: bool        # rescales the top-k weights to sum to 1 even for top-1; else norm_topk_prob
+    shared_experts: str              # "none" | "ungated" (N experts' width) | "gated or not" | "one" (always one)
+    score_function: str = "softmax"
+    score_bias: bool = False         # chooses by the scores plus a bias (the aux-loss-free bias)
+    routed_scaling: bool = False     # multiplies the routed output by routed_scaling_factor
+
+
+MOE_CLASSES = {
+    "mixtral": MoEClass("Mixtral", "MixtralForCausalLM", "none", True, "none"),
+    "granitemoe": MoEClass("GraniteMoe", "GraniteMoeForCausalLM", "none", True, "none"),
+    "granitemoeshared": MoEClass("GraniteMoeShared", "GraniteMoeSharedForCausalLM", "none", True, "ungated"),
+    "granitemoe_swa": MoEClass("GraniteMoe-SWA", "GraniteMoeSWAForCausalLM", "none", True, "ungated"),
+    "qwen2_moe": MoEClass("Qwen2-MoE", "Qwen2MoeForCausalLM", "any", False, "gated or not"),
+    "qwen3_moe": MoEClass("Qwen3-MoE", "Qwen3MoeForCausalLM", "any", False, "none"),
+    "flex_olmo": MoEClass("FlexOlmo", "FlexOlmoForCausalLM", "none", False, "none"),
+    "hunyuan_v1_moe": MoEClass("HunYuan-MoE", "HunYuanMoEV1ForCausalLM", "none", True, "one"),
+    "ernie4_5_moe": MoEClass("ERNIE-4.5-MoE", "Ernie4_5_MoeForCausalLM", "interval", True, "ungated",
+                             score_bias=True),
+    "glm4_moe": MoEClass("GLM4-MoE", "Glm4MoeForCausalLM", "first", False, "ungated", score_function="sigmoid",
+                         score_bias=True, routed_scaling=True),
+    "cohere2_moe": MoEClass("Cohere2-MoE", "Cohere2MoeForCausalLM", "any", True, "ungated"),
+}
 # The transformers MoE class (model_type) a dense family exports to with softmax scores.
-MOE_MODEL_TYPE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+MOE_MODEL_TYPE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe",
+                     "granite": "granitemoe", "olmo2": "flex_olmo", "hunyuan_v1_dense": "hunyuan_v1_moe",
+                     "ernie4_5": "ernie4_5_moe", "cohere2": "cohere2_moe", "granite_swa": "granitemoe_swa"}
+# The class a run with shared experts exports to instead, where the family's own has none: GraniteMoeShared holds
+# Llama's and Mistral's function too, its scalings set to 1 (``granite_multipliers``).
+WITH_SHARED_EXPERTS = {"mixtral": "granitemoeshared", "granitemoe": "granitemoeshared"}
 SIGMOID_MOE_TYPE = "glm4_moe"  # the class for --score_function sigmoid, from these dense families:
 SIGMOID_BASES = ("llama", "mistral", "qwen2", "qwen3")
+# Why these dense families have no MoE class that computes their blocks, as read in transformers' modeling files.
+# Any other family without an entry in MOE_MODEL_TYPE_OF gets NOT_MATCHED.
+NO_MOE_CLASS = {
+    "gpt2": "no GPT-2 MoE class: none has LayerNorm with biases, learned positions and GELU FFNs with biases",
+    "olmo": "OLMoE and FlexOlmo have RMSNorm with weights and q/k norms; OLMo's LayerNorm has no weights and it clips "
+            "q/k/v (clip_qkv)",
+    "olmo3": "FlexOlmo has neither OLMo-3's sliding-window blocks nor its rope parameters per attention type",
+    "phi3": "PhiMoE has LayerNorm with biases and sparsemixer routing; Phi-3 has RMSNorm",
+    "glm4": "GLM4-MoE has no post-attention and post-FFN norms; GLM-4 has both",
+    "starcoder2": "no MoE class has StarCoder2's LayerNorm with biases and GELU FFNs with biases",
+}
+NOT_MATCHED = "no transformers MoE class is matched to its blocks yet (hf/configs.py: MOE_MODEL_TYPE_OF)"
 
 
 class NotRepresentable(ValueError):
@@ -60,12 +135,12 @@ class NotRepresentable(ValueError):
 
 def export_model_type(dense: PretrainedConfig, moe: MoEConfig) -> str | None:
     """The model_type of the transformers MoE class the model built from ``dense`` with ``moe`` exports to: GLM4-MoE
-    for sigmoid scores, else its family's (``MOE_MODEL_TYPE_OF``), but GraniteMoeShared for Llama and Mistral with
-    shared experts (Mixtral has none)."""
-    if moe.score_function == "sigmoid":
-        return SIGMOID_MOE_TYPE if dense.model_type in SIGMOID_BASES else None
+    for sigmoid scores on its bases, else its family's (``MOE_MODEL_TYPE_OF``), or that class's sibling with shared
+    experts (``WITH_SHARED_EXPERTS``) when the run has them."""
+    if moe.score_function == "sigmoid" and dense.model_type in SIGMOID_BASES:
+        return SIGMOID_MOE_TYPE
     moe_type = MOE_MODEL_TYPE_OF.get(dense.model_type)
-    return "granitemoeshared" if moe_type == "mixtral" and moe.num_shared_experts > 0 else moe_type
+    return WITH_SHARED_EXPERTS.get(moe_type, moe_type) if moe.num_shared_experts > 0 else moe_type
 
 
 def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
@@ -73,78 +148,129 @@ def export_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) 
     HF MoE class (empty: it has)."""
     moe_type = export_model_type(dense, moe)
     if moe_type is None:
-        return [f"{dense.model_type} has no Mixture-of-Experts class in transformers (Mixtral covers Llama and "
-                "Mistral, Qwen2-MoE and Qwen3-MoE cover Qwen2 and Qwen3, GLM4-MoE all four with sigmoid scores); "
-                "keep using the DeepSpeed checkpoint"]
-    name = CLASS_NAMES[moe_type]
-    problems = []
-    if moe_type != SIGMOID_MOE_TYPE:
-        if moe.router_bias_update_rate > 0:
-            problems.append(f"aux-loss-free bias (router_bias_update_rate) with softmax scores: {name} chooses experts "
-                            "without a bias (GLM4-MoE has one, with --score_function sigmoid)")
-        if moe.routed_scaling_factor != 1.0:
-            problems.append(f"routed_scaling_factor {moe.routed_scaling_factor}: {name} does not scale the routed "
-                            "output (GLM4-MoE does, with --score_function sigmoid)")
-    else:
-        problems += _glm4_moe_problems(dense, moe, layout)
-    if layout.uniform_num_experts is None:
-        problems.append(f"per-layer expert counts {list(layout.num_experts)}: an HF MoE class has one expert count "
-                        "for every MoE block")
+        reason = NO_MOE_CLASS.get(dense.model_type, NOT_MATCHED)
+        return [f"{dense.model_type} has no Mixture-of-Experts class in transformers ({reason}; "
+                f"{_covered_families()}); keep using the DeepSpeed checkpoint"]
+    target = MOE_CLASSES[moe_type]
+    problems = _routing_problems(target, moe) + _layout_problems(target, dense, moe, layout)
+    problems += _shared_expert_problems(target, moe)
     if moe.use_residual:
         problems.append("residual MoE (use_residual): no HF MoE class mixes a dense FFN into the experts' output "
                         "with a learned coefficient")
-    if moe_type in ("mixtral", "granitemoeshared"):
-        problems += every_block_sparse_problems(dense, moe, layout, name)
-    if moe_type == "mixtral":
-        for bias in ("attention_bias", "mlp_bias"):
-            if getattr(dense, bias, False):
-                problems.append(f"{bias} is true: Mixtral's attention and experts have no biases")
-    if moe_type == "qwen3_moe" and "sliding_attention" in (getattr(dense, "layer_types", None) or []):
-        problems.append("sliding-window attention in some blocks: Qwen3-MoE applies its window to every block or "
-                        "to none")
-    if moe_type == "granitemoeshared":
-        problems += granite_problems(dense, moe)
-    if moe_type == "qwen3_moe" and moe.num_shared_experts > 0:
-        problems.append(f"num_shared_experts {moe.num_shared_experts}: Qwen3-MoE has no shared expert")
-    return problems
+    if getattr(dense, "mlp_bias", False) or getattr(dense, "use_bias", False):
+        name = "mlp_bias" if getattr(dense, "mlp_bias", False) else "use_bias"
+        problems.append(f"{name} is true: {target.name}'s experts have no biases")
+    return problems + _attention_problems(moe_type, dense)
 
 
-def every_block_sparse_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout, name: str) -> list[str]:
-    """What a class with an MoE FFN in every block and top-k weights renormalised even for top-1 (Mixtral,
-    GraniteMoeShared) cannot compute."""
-    problems = []
-    if not Scoring.of(moe).renormalises(moe.top_k):
+def _covered_families() -> str:
+    """Which families each class covers, for the refusal of a family without one."""
+    by_class = {}
+    for family, moe_type in MOE_MODEL_TYPE_OF.items():
+        by_class.setdefault(MOE_CLASSES[moe_type].name, []).append(family)
+    return "; ".join(f"{name} covers {', '.join(families)}" for name, families in by_class.items())
+
+
+def _routing_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
+    """What ``target``'s router cannot compute of ``moe``'s."""
+    name, problems = target.name, []
+    if moe.score_function != target.score_function:
+        problems.append(f"--score_function {moe.score_function}: {name} scores by {target.score_function}"
+                        + (" (GLM4-MoE scores by sigmoid, with Llama's, Mistral's, Qwen2's or Qwen3's attention)"
+                           if moe.score_function == "sigmoid" else ""))
+    if moe.router_bias_update_rate > 0 and not target.score_bias:
+        problems.append(f"aux-loss-free bias (router_bias_update_rate) with {moe.score_function} scores: {name} "
+                        "chooses experts without a bias (GLM4-MoE has one, with --score_function sigmoid)")
+    if moe.routed_scaling_factor != 1.0 and not target.routed_scaling:
+        problems.append(f"routed_scaling_factor {moe.routed_scaling_factor}: {name} does not scale the routed "
+                        "output (GLM4-MoE does, with --score_function sigmoid)")
+    if target.always_renormalises and not Scoring.of(moe).renormalises(moe.top_k):
         problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
                         f"{name} gives it weight 1.0 (it rescales the top-k probabilities to sum to 1; so does "
                         "--norm_topk_prob true)" if moe.top_k == 1 else
                         f"norm_topk_prob false: {name} rescales the top-k probabilities to sum to 1")
-    if len(layout.blocks) < dense.num_hidden_layers:
-        problems.append(f"moe_layers {moe.moe_layers!r} keeps dense FFNs in some of the {dense.num_hidden_layers} "
-                        f"blocks: {name} has an MoE FFN in every block (Qwen2-MoE and Qwen3-MoE can mix them)")
     return problems
 
 
-def granite_problems(dense: PretrainedConfig, moe: MoEConfig) -> list[str]:
-    """What GraniteMoeShared, set to compute Llama's attention (granite_multipliers), cannot compute of a Llama or
-    Mistral model with shared experts."""
-    problems = []
-    if moe.shared_expert_gate:
-        problems.append("shared_expert_gate on a Llama/Mistral base: GraniteMoeShared's shared MLP has no gate and "
-                        "no other HF MoE class has this attention with a shared expert; train without "
-                        "--shared_expert_gate to export to GraniteMoeShared (Qwen2 bases export a gate to Qwen2-MoE)")
-    if getattr(dense, "mlp_bias", False):
-        problems.append("mlp_bias is true: GraniteMoeShared's experts and shared MLP have no biases")
-    if getattr(dense, "sliding_window", None) is not None:
-        problems.append(f"sliding_window {dense.sliding_window}: GraniteMoeShared's attention has no sliding window")
+def _layout_problems(target: MoEClass, dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
+    """What ``target`` cannot hold of the MoE layout: the expert counts and which blocks are sparse."""
+    name, num_layers, problems = target.name, dense.num_hidden_layers, []
+    if layout.uniform_num_experts is None:
+        problems.append(f"per-layer expert counts {list(layout.num_experts)}: an HF MoE class has one expert count "
+                        "for every MoE block")
+    if target.dense_blocks == "none" and len(layout.blocks) < num_layers:
+        problems.append(f"moe_layers {moe.moe_layers!r} keeps dense FFNs in some of the {num_layers} blocks: {name} "
+                        "has an MoE FFN in every block (Qwen2-MoE and Qwen3-MoE can mix them)")
+    first_moe_block = num_layers - len(layout.blocks)
+    if target.dense_blocks == "first" and list(layout.blocks) != list(range(first_moe_block, num_layers)):
+        problems.append(f"MoE blocks {list(layout.blocks)}: {name} keeps dense FFNs only in its first blocks "
+                        f"(first_k_dense_replace); use --moe_layers all or the last blocks, e.g. "
+                        f"'{','.join(map(str, range(num_layers // 2, num_layers)))}'")
+    if target.dense_blocks == "interval" and ernie_moe_layers(layout.blocks) is None:
+        problems.append(f"MoE blocks {list(layout.blocks)}: {name} makes block i sparse when (i + 1) is a multiple "
+                        "of moe_layer_interval, from moe_layer_start_index to moe_layer_end_index; use --moe_layers "
+                        "all, every:N or such a range")
+    if moe.score_function == "sigmoid" and layout.uniform_num_experts == 1:
+        problems.append(f"1 expert: {name}'s router picks expert groups by their two best scores, so it needs 2+")
     return problems
+
+
+def _shared_expert_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
+    """What ``target`` cannot hold of the shared experts."""
+    name, count = target.name, moe.num_shared_experts
+    if target.shared_experts == "none" and count > 0:
+        return [f"num_shared_experts {count}: {name} has no shared expert"]
+    if target.shared_experts == "one" and count != 1:
+        return [f"num_shared_experts {count}: {name} adds exactly one shared expert (an ungated MLP as wide as an "
+                "expert) to every MoE block; train with --num_shared_experts 1"]
+    if target.shared_experts in ("ungated", "one") and moe.shared_expert_gate:
+        return [f"shared_expert_gate: {name}'s shared experts have no gate; train without --shared_expert_gate "
+                "(Qwen2 bases export a gate to Qwen2-MoE)"]
+    return []
+
+
+def _attention_problems(moe_type: str, dense: PretrainedConfig) -> list[str]:
+    """What ``moe_type``'s attention cannot compute of the dense family's (biases, sliding windows)."""
+    name, problems = MOE_CLASSES[moe_type].name, []
+    windowed = (getattr(dense, "sliding_window", None) if dense.model_type == "mistral"
+                else getattr(dense, "use_sliding_window", False))
+    if moe_type == "mixtral" and getattr(dense, "attention_bias", False):
+        problems.append("attention_bias is true: Mixtral's attention has no biases")
+    if moe_type == "qwen3_moe" and "sliding_attention" in (getattr(dense, "layer_types", None) or []):
+        problems.append("sliding-window attention in some blocks: Qwen3-MoE applies its window to every block or "
+                        "to none")
+    if moe_type in ("granitemoe", "granitemoeshared") and getattr(dense, "sliding_window", None) is not None:
+        problems.append(f"sliding_window {dense.sliding_window}: {name}'s attention has no sliding window")
+    if moe_type == SIGMOID_MOE_TYPE:
+        if dense.model_type in ("llama", "qwen3") and getattr(dense, "attention_bias", False):
+            problems.append("attention_bias is true: it puts a bias on o_proj too, GLM4-MoE's o_proj has none")
+        if windowed or "sliding_attention" in (getattr(dense, "layer_types", None) or []):
+            problems.append("sliding-window attention: GLM4-MoE attends over the whole sequence")
+    return problems
+
+
+def ernie_moe_layers(blocks) -> tuple[int, int, int] | None:
+    """(moe_layer_start_index, moe_layer_end_index, moe_layer_interval) that make exactly ``blocks`` sparse in
+    ERNIE-4.5-MoE (block i when start <= i <= end and (i + 1) % interval == 0); None when none do."""
+    blocks = sorted(blocks)
+    if not blocks:
+        return None
+    interval = blocks[1] - blocks[0] if len(blocks) > 1 else blocks[0] + 1
+    layers = (blocks[0], blocks[-1], interval)
+    return layers if ernie_sparse_blocks(*layers, num_layers=blocks[-1] + 1) == blocks else None
+
+
+def ernie_sparse_blocks(start: int, end: int, interval: int, num_layers: int) -> list[int]:
+    """The blocks Ernie4_5_MoeDecoderLayer gives a sparse MoE block (an end of -1: the last block)."""
+    end = num_layers - 1 if end < 0 else end
+    return [i for i in range(num_layers) if start <= i <= end and (i + 1) % interval == 0]
 
 
 def granite_multipliers(dense: PretrainedConfig) -> dict:
-    """GraniteMoeShared's scalings set to compute a Llama-style model: 1.0 for the embeddings, the residual branches
+    """GraniteMoe(Shared)'s scalings set to compute a Llama-style model: 1.0 for the embeddings, the residual branches
     and the logits, and Llama's attention scale 1 / sqrt(head_dim) (the same Python float Llama computes)."""
-    head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
     return {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
-            "attention_multiplier": head_dim**-0.5}
+            "attention_multiplier": head_dim(dense)**-0.5}
 
 
 def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> PretrainedConfig:
@@ -153,50 +279,45 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
     moe_type = export_model_type(dense, moe)
-    num_layers, num_experts = dense.num_hidden_layers, layout.uniform_num_experts
+    num_layers, num_experts, top_k = dense.num_hidden_layers, layout.uniform_num_experts, moe.top_k
     expert_size = expert_intermediate_size(dense, moe)
-    fields = _shared_fields(dense, moe_type)
-    renormalises = Scoring.of(moe).renormalises(moe.top_k)
-    if moe_type in ("mixtral", "granitemoeshared"):  # every block is sparse: intermediate_size is the experts'
-        fields.update(num_local_experts=num_experts, num_experts_per_tok=moe.top_k, intermediate_size=expert_size)
+    shared_size = moe.num_shared_experts * expert_size
+    fields = dict(_shared_fields(dense, moe_type), head_dim=head_dim(dense))
+    renormalises = Scoring.of(moe).renormalises(top_k)
+    if moe_type in ("mixtral", *GRANITE_MOE_TYPES):  # every block sparse: intermediate_size is the experts'
+        fields.update(num_local_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size)
+    elif moe_type == "flex_olmo":
+        fields.update(num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
+                      norm_topk_prob=renormalises)
+    elif moe_type == "hunyuan_v1_moe":  # its shared MLP is intermediate_size wide: one expert's width
+        fields.update(num_experts=num_experts, moe_topk=top_k, intermediate_size=expert_size)
+    elif moe_type == "ernie4_5_moe":  # dense blocks keep the dense FFN's intermediate_size
+        start, end, interval = ernie_moe_layers(layout.blocks)
+        fields.update(moe_num_experts=num_experts, moe_k=top_k, moe_intermediate_size=expert_size,
+                      intermediate_size=dense.intermediate_size, moe_num_shared_experts=moe.num_shared_experts,
+                      moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)
+    elif moe_type == "cohere2_moe":  # dense blocks keep the dense FFN's width, in prefix_dense_intermediate_size
+        fields.update(num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
+                      prefix_dense_intermediate_size=dense.intermediate_size, expert_selection_fn="softmax",
+                      mlp_layer_types=["sparse" if i in layout.blocks else "dense" for i in range(num_layers)],
+                      num_shared_experts=moe.num_shared_experts, shared_expert_combination_strategy="sum",
+                      prefix_dense_sliding_window_pattern=COHERE2_PREFIX_PATTERN)
     elif moe_type == SIGMOID_MOE_TYPE:  # dense blocks keep the dense FFN's intermediate_size
-        fields.update(_glm4_moe_fields(dense, moe, layout), n_routed_experts=num_experts, num_experts_per_tok=moe.top_k,
+        fields.update(_glm4_moe_fields(dense, moe, layout), n_routed_experts=num_experts, num_experts_per_tok=top_k,
                       norm_topk_prob=renormalises, moe_intermediate_size=expert_size,
                       intermediate_size=dense.intermediate_size)
     else:  # dense blocks keep the dense FFN's intermediate_size
-        fields.update(num_experts=num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=renormalises,
+        fields.update(num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=renormalises,
                       moe_intermediate_size=expert_size, intermediate_size=dense.intermediate_size,
                       decoder_sparse_step=1, mlp_only_layers=[i for i in range(num_layers) if i not in layout.blocks])
     if moe_type == "qwen2_moe":
         # Qwen2-MoE always builds a shared expert; with no intermediate units it adds exactly zero (tested).
-        fields.update(shared_expert_intermediate_size=moe.num_shared_experts * expert_size, qkv_bias=True)
-    if moe_type == "granitemoeshared":
-        fields.update(shared_intermediate_size=moe.num_shared_experts * expert_size, **granite_multipliers(dense))
+        fields.update(shared_expert_intermediate_size=shared_size, qkv_bias=True)
+    if moe_type in GRANITE_MOE_TYPES and MOE_MODEL_TYPE_OF[dense.model_type] == "mixtral":  # Llama's, Mistral's
+        fields.update(granite_multipliers(dense))
+    if moe_type in ("granitemoeshared", "granitemoe_swa"):
+        fields.update(shared_intermediate_size=shared_size)
     return AutoConfig.for_model(moe_type, **fields)
-
-
-def _glm4_moe_problems(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> list[str]:
-    """What GLM4-MoE cannot compute of a Llama, Mistral, Qwen2 or Qwen3 model with sigmoid routing."""
-    problems = []
-    first_moe_block = dense.num_hidden_layers - len(layout.blocks)
-    if list(layout.blocks) != list(range(first_moe_block, dense.num_hidden_layers)):
-        problems.append(f"MoE blocks {list(layout.blocks)}: GLM4-MoE keeps dense FFNs only in its first blocks "
-                        f"(first_k_dense_replace); use --moe_layers all or the last blocks, e.g. "
-                        f"'{','.join(map(str, range(dense.num_hidden_layers // 2, dense.num_hidden_layers)))}'")
-    if dense.model_type in ("llama", "qwen3") and getattr(dense, "attention_bias", False):
-        problems.append("attention_bias is true: it puts a bias on o_proj too, GLM4-MoE's o_proj has none")
-    if getattr(dense, "mlp_bias", False):
-        problems.append("mlp_bias is true: GLM4-MoE's FFNs and experts have no biases")
-    windowed = (getattr(dense, "sliding_window", None) if dense.model_type == "mistral"
-                else getattr(dense, "use_sliding_window", False))
-    if windowed or "sliding_attention" in (getattr(dense, "layer_types", None) or []):
-        problems.append("sliding-window attention: GLM4-MoE attends over the whole sequence")
-    if moe.shared_expert_gate:
-        problems.append("shared_expert_gate with sigmoid scores: GLM4-MoE's shared experts have no gate; train "
-                        "without --shared_expert_gate")
-    if layout.uniform_num_experts == 1:
-        problems.append("1 expert: GLM4-MoE's router picks expert groups by their two best scores, so it needs 2+")
-    return problems
 
 
 def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> dict:
@@ -206,7 +327,6 @@ def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout)
     rope = dict(dense.rope_parameters or {}, partial_rotary_factor=1.0)
     return dict(rope_parameters=rope, partial_rotary_factor=1.0, use_qk_norm=dense.model_type == "qwen3",
                 attention_bias=dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False)),
-                head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
                 routed_scaling_factor=moe.routed_scaling_factor, n_group=1, topk_group=1,
                 n_shared_experts=moe.num_shared_experts,  # N x moe_intermediate_size units, ungated
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
@@ -218,67 +338,176 @@ def expert_intermediate_size(dense: PretrainedConfig, moe: MoEConfig) -> int:
     return dense.intermediate_size // moe.granularity if moe.expert_init == "granular" else dense.intermediate_size
 
 
+@dataclass(frozen=True)
+class CheckpointShape:
+    """The routing and layout of an HF MoE checkpoint, in DeepSpeed's terms."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int             # an expert's hidden units
+    block_ids: list[int]         # the sparse blocks
+    shared_size: int             # the shared experts' hidden units, all together
+    shared_gated: bool
+    renormalises: bool           # the top-k weights are rescaled to sum to 1
+    dense_size: int | None = None  # the dense blocks' hidden units (None: intermediate_size)
+    score_function: str = "softmax"
+    score_bias: bool = False     # the router chooses by the scores plus a bias the checkpoint holds
+    routed_scaling_factor: float = 1.0
+
+
+def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
+    """The checkpoint's routing and layout, read from each importable class's own config fields."""
+    moe_type, num_layers = config.model_type, config.num_hidden_layers
+    every_block = list(range(num_layers))
+    if moe_type in ("mixtral", *GRANITE_MOE_TYPES):
+        return CheckpointShape(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
+                               every_block, getattr(config, "shared_intermediate_size", 0), False, True)
+    if moe_type == "flex_olmo":
+        return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.intermediate_size, every_block,
+                               0, False, config.norm_topk_prob)
+    if moe_type == "hunyuan_v1_moe":  # one ungated shared MLP as wide as an expert
+        return CheckpointShape(config.num_experts, config.moe_topk, config.intermediate_size, every_block,
+                               config.intermediate_size, False, True)
+    if moe_type == "ernie4_5_moe":
+        blocks = ernie_sparse_blocks(config.moe_layer_start_index, config.moe_layer_end_index,
+                                     config.moe_layer_interval, num_layers)
+        return CheckpointShape(config.moe_num_experts, config.moe_k, config.moe_intermediate_size, blocks,
+                               config.moe_num_shared_experts * config.moe_intermediate_size, False, True,
+                               score_bias=True)
+    if moe_type == "cohere2_moe":
+        blocks = [i for i, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+        return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.intermediate_size, blocks,
+                               config.num_shared_experts * config.intermediate_size, False, True,
+                               config.prefix_dense_intermediate_size or config.intermediate_size)
+    if moe_type == SIGMOID_MOE_TYPE:
+        return CheckpointShape(config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                               list(range(config.first_k_dense_replace, num_layers)),
+                               config.n_shared_experts * config.moe_intermediate_size, False, config.norm_topk_prob,
+                               score_function="sigmoid", score_bias=True,
+                               routed_scaling_factor=config.routed_scaling_factor)
+    return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                           _qwen_moe_block_ids(config), getattr(config, "shared_expert_intermediate_size", 0),
+                           True, config.norm_topk_prob)
+
+
+def import_dense_model_type(config: PretrainedConfig) -> str:
+    """The dense family an HF MoE checkpoint imports as: its adapter's, but for GLM4-MoE the one whose attention its
+    settings make (Qwen3's q/k norms, Qwen2's q/k/v biases, else Llama's)."""
+    if config.model_type == SIGMOID_MOE_TYPE:
+        return "qwen3" if config.use_qk_norm else "qwen2" if config.attention_bias else "llama"
+    return ADAPTERS[config.model_type].dense_model_type
+
+
 def import_problems(config: PretrainedConfig) -> list[str]:
     """Why an HF MoE checkpoint's model cannot be rebuilt exactly from DeepSpeed MoE layers (empty: it can)."""
     moe_type = config.model_type
-    problems = []
-    if moe_type in ("qwen2_moe", "qwen3_moe"):
-        block_ids = _qwen_moe_block_ids(config)
-        if not block_ids:
-            problems.append("no block has an MoE FFN (mlp_only_layers / decoder_sparse_step); load it as a dense "
-                            "model instead")
-        if 0 < len(block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(config) is None:
-            problems.append(f"dense blocks of intermediate_size {config.intermediate_size} beside experts of "
-                            f"moe_intermediate_size {config.moe_intermediate_size}: DeepSpeed's experts are copies "
-                            "of the dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
-                            f"({config.num_experts}) a multiple of G; no whole G gives these sizes")
-    if moe_type == "qwen2_moe":
-        shared_size, ffn_size = config.shared_expert_intermediate_size, config.moe_intermediate_size
-        if shared_size % ffn_size:
-            problems.append(f"shared_expert_intermediate_size {shared_size} is not a multiple of moe_intermediate_size "
-                            f"{ffn_size}: N shared experts are N copies' width of an expert (--num_shared_experts N)")
-        if not config.qkv_bias:
-            problems.append("qkv_bias is false: Qwen2's attention always has query/key/value biases")
+    if moe_type == "hunyuan_v1_moe" and not all(isinstance(getattr(config, name), int)
+                                                for name in ("num_experts", "moe_topk")):
+        return [f"per-layer num_experts {config.num_experts} or moe_topk {config.moe_topk}: DeepSpeed's MoE layers "
+                "here have one top_k for every block"]
+    shape, problems = checkpoint_shape(config), []
+    if not shape.block_ids:
+        problems.append("no block has an MoE FFN; load it as a dense model instead")
+    if 0 < len(shape.block_ids) < config.num_hidden_layers and _granularity_beside_dense_blocks(shape, config) is None:
+        problems.append(f"dense blocks of intermediate_size {shape.dense_size or config.intermediate_size} beside "
+                        f"experts of moe_intermediate_size {shape.expert_size}: DeepSpeed's experts are copies of the "
+                        "dense FFN or, as --expert_init granular makes them, 1/G of it with num_experts "
+                        f"({shape.num_experts}) a multiple of G; no whole G gives these sizes")
+    if shape.shared_size % shape.expert_size:
+        shared, expert = (("shared_expert_intermediate_size", "moe_intermediate_size") if moe_type == "qwen2_moe"
+                          else ("shared_intermediate_size", "intermediate_size"))
+        problems.append(f"{shared} {shape.shared_size} is not a multiple of {expert} {shape.expert_size}: N "
+                        "shared experts are N copies' width of an expert (--num_shared_experts N)")
+    if moe_type == "qwen2_moe" and not config.qkv_bias:
+        problems.append("qkv_bias is false: Qwen2's attention always has query/key/value biases")
     if moe_type == "qwen3_moe" and config.use_sliding_window:
         problems.append("use_sliding_window is true: Qwen3 windows only blocks from max_window_layers on, "
                         "Qwen3-MoE windows every block")
+    if moe_type == "ernie4_5_moe":
+        if config.use_bias:
+            problems.append("use_bias is true: ERNIE-4.5's FFN biases would become the experts' biases, "
+                            "ERNIE-4.5-MoE's experts have none")
+        if config.moe_norm_min * shape.num_experts > 1:
+            problems.append(f"moe_norm_min {config.moe_norm_min}: the top-k weights' sum can fall below it, where "
+                            "ERNIE-4.5-MoE stops rescaling them to sum to 1; DeepSpeed's rule always rescales")
+    if moe_type == SIGMOID_MOE_TYPE:
+        problems += _glm4_moe_import_problems(config)
+    if moe_type == "cohere2_moe":
+        problems += _cohere2_moe_import_problems(config, shape)
+    return problems
+
+
+def _cohere2_moe_import_problems(config: PretrainedConfig, shape: CheckpointShape) -> list[str]:
+    """What of Cohere2-MoE neither Cohere2's blocks nor DeepSpeed's router compute."""
+    problems = []
+    if config.rms_norm_eps is not None:
+        problems.append("rms_norm_eps is set: Cohere2-MoE then normalises by RMSNorm, Cohere2 by LayerNorm")
+    if config.expert_selection_fn != "softmax":
+        problems.append(f"expert_selection_fn {config.expert_selection_fn!r}: weights from the sigmoid of the top-k "
+                        "logits are not the scored rule's (it scores every expert before choosing)")
+    if shape.shared_size and config.shared_expert_combination_strategy != "sum":
+        problems.append(f"shared_expert_combination_strategy {config.shared_expert_combination_strategy!r}: "
+                        "DeepSpeed's MoE layers add the shared experts' output")
+    dense_full = [i for i, (mlp, attention) in enumerate(zip(config.mlp_layer_types, config.layer_types))
+                  if mlp == "dense" and attention == "full_attention"]
+    if dense_full and config.prefix_dense_sliding_window_pattern == 1:
+        problems.append(f"prefix_dense_sliding_window_pattern 1: Cohere2-MoE rotates q/k in dense full-attention "
+                        f"blocks {dense_full}, Cohere2 rotates only in sliding-window blocks")
+    return problems
+
+
+def _glm4_moe_import_problems(config: PretrainedConfig) -> list[str]:
+    """What of GLM4-MoE no dense family's attention (Llama's, Qwen2's, Qwen3's) or the scored rule computes."""
+    problems = []
+    rotary = (config.rope_parameters or {}).get("partial_rotary_factor",
+                                                getattr(config, "partial_rotary_factor", 1.0))
+    if rotary != 1.0:
+        problems.append(f"partial_rotary_factor {rotary}: Llama, Qwen2 and Qwen3 rotate whole heads")
+    if config.use_qk_norm and config.attention_bias:
+        problems.append("use_qk_norm and attention_bias: Qwen3 has the q/k norms but no q/k/v biases, Qwen2 the "
+                        "biases but no norms")
+    if config.n_group > 1 and config.topk_group < config.n_group:
+        problems.append(f"topk_group {config.topk_group} of n_group {config.n_group}: the scored rule chooses "
+                        "among all experts, not within the best groups")
     return problems
 
 
 def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedConfig, dict, MoELayout]:
     """From an HF MoE config: the dense config to build and convert, the MoE settings (num_experts, top_k,
-    moe_layers, num_shared_experts, shared_expert_gate, norm_topk_prob where the class weighs routes otherwise than
-    DeepSpeed's rule; expert_init granular and its granularity when dense blocks are wider than the experts) that
-    rebuild the checkpoint's model, and its MoE layout."""
+    moe_layers, num_shared_experts, shared_expert_gate; norm_topk_prob where the class weighs routes otherwise than
+    DeepSpeed's rule or chooses by a bias, with score_function and routed_scaling_factor; expert_init granular and
+    its granularity when dense blocks are wider than the experts) that rebuild the checkpoint's model, and its MoE
+    layout."""
     problems = import_problems(config)
     if problems:
         raise NotRepresentable(f"the {config.model_type} checkpoint", problems)
-    moe_type, num_layers = config.model_type, config.num_hidden_layers
-    if moe_type == "mixtral":
-        num_experts, ffn_size, block_ids = config.num_local_experts, config.intermediate_size, list(range(num_layers))
-    else:
-        num_experts, ffn_size, block_ids = config.num_experts, config.moe_intermediate_size, _qwen_moe_block_ids(config)
+    moe_type, num_layers, shape = config.model_type, config.num_hidden_layers, checkpoint_shape(config)
+    block_ids, ffn_size = shape.block_ids, shape.expert_size
     moe_layers = "all" if len(block_ids) == num_layers else block_ids
-    num_shared = getattr(config, "shared_expert_intermediate_size", 0) // ffn_size  # Qwen2-MoE's, gated
-    settings = {"num_experts": num_experts, "top_k": config.num_experts_per_tok, "moe_layers": moe_layers,
-                "num_shared_experts": num_shared, "shared_expert_gate": num_shared > 0}
-    renormalises = True if moe_type == "mixtral" else config.norm_topk_prob
-    if renormalises != (config.num_experts_per_tok > 1):  # not DeepSpeed's rule: the scored rule's norm_topk_prob
-        settings["norm_topk_prob"] = renormalises
-    granularity = _granularity_beside_dense_blocks(config) if moe_layers != "all" else 1
+    num_shared = shape.shared_size // ffn_size
+    settings = {"num_experts": shape.num_experts, "top_k": shape.top_k, "moe_layers": moe_layers,
+                "num_shared_experts": num_shared, "shared_expert_gate": shape.shared_gated and num_shared > 0}
+    # the scored rule (with the checkpoint's router bias loaded: hf/load.py), or DeepSpeed's rule where it weighs alike
+    if shape.score_bias or shape.renormalises != (shape.top_k > 1):
+        settings["norm_topk_prob"] = shape.renormalises
+    if shape.score_function != "softmax":
+        settings["score_function"] = shape.score_function
+    if shape.routed_scaling_factor != 1.0:
+        settings["routed_scaling_factor"] = shape.routed_scaling_factor
+    granularity = _granularity_beside_dense_blocks(shape, config) if moe_layers != "all" else 1
     if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
-        ffn_size = config.intermediate_size
+        ffn_size = shape.dense_size or config.intermediate_size
         settings.update(expert_init="granular", granularity=granularity)
-    fields = _shared_fields(config, moe_type)
-    dense = AutoConfig.for_model(ADAPTERS[moe_type].dense_model_type, intermediate_size=ffn_size, **fields)
-    return dense, settings, MoELayout(tuple(block_ids), (num_experts,) * len(block_ids))
+    fields = dict(_shared_fields(config, moe_type), head_dim=head_dim(config))
+    dense = AutoConfig.for_model(import_dense_model_type(config), intermediate_size=ffn_size, **fields)
+    return dense, settings, MoELayout(tuple(block_ids), (shape.num_experts,) * len(block_ids))
 
 
-def _granularity_beside_dense_blocks(config: PretrainedConfig) -> int | None:
-    """G such that a Qwen MoE checkpoint's dense blocks (intermediate_size F) and experts (moe_intermediate_size
-    F/G) are the model --expert_init granular --granularity G builds; None when there is no such G."""
-    dense_size, expert_size = config.intermediate_size, config.moe_intermediate_size
-    if expert_size < 1 or dense_size % expert_size or config.num_experts % (dense_size // expert_size):
+def _granularity_beside_dense_blocks(shape: CheckpointShape, config: PretrainedConfig) -> int | None:
+    """G such that a checkpoint's dense blocks (intermediate_size F) and experts (F/G wide) are the model
+    --expert_init granular --granularity G builds; None when there is no such G."""
+    dense_size, expert_size = shape.dense_size or config.intermediate_size, shape.expert_size
+    if expert_size < 1 or dense_size % expert_size or shape.num_experts % (dense_size // expert_size):
         return None
     return dense_size // expert_size
 
@@ -287,6 +516,12 @@ def _qwen_moe_block_ids(config: PretrainedConfig) -> list[int]:
     """The blocks Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer give a sparse MoE block."""
     return [i for i in range(config.num_hidden_layers)
             if i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0]
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """The head width a config's attention uses, written out for the other class's config, whose default may differ
+    (ERNIE-4.5's and Cohere2-MoE's is 128)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _shared_fields(source: PretrainedConfig, moe_type: str) -> dict:

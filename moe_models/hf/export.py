@@ -1,4 +1,5 @@
-"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE or GraniteMoeShared).
+"""DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe(Shared, -SWA),
+FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, Cohere2-MoE or GLM4-MoE: hf/configs.py).
 
     python -m moe_models.export --checkpoint OUT/checkpoints [--tag TAG] --output HF_DIR     # a train.py run
     python -m moe_models.export --checkpoint OUT[/checkpoint-N] --output HF_DIR             # an MoETrainer run
@@ -24,7 +25,7 @@ from ..config import SECTION_TYPES, MoEConfig, RunConfig, config_from_dict
 from ..models.architectures import architecture_of_config
 from ..moe.layout import MoELayout
 from ..training.checkpoint import CheckpointError, CheckpointFolder
-from .adapters import EXPORT_ADAPTERS
+from .adapters import ADAPTERS
 from .configs import differences_in_training, hf_moe_config
 from .trainer_folder import read_trainer_folder, trainer_folder, trainer_folder_weights
 from .weights import deepspeed_weights
@@ -46,7 +47,7 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     else:
         module, expert_weights = run_weights(checkpoint_dir, tag, dense, layout)
         tokenizer_dir = checkpoint_dir.parent / "tokenizer"
-    state = EXPORT_ADAPTERS[config.model_type].to_hf(module, architecture_of_config(dense), layout, expert_weights)
+    state = ADAPTERS[config.model_type].to_hf(module, architecture_of_config(dense), layout, expert_weights)
 
     dtype = next(iter(state.values())).dtype
     with init_empty_weights():
@@ -107,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m moe_models.export", allow_abbrev=False,
         description="Export a train.py DeepSpeed MoE checkpoint as a native Hugging Face MoE model (Mixtral for "
-                    "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3) with its tokenizer. See docs/export.md.")
+                    "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3, and more: docs/export.md) with its "
+                    "tokenizer.")
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="the checkpoints/ folder of a train.py output folder (OUT/checkpoints); or a folder "
                         "MoETrainer saved (a Trainer checkpoint-N, a save_model() folder) or its output_dir (the "

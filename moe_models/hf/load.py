@@ -1,5 +1,6 @@
-"""Continue from an HF MoE checkpoint (Mixtral, Qwen2-MoE or Qwen3-MoE; exported here or anyone's): its experts
-and routers become the DeepSpeed MoE layers' own, instead of upcycled copies of a dense FFN.
+"""Continue from an HF MoE checkpoint (any class hf/adapters.py has an adapter for; exported here or anyone's): its
+experts and routers (and their biases) become the DeepSpeed MoE layers' own, instead of upcycled copies of a dense
+FFN.
 
 The model is built on the meta device (accelerate's ``init_empty_weights``), then each rank reads from the
 safetensors files only what it holds: the non-expert weights and its own num_experts / ep_size experts per layer.
@@ -57,10 +58,24 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
     attach_settings(model, moe, layout)  # the settings it trains with, not the shape-only ones it was built from
     reader = SafetensorsFolder(Path(path), checkpoint_config.model_type)
     layers = moe_layers_of(model)
-    sources = ADAPTERS[checkpoint_config.model_type].deepspeed_sources(
-        architecture_of(model), layout, lambda moe_layer_id: layers[moe_layer_id].global_expert_ids())
+    adapter, arch = ADAPTERS[checkpoint_config.model_type], architecture_of(model)
+    sources = adapter.deepspeed_sources(arch, layout, lambda moe_layer_id: layers[moe_layer_id].global_expert_ids())
     fill_meta_parameters(model, lambda name: checkpoint_tensor(model, reader, sources, name))
+    for layer, block_id in zip(layers, layout.blocks):
+        load_score_bias(layer.gate, adapter.read_score_bias(reader, arch.ffn_path(block_id)))
     return model, moe, layout, dense_parameters
+
+
+@torch.no_grad()
+def load_score_bias(router, bias: torch.Tensor | None) -> None:
+    """The checkpoint's router bias (GLM4-MoE's, ERNIE-4.5-MoE's e_score_correction_bias; None: the class has none)
+    into the router's aux-loss-free bias, added where the run does not update it (it then stays as the checkpoint
+    has it; the imported settings route by the scored rule, which reads it)."""
+    if bias is None:
+        return
+    if router.score_bias is None:
+        router.add_score_bias(router.wg.weight.device)
+    router.score_bias.copy_(bias)
 
 
 def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int) -> MoEConfig:

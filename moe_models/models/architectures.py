@@ -48,6 +48,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("mistral", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
     Architecture("qwen2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
     Architecture("qwen3", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("granite", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("olmo2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("hunyuan_v1_dense", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("ernie4_5", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("cohere2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("granite_swa", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
     # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
     Architecture("gpt2", blocks="transformer.h", ffn="mlp", ffn_projections=(("c_fc",), "c_proj")),
 )}
@@ -55,7 +61,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 
 # The model_types of the transformers MoE classes whose checkpoints import (moe_models/hf/load.py; hf/adapters.py has
 # one adapter for each): a folder of one of these is an MoE model to continue, not a dense model to upcycle.
-IMPORTABLE_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+IMPORTABLE_MOE_MODEL_TYPES = ("cohere2_moe", "ernie4_5_moe", "flex_olmo", "glm4_moe", "granitemoe", "granitemoe_swa",
+                              "granitemoeshared", "hunyuan_v1_moe", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def architecture_of(model: nn.Module) -> Architecture:

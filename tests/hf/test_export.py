@@ -113,9 +113,11 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
 
 
 # Mixtral; Qwen3-MoE with dense blocks, top-1; Qwen2-MoE with a shared expert, its gate trained or the exported zero
-# one; Qwen2-MoE whose dense blocks are wider than its experts
-@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular"],
-                         indirect=True)
+# one; Qwen2-MoE whose dense blocks are wider than its experts; GraniteMoeShared from Llama (imported as Granite);
+# GLM4-MoE with its trained router biases (imported as Llama, Qwen2 or Qwen3)
+@pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular",
+                                      "llama_shared", "llama_sigmoid", "qwen2_sigmoid", "qwen3_sigmoid",
+                                      "llama_sigmoid_shared"], indirect=True)
 def test_import_continues_where_the_export_left_off(exported, tmp_path):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
@@ -125,11 +127,15 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     moe = trainer.cfg.moe  # the checkpoint's settings, not the defaults
     assert (moe.num_experts, moe.top_k) == (trained.num_experts, trained.top_k)
     assert moe.granularity == trained.granularity  # experts as wide as the exported ones
+    assert (moe.score_function, moe.routed_scaling_factor) == (trained.score_function, trained.routed_scaling_factor)
     assert resolve_moe_layers(moe.moe_layers, 4) == resolve_moe_layers(trained.moe_layers, 4)
     saved = json.loads((tmp_path / "continued" / "run_config.json").read_text())["moe"]
     assert (saved["num_experts"], saved["top_k"]) == (trained.num_experts, trained.top_k)
-    assert moe.num_shared_experts == trained.num_shared_experts  # Qwen2-MoE's shared expert is always gated:
-    assert moe.shared_expert_gate == (trained.num_shared_experts > 0)  # an ungated one comes back with its zero gate
+    assert moe.num_shared_experts == trained.num_shared_experts
+    # Qwen2-MoE's shared expert is always gated: an ungated one comes back with its zero gate; GraniteMoeShared's has
+    # none
+    qwen2_moe = exported["hf_class"] == "Qwen2MoeForCausalLM"
+    assert moe.shared_expert_gate == (qwen2_moe and trained.num_shared_experts > 0)
 
     model = trainer.engine.module
     expert_params = list(moe_layers_of(model)[0].experts.parameters())
@@ -209,9 +215,11 @@ def test_layer_names_match_deepspeed():
 def test_configs_round_trip(preset, moe):
     dense = preset_config(preset)
     back, settings, layout = dense_config_and_moe_settings(hf_moe_config(dense, moe, MoELayout.resolve(moe, 4)))
-    for name in ("hidden_size", "intermediate_size", "num_key_value_heads", "head_dim", "rope_parameters",
+    for name in ("hidden_size", "intermediate_size", "num_key_value_heads", "rope_parameters",
                  "tie_word_embeddings", "rms_norm_eps", "vocab_size", "eos_token_id"):
         assert getattr(back, name, None) == getattr(dense, name, None), name
+    head_dim = dense.hidden_size // dense.num_attention_heads  # what the attention uses without a head_dim
+    assert (getattr(back, "head_dim", None) or head_dim) == (getattr(dense, "head_dim", None) or head_dim)
     counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts]
     assert settings["num_experts"] == counts[0] and settings["top_k"] == moe.top_k
     assert (settings["num_shared_experts"], settings["shared_expert_gate"]) == (moe.num_shared_experts,
@@ -255,7 +263,7 @@ def test_granular_configs_round_trip(preset, moe_layers, dense_size, settings):
      "GLM4-MoE's shared experts have no gate"),
     ("tiny-qwen3", MoEConfig(num_shared_experts=1), {}, "num_shared_experts 1: Qwen3-MoE has no shared expert"),
     ("tiny-llama", MoEConfig(num_shared_experts=1, shared_expert_gate=True), {},
-     "shared_expert_gate on a Llama/Mistral base: GraniteMoeShared's shared MLP has no gate"),
+     "shared_expert_gate: GraniteMoeShared's shared experts have no gate"),
     ("tiny-llama", MoEConfig(num_shared_experts=1, top_k=1), {}, "GraniteMoeShared gives it weight 1.0"),
     ("tiny-mistral", MoEConfig(num_shared_experts=2, moe_layers="every:2"), {},
      "GraniteMoeShared has an MoE FFN in every block"),
