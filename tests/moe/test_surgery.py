@@ -37,7 +37,7 @@ def test_architecture_table_covers_the_presets_and_refuses_others():
     assert {PRESETS[p]["model_type"] for p in PRESETS} <= set(ARCHITECTURES)
     model = tiny_model()
     model.config.model_type = "not-a-family"
-    with pytest.raises(ValueError, match="not supported yet; supported: gpt2, llama"):
+    with pytest.raises(ValueError, match="not supported yet; supported: "):
         convert_to_moe(model, MoEConfig())
 
 
