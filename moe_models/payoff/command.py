@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     is_main = launched_rank() == 0
     try:
         plan = plan_payoff(cfg, command, args.upcycle_at)
-        check_same_command(plan.output_dir, [f"--upcycle_at={args.upcycle_at}", *command])
+        check_same_command(cfg, args.upcycle_at)
         write_dense_config(cfg, plan.output_dir / DENSE_CONFIG)
         run_all(plan, command, is_main)
     except ConfigError as err:

@@ -122,16 +122,22 @@ def write_dense_config(cfg: RunConfig, path: Path) -> None:
     _atomic_write(path, config.to_json_string())
 
 
-def check_same_command(output_dir: Path, command: list[str]) -> None:
-    """A payoff folder continues only the command that started it: the runs it kept were trained with that one."""
-    path = output_dir / PLAN_FILE
-    if path.is_file():
-        recorded = json.loads(path.read_text())["command"]
-        if recorded != command:
-            raise ConfigError([f"{output_dir} holds a payoff of another command ({' '.join(recorded)}); rerun that "
-                               "command to continue it, or choose another --output_dir"])
-    else:
-        _atomic_write(path, json.dumps({"command": command}, indent=2) + "\n")
+def check_same_command(cfg: RunConfig, upcycle_at: float) -> None:
+    """A payoff folder continues only the settings that started it (wherever the folder now is): the runs it kept
+    were trained with those."""
+    settings = {"upcycle_at": upcycle_at, **{name: value for section in cfg.to_dict().values()
+                                              for name, value in section.items() if name != "output_dir"}}
+    path = Path(cfg.train.output_dir) / PLAN_FILE
+    if not path.is_file():
+        _atomic_write(path, json.dumps(settings, indent=2) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    differing = sorted(name for name in settings.keys() | recorded.keys() if settings.get(name) != recorded.get(name))
+    if differing:
+        shown = ", ".join(f"--{name} {recorded.get(name)!r} there, {settings.get(name)!r} here"
+                          for name in differing[:4])
+        raise ConfigError([f"{cfg.train.output_dir} holds a payoff with other settings ({shown}); rerun it with its "
+                           f"own ({path}) to continue it, or choose another --output_dir"])
 
 
 def _atomic_write(path: Path, text: str) -> None:
