@@ -2,6 +2,6 @@
 command (``python -m moe_models.payoff``). plan.py says which runs and why, runner.py runs them, results.py and
 report.py write payoff.json, payoff.md and the PNGs. docs/payoff.md."""
 
-from .command import main
+from .command import command, main
 
-__all__ = ["main"]
+__all__ = ["command", "main"]

@@ -1,4 +1,4 @@
-from .command import main
+from .command import command
 
 if __name__ == "__main__":
-    main()
+    command()

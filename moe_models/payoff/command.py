@@ -58,3 +58,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     report = write_report(results, plan.output_dir)
     print(f"\n{report.read_text()}\nWrote {report}, {plan.output_dir / 'payoff.json'} and the PNGs beside them")
     return results
+
+
+def command() -> None:
+    """The `moe-payoff` console script: `main` without its return value (which the script would take for an exit
+    status)."""
+    main()
