@@ -96,6 +96,9 @@ def payoff_problems(cfg: RunConfig, train_argv: list[str], upcycle_at: float) ->
     given = {arg.removeprefix("--").split("=", 1)[0] for arg in train_argv if arg.startswith("--")}
     problems += [f"--{name} is set by the payoff for each run (docs/payoff.md); leave it out" for name in SET_PER_RUN
                  if name in given]
+    if cfg.train.plan:
+        problems.append("--plan prints one run's preflight plan and trains nothing: run train.py --plan with the MoE's "
+                        "flags (and with --moe_layers none for the dense run) instead")
     if not 0 < upcycle_at < 1:
         problems.append(f"upcycle_at ({upcycle_at}) must be between 0 and 1: the share of the steps the upcycled run "
                         "spends as the dense model")
