@@ -203,6 +203,7 @@ def test_switch_step_is_the_share_rounded_down_to_an_eval_step():
     (["--expert_init", "copy"], "--expert_init is set by the payoff"),
     (["--num_experts", "6", "--top_k", "4"], "num_experts (6) must be a multiple of top_k (4)"),
     (["--max_steps", "10", "--eval_steps", "10"], "eval_steps (10) must be below max_steps (10)"),
+    (["--plan"], "--plan prints one run's preflight plan and trains nothing"),
 ])
 def test_settings_the_payoff_cannot_compare_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
