@@ -25,13 +25,13 @@ from .data.stream import StreamError
 from .distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
                           main_process_first)
 from .hf.load import import_hf_moe, is_hf_moe_folder
+from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model
 from .models.tokenization import load_tokenizer
+from .moe.layer import moe_layers_of
 from .moe.layout import MoELayout
 from .moe.surgery import convert_to_moe, layout_of
 from .plan import run_plan
-from .metrics.throughput import active_parameters, attention_dims, flops_per_token
-from .moe.layer import moe_layers_of
 from .training.checkpoint import CheckpointError, CheckpointFolder, dense_weights
 from .training.ds_config import build_deepspeed_config, training_dtype
 from .training.nonfinite import NonFiniteError
