@@ -92,7 +92,8 @@ class MoEConfig:
                          "num_experts / ep_size experts per layer.")
     moe_layers: Union[str, list[int]] = _flag(
         "all", "Which transformer blocks get an MoE FFN: 'all', 'every:N' (blocks N-1, 2N-1, ...), or block indices "
-        "such as '1,3,5'.")
+        "such as '1,3,5'; 'none' trains the dense model as it is, with no MoE layer (the dense control of a "
+        "comparison; the MoE settings are then unused, and export refuses it: it is not an MoE model).")
     capacity_factor: float = _flag(1.0, "Training capacity per expert, as a multiple of the even share of tokens.")
     eval_capacity_factor: float = _flag(1.0, "Capacity factor in eval mode.")
     min_capacity: int = _flag(4, "Minimum tokens an expert can take, whatever the capacity factor.")
@@ -192,6 +193,13 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _flag(
         None, "Continue a run: 'latest' (this output_dir's newest checkpoint; starts fresh if there is none, so "
         "a requeued job can always pass it), a checkpoints folder, or one tag folder (checkpoints/global_stepN).")
+    upcycle_from_checkpoint: Optional[str] = _flag(
+        None, "Start by upcycling a dense run in the middle of its schedule: a checkpoint tag folder (or a checkpoints "
+        "folder: its latest) of a run with --moe_layers none and the same model. Its weights are the dense model that "
+        "surgery converts (--expert_init), and this run continues that run at its step N: the same LR schedule, data "
+        "position and RNG state, with a fresh optimizer state. The first eval is at step N, before any update. Used "
+        "only at a fresh start: once this run has checkpoints, --resume_from_checkpoint latest continues its own "
+        "(docs/payoff.md).")
     reset_optimizer: bool = _flag(False, "When resuming at another world size, ep_size or moe_impl: load the weights "
                                   "and start a fresh optimizer state (the LR schedule continues).")
     max_nonfinite_steps: int = _flag(

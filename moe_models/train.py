@@ -25,12 +25,14 @@ from .data.stream import StreamError
 from .distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
                           main_process_first)
 from .hf.load import import_hf_moe, is_hf_moe_folder
+from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model
 from .models.tokenization import load_tokenizer
+from .moe.layer import moe_layers_of
 from .moe.layout import MoELayout
 from .moe.surgery import convert_to_moe, layout_of
 from .plan import run_plan
-from .training.checkpoint import CheckpointError
+from .training.checkpoint import CheckpointError, CheckpointFolder, dense_weights
 from .training.ds_config import build_deepspeed_config, training_dtype
 from .training.nonfinite import NonFiniteError
 from .training.trainer import Trainer, build_engine
@@ -83,6 +85,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     world = init_world(cfg.train.dist_timeout_s)
     check_same_settings(cfg)
     set_seed(cfg.train.seed)
+    resume_tag = checkpoint_to_resume(cfg)
+    upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg)  # upcycled once, at the fresh start
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
         model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
@@ -91,6 +95,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     else:
         model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
         dense_params = sum(p.numel() for p in model.parameters())
+        if upcycle_tag:
+            load_dense_weights(model, upcycle_tag)
         layout = layout_of(model, cfg.moe)
         model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)
 
@@ -102,21 +108,50 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
 
     output_dir = Path(cfg.train.output_dir)
     if world.is_main:
-        write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data)
+        write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
+                        fresh=resume_tag is None)
     trainer = Trainer(cfg, engine, world, batches, data.validation, output_dir, domains=data.domains)
-    if cfg.train.resume_from_checkpoint:
+    if resume_tag:
         trainer.resume(cfg.train.resume_from_checkpoint)
+    elif upcycle_tag:
+        trainer.start_from_dense(upcycle_tag)
     return world, trainer
 
 
+def checkpoint_to_resume(cfg: RunConfig) -> Path | None:
+    """The tag folder --resume_from_checkpoint names, or None for a fresh start ('latest' before the first save)."""
+    spec = cfg.train.resume_from_checkpoint
+    return CheckpointFolder.resolve(spec, Path(cfg.train.output_dir)) if spec else None
+
+
+def dense_checkpoint_to_upcycle(cfg: RunConfig) -> Path | None:
+    """The dense run's tag folder --upcycle_from_checkpoint names (checked by validate), or None."""
+    spec = cfg.train.upcycle_from_checkpoint
+    return CheckpointFolder.resolve(spec, Path(cfg.train.output_dir)) if spec else None
+
+
+def load_dense_weights(model, tag_dir: Path) -> None:
+    """The dense run's weights at its checkpoint, into the dense model before surgery."""
+    weights = dense_weights(tag_dir)
+    try:
+        model.load_state_dict({name: w.to(model.dtype) for name, w in weights.items()}, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"--upcycle_from_checkpoint {tag_dir} holds another model than this run builds "
+                         f"({str(err).splitlines()[0]} ...): pass the dense run's --model_config / "
+                         f"--model_name_or_path ({tag_dir.parent.parent / 'run_config.json'})") from None
+
+
 def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: MoELayout, ds_config: dict,
-                    world_size: int, dense_params: int, data: PreparedData) -> None:
-    """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config."""
+                    world_size: int, dense_params: int, data: PreparedData, fresh: bool) -> None:
+    """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config.
+    ``fresh``: no checkpoint is resumed, so metrics of an earlier start in this folder go."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.train.resume_from_checkpoint:  # a resumed run keeps (and trims) its metrics
+    if fresh:  # a resumed run keeps (and trims) its metrics
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    active = active_parameters(model, moe_layers_of(model))
     resolved = {"world_size": world_size, "deepspeed_config": ds_config, "moe_layout": layout.to_dict(),
                 "dense_parameters": dense_params, "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
+                "flops_per_token": flops_per_token(active, *attention_dims(model.config), cfg.data.block_size),
                 **data.resolved()}
     (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
     tokenizer.save_pretrained(output_dir / "tokenizer")

@@ -1,5 +1,5 @@
-"""The console scripts of a non-editable install (`moe-train`, `moe-export`, `moe-report`), run from a folder that
-is not the repository, alone and under the deepspeed launcher."""
+"""The console scripts of a non-editable install (`moe-train`, `moe-export`, `moe-report`, `moe-payoff`), run from a
+folder that is not the repository, alone and under the deepspeed launcher."""
 
 import json
 import subprocess
@@ -42,7 +42,7 @@ def options_part(help_text: str) -> str:
 
 
 def test_the_commands_are_installed_and_run_the_installed_package(site, elsewhere):
-    assert sorted(p.name for p in (site / "bin").iterdir()) == ["moe-export", "moe-report", "moe-train"]
+    assert sorted(p.name for p in (site / "bin").iterdir()) == ["moe-export", "moe-payoff", "moe-report", "moe-train"]
     imported = run([sys.executable, "-c", "import moe_models.train; print(moe_models.train.__file__)"], site,
                    elsewhere)
     assert Path(imported.strip()).is_relative_to(site)
@@ -56,9 +56,10 @@ def test_moe_train_takes_exactly_the_flags_of_train_py(site, elsewhere):
     assert options_part(installed) == options_part(script)
 
 
-def test_moe_export_and_moe_report_answer_help(site, elsewhere):
+def test_moe_export_moe_report_and_moe_payoff_answer_help(site, elsewhere):
     assert "--checkpoint" in run([str(site / "bin" / "moe-export"), "--help"], site, elsewhere)
     assert "output_dir" in run([str(site / "bin" / "moe-report"), "--help"], site, elsewhere)
+    assert "--upcycle_at" in run([str(site / "bin" / "moe-payoff"), "--help"], site, elsewhere)
 
 
 def test_train_report_and_export_from_another_folder(site, elsewhere):

@@ -12,7 +12,7 @@ from helpers import REPO, child_env, install_project
 
 PACKAGE = REPO / "moe_models"
 # Each subpackage may import from its own layer and the layers below (the root modules are the lowest).
-LAYERS = {"": 0, "models": 1, "data": 1, "metrics": 1, "moe": 2, "training": 3, "hf": 4}
+LAYERS = {"": 0, "models": 1, "data": 1, "metrics": 1, "moe": 2, "training": 3, "hf": 4, "payoff": 5}
 ENTRY_POINTS = {"moe_models", "moe_models.train", "moe_models.plan", "moe_models.export", "moe_models.report"}  # commands, public API
 
 

@@ -275,6 +275,10 @@ def granite_multipliers(dense: PretrainedConfig) -> dict:
 
 def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> PretrainedConfig:
     """The native HF MoE config of the DeepSpeed model built from ``dense`` (its base_model config) with ``moe``."""
+    if layout.is_dense:
+        raise ValueError("the run has no MoE layer (--moe_layers none): it trained the dense model, which is not an MoE "
+                         "model to export. Its weights are in the checkpoint's mp_rank_00_model_states.pt (`module`); "
+                         "continue it as an MoE with train.py --upcycle_from_checkpoint TAG_FOLDER")
     problems = export_problems(dense, moe, layout)
     if problems:
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)

@@ -43,6 +43,11 @@ class MoELayout:
         """The expert count when every MoE layer has the same one (what HF MoE classes need), else None."""
         return self.num_experts[0] if len(set(self.num_experts)) == 1 else None
 
+    @property
+    def is_dense(self) -> bool:
+        """No MoE layer (``--moe_layers none``): the dense model trained as it is."""
+        return not self.blocks
+
     def to_dict(self) -> dict:
         return {key: list(value) for key, value in asdict(self).items()}
 
@@ -51,10 +56,17 @@ class MoELayout:
         return cls(tuple(values["blocks"]), tuple(values["num_experts"]))
 
 
+# --moe_layers for no MoE layer: the dense model trained as it is (the control run of a payoff comparison).
+NO_MOE_LAYERS = "none"
+
+
 def resolve_moe_layers(spec: Union[str, list[int]], num_layers: int) -> list[int]:
-    """Turn 'all' / 'every:N' / '1,3,5' / [1, 3, 5] into sorted block indices; raise ValueError when malformed."""
+    """Turn 'all' / 'every:N' / '1,3,5' / [1, 3, 5] into sorted block indices, and 'none' into []; raise ValueError
+    when malformed."""
     if isinstance(spec, (list, tuple)):
         indices = [int(i) for i in spec]
+    elif spec == NO_MOE_LAYERS:
+        return []
     elif spec == "all":
         indices = list(range(num_layers))
     elif spec.startswith("every:"):
@@ -69,13 +81,14 @@ def resolve_moe_layers(spec: Union[str, list[int]], num_layers: int) -> list[int
         try:
             indices = [int(part) for part in spec.replace(" ", "").split(",") if part]
         except ValueError:
-            raise ValueError(f"moe_layers {spec!r} is not 'all', 'every:N' or comma-separated block indices "
-                             "such as '1,3,5'") from None
+            raise ValueError(f"moe_layers {spec!r} is not 'all', 'every:N', 'none' or comma-separated block "
+                             "indices such as '1,3,5'") from None
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"moe_layers {spec!r} names blocks {bad}, but the model has blocks 0..{num_layers - 1}")
     if not indices:
-        raise ValueError(f"moe_layers {spec!r} selects no block; the model has {num_layers} blocks")
+        raise ValueError(f"moe_layers {spec!r} selects no block; the model has {num_layers} blocks (for a dense "
+                         f"run without MoE layers say so: --moe_layers {NO_MOE_LAYERS})")
     if len(set(indices)) != len(indices):
         raise ValueError(f"moe_layers {spec!r} names a block twice")
     return sorted(indices)

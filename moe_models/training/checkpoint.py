@@ -37,6 +37,7 @@ from ..distributed import World, all_reduce_sum
 COMPLETE = "complete.json"
 LATEST = "latest"
 DATA_POSITION = "data_rank{rank}.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's: the non-expert weights, LR schedule and client state
 
 
 @dataclass
@@ -214,6 +215,30 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
     if same_ranks:
         _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
     return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
+
+
+def dense_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights in a checkpoint of a run without MoE layers (all of them are in one file)."""
+    return torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+
+
+def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches | StreamBatches,
+                  world: World) -> TrainState:
+    """Take over another run's place from its checkpoint, not its weights or optimizer state: the step and tokens
+    seen, the LR schedule, the data position and the RNGs, so that this run (another model: an upcycled one)
+    continues the same schedule on the same batches."""
+    meta = CheckpointFolder(tag_dir.parent).check_complete(tag_dir)
+    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
+    try:
+        batches.resume(partial(_data_position, tag_dir, saved["data"]), meta["world_size"])
+    except ValueError as err:
+        raise CheckpointError(f"{tag_dir}: {err}") from err
+    if meta["world_size"] == world.world_size:
+        _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
+    return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
 
 
 def _layout(world: World, moe: MoEConfig) -> dict:

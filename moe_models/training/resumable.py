@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.source import DEFAULT_PRESET, local_config
-from ..moe.layout import resolve_moe_layers
+from ..moe.layout import NO_MOE_LAYERS, resolve_moe_layers
 from .checkpoint import DATA_POSITION, CheckpointError, CheckpointFolder
 
 # The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
@@ -45,6 +45,39 @@ def check_resumable(cfg: RunConfig) -> None:
         problem = _other_run(tag_dir, run_dir, cfg)
         if problem:
             raise CheckpointError(problem)
+
+
+def check_upcycle_source(cfg: RunConfig) -> None:
+    """Raise a CheckpointError when --upcycle_from_checkpoint names no complete checkpoint of a dense run (--moe_layers
+    none) before this run's last step, or when this run itself has no MoE layer to upcycle into."""
+    spec = cfg.train.upcycle_from_checkpoint
+    if not spec or not Path(spec).is_dir():  # a missing path is a settings problem
+        return
+    if cfg.moe.moe_layers == NO_MOE_LAYERS:
+        raise CheckpointError(f"--upcycle_from_checkpoint {spec} upcycles a dense run into MoE layers, but this run has "
+                              f"--moe_layers {NO_MOE_LAYERS}: choose the MoE layers (e.g. --moe_layers all)")
+    tag_dir = CheckpointFolder.resolve(spec, Path(cfg.train.output_dir))
+    if tag_dir is None:
+        raise CheckpointError(f"--upcycle_from_checkpoint {spec} holds no complete checkpoint yet")
+    CheckpointFolder(tag_dir.parent).check_complete(tag_dir)
+    run_config = tag_dir.parent.parent / "run_config.json"
+    try:
+        recorded = json.loads(run_config.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        recorded = {}
+    blocks = recorded.get("resolved", {}).get("moe_layout", {}).get("blocks")
+    if blocks != []:
+        raise CheckpointError(f"--upcycle_from_checkpoint {tag_dir}: "
+                              + (f"its run has MoE layers in blocks {blocks}; upcycling takes a dense run's checkpoint "
+                                 f"(trained with --moe_layers {NO_MOE_LAYERS}); to continue an MoE run use "
+                                 "--resume_from_checkpoint" if blocks else
+                                 f"{run_config} is missing or unreadable: it must be a checkpoint of a train.py run "
+                                 f"with --moe_layers {NO_MOE_LAYERS}"))
+    step = CheckpointFolder.step_of(tag_dir)
+    if step >= cfg.train.max_steps:
+        raise CheckpointError(f"--upcycle_from_checkpoint {tag_dir} is at step {step}, and this run ends at "
+                              f"--max_steps {cfg.train.max_steps}: nothing would be trained; raise --max_steps or "
+                              "upcycle an earlier checkpoint")
 
 
 def _damage(path: Path) -> str | None:

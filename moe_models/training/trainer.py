@@ -48,7 +48,7 @@ def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedF
                         input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss (transformers shifts the labels) and the summed balance loss of the same forward."""
     outputs = engine(input_ids=input_ids, labels=input_ids)
-    return outputs.loss, balance_loss(layers)
+    return outputs.loss, balance_loss(layers) if layers else outputs.loss.new_zeros(())  # a dense run has none
 
 
 class Trainer:
@@ -65,6 +65,7 @@ class Trainer:
         if cfg.train.gradient_checkpointing:  # transformers' own, per decoder block
             engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.state = TrainState()
+        self.eval_at_start = False  # an upcycled start is evaluated before its first update
         self.lr = 0.0
         self.guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
         self.last_skipped_batch: torch.Tensor | None = None
@@ -92,6 +93,8 @@ class Trainer:
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
         stopped_by = summary = None
         self.engine.train()
+        if self.eval_at_start:
+            self.sinks.log(self.evaluate())
         try:
             with StopRequest() as stop:
                 while self.state.step < t.max_steps:
@@ -245,6 +248,14 @@ class Trainer:
         self.sinks.resume(self.state.step)
         if self.world.is_main:
             print(f"Resumed from {tag_dir} at step {self.state.step}")
+
+    def start_from_dense(self, tag_dir: Path) -> None:
+        """Continue a dense run's schedule with this upcycled model (--upcycle_from_checkpoint): its step, tokens,
+        LR schedule, data position and RNGs, with a fresh optimizer state; the first eval comes before any update."""
+        self.state = checkpoint.load_position(self.engine, tag_dir, self.batches, self.world)
+        self.eval_at_start = True
+        if self.world.is_main:
+            print(f"Upcycled the dense model of {tag_dir}; continuing its schedule at step {self.state.step}")
 
     def summary(self, train_seconds: float) -> dict:
         train_rows = [r for r in self.log.rows if "loss" in r]

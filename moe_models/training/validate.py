@@ -14,18 +14,19 @@ from ..metrics.sinks import log_problems
 from ..models.source import model_problems
 from ..moe.layout import moe_problems
 from .ds_config import deepspeed_config_problems
-from .resumable import check_resumable
+from .resumable import check_resumable, check_upcycle_source
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
-    started (1 for ``python train.py``). Then the checkpoint to resume, if any (a CheckpointError naming it)."""
+    started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming it)."""
     problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
     if problems:
         raise ConfigError(problems)
     check_resumable(cfg)
+    check_upcycle_source(cfg)
 
 
 def check_same_settings(cfg: RunConfig) -> None:
@@ -67,6 +68,10 @@ def train_problems(train: TrainConfig) -> list[str]:
                                   "max_nonfinite_steps"), minimum=0)
     problems += too_small(train, ("dist_timeout_s",))
     resume = train.resume_from_checkpoint
+    upcycle = train.upcycle_from_checkpoint
+    if upcycle and not Path(upcycle).is_dir():
+        problems.append(f"upcycle_from_checkpoint {upcycle!r} does not exist; give a dense run's checkpoint tag folder "
+                        "(OUT/checkpoints/global_stepN) or checkpoints folder")
     if resume and resume != "latest" and not Path(resume).is_dir():
         problems.append(f"resume_from_checkpoint {resume!r} does not exist; give 'latest', a checkpoints folder or "
                         "a tag folder")

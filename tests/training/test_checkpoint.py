@@ -72,6 +72,8 @@ def test_resume_latest_continues_in_place_and_trims_metrics(straight_run, tmp_pa
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    (tmp_path / "new").mkdir()  # a start killed before its first save left rows behind: they go
+    (tmp_path / "new" / "metrics.jsonl").write_text('{"step": 5, "loss": 123.0}\n')
     summary = train.main([*FLAGS, "--max_steps", "2", "--output_dir", str(tmp_path / "new"),
                           "--resume_from_checkpoint", "latest"])
     assert summary["steps"] == 2 and sorted(losses(tmp_path / "new")) == [1, 2]

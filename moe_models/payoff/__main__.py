@@ -1,0 +1,4 @@
+from .command import command
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,158 @@
+"""payoff.md and its PNGs, from the numbers of payoff.json (results.py)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..metrics.report import save  # noqa: E402
+from .plan import DENSE, MOE, UPCYCLED  # noqa: E402
+
+NOT_MEASURED = "not measured"
+
+
+def write_report(results: dict, folder: Path) -> Path:
+    """payoff.md and the PNGs it shows, in ``folder``; returns the path of payoff.md."""
+    images = plot_all(results, folder)
+    path = folder / "payoff.md"
+    path.write_text("\n".join(markdown(results, images)) + "\n")
+    return path
+
+
+def markdown(r: dict, images: list[str]) -> list[str]:
+    runs, n = r["runs"], r["switch_step"]
+    lines = ["# Does the MoE pay off?", "",
+             f"`python -m moe_models.payoff {shlex.join(r['command'])}`", "",
+             f"Every run read the same batches in the same order with the same seed and LR schedule ({r['max_steps']} "
+             f"steps of {r['tokens_per_step']:,} tokens); (a) and (b) have the same active FLOPs per token up to the "
+             f"router, and (c) is (b)'s MoE. {r['dense_continuation']}. Evals every {r['eval_steps']} steps; between "
+             "evals a loss is interpolated linearly. Training FLOPs: 6 x active parameters + attention per token "
+             "(metrics/throughput.py). Losses are deterministic for the seed; tokens/s and step time depend on the "
+             "machine and on what else ran on it.", "",
+             "| run | FLOPs/token | final eval loss | training FLOPs | tokens/s | step time (s) | energy (J/token) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        lines.append(f"| {name}: {run['label']} | {run['flops_per_token']:.4g} | {_num(run['final_eval_loss'])} | "
+                     f"{_num(run['training_flops'], '.4g')} | {_num(run['tokens_per_sec'], '.0f')} | "
+                     f"{_num(run['step_time'], '.3f')} | {_num(run['joules_per_token'], '.3g')} |")
+    if all(run["joules_per_token"] is None for run in runs.values()):
+        lines += ["", f"Energy: {NOT_MEASURED} (NVML's energy counter is read on NVIDIA GPUs only)."]
+    lines += _reached_section(r.get("reached_dense_final_loss") or {})
+    lines += _upcycled_section(r["upcycled_vs_dense_continuation"], n)
+    lines += _specialisation_section(runs)
+    lines += ["", "## Plots", ""] + [f"![{image}]({image})" for image in images]
+    return lines
+
+
+def _reached_section(reached: dict) -> list[str]:
+    if not reached:
+        return []
+    lines = ["", "## When does each MoE reach the dense run's final eval loss?", "",
+             f"Target: {DENSE}'s final eval loss, {reached['target_eval_loss']:.4f} after {reached['dense_steps']} "
+             "steps.", "",
+             "| run | reaches it at step | share of the dense run's steps | share of its FLOPs | how |",
+             "|---|---|---|---|---|"]
+    for name in (MOE, UPCYCLED):
+        found = reached[name]
+        lines.append(f"| {name} | {_step(found['step'])} | {_percent(found['fraction_of_dense_steps'])} | "
+                     f"{_percent(found['fraction_of_dense_flops'])} | {found['how']} |")
+    return lines
+
+
+def _upcycled_section(compared: dict, n: int) -> list[str]:
+    start = compared["start_eval_loss"]
+    lines = ["", "## Upcycled against dense continuation", ""]
+    if start[UPCYCLED] is not None and start[DENSE] is not None:
+        lines.append(f"At the switch, step {n}: eval loss {start[UPCYCLED]:.6f} upcycled, {start[DENSE]:.6f} dense "
+                     f"(difference {start[UPCYCLED] - start[DENSE]:+.2e}; granular upcycling starts as the dense "
+                     "model when no token is dropped).")
+    if "added_flops" in compared:
+        verdict = "beats" if compared["upcycled_minus_dense"] < 0 else "does not beat"
+        lines += ["", f"At equal FLOPs added since step {n} ({compared['added_flops']:.4g}): eval loss "
+                      f"{compared['upcycled_eval_loss']:.4f} upcycled, {compared['dense_eval_loss']:.4f} dense "
+                      f"continued ({compared['upcycled_minus_dense']:+.4f}): the upcycled model {verdict} dense "
+                      "continuation."]
+    return lines
+
+
+def _specialisation_section(runs: dict) -> list[str]:
+    rows = [(name, layer, values) for name, run in runs.items() if run["specialisation"]
+            for layer, values in run["specialisation"]["layers"].items()]
+    if not rows:
+        return ["", "## Specialisation", "", "No domain x expert counts in the eval rows (the data has no domains, or "
+                                            "this version does not count them)."]
+    lines = ["", "## Specialisation: I(domain; expert) at the last eval", "",
+             "| run | MoE layer | I(domain; expert) (bits) | I / H(domain) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {layer} | {_num(values['mutual_information_bits'])} | "
+              f"{_num(values['mutual_information_normalised'], '.3f')} |" for name, layer, values in rows]
+    return lines
+
+
+def _num(value, spec: str = ".4f") -> str:
+    return NOT_MEASURED if value is None else format(value, spec)
+
+
+def _step(value) -> str:
+    return "not reached" if value is None else f"{value:.1f}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def plot_all(r: dict, folder: Path) -> list[str]:
+    """The PNGs (names relative to ``folder``)."""
+    names = ["eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png"]
+    _plot_curves(r, "step", folder / names[0])
+    _plot_curves(r, "training_flops", folder / names[1])
+    _plot_speed(r["runs"], folder / names[2])
+    for name, run in r["runs"].items():
+        special = run["specialisation"]
+        for layer, values in (special or {}).get("layers", {}).items():
+            if values["domain_expert_counts"]:
+                image = f"domains_{name}_layer_{layer}.png"
+                _plot_domains(values, special["domains"], f"{name}, MoE layer {layer}", folder / image)
+                names.append(image)
+    return names
+
+
+def _plot_curves(r: dict, x_key: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run in r["runs"].items():
+        ax.plot([e[x_key] for e in run["eval"]], [e["eval_loss"] for e in run["eval"]], "o-", markersize=3,
+                label=run["label"])
+    switch = next((e[x_key] for e in r["runs"][DENSE]["eval"] if e["step"] == r["switch_step"]), None)
+    if switch is not None:
+        ax.axvline(switch, color="grey", linestyle=":", label="upcycling")
+    ax.set(xlabel="step" if x_key == "step" else "training FLOPs", ylabel="eval loss (nats/token)",
+           title="Eval loss")
+    ax.legend()
+    save(fig, path)
+
+
+def _plot_speed(runs: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(runs)
+    for ax, key, title in zip(axes, ("tokens_per_sec", "step_time"), ("tokens/s (median)", "step time, s (median)")):
+        ax.bar(names, [runs[n][key] or 0 for n in names])
+        ax.set_title(title)
+    save(fig, path)
+
+
+def _plot_domains(values: dict, domains: list[str] | None, title: str, path: Path) -> None:
+    """Each domain's routes over the experts, as shares of the domain's routes."""
+    counts = np.array(values["domain_expert_counts"], dtype=float)  # [domains, experts]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * counts.shape[1], 1.2 + 0.4 * counts.shape[0]))
+    mesh = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_yticks(range(counts.shape[0]), domains if domains and len(domains) == counts.shape[0]
+                  else range(counts.shape[0]))
+    ax.set(xlabel="expert", title=f"{title}: I = {_num(values['mutual_information_bits'], '.3f')} bits")
+    fig.colorbar(mesh, ax=ax, label="share of the domain's routes")
+    save(fig, path)

@@ -1,0 +1,149 @@
+"""payoff.json: the numbers of a payoff comparison, read from its runs' metrics.jsonl and run_config.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..metrics.report import read_rows
+from ..metrics.rows import layer_values, moe_layer_ids
+from .analysis import Curve, equal_added_flops, first_reaching, training_flops
+from .plan import DENSE, MOE, UPCYCLED, PayoffPlan
+
+# The eval-row entries of a layer that say how its routes spread over the data's domains (metrics/ writes them).
+DOMAIN_COUNTS, MUTUAL_INFORMATION = "domain_expert_counts", "domain_mutual_information"
+MUTUAL_INFORMATION_NORMALISED = "domain_mutual_information_normalised"
+
+
+@dataclass
+class RunResult:
+    name: str
+    label: str
+    flops_per_token: float
+    tokens_per_step: int
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    domains: list[str] | None
+
+    @classmethod
+    def read(cls, run_dir: Path, label: str) -> RunResult:
+        config = json.loads((run_dir / "run_config.json").read_text())
+        t, resolved = config["train"], config["resolved"]
+        tokens_per_step = (t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
+                           * config["data"]["block_size"] * resolved["world_size"])
+        train, evals = read_rows(run_dir / "metrics.jsonl")
+        return cls(run_dir.name, label, resolved["flops_per_token"], tokens_per_step, train, evals,
+                   resolved.get("domains"))
+
+
+def collect(plan: PayoffPlan, command: list[str]) -> dict:
+    """Everything payoff.md shows, as one JSON-ready dict."""
+    runs = {run.name: RunResult.read(plan.run_dir(run.name), run.label) for run in plan.runs}
+    dense, moe, upcycled = runs[DENSE], runs[MOE], runs[UPCYCLED]
+    n = plan.switch_step
+    switch = (n, dense.flops_per_token)
+    flops = {DENSE: lambda s: training_flops(s, dense.flops_per_token, dense.tokens_per_step),
+             MOE: lambda s: training_flops(s, moe.flops_per_token, moe.tokens_per_step),
+             UPCYCLED: lambda s: training_flops(s, upcycled.flops_per_token, upcycled.tokens_per_step, switch)}
+    # The upcycled run is the dense run up to step N: its curve is the dense evals before N, then its own.
+    steps_curves = {DENSE: _curve(dense.eval_rows), MOE: _curve(moe.eval_rows),
+                    UPCYCLED: [p for p in _curve(dense.eval_rows) if p[0] < n] + _curve(upcycled.eval_rows)}
+    return {
+        "command": command,
+        "max_steps": plan.max_steps,
+        "switch_step": n,
+        "eval_steps": _eval_interval(dense.eval_rows),
+        "tokens_per_step": dense.tokens_per_step,
+        "dense_continuation": f"(d), the dense model continued from step {n}, is {DENSE} itself from step {n} on: it "
+                              "trains every step on the same batches with the same schedule",
+        "runs": {name: _run_summary(run, steps_curves[name], flops[name]) for name, run in runs.items()},
+        "reached_dense_final_loss": _reached(steps_curves, flops, plan.max_steps),
+        "upcycled_vs_dense_continuation": _upcycled_vs_continued(steps_curves, flops, n),
+    }
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _curve(eval_rows: list[dict]) -> Curve:
+    return [(r["step"], r["eval_loss"]) for r in eval_rows]
+
+
+def _eval_interval(eval_rows: list[dict]) -> int | None:
+    steps = [r["step"] for r in eval_rows]
+    return min((b - a for a, b in zip(steps, steps[1:])), default=None)
+
+
+def _run_summary(run: RunResult, curve: Curve, flops) -> dict:
+    timed = [r for r in run.train_rows if r["step"] > 1]  # the first row holds the warm-up of the first step
+    energy = [r["joules_per_token"] for r in run.train_rows if "joules_per_token" in r]
+    return {
+        "label": run.label,
+        "flops_per_token": run.flops_per_token,
+        "final_step": curve[-1][0] if curve else None,
+        "final_eval_loss": curve[-1][1] if curve else None,
+        "training_flops": flops(curve[-1][0]) if curve else None,
+        "eval": [{"step": s, "eval_loss": loss, "training_flops": flops(s)} for s, loss in curve],
+        "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed) if timed else None,
+        "step_time": statistics.median(r["step_time"] for r in timed) if timed else None,
+        "joules_per_token": statistics.fmean(energy) if energy else None,
+        "specialisation": _specialisation(run),
+    }
+
+
+def _specialisation(run: RunResult) -> dict | None:
+    """Per MoE layer: the (domain x expert) route counts and I(domain; expert) of the last eval that has them, and
+    the information at every eval."""
+    rows = [r for r in run.eval_rows if any(k.endswith(f"/{MUTUAL_INFORMATION}") or k.endswith(f"/{DOMAIN_COUNTS}")
+                                             for k in r)]
+    if not rows:
+        return None
+    layers = {}
+    for i in moe_layer_ids(rows):
+        last = layer_values(rows[-1], i)
+        layers[str(i)] = {
+            "domain_expert_counts": last.get(DOMAIN_COUNTS),
+            "mutual_information_bits": last.get(MUTUAL_INFORMATION),
+            "mutual_information_normalised": last.get(MUTUAL_INFORMATION_NORMALISED),
+            "mutual_information_by_step": [[r["step"], layer_values(r, i)[MUTUAL_INFORMATION]] for r in rows
+                                           if MUTUAL_INFORMATION in layer_values(r, i)],
+        }
+    return {"domains": run.domains, "step": rows[-1]["step"], "layers": layers}
+
+
+def _reached(curves: dict[str, Curve], flops: dict, dense_steps: int) -> dict:
+    """When each MoE first reaches the dense run's final eval loss, as a share of the dense run's steps and FLOPs."""
+    dense = curves[DENSE]
+    if not dense:
+        return {}
+    target = dense[-1][1]
+    found = {"target_eval_loss": target, "dense_steps": dense_steps}
+    for name in (MOE, UPCYCLED):
+        crossing = first_reaching(curves[name], target)
+        step = crossing.x
+        found[name] = {
+            "step": step,
+            "fraction_of_dense_steps": None if step is None else step / dense_steps,
+            "fraction_of_dense_flops": None if step is None else flops[name](step) / flops[DENSE](dense_steps),
+            "how": ("not reached" if step is None else "at or before its first eval" if crossing.at_first_eval
+                    else "interpolated linearly between the two evals around the crossing"),
+        }
+    return found
+
+
+def _upcycled_vs_continued(curves: dict[str, Curve], flops: dict, n: int) -> dict:
+    """The upcycled run against the dense run, both from step N on, over the FLOPs each added since N."""
+    def added(name: str) -> Curve:
+        return [(flops[name](s) - flops[name](n), loss) for s, loss in curves[name] if s >= n]
+
+    upcycled, continued = added(UPCYCLED), added(DENSE)
+    start = {name: next((loss for s, loss in curves[name] if s == n), None) for name in (UPCYCLED, DENSE)}
+    compared = equal_added_flops(upcycled, continued)
+    result = {"switch_step": n, "start_eval_loss": start}
+    if compared:
+        x, up, dense = compared
+        result.update(added_flops=x, upcycled_eval_loss=up, dense_eval_loss=dense, upcycled_minus_dense=up - dense)
+    return result

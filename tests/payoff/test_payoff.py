@@ -1,0 +1,210 @@
+"""The payoff command end to end on one process (three tiny runs), its numbers against formulas written out here,
+the upcycled start against the dense run, and a rerun after an interruption."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moe_models.cli import parse_args
+from moe_models.config import ConfigError
+from moe_models.metrics.report import write_report as write_run_report
+from moe_models.payoff.plan import DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, plan_payoff, switch_step
+from moe_models.payoff.report import write_report
+from moe_models.payoff.results import collect
+from helpers import REPO, child_env
+
+TINY = ["--max_steps", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--warmup_steps", "2",
+        "--block_size", "32", "--synthetic_examples", "400", "--per_device_train_batch_size", "4",
+        "--max_eval_batches", "2", "--num_experts", "4", "--disable_tqdm"]
+
+
+def run_payoff(output_dir, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_models.payoff", "--output_dir", str(output_dir), *TINY, *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=child_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in rows(run_dir) if "eval_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def payoff(tmp_path_factory):
+    out = tmp_path_factory.mktemp("payoff") / "out"
+    result = run_payoff(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+def test_the_payoff_trains_three_ordinary_run_folders_and_reports(payoff):
+    for name in (DENSE, MOE, UPCYCLED):
+        run = payoff / name
+        assert (run / "checkpoints" / "latest").read_text() == "global_step8"
+        assert max(r["step"] for r in rows(run)) == 8
+    dense_config = json.loads((payoff / DENSE / "run_config.json").read_text())
+    assert dense_config["resolved"]["moe_layout"]["blocks"] == []
+    assert json.loads((payoff / DENSE / "base_model" / "config.json").read_text())["intermediate_size"] == 2 * 256
+    assert json.loads((payoff / MOE / "run_config.json").read_text())["moe"]["expert_init"] == "random"
+    upcycled = json.loads((payoff / UPCYCLED / "run_config.json").read_text())["moe"]
+    assert (upcycled["expert_init"], upcycled["granularity"]) == ("granular", 2)
+
+    results = json.loads((payoff / "payoff.json").read_text())
+    assert (results["switch_step"], results["max_steps"], results["eval_steps"]) == (4, 8, 2)
+    assert results["tokens_per_step"] == 4 * 32
+    for name in (DENSE, MOE, UPCYCLED):
+        run = results["runs"][name]
+        assert run["final_eval_loss"] == eval_losses(payoff / name)[8]
+        assert run["joules_per_token"] is None  # no NVML on CPU
+        assert run["tokens_per_sec"] > 0 and run["step_time"] > 0
+    # Equal active FLOPs: k experts of F against one FFN of k x F; the MoE adds only its routers (E x D per layer).
+    router_flops = 6 * 4 * (4 * 128)  # 6 x layers x E x D
+    assert results["runs"][MOE]["flops_per_token"] - results["runs"][DENSE]["flops_per_token"] == router_flops
+    assert set(results["reached_dense_final_loss"][MOE]) >= {"step", "fraction_of_dense_steps", "how"}
+    assert "added_flops" in results["upcycled_vs_dense_continuation"]
+    text = (payoff / "payoff.md").read_text()
+    assert "Upcycled against dense continuation" in text and "not measured" in text
+    for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png"):
+        assert (payoff / image).stat().st_size > 0
+    write_run_report(payoff / DENSE)  # moe-report reads a dense run too
+
+
+def test_the_upcycled_run_starts_as_the_dense_run_at_the_switch_step_and_keeps_its_schedule(payoff):
+    dense, upcycled = eval_losses(payoff / DENSE), eval_losses(payoff / UPCYCLED)
+    assert min(upcycled) == 4  # evaluated before its first update
+    assert upcycled[4] == pytest.approx(dense[4], rel=1e-5)  # granular experts compute the dense FFN
+    dense_rows = {r["step"]: r for r in rows(payoff / DENSE) if "loss" in r}
+    upcycled_rows = [r for r in rows(payoff / UPCYCLED) if "loss" in r]
+    assert [r["step"] for r in upcycled_rows] == [6, 8]
+    for row in upcycled_rows:  # the same LR schedule and token count, continued at step 4
+        assert row["lr"] == pytest.approx(dense_rows[row["step"]]["lr"], rel=1e-12)
+        assert row["tokens_seen"] == dense_rows[row["step"]]["tokens_seen"]
+
+
+def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(payoff, tmp_path):
+    copy = tmp_path / "payoff"
+    shutil.copytree(payoff, copy)
+    # As if the command was killed after the upcycled run saved step 6: its step-8 checkpoint and rows are gone.
+    shutil.rmtree(copy / UPCYCLED / "checkpoints" / "global_step8")
+    (copy / UPCYCLED / "checkpoints" / "latest").write_text("global_step6")
+    kept = [line for line in (copy / UPCYCLED / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= 6]
+    (copy / UPCYCLED / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (copy / "payoff.json").unlink()
+    finished = {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)}
+
+    result = run_payoff(copy)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"{DENSE} ((a)" in result.stdout and "finished earlier; kept" in result.stdout
+    assert "Resumed from" in result.stdout
+    assert {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)} == finished
+    assert eval_losses(copy / UPCYCLED) == pytest.approx(eval_losses(payoff / UPCYCLED), rel=1e-6)
+    assert (copy / "payoff.json").is_file()
+
+
+def test_a_rerun_with_other_settings_is_refused(payoff, tmp_path):
+    copy = tmp_path / "payoff"
+    shutil.copytree(payoff / "dense_model", copy / "dense_model")
+    shutil.copy(payoff / "payoff_plan.json", copy / "payoff_plan.json")
+    result = run_payoff(copy, "--learning_rate", "0.01")
+    assert result.returncode == 1
+    assert "holds a payoff with other settings (--learning_rate 0.001 there, 0.01 here)" in result.stderr
+
+
+# The report's numbers on hand-made runs.
+
+def write_run(folder, evals: dict[int, float], flops_per_token: float, extra_eval: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    config = {"train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}, "data": {"block_size": 5},
+              "resolved": {"world_size": 1, "flops_per_token": flops_per_token, "domains": ["code", "prose"]}}
+    (folder / "run_config.json").write_text(json.dumps(config))
+    lines = [{"step": s, "loss": loss + 0.1, "tokens_per_sec": 100.0, "step_time": 0.1, "tokens_seen": 10 * s}
+             for s, loss in evals.items()]
+    lines += [{"step": s, "eval_loss": loss, **(extra_eval if extra_eval and s == max(evals) else {})}
+              for s, loss in evals.items()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    write_run(tmp_path / DENSE, {10: 4.0, 20: 3.0, 30: 2.5, 40: 2.2}, flops_per_token=100)
+    counts = {"moe/layer_0/domain_expert_counts": [[10, 0], [0, 10]], "moe/layer_0/domain_mutual_information": 1.0,
+              "moe/layer_0/domain_mutual_information_normalised": 1.0}
+    write_run(tmp_path / MOE, {10: 3.5, 20: 2.6, 30: 2.0, 40: 1.8}, flops_per_token=110, extra_eval=counts)
+    write_run(tmp_path / UPCYCLED, {20: 3.0, 30: 2.4, 40: 2.1}, flops_per_token=110)
+    runs = [PayoffRun(name, name, []) for name in (DENSE, MOE, UPCYCLED)]
+    return tmp_path, PayoffPlan(tmp_path, max_steps=40, switch_step=20, top_k=2, runs=runs)
+
+
+def test_the_reached_fraction_and_equal_flops_comparison_follow_their_formulas(hand_made):
+    folder, plan = hand_made
+    results = collect(plan, ["--max_steps", "40"])
+    tokens_per_step = 2 * 5
+    reached = results["reached_dense_final_loss"]
+    assert reached["target_eval_loss"] == 2.2
+    # (b) crosses 2.2 between step 20 (2.6) and 30 (2.0): 20 + (2.6 - 2.2) / (2.6 - 2.0) x 10.
+    step_b = 20 + (2.6 - 2.2) / (2.6 - 2.0) * 10
+    assert reached[MOE]["step"] == pytest.approx(step_b)
+    assert reached[MOE]["fraction_of_dense_steps"] == pytest.approx(step_b / 40)
+    assert reached[MOE]["fraction_of_dense_flops"] == pytest.approx(step_b * 110 / (40 * 100))
+    # (c) is the dense run (100 FLOPs/token) to step 20, then the MoE (110): it crosses between 30 (2.4) and 40 (2.1).
+    step_c = 30 + (2.4 - 2.2) / (2.4 - 2.1) * 10
+    assert reached[UPCYCLED]["step"] == pytest.approx(step_c)
+    assert reached[UPCYCLED]["fraction_of_dense_flops"] == pytest.approx((20 * 100 + (step_c - 20) * 110) / 4000)
+    assert results["runs"][UPCYCLED]["training_flops"] == tokens_per_step * (20 * 100 + 20 * 110)
+
+    compared = results["upcycled_vs_dense_continuation"]
+    assert compared["start_eval_loss"] == {UPCYCLED: 3.0, DENSE: 3.0}
+    # Added FLOPs since step 20: the dense run adds 20 x 100 x 10 by step 40; the upcycled run has added as much
+    # at step 20 + 2000 / 110, between its evals at 30 (2.4) and 40 (2.1).
+    assert compared["added_flops"] == pytest.approx(20 * 100 * tokens_per_step)
+    step = 20 + 2000 / 110
+    assert compared["upcycled_eval_loss"] == pytest.approx(2.4 + (step - 30) / 10 * (2.1 - 2.4))
+    assert compared["dense_eval_loss"] == pytest.approx(2.2)
+
+    special = results["runs"][MOE]["specialisation"]
+    assert special["domains"] == ["code", "prose"]
+    assert special["layers"]["0"]["domain_expert_counts"] == [[10, 0], [0, 10]]
+    assert special["layers"]["0"]["mutual_information_by_step"] == [[40, 1.0]]
+    assert results["runs"][DENSE]["specialisation"] is None
+
+    report = write_report(results, folder).read_text()
+    assert "| b_moe | 0 | 1.0000 | 1.000 |" in report
+    assert (folder / "domains_b_moe_layer_0.png").is_file()
+    assert "| b_moe | 26.7 | 67% | 73% |" in report
+
+
+def test_without_domain_counts_the_report_says_so(hand_made):
+    folder, plan = hand_made
+    (folder / MOE / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (folder / MOE / "metrics.jsonl").read_text().splitlines()
+                if "domain" not in line))
+    report = write_report(collect(plan, []), folder).read_text()
+    assert "No domain x expert counts" in report
+
+
+# Settings the payoff refuses, and where it switches.
+
+def test_switch_step_is_the_share_rounded_down_to_an_eval_step():
+    assert switch_step(600, 100, 0.5) == 300
+    assert switch_step(600, 100, 0.45) == 200
+    assert switch_step(600, 100, 0.1) == 100  # at least one eval interval
+    assert switch_step(10, 0, 0.5) == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--expert_init", "copy"], "--expert_init is set by the payoff"),
+    (["--num_experts", "6", "--top_k", "4"], "num_experts (6) must be a multiple of top_k (4)"),
+    (["--max_steps", "10", "--eval_steps", "10"], "eval_steps (10) must be below max_steps (10)"),
+    (["--plan"], "--plan prints one run's preflight plan and trains nothing"),
+])
+def test_settings_the_payoff_cannot_compare_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_payoff(parse_args(flags), flags, 0.5)
