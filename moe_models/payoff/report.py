@@ -9,8 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
+from ..metrics.domain_heatmap import draw_domain_experts  # noqa: E402
 from ..metrics.report import save  # noqa: E402
 from .plan import DENSE, MOE, UPCYCLED  # noqa: E402
 
@@ -45,6 +45,7 @@ def markdown(r: dict, images: list[str]) -> list[str]:
         lines += ["", f"Energy: {NOT_MEASURED} (NVML's energy counter is read on NVIDIA GPUs only)."]
     lines += _reached_section(r.get("reached_dense_final_loss") or {})
     lines += _upcycled_section(r["upcycled_vs_dense_continuation"], n)
+    lines += _domain_loss_section(runs, r.get("entropy_floor"))
     lines += _specialisation_section(runs)
     lines += ["", "## Plots", ""] + [f"![{image}]({image})" for image in images]
     return lines
@@ -78,6 +79,26 @@ def _upcycled_section(compared: dict, n: int) -> list[str]:
                       f"{compared['upcycled_eval_loss']:.4f} upcycled, {compared['dense_eval_loss']:.4f} dense "
                       f"continued ({compared['upcycled_minus_dense']:+.4f}): the upcycled model {verdict} dense "
                       "continuation."]
+    return lines
+
+
+def _domain_loss_section(runs: dict, floor: dict | None) -> list[str]:
+    """Each run's final eval loss per domain, beside the corpus's entropy floor when it is known."""
+    domains = list(next((run["final_eval_loss_by_domain"] for run in runs.values()
+                         if run["final_eval_loss_by_domain"]), {}))
+    if not domains:
+        return []
+    lines = ["", "## Final eval loss per domain", ""]
+    if floor:
+        lines += [f"The built-in corpus's entropy floor (the loss of a perfect model, `data.synthetic.entropy_floor`): "
+                  f"{floor['nats_per_token']:.4f} nats/token overall.", ""]
+    lines += ["| domain | " + " | ".join(runs) + (" | entropy floor |" if floor else " |"),
+              "|---|" + "---|" * (len(runs) + bool(floor))]
+    for domain in domains:
+        cells = [_num(run["final_eval_loss_by_domain"].get(domain)) for run in runs.values()]
+        if floor:
+            cells.append(_num(floor["by_domain"].get(domain)))
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -146,13 +167,8 @@ def _plot_speed(runs: dict, path: Path) -> None:
 
 
 def _plot_domains(values: dict, domains: list[str] | None, title: str, path: Path) -> None:
-    """Each domain's routes over the experts, as shares of the domain's routes."""
-    counts = np.array(values["domain_expert_counts"], dtype=float)  # [domains, experts]
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * counts.shape[1], 1.2 + 0.4 * counts.shape[0]))
-    mesh = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
-    ax.set_yticks(range(counts.shape[0]), domains if domains and len(domains) == counts.shape[0]
-                  else range(counts.shape[0]))
-    ax.set(xlabel="expert", title=f"{title}: I = {_num(values['mutual_information_bits'], '.3f')} bits")
-    fig.colorbar(mesh, ax=ax, label="share of the domain's routes")
+    """One layer's domain x expert heatmap, drawn as the run's own report draws it (metrics/domain_heatmap.py)."""
+    counts = values["domain_expert_counts"]
+    fig, ax = plt.subplots(figsize=(2.5 + min(0.5 * len(counts[0]), 16), 1.5 + min(0.4 * len(counts), 16)))
+    draw_domain_experts(ax, counts, domains, f"{title}: I = {_num(values['mutual_information_bits'], '.3f')} bits")
     save(fig, path)

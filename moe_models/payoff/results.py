@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.synthetic import entropy_floor
 from ..metrics.report import read_rows
 from ..metrics.rows import layer_values, moe_layer_ids
 from .analysis import Curve, equal_added_flops, first_reaching, training_flops
@@ -15,6 +16,7 @@ from .plan import DENSE, MOE, UPCYCLED, PayoffPlan
 # The eval-row entries of a layer that say how its routes spread over the data's domains (metrics/ writes them).
 DOMAIN_COUNTS, MUTUAL_INFORMATION = "domain_expert_counts", "domain_mutual_information"
 MUTUAL_INFORMATION_NORMALISED = "domain_mutual_information_normalised"
+DOMAIN_LOSS = "eval_loss/"  # an eval row's loss per domain: eval_loss/{domain}
 
 
 @dataclass
@@ -61,6 +63,7 @@ def collect(plan: PayoffPlan, command: list[str]) -> dict:
         "runs": {name: _run_summary(run, steps_curves[name], flops[name]) for name, run in runs.items()},
         "reached_dense_final_loss": _reached(steps_curves, flops, plan.max_steps),
         "upcycled_vs_dense_continuation": _upcycled_vs_continued(steps_curves, flops, n),
+        "entropy_floor": _entropy_floor(plan.run_dir(DENSE)),
     }
 
 
@@ -91,7 +94,19 @@ def _run_summary(run: RunResult, curve: Curve, flops) -> dict:
         "step_time": statistics.median(r["step_time"] for r in timed) if timed else None,
         "joules_per_token": statistics.fmean(energy) if energy else None,
         "specialisation": _specialisation(run),
+        "final_eval_loss_by_domain": {key.split("/", 1)[1]: value for key, value in run.eval_rows[-1].items()
+                                      if key.startswith(DOMAIN_LOSS)} if run.eval_rows else {},
     }
+
+
+def _entropy_floor(run_dir: Path) -> dict | None:
+    """The built-in corpus's entropy floor, overall and per domain, when the run trained on it (None otherwise)."""
+    config = json.loads((run_dir / "run_config.json").read_text())
+    data, seed = config["data"], config["train"].get("seed")
+    if data.get("train_file") or data.get("dataset_name") or "synthetic_examples" not in data or seed is None:
+        return None
+    floor = entropy_floor(data["synthetic_examples"], seed)
+    return {"nats_per_token": floor.nats_per_token, "by_domain": floor.by_domain}
 
 
 def _specialisation(run: RunResult) -> dict | None:

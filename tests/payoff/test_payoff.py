@@ -13,6 +13,7 @@ from moe_models.cli import parse_args
 from moe_models.config import ConfigError
 from moe_models.metrics.report import write_report as write_run_report
 from moe_models.payoff.plan import DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, plan_payoff, switch_step
+from moe_models.data.synthetic import entropy_floor
 from moe_models.payoff.report import write_report
 from moe_models.payoff.results import collect
 from helpers import REPO, child_env
@@ -69,7 +70,16 @@ def test_the_payoff_trains_three_ordinary_run_folders_and_reports(payoff):
     assert results["runs"][MOE]["flops_per_token"] - results["runs"][DENSE]["flops_per_token"] == router_flops
     assert set(results["reached_dense_final_loss"][MOE]) >= {"step", "fraction_of_dense_steps", "how"}
     assert "added_flops" in results["upcycled_vs_dense_continuation"]
+    # The built-in corpus's entropy floor beside each run's final loss per domain.
+    floor = entropy_floor(400, 42)
+    assert results["entropy_floor"] == {"nats_per_token": floor.nats_per_token, "by_domain": floor.by_domain}
+    for name in (DENSE, MOE, UPCYCLED):
+        final_eval, = [r for r in rows(payoff / name) if r.get("step") == 8 and "eval_loss" in r]
+        by_domain = results["runs"][name]["final_eval_loss_by_domain"]
+        assert by_domain and by_domain == {key[len("eval_loss/"):]: value for key, value in final_eval.items()
+                                           if key.startswith("eval_loss/")}
     text = (payoff / "payoff.md").read_text()
+    assert f"{floor.nats_per_token:.4f} nats/token overall" in text
     assert "Upcycled against dense continuation" in text and "not measured" in text
     for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png"):
         assert (payoff / image).stat().st_size > 0
@@ -136,7 +146,7 @@ def write_run(folder, evals: dict[int, float], flops_per_token: float, extra_eva
 def hand_made(tmp_path):
     write_run(tmp_path / DENSE, {10: 4.0, 20: 3.0, 30: 2.5, 40: 2.2}, flops_per_token=100)
     counts = {"moe/layer_0/domain_expert_counts": [[10, 0], [0, 10]], "moe/layer_0/domain_mutual_information": 1.0,
-              "moe/layer_0/domain_mutual_information_normalised": 1.0}
+              "moe/layer_0/domain_mutual_information_normalised": 1.0, "eval_loss/code": 1.5, "eval_loss/prose": 2.1}
     write_run(tmp_path / MOE, {10: 3.5, 20: 2.6, 30: 2.0, 40: 1.8}, flops_per_token=110, extra_eval=counts)
     write_run(tmp_path / UPCYCLED, {20: 3.0, 30: 2.4, 40: 2.1}, flops_per_token=110)
     runs = [PayoffRun(name, name, []) for name in (DENSE, MOE, UPCYCLED)]
@@ -179,6 +189,9 @@ def test_the_reached_fraction_and_equal_flops_comparison_follow_their_formulas(h
     assert "| b_moe | 0 | 1.0000 | 1.000 |" in report
     assert (folder / "domains_b_moe_layer_0.png").is_file()
     assert "| b_moe | 26.7 | 67% | 73% |" in report
+    assert results["runs"][MOE]["final_eval_loss_by_domain"] == {"code": 1.5, "prose": 2.1}
+    assert results["entropy_floor"] is None  # hand-made runs name no corpus
+    assert "| code | not measured | 1.5000 | not measured |" in report
 
 
 def test_without_domain_counts_the_report_says_so(hand_made):
