@@ -12,6 +12,7 @@ from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
+from .proof import prove_conversion
 from .saved_settings import attach_settings
 from .shared import shared_expert_copies, upcycled_output_factors
 from .upcycling import grouped_router_rows, unit_upcycling
@@ -31,11 +32,14 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     (with noise for copy_noise, fresh for random), from their own generator per block; upcycled, the output
     projections of routed and shared experts are scaled so that the layer computes the dense FFN
     (``_keep_dense_function``). The settings and layout are kept on the model (``moe.saved_settings.settings_of``)
-    for trainers and export. Returns the model.
+    for trainers and export. Unless ``cfg.prove_conversion`` is off, the conversion is first proven on a probe model of
+    the family (moe/proof.py; a ValueError saying what was found when it fails). Returns the model.
     """
     problems = moe_problems(cfg)
     if problems:
         raise ConfigError(problems)
+    if cfg.prove_conversion:
+        prove_conversion(model.config, cfg, convert_to_moe)
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
     layout = layout or layout_of(model, cfg)
@@ -47,8 +51,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
         dense_ffn = getattr(block, arch.ffn)
         by_units = unit_upcycling(dense_ffn, arch, cfg, block_id)  # granular or drop; None for whole-FFN inits
         expert = by_units.expert_template() if by_units else dense_ffn
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections, arch.ffn_projections,
-                               expert=expert)
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.ffn_projections, expert=expert)
         if layer.moe.use_residual:  # the residual FFN is the whole dense FFN, whatever the experts hold
             layer.moe.mlp = dense_ffn
         _init_router(layer.router, init_std, _generator(seed, block_id, -1), cfg.granularity)
