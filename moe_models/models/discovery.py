@@ -44,7 +44,7 @@ def find_ffn(model: nn.Module) -> FoundFFN:
                          "its FFNs are experts already. Continue training it from its folder if "
                          "moe_models/hf/load.py imports its class, or start from a dense model of the family.")
     blocks_path, blocks = _blocks(model, _num_layers(config), model_type)
-    hidden = model.get_input_embeddings().embedding_dim
+    hidden = hidden_size_of(model)
     found = [_as_ffn(name, child, hidden) for name, child in blocks[0].named_children()]
     found = [f for f in found if f is not None]
     if not found:
@@ -61,6 +61,12 @@ def find_ffn(model: nn.Module) -> FoundFFN:
                          f"{', '.join(sorted(k.__name__ for k in kinds))}); surgery converts models whose blocks all "
                          f"hold the same FFN. {ADD_TO_TABLE}")
     return FoundFFN(blocks_path, name, inputs, output, _gate_and_up(inputs))
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The width D of the hidden states between blocks (a composite config holds the decoder's apart)."""
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    return hidden if isinstance(hidden, int) else model.get_input_embeddings().embedding_dim
 
 
 def _expert_count(config) -> int | None:

@@ -18,6 +18,7 @@ SMALL_SIZES = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads"), 4),
     **dict.fromkeys(("num_key_value_heads", "multi_query_group_num"), 2),
     "head_dim": 16,
+    "rotary_dim": 8,
     "vocab_size": 320,  # room for the 257 byte-level tokens
     **dict.fromkeys(("max_position_embeddings", "n_positions", "seq_length"), 512),
 }
@@ -29,7 +30,15 @@ def small_config(config: PretrainedConfig) -> PretrainedConfig:
     ``SMALL_SIZES``, per-layer lists (``layer_types``) cut to the new depth, and special token ids that fall outside
     the small vocabulary moved to its last id. Everything that decides the function stays."""
     small = copy.deepcopy(config)
-    text = small.get_text_config()
+    for name in getattr(small, "sub_configs", {}):  # a vision tower, an audio encoder: small too
+        part = getattr(small, name, None)
+        if isinstance(part, PretrainedConfig) and part is not small.get_text_config():
+            _shrink(part)
+    _shrink(small.get_text_config())
+    return small
+
+
+def _shrink(text: PretrainedConfig) -> None:
     depth = _depth(text)
     for key, value in SMALL_SIZES.items():
         if key in text.to_dict() or isinstance(getattr(text, key, None), int):
@@ -43,7 +52,6 @@ def small_config(config: PretrainedConfig) -> PretrainedConfig:
         token_id = getattr(text, key, None)
         if isinstance(vocab, int) and isinstance(token_id, int) and token_id >= vocab:
             _set(text, key, vocab - 1)
-    return small
 
 
 def _depth(config: PretrainedConfig) -> int | None:

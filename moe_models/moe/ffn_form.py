@@ -52,9 +52,10 @@ def ffn_form(ffn: nn.Module, projections: tuple[tuple[str, ...], str]) -> FFNFor
     layers = [getattr(ffn, name, None) for name in (*inputs, output)]
     if not all(isinstance(layer, (nn.Linear, Conv1D)) for layer in layers):
         return "its projections are not all nn.Linear or Conv1D"
+    dropouts = [m.p for m in ffn.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropouts:
+        return f"it applies dropout (p={dropouts[0]}), which a grouped form would leave out"
     activations = _activations(ffn, set(inputs) | {output})
-    if not activations:
-        return "no activation function found on it (act_fn, act, activation_fn, ...)"
     if any(next(act.parameters(), None) is not None for act in activations if isinstance(act, nn.Module)):
         return "its activation has learnable parameters, which each expert would hold"
     candidates = [FFNForm(order, output, gated, _registered(act) if gated else None, act)
@@ -69,9 +70,13 @@ def ffn_form(ffn: nn.Module, projections: tuple[tuple[str, ...], str]) -> FFNFor
 
 
 def _activations(ffn: nn.Module, projections: set[str]) -> list[Callable]:
+    """The FFN's own activation (an attribute or a child module); else DeepSpeed's gate functions, for forwards
+    that call one inline (LFM2's F.silu)."""
     named = [getattr(ffn, name) for name in ACTIVATION_NAMES if callable(getattr(ffn, name, None))]
-    children = [child for name, child in ffn.named_children() if name not in projections and not named]
-    return named + children
+    children = [child for name, child in ffn.named_children() if name not in projections
+                and not isinstance(child, nn.Dropout)]
+    inline = [entry.gate_fn for entry in EXPERT_ACTIVATIONS.values() if entry.gate_fn is not None]
+    return named or children or inline
 
 
 def _orders(ffn: nn.Module, inputs: tuple[str, ...], output: str) -> list[tuple[tuple[str, ...], bool]]:
@@ -103,7 +108,7 @@ def _computes_the_same(ffn: nn.Module, form: FFNForm) -> bool:
     x = torch.randn(PROBE_ROWS, in_features(getattr(ffn, form.inputs[0])),
                     generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
-        expected = ffn(x)
+        expected = ffn(x)  # no dropout (ffn_form refuses FFNs with some), so training mode computes the same
         expected = expected[0] if isinstance(expected, tuple) else expected
         got = getattr(ffn, form.output)(form.hidden_units([getattr(ffn, n)(x) for n in form.inputs]))
     except (RuntimeError, TypeError, ValueError):

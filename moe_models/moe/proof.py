@@ -56,6 +56,11 @@ def _disproof(config: PretrainedConfig, cfg: MoEConfig, convert) -> str | None:
         try:
             with torch.no_grad():
                 expected = _logits(dense, ids)
+        except Exception as err:  # noqa: BLE001
+            return (f"model type {model_type!r}: its probe model (its config with small sizes) does not run "
+                    f"({type(err).__name__}: {err}). {HOW_TO_ADD}")
+        try:
+            with torch.no_grad():
                 found = architecture_of(dense)
                 converted = convert(dense, probe_moe_config(cfg))
                 got = _logits(converted, ids)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
+from ..models.discovery import hidden_size_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
 from .proof import prove_conversion
@@ -43,8 +44,9 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
     layout = layout or layout_of(model, cfg)
-    init_std = getattr(model.config, "initializer_range", 0.02)
-    hidden_size = model.config.hidden_size
+    text_config = model.config.get_text_config()  # composite (multimodal) configs hold the decoder's apart
+    init_std = getattr(text_config, "initializer_range", None) or getattr(model.config, "initializer_range", 0.02)
+    hidden_size = hidden_size_of(model)
 
     for block_id, num_experts in zip(layout.blocks, layout.num_experts):
         block = blocks[block_id]
