@@ -82,9 +82,13 @@ def _num_layers(config) -> int | None:
 
 
 def _blocks(model: nn.Module, num_layers: int | None, model_type: str) -> tuple[str, nn.ModuleList]:
-    """The ModuleList with one entry per layer that holds the most parameters (the decoder's blocks)."""
+    """The ModuleList with one entry per layer, inside the text decoder (not a vision or audio tower), that holds
+    the most parameters."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inside = {id(m) for m in (decoder if isinstance(decoder, nn.Module) else model).modules()}
     lists = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == num_layers]
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == num_layers
+             and id(module) in inside]
     if not lists:
         raise ValueError(f"model type {model_type!r}: no list of {num_layers} blocks (num_hidden_layers) in "
                          f"{type(model).__name__}, so its transformer blocks cannot be found. {ADD_TO_TABLE}")
@@ -106,7 +110,8 @@ def _as_ffn(name: str, child: nn.Module, hidden: int) -> tuple[str, tuple[str, .
     for inner_name, inner in child.named_modules():
         owns_parameters = next(inner.parameters(recurse=False), None) is not None
         if inner_name and inner_name.split(".")[0] not in projections and owns_parameters and \
-                "act" not in inner_name:  # a learnable activation (xIELU) is part of an FFN; a conv or a mixer is not
+                not any(part in inner_name for part in ("act", "norm")):
+            # a learnable activation (xIELU) or a norm (BitNet's) is part of an FFN; a conv or a mixer is not
             return None
     if next(child.parameters(recurse=False), None) is not None:
         return None
