@@ -274,9 +274,15 @@ def test_model_folder_without_config(capsys, run_dir, tmp_path):
 
 def test_unsupported_model_family(capsys, run_dir, tmp_path):
     folder = model_folder(tmp_path, {**TINY_LLAMA, "model_type": "bert"})
-    last = refused(capsys, ["--model_name_or_path", str(folder), *into(run_dir)], "model type 'bert' (",
-                   folder=run_dir)
-    assert "is not supported; supported: gpt2, llama, mistral, qwen2, qwen3 (dense, upcycled)" in last
+    last = refused(capsys, ["--model_name_or_path", str(folder), *into(run_dir)], "model type 'bert': no child of "
+                   "its block (BertLayer", folder=run_dir)
+    assert "ARCHITECTURES" in last and str(folder) in last
+
+
+def test_unknown_model_type(capsys, run_dir, tmp_path):
+    folder = model_folder(tmp_path, {**TINY_LLAMA, "model_type": "not-a-family"})
+    refused(capsys, ["--model_name_or_path", str(folder), *into(run_dir)], "model type 'not-a-family' (",
+            folder=run_dir)
 
 
 def test_vocabulary_smaller_than_the_tokenizer(capsys, run_dir, tmp_path):

@@ -17,6 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 # Child names that hint at a block's FFN, used only to choose between two modules that both fit.
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block")
+# Parts of a multimodal model's module paths that hold a tower beside the text decoder.
+TOWERS = ("vision", "image", "visual", "audio", "speech")
 # Config fields that count the experts of a model that is already a Mixture of Experts.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_moe_experts")
 ADD_TO_TABLE = ("If the family has such an FFN under another form, add it to "
@@ -88,7 +90,7 @@ def _blocks(model: nn.Module, num_layers: int | None, model_type: str) -> tuple[
     inside = {id(m) for m in (decoder if isinstance(decoder, nn.Module) else model).modules()}
     lists = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == num_layers
-             and id(module) in inside]
+             and id(module) in inside and not any(tower in name for tower in TOWERS)]
     if not lists:
         raise ValueError(f"model type {model_type!r}: no list of {num_layers} blocks (num_hidden_layers) in "
                          f"{type(model).__name__}, so its transformer blocks cannot be found. {ADD_TO_TABLE}")
