@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from ..config import MoEConfig
 from ..models.architectures import Architecture, architecture_of
@@ -21,15 +21,15 @@ HOW_TO_ADD = ("To add the family by hand, give its blocks' path and FFN attribut
               "moe_models/models/architectures.py:ARCHITECTURES (docs/models.md); to convert without this check, "
               "pass --prove_conversion false.")
 
-_PROVEN: dict[tuple[str, str], str | None] = {}  # (config JSON, moe_impl) -> None, or why the proof failed
+_PROVEN: dict[tuple[str, str, str], str | None] = {}  # (class, config JSON, moe_impl) -> None, or why the proof failed
 
 
-def prove_conversion(config: PretrainedConfig, cfg: MoEConfig, convert) -> None:
-    """Raise a ValueError saying what was found when converting a probe model of ``config``'s family (with
-    ``convert``: ``convert_to_moe``) changes its logits."""
-    key = (config.to_json_string(use_diff=False), cfg.moe_impl)
+def prove_conversion(model_class: type, config: PretrainedConfig, cfg: MoEConfig, convert) -> None:
+    """Raise a ValueError saying what was found when converting a probe model (``model_class`` built from
+    ``config`` with small sizes) with ``convert`` (``convert_to_moe``) changes its logits."""
+    key = (model_class.__qualname__, config.to_json_string(use_diff=False), cfg.moe_impl)
     if key not in _PROVEN:
-        _PROVEN[key] = _disproof(config, cfg, convert)
+        _PROVEN[key] = _disproof(model_class, config, cfg, convert)
     if _PROVEN[key] is not None:
         raise ValueError(_PROVEN[key])
 
@@ -41,12 +41,12 @@ def probe_moe_config(cfg: MoEConfig) -> MoEConfig:
                      moe_impl=cfg.moe_impl, prove_conversion=False)
 
 
-def _disproof(config: PretrainedConfig, cfg: MoEConfig, convert) -> str | None:
+def _disproof(model_class: type, config: PretrainedConfig, cfg: MoEConfig, convert) -> str | None:
     model_type = getattr(config, "model_type", "?")
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # no draw from the run's generators
         torch.manual_seed(0)
         try:
-            dense = AutoModelForCausalLM.from_config(small_config(config), dtype=torch.float32).eval()
+            dense = model_class(small_config(config)).float().eval()
         except Exception as err:  # noqa: BLE001 - a family transformers cannot build small: say so, whatever it is
             return (f"model type {model_type!r}: its probe model (its config with small sizes) cannot be built "
                     f"({type(err).__name__}: {err}). {HOW_TO_ADD}")

@@ -40,7 +40,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     if problems:
         raise ConfigError(problems)
     if cfg.prove_conversion:
-        prove_conversion(model.config, cfg, convert_to_moe)
+        prove_conversion(type(model), model.config, cfg, convert_to_moe)
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
     layout = layout or layout_of(model, cfg)

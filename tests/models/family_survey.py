@@ -52,16 +52,22 @@ def outcome_of(model_type: str) -> Outcome:
     if getattr(config, "is_encoder_decoder", False):
         return Outcome(model_type, name, False, "an encoder-decoder model: surgery converts decoder-only causal LMs")
     try:
-        arch = architecture_of_config(config)
         with torch.device("meta"):
             size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     except Exception as err:  # noqa: BLE001
+        return Outcome(model_type, name, False, f"transformers builds no model of its default config with small "
+                       f"sizes ({type(err).__name__}: {_first_line(err)}); not checked here")
+    try:
+        arch = architecture_of_config(config)
+    except ValueError as err:
         return Outcome(model_type, name, False, _first_line(err))
     if size > MAX_PARAMETERS:
         return Outcome(model_type, name, False, f"not checked here: its small config still has {size / 1e6:.0f}M "
                        "parameters (parts the size fields do not reach); convert it with the proof on")
     try:
-        prove_conversion(config, MoEConfig(), convert_to_moe)
+        with torch.device("meta"):
+            model_class = type(AutoModelForCausalLM.from_config(config))
+        prove_conversion(model_class, config, MoEConfig(), convert_to_moe)
     except ValueError as err:
         return Outcome(model_type, name, False, _first_line(err))
     return Outcome(model_type, name, True, f"{'table' if model_type in ARCHITECTURES else 'inspection'}: "
