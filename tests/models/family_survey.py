@@ -18,6 +18,9 @@ from moe_models.models.probe import small_config
 from moe_models.moe.ffn_form import ffn_form, FFNForm
 from moe_models.moe.proof import prove_conversion
 
+# Families whose probe does not fit a CI machine (measured here): their small config still asks for far more.
+NOT_RUN_HERE = {"falcon_h1": "at small sizes its Mamba mixer's reference (CPU) kernel still allocates 16 GiB; "
+                             "convert it with the proof on, on a machine that has the memory"}
 MAX_PARAMETERS = 3_000_000  # a small config above this (sub-modules the size fields do not reach) is not run here
 
 
@@ -64,10 +67,12 @@ def outcome_of(model_type: str) -> Outcome:
     if size > MAX_PARAMETERS:
         return Outcome(model_type, name, False, f"not checked here: its small config still has {size / 1e6:.0f}M "
                        "parameters (parts the size fields do not reach); convert it with the proof on")
+    if model_type in NOT_RUN_HERE:
+        return Outcome(model_type, name, False, f"not checked here: {NOT_RUN_HERE[model_type]}")
     try:
         with torch.device("meta"):
-            model_class = type(AutoModelForCausalLM.from_config(config))
-        prove_conversion(model_class, config, MoEConfig(), convert_to_moe)
+            model = AutoModelForCausalLM.from_config(config)
+        prove_conversion(type(model), model.config, MoEConfig(), convert_to_moe)  # as convert_to_moe does
     except ValueError as err:
         return Outcome(model_type, name, False, _first_line(err))
     return Outcome(model_type, name, True, f"{'table' if model_type in ARCHITECTURES else 'inspection'}: "
