@@ -30,12 +30,12 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
-    # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
-    # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
+    # (gate, up, down) Linear attributes of a gated FFN with separate projections, down(act_fn(gate(x)) * up(x));
+    # None for other forms. (--moe_impl grouped reads the form off the FFN itself, moe/ffn_form.py.)
     gated_projections: tuple[str, str, str] | None = None
     # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): where each hidden
     # unit's weights sit, for the shared experts' widening (moe/shared.py), the upcycled output scaling
-    # (moe/surgery.py) and --expert_init granular and drop (moe/upcycling.py)
+    # (moe/surgery.py), --expert_init granular and drop (moe/upcycling.py) and the grouped experts (moe/ffn_form.py)
     ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS
     discovered: bool = False  # found by inspecting the model (models/discovery.py), not listed in the table
 
