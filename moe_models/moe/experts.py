@@ -65,10 +65,15 @@ def _deepspeed_grouped_fits(expert: nn.Module, form: FFNForm) -> bool:
         all(isinstance(layer, nn.Linear) and layer.bias is None for layer in layers)
 
 
-def per_expert_key(i: int, projection: str, kind: str = "weight") -> str:
-    """State-dict key, relative to the experts module, of local expert i's ``projection`` weight (or bias): the
-    stock ``Experts`` module's name, which every expert holder here keeps."""
-    return f"deepspeed_experts.{i}.{projection}.{kind}"
+def per_expert_key(i: int, projection: str) -> str:
+    """State-dict key, relative to the experts module, of local expert i's ``projection`` weight: the stock
+    ``Experts`` module's name, which every expert holder here keeps."""
+    return per_expert_name(i, f"{projection}.weight")
+
+
+def per_expert_name(i: int, name_in_expert: str) -> str:
+    """State-dict key, relative to the experts module, of local expert i's parameter ``name_in_expert``."""
+    return f"deepspeed_experts.{i}.{name_in_expert}"
 
 
 class StackedExperts(GroupedExperts):
@@ -104,7 +109,7 @@ class StackedExperts(GroupedExperts):
 
     def per_expert_keys(self, stacked: str) -> list[str]:
         """The state-dict keys (relative to this module) of the local experts' slices of parameter ``stacked``."""
-        return [f"deepspeed_experts.{i}.{self.stacked_names()[stacked]}" for i in range(self.num_experts)]
+        return [per_expert_name(i, self.stacked_names()[stacked]) for i in range(self.num_experts)]
 
     def expert_weights(self, i: int, of: Callable = lambda param: param) -> dict[str, torch.Tensor]:
         """Local expert i's slice of ``of(parameter)`` (default: the weights, as views) for each of its weights,
@@ -119,13 +124,13 @@ def _per_expert_state(module: nn.Module, state_dict: dict, prefix: str, local_me
     stacked = {name: state_dict.pop(prefix + name) for name in names}
     for i in range(module.num_experts):
         for name, in_expert in names.items():
-            state_dict[f"{prefix}deepspeed_experts.{i}.{in_expert}"] = stacked[name][i]
+            state_dict[prefix + per_expert_name(i, in_expert)] = stacked[name][i]
 
 
 def _stacked_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: per-expert entries are stacked back (a missing one fails a strict load)."""
     for name, in_expert in module.stacked_names().items():
-        keys = [f"{prefix}deepspeed_experts.{i}.{in_expert}" for i in range(module.num_experts)]
+        keys = [prefix + per_expert_name(i, in_expert) for i in range(module.num_experts)]
         if all(key in state_dict for key in keys):
             state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
