@@ -34,12 +34,14 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     projections of routed and shared experts are scaled so that the layer computes the dense FFN
     (``_keep_dense_function``). The settings and layout are kept on the model (``moe.saved_settings.settings_of``)
     for trainers and export. Unless ``cfg.prove_conversion`` is off, the conversion is first proven on a probe model of
-    the family (moe/proof.py; a ValueError saying what was found when it fails). Returns the model.
+    the family (moe/proof.py; a ValueError saying what was found when it fails); a model on the meta device (the
+    preflight plan, an import filling its weights afterwards) is converted for its shapes, without the proof. Returns
+    the model.
     """
     problems = moe_problems(cfg)
     if problems:
         raise ConfigError(problems)
-    if cfg.prove_conversion:
+    if cfg.prove_conversion and not next(model.parameters()).is_meta:  # shapes only (plan, import): nothing to run
         prove_conversion(type(model), model.config, cfg, convert_to_moe)
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
