@@ -119,9 +119,15 @@ class MoEConfig:
     moe_impl: Literal["deepspeed", "grouped"] = _flag(
         "grouped", "Expert implementation inside the DeepSpeed MoE layer: 'deepspeed' = the stock layer as is; "
         "'grouped' = tokens sorted by expert with index operations and all local experts as one grouped GEMM "
-        "(SwiGLU families, weights held stacked; others run their experts one by one), dropless without host syncs "
+        "(gated and plain FFNs with or without biases and fused gate_up projections, weights held stacked; FFNs no "
+        "grouped form expresses run their experts one by one, which the run says once), dropless without host syncs "
         "at ep_size 1. Same checkpoint files and names, so a checkpoint's weights load into either (the optimizer "
         "state needs --reset_optimizer; docs/architecture.md; speed: docs/performance.md).")
+    prove_conversion: bool = _flag(
+        True, "Before converting, check on a small probe model of the same family (the model's config with small "
+        "sizes; no weights of the model are copied) that the conversion, with copied experts and no dropped tokens, "
+        "reproduces the dense model's logits, and refuse the conversion with what was found when it does not "
+        "(docs/models.md). Costs well under a second, once per config. false = convert without the check.")
     aux_loss_coef: float = _flag(0.01, "Weight of the load-balancing loss added to the LM loss.")
     router_z_loss_coef: float = _flag(
         0.0, "Weight of the router z-loss (ST-MoE): per MoE layer the mean over tokens of logsumexp(router logits)^2, "

@@ -1,15 +1,21 @@
 """Per model family: where the transformer blocks and their FFN live. (Which native HF MoE class a family exports to
 is hf/configs.py's concern.)
 
-Surgery finds FFNs through this table, never by guessing module names. A family whose FFN is a
-module taking and returning one hidden-states tensor is one more entry here.
+Surgery finds FFNs through this table when the family is listed, and otherwise by inspecting the model's blocks
+(models/discovery.py); either way it proves the conversion on a probe model before converting (moe/proof.py). A
+family whose FFN is a module taking and returning one hidden-states tensor, but which inspection gets wrong, is one
+more entry here (docs/models.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .discovery import find_ffn
 
 # The (gate, up, down) projection names of the SwiGLU FFN of Llama, Mistral and Qwen, which every HF MoE class this
 # project exports to keeps inside its experts too.
@@ -24,13 +30,14 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
-    # (gate, up, down) Linear attributes of a SwiGLU-style FFN, down(act_fn(gate(x)) * up(x)): what lets
-    # --moe_impl grouped run all experts as grouped GEMMs. None: its experts run one after the other.
+    # (gate, up, down) Linear attributes of a gated FFN with separate projections, down(act_fn(gate(x)) * up(x));
+    # None for other forms. (--moe_impl grouped reads the form off the FFN itself, moe/ffn_form.py.)
     gated_projections: tuple[str, str, str] | None = None
     # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): where each hidden
     # unit's weights sit, for the shared experts' widening (moe/shared.py), the upcycled output scaling
-    # (moe/surgery.py) and --expert_init granular and drop (moe/upcycling.py)
+    # (moe/surgery.py), --expert_init granular and drop (moe/upcycling.py) and the grouped experts (moe/ffn_form.py)
     ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS
+    discovered: bool = False  # found by inspecting the model (models/discovery.py), not listed in the table
 
     def ffn_path(self, block_id: int) -> str:
         """The module path, from the causal LM, of block ``block_id``'s FFN (an MoE layer after surgery)."""
@@ -66,16 +73,37 @@ IMPORTABLE_MOE_MODEL_TYPES = ("cohere2_moe", "ernie4_5_moe", "flex_olmo", "glm4_
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    """The table entry for a transformers model; a clear error for families not in the table."""
-    return architecture_of_config(getattr(model, "config", None))
+    """The table entry for a transformers model, or what inspecting its blocks finds; a ValueError saying what was
+    found when neither gives a block FFN."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return discovered_architecture(model)
 
 
 def architecture_of_config(config) -> Architecture:
-    """The table entry for a transformers config (a model's ``config``, or a saved run's base model config): what
-    code that holds a config but no model (export, import) uses. A clear error for families not in the table."""
+    """The architecture of a transformers config (a model's ``config``, or a saved run's base model config): what
+    code that holds a config but no model (export, import) uses. For a family not in the table the model is built on
+    the meta device (no memory, no random draws) and inspected, once per config."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model type {model_type!r} is not supported yet; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}. A family with a standard FFN is one entry in "
-                         "moe_models/models/architectures.py:ARCHITECTURES.")
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if model_type is None:
+        raise ValueError(f"{config!r} is not a transformers config (it has no model_type)")
+    key = config.to_json_string(use_diff=False)
+    if key not in _DISCOVERED:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _DISCOVERED[key] = discovered_architecture(model)
+    return _DISCOVERED[key]
+
+
+_DISCOVERED: dict[str, Architecture] = {}  # config (as JSON) -> its discovered architecture
+
+
+def discovered_architecture(model: nn.Module) -> Architecture:
+    """The Architecture of a model that inspection finds (models/discovery.py); a ValueError otherwise."""
+    found = find_ffn(model)
+    gated = (*found.gate_and_up, found.output) if found.gate_and_up else None
+    return Architecture(model.config.model_type, blocks=found.blocks, ffn=found.ffn, gated_projections=gated,
+                        ffn_projections=(found.inputs, found.output), discovered=True)

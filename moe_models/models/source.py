@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..config import ModelConfig
-from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES
+from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES, architecture_of_config
 from .tokenization import BYTE_VOCAB_SIZE
 
 DEFAULT_PRESET = "tiny-llama"
@@ -130,15 +133,27 @@ def local_config(model: ModelConfig) -> tuple[dict | None, str]:
 
 
 def family_problems(config: dict, where: str) -> list[str]:
+    """The model is a family surgery converts (listed, or a decoder-only causal LM whose block FFN inspection finds:
+    checked on the meta device) or an HF MoE folder that imports."""
     if "_error" in config:
         return [config["_error"] + "; give a config.json written by save_pretrained"]
     model_type = config.get("model_type")
-    moe_types = sorted(IMPORTABLE_MOE_MODEL_TYPES)
-    if model_type in ARCHITECTURES or model_type in moe_types:
+    if model_type in ARCHITECTURES or model_type in IMPORTABLE_MOE_MODEL_TYPES:
         return []
-    return [f"model type {model_type!r} ({where}) is not supported; supported: {', '.join(sorted(ARCHITECTURES))} "
-            f"(dense, upcycled) and {', '.join(moe_types)} (HF MoE folders, imported). A family with a standard FFN "
-            "is one entry in moe_models/models/architectures.py:ARCHITECTURES."]
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return [f"model type {model_type!r} ({where}) is unknown to transformers {transformers.__version__}; give "
+                "a config.json of a transformers family (docs/models.md lists those that convert), or upgrade "
+                "transformers if the family is newer"]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [f"model type {model_type!r} ({where}) has no causal-LM class in transformers "
+                "(AutoModelForCausalLM), so it is not a decoder that surgery can convert; docs/models.md lists the "
+                "families that convert"]
+    try:
+        values = {k: v for k, v in config.items() if k != "model_type"}
+        architecture_of_config(AutoConfig.for_model(model_type, **values))
+    except Exception as err:  # noqa: BLE001 - transformers' own refusal of the config is the reason too
+        return [f"{str(err).rstrip('.')} (config: {where})."]
+    return []
 
 
 def position_problems(config: dict, where: str, block_size: int) -> list[str]:

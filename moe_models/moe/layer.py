@@ -24,7 +24,7 @@ from ..metrics.routing import router_z_loss
 from ..models.architectures import SWIGLU_FFN_PROJECTIONS
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
-from .experts import StackedExperts, local_experts, per_expert_key
+from .experts import GroupedFFNExperts, StackedExperts, local_experts, per_expert_key
 from .router import Router, Scoring, recomputing
 from .shared import SharedExpertCounters, shared_expert_copies, shared_experts_output, widened_ffn, zero_gate
 
@@ -51,12 +51,11 @@ class MoEFeedForward(nn.Module):
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
     moe/shared.py) is added to every token's output, scaled by sigmoid(``shared_expert_gate``(x)) with
     ``cfg.shared_expert_gate``; ``shared_counters`` sums its metrics. ``ffn_projections`` names the dense FFN's
-    projections (into its hidden units, out of them) for the widening. ``expert`` (default: the dense FFN) is the
+    projections (into its hidden units, out of them) for the widening and the grouped experts' form. ``expert`` (default: the dense FFN) is the
     module DeepSpeed copies into each local expert (a narrowed one for granular experts, moe/upcycling.py).
     """
 
     def __init__(self, dense_ffn: nn.Module, hidden_size: int, num_experts: int, cfg: MoEConfig,
-                 gated_projections: Optional[tuple[str, str, str]] = None,
                  ffn_projections: tuple[tuple[str, ...], str] = SWIGLU_FFN_PROJECTIONS,
                  expert: Optional[nn.Module] = None):
         super().__init__()
@@ -66,7 +65,7 @@ class MoEFeedForward(nn.Module):
                     noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
                     top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
         if cfg.moe_impl == "grouped":  # a MoE subclass: same parameters, names, flags and process groups
-            self.moe = GroupedMoE(hidden_size, gated_projections=gated_projections, scoring=Scoring.of(cfg), **args)
+            self.moe = GroupedMoE(hidden_size, ffn_projections=ffn_projections, scoring=Scoring.of(cfg), **args)
         else:
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
@@ -109,7 +108,7 @@ class MoEFeedForward(nn.Module):
         """Each local expert's weights by their names in the expert module (``up_proj.weight``...), in module order;
         with ``of``, what ``of(parameter)`` holds for them (e.g. ``lambda p: p.grad``). With ``StackedExperts``
         they are slices of the stacked parameters: in-place writes to the weights change the expert."""
-        if isinstance(self.experts, StackedExperts):
+        if isinstance(self.experts, (StackedExperts, GroupedFFNExperts)):
             return [self.experts.expert_weights(i, of) for i in range(self.experts.num_experts)]
         return [{name: of(param) for name, param in expert.named_parameters()}
                 for expert in self.experts.deepspeed_experts]
@@ -164,16 +163,19 @@ class MoEFeedForward(nn.Module):
 
 class GroupedMoE(MoE):
     """``deepspeed.moe.layer.MoE`` with the grouped, index-based expert path (same arguments, plus
-    ``gated_projections``: the (gate, up, down) attribute names of a SwiGLU-style expert, or None; ``scoring``: the
+    ``ffn_projections``: the expert FFN's (input projections, output projection) by attribute name, or
+    ``gated_projections``: its (gate, up, down); with neither its experts run one by one; ``scoring``: the
     router's options beyond DeepSpeed's gate). DeepSpeed builds
     the gate, the local experts (with their expert-parallel flags) and the process groups; the MOELayer is
     replaced by ``GroupedMOELayer``."""
 
-    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None, scoring: Scoring = Scoring(),
-                 **kwargs):
+    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None,
+                 ffn_projections: Optional[tuple[tuple[str, ...], str]] = None, scoring: Scoring = Scoring(), **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
-        experts = local_experts(stock.experts, gated_projections, self.expert_group_name)
+        if ffn_projections is None and gated_projections is not None:
+            ffn_projections = (tuple(gated_projections[:2]), gated_projections[2])
+        experts = local_experts(stock.experts, ffn_projections, self.expert_group_name)
         self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate, scoring), experts, stock.ep_group_name,
                                              stock.ep_size, stock.num_local_experts)
 

@@ -10,8 +10,10 @@ from torch import nn
 
 from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
+from ..models.discovery import hidden_size_of
 from .layer import MoEFeedForward
 from .layout import MoELayout, moe_problems
+from .proof import prove_conversion
 from .saved_settings import attach_settings
 from .shared import shared_expert_copies, upcycled_output_factors
 from .upcycling import grouped_router_rows, unit_upcycling
@@ -31,24 +33,29 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     (with noise for copy_noise, fresh for random), from their own generator per block; upcycled, the output
     projections of routed and shared experts are scaled so that the layer computes the dense FFN
     (``_keep_dense_function``). The settings and layout are kept on the model (``moe.saved_settings.settings_of``)
-    for trainers and export. Returns the model.
+    for trainers and export. Unless ``cfg.prove_conversion`` is off, the conversion is first proven on a probe model of
+    the family (moe/proof.py; a ValueError saying what was found when it fails); a model on the meta device (the
+    preflight plan, an import filling its weights afterwards) is converted for its shapes, without the proof. Returns
+    the model.
     """
     problems = moe_problems(cfg)
     if problems:
         raise ConfigError(problems)
+    if cfg.prove_conversion and not next(model.parameters()).is_meta:  # shapes only (plan, import): nothing to run
+        prove_conversion(type(model), model.config, cfg, convert_to_moe)
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
     layout = layout or layout_of(model, cfg)
-    init_std = getattr(model.config, "initializer_range", 0.02)
-    hidden_size = model.config.hidden_size
+    text_config = model.config.get_text_config()  # composite (multimodal) configs hold the decoder's apart
+    init_std = getattr(text_config, "initializer_range", None) or getattr(model.config, "initializer_range", 0.02)
+    hidden_size = hidden_size_of(model)
 
     for block_id, num_experts in zip(layout.blocks, layout.num_experts):
         block = blocks[block_id]
         dense_ffn = getattr(block, arch.ffn)
         by_units = unit_upcycling(dense_ffn, arch, cfg, block_id)  # granular or drop; None for whole-FFN inits
         expert = by_units.expert_template() if by_units else dense_ffn
-        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.gated_projections, arch.ffn_projections,
-                               expert=expert)
+        layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.ffn_projections, expert=expert)
         if layer.moe.use_residual:  # the residual FFN is the whole dense FFN, whatever the experts hold
             layer.moe.mlp = dense_ffn
         _init_router(layer.router, init_std, _generator(seed, block_id, -1), cfg.granularity)

@@ -17,7 +17,7 @@ from moe_models.config import ConfigError, MoEConfig
 from moe_models.moe.balance import end_of_step
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.layout import moe_problems
-from moe_models.models.architectures import SWIGLU
+
 
 DIM, FFN, E = 64, 96, 4
 
@@ -27,7 +27,7 @@ def layer(seed=3, **options) -> MoEFeedForward:
     ffn = tiny_model(hidden_size=DIM, intermediate_size=FFN).model.layers[0].mlp
     cfg = MoEConfig(num_experts=E, top_k=options.pop("top_k", 2), drop_tokens=options.pop("drop_tokens", False),
                     **options)
-    moe = MoEFeedForward(ffn, DIM, E, cfg, SWIGLU).train()
+    moe = MoEFeedForward(ffn, DIM, E, cfg).train()
     torch.manual_seed(seed)
     with torch.no_grad():
         for param in moe.moe.parameters():

@@ -14,7 +14,7 @@ from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.cli import parse_args
 from moe_models.metrics.interval import IntervalStats
 from moe_models.metrics.throughput import active_parameters
-from moe_models.models.architectures import ARCHITECTURES, SWIGLU
+from moe_models.models.architectures import ARCHITECTURES
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.layout import moe_problems
 from moe_models.moe.shared import widened_ffn
@@ -63,7 +63,7 @@ def layer(num_shared=2, gate=True, moe_impl="grouped") -> MoEFeedForward:
     ffn = tiny_model(hidden_size=DIM, intermediate_size=WIDTH).model.layers[0].mlp
     cfg = MoEConfig(num_experts=4, top_k=2, moe_impl=moe_impl, drop_tokens=False, num_shared_experts=num_shared,
                     shared_expert_gate=gate, top2_2nd_expert_sampling=False)
-    moe = MoEFeedForward(ffn, DIM, 4, cfg, SWIGLU).train()
+    moe = MoEFeedForward(ffn, DIM, 4, cfg).train()
     torch.manual_seed(3)
     with torch.no_grad():
         for param in moe.parameters():

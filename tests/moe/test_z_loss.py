@@ -9,7 +9,7 @@ import torch
 import train
 from moe_models.config import MoEConfig
 from moe_models.moe.layer import MoEFeedForward, router_loss
-from moe_models.models.architectures import SWIGLU
+
 from helpers import tiny_model
 
 DIM = 64
@@ -19,7 +19,7 @@ def layer(moe_impl: str, drop_tokens: bool, coef: float) -> MoEFeedForward:
     ffn = tiny_model(hidden_size=DIM, intermediate_size=96).model.layers[0].mlp
     cfg = MoEConfig(num_experts=4, top_k=2, moe_impl=moe_impl, drop_tokens=drop_tokens, router_z_loss_coef=coef,
                     top2_2nd_expert_sampling=False, use_rts=False, aux_loss_coef=0.0)
-    moe = MoEFeedForward(ffn, DIM, 4, cfg, SWIGLU).train()
+    moe = MoEFeedForward(ffn, DIM, 4, cfg).train()
     torch.manual_seed(3)
     with torch.no_grad():
         moe.router.weight.normal_(0, 0.5)

@@ -1,0 +1,116 @@
+"""Every causal-LM family of the installed transformers (its auto mapping), built small and put through surgery:
+which convert (the conversion proven on a probe) and which are refused, with the reason. docs/models.md carries the
+table (tests/models/test_coverage.py checks it; UPDATE_DOCS=1 rewrites it)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from moe_models import MoEConfig, convert_to_moe
+from moe_models.models.architectures import ARCHITECTURES, architecture_of_config
+from moe_models.models.probe import small_config
+from moe_models.moe.ffn_form import ffn_form, FFNForm
+from moe_models.moe.proof import prove_conversion
+
+# Families whose probe does not fit a CI machine (measured here): their small config still asks for far more.
+NOT_RUN_HERE = {"falcon_h1": "at small sizes its Mamba mixer's reference (CPU) kernel still allocates 16 GiB; "
+                             "convert it with the proof on, on a machine that has the memory"}
+MAX_PARAMETERS = 3_000_000  # a small config above this (sub-modules the size fields do not reach) is not run here
+
+
+@dataclass(frozen=True)
+class Outcome:
+    model_type: str
+    causal_lm: str          # transformers' class for AutoModelForCausalLM
+    converts: bool
+    how: str                # converted: where the FFN was found and the grouped form; refused: the reason
+
+
+def causal_lm_families() -> list[str]:
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+@functools.cache
+def survey() -> tuple[Outcome, ...]:
+    return tuple(outcome_of(model_type) for model_type in causal_lm_families())
+
+
+def converting() -> list[str]:
+    return [o.model_type for o in survey() if o.converts]
+
+
+def outcome_of(model_type: str) -> Outcome:
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    try:
+        config = small_config(AutoConfig.for_model(model_type))
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises is the reason
+        return Outcome(model_type, name, False, f"transformers builds no config of it from defaults "
+                       f"({type(err).__name__}: {_first_line(err)}); not checked here")
+    if getattr(config, "is_encoder_decoder", False):
+        return Outcome(model_type, name, False, "an encoder-decoder model: surgery converts decoder-only causal LMs")
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except Exception as err:  # noqa: BLE001
+        return Outcome(model_type, name, False, f"transformers builds no model of its default config with small "
+                       f"sizes ({type(err).__name__}: {_first_line(err)}); not checked here")
+    try:
+        arch = architecture_of_config(config)
+    except ValueError as err:
+        return Outcome(model_type, name, False, _first_line(err))
+    if size > MAX_PARAMETERS:
+        return Outcome(model_type, name, False, f"not checked here: its small config still has {size / 1e6:.0f}M "
+                       "parameters (parts the size fields do not reach); convert it with the proof on")
+    if model_type in NOT_RUN_HERE:
+        return Outcome(model_type, name, False, f"not checked here: {NOT_RUN_HERE[model_type]}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        prove_conversion(type(model), model.config, MoEConfig(), convert_to_moe)  # as convert_to_moe does
+    except ValueError as err:
+        return Outcome(model_type, name, False, _first_line(err))
+    return Outcome(model_type, name, True, f"{'table' if model_type in ARCHITECTURES else 'inspection'}: "
+                   f"`{arch.ffn_path(0).replace('.0.', '.N.')}`, {experts_form(config, arch)}")
+
+
+def experts_form(config, arch) -> str:
+    """How --moe_impl grouped runs the family's experts."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    ffn = getattr(arch.blocks_of(model)[0], arch.ffn)
+    with torch.device("cpu"):
+        ffn = ffn.to_empty(device="cpu").train()
+        for param in ffn.parameters():
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    form = ffn_form(ffn, arch.ffn_projections)
+    if not isinstance(form, FFNForm):
+        return f"expert loop ({form})"
+    kind = ("fused gated" if len(form.inputs) == 1 else "gated") if form.gated else "plain"
+    act = form.activation or type(form.act_fn).__name__ if not callable(getattr(form.act_fn, "__name__", None)) \
+        else form.act_fn.__name__
+    biases = ", biases" if any(getattr(getattr(ffn, p), "bias", None) is not None for p in form.projections) else ""
+    return f"grouped: {kind}, {act}{biases}"
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def models_markdown() -> str:
+    rows = survey()
+    converted = [o for o in rows if o.converts]
+    refused = [o for o in rows if not o.converts]
+    lines = [f"Installed transformers {transformers.__version__}: {len(rows)} families in "
+             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(converted)} convert, {len(refused)} are refused.", "",
+             "### Converted", "", "| model_type | class | FFN found by, path, experts on --moe_impl grouped |",
+             "|---|---|---|"]
+    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how} |" for o in converted]
+    lines += ["", "### Refused", "", "| model_type | class | reason |", "|---|---|---|"]
+    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in refused]
+    return "\n".join(lines) + "\n"
