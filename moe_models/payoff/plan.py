@@ -128,19 +128,24 @@ def write_dense_config(cfg: RunConfig, path: Path) -> None:
 def check_same_command(cfg: RunConfig, upcycle_at: float) -> None:
     """A payoff folder continues only the settings that started it (wherever the folder now is): the runs it kept
     were trained with those."""
-    settings = {"upcycle_at": upcycle_at, **{name: value for section in cfg.to_dict().values()
-                                              for name, value in section.items() if name != "output_dir"}}
+    settings = {"upcycle_at": upcycle_at, **_flat_settings(cfg)}
     path = Path(cfg.train.output_dir) / PLAN_FILE
     if not path.is_file():
         _atomic_write(path, json.dumps(settings, indent=2) + "\n")
         return
-    recorded = json.loads(path.read_text())
+    # a setting newer than the folder's record was, for its runs, at its default
+    recorded = {**_flat_settings(RunConfig()), **json.loads(path.read_text())}
     differing = sorted(name for name in settings.keys() | recorded.keys() if settings.get(name) != recorded.get(name))
     if differing:
         shown = ", ".join(f"--{name} {recorded.get(name)!r} there, {settings.get(name)!r} here"
                           for name in differing[:4])
         raise ConfigError([f"{cfg.train.output_dir} holds a payoff with other settings ({shown}); rerun it with its "
                            f"own ({path}) to continue it, or choose another --output_dir"])
+
+
+def _flat_settings(cfg: RunConfig) -> dict:
+    return {name: value for section in cfg.to_dict().values() for name, value in section.items()
+            if name != "output_dir"}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -12,7 +12,8 @@ import pytest
 from moe_models.cli import parse_args
 from moe_models.config import ConfigError
 from moe_models.metrics.report import write_report as write_run_report
-from moe_models.payoff.plan import DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, plan_payoff, switch_step
+from moe_models.payoff.plan import (DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, check_same_command, plan_payoff,
+                                   switch_step)
 from moe_models.data.synthetic import entropy_floor
 from moe_models.payoff.report import write_report
 from moe_models.payoff.results import collect
@@ -126,6 +127,20 @@ def test_a_rerun_with_other_settings_is_refused(payoff, tmp_path):
     result = run_payoff(copy, "--learning_rate", "0.01")
     assert result.returncode == 1
     assert "holds a payoff with other settings (--learning_rate 0.001 there, 0.01 here)" in result.stderr
+
+
+def test_a_setting_newer_than_the_folder_counts_at_its_default(tmp_path):
+    """A folder started before a flag existed recorded no value for it: its runs had the default, so the same
+    command continues it, and only another value is refused."""
+    cfg = parse_args(["--output_dir", str(tmp_path)])
+    check_same_command(cfg, 0.5)
+    plan_file = tmp_path / "payoff_plan.json"
+    recorded = json.loads(plan_file.read_text())
+    del recorded["prove_conversion"]
+    plan_file.write_text(json.dumps(recorded))
+    check_same_command(cfg, 0.5)
+    with pytest.raises(ConfigError, match="--prove_conversion True there, False here"):
+        check_same_command(parse_args(["--output_dir", str(tmp_path), "--prove_conversion", "false"]), 0.5)
 
 
 # The report's numbers on hand-made runs.
