@@ -56,6 +56,10 @@ class DataConfig:
     validation_split_percentage: int = _flag(5, "Percent of the training data held out for eval when there is no "
                                              "validation file or split.")
     synthetic_examples: int = _flag(20000, "Number of examples the built-in synthetic multi-domain corpus generates.")
+    synthetic_domains: Optional[str] = _flag(
+        None, "Comma-separated domains the built-in corpus generates, in this order (default: all eight: "
+        "arithmetic,sorting,brackets,kv_recall,prose,geography,biography,chemistry). The five rule domains alone are "
+        "the corpus as it was before the fact domains were added: a run made then resumes exactly with them.")
     preprocessing_num_workers: Optional[int] = _flag(None, "Processes for tokenisation (datasets.map num_proc).")
     domains: Optional[str] = _flag(
         None, "Comma-separated domain names whose positions are the per-token domain_ids (texts of any other domain "

@@ -17,7 +17,7 @@ from .domains import file_domains, listed_domains, resolve_domains
 from .file_specs import DataFile, data_files
 from .stream import TextStream, open_stream
 from .stream_batches import StreamBatches
-from .synthetic import DOMAINS
+from .synthetic import synthetic_domains
 from .text import load_text_datasets, pack_blocks
 
 
@@ -72,7 +72,7 @@ def map_style_domains(data: DataConfig, raw: DatasetDict) -> list[str]:
     """The run's domain list (domains.py): --domains, the built-in corpus's, or the files' names and column values."""
     listed = listed_domains(data.domains)
     if listed is None and not (data.train_file or data.dataset_name):
-        listed = list(DOMAINS)
+        listed = list(synthetic_domains(data.synthetic_domains))
     values = [value for split in raw.values() if "domain" in split.column_names for value in split.unique("domain")]
     return resolve_domains(listed, file_domains(_files(data)), values)
 
@@ -92,6 +92,7 @@ def blocks_key(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) 
                 for file in data_files(flag, getattr(data, flag))]
 
     train = described("train_file") if data.train_file else {"synthetic_examples": data.synthetic_examples,
+                                                              "synthetic_domains": data.synthetic_domains,
                                                               "seed": seed}
     validation = (described("validation_file") if data.validation_file
                   else {"held_out_percent": data.validation_split_percentage, "seed": seed})

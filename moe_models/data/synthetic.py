@@ -16,7 +16,7 @@ import functools
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from datasets import Dataset
 
@@ -159,19 +159,38 @@ DOMAINS: tuple[str, ...] = tuple(_GENERATORS)
 DOMAIN_INDEX = {domain: index for index, domain in enumerate(DOMAINS)}
 
 
-def synthetic_corpus(num_examples: int, seed: int) -> Dataset:
-    """``num_examples`` examples, as evenly spread over DOMAINS as possible and shuffled together.
+def synthetic_corpus(num_examples: int, seed: int, domains: Sequence[str] = DOMAINS) -> Dataset:
+    """``num_examples`` examples, as evenly spread over ``domains`` (default: all of DOMAINS) as possible and shuffled
+    together.
 
-    Columns: ``text`` and ``domain``. Deterministic in (num_examples, seed); global RNG state is untouched.
+    Columns: ``text`` and ``domain``. Deterministic in (num_examples, seed, domains); global RNG state is untouched.
     """
-    texts, domains, _ = _generate(num_examples, seed)
-    return Dataset.from_dict({"text": texts, "domain": domains})
+    texts, chosen, _ = _generate(num_examples, seed, domains)
+    return Dataset.from_dict({"text": texts, "domain": chosen})
 
 
-def _generate(num_examples: int, seed: int) -> tuple[list[str], list[str], list[float]]:
+def synthetic_domain_problems(spec: str | None) -> list[str]:
+    """What is wrong with a --synthetic_domains list."""
+    if spec is None:
+        return []
+    names = [name.strip() for name in spec.split(",")]
+    unknown = [name for name in names if name not in _GENERATORS]
+    if unknown or len(set(names)) != len(names):
+        return [f"synthetic_domains {spec!r}: give distinct names among {', '.join(DOMAINS)}"
+                + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")]
+    return []
+
+
+def synthetic_domains(spec: str | None) -> tuple[str, ...]:
+    """The domains a --synthetic_domains value names (None: all of DOMAINS)."""
+    return DOMAINS if spec is None else tuple(name.strip() for name in spec.split(","))
+
+
+def _generate(num_examples: int, seed: int, names: Sequence[str] = DOMAINS
+              ) -> tuple[list[str], list[str], list[float]]:
     """The corpus's texts, their domains and each text's information in nats (its generator's choices)."""
     rng = random.Random(seed)
-    domains = [DOMAINS[i % len(DOMAINS)] for i in range(num_examples)]
+    domains = [names[i % len(names)] for i in range(num_examples)]
     rng.shuffle(domains)
     texts, nats = [], []
     for domain in domains:
@@ -190,16 +209,16 @@ class EntropyFloor:
     by_domain: dict[str, float]
 
 
-def entropy_floor(num_examples: int = 20000, seed: int = 0) -> EntropyFloor:
-    """The entropy floor of ``synthetic_corpus(num_examples, seed)``: the sum over examples of the information of
+def entropy_floor(num_examples: int = 20000, seed: int = 0, names: Sequence[str] = DOMAINS) -> EntropyFloor:
+    """The entropy floor of ``synthetic_corpus(num_examples, seed, names)``: the sum over examples of the information of
     the example's domain (log of the number of domains: the shuffled, evenly spread domains are close to uniform
     draws) and of its generator's choices, over the sum of the examples' tokens. Measured on packed blocks, a
     model's loss sits slightly above it: the first tokens of a block have lost the start of their example."""
-    texts, domains, nats = _generate(num_examples, seed)
-    domain_nats = math.log(len(DOMAINS))
+    texts, domains, nats = _generate(num_examples, seed, names)
+    domain_nats = math.log(len(names))
     tokens = [len(text.encode("utf-8")) + 1 for text in texts]
     by_domain = {}
-    for domain in DOMAINS:
+    for domain in names:
         picked = [i for i, d in enumerate(domains) if d == domain]
         by_domain[domain] = sum(nats[i] + domain_nats for i in picked) / sum(tokens[i] for i in picked)
     return EntropyFloor(sum(nats) / sum(tokens) + domain_nats * len(texts) / sum(tokens), by_domain)

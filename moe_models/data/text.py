@@ -17,7 +17,7 @@ from ..config import DataConfig, too_small
 from .domains import domain_index, domains_problems
 from .file_specs import DataFile, data_files, resolve_files
 from .files import unreadable_reason
-from .synthetic import DOMAINS, synthetic_corpus
+from .synthetic import DOMAINS, synthetic_corpus, synthetic_domain_problems, synthetic_domains
 
 
 def data_problems(data: DataConfig) -> list[str]:
@@ -32,6 +32,7 @@ def data_problems(data: DataConfig) -> list[str]:
         problems.append("--validation_file needs --train_file or --dataset_name (the built-in corpus has its own "
                         "held-out split)")
     problems += domains_problems(data.domains) + streaming_problems(data)
+    problems += synthetic_domain_problems(data.synthetic_domains)
     problems += too_small(data, ("block_size", "synthetic_examples"))
     problems += too_small(data, ("shuffle_buffer_size", "streaming_validation_texts"), minimum=0)
     if not 0 < data.validation_split_percentage < 100:
@@ -63,7 +64,7 @@ def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
     elif data.dataset_name:
         splits = _load_hub_dataset(data.dataset_name, data.dataset_config_name, data.text_column)
     else:
-        corpus = synthetic_corpus(data.synthetic_examples, seed)
+        corpus = synthetic_corpus(data.synthetic_examples, seed, synthetic_domains(data.synthetic_domains))
         splits = {"train": _rename_text_column(corpus, data.text_column)}
     if data.validation_file:
         splits["validation"] = load_files(data_files("validation_file", data.validation_file), data.text_column)

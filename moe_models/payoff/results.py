@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.synthetic import entropy_floor
+from ..data.synthetic import entropy_floor, synthetic_domains
 from ..metrics.report import read_rows
 from ..metrics.rows import layer_values, moe_layer_ids
 from .analysis import Curve, equal_added_flops, first_reaching, training_flops
@@ -105,7 +105,7 @@ def _entropy_floor(run_dir: Path) -> dict | None:
     data, seed = config["data"], config["train"].get("seed")
     if data.get("train_file") or data.get("dataset_name") or "synthetic_examples" not in data or seed is None:
         return None
-    floor = entropy_floor(data["synthetic_examples"], seed)
+    floor = entropy_floor(data["synthetic_examples"], seed, synthetic_domains(data.get("synthetic_domains")))
     return {"nats_per_token": floor.nats_per_token, "by_domain": floor.by_domain}
 
 

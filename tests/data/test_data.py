@@ -18,6 +18,7 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from moe_models.config import DataConfig  # noqa: E402
 from moe_models.data.batches import TrainBatches, eval_batches  # noqa: E402
 from moe_models.data.synthetic import FACT_DOMAINS as FACTS, DOMAINS, entropy_floor, synthetic_corpus  # noqa: E402
+from moe_models.data.synthetic import synthetic_domain_problems  # noqa: E402
 from moe_models.data.text import load_text_datasets, pack_blocks  # noqa: E402
 from moe_models.models.tokenization import byte_level_tokenizer  # noqa: E402
 
@@ -98,6 +99,16 @@ def test_facts_never_change_across_examples_and_seeds():
     names = {domain: {name for d, name, _ in values if d == domain} for domain in FACT_DOMAINS}
     assert all(not (names[a] & names[b]) for a in names for b in names if a < b)
     assert all(len(n) > 50 for n in names.values())
+
+
+def test_a_chosen_list_of_built_in_domains_generates_only_those():
+    five = ("arithmetic", "sorting", "brackets", "kv_recall", "prose")
+    corpus = synthetic_corpus(100, seed=3, domains=five)
+    assert sorted(set(corpus["domain"])) == sorted(five)
+    assert synthetic_domain_problems(",".join(five)) == []
+    problem, = synthetic_domain_problems("prose,poetry")
+    assert "'poetry' is not one" in problem and "geography" in problem
+    assert synthetic_domain_problems("prose,prose")
 
 
 def test_entropy_floor_matches_the_generators_written_out():

@@ -18,7 +18,8 @@ FIXTURE = REPO / "tests" / "fixtures" / "run_v0_1"
 FLAGS = ["--model_config", str(FIXTURE / "base_model" / "config.json"), "--num_experts", "4", "--top_k", "2",
          "--synthetic_examples", "300", "--block_size", "16", "--per_device_train_batch_size", "2",
          "--save_steps", "2", "--warmup_steps", "1", "--eval_steps", "0", "--max_eval_batches", "1",
-         "--logging_steps", "1", "--disable_tqdm", "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
+         "--logging_steps", "1", "--disable_tqdm", "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false",
+         "--synthetic_domains", "arithmetic,sorting,brackets,kv_recall,prose"]  # the built-in corpus of release 0.1
 RELEASE_LOSSES = [5.534180164337158, 5.5970048904418945]  # steps 3 and 4, resumed from global_step2 by release 0.1
 # Release 0.1's export of global_step2, on input ids (7 * i) % 257 for i < 12: logits[0, :4, :4], the sum and the
 # sum of absolute values of all logits.
