@@ -29,7 +29,7 @@ from deepspeed.moe.utils import is_moe_param
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import RunConfig
-from .hf.configs import dense_config_and_moe_settings
+from .hf.import_config import dense_config_and_moe_settings
 from .hf.load import is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import resolve_model_config

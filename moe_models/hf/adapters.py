@@ -280,7 +280,7 @@ def _pop_prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 # Each class imports as the dense family whose attention, norms and embeddings are its own. Mixtral's attention is
 # Mistral's (same projections, no biases, same sliding_window); Llama has no sliding window, so a Mixtral imports as
 # Mistral. GraniteMoe(Shared) imports as Granite, also when a Llama run exported it (its scalings set to 1.0).
-# GLM4-MoE imports as Llama, Qwen2 or Qwen3, as its settings say (hf/configs.py: import_dense_model_type).
+# GLM4-MoE imports as Llama, Qwen2 or Qwen3, as its settings say (hf/import_config.py: import_dense_model_type).
 ADAPTERS: dict[str, MoEFamilyAdapter] = {a.model_type: a for a in (
     MoEFamilyAdapter("mixtral", "mistral", per_expert_block="block_sparse_moe", per_expert_names=("w1", "w3", "w2")),
     Qwen2MoeAdapter("qwen2_moe", "qwen2", per_expert_block="mlp", per_expert_names=SWIGLU,

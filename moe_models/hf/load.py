@@ -28,7 +28,7 @@ from ..moe.layout import MoELayout, resolve_moe_layers
 from ..moe.saved_settings import attach_settings
 from ..moe.surgery import convert_to_moe
 from .adapters import ADAPTERS
-from .configs import dense_config_and_moe_settings
+from .import_config import dense_config_and_moe_settings
 
 
 def is_hf_moe_folder(name_or_path: str | None) -> bool:

@@ -16,7 +16,8 @@ from helpers import REPO, child_env
 from moe_models import convert_to_moe
 from moe_models.cli import parse_args
 from moe_models.config import ConfigError, MoEConfig
-from moe_models.hf.configs import NotRepresentable, dense_config_and_moe_settings, hf_moe_config
+from moe_models.hf.configs import NotRepresentable, hf_moe_config
+from moe_models.hf.import_config import dense_config_and_moe_settings
 from moe_models.hf.export import export, main as export_main
 from moe_models.hf.load import import_hf_moe, settings_from_checkpoint
 from moe_models.models.source import preset_config

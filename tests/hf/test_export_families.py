@@ -16,7 +16,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from moe_models import convert_to_moe
 from moe_models.config import MoEConfig
-from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, dense_config_and_moe_settings, hf_moe_config
+from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, hf_moe_config
+from moe_models.hf.import_config import dense_config_and_moe_settings
 from moe_models.hf.export import export
 from moe_models.hf.export_table import export_table_markdown, with_export_table
 from moe_models.hf.load import import_hf_moe
