@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.cli import parse_args  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
 from train import build  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 Each rank loads DIR as train.py does (`load_dense_model`, in --dtype) and converts it (`convert_to_moe`, 4 experts,
 top-2, copies), then prints: the peak resident memory of the process over the build minus its resident memory
 before it (`ru_maxrss`; the safetensors are memory-mapped, so the pages read count while they are resident), the
-bytes of the parameters it holds afterwards, and the plan's weights per rank (moe_models/plan.py) for the same
+bytes of the parameters it holds afterwards, and the plan's weights per rank (moe_models/training/preflight.py) for the same
 settings in that dtype.
 """
 
@@ -22,11 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.cli import parse_args  # noqa: E402
-from moe_models.distributed import init_world  # noqa: E402
 from moe_models.models.source import load_dense_model  # noqa: E402
-from moe_models.moe.surgery import convert_to_moe, layout_of  # noqa: E402
-from moe_models.plan import Setup, bytes_per_rank, model_shape  # noqa: E402
+from moe_models.moe.surgery import convert_to_moe  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
+from moe_models.run.distributed import init_world  # noqa: E402
+from moe_models.training.preflight import Setup, bytes_per_rank, model_shape  # noqa: E402
 
 DENSE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -55,7 +55,7 @@ def main() -> None:
     before = psutil.Process().memory_info().rss
     dtype = getattr(torch, args.dtype)
     dense = load_dense_model(cfg.model, vocab_needed=0, dtype=dtype)
-    model = convert_to_moe(dense, cfg.moe, seed=0, layout=layout_of(dense, cfg.moe))
+    model = convert_to_moe(dense, cfg.moe, seed=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     setup = Setup(world_size=world.world_size, ep_size=args.ep_size, zero_stage=2, bf16=dtype == torch.bfloat16,

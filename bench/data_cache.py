@@ -31,9 +31,9 @@ _WORDS = ("the", "cat", "sat", "on", "a", "mat", "while", "it", "rained", "over"
 def prepare_once(args: argparse.Namespace) -> dict:
     """In this process: prepare the data as train.py does; seconds and whether the block cache was hit."""
     sys.path.insert(0, str(REPO))
-    from moe_models.config import DataConfig
     from moe_models.data.prepare import prepare_data
     from moe_models.models.tokenization import byte_level_tokenizer
+    from moe_models.run.config import DataConfig
 
     data = DataConfig(train_file=args.train_file, synthetic_examples=args.examples, block_size=args.block_size,
                       data_cache_dir=args.data_cache_dir)

@@ -42,7 +42,7 @@ def launch(args: argparse.Namespace, train_flags: list[str]) -> int:
 
 def worker(args: argparse.Namespace, train_flags: list[str]) -> None:
     sys.path.insert(0, str(REPO))
-    from moe_models.cli import parse_args
+    from moe_models.run.cli import parse_args
     from train import build
 
     total_steps = (args.rounds + 1) * args.steps
@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace, train_flags: list[str]) -> None:
             for ep, trainer in trainers.items():
                 started = time.perf_counter()
                 for _ in range(args.steps):
-                    trainer.train_step().tolist()  # .tolist(): wait for the device before stopping the clock
+                    [value.item() for value in trainer.train_step().values()]  # wait for the device
                 if round_index:
                     seconds[ep].append((time.perf_counter() - started) / args.steps)
     if world.is_main:

@@ -18,37 +18,36 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _on_off import compare, timed  # noqa: E402
 
-from moe_models.distributed import all_reduce_sum  # noqa: E402
+from moe_models.run.distributed import sum_over_ranks  # noqa: E402
 
 
 def seconds_per_step(trainer, steps: int, metrics_on: bool) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) per optimizer step over ``steps`` steps."""
-    for layer in trainer.layers:
+    for layer in trainer.moe.layers:
         layer.routing.enabled = metrics_on
     logging_steps = trainer.cfg.train.logging_steps
-    sums = torch.zeros(3, device=trainer.world.device)
 
     def run(steps: int) -> None:
+        sums = trainer.zero_sums()
         for step in range(1, steps + 1):
-            sums.add_(trainer.train_step())
+            for name, value in trainer.train_step().items():
+                sums[name] += value
             if step % logging_steps == 0:
                 if metrics_on:
                     trainer.training_row(sums, seconds=1.0)
                 else:
-                    all_reduce_sum(sums.clone()).tolist()
-                sums.zero_()
+                    sum_over_ranks(sums)
+                sums = trainer.zero_sums()
 
     return timed(run, steps)
 
 
 def describe(trainer) -> str:
-    layer = trainer.layers[0]
-    return (f"{len(trainer.layers)} MoE layers, {layer.num_experts} experts, top-{layer.top_k}, logging every "
+    layer = trainer.moe.layers[0]
+    return (f"{len(trainer.moe.layers)} MoE layers, {layer.num_experts} experts, top-{layer.top_k}, logging every "
             f"{trainer.cfg.train.logging_steps} steps")
 
 

@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.models.architectures import SWIGLU  # noqa: E402
+from moe_models.models.architectures import SWIGLU, SWIGLU_FFN_PROJECTIONS  # noqa: E402
 from moe_models.moe.layer import GroupedMoE  # noqa: E402
 
 CPU_SHAPES = [(256, 512, 8, 2), (256, 128, 32, 4)]                         # (d_model, d_ffn, experts, top_k)
@@ -49,8 +49,8 @@ def candidates(d: int, f: int, num_experts: int, k: int) -> dict[str, torch.nn.M
                                num_experts_per_tok=k, hidden_act="silu")
         config._experts_implementation = impl
         built[f"HF Mixtral block, {impl}"] = MixtralSparseMoeBlock(config)
-    built["ours (grouped), dropless"] = GroupedMoE(d, drop_tokens=False, gated_projections=SWIGLU, **moe)
-    built["ours (grouped), capacity 1.25"] = GroupedMoE(d, capacity_factor=1.25, gated_projections=SWIGLU, **moe)
+    built["ours (grouped), dropless"] = GroupedMoE(d, drop_tokens=False, ffn_projections=SWIGLU_FFN_PROJECTIONS, **moe)
+    built["ours (grouped), capacity 1.25"] = GroupedMoE(d, capacity_factor=1.25, ffn_projections=SWIGLU_FFN_PROJECTIONS, **moe)
     with torch.no_grad():
         for module in built.values():
             for param in module.parameters():

@@ -16,25 +16,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _on_off import compare, timed  # noqa: E402
+from moe_models.training.nonfinite import FiniteStepOptimizer  # noqa: E402  (_on_off put the repository first)
 
 
 class NoGuard:
-    consecutive = 0
+    consecutive = total = 0
+    exhausted = False
 
-    def before_step(self) -> None:
+    def record(self, skipped: bool) -> None:
         pass
 
-    def after_step(self) -> bool:
-        return False
 
-
-GUARDS: dict = {}  # the trainer's own guard, kept while NoGuard stands in
+GUARDS: dict = {}  # the trainer's own guard and its engine's (guarded) optimizer, kept while they are off
 
 
 def seconds_per_step(trainer, steps: int, guard_on: bool) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) per optimizer step over ``steps`` steps."""
-    GUARDS.setdefault("real", trainer.guard)
-    trainer.guard = GUARDS["real"] if guard_on else NoGuard()
+    guard, optimizer = GUARDS.setdefault("real", (trainer.guard, trainer.engine.optimizer))
+    trainer.guard = guard if guard_on else NoGuard()
+    unguarded = optimizer.optimizer if isinstance(optimizer, FiniteStepOptimizer) else optimizer
+    trainer.engine.optimizer = optimizer if guard_on else unguarded
 
     def run(steps: int) -> None:
         for step in range(1, steps + 1):
@@ -45,7 +46,8 @@ def seconds_per_step(trainer, steps: int, guard_on: bool) -> tuple[float, float]
 
 
 def describe(trainer) -> str:
-    checker = "DeepSpeed checks overflow" if GUARDS["real"].checked_by_deepspeed else "the guard checks"
+    guarded = isinstance(GUARDS["real"][1], FiniteStepOptimizer)
+    checker = "the guard checks" if guarded else "DeepSpeed checks overflow"
     return f"ZeRO stage {trainer.engine.zero_optimization_stage()} ({checker})"
 
 

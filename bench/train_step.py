@@ -25,11 +25,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, set_s
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of  # noqa: E402
-from moe_models.cli import parse_bool  # noqa: E402
-from moe_models.metrics.throughput import (active_parameters, attention_dims, flops_per_token,  # noqa: E402
-                                           known_peak_tflops)
+from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token, known_peak_tflops  # noqa: E402
 from moe_models.models.source import preset_config  # noqa: E402
-from moe_models.moe.layer import balance_loss  # noqa: E402
+from moe_models.moe.step import balance_loss  # noqa: E402
+from moe_models.run.cli import parse_bool  # noqa: E402
 
 # The GPU reference model: Llama blocks, d1024, 8 layers; FFN 3584 (3.5 x d, Mixtral's ratio), 16 heads, 8 KV heads.
 GPU_LLAMA = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,

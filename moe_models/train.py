@@ -18,23 +18,26 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from .cli import parse_args
-from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
-from .distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
-                          main_process_first)
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model
 from .models.tokenization import load_tokenizer
 from .moe.layer import moe_layers_of
-from .moe.layout import MoELayout
-from .moe.surgery import convert_to_moe, layout_of
-from .plan import run_plan
-from .training.checkpoint import CheckpointError, CheckpointFolder, dense_weights
-from .training.ds_config import build_deepspeed_config, training_dtype
+from .moe.saved_settings import settings_of
+from .moe.surgery import convert_to_moe
+from .run.checkpoint_folder import CheckpointError
+from .run.cli import parse_args
+from .run.config import RunConfig
+from .run.distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
+                              main_process_first)
+from .run.folder import Resolved, RunFolder, RunRecord
+from .run.moe_layout import MoELayout
+from .training.checkpoint import dense_weights
+from .training.ds_config import training_dtype
 from .training.nonfinite import NonFiniteError
+from .training.preflight import plan_table, plan_with_fit
 from .training.trainer import Trainer, build_engine
 from .training.validate import check_same_settings, validate
 
@@ -72,21 +75,28 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def preflight(cfg: RunConfig) -> dict:
-    validate(cfg, world_size=launched_world_size())  # a plan may be made beside an existing run
-    ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
-    return run_plan(cfg, ds_config, launched_world_size(), is_main=launched_rank() == 0)
+    """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained."""
+    world_size = launched_world_size()
+    ds_config = validate(cfg, world_size=world_size)  # a plan may be made beside an existing run
+    result = plan_with_fit(cfg, ds_config, world_size)
+    if launched_rank() == 0:
+        path = RunFolder(cfg.train.output_dir).write_plan(result)
+        print(plan_table(result, cfg.train.device_memory_gb, result["smallest_fitting_change"]))
+        print(f"Wrote {path}")
+    return result
 
 
 def build(cfg: RunConfig) -> tuple[World, Trainer]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
-    validate(cfg, world_size=launched_world_size())
-    ds_config = build_deepspeed_config(cfg, world_size=launched_world_size())
+    ds_config = validate(cfg, world_size=launched_world_size())
 
     world = init_world(cfg.train.dist_timeout_s)
     check_same_settings(cfg)
     set_seed(cfg.train.seed)
-    resume_tag = checkpoint_to_resume(cfg)
-    upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg)  # upcycled once, at the fresh start
+    folder = RunFolder(cfg.train.output_dir)
+    resume_tag = folder.checkpoints.resolve(cfg.train.resume_from_checkpoint) if cfg.train.resume_from_checkpoint \
+        else None
+    upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg, folder)  # upcycled once, at the start
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
         model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
@@ -97,8 +107,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
         dense_params = sum(p.numel() for p in model.parameters())
         if upcycle_tag:
             load_dense_weights(model, upcycle_tag)
-        layout = layout_of(model, cfg.moe)
-        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed, layout=layout)
+        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
+        layout = settings_of(model)[1]
 
     with main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
@@ -106,28 +116,21 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
                                  seed=cfg.train.seed)
     engine = build_engine(model, ds_config, cfg.train.weight_decay)
 
-    output_dir = Path(cfg.train.output_dir)
     if world.is_main:
-        write_run_files(cfg, output_dir, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
+        write_run_files(cfg, folder, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
                         fresh=resume_tag is None)
-    trainer = Trainer(cfg, engine, world, batches, data.validation, output_dir, domains=data.domains)
+    trainer = Trainer(cfg, engine, world, batches, data.validation, folder.path, domains=data.domains)
     if resume_tag:
-        trainer.resume(cfg.train.resume_from_checkpoint)
+        trainer.resume(resume_tag)
     elif upcycle_tag:
         trainer.start_from_dense(upcycle_tag)
     return world, trainer
 
 
-def checkpoint_to_resume(cfg: RunConfig) -> Path | None:
-    """The tag folder --resume_from_checkpoint names, or None for a fresh start ('latest' before the first save)."""
-    spec = cfg.train.resume_from_checkpoint
-    return CheckpointFolder.resolve(spec, Path(cfg.train.output_dir)) if spec else None
-
-
-def dense_checkpoint_to_upcycle(cfg: RunConfig) -> Path | None:
+def dense_checkpoint_to_upcycle(cfg: RunConfig, folder: RunFolder) -> Path | None:
     """The dense run's tag folder --upcycle_from_checkpoint names (checked by validate), or None."""
     spec = cfg.train.upcycle_from_checkpoint
-    return CheckpointFolder.resolve(spec, Path(cfg.train.output_dir)) if spec else None
+    return folder.checkpoints.resolve(spec) if spec else None
 
 
 def load_dense_weights(model, tag_dir: Path) -> None:
@@ -138,24 +141,24 @@ def load_dense_weights(model, tag_dir: Path) -> None:
     except RuntimeError as err:
         raise ValueError(f"--upcycle_from_checkpoint {tag_dir} holds another model than this run builds "
                          f"({str(err).splitlines()[0]} ...): pass the dense run's --model_config / "
-                         f"--model_name_or_path ({tag_dir.parent.parent / 'run_config.json'})") from None
+                         f"--model_name_or_path ({RunFolder.of_tag(tag_dir).record_path})") from None
 
 
-def write_run_files(cfg: RunConfig, output_dir: Path, tokenizer, model, layout: MoELayout, ds_config: dict,
+def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout: MoELayout, ds_config: dict,
                     world_size: int, dense_params: int, data: PreparedData, fresh: bool) -> None:
-    """run_config.json (every setting, and what it resolved to), the tokenizer and the base model's HF config.
+    """The run record (every setting, and what it resolved to), the tokenizer and the base model's HF config.
     ``fresh``: no checkpoint is resumed, so metrics of an earlier start in this folder go."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     if fresh:  # a resumed run keeps (and trims) its metrics
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        folder.metrics.remove()
     active = active_parameters(model, moe_layers_of(model))
-    resolved = {"world_size": world_size, "deepspeed_config": ds_config, "moe_layout": layout.to_dict(),
-                "dense_parameters": dense_params, "moe_parameters_per_rank": sum(p.numel() for p in model.parameters()),
-                "flops_per_token": flops_per_token(active, *attention_dims(model.config), cfg.data.block_size),
-                **data.resolved()}
-    (output_dir / "run_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-    tokenizer.save_pretrained(output_dir / "tokenizer")
-    model.config.save_pretrained(output_dir / "base_model")
+    resolved = Resolved(world_size=world_size, deepspeed_config=ds_config, moe_layout=layout,
+                        dense_parameters=dense_params,
+                        moe_parameters_per_rank=sum(p.numel() for p in model.parameters()),
+                        flops_per_token=flops_per_token(active, *attention_dims(model.config), cfg.data.block_size),
+                        **data.resolved())
+    folder.write_record(RunRecord(cfg, resolved))
+    tokenizer.save_pretrained(folder.tokenizer_dir)
+    model.config.save_pretrained(folder.base_model_dir)
 
 
 def timeout_message(err: RuntimeError, trainer: Trainer, timeout_s: int, rank: int) -> str:

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def world():
     """A one-rank gloo process group in this test process (what `python train.py` makes)."""
-    from moe_models.distributed import init_world
+    from moe_models.run.distributed import init_world
     return init_world()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import train
 from helpers import LAUNCHER, finish, free_port, start
-from moe_models.cli import parse_args
+from moe_models.run.cli import parse_args
 from moe_models.training.ds_config import SHIPPED_DIR
 
 QUICK = ["--num_experts", "4", "--max_steps", "1", "--warmup_steps", "1", "--synthetic_examples", "200",

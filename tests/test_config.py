@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from moe_models.cli import build_parser, parse_args
-from moe_models.config import ConfigError, RunConfig, config_from_dict
+from moe_models.run.cli import build_parser, parse_args
+from moe_models.run.config import ConfigError, RunConfig, config_from_dict
 from moe_models.training.ds_config import build_deepspeed_config, shipped_deepspeed_configs
 from moe_models.training.validate import validate
 
@@ -109,7 +109,7 @@ def test_help_lists_every_field():
 
 def test_configuration_doc_matches_the_code():
     from pathlib import Path
-    from moe_models.cli import configuration_markdown
+    from moe_models.run.cli import configuration_markdown
     path = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     if os.environ.get("UPDATE_DOCS") == "1":
         path.write_text(configuration_markdown())

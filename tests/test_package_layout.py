@@ -1,5 +1,6 @@
-"""The package's shape: imports point down its layers only, with no circle; a non-editable install, used from
-another directory, finds its shipped files."""
+"""The package's shape: imports point down its layers only, with no circle; the commands at the top, each module's
+name once; the run folder's files opened by their owner alone; a non-editable install, used from another directory,
+finds its shipped files."""
 
 import ast
 import subprocess
@@ -7,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, child_env, install_project
 
 PACKAGE = REPO / "moe_models"
-# Each subpackage may import from its own layer and the layers below (the root modules are the lowest).
-LAYERS = {"": 0, "models": 1, "data": 1, "metrics": 1, "moe": 2, "training": 3, "hf": 4, "payoff": 5}
-ENTRY_POINTS = {"moe_models", "moe_models.train", "moe_models.plan", "moe_models.export", "moe_models.report"}  # commands, public API
+# Each subpackage may import from its own layer and the layers below; the root holds the commands (train, export,
+# report, payoff) and the public API, above every layer.
+LAYERS = {"run": 0, "models": 1, "data": 1, "metrics": 1, "moe": 2, "hf": 3, "training": 4, "comparison": 5, "": 6}
+# The run folder's files (run/folder.py's docstring lists them), by the names code opens them with.
+RUN_FOLDER_FILES = ("run_config.json", "metrics.jsonl", "moe_config.json", "complete.json", "plan.json")
+RUN_FOLDER_OWNER = {"moe_models.run.folder", "moe_models.run.checkpoint_folder"}
 
 
 def module_name(path: Path) -> str:
@@ -42,9 +45,25 @@ def layer_of(module: str) -> str:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return [(module, target) for module, targets in graph.items() if module not in ENTRY_POINTS
+    return [(module, target) for module, targets in graph.items()
             for target in targets if target in graph and layer_of(target) != layer_of(module)
             and LAYERS[layer_of(target)] >= LAYERS[layer_of(module)]]
+
+
+def names_at_two_levels(paths: list[Path]) -> dict[str, list[str]]:
+    """Module names (a file's stem, a package's folder) that stand for two modules at different places."""
+    places: dict[str, list[str]] = {}
+    for path in paths:
+        name = path.parent.name if path.name == "__init__.py" else path.stem
+        if path.name != "__init__.py" or path.parent != PACKAGE:
+            places.setdefault(name, []).append(str(path.relative_to(PACKAGE)))
+    return {name: where for name, where in places.items() if len(where) > 1}
+
+
+def run_folder_files_opened(path: Path) -> list[str]:
+    """The run folder's file names that a module's code names as a whole string (a path it would open)."""
+    return [node.value for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and node.value in RUN_FOLDER_FILES]
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -75,7 +94,24 @@ def test_no_import_circle():
 
 
 def test_config_imports_nothing_of_the_package():
-    assert GRAPH["moe_models.config"] == set()
+    assert GRAPH["moe_models.run.config"] == set()
+
+
+def test_no_two_modules_share_a_name():
+    assert not names_at_two_levels(sorted(PACKAGE.rglob("*.py")))
+
+
+def test_only_the_run_folder_owner_opens_its_files():
+    assert {module: run_folder_files_opened(path) for path in PACKAGE.rglob("*.py")
+            if (module := module_name(path)) not in RUN_FOLDER_OWNER and run_folder_files_opened(path)} == {}
+
+
+def test_the_name_and_file_checks_find_planted_ones(tmp_path):
+    planted = tmp_path / "export.py"
+    planted.write_text('path = folder / "run_config.json"\ntext = "written to run_config.json at the start"\n')
+    assert run_folder_files_opened(planted) == ["run_config.json"]  # a path, not a sentence that names it
+    assert "export" in names_at_two_levels([PACKAGE / "export.py", PACKAGE / "hf" / "export.py"])
+    assert not names_at_two_levels([PACKAGE / "export.py", PACKAGE / "hf" / "exporter.py"])
 
 
 def test_the_checks_find_a_planted_circle_and_upward_import():
@@ -108,3 +144,15 @@ def test_importable_moe_families_are_the_adapters():
     from moe_models.hf.adapters import ADAPTERS
     from moe_models.models.architectures import IMPORTABLE_MOE_MODEL_TYPES
     assert sorted(IMPORTABLE_MOE_MODEL_TYPES) == sorted(ADAPTERS)
+
+
+def test_docs_architecture_lists_every_module():
+    """docs/architecture.md's map of the package names every module (the names are unique) and no module that is
+    gone."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    tree = text[text.index("moe_models/\n") + len("moe_models/\n"):]
+    tree = tree[:tree.index("```")]
+    listed = {word for line in tree.splitlines() for word in line.split()[:1] if word.endswith((".py", "/"))}
+    modules = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    folders = {f"{p.name}/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert listed == modules | folders | {"__init__.py"}

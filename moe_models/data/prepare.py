@@ -10,7 +10,7 @@ from typing import Optional, Union
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataConfig
+from ..run.config import DataConfig
 from .batches import TrainBatches
 from .cache import cache_root, cached_blocks, code_digest, file_digest, tokenizer_digest
 from .domains import file_domains, listed_domains, resolve_domains

@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataConfig
+from ..run.config import DataConfig
 from .domains import file_domains, listed_domains
 from .file_specs import DataFile, data_files
 from .files import unreadable_reason

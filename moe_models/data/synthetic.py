@@ -156,7 +156,6 @@ _GENERATORS: dict[str, Callable[[Draws], str]] = {
     **{domain.name: domain for domain in FACT_DOMAINS},
 }
 DOMAINS: tuple[str, ...] = tuple(_GENERATORS)
-DOMAIN_INDEX = {domain: index for index, domain in enumerate(DOMAINS)}
 
 
 def synthetic_corpus(num_examples: int, seed: int, domains: Sequence[str] = DOMAINS) -> Dataset:

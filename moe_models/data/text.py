@@ -13,7 +13,7 @@ from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataConfig, too_small
+from ..run.config import DataConfig, too_small
 from .domains import domain_index, domains_problems
 from .file_specs import DataFile, data_files, resolve_files
 from .files import unreadable_reason

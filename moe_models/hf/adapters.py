@@ -28,7 +28,7 @@ import torch
 from ..models.architectures import SWIGLU, Architecture
 from ..moe.layer import (ROUTER_SCORE_BIAS, ROUTER_WEIGHT, SHARED_EXPERT_GATE_WEIGHT, SHARED_EXPERTS_MODULE,
                          expert_weight_key)
-from ..moe.layout import MoELayout
+from ..run.moe_layout import MoELayout
 
 GATE, UP, DOWN = range(3)  # index of a projection in a (gate, up, down) triple
 

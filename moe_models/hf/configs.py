@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 
-from ..config import MoEConfig
-from ..moe.layout import MoELayout
 from ..moe.router import Scoring
+from ..run.config import MoEConfig
+from ..run.moe_layout import MoELayout
 
 # Config fields that mean the same in a dense family and its MoE class: embeddings, attention, norms, rope, tokens.
 # A field the source config does not have keeps the target class's default.
@@ -284,8 +284,8 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
         raise NotRepresentable(f"this {dense.model_type} MoE model", problems)
     moe_type = export_model_type(dense, moe)
     num_layers, num_experts, top_k = dense.num_hidden_layers, layout.uniform_num_experts, moe.top_k
-    expert_size = expert_intermediate_size(dense, moe)
-    shared_size = moe.num_shared_experts * expert_size
+    expert_size = layout.expert_width(dense.intermediate_size)
+    shared_size = layout.num_shared_experts * expert_size
     fields = dict(shared_fields(dense, moe_type), head_dim=head_dim(dense))
     renormalises = Scoring.of(moe).renormalises(top_k)
     if moe_type in ("mixtral", *GRANITE_MOE_TYPES):  # every block sparse: intermediate_size is the experts'
@@ -334,12 +334,6 @@ def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout)
                 routed_scaling_factor=moe.routed_scaling_factor, n_group=1, topk_group=1,
                 n_shared_experts=moe.num_shared_experts,  # N x moe_intermediate_size units, ungated
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
-
-
-def expert_intermediate_size(dense: PretrainedConfig, moe: MoEConfig) -> int:
-    """An expert's hidden units: the dense FFN's, or 1/granularity of them with --expert_init granular. A shared
-    expert is as wide."""
-    return dense.intermediate_size // moe.granularity if moe.expert_init == "granular" else dense.intermediate_size
 
 
 def head_dim(config: PretrainedConfig) -> int:

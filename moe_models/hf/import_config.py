@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, PretrainedConfig
 
-from ..moe.layout import MoELayout
+from ..run.moe_layout import MoELayout
 from .adapters import ADAPTERS
-from .configs import (GRANITE_MOE_TYPES, SIGMOID_MOE_TYPE, NotRepresentable, ernie_sparse_blocks, head_dim,
-                      shared_fields)
+from .configs import GRANITE_MOE_TYPES, SIGMOID_MOE_TYPE, NotRepresentable, ernie_sparse_blocks, head_dim, shared_fields
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
         settings.update(expert_init="granular", granularity=granularity)
     fields = dict(shared_fields(config, moe_type), head_dim=head_dim(config))
     dense = AutoConfig.for_model(import_dense_model_type(config), intermediate_size=ffn_size, **fields)
-    return dense, settings, MoELayout(tuple(block_ids), (shape.num_experts,) * len(block_ids))
+    return dense, settings, MoELayout(tuple(block_ids), (shape.num_experts,) * len(block_ids), granularity, num_shared)
 
 
 def _granularity_beside_dense_blocks(shape: CheckpointShape, config: PretrainedConfig) -> int | None:

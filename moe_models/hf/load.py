@@ -19,14 +19,14 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from ..models.source import check_vocabulary
 from ..moe.experts import StackedExperts
 from ..moe.layer import moe_layers_of
-from ..moe.layout import MoELayout, resolve_moe_layers
-from ..moe.saved_settings import attach_settings
+from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
+from ..run.config import ConfigError, MoEConfig
+from ..run.moe_layout import MoELayout, resolve_moe_layers
 from .adapters import ADAPTERS
 from .import_config import dense_config_and_moe_settings
 
@@ -45,17 +45,16 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
     layout, and the parameter count of its dense skeleton. Raises NotRepresentable, or ConfigError when a flag
     disagrees with the checkpoint."""
     checkpoint_config = AutoConfig.from_pretrained(path)
-    dense_config, settings, layout = dense_config_and_moe_settings(checkpoint_config)
+    dense_config, settings, _ = dense_config_and_moe_settings(checkpoint_config)
     moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
         check_vocabulary(model, vocab_needed)
         dense_parameters = sum(p.numel() for p in model.parameters())
-        # Every expert weight is read from the checkpoint below: "copy" draws nothing; "granular" (the checkpoint's
-        # setting when its dense blocks are wider than its experts) only gives the experts their width.
-        shape_only = dataclasses.replace(moe, expert_init="granular" if moe.expert_init == "granular" else "copy")
-        model = convert_to_moe(model, shape_only, seed=seed, layout=layout)
-    attach_settings(model, moe, layout)  # the settings it trains with, not the shape-only ones it was built from
+        # Built on the meta device: every expert weight is read from the checkpoint below. The import's expert_init
+        # is "copy" or, where its dense blocks are wider than its experts, "granular" (which gives them their width).
+        model = convert_to_moe(model, moe, seed=seed)
+    layout = settings_of(model)[1]
     reader = SafetensorsFolder(Path(path), checkpoint_config.model_type)
     layers = moe_layers_of(model)
     adapter, arch = ADAPTERS[checkpoint_config.model_type], architecture_of(model)

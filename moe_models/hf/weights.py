@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ..models.architectures import SWIGLU, Architecture
 from ..moe.layer import expert_weight_key
-from ..moe.layout import MoELayout
+from ..run.moe_layout import MoELayout
 
 ExpertWeights = Callable[[int, int], tuple[torch.Tensor, ...]]
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"

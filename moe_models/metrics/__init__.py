@@ -1,2 +1,2 @@
-"""What a run reports: sinks (metrics.jsonl, console, wandb), interval statistics over ranks, routing formulas,
-throughput and MFU, device statistics, and the report of plots. Imports nothing above the package root."""
+"""What a run reports: sinks (metrics.jsonl, console, wandb, TensorBoard), routing formulas, collapse warnings,
+throughput and MFU, device statistics, and the report of plots. Imports nothing above run/."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import LogConfig, MoEConfig
+from ..run.config import LogConfig, MoEConfig
 from .rows import layer_values, moe_layer_ids
 
 

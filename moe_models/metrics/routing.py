@@ -25,28 +25,27 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
-def routing_metrics(summed: list[float], num_experts: int, top_k: int) -> dict:
-    """One layer's logged values from ``RoutingCounters.as_vector`` (moe/counters.py), summed over ranks; {}
-    without tokens."""
-    E = num_experts
-    kept, chosen = [round(v) for v in summed[:E]], [round(v) for v in summed[E:2 * E]]
-    entropy_sum, aux_sum, z_sum, logit_norm_sum, tokens, forwards = summed[2 * E:]
+def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
+    """One layer's logged values from its ``RoutingSums`` (moe/counters.py) summed over ranks; {} without tokens."""
+    tokens = round(float(sums.tokens))
     if tokens == 0:
         return {}
-    routes = round(tokens) * top_k
+    kept, chosen = [round(v) for v in sums.kept_E.tolist()], [round(v) for v in sums.chosen_E.tolist()]
+    routes = tokens * top_k
     dropped = routes - sum(kept)
+    forwards = float(sums.forwards)
     return {
         "tokens_per_expert": kept,
         "routed_per_expert": chosen,
-        "routed_tokens": round(tokens),
+        "routed_tokens": tokens,
         "dropped": dropped,
         "drop_fraction": dropped / routes,
-        "router_entropy": entropy_sum / tokens,
+        "router_entropy": float(sums.router_entropy) / float(sums.tokens),
         "imbalance": imbalance(chosen),
         "effective_experts": effective_experts(chosen),
-        "aux_loss": aux_sum / forwards,
-        "z_loss": z_sum / forwards,
-        "router_logit_norm": logit_norm_sum / tokens,
+        "aux_loss": float(sums.balance_loss) / forwards,
+        "z_loss": float(sums.z_loss) / forwards,
+        "router_logit_norm": float(sums.router_logit_norm) / float(sums.tokens),
     }
 
 
@@ -74,10 +73,11 @@ def shared_share_sum(routed_TD: torch.Tensor, shared_TD: torch.Tensor) -> torch.
     return (shared_T / (shared_T + routed_T).clamp_min(torch.finfo(torch.float32).tiny)).sum()
 
 
-def shared_expert_metrics(summed: list[float], gated: bool) -> dict:
-    """One layer's shared-expert values from ``SharedExpertCounters.as_vector`` (moe/shared.py), summed over ranks;
-    {} without tokens."""
-    share_sum, gate_sum, tokens = summed
+def shared_expert_metrics(sums, gated: bool) -> dict:
+    """One layer's shared-expert values from its ``SharedSums`` (moe/shared.py) summed over ranks; {} without
+    tokens."""
+    tokens = float(sums.tokens)
     if tokens == 0:
         return {}
-    return {"shared_share": share_sum / tokens, **({"shared_gate": gate_sum / tokens} if gated else {})}
+    share = {"shared_share": float(sums.shared_share) / tokens}
+    return {**share, "shared_gate": float(sums.gate) / tokens} if gated else share

@@ -8,43 +8,37 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from ..config import LogConfig, RunConfig
+from ..run.config import LogConfig, RunConfig
+from ..run.folder import MetricsFile
 from .collapse import CollapseMonitor, CollapseThresholds
 from .domain_heatmap import layers_with_domain_counts
 from .rows import layer_values, moe_layer_ids
 
 
 class MetricsLog:
-    """Appends one JSON object per row to metrics.jsonl; silent on ranks other than 0."""
+    """Appends one JSON object per row to metrics.jsonl (the run folder's ``MetricsFile``); silent on ranks other
+    than 0. ``rows``: the rows this process logged."""
 
     def __init__(self, path: Path, enabled: bool):
-        self.path = path
+        self.file = MetricsFile(path)
         self.enabled = enabled
         self.rows: list[dict] = []
 
     def drop_after(self, step: int) -> list[dict]:
         """On resume: forget rows logged after the checkpoint's step (they will be logged again); returns the rows
         kept ([] on other ranks)."""
-        if not (self.enabled and self.path.is_file()):
-            return []
-        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in rows))
-        tmp.replace(self.path)
-        return [json.loads(line) for line in rows]
+        return self.file.keep_until(step) if self.enabled else []
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.file.append(row)
 
 
 class Progress:

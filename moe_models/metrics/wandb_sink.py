@@ -4,14 +4,14 @@ run's summary."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import wandb
 
-from ..config import RunConfig
+from ..run.config import RunConfig
+from ..run.folder import RunFolder
 from .domain_heatmap import domain_experts_figure
 from .expert_load import expert_load_figure, figure_pixels, routing_table
 
@@ -86,9 +86,9 @@ def wandb_mode() -> tuple[str, str]:
 
 
 def run_config(cfg: RunConfig, output_dir: Path) -> dict:
-    """run_config.json as train.py wrote it (the settings and what they resolved to), else the settings."""
-    path = output_dir / "run_config.json"
-    return json.loads(path.read_text()) if path.is_file() else cfg.to_dict()
+    """The run record as train.py wrote it (the settings and what they resolved to), else the settings."""
+    folder = RunFolder(output_dir)
+    return folder.record().to_dict() if folder.holds_run() else cfg.to_dict()
 
 
 def wandb_values(row: dict) -> dict:

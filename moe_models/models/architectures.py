@@ -30,9 +30,6 @@ class Architecture:
     model_type: str          # transformers' config.model_type
     blocks: str              # dotted path from the causal LM to its nn.ModuleList of blocks
     ffn: str                 # attribute of one block that holds its FFN
-    # (gate, up, down) Linear attributes of a gated FFN with separate projections, down(act_fn(gate(x)) * up(x));
-    # None for other forms. (--moe_impl grouped reads the form off the FFN itself, moe/ffn_form.py.)
-    gated_projections: tuple[str, str, str] | None = None
     # (the projections into the FFN's hidden units, the one out of them; by default SwiGLU's): where each hidden
     # unit's weights sit, for the shared experts' widening (moe/shared.py), the upcycled output scaling
     # (moe/surgery.py), --expert_init granular and drop (moe/upcycling.py) and the grouped experts (moe/ffn_form.py)
@@ -51,16 +48,16 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("mistral", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("qwen2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("qwen3", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("granite", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("olmo2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("hunyuan_v1_dense", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("ernie4_5", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("cohere2", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
-    Architecture("granite_swa", blocks="model.layers", ffn="mlp", gated_projections=SWIGLU),
+    Architecture("llama", blocks="model.layers", ffn="mlp"),
+    Architecture("mistral", blocks="model.layers", ffn="mlp"),
+    Architecture("qwen2", blocks="model.layers", ffn="mlp"),
+    Architecture("qwen3", blocks="model.layers", ffn="mlp"),
+    Architecture("granite", blocks="model.layers", ffn="mlp"),
+    Architecture("olmo2", blocks="model.layers", ffn="mlp"),
+    Architecture("hunyuan_v1_dense", blocks="model.layers", ffn="mlp"),
+    Architecture("ernie4_5", blocks="model.layers", ffn="mlp"),
+    Architecture("cohere2", blocks="model.layers", ffn="mlp"),
+    Architecture("granite_swa", blocks="model.layers", ffn="mlp"),
     # transformers has no GPT-2 MoE class; c_fc/c_proj are Conv1D with biases and GELU, so no grouped GEMM
     Architecture("gpt2", blocks="transformer.h", ffn="mlp", ffn_projections=(("c_fc",), "c_proj")),
 )}
@@ -104,6 +101,5 @@ _DISCOVERED: dict[str, Architecture] = {}  # config (as JSON) -> its discovered 
 def discovered_architecture(model: nn.Module) -> Architecture:
     """The Architecture of a model that inspection finds (models/discovery.py); a ValueError otherwise."""
     found = find_ffn(model)
-    gated = (*found.gate_and_up, found.output) if found.gate_and_up else None
-    return Architecture(model.config.model_type, blocks=found.blocks, ffn=found.ffn, gated_projections=gated,
+    return Architecture(model.config.model_type, blocks=found.blocks, ffn=found.ffn,
                         ffn_projections=(found.inputs, found.output), discovered=True)

@@ -33,7 +33,6 @@ class FoundFFN:
     ffn: str                          # the block's child holding the FFN
     inputs: tuple[str, ...]           # the projections into the hidden units, in module order
     output: str                       # the projection out of them
-    gate_and_up: tuple[str, str] | None  # for two input projections: which is the gate, which the up projection
 
 
 def find_ffn(model: nn.Module) -> FoundFFN:
@@ -62,7 +61,7 @@ def find_ffn(model: nn.Module) -> FoundFFN:
         raise ValueError(f"model type {model_type!r}: its blocks differ ({len(kinds)} kinds of {name!r}: "
                          f"{', '.join(sorted(k.__name__ for k in kinds))}); surgery converts models whose blocks all "
                          f"hold the same FFN. {ADD_TO_TABLE}")
-    return FoundFFN(blocks_path, name, inputs, output, _gate_and_up(inputs))
+    return FoundFFN(blocks_path, name, inputs, output)
 
 
 def hidden_size_of(model: nn.Module) -> int:
@@ -129,12 +128,3 @@ def _as_ffn(name: str, child: nn.Module, hidden: int) -> tuple[str, tuple[str, .
     if any(projections[n][0] != hidden or projections[n][1] not in expected for n in inputs):
         return None
     return name, inputs, output
-
-
-def _gate_and_up(inputs: tuple[str, ...]) -> tuple[str, str] | None:
-    """For two input projections, (gate, up) by their names (the one named like a gate first); the grouped experts
-    check which is which on values (moe/ffn_form.py)."""
-    if len(inputs) != 2:
-        return None
-    gate = next((n for n in inputs if "gate" in n.lower() or n.lower() in ("w1", "fc1", "wi_0")), inputs[0])
-    return gate, next(n for n in inputs if n != gate)

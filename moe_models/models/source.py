@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..config import ModelConfig
+from ..run.config import ModelConfig
 from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES, architecture_of_config
 from .tokenization import BYTE_VOCAB_SIZE
 

@@ -71,27 +71,20 @@ def global_batch_balance_loss(probs_TE: torch.Tensor, step_counts_E1: torch.Tens
     return switch_balance_loss(probs_TE, step_counts_E1[:-1], step_counts_E1[-1] * top_k)
 
 
-def end_of_step(routers: list, bias_update_rate: float, step_applied: bool) -> None:
-    """After each optimizer step (every rank): move the aux-loss-free biases by the step's load when the step was
-    applied (a skipped step changes no weight, so no bias either), and start counting the next step."""
-    if step_applied and bias_update_rate > 0:
-        update_score_biases(routers, bias_update_rate)
-    for router in routers:
-        router.step_load.reset()
-
-
 @torch.no_grad()
-def update_score_biases(routers: list, rate: float) -> None:
+def update_score_biases(routers: list) -> None:
     """Aux-loss-free balancing, after an optimizer step: ``bias_e += rate x sign(mean load - load_e)`` per layer,
-    the load being every rank's routes per expert over the step (one all-reduce of all layers' counts, on the
-    device). Every rank calls it, and every rank ends with the same biases."""
-    biased = [router for router in routers if router.score_bias is not None]
+    with each router's own rate (``scoring.bias_update_rate``; routers without it keep their bias), the load being
+    every rank's routes per expert over the step (one all-reduce of all layers' counts, on the device). Every rank
+    calls it, and every rank ends with the same biases."""
+    biased = [router for router in routers if router.score_bias is not None and router.scoring.bias_update_rate > 0]
     if not biased:
         return
     loads = torch.cat([_local_load(router) for router in biased])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loads)
     for router, load_E in zip(biased, loads.split([router.score_bias.numel() for router in biased])):
+        rate = router.scoring.bias_update_rate
         router.score_bias += rate * torch.sign(load_E.mean() - load_E).to(router.score_bias.dtype)
 
 

@@ -1,10 +1,12 @@
-"""Routing counters: every training forward's ``Routes`` of one MoE layer added to sums kept on the device.
+"""Routing counters: every training forward's ``Routes`` of one MoE layer added to named sums kept on the device.
 
-No host sync per forward: the trainer sums the counters over ranks and reads them once per logging interval,
-then ``metrics.routing.routing_metrics`` turns the sums into the logged values (docs/metrics.md).
+No host sync per forward: a trainer sums the counters of all layers over ranks once per logging interval (moe/step.py,
+one all-reduce), then ``metrics.routing.routing_metrics`` turns the sums into the logged values (docs/metrics.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -12,48 +14,60 @@ from ..metrics.routing import router_entropy_sum, router_logit_norm_sum, router_
 from .router import Routes
 
 
-class RoutingCounters:
-    """On-device sums of one MoE layer's routing over the training forwards of a logging interval.
+@dataclass
+class RoutingSums:
+    """One MoE layer's routing over the training forwards of a logging interval (float64)."""
 
-    ``values`` holds [kept routes per expert (E), routes chosen per expert before capacity (E),
-    router entropy summed over tokens, balance loss and z-loss summed over forwards, router-logit norm summed over
-    tokens]; the token and forward counts are known from shapes, so they stay on the host. ``enabled = False`` stops
-    counting.
-    """
+    kept_E: torch.Tensor             # routes per expert the experts processed
+    chosen_E: torch.Tensor           # routes per expert as chosen, before capacity
+    router_entropy: torch.Tensor     # entropy (nats) of each token's router distribution, summed over tokens
+    balance_loss: torch.Tensor       # the gate's balance loss, summed over forwards
+    z_loss: torch.Tensor             # the router z-loss, summed over forwards
+    router_logit_norm: torch.Tensor  # each token's router-logit norm, summed over tokens
+    tokens: torch.Tensor
+    forwards: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_experts: int, device: torch.device) -> RoutingSums:
+        return cls(**{f.name: torch.zeros(num_experts if f.name.endswith("_E") else (), dtype=torch.float64,
+                                          device=device) for f in fields(cls)})
+
+
+def named(record, prefix: str) -> dict[str, torch.Tensor]:
+    """A sums record's fields as ``{prefix + name: tensor}``, for one all-reduce with other sums."""
+    return {prefix + f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def from_named(cls, values: dict[str, torch.Tensor], prefix: str):
+    """The record of type ``cls`` that ``named`` gave ``prefix`` to, from (reduced) values."""
+    return cls(**{f.name: values[prefix + f.name] for f in fields(cls)})
+
+
+class RoutingCounters:
+    """The sums of one MoE layer's training forwards since the last ``reset``; ``enabled = False`` stops counting."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.enabled = True
-        self.values: torch.Tensor | None = None
-        self.tokens = 0
-        self.forwards = 0
+        self._sums: RoutingSums | None = None  # made on the first forward's device
 
     @torch.no_grad()
     def add(self, routes: Routes) -> None:
-        E = self.num_experts
-        if self.values is None:
-            self.values = torch.zeros(2 * E + 4, dtype=torch.float64, device=routes.logits_TE.device)
-        self.values[:E] += routes.kept_E
-        self.values[E:2 * E] += routes.chosen_E
-        self.values[2 * E] += router_entropy_sum(routes.logits_TE)
-        self.values[2 * E + 1] += routes.balance_loss.detach()
-        self.values[2 * E + 2] += router_z_loss(routes.logits_TE)
-        self.values[2 * E + 3] += router_logit_norm_sum(routes.logits_TE)
-        self.tokens += routes.topk_ids_TK.shape[0]
-        self.forwards += 1
+        if self._sums is None:
+            self._sums = RoutingSums.zeros(self.num_experts, routes.logits_TE.device)
+        s = self._sums
+        s.kept_E += routes.kept_E
+        s.chosen_E += routes.chosen_E
+        s.router_entropy += router_entropy_sum(routes.logits_TE)
+        s.balance_loss += routes.balance_loss.detach()
+        s.z_loss += router_z_loss(routes.logits_TE)
+        s.router_logit_norm += router_logit_norm_sum(routes.logits_TE)
+        s.tokens += routes.topk_ids_TK.shape[0]
+        s.forwards += 1
 
-    def as_vector(self, device: torch.device) -> torch.Tensor:
-        """The sums followed by the token and forward counts (zeros before the first forward)."""
-        values = self.values if self.values is not None else torch.zeros(2 * self.num_experts + 4,
-                                                                          dtype=torch.float64, device=device)
-        counts = torch.tensor([self.tokens, self.forwards], dtype=torch.float64, device=values.device)
-        return torch.cat([values, counts])
-
-    @property
-    def vector_size(self) -> int:
-        return 2 * self.num_experts + 6
+    def sums(self, device: torch.device) -> RoutingSums:
+        """The interval's sums (zeros before the first forward)."""
+        return self._sums if self._sums is not None else RoutingSums.zeros(self.num_experts, device)
 
     def reset(self) -> None:
-        if self.values is not None:
-            self.values.zero_()
-        self.tokens = self.forwards = 0
+        self._sums = None

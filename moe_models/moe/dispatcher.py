@@ -73,10 +73,10 @@ class AllToAllDispatcher(LocalDispatcher):
     sent; dropped ones come back as zeros.
     """
 
-    def __init__(self, num_experts: int, ep_size: int):
-        super().__init__(num_experts, drops_possible=False)  # dropped rows are never sent, so never read
+    def __init__(self, num_local_experts: int, ep_size: int):
+        super().__init__(num_local_experts * ep_size, drops_possible=False)  # dropped rows are never sent
         self.ep_size = ep_size
-        self.num_local_experts = num_experts // ep_size
+        self.num_local_experts = num_local_experts
         self.ep_group: Optional[dist.ProcessGroup] = None  # set with the layer's (DeepSpeed creates it later)
 
     def dispatch(self, x_TD: torch.Tensor, routes: Routes) -> tuple[torch.Tensor, torch.Tensor, Sorted]:
@@ -108,8 +108,11 @@ class AllToAllDispatcher(LocalDispatcher):
         return self._unsort(y_RD, sorted_)
 
 
-def dispatcher_for(num_experts: int, ep_size: int, drop_tokens: bool) -> LocalDispatcher:
-    return AllToAllDispatcher(num_experts, ep_size) if ep_size > 1 else LocalDispatcher(num_experts, drop_tokens)
+def dispatcher_for(num_local_experts: int, ep_size: int, drop_tokens: bool) -> LocalDispatcher:
+    """The dispatcher of a layer holding ``num_local_experts`` of its experts on each of ``ep_size`` ranks."""
+    if ep_size > 1:
+        return AllToAllDispatcher(num_local_experts, ep_size)
+    return LocalDispatcher(num_local_experts, drop_tokens)
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_reduce_sum
+from ..run.distributed import all_reduce_sum
 from ..metrics.specialisation import domain_expert_counts, specialisation_metrics
 
 

@@ -22,7 +22,7 @@ from deepspeed.moe.ep_experts import GroupedExperts
 from deepspeed.moe.experts import Experts
 from torch import nn
 
-from ..distributed import launched_rank
+from ..run.distributed import launched_rank
 from .ffn_form import FFNForm, ffn_form, is_conv1d
 
 _ANNOUNCED: set[str] = set()  # FFN classes whose fallback to the loop was said

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
-from deepspeed.utils import groups
 from torch import nn
 
-from ..config import MoEConfig
-from ..distributed import init_world, launched_world_size
 from ..metrics.routing import router_z_loss
 from ..models.architectures import SWIGLU_FFN_PROJECTIONS
+from ..run.config import MoEConfig
+from ..run.moe_layout import MoELayout
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import GroupedFFNExperts, StackedExperts, local_experts, per_expert_key
+from .parallel import expert_parallel_rank
 from .router import Router, Scoring, recomputing
-from .shared import SharedExpertCounters, shared_expert_copies, shared_experts_output, widened_ffn, zero_gate
+from .shared import SharedExpertCounters, shared_experts_output, widened_ffn, zero_gate
 
 # Names inside MoEFeedForward as state dicts and DeepSpeed's checkpoints spell them, with either expert path.
 ROUTER_WEIGHT = "moe.deepspeed_moe.gate.wg.weight"
@@ -44,8 +43,9 @@ def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
-    The load-balancing loss, per-expert counts and routes (each token's top-k global expert ids, -1 for a dropped
-    route) of the last forward are kept in ``aux_loss``, ``expert_counts`` and ``last_topk_ids_TK`` for the trainer;
+    The load-balancing loss, the z-loss (when its weight is not 0) and the routes (each token's top-k global expert
+    ids, -1 for a dropped route) of the last forward are kept in ``aux_loss``, ``z_loss`` and ``last_topk_ids_TK``,
+    with their weights ``aux_loss_coef`` and ``z_loss_coef`` (moe/step.py adds them to a trainer's loss);
     ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
@@ -70,13 +70,13 @@ class MoEFeedForward(nn.Module):
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
         self.aux_loss: torch.Tensor | None = None
-        self.expert_counts: torch.Tensor | None = None
-        self.z_loss_coef = cfg.router_z_loss_coef
+        self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
         self.last_topk_ids_TK: torch.Tensor | None = None  # the last forward's routes (global ids; for eval counts)
         self.routing = RoutingCounters(num_experts)
         shared = cfg.num_shared_experts > 0
-        self.shared_experts = widened_ffn(dense_ffn, ffn_projections, shared_expert_copies(cfg)) if shared else None
+        copies = MoELayout.of_layer(cfg, num_experts).shared_copies
+        self.shared_experts = widened_ffn(dense_ffn, ffn_projections, copies) if shared else None
         self.shared_expert_gate = (zero_gate(hidden_size, like=next(dense_ffn.parameters()))
                                    if shared and cfg.shared_expert_gate else None)
         self.shared_counters = SharedExpertCounters() if shared else None
@@ -120,7 +120,7 @@ class MoEFeedForward(nn.Module):
         return range(first, first + n_local)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        output, self.aux_loss, self.expert_counts = self.moe(hidden_states)
+        output, self.aux_loss, _ = self.moe(hidden_states)
         routes, self.gate.last_routes = self.gate.last_routes, None
         self.last_topk_ids_TK = routes.topk_ids_TK if routes is not None else None
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
@@ -163,18 +163,15 @@ class MoEFeedForward(nn.Module):
 
 class GroupedMoE(MoE):
     """``deepspeed.moe.layer.MoE`` with the grouped, index-based expert path (same arguments, plus
-    ``ffn_projections``: the expert FFN's (input projections, output projection) by attribute name, or
-    ``gated_projections``: its (gate, up, down); with neither its experts run one by one; ``scoring``: the
-    router's options beyond DeepSpeed's gate). DeepSpeed builds
-    the gate, the local experts (with their expert-parallel flags) and the process groups; the MOELayer is
-    replaced by ``GroupedMOELayer``."""
+    ``ffn_projections``: the expert FFN's (input projections, output projection) by attribute name, without which its
+    experts run one by one; ``scoring``: the router's options beyond DeepSpeed's gate). DeepSpeed builds the gate, the
+    local experts (with their expert-parallel flags) and the process groups; the MOELayer is replaced by
+    ``GroupedMOELayer``."""
 
-    def __init__(self, *args, gated_projections: Optional[tuple[str, str, str]] = None,
-                 ffn_projections: Optional[tuple[tuple[str, ...], str]] = None, scoring: Scoring = Scoring(), **kwargs):
+    def __init__(self, *args, ffn_projections: Optional[tuple[tuple[str, ...], str]] = None,
+                 scoring: Scoring = Scoring(), **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
-        if ffn_projections is None and gated_projections is not None:
-            ffn_projections = (tuple(gated_projections[:2]), gated_projections[2])
         experts = local_experts(stock.experts, ffn_projections, self.expert_group_name)
         self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate, scoring), experts, stock.ep_group_name,
                                              stock.ep_size, stock.num_local_experts)
@@ -185,7 +182,7 @@ class GroupedMOELayer(MOELayer):
 
     def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
-        self.dispatcher = dispatcher_for(ep_size * num_local_experts, ep_size, gate.drop_tokens)
+        self.dispatcher = dispatcher_for(num_local_experts, ep_size, gate.drop_tokens)
 
     def _set_ep_group(self, ep_group) -> None:
         super()._set_ep_group(ep_group)
@@ -234,38 +231,5 @@ def router_like(gate, scoring: Scoring = Scoring()) -> Router:
     return router
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This rank's position in its expert-parallel group, using DeepSpeed's own group layout.
-
-    The groups are created here (DeepSpeed's engine would create the same ones at initialize) so that
-    experts can be initialised by global expert id before the engine exists. Under a launcher, DeepSpeed joins the
-    process group (or adopts the one another library made, e.g. transformers' TrainingArguments) when it has not yet.
-    """
-    if ep_size == 1:
-        return 0
-    if not deepspeed.comm.is_initialized() and (dist.is_initialized() or launched_world_size() > 1):
-        init_world()
-    if not dist.is_initialized():
-        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed: launch with "
-                           f"`deepspeed --num_gpus N train.py ...` where N is a multiple of {ep_size}")
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_rank(name)
-
-
 def moe_layers_of(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-
-
-def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
-    """Sum of the load-balancing losses of the last forward over all MoE layers."""
-    return torch.stack([layer.aux_loss for layer in layers]).sum()
-
-
-def router_loss(balance: torch.Tensor, layers: list[MoEFeedForward], moe: MoEConfig) -> torch.Tensor:
-    """What the router adds to the LM loss for the last forward: the weighted balance loss (``balance``, the layers'
-    summed ``balance_loss``) and, when on, the weighted z-loss, summed over the MoE layers."""
-    loss = moe.aux_loss_coef * balance
-    z_losses = [layer.z_loss for layer in layers if layer.z_loss is not None]
-    return loss + moe.router_z_loss_coef * torch.stack(z_losses).sum() if z_losses else loss

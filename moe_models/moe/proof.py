@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import MoEConfig
+from ..run.config import MoEConfig
 from ..models.architectures import Architecture, architecture_of
 from ..models.probe import small_config
 

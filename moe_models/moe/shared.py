@@ -10,6 +10,7 @@ the output is scaled per token by sigmoid(``shared_expert_gate``(x)), a Linear(D
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,12 +53,6 @@ def _tiled(projection: nn.Module, copies: int, into_units: bool) -> nn.Module:
     return tiled
 
 
-def shared_expert_copies(cfg) -> int:
-    """How many copies of the dense FFN the shared experts of a MoEConfig hold: a shared expert is as wide as a routed
-    one, so N of them are N copies, or with granular experts (1/G of the dense FFN each) N / G copies."""
-    return cfg.num_shared_experts // cfg.granularity if cfg.expert_init == "granular" else cfg.num_shared_experts
-
-
 def zero_gate(hidden_size: int, like: torch.Tensor) -> nn.Linear:
     """The shared experts' gate, Linear(D, 1) without bias, at 0: sigmoid gives every token 1/2. Its dtype and
     device are ``like``'s; no random number is drawn."""
@@ -89,39 +84,40 @@ def upcycled_output_factors(num_shared: int, gated: bool) -> tuple[float, float,
     return share, gate * share, gate * num_shared * share
 
 
-class SharedExpertCounters:
-    """On-device sums over the training forwards of a logging interval, for one MoE layer's shared experts: [the
-    shared share summed over tokens, the gate factor summed over tokens (0 without a gate)]; the token count stays
-    on the host. ``metrics.routing.shared_expert_metrics`` turns them into the logged values."""
+@dataclass
+class SharedSums:
+    """One MoE layer's shared experts over the training forwards of a logging interval (float64)."""
 
-    SUMS = 2
+    shared_share: torch.Tensor  # |shared| / (|shared| + |routed|) of each token's outputs, summed over tokens
+    gate: torch.Tensor          # the gate factor, summed over tokens (0 without a gate)
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> SharedSums:
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
+
+
+class SharedExpertCounters:
+    """The sums of one MoE layer's shared experts since the last ``reset`` (``metrics.routing.shared_expert_metrics``
+    turns them into the logged values)."""
 
     def __init__(self):
-        self.values: torch.Tensor | None = None
-        self.tokens = 0
+        self._sums: SharedSums | None = None
 
     @torch.no_grad()
     def add(self, routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor | None) -> None:
         """One forward: the routed and (gated) shared outputs [..., D], the gate factors [..., 1] or None."""
-        if self.values is None:
-            self.values = torch.zeros(self.SUMS, dtype=torch.float64, device=routed.device)
+        if self._sums is None:
+            self._sums = SharedSums.zeros(routed.device)
         D = routed.shape[-1]
-        self.values[0] += shared_share_sum(routed.reshape(-1, D), shared.reshape(-1, D))
+        self._sums.shared_share += shared_share_sum(routed.reshape(-1, D), shared.reshape(-1, D))
         if gate is not None:
-            self.values[1] += gate.double().sum()
-        self.tokens += routed.numel() // D
+            self._sums.gate += gate.double().sum()
+        self._sums.tokens += routed.numel() // D
 
-    def as_vector(self, device: torch.device) -> torch.Tensor:
-        """The sums followed by the token count (zeros before the first forward)."""
-        values = self.values if self.values is not None else torch.zeros(self.SUMS, dtype=torch.float64,
-                                                                          device=device)
-        return torch.cat([values, torch.tensor([self.tokens], dtype=torch.float64, device=values.device)])
-
-    @property
-    def vector_size(self) -> int:
-        return self.SUMS + 1
+    def sums(self, device: torch.device) -> SharedSums:
+        """The interval's sums (zeros before the first forward)."""
+        return self._sums if self._sums is not None else SharedSums.zeros(device)
 
     def reset(self) -> None:
-        if self.values is not None:
-            self.values.zero_()
-        self.tokens = 0
+        self._sums = None

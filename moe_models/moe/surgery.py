@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, MoEConfig
 from ..models.architectures import architecture_of
 from ..models.discovery import hidden_size_of
+from ..run.config import ConfigError, MoEConfig
+from ..run.moe_layout import MoELayout
+from .checks import moe_problems
 from .layer import MoEFeedForward
-from .layout import MoELayout, moe_problems
+from .parallel import make_expert_parallel_groups, parallel_problems
 from .proof import prove_conversion
 from .saved_settings import attach_settings
-from .shared import shared_expert_copies, upcycled_output_factors
+from .shared import upcycled_output_factors
 from .upcycling import grouped_router_rows, unit_upcycling
 
 # The spawn key of a layer's shared-experts generator: a stream apart from every (block, expert) and router one.
 SHARED_EXPERTS_STREAM = (1,)
 
 
-def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Optional[MoELayout] = None) -> nn.Module:
-    """Replace the FFN of the blocks the ``layout`` names (default: resolved from ``cfg``) with DeepSpeed MoE
-    layers, in place.
+def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0) -> nn.Module:
+    """Replace the FFN of the blocks ``cfg`` names (``cfg.moe_layers``; its MoELayout, resolved once against the
+    model's blocks) with DeepSpeed MoE layers, in place.
 
     Experts start from the dense FFN as ``cfg.expert_init`` says (granular and drop: moe/upcycling.py); the router
     starts fresh (normal, std = the model's initializer_range; for granular experts one row per group of
@@ -35,17 +35,19 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
     (``_keep_dense_function``). The settings and layout are kept on the model (``moe.saved_settings.settings_of``)
     for trainers and export. Unless ``cfg.prove_conversion`` is off, the conversion is first proven on a probe model of
     the family (moe/proof.py; a ValueError saying what was found when it fails); a model on the meta device (the
-    preflight plan, an import filling its weights afterwards) is converted for its shapes, without the proof. Returns
-    the model.
+    preflight plan, an import filling its weights afterwards) is converted for its shapes: no proof, nothing drawn.
+    Returns the model.
     """
-    problems = moe_problems(cfg)
+    problems = moe_problems(cfg) + parallel_problems(cfg)
     if problems:
         raise ConfigError(problems)
-    if cfg.prove_conversion and not next(model.parameters()).is_meta:  # shapes only (plan, import): nothing to run
+    make_expert_parallel_groups(cfg.ep_size)  # before any layer: experts are initialised by their global id
+    shapes_only = next(model.parameters()).is_meta  # the plan, an import: nothing to run or draw
+    if cfg.prove_conversion and not shapes_only:
         prove_conversion(type(model), model.config, cfg, convert_to_moe)
     arch = architecture_of(model)
     blocks = arch.blocks_of(model)
-    layout = layout or layout_of(model, cfg)
+    layout = layout_of(model, cfg)
     text_config = model.config.get_text_config()  # composite (multimodal) configs hold the decoder's apart
     init_std = getattr(text_config, "initializer_range", None) or getattr(model.config, "initializer_range", 0.02)
     hidden_size = hidden_size_of(model)
@@ -58,22 +60,30 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0, layout: Opti
         layer = MoEFeedForward(dense_ffn, hidden_size, num_experts, cfg, arch.ffn_projections, expert=expert)
         if layer.moe.use_residual:  # the residual FFN is the whole dense FFN, whatever the experts hold
             layer.moe.mlp = dense_ffn
-        _init_router(layer.router, init_std, _generator(seed, block_id, -1), cfg.granularity)
-        for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
-            gen = _generator(seed, block_id, global_id)
-            if by_units:
-                by_units.init_expert(weights, global_id, gen)
-            else:
-                _init_expert(weights, cfg, init_std, gen)
-        if layer.shared_experts is not None:
-            shared = dict(layer.shared_experts.named_parameters())
-            if cfg.expert_init in ("copy_noise", "random"):  # granular and drop keep whole copies of the dense FFN
-                _init_expert(shared, cfg, init_std, _generator(seed, block_id, -1, SHARED_EXPERTS_STREAM))
-            if cfg.expert_init != "random":
-                _keep_dense_function(layer, shared, cfg, output=arch.ffn_projections[1])
+        if not shapes_only:
+            _initialise(layer, by_units, cfg, layout, init_std, seed, block_id, output=arch.ffn_projections[1])
         setattr(block, arch.ffn, layer)
     attach_settings(model, cfg, layout)
     return model
+
+
+def _initialise(layer: MoEFeedForward, by_units, cfg: MoEConfig, layout: MoELayout, init_std: float, seed: int,
+                block_id: int, output: str) -> None:
+    """The router drawn fresh, each local expert as ``cfg.expert_init`` says (by its global id), the shared experts;
+    upcycled, the output projections scaled to keep the dense function."""
+    _init_router(layer.router, init_std, _generator(seed, block_id, -1), layout.granularity)
+    for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
+        gen = _generator(seed, block_id, global_id)
+        if by_units:
+            by_units.init_expert(weights, global_id, gen)
+        else:
+            _init_expert(weights, cfg, init_std, gen)
+    if layer.shared_experts is not None:
+        shared = dict(layer.shared_experts.named_parameters())
+        if cfg.expert_init in ("copy_noise", "random"):  # granular and drop keep whole copies of the dense FFN
+            _init_expert(shared, cfg, init_std, _generator(seed, block_id, -1, SHARED_EXPERTS_STREAM))
+        if cfg.expert_init != "random":
+            _keep_dense_function(layer, shared, layout, cfg.shared_expert_gate, output=output)
 
 
 def layout_of(model: nn.Module, cfg: MoEConfig) -> MoELayout:
@@ -111,11 +121,12 @@ def _init_expert(weights: dict[str, torch.Tensor], cfg: MoEConfig, std: float, g
 
 
 @torch.no_grad()
-def _keep_dense_function(layer: MoEFeedForward, shared: dict[str, torch.Tensor], cfg: MoEConfig, output: str) -> None:
+def _keep_dense_function(layer: MoEFeedForward, shared: dict[str, torch.Tensor], layout: MoELayout, gated: bool,
+                         output: str) -> None:
     """Scale the output projection (``output``) of each local routed expert and of the shared experts (their
     weights by name: ``shared``) by ``upcycled_output_factors``, so that the upcycled layer computes the dense FFN
     (exactly with copies and top_k >= 2)."""
-    routed, shared_weight, shared_bias = upcycled_output_factors(shared_expert_copies(cfg), cfg.shared_expert_gate)
+    routed, shared_weight, shared_bias = upcycled_output_factors(layout.shared_copies, gated)
     for weights in layer.local_expert_weights():
         _scale_projection(weights, output, routed, routed)
     _scale_projection(shared, output, shared_weight, shared_bias)

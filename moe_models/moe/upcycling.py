@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import ConfigError, MoEConfig
+from ..run.config import ConfigError, MoEConfig
 from ..models.architectures import Architecture
 
 

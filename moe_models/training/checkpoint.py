@@ -1,23 +1,10 @@
-"""Checkpoints users can trust: complete-or-absent saves, exact resume, pruning, another world size.
-
-Layout (DeepSpeed's own, plus three small files of ours per tag):
-
-    checkpoints/
-      latest                      the newest COMPLETE tag; replaced atomically (write + rename)
-      global_step{N}/
-        mp_rank_00_model_states.pt, layer_{L}_expert_{E}_*.pt, *optim_states.pt   (DeepSpeed)
-        rng_rank{R}.pt            every RNG of rank R (python, numpy, torch, CUDA)
-        data_rank{R}.json         where rank R's next batch starts (a stream's position differs per rank)
-        complete.json             written last, after every rank finished: step, world and ep sizes, moe_impl
-
-DeepSpeed writes `latest` itself before all ranks are known to be done, and does not say when a
-tag is complete, so both are done here.
-"""
+"""Checkpoints users can trust: complete-or-absent saves, exact resume, another world size. The folder's layout, its
+tags, `latest`, completeness and retention belong to run/checkpoint_folder.py; this module writes and reads a tag's
+contents through the DeepSpeed engine."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -29,15 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import MoEConfig
 from ..data.batches import TrainBatches
 from ..data.stream_batches import StreamBatches
-from ..distributed import World, all_reduce_sum
-
-COMPLETE = "complete.json"
-LATEST = "latest"
-DATA_POSITION = "data_rank{rank}.json"
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's: the non-expert weights, LR schedule and client state
+from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
+from ..run.config import MoEConfig
+from ..run.distributed import World, all_reduce_sum
+from ..run.folder import RunFolder
 
 
 @dataclass
@@ -46,94 +30,6 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
-class CheckpointFolder:
-    """One run's checkpoints/ folder and its rules: tag names, which tags are complete, `latest`, retention.
-    Training saves and resumes through it, export reads through it."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    @staticmethod
-    def tag_of(step: int) -> str:
-        return f"global_step{step}"
-
-    @staticmethod
-    def step_of(tag_dir: Path) -> int:
-        return int(tag_dir.name.removeprefix("global_step"))
-
-    def tag_dir(self, step: int) -> Path:
-        return self.path / self.tag_of(step)
-
-    def complete_tags(self) -> list[Path]:
-        """Tag folders whose save finished on every rank, oldest first."""
-        tags = [p for p in self.path.glob("global_step*") if (p / COMPLETE).is_file()]
-        return sorted(tags, key=self.step_of)
-
-    def latest(self) -> Path | None:
-        """The tag folder `latest` names (always a complete one), or None before the first save."""
-        latest = self.path / LATEST
-        return self.path / latest.read_text().strip() if latest.is_file() else None
-
-    def mark_complete(self, tag_dir: Path, meta: dict) -> None:
-        """After every rank wrote its files: the tag gets complete.json, then becomes `latest` (each atomically)."""
-        _atomic_write(tag_dir / COMPLETE, json.dumps(meta) + "\n")
-        _atomic_write(self.path / LATEST, tag_dir.name)
-
-    def check_complete(self, tag_dir: Path) -> dict:
-        """The tag's complete.json; a CheckpointError that points to the previous good tag when it has none."""
-        if not (tag_dir / COMPLETE).is_file():
-            raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted); "
-                                  f"{self.previous_good(tag_dir)}")
-        return json.loads((tag_dir / COMPLETE).read_text())
-
-    def previous_good(self, tag_dir: Path) -> str:
-        older = [t for t in self.complete_tags() if self.step_of(t) < self.step_of(tag_dir)]
-        return (f"use the previous good checkpoint {older[-1]}" if older
-                else "no earlier complete checkpoint exists: start over without --resume_from_checkpoint")
-
-    def prune(self, keep: int) -> list[Path]:
-        """Delete all but the newest `keep` complete tags; never the one `latest` names. Returns what was deleted."""
-        latest = self.latest()
-        tags = self.complete_tags()
-        doomed = [t for t in tags[:max(len(tags) - keep, 0)] if t != latest]
-        for tag_dir in doomed:
-            shutil.rmtree(tag_dir)
-        return doomed
-
-    @classmethod
-    def resolve(cls, spec: str, output_dir: Path) -> Path | None:
-        """The tag folder to resume from, or None when `spec` is "latest" and there is no checkpoint yet.
-
-        `spec`: "latest" (this run's checkpoints/latest), a checkpoints folder (its `latest`), or a tag folder.
-        """
-        if spec == "latest":
-            return cls(output_dir / "checkpoints").latest()
-        path = Path(spec)
-        if (path / LATEST).is_file():
-            return cls(path).latest()
-        if path.is_dir() and path.name.startswith("global_step"):
-            return path
-        if path.is_dir() and any(path.glob("global_step*")):
-            complete = cls(path).complete_tags()
-            raise CheckpointError(
-                f"checkpoints folder {spec!r} has no `latest` file (it is written after the first complete save); "
-                + (f"pass a tag folder instead, e.g. --resume_from_checkpoint {complete[-1]}" if complete else
-                   "none of its tags is complete either: start over without --resume_from_checkpoint"))
-        raise CheckpointError(f"resume_from_checkpoint {spec!r} is not a checkpoints folder (with a `latest` file) "
-                              "or a tag folder (checkpoints/global_step{N}); use 'latest' for this run's newest "
-                              "checkpoint")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: TrainState,
@@ -150,8 +46,8 @@ def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: Tra
     failure = None
     try:
         engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
-        torch.save(_rng_state(), tag_dir / f"rng_rank{world.rank}.pt")
-        (tag_dir / DATA_POSITION.format(rank=world.rank)).write_text(json.dumps(batches.state_dict()) + "\n")
+        torch.save(_rng_state(), folder.rng_file(tag_dir, world.rank))
+        folder.data_position_file(tag_dir, world.rank).write_text(json.dumps(batches.state_dict()) + "\n")
     except OSError as err:
         failure = err
     failed_ranks = int(all_reduce_sum(torch.tensor([float(failure is not None)], device=world.device)).item())
@@ -202,7 +98,7 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
         if unreadable is None:  # every file reads: they hold another model's tensors
             raise CheckpointError(
                 f"cannot load {tag_dir} into this model ({_first_line(err)}); it was saved by a run with another "
-                f"model or MoE shape: resume with that run's settings ({tag_dir.parent.parent / 'run_config.json'}) "
+                f"model or MoE shape: resume with that run's settings ({RunFolder.of_tag(tag_dir).record_path}) "
                 "or start a new run without --resume_from_checkpoint") from err
         raise CheckpointError(f"cannot load {unreadable}: {_first_line(err)}; {folder.previous_good(tag_dir)}") \
             from err
@@ -213,13 +109,13 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
     except ValueError as err:  # a position of the other kind (--streaming or not), or one that does not fit
         raise CheckpointError(f"{tag_dir}: {err}") from err
     if same_ranks:
-        _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
+        _set_rng_state(torch.load(CheckpointFolder.rng_file(tag_dir, world.rank), weights_only=False))
     return TrainState(step=client_state["step"], tokens_seen=client_state["tokens_seen"]), client_state
 
 
 def dense_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The whole model's weights in a checkpoint of a run without MoE layers (all of them are in one file)."""
-    return torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    return torch.load(CheckpointFolder.model_states(tag_dir), map_location="cpu", weights_only=False)["module"]
 
 
 def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches | StreamBatches,
@@ -228,7 +124,7 @@ def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: Tra
     seen, the LR schedule, the data position and the RNGs, so that this run (another model: an upcycled one)
     continues the same schedule on the same batches."""
     meta = CheckpointFolder(tag_dir.parent).check_complete(tag_dir)
-    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    saved = torch.load(CheckpointFolder.model_states(tag_dir), map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
@@ -237,7 +133,7 @@ def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: Tra
     except ValueError as err:
         raise CheckpointError(f"{tag_dir}: {err}") from err
     if meta["world_size"] == world.world_size:
-        _set_rng_state(torch.load(tag_dir / f"rng_rank{world.rank}.pt", weights_only=False))
+        _set_rng_state(torch.load(CheckpointFolder.rng_file(tag_dir, world.rank), weights_only=False))
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
 
 
@@ -257,7 +153,7 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 def _unreadable_file(tag_dir: Path) -> Path | None:
     """The first file of the tag that torch cannot read (only looked for after a load failed)."""
-    for path in sorted(tag_dir.glob("*.pt")):
+    for path in CheckpointFolder.torch_files(tag_dir):
         try:
             torch.load(path, map_location="cpu", weights_only=False)
         except Exception:
@@ -268,7 +164,7 @@ def _unreadable_file(tag_dir: Path) -> Path | None:
 def _data_position(tag_dir: Path, rank0_position: dict, saved_rank: int) -> dict:
     """Where the saving rank ``saved_rank``'s next batch started. Checkpoints from before the per-rank files hold
     rank 0's in the client state, which was every rank's then."""
-    path = tag_dir / DATA_POSITION.format(rank=saved_rank)
+    path = CheckpointFolder.data_position_file(tag_dir, saved_rank)
     return json.loads(path.read_text()) if path.is_file() else rank0_position
 
 

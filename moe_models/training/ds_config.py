@@ -15,7 +15,8 @@ import torch
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
-from ..config import ConfigError, RunConfig
+from ..moe.parallel import parallel_problems
+from ..run.config import ConfigError, RunConfig
 
 # The shipped configs are package data: found from an installed package as from a source checkout.
 SHIPPED_DIR = Path(__file__).resolve().parent / "ds_configs"
@@ -96,11 +97,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         elif current != value and keys != ("bf16", "enabled"):
             problems.append(f"{path.name}: {'.'.join(keys)} is {current!r} but {flag} gives {value!r}; "
                             f"write \"auto\" in the JSON (the flag then decides) or pass a matching flag")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        problems.append(f"{path.name}: ZeRO stage 3 does not work with DeepSpeed MoE layers (it partitions the "
-                        "expert weights that expert parallelism already splits); use zero2 (optionally with "
-                        "optimizer offload) instead")
+    problems += [f"{path.name}: {problem}" for problem in parallel_problems(cfg.moe, zero_stage=zero_stage(ds))]
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         problems.append(f"{path.name}: no flag fills {', '.join(leftover)}; write a value instead of \"auto\"")
@@ -138,6 +135,12 @@ def _walk(tree: dict, prefix: str = ""):
             yield from _walk(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed JSON asks for (0 without a zero_optimization section)."""
+    section = ds_config.get("zero_optimization")
+    return section.get("stage", 0) if isinstance(section, dict) else 0
 
 
 def training_dtype(ds_config: dict) -> torch.dtype:

@@ -1,40 +1,69 @@
 """``MoETrainer``: the stock ``transformers.Trainer`` for a model converted by ``convert_to_moe`` (docs/hf-trainer.md).
 
-What it adds to the Trainer, each where the Trainer offers a place for it:
+It gives a run the MoE side of a step that train.py's loop gives (moe/step.py, the contract both call), each where
+the Trainer offers a place for it:
 
-- ``compute_loss``: the router losses (``aux_loss_coef`` x balance loss, ``router_z_loss_coef`` x z-loss) join the
-  LM loss of every training micro-batch, scaled as the Trainer scales the LM loss under gradient accumulation;
+- ``compute_loss``: the router losses (each layer's ``aux_loss_coef`` x balance loss, ``router_z_loss_coef`` x
+  z-loss) join the LM loss of every training micro-batch, scaled as the Trainer scales the LM loss under gradient
+  accumulation;
 - ``create_optimizer``: with DeepSpeed, expert parameters go into parameter groups of their own (DeepSpeed's
   ``split_params_into_different_moe_groups_for_optimizer``), which ZeRO needs and reduces over the expert-data-parallel
   group; also when the DeepSpeed JSON names the optimizer (then DeepSpeed builds it from these groups);
-- a callback's ``on_step_end``: ``end_of_step`` after each optimizer step (aux-loss-free bias, global-batch loss);
-- ``log``: at each training log, the MoE metrics of the interval (docs/metrics.md), summed over ranks;
-- ``_save`` / ``save_model``: ``moe_config.json`` beside the weights, for export; at ep_size > 1 a final
-  ``save_model`` also writes the DeepSpeed checkpoint, the only place that holds every expert.
+- a callback (``MoEStepCallback``): after each optimizer step the aux-loss-free biases move and the non-finite guard
+  counts a skipped step, stopping the run after ``max_nonfinite_steps`` in a row with train.py's message
+  (training/nonfinite.py; a plain torch optimizer step with a non-finite gradient is dropped first); it times the
+  steps for tokens/s and MFU;
+- ``log``: at each training log, the interval's MoE metrics (docs/metrics.md), tokens/s and MFU, energy and memory,
+  summed over ranks, and the router-collapse warnings (metrics/collapse.py) they start or clear, printed by the main
+  process and kept in ``collapse_warnings``;
+- ``evaluation_loop``: with ``domain_ids`` in the eval data, each layer's routes per (domain, expert) and
+  I(domain; expert) in the eval metrics;
+- ``_save`` / ``save_model``: the MoE settings' record (run/folder.py) beside the weights, for export; at ep_size > 1 a
+  final ``save_model`` also writes the DeepSpeed checkpoint, the only place that holds every expert.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from accelerate.utils import DummyOptim
 from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config import MoEConfig
-from ..distributed import all_reduce_sum, init_world
-from ..metrics.interval import IntervalStats
-from ..moe.balance import end_of_step
-from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of, router_loss
-from ..moe.saved_settings import settings_of, write_settings
+from ..metrics.collapse import CollapseMonitor, CollapseThresholds
+from ..metrics.device import DeviceInterval
+from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
+                                  throughput_metrics)
+from ..moe.parallel import parallel_problems
+from ..moe.saved_settings import settings_of
+from ..moe.step import MoEStep
+from ..run.config import ConfigError, MoEConfig
+from ..run.distributed import init_world, sum_over_ranks
+from ..run.folder import RunFolder
+from .ds_config import zero_stage
+from .nonfinite import (NonFiniteError, NonFiniteGuard, drop_nonfinite_gradients, first_nonfinite_layer, guard_engine,
+                        nonfinite_message)
+
+DOMAIN_IDS = "domain_ids"  # a batch's per-token domain ids (data/): counted at eval, never given to the model
 
 
 class MoETrainer(Trainer):
-    """``transformers.Trainer`` for a model converted by ``convert_to_moe``; the same arguments, plus
-    ``per_expert_metrics`` (default True): log each expert's load as its own scalar
-    (``moe/layer_{i}/tokens_per_expert/{e}``...), besides the per-layer values.
+    """``transformers.Trainer`` for a model converted by ``convert_to_moe``; the same arguments, plus:
+
+    - ``per_expert_metrics`` (default True): log each expert's load as its own scalar
+      (``moe/layer_{i}/tokens_per_expert/{e}``...), besides the per-layer values;
+    - ``max_nonfinite_steps`` (default 10, as train.py's flag): stop after this many optimizer steps in a row whose
+      loss or gradient norm is not finite (each is skipped and counted in ``nonfinite_steps``); 0 = never stop;
+    - ``peak_tflops``: one device's peak for ``mfu`` (default: the bf16 peak of a known GPU; none on a CPU);
+    - ``collapse``: the router-collapse thresholds (``CollapseThresholds``, train.py's defaults);
+    - ``domains``: the names of the eval data's ``domain_ids`` (default: their numbers).
 
     The MoE settings (router loss weights, aux-loss-free balancing, ep_size) are the ones the model was converted
     with, read from the model. With ep_size > 1 pass ``TrainingArguments(deepspeed=...)`` and launch with
@@ -42,7 +71,10 @@ class MoETrainer(Trainer):
     ``python train.py`` makes it).
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, per_expert_metrics: bool = True, **trainer_kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, per_expert_metrics: bool = True,
+                 max_nonfinite_steps: int = 10, peak_tflops: float | None = None,
+                 collapse: CollapseThresholds = CollapseThresholds(), domains: Sequence[str] | None = None,
+                 **trainer_kwargs):
         if model is None:
             raise ValueError("MoETrainer needs model= (a model converted by moe_models.convert_to_moe); model_init "
                              "is not supported")
@@ -53,12 +85,26 @@ class MoETrainer(Trainer):
             # does), with the Trainer's timeout, and its CPU all-reduce buffers do not outlive the run in /dev/shm
             init_world(timeout_s=int(args.ddp_timeout))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        self.moe_layers: list[MoEFeedForward] = moe_layers_of(self.model)
+        self.moe = MoEStep(self.model)
+        self.moe_layers = self.moe.layers
         self.per_expert_metrics = per_expert_metrics
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.domains = list(domains) if domains is not None else None
+        self.collapse = CollapseMonitor(collapse, self.moe_config) if self.is_world_process_zero() else None
+        self.collapse_warnings: list[dict] = []  # the warning and clearance rows, as train.py writes them
+        self.device_interval = DeviceInterval(self.args.device)
+        self.peak_tflops, _ = resolve_peak_tflops(peak_tflops, self.args.device, bf16=bool(self.args.bf16))
         # On the device until a logging step: balance loss summed over micro-batches, micro-batches, tokens.
-        self.router_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
-        self.interval = IntervalStats(self.moe_layers, self.args.device)
-        self.add_callback(RouterStepEnd(self))
+        self.router_sums = self._zero_sums()
+        self.step_seconds, self.last_logged_step = 0.0, 0
+        self.flops_per_token: float | None = None  # at the first log, from the batches' sequence length
+        self.last_input_ids: torch.Tensor | None = None
+        self.domain_routes = None  # during an evaluation
+        self.add_callback(MoEStepCallback(self))
+
+    def _zero_sums(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros((), dtype=torch.float64, device=self.args.device)
+                for name in ("aux_loss", "micro_batches", "tokens")}
 
     # -- the loss ---------------------------------------------------------------------------------------------
 
@@ -67,22 +113,30 @@ class MoETrainer(Trainer):
         by the accumulation steps afterwards unless the LM loss already is the micro-batch's share of the step's
         tokens (``num_items_in_batch``); the router loss, a mean over this micro-batch, then gets that division
         here. Either way a step's loss is its LM loss plus the mean router loss of its micro-batches."""
+        inputs = {name: value for name, value in inputs.items() if name != DOMAIN_IDS}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.model.training:
-            balance = balance_loss(self.moe_layers)
-            extra = router_loss(balance, self.moe_layers, self.moe_config)
+            extra, balance = self.moe.router_loss(loss)
             if not self.divides_loss_later(num_items_in_batch):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
-            tokens = inputs["input_ids"].numel() if "input_ids" in inputs else 0
-            self.router_sums += torch.stack([balance.detach().double(), self.router_sums.new_tensor(1.0),
-                                             self.router_sums.new_tensor(float(tokens))])
+            input_ids = inputs.get("input_ids")
+            self.router_sums["aux_loss"] += balance.detach().double()
+            self.router_sums["micro_batches"] += 1
+            self.router_sums["tokens"] += input_ids.numel() if input_ids is not None else 0
+            self.last_input_ids = input_ids
         return (loss, outputs) if return_outputs else loss
 
     def divides_loss_later(self, num_items_in_batch) -> bool:
         """Whether ``Trainer.training_step`` divides what ``compute_loss`` returns by the accumulation steps (its own
         condition)."""
         return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+
+    def _set_signature_columns_if_needed(self):
+        """The Trainer keeps only the columns the model's forward takes; ``domain_ids`` stays too (for the counts)."""
+        super()._set_signature_columns_if_needed()
+        if DOMAIN_IDS not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, DOMAIN_IDS]
 
     # -- the optimizer ----------------------------------------------------------------------------------------
 
@@ -112,27 +166,103 @@ class MoETrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         """A training log (the one with ``loss``; every rank logs it at the same step) gets the interval's MoE
-        metrics: ``aux_loss`` and ``moe/layer_{i}/...`` (docs/metrics.md), over all ranks."""
+        metrics, throughput, MFU, energy and memory (docs/metrics.md), over all ranks, and is checked for router
+        collapse."""
         if "loss" in logs:
-            logs = {**logs, **self.moe_metrics()}
-        super().log(logs, start_time)
+            moe = self.training_metrics()
+            self.warn_of_collapse(moe)
+            logs = {**logs, **moe}
+        super().log(scalars(logs, self.per_expert_metrics), start_time)
 
-    def moe_metrics(self) -> dict:
-        """The interval's balance loss and routing counters, summed over ranks by one all-reduce; resets them."""
-        summed = all_reduce_sum(torch.cat([self.router_sums, self.interval.vector()])).tolist()
-        self.router_sums.zero_()
-        balance_sum, micro_batches, tokens = summed[:3]
-        row = {"aux_loss": balance_sum / micro_batches} if micro_batches else {}
-        row.update(self.interval.metrics(summed[3:], tokens, self.args.world_size))
-        return scalars(row, self.per_expert_metrics)
+    def training_metrics(self) -> dict:
+        """The interval's metrics, summed over ranks by one all-reduce; resets the counters."""
+        device = self.args.device
+        summed = sum_over_ranks({**self.router_sums, **self.moe.interval_sums(device), **self.device_interval.sums()})
+        self.router_sums = self._zero_sums()
+        micro_batches, tokens = float(summed["micro_batches"]), float(summed["tokens"])
+        row = {"aux_loss": float(summed["aux_loss"]) / micro_batches} if micro_batches else {}
+        row.update(self.moe.interval_metrics(summed))
+        steps = self.state.global_step - self.last_logged_step
+        if steps and self.last_input_ids is not None:
+            row.update(throughput_metrics(tokens, steps, self.step_seconds, self.args.world_size,
+                                          self._flops_per_token(), self.peak_tflops))
+        self.step_seconds, self.last_logged_step = 0.0, self.state.global_step
+        row["nonfinite_steps"] = self.guard.total
+        row.update(self.device_interval.metrics(summed, tokens, self.args.world_size))
+        return row
+
+    def _flops_per_token(self) -> float:
+        if self.flops_per_token is None:
+            self.flops_per_token = flops_per_token(active_parameters(self.model, self.moe.layers),
+                                                   *attention_dims(self.model.config), self.last_input_ids.shape[-1])
+        return self.flops_per_token
+
+    def warn_of_collapse(self, row: dict) -> None:
+        """The router-collapse warnings a training row starts or clears: printed by the main process and kept."""
+        for warning in self.collapse.check({"step": self.state.global_step, **row}) if self.collapse else []:
+            self.collapse_warnings.append(warning)
+            print(warning["message"], flush=True)
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's evaluation; with ``domain_ids`` in the data, each MoE layer's routes per (domain, expert)
+        and I(domain; expert) join its metrics (every rank counts its own batches; one all-reduce)."""
+        domains = self.eval_domains(dataloader)
+        self.domain_routes = self.moe.domain_routes(len(domains), self.args.device) if domains else None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            if self.domain_routes is not None:
+                output.metrics.update({f"{metric_key_prefix}_{key}": value
+                                       for key, value in self.domain_routes.metrics().items()})
+        finally:
+            self.domain_routes = None
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        domain_ids = inputs.pop(DOMAIN_IDS, None) if isinstance(inputs, dict) else None
+        result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if self.domain_routes is not None:
+            self.domain_routes.add(domain_ids)
+        return result
+
+    def eval_domains(self, dataloader) -> list[str]:
+        """The names of the eval data's domain ids: ``domains``, else their numbers (from the dataset's column);
+        [] when the data has none."""
+        if self.domains is not None:
+            return self.domains
+        dataset = getattr(dataloader, "dataset", None)
+        if DOMAIN_IDS not in (getattr(dataset, "column_names", None) or []):
+            return []
+        highest = max((max(ids) for ids in dataset[DOMAIN_IDS] if len(ids)), default=-1)
+        return [str(i) for i in range(highest + 1)]
+
+    # -- the non-finite guard ---------------------------------------------------------------------------------
+
+    def nonfinite_report(self, step: int) -> str:
+        """train.py's message when the guard gives up, in the Trainer's terms (every rank must call it)."""
+        a = self.args
+        where = first_nonfinite_layer(self.model, self.moe.layers, self.last_input_ids)
+        first = step - self.guard.consecutive + 1
+        before = sorted((path for path in Path(a.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                         if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < first),
+                        key=lambda path: int(path.name.split("-")[-1]))
+        fixes = [f"a lower learning_rate (now {a.learning_rate:g})", f"a longer warmup_steps (now {a.warmup_steps})",
+                 f"gradient clipping (max_grad_norm, now {a.max_grad_norm:g})",
+                 f"a smaller aux_loss_coef (now {self.moe_config.aux_loss_coef:g})"]
+        return nonfinite_message(first, step, f"max_nonfinite_steps={self.guard.max_consecutive}", where,
+                                 str(before[-1]) if before else "none", fixes,
+                                 "resume from that checkpoint (trainer.train(resume_from_checkpoint=...))")
 
     # -- saving -----------------------------------------------------------------------------------------------
 
     def _save(self, output_dir=None, state_dict=None) -> None:
-        """The Trainer's files, plus ``moe_config.json`` (export reads it: python -m moe_models.export)."""
+        """The Trainer's files, plus the MoE settings' record (export reads it: moe-export)."""
         super()._save(output_dir, state_dict)
-        write_settings(output_dir if output_dir is not None else self.args.output_dir, self.moe_config,
-                       self.moe_layout)
+        folder = RunFolder(output_dir if output_dir is not None else self.args.output_dir)
+        folder.write_moe_settings(self.moe_config, self.moe_layout, world_size=self.args.world_size)
 
     def save_model(self, output_dir=None, _internal_call: bool = False) -> None:
         """The Trainer's ``save_model``. At ep_size > 1 each rank holds only its experts, so the model file holds rank
@@ -143,22 +273,57 @@ class MoETrainer(Trainer):
             self.model_wrapped.save_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
 
 
-class RouterStepEnd(TrainerCallback):
-    """After each optimizer step, on every rank: the aux-loss-free biases move by the step's load (unless the step
-    was skipped) and the per-step load counts restart (``moe.balance.end_of_step``)."""
+class MoEStepCallback(TrainerCallback, ExportableState):
+    """The MoE side of each optimizer step, on every rank: the step time; a plain torch optimizer's step with a
+    non-finite gradient dropped; after the step, the non-finite guard's count (kept in the Trainer's checkpoints)
+    and the aux-loss-free biases (``MoEStep.after_optimizer_step``)."""
 
-    def __init__(self, trainer: MoETrainer):
+    def __init__(self, trainer: MoETrainer | None = None):
         self.trainer = trainer
+        self.started = 0.0
+        self.dropped = False  # this step's gradients were dropped as non-finite (plain torch optimizer)
+
+    def state(self) -> dict:
+        total = self.trainer.guard.total if self.trainer is not None else 0
+        return {"args": {}, "attributes": {"nonfinite_steps": total}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        saved = state.stateful_callbacks.get(type(self).__name__)  # a resumed run continues its count
+        if isinstance(saved, dict):
+            trainer.guard.total = saved.get("attributes", {}).get("nonfinite_steps", 0)
+        state.stateful_callbacks[type(self).__name__] = self.state()  # checkpoints of older runs lack it
+        if trainer.is_deepspeed_enabled:
+            guard_engine(trainer.model_wrapped)
+        trainer.last_logged_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.trainer.is_deepspeed_enabled:  # DeepSpeed stepped already, checking as guard_engine made it
+            self.dropped = drop_nonfinite_gradients(self.trainer.model)
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        end_of_step([layer.gate for layer in trainer.moe_layers], trainer.moe_config.router_bias_update_rate,
-                    step_applied=not trainer.accelerator.optimizer_step_was_skipped)
+        if trainer.is_deepspeed_enabled:
+            skipped = not trainer.model_wrapped.was_step_applied()
+        else:
+            skipped, self.dropped = self.dropped, False
+        trainer.guard.record(skipped)
+        trainer.moe.after_optimizer_step(applied=not skipped)
+        trainer.step_seconds += time.perf_counter() - self.started
+        if skipped and trainer.is_world_process_zero():
+            print(f"step {state.global_step}: the loss or gradient norm is not finite; the update was skipped on "
+                  f"every rank ({trainer.guard.consecutive} in a row)", flush=True)
+        if trainer.guard.exhausted:
+            raise NonFiniteError(trainer.nonfinite_report(state.global_step))
 
 
 def check_parallelism(moe: MoEConfig, args) -> None:
     """Refuse what cannot train the model correctly: experts split over ranks without DeepSpeed (a plain data-parallel
-    wrapper would average each rank's different experts), and ZeRO stage 3."""
+    wrapper would average each rank's different experts), and what expert parallelism cannot do with the world and
+    the ZeRO stage (moe/parallel.py, the rules train.py checks too)."""
     deepspeed_config = getattr(args, "hf_deepspeed_config", None) if args is not None else None
     if moe.ep_size > 1 and deepspeed_config is None:
         raise ValueError(f"the model was converted with ep_size {moe.ep_size}: expert parallelism needs DeepSpeed. "
@@ -166,13 +331,10 @@ def check_parallelism(moe: MoEConfig, args) -> None:
                          f"`deepspeed --num_gpus N script.py`, N a multiple of {moe.ep_size}; or convert with "
                          "ep_size 1")
     if deepspeed_config is not None:
-        if deepspeed_config.config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("ZeRO stage 3 does not work with DeepSpeed MoE layers (it partitions the expert weights "
-                             "that expert parallelism already splits); use stage 2 in the DeepSpeed config")
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size % moe.ep_size:
-            raise ValueError(f"ep_size {moe.ep_size} must divide the number of ranks ({world_size}): launch a multiple "
-                             f"of {moe.ep_size} ranks, or convert with an ep_size that divides {world_size}")
+        problems = parallel_problems(moe, world_size, zero_stage(deepspeed_config.config))
+        if problems:
+            raise ConfigError(problems)
 
 
 def expert_param_groups(groups: list[dict]) -> list[dict]:
@@ -184,12 +346,13 @@ def expert_param_groups(groups: list[dict]) -> list[dict]:
 
 def scalars(row: dict, per_expert: bool) -> dict:
     """A metrics row as the Trainer's loggers take it: numbers only. A per-expert list becomes one entry per expert,
-    ``key/{e}`` (or is left out without ``per_expert``)."""
+    ``key/{e}`` (or is left out without ``per_expert``); a table (a list of lists) one entry per cell."""
     flat = {}
     for key, value in row.items():
         if isinstance(value, list):
             if per_expert:
-                flat.update({f"{key}/{e}": item for e, item in enumerate(value)})
+                for e, item in enumerate(value):
+                    flat.update(scalars({f"{key}/{e}": item}, per_expert))
         else:
             flat[key] = value
     return flat

@@ -1,13 +1,17 @@
-"""The non-finite guard: an optimizer step whose loss or gradient norm is NaN or inf is applied on no rank, counted,
-and after ``--max_nonfinite_steps`` of them in a row the run stops with an error that says what to try.
+"""The non-finite guard, for both trainers: an optimizer step whose loss or gradient norm is NaN or inf is applied on no
+rank, counted, and after ``max_nonfinite_steps`` of them in a row the run stops with an error that says what to try.
 
-DeepSpeed's ZeRO (stages 1 and 2) and its fp16/bf16 optimizers already check the global gradient norm at every
-step (a host read they make anyway; a NaN or inf loss gives non-finite gradients) and skip the update on every rank
-alike; the guard reads their verdict, ``engine.was_step_applied()``, which costs nothing. ZeRO stage 0 in fp32
-checks nothing: there the guard itself tests the reduced gradients before DeepSpeed steps and, when one is not
-finite on any rank, lets DeepSpeed take the step with a stand-in optimizer that reports an overflow, so DeepSpeed
-skips it exactly as it skips its own overflows. That costs one all-reduce and one host read per step, at stage 0
-only.
+Who skips the step:
+- DeepSpeed's ZeRO (stages 1 and 2) and its fp16/bf16 optimizers already check the global gradient norm at every
+  step (a host read they make anyway; a NaN or inf loss gives non-finite gradients) and skip the update on every
+  rank alike; the guard reads their verdict, ``engine.was_step_applied()``, which costs nothing.
+- DeepSpeed's ZeRO stage 0 in fp32 checks nothing: ``guard_engine`` gives the engine an optimizer that tests the
+  reduced gradients before it steps and, when one is not finite on any rank, steps nothing and reports an overflow,
+  so DeepSpeed skips the step exactly as it skips its own overflows (its LR schedule holds). That costs one
+  all-reduce and one host read per step, at stage 0 only.
+- A plain torch optimizer (MoETrainer without DeepSpeed): ``drop_nonfinite_gradients`` runs the same test right
+  before the optimizer step and, when it fails, drops every gradient, so that torch's optimizers step no parameter
+  (no moment, no weight decay); the Trainer's LR schedule still moves on, as the Trainer counts every step.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from ..distributed import all_reduce_max
+from ..run.distributed import all_reduce_max
 
 
 class NonFiniteError(RuntimeError):
@@ -23,58 +27,84 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-    def __init__(self, engine: deepspeed.DeepSpeedEngine, max_consecutive: int):
-        self.engine = engine
+    """Counts the skipped non-finite steps of a run (``total``, also across a resume) and those in a row."""
+
+    def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive  # 0: never stop
-        self.checked_by_deepspeed = hasattr(engine.optimizer, "overflow")
-        self.total = 0        # non-finite steps of this run, all skipped
+        self.total = 0
         self.consecutive = 0
 
-    def before_step(self) -> None:
-        """Call right before the ``engine.step()`` that ends an accumulation window (stage 0 checks here)."""
-        if self.checked_by_deepspeed:
-            return
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # NaN or inf if any element is
-        bad = (~torch.isfinite(norm)).float().reshape(1)
-        if all_reduce_max(bad).item():  # expert gradients differ between ranks: all ranks decide together
-            self.engine.optimizer = _OverflowedStep(self.engine.optimizer)
-
-    def after_step(self) -> bool:
-        """Call after the ``engine.step()`` that ends an accumulation window; whether that step was skipped."""
-        if isinstance(self.engine.optimizer, _OverflowedStep):
-            self.engine.optimizer = self.engine.optimizer.optimizer
-        skipped = not self.engine.was_step_applied()
+    def record(self, skipped: bool) -> None:
+        """After each optimizer step: whether it was skipped as non-finite."""
         self.total += skipped
         self.consecutive = self.consecutive + 1 if skipped else 0
-        return skipped
 
     @property
     def exhausted(self) -> bool:
         return 0 < self.max_consecutive <= self.consecutive
 
 
-class _OverflowedStep:
-    """Stands in for the optimizer during one ``engine.step()``: its step does nothing and it reports an overflow,
-    so DeepSpeed clears the gradients, counts a skipped step and holds the LR schedule, as after its own overflows.
-    Written here because DeepSpeed's stage 0 has no overflow check to turn on."""
+def gradients_finite(parameters) -> bool:
+    """Whether every gradient of ``parameters`` is finite on every rank (one all-reduce and one host read): expert
+    gradients differ between ranks, so all ranks decide together."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # NaN or inf if any element is
+    bad = (~torch.isfinite(norm)).float().reshape(1)
+    return not all_reduce_max(bad).item()
 
-    overflow = True
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+def guard_engine(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Make a DeepSpeed engine skip non-finite steps where its optimizer does not check them (stage 0 in fp32)."""
+    if not hasattr(engine.optimizer, "overflow"):
+        engine.optimizer = FiniteStepOptimizer(engine.optimizer, engine.module)
 
-    def step(self, *args, **kwargs) -> None:
-        pass
+
+def drop_nonfinite_gradients(model: torch.nn.Module) -> bool:
+    """Right before a plain optimizer step: drop every gradient when one is not finite on any rank, so that the step
+    changes nothing; returns whether it did (the step is skipped)."""
+    if gradients_finite(model.parameters()):
+        return False
+    for param in model.parameters():
+        param.grad = None
+    return True
+
+
+class FiniteStepOptimizer:
+    """Wraps a DeepSpeed engine's optimizer (stage 0): its step tests the gradients first; when one is not finite it
+    steps nothing and reports an overflow, so DeepSpeed clears the gradients, counts a skipped step and holds the LR
+    schedule, as after its own overflows. Written here because DeepSpeed's stage 0 has no overflow check to turn on.
+    Everything else goes to the wrapped optimizer."""
+
+    def __init__(self, optimizer, module: torch.nn.Module):
+        self.optimizer, self.module = optimizer, module
+        self.overflow = False
+
+    def step(self, *args, **kwargs):
+        self.overflow = not gradients_finite(self.module.parameters())
+        if not self.overflow:
+            return self.optimizer.step(*args, **kwargs)
+        return None
 
     def __getattr__(self, name: str):
         return getattr(self.optimizer, name)
 
 
+def nonfinite_message(first: int, step: int, limit: str, where: str, checkpoint_before: str, fixes: list[str],
+                      resume: str) -> str:
+    """The error that ends a run after ``limit`` non-finite steps in a row (steps ``first``..``step``): where the
+    values first appear (``first_nonfinite_layer``), the last checkpoint saved before, the settings that usually fix
+    it (with their values now) and how to resume. ``limit``: the setting that stopped it, as the user wrote it."""
+    n = step - first + 1
+    return (f"steps {first}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm and were "
+            f"skipped on every rank ({limit}); {where}. The last checkpoint saved before step "
+            f"{first} is {checkpoint_before}. What usually fixes it: {', '.join(fixes)}, or fp32 where bf16 "
+            f"overflows; then {resume}, or start over.")
+
+
 @torch.no_grad()
-def first_nonfinite_layer(model: torch.nn.Module, layers: list, input_ids: torch.Tensor) -> str | None:
-    """Which MoE layer first gives non-finite router logits or output on ``input_ids`` (one forward, run only once
-    the guard gave up), e.g. "MoE layer 2 (router logits)"; None when every layer stays finite."""
+def first_nonfinite_layer(model: torch.nn.Module, layers: list, input_ids: torch.Tensor) -> str:
+    """Where the first non-finite router logits or MoE output appear on ``input_ids`` (one forward, run only once the
+    guard gave up), e.g. "the first non-finite value on the last batch appears in MoE layer 2 (router logits)"."""
     found: list[str] = []
 
     def check(index: int):
@@ -94,4 +124,7 @@ def first_nonfinite_layer(model: torch.nn.Module, layers: list, input_ids: torch
     finally:
         for handle in handles:
             handle.remove()
-    return found[0] if found else None
+    if found:
+        return f"the first non-finite value on the last batch appears in {found[0]}"
+    return ("every MoE layer's router logits and output are finite on the last batch, so the non-finite values arise "
+            "elsewhere (attention, embeddings, the loss or the gradients)")

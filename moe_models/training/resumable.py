@@ -9,18 +9,16 @@ import json
 import zipfile
 from pathlib import Path
 
-from ..config import RunConfig
 from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.source import DEFAULT_PRESET, local_config
-from ..moe.layout import NO_MOE_LAYERS, resolve_moe_layers
-from .checkpoint import DATA_POSITION, CheckpointError, CheckpointFolder
+from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
+from ..run.config import ConfigError, RunConfig
+from ..run.folder import RunFolder, RunRecordError
+from ..run.moe_layout import NO_MOE_LAYERS, MoELayout
 
 # The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
               "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads")
-
-# MoE settings that decide the weights' shapes, as runs saved before the setting existed had them.
-SHAPE_SETTINGS_BEFORE_SAVED = {"num_shared_experts": 0, "shared_expert_gate": False}
 
 
 def check_resumable(cfg: RunConfig) -> None:
@@ -28,23 +26,21 @@ def check_resumable(cfg: RunConfig) -> None:
     spec = cfg.train.resume_from_checkpoint
     if not spec or (spec != "latest" and not Path(spec).is_dir()):  # a missing path is a settings problem
         return
-    tag_dir = CheckpointFolder.resolve(spec, Path(cfg.train.output_dir))
+    tag_dir = RunFolder(cfg.train.output_dir).checkpoints.resolve(spec)
     if tag_dir is None:  # "latest" before the first save: a fresh start
         return
     folder = CheckpointFolder(tag_dir.parent)
     folder.check_complete(tag_dir)
-    for path in sorted(tag_dir.glob("*.pt")):
+    for path in folder.torch_files(tag_dir):
         damage = _damage(path)
         if damage:
             raise CheckpointError(f"checkpoint file {path} is {damage}; {folder.previous_good(tag_dir)}")
     problem = _other_data_kind(tag_dir, cfg.data.streaming)
     if problem:
         raise CheckpointError(problem)
-    run_dir = tag_dir.parent.parent
-    if (run_dir / "run_config.json").is_file():
-        problem = _other_run(tag_dir, run_dir, cfg)
-        if problem:
-            raise CheckpointError(problem)
+    problem = _other_run(tag_dir, cfg)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def check_upcycle_source(cfg: RunConfig) -> None:
@@ -56,23 +52,23 @@ def check_upcycle_source(cfg: RunConfig) -> None:
     if cfg.moe.moe_layers == NO_MOE_LAYERS:
         raise CheckpointError(f"--upcycle_from_checkpoint {spec} upcycles a dense run into MoE layers, but this run has "
                               f"--moe_layers {NO_MOE_LAYERS}: choose the MoE layers (e.g. --moe_layers all)")
-    tag_dir = CheckpointFolder.resolve(spec, Path(cfg.train.output_dir))
+    tag_dir = RunFolder(cfg.train.output_dir).checkpoints.resolve(spec)
     if tag_dir is None:
         raise CheckpointError(f"--upcycle_from_checkpoint {spec} holds no complete checkpoint yet")
     CheckpointFolder(tag_dir.parent).check_complete(tag_dir)
-    run_config = tag_dir.parent.parent / "run_config.json"
+    dense_run = RunFolder.of_tag(tag_dir)
     try:
-        recorded = json.loads(run_config.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        recorded = {}
-    blocks = recorded.get("resolved", {}).get("moe_layout", {}).get("blocks")
+        layout = dense_run.record().resolved.moe_layout
+    except RunRecordError:
+        layout = None
+    blocks = list(layout.blocks) if layout is not None else None
     if blocks != []:
         raise CheckpointError(f"--upcycle_from_checkpoint {tag_dir}: "
                               + (f"its run has MoE layers in blocks {blocks}; upcycling takes a dense run's checkpoint "
                                  f"(trained with --moe_layers {NO_MOE_LAYERS}); to continue an MoE run use "
                                  "--resume_from_checkpoint" if blocks else
-                                 f"{run_config} is missing or unreadable: it must be a checkpoint of a train.py run "
-                                 f"with --moe_layers {NO_MOE_LAYERS}"))
+                                 f"{dense_run.record_path} is missing or unreadable: it must be a checkpoint of a "
+                                 f"train.py run with --moe_layers {NO_MOE_LAYERS}"))
     step = CheckpointFolder.step_of(tag_dir)
     if step >= cfg.train.max_steps:
         raise CheckpointError(f"--upcycle_from_checkpoint {tag_dir} is at step {step}, and this run ends at "
@@ -96,7 +92,7 @@ def _damage(path: Path) -> str | None:
 
 def _other_data_kind(tag_dir: Path, streaming: bool) -> str | None:
     """A stream's position (--streaming) and a position in packed blocks do not translate into each other."""
-    path = tag_dir / DATA_POSITION.format(rank=0)
+    path = CheckpointFolder.data_position_file(tag_dir, 0)
     try:
         streamed = path.is_file() and "text" in json.loads(path.read_text())  # checkpoints without it: blocks
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -109,68 +105,61 @@ def _other_data_kind(tag_dir: Path, streaming: bool) -> str | None:
             "it, or start a new run without --resume_from_checkpoint")
 
 
-def _other_run(tag_dir: Path, run_dir: Path, cfg: RunConfig) -> str | None:
-    """How the checkpoint's run differs from this one in the model or the MoE shape, with the fix."""
-    saved_model = run_dir / "base_model" / "config.json"
-    try:
-        recorded = json.loads((run_dir / "run_config.json").read_text())
-        saved = json.loads(saved_model.read_text()) if saved_model.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):  # not a run folder this project wrote: loading will tell
+def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
+    """How the checkpoint's run differs from this one in the model or the MoE shape, with the fix (None when its
+    folder holds no readable record: loading will tell)."""
+    run = RunFolder.of_tag(tag_dir)
+    if not run.holds_run():
         return None
-    fix = (f"resume with the settings it was trained with ({run_dir / 'run_config.json'}), or start a new run "
+    try:
+        record = run.record()
+    except RunRecordError:
+        return None
+    saved = run.base_model_config()
+    fix = (f"resume with the settings it was trained with ({run.record_path}), or start a new run "
            "without --resume_from_checkpoint")
     current, _ = local_config(cfg.model)
-    moe_types = IMPORTABLE_MOE_MODEL_TYPES
-    if current is None or current.get("model_type") in moe_types:  # a hub id, or an import that takes its MoE
-        return None                                                # settings from the imported checkpoint
+    if current is None or current.get("model_type") in IMPORTABLE_MOE_MODEL_TYPES:  # a hub id, or an import that
+        return None                                                   # takes its MoE settings from the checkpoint
     if saved is not None:
         differing = [key for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
         if differing:
-            source = recorded.get("model", {})
-            was = source.get("model_name_or_path") or source.get("model_config") or DEFAULT_PRESET
+            source = record.settings.model
+            was = source.model_name_or_path or source.model_config or DEFAULT_PRESET
             return (f"{tag_dir} holds another model than this run builds ("
                     + ", ".join(f"{key} {saved[key]} there, {current[key]} here" for key in differing)
                     + f"); it was trained from {was!r}: {fix}")
-    moe = {**SHAPE_SETTINGS_BEFORE_SAVED, **recorded.get("moe", {})}
+    moe = record.settings.moe
     for name in ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
-        if name in moe and _one(moe[name]) != _one(getattr(cfg.moe, name)):
-            return (f"{tag_dir} was trained with --{name} {_flag_text(moe[name])}, this run has --{name} "
-                    f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(moe[name])} to continue it, "
-                    "or start a new run without --resume_from_checkpoint")
-    was = _granularity(moe.get("expert_init"), moe.get("granularity", 1))
-    now = _granularity(cfg.moe.expert_init, cfg.moe.granularity)
-    if was != now:
-        return (f"{tag_dir} holds experts of {_expert_width_text(was)}, this run builds experts of "
-                f"{_expert_width_text(now)}; pass "
-                + (f"--expert_init granular --granularity {was}" if was > 1 else "an --expert_init other than granular")
-                + " to continue it, or start a new run without --resume_from_checkpoint")
-    blocks = recorded.get("resolved", {}).get("moe_layout", {}).get("blocks")
+        if getattr(moe, name) != getattr(cfg.moe, name):
+            return (f"{tag_dir} was trained with --{name} {_flag_text(getattr(moe, name))}, this run has --{name} "
+                    f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(getattr(moe, name))} to "
+                    "continue it, or start a new run without --resume_from_checkpoint")
     layers = current.get("num_hidden_layers") or current.get("n_layer")
-    if blocks is not None and layers:
-        try:
-            wanted = resolve_moe_layers(cfg.moe.moe_layers, layers)
-        except ValueError:
-            return None  # the settings checks report a malformed --moe_layers
-        if wanted != blocks:
-            return (f"{tag_dir} has MoE layers in blocks {blocks}, --moe_layers {cfg.moe.moe_layers} gives {wanted}; "
-                    f"pass --moe_layers {','.join(map(str, blocks))} to continue it, or start a new run without "
-                    "--resume_from_checkpoint")
+    if not layers:
+        return None
+    try:
+        wanted = MoELayout.resolve(cfg.moe, layers)
+        was = record.resolved.moe_layout or MoELayout.resolve(moe, layers)  # runs from before it was recorded
+    except ConfigError:
+        return None  # the settings checks report a malformed --moe_layers
+    if was.granularity != wanted.granularity:
+        return (f"{tag_dir} holds experts of {_expert_width_text(was.granularity)}, this run builds experts of "
+                f"{_expert_width_text(wanted.granularity)}; pass "
+                + (f"--expert_init granular --granularity {was.granularity}" if was.granularity > 1
+                   else "an --expert_init other than granular")
+                + " to continue it, or start a new run without --resume_from_checkpoint")
+    if record.resolved.moe_layout is not None and wanted.blocks != was.blocks:
+        blocks, now = list(was.blocks), list(wanted.blocks)
+        return (f"{tag_dir} has MoE layers in blocks {blocks}, --moe_layers {cfg.moe.moe_layers} gives {now}; "
+                f"pass --moe_layers {','.join(map(str, blocks))} to continue it, or start a new run without "
+                "--resume_from_checkpoint")
     return None
-
-
-def _granularity(expert_init: str | None, granularity: int) -> int:
-    """How many slices of the dense FFN an expert's width is (granular experts hold one)."""
-    return granularity if expert_init == "granular" else 1
 
 
 def _expert_width_text(granularity: int) -> str:
     return ("the dense FFN's width" if granularity == 1
             else f"1/{granularity} of the dense FFN's width (--expert_init granular --granularity {granularity})")
-
-
-def _one(value):
-    """num_experts as saved in JSON (an int, or a list for a pyramid) and as parsed compare alike."""
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def _flag_text(value) -> str:

@@ -11,20 +11,19 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from ..config import RunConfig
 from ..data.batches import TrainBatches, eval_batches
-from ..distributed import World, all_reduce_sum
+from ..metrics.device import DeviceInterval
 from ..metrics.domain_loss import domain_loss_metrics, domain_loss_sums
-from ..metrics.interval import IntervalStats, expert_similarity_metrics
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
-from ..moe.balance import end_of_step
-from ..moe.domain_routing import DomainRouteCounts
-from ..moe.layer import MoEFeedForward, balance_loss, moe_layers_of, router_loss
+from ..moe.step import MoEStep
+from ..run.config import RunConfig
+from ..run.distributed import World, all_reduce_sum, sum_over_ranks
+from ..run.folder import RunFolder
 from . import checkpoint
-from .checkpoint import CheckpointFolder, TrainState
-from .nonfinite import NonFiniteError, NonFiniteGuard, first_nonfinite_layer
+from .checkpoint import TrainState
+from .nonfinite import NonFiniteError, NonFiniteGuard, first_nonfinite_layer, guard_engine, nonfinite_message
 from .preemption import StopRequest
 
 
@@ -44,11 +43,9 @@ def build_engine(model: nn.Module, ds_config: dict, weight_decay: float) -> deep
     return engine
 
 
-def lm_and_balance_loss(engine: deepspeed.DeepSpeedEngine, layers: list[MoEFeedForward],
-                        input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss (transformers shifts the labels) and the summed balance loss of the same forward."""
-    outputs = engine(input_ids=input_ids, labels=input_ids)
-    return outputs.loss, balance_loss(layers) if layers else outputs.loss.new_zeros(())  # a dense run has none
+def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of one forward (transformers shifts the labels)."""
+    return engine(input_ids=input_ids, labels=input_ids).loss
 
 
 class Trainer:
@@ -59,23 +56,25 @@ class Trainer:
         self.cfg, self.engine, self.world = cfg, engine, world
         self.domains = list(domains)
         self.batches, self.eval_set = batches, eval_set
-        self.output_dir = output_dir
-        self.checkpoints = CheckpointFolder(output_dir / "checkpoints")
-        self.layers = moe_layers_of(engine.module)
+        self.folder = RunFolder(output_dir)
+        self.output_dir = self.folder.path
+        self.checkpoints = self.folder.checkpoints
+        self.moe = MoEStep(engine.module)
         if cfg.train.gradient_checkpointing:  # transformers' own, per decoder block
             engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.state = TrainState()
         self.eval_at_start = False  # an upcycled start is evaluated before its first update
         self.lr = 0.0
-        self.guard = NonFiniteGuard(engine, cfg.train.max_nonfinite_steps)
+        guard_engine(engine)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.last_skipped_batch: torch.Tensor | None = None
         self.phase = "setup"  # what the ranks are doing, for the message when a collective times out
-        self.log = MetricsLog(output_dir / "metrics.jsonl", enabled=world.is_main)
-        self.sinks = open_sinks(cfg, world.is_main, output_dir, self.log, self.domains)  # wandb_run_id set by resume
-        self.interval = IntervalStats(self.layers, world.device)
+        self.log = MetricsLog(self.folder.metrics.path, enabled=world.is_main)
+        self.sinks = open_sinks(cfg, world.is_main, self.output_dir, self.log, self.domains)  # wandb id: resume
+        self.device_interval = DeviceInterval(world.device)
         self.tokens_per_step = (cfg.train.per_device_train_batch_size * cfg.data.block_size
                                 * cfg.train.gradient_accumulation_steps * world.world_size)
-        self.flops_per_token = flops_per_token(active_parameters(engine.module, self.layers),
+        self.flops_per_token = flops_per_token(active_parameters(engine.module, self.moe.layers),
                                                *attention_dims(engine.module.config), cfg.data.block_size)
         self.peak_tflops, peak_source = resolve_peak_tflops(cfg.log.peak_tflops, world.device,
                                                             bf16=engine.bfloat16_enabled())
@@ -89,7 +88,7 @@ class Trainer:
         self.first_step = self.state.step  # > 0 after a resume
         self.sinks.start(self.state.step)
         # Loss sums stay on the device and are read once per logging interval: no host sync per step.
-        sums = torch.zeros(3, device=self.world.device)  # lm loss, balance loss, micro-steps
+        sums = self.zero_sums()
         interval_seconds = train_seconds = 0.0  # time in train steps only (eval and saves excluded)
         stopped_by = summary = None
         self.engine.train()
@@ -100,7 +99,8 @@ class Trainer:
                 while self.state.step < t.max_steps:
                     started = time.perf_counter()
                     self.phase = f"training step {self.state.step + 1} (forward, backward, optimizer step)"
-                    sums += self.train_step()
+                    for name, value in self.train_step().items():
+                        sums[name] += value
                     self.state.step += 1
                     self.state.tokens_seen += self.tokens_per_step
                     step, last = self.state.step, self.state.step == t.max_steps
@@ -108,7 +108,7 @@ class Trainer:
                     if step == 1 or step % t.logging_steps == 0 or last:
                         self.phase = f"the logging all-reduce after step {step}"
                         self.sinks.log(self.training_row(sums, interval_seconds + time.perf_counter() - started))
-                        sums.zero_()
+                        sums = self.zero_sums()
                         interval_seconds = 0.0
                     else:
                         interval_seconds += time.perf_counter() - started
@@ -131,22 +131,28 @@ class Trainer:
             self.sinks.close(summary)  # the summary goes to wandb's run summary; None after an error
         return summary
 
-    def train_step(self) -> torch.Tensor:
+    def zero_sums(self) -> dict[str, torch.Tensor]:
+        """A logging interval's loss sums, on the device: LM loss, balance loss (summed over layers), micro-steps."""
+        return {name: torch.zeros((), device=self.world.device) for name in ("lm_loss", "aux_loss", "micro_steps")}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
-        sums = torch.zeros(3, device=self.world.device)
+        sums = self.zero_sums()
         for _ in range(self.cfg.train.gradient_accumulation_steps):
             input_ids = next(self.batches)["input_ids"].to(self.world.device)
-            lm_loss, aux_loss = lm_and_balance_loss(self.engine, self.layers, input_ids)
-            self.engine.backward(lm_loss + router_loss(aux_loss, self.layers, self.cfg.moe))
+            lm_loss = lm_loss_of(self.engine, input_ids)
+            router_loss, balance = self.moe.router_loss(lm_loss)
+            self.engine.backward(lm_loss + router_loss)
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
-            if self.engine.is_gradient_accumulation_boundary():
-                self.guard.before_step()
             self.engine.step()
-            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float(), sums.new_ones(())])
-        skipped = self.guard.after_step()
+            sums["lm_loss"] += lm_loss.detach().float()
+            sums["aux_loss"] += balance.detach().float()
+            sums["micro_steps"] += 1
+        skipped = not self.engine.was_step_applied()
+        self.guard.record(skipped)
         if skipped:
             self.last_skipped_batch = input_ids
-        end_of_step([layer.gate for layer in self.layers], self.cfg.moe.router_bias_update_rate, not skipped)
+        self.moe.after_optimizer_step(applied=not skipped)
         return sums
 
     def check_finite(self, step: int) -> None:
@@ -161,34 +167,30 @@ class Trainer:
             raise NonFiniteError(self.nonfinite_report(step))
 
     def nonfinite_report(self, step: int) -> str:
-        t, n = self.cfg.train, self.guard.consecutive
+        t = self.cfg.train
         self.phase = f"the non-finite diagnosis after step {step}"
-        layer = first_nonfinite_layer(self.engine.module, self.layers, self.last_skipped_batch)
-        where = (f"the first non-finite value on the last batch appears in {layer}" if layer else
-                 "every MoE layer's router logits and output are finite on the last batch, so the non-finite values "
-                 "arise elsewhere (attention, embeddings, the loss or the gradients)")
-        first = step - n + 1
+        where = first_nonfinite_layer(self.engine.module, self.moe.layers, self.last_skipped_batch)
+        first = step - self.guard.consecutive + 1
         before = [tag for tag in self.checkpoints.complete_tags() if self.checkpoints.step_of(tag) < first]
-        return (f"steps {first}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm "
-                f"and were skipped on every rank (--max_nonfinite_steps {t.max_nonfinite_steps}); {where}. The last "
-                f"checkpoint saved before step {first} is {before[-1] if before else 'none'}. What usually fixes it: "
-                f"a lower --learning_rate "
-                f"(now {t.learning_rate:g}), a longer --warmup_steps (now {t.warmup_steps}), gradient clipping "
-                f"(--max_grad_norm, now {t.max_grad_norm:g}), a smaller --aux_loss_coef (now "
-                f"{self.cfg.moe.aux_loss_coef:g}), or fp32 where bf16 overflows; then resume from that checkpoint "
-                "(--resume_from_checkpoint TAG_FOLDER), or start over.")
+        fixes = [f"a lower --learning_rate (now {t.learning_rate:g})",
+                 f"a longer --warmup_steps (now {t.warmup_steps})", f"gradient clipping (--max_grad_norm, now {t.max_grad_norm:g})",
+                 f"a smaller --aux_loss_coef (now {self.cfg.moe.aux_loss_coef:g})"]
+        return nonfinite_message(first, step, f"--max_nonfinite_steps {t.max_nonfinite_steps}", where,
+                                 str(before[-1]) if before else "none", fixes,
+                                 "resume from that checkpoint (--resume_from_checkpoint TAG_FOLDER)")
 
-    def training_row(self, sums: torch.Tensor, seconds: float) -> dict:
+    def training_row(self, sums: dict[str, torch.Tensor], seconds: float) -> dict:
         """The interval's metrics over all ranks (docs/metrics.md); one all-reduce for losses and MoE counters."""
-        summed = all_reduce_sum(torch.cat([sums.double(), self.interval.vector()])).tolist()
-        lm_sum, aux_sum, micro_steps = summed[:3]
+        device = self.world.device
+        summed = sum_over_ranks({**sums, **self.moe.interval_sums(device), **self.device_interval.sums()})
+        micro_steps = float(summed["micro_steps"])
         steps_in_interval = micro_steps / self.world.world_size / self.cfg.train.gradient_accumulation_steps
         tokens = steps_in_interval * self.tokens_per_step
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.state.step,
-            "loss": lm_sum / micro_steps,
-            "aux_loss": aux_sum / micro_steps,
+            "loss": float(summed["lm_loss"]) / micro_steps,
+            "aux_loss": float(summed["aux_loss"]) / micro_steps,
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             **throughput_metrics(tokens, steps_in_interval, seconds, self.world.world_size, self.flops_per_token,
@@ -196,7 +198,8 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.engine.skipped_steps,
             "nonfinite_steps": self.guard.total,
-            **self.interval.metrics(summed[3:], tokens, self.world.world_size),
+            **self.moe.interval_metrics(summed),
+            **self.device_interval.metrics(summed, tokens, self.world.world_size),
         }
 
     @torch.no_grad()
@@ -207,7 +210,7 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
         by_domain = torch.zeros(2, len(self.domains), device=self.world.device, dtype=torch.float64)
-        domain_routes = DomainRouteCounts(self.layers, len(self.domains), self.world.device)
+        domain_routes = self.moe.domain_routes(len(self.domains), self.world.device)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)
@@ -224,7 +227,7 @@ class Trainer:
         n = len(self.domains)
         row.update(domain_loss_metrics([by_domain_sums[:n], by_domain_sums[n:]], self.domains))
         if self.cfg.moe.expert_init in ("copy", "copy_noise", "drop"):  # upcycled: how far experts moved from the FFN
-            row.update(expert_similarity_metrics(self.layers))
+            row.update(self.moe.expert_similarity())
         row.update(domain_routes.metrics())  # routes per (domain, expert) and I(domain; expert), per MoE layer
         return row
 
@@ -235,12 +238,8 @@ class Trainer:
                         self.cfg.train.save_total_limit,
                         {"wandb_run_id": self.sinks.wandb_run_id, "nonfinite_steps": self.guard.total})
 
-    def resume(self, spec: str) -> None:
-        """Continue from a checkpoint ("latest", a checkpoints folder or a tag folder); "latest" with no
-        checkpoint yet starts fresh, so a requeued job can always pass it."""
-        tag_dir = CheckpointFolder.resolve(spec, self.output_dir)
-        if tag_dir is None:
-            return
+    def resume(self, tag_dir: Path) -> None:
+        """Continue from a checkpoint tag (what --resume_from_checkpoint resolved to)."""
         self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
                                                    self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
         self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run

@@ -8,25 +8,30 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..config import ConfigError, RunConfig, TrainConfig, too_small
 from ..data.text import data_problems
 from ..metrics.sinks import log_problems
 from ..models.source import model_problems
-from ..moe.layout import moe_problems
-from .ds_config import deepspeed_config_problems
+from ..moe.checks import moe_problems
+from ..moe.parallel import parallel_problems
+from ..run.config import ConfigError, RunConfig, TrainConfig, too_small
+from ..run.folder import RunFolder
+from .ds_config import build_deepspeed_config, deepspeed_config_problems
 from .resumable import check_resumable, check_upcycle_source
 
 
-def validate(cfg: RunConfig, world_size: int = 1) -> None:
+def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
-    started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming it)."""
-    problems = (moe_problems(cfg.moe) + expert_parallel_problems(cfg.moe.ep_size, world_size)
+    started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming
+    it). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
+    disagrees with them)."""
+    problems = (moe_problems(cfg.moe) + parallel_problems(cfg.moe, world_size)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
     if problems:
         raise ConfigError(problems)
     check_resumable(cfg)
     check_upcycle_source(cfg)
+    return build_deepspeed_config(cfg, world_size)
 
 
 def check_same_settings(cfg: RunConfig) -> None:
@@ -51,14 +56,6 @@ def check_same_settings(cfg: RunConfig) -> None:
 def _flat(settings: dict) -> dict:
     """{"moe": {"top_k": 2}} -> {"top_k": 2}: flag names are unique across sections."""
     return {name: value for section in settings.values() for name, value in section.items()}
-
-
-def expert_parallel_problems(ep_size: int, world_size: int) -> list[str]:
-    if ep_size >= 1 and world_size % ep_size:
-        return [f"ep_size ({ep_size}) must divide the number of ranks ({world_size}): "
-                + (f"launch with `deepspeed --num_gpus {ep_size} train.py ...`" if world_size == 1
-                   else f"use an ep_size that divides {world_size}")]
-    return []
 
 
 def train_problems(train: TrainConfig) -> list[str]:
@@ -89,7 +86,7 @@ def train_problems(train: TrainConfig) -> list[str]:
     output = Path(train.output_dir)
     if output.is_file():
         problems.append(f"output_dir {train.output_dir!r} is a file; give a folder")
-    elif (output / "run_config.json").exists() and not (train.overwrite_output_dir or resume or train.plan):
+    elif RunFolder(output).holds_run() and not (train.overwrite_output_dir or resume or train.plan):
         problems.append(f"output_dir {train.output_dir!r} already holds a run; pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start over in it, or choose another --output_dir")
     return problems

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from moe_models.config import DataConfig
+from moe_models.run.config import DataConfig
 from moe_models.data import prepare
 from moe_models.data.cache import cache_root
 from moe_models.data.prepare import prepare_data

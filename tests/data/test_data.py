@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset, DatasetDict  # noqa: E402
 
-from moe_models.config import DataConfig  # noqa: E402
+from moe_models.run.config import DataConfig  # noqa: E402
 from moe_models.data.batches import TrainBatches, eval_batches  # noqa: E402
 from moe_models.data.synthetic import FACT_DOMAINS as FACTS, DOMAINS, entropy_floor, synthetic_corpus  # noqa: E402
 from moe_models.data.synthetic import synthetic_domain_problems  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 from datasets import DatasetDict
 
 import train
-from moe_models.config import DataConfig
+from moe_models.run.config import DataConfig
 from moe_models.data.domains import domains_problems, resolve_domains
 from moe_models.data.prepare import map_style_domains, prepare_data
 from moe_models.data.synthetic import DOMAINS

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from moe_models.config import DataConfig
+from moe_models.run.config import DataConfig
 from moe_models.data.file_specs import DataFile, data_files, entries, resolve_files
 from moe_models.data.text import data_problems, load_text_datasets
 

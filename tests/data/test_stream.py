@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from moe_models.config import DataConfig
+from moe_models.run.config import DataConfig
 from moe_models.data.prepare import prepare_data
 from moe_models.data.stream import open_stream
 from moe_models.data.stream_batches import StreamBatches, pack

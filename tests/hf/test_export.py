@@ -9,21 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed.moe.utils import is_moe_param
+from helpers import REPO, child_env
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train  # a script at the repository root (pytest puts the root on sys.path)
-from helpers import REPO, child_env
 from moe_models import convert_to_moe
-from moe_models.cli import parse_args
-from moe_models.config import ConfigError, MoEConfig
+from moe_models.export import main as export_main
 from moe_models.hf.configs import NotRepresentable, hf_moe_config
+from moe_models.hf.exporter import export
 from moe_models.hf.import_config import dense_config_and_moe_settings
-from moe_models.hf.export import export, main as export_main
 from moe_models.hf.load import import_hf_moe, settings_from_checkpoint
 from moe_models.models.source import preset_config
 from moe_models.models.tokenization import byte_level_tokenizer
 from moe_models.moe.layer import EXPERTS_MODULE, ROUTER_WEIGHT, moe_layers_of
-from moe_models.moe.layout import MoELayout, resolve_moe_layers
+from moe_models.run.cli import parse_args
+from moe_models.run.config import ConfigError, MoEConfig
+from moe_models.run.moe_layout import MoELayout, resolve_moe_layers
 
 # Deterministic, dropless routing: the condition under which DeepSpeed and the HF classes compute the same function.
 EXACT = ["--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
@@ -148,7 +149,7 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path):
     position = trainer.batches.state_dict()
     input_ids = next(trainer.batches)["input_ids"]
     trainer.batches.load_state_dict(position)
-    first_loss = trainer.train_step()[0].item()
+    first_loss = trainer.train_step()["lm_loss"].item()
     hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(input_ids=input_ids, labels=input_ids).loss.item()
@@ -241,7 +242,10 @@ def test_granular_configs_round_trip(preset, moe_layers, dense_size, settings):
     back, got, layout = dense_config_and_moe_settings(config)
     assert back.intermediate_size == dense_size
     assert {name: got[name] for name in ("expert_init", "granularity") if name in got} == settings
-    assert layout == MoELayout.resolve(moe, 4)
+    exported = MoELayout.resolve(moe, 4)
+    assert (layout.blocks, layout.num_experts) == (exported.blocks, exported.num_experts)
+    # the experts' width relative to the dense skeleton the import builds: the same hidden units either way
+    assert layout.expert_width(back.intermediate_size) == exported.expert_width(256) == 128
 
 
 @pytest.mark.parametrize("preset, moe, overrides, message", [

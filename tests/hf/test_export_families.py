@@ -15,16 +15,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe_models import convert_to_moe
-from moe_models.config import MoEConfig
 from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, hf_moe_config
-from moe_models.hf.import_config import dense_config_and_moe_settings
-from moe_models.hf.export import export
 from moe_models.hf.export_table import export_table_markdown, with_export_table
+from moe_models.hf.exporter import export
+from moe_models.hf.import_config import dense_config_and_moe_settings
 from moe_models.hf.load import import_hf_moe
 from moe_models.models.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from moe_models.moe.layer import ROUTER_SCORE_BIAS, ROUTER_WEIGHT
-from moe_models.moe.layout import MoELayout
-from moe_models.moe.saved_settings import write_settings
+from moe_models.run.config import MoEConfig
+from moe_models.run.folder import RunFolder
+from moe_models.run.moe_layout import MoELayout
 
 TINY = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
@@ -71,7 +71,7 @@ def exported(request, world, tmp_path_factory):
     dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
     moe = MoEConfig(**EXACT, **settings)
     layout = MoELayout.resolve(moe, dense.config.num_hidden_layers)
-    model = convert_to_moe(dense, moe, seed=0, layout=layout).eval()
+    model = convert_to_moe(dense, moe, seed=0).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith(ROUTER_WEIGHT):
@@ -81,7 +81,7 @@ def exported(request, world, tmp_path_factory):
             elif name.endswith("sinks"):  # Granite-SWA's attention sinks start at zero
                 tensor.normal_()
     model.save_pretrained(root / "trained")
-    write_settings(root / "trained", moe, layout)
+    RunFolder(root / "trained").write_moe_settings(moe, layout)
     byte_level_tokenizer().save_pretrained(root / "trained")
     export(root / "trained", root / "hf")
     return {"name": request.param, "model": model, "hf_dir": root / "hf", "hf_class": hf_class}

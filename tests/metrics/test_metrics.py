@@ -8,22 +8,21 @@ import matplotlib.image
 import pynvml
 import pytest
 import torch
-
 from helpers import tiny_model
-from moe_models.cli import parse_args
-from moe_models.config import MoEConfig
+
 from moe_models.data.batches import TrainBatches
 from moe_models.data.text import load_text_datasets, pack_blocks
-from moe_models.metrics.device import EnergyMeter
-from moe_models.training.ds_config import build_deepspeed_config
-from moe_models.metrics.interval import IntervalStats
-from moe_models.moe.layer import moe_layers_of
+from moe_models.metrics.device import DeviceInterval, EnergyMeter
 from moe_models.metrics.sinks import Progress, bars, expert_load_lines
-from moe_models.metrics.report import main as report_main
-from moe_models.moe.surgery import convert_to_moe
 from moe_models.metrics.throughput import (active_parameters, attention_dims, flops_per_token, known_peak_tflops,
-                                   resolve_peak_tflops, throughput_metrics)
+                                           resolve_peak_tflops, throughput_metrics)
 from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.moe.layer import moe_layers_of
+from moe_models.moe.surgery import convert_to_moe
+from moe_models.report import main as report_main
+from moe_models.run.cli import parse_args
+from moe_models.run.config import MoEConfig
+from moe_models.training.ds_config import build_deepspeed_config
 from moe_models.training.trainer import Trainer, build_engine
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -164,10 +163,11 @@ def test_flops_per_token_follows_the_palm_formula():
 def test_energy_comes_from_the_nvml_counter_of_every_rank(monkeypatch):
     readings = iter([10_000, 12_500, 20_000])  # millijoules since the driver loaded
     monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lambda handle: next(readings))
-    stats = IntervalStats(layers=[], device=torch.device("cpu"))
+    stats = DeviceInterval(device=torch.device("cpu"))
     assert stats.energy is None  # no NVIDIA GPU: no energy keys at all
     stats.energy = EnergyMeter(handle=None)
-    assert stats.vector().tolist() == [2.5, 1.0]  # joules since the meter started, ranks that measured
-    row = stats.metrics([7.5, 1.0], tokens=300, world_size=1)
+    assert [value.item() for value in stats.sums().values()] == [2.5, 1.0]  # joules since the start, ranks measured
+    summed = {DeviceInterval.ENERGY: torch.tensor(7.5), DeviceInterval.MEASURED: torch.tensor(1.0)}
+    row = stats.metrics(summed, tokens=300, world_size=1)
     assert row["energy_j"] == 7.5 and row["joules_per_token"] == pytest.approx(0.025)
-    assert "energy_j" not in stats.metrics([7.5, 1.0], tokens=300, world_size=2)  # one rank could not measure
+    assert "energy_j" not in stats.metrics(summed, tokens=300, world_size=2)  # one rank could not measure

@@ -10,8 +10,8 @@ import torch
 
 from moe_models.metrics.specialisation import (domain_expert_counts, entropy_bits, mutual_information_bits,
                                                specialisation_metrics)
-from moe_models.cli import parse_args
-from moe_models.metrics.report import main as report_main
+from moe_models.report import main as report_main
+from moe_models.run.cli import parse_args
 from train import build
 
 

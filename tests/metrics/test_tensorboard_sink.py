@@ -7,7 +7,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moe_models.cli import parse_args
+from moe_models.run.cli import parse_args
 from moe_models.metrics.sinks import MetricsLog, log_problems, open_sinks, report_targets
 from train import main
 

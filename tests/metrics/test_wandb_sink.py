@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_models.cli import parse_args
+from moe_models.run.cli import parse_args
 from moe_models.metrics.sinks import MetricsLog, open_sinks
 from moe_models.metrics.wandb_sink import wandb_values
 from train import main

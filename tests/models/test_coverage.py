@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_survey import converting, models_markdown, survey
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-from family_survey import converting, models_markdown, survey
 from moe_models import MoEConfig, convert_to_moe
-from moe_models.cli import parse_args
-from moe_models.moe.layer import balance_loss, moe_layers_of
 from moe_models.models.probe import small_config
+from moe_models.moe.layer import moe_layers_of
+from moe_models.moe.step import balance_loss
+from moe_models.run.cli import parse_args
 from moe_models.training.ds_config import build_deepspeed_config
 from moe_models.training.trainer import build_engine
 

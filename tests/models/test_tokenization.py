@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from moe_models.config import ModelConfig
+from moe_models.run.config import ModelConfig
 from moe_models.models.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer, load_tokenizer
 
 SAMPLE_TEXTS = ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "héllo wörld",

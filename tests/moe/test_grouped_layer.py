@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
+from helpers import tiny_model
 
 import train
-from helpers import tiny_model
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of
-from moe_models.models.architectures import SWIGLU
+from moe_models.models.architectures import SWIGLU, SWIGLU_FFN_PROJECTIONS
 from moe_models.moe.experts import StackedExperts
 from moe_models.moe.layer import GroupedMoE, MoEFeedForward
 
@@ -28,7 +28,7 @@ def layer_pair(top_k, num_experts=8, expert=None, **kwargs):
             "use_rts": False, **kwargs}
     stock = MoE(DIM, **args)
     args["expert"] = copy.deepcopy(expert)  # use_residual keeps the module itself: one each
-    grouped = GroupedMoE(DIM, gated_projections=SWIGLU, **args)
+    grouped = GroupedMoE(DIM, ffn_projections=SWIGLU_FFN_PROJECTIONS, **args)
     torch.manual_seed(1)
     with torch.no_grad():
         for param in stock.parameters():

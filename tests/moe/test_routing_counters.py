@@ -2,17 +2,18 @@
 similarity, routes per (domain, expert) at eval."""
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 
-from moe_models.config import MoEConfig
 from moe_models.metrics.routing import mean_pairwise_cosine, routing_metrics
 from moe_models.metrics.specialisation import mutual_information_bits
-from moe_models.moe.counters import RoutingCounters
+from moe_models.moe.counters import RoutingCounters, RoutingSums
 from moe_models.moe.domain_routing import DomainRouteCounts
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.router import Routes, routes_per_expert
+from moe_models.run.config import MoEConfig
 
 # Eight tokens, four experts: each token's (first, second) choice. The router below is the identity
 # scaled by 10 and token s is 1.0 * e_first + 0.5 * e_second, so its logits are 10 and 5 at those
@@ -69,7 +70,7 @@ def test_kept_routes_count_each_expert_and_skip_dropped_routes():
 def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, chosen, moe_impl):
     layer = routed_layer(top_k, capacity_factor, moe_impl)
     layer(hand_made_tokens())
-    metrics = routing_metrics(layer.routing.as_vector(torch.device("cpu")).tolist(), 4, top_k)
+    metrics = routing_metrics(layer.routing.sums(torch.device("cpu")), 4, top_k)
     routes = len(CHOICES) * top_k
     assert metrics["tokens_per_expert"] == kept
     assert metrics["routed_per_expert"] == chosen
@@ -91,11 +92,11 @@ def test_counters_add_up_training_forwards_only_and_reset(world):
     layer(hand_made_tokens())
     layer.eval()
     layer(hand_made_tokens())  # eval forwards are not counted
-    metrics = routing_metrics(layer.routing.as_vector(torch.device("cpu")).tolist(), 4, 2)
+    metrics = routing_metrics(layer.routing.sums(torch.device("cpu")), 4, 2)
     assert metrics["tokens_per_expert"] == [6, 6, 6, 4] and metrics["routed_tokens"] == 16
-    assert isinstance(layer.routing.values, torch.Tensor)  # kept on the device, read once per interval
+    assert isinstance(layer.routing.sums(torch.device("cpu")).kept_E, torch.Tensor)  # on the device until read
     layer.routing.reset()
-    assert routing_metrics(layer.routing.as_vector(torch.device("cpu")).tolist(), 4, 2) == {}
+    assert routing_metrics(layer.routing.sums(torch.device("cpu")), 4, 2) == {}
 
 
 def test_counts_of_two_ranks_sum_to_the_whole():
@@ -103,7 +104,8 @@ def test_counts_of_two_ranks_sum_to_the_whole():
     ranks = [RoutingCounters(4), RoutingCounters(4)]
     ranks[0].add(hand_made_routes(torch.tensor([[0, 0, 1], [2, -1, 3]]).t(), torch.tensor([2, 1, 1, 2]), 1.0))
     ranks[1].add(hand_made_routes(torch.tensor([[3, 3, 3], [-1, -1, 0]]).t(), torch.tensor([1, 0, 0, 5]), 3.0))
-    summed = (ranks[0].as_vector(torch.device("cpu")) + ranks[1].as_vector(torch.device("cpu"))).tolist()
+    first, second = (counters.sums(torch.device("cpu")) for counters in ranks)
+    summed = RoutingSums(**{f.name: getattr(first, f.name) + getattr(second, f.name) for f in fields(RoutingSums)})
     metrics = routing_metrics(summed, num_experts=4, top_k=2)
     assert metrics["tokens_per_expert"] == [3, 1, 1, 4]
     assert metrics["routed_tokens"] == 6 and metrics["dropped"] == 3

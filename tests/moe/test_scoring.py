@@ -10,14 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port, launch, tiny_model
 
 import train
-from helpers import free_port, launch, tiny_model
-from moe_models.config import ConfigError, MoEConfig
-from moe_models.moe.balance import end_of_step
+from moe_models.moe.checks import moe_problems
 from moe_models.moe.layer import MoEFeedForward
-from moe_models.moe.layout import moe_problems
-
+from moe_models.moe.step import MoEStep
+from moe_models.run.config import ConfigError, MoEConfig
 
 DIM, FFN, E = 64, 96, 4
 
@@ -95,10 +94,10 @@ def test_bias_update_is_the_sign_of_the_load_gap_and_stays_fp32():
         moe(x_TD[micro_step:micro_step + 1])
         chosen = torch.sigmoid(x_TD[micro_step] @ moe.router.weight.t()).topk(2, dim=1).indices  # the bias is 0
         loads += torch.bincount(chosen.flatten(), minlength=E)
-    end_of_step([moe.gate], 0.01, step_applied=True)
+    MoEStep(moe).after_optimizer_step(applied=True)  # the router's own rate, 0.01
     expected = 0.01 * torch.sign(loads.mean() - loads)
     assert torch.equal(moe.gate.score_bias, expected) and expected.abs().sum() > 0
-    end_of_step([moe.gate], 0.01, step_applied=False)  # a skipped step (and no forward) moves nothing
+    MoEStep(moe).after_optimizer_step(applied=False)  # a skipped step (and no forward) moves nothing
     assert torch.equal(moe.gate.score_bias, expected)
     assert moe.bfloat16().gate.score_bias.dtype == torch.float32  # a bf16 engine keeps the bias exact
     assert "moe.deepspeed_moe.gate.score_bias" in moe.state_dict()
@@ -161,7 +160,7 @@ def _global_batch_rank(rank: int, port: int, inputs):
             probs = (inputs[micro_step][rank] @ weight.t()).softmax(dim=1)
             expected = E * (routes_so_far / routes_so_far.sum() * probs.mean(dim=0)).sum()
             torch.testing.assert_close(moe.aux_loss, expected, rtol=1e-5, atol=1e-6)
-        end_of_step([moe.gate], 0.0, step_applied=True)  # the next step counts afresh
+        MoEStep(moe).after_optimizer_step(applied=True)  # the next step counts afresh
         moe(inputs[0][rank].unsqueeze(0))
         probs = (inputs[0][rank] @ weight.t()).softmax(dim=1)
         fresh = torch.zeros(E)

@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
 import train
-from helpers import tiny_model
 from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
-from moe_models.cli import parse_args
-from moe_models.metrics.interval import IntervalStats
 from moe_models.metrics.throughput import active_parameters
 from moe_models.models.architectures import ARCHITECTURES
+from moe_models.moe.checks import moe_problems
 from moe_models.moe.layer import MoEFeedForward
-from moe_models.moe.layout import moe_problems
 from moe_models.moe.shared import widened_ffn
+from moe_models.moe.step import MoEStep
+from moe_models.run.cli import parse_args
 
 DIM, WIDTH = 64, 96
 
@@ -141,21 +141,21 @@ def test_metrics_follow_their_formulas():
         shares += (shared.norm(dim=-1) / (shared.norm(dim=-1) + routed.norm(dim=-1))).tolist()
         gates += gate.squeeze(-1).tolist()
     moe.eval()(xs[0])  # eval forwards are not counted
-    stats = IntervalStats([moe], torch.device("cpu"))
-    row = stats.metrics(stats.vector().tolist(), tokens=32, world_size=1)
+    stats = MoEStep(moe)
+    row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert row["moe/layer_0/shared_share"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)
     assert row["moe/layer_0/shared_gate"] == pytest.approx(sum(gates) / len(gates), rel=1e-6)
     assert 0 < row["moe/layer_0/shared_share"] < 1
     assert row["moe/layer_0/routed_tokens"] == 32
-    assert "moe/layer_0/shared_share" not in stats.metrics(stats.vector().tolist(), tokens=32, world_size=1)
+    assert "moe/layer_0/shared_share" not in stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
 
 
 @torch.no_grad()
 def test_an_upcycled_model_starts_with_a_shared_share_of_n_over_n_plus_1():
     model = convert_to_moe(tiny_model().train(), MoEConfig(num_experts=4, num_shared_experts=3, drop_tokens=False))
     model(tokens())
-    stats = IntervalStats(moe_layers_of(model), torch.device("cpu"))
-    row = stats.metrics(stats.vector().tolist(), tokens=48, world_size=1)
+    stats = MoEStep(model)
+    row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert [row[f"moe/layer_{i}/shared_share"] for i in range(4)] == pytest.approx([3 / 4] * 4, rel=1e-5)
 
 
@@ -163,8 +163,8 @@ def test_metrics_only_with_shared_experts():
     plain, ungated = layer(num_shared=0, gate=False), layer(num_shared=1, gate=False)
     for moe in (plain, ungated):
         moe(torch.randn(1, 8, DIM))
-    stats = IntervalStats([plain, ungated], torch.device("cpu"))
-    row = stats.metrics(stats.vector().tolist(), tokens=8, world_size=1)
+    stats = MoEStep(torch.nn.ModuleList([plain, ungated]))
+    row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert "moe/layer_0/shared_share" not in row and "moe/layer_1/shared_share" in row
     assert not any(key.endswith("shared_gate") for key in row)
     assert plain.shared_experts is None and plain.shared_expert_gate is None

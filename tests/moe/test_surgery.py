@@ -7,7 +7,7 @@ from deepspeed.moe.layer import MoE
 from helpers import tiny_model
 from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.models.architectures import ARCHITECTURES, architecture_of
-from moe_models.moe.layout import resolve_moe_layers
+from moe_models.run.moe_layout import resolve_moe_layers
 from moe_models.models.source import PRESETS
 
 FAMILIES = sorted(PRESETS)

@@ -11,7 +11,7 @@ import train
 from helpers import tiny_model
 from moe_models import ConfigError, MoEConfig, convert_to_moe, moe_layers_of
 from moe_models.moe.experts import ExpertLoop, StackedExperts
-from moe_models.moe.layout import moe_problems
+from moe_models.moe.checks import moe_problems
 from moe_models.models.source import PRESETS
 
 FAMILIES = sorted(PRESETS)

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import train
-from moe_models.config import MoEConfig
-from moe_models.moe.layer import MoEFeedForward, router_loss
-
-from helpers import tiny_model
+from moe_models.moe.layer import MoEFeedForward
+from moe_models.moe.step import MoEStep
+from moe_models.run.config import MoEConfig
 
 DIM = 64
 
@@ -32,7 +32,7 @@ def test_z_loss_and_its_router_gradient_follow_the_formula(moe_impl, drop_tokens
     moe, coef = layer(moe_impl, drop_tokens, coef=0.1), 0.1
     x = torch.randn(2, 24, DIM)
     moe(x)
-    router_loss(moe.aux_loss, [moe], MoEConfig(aux_loss_coef=0.0, router_z_loss_coef=coef)).backward()
+    MoEStep(moe).router_loss(moe.aux_loss)[0].backward()  # the layer's weights: aux 0, z-loss coef
     weight = moe.router.weight.detach().clone().requires_grad_(True)
     z = torch.logsumexp(x.reshape(-1, DIM) @ weight.t(), dim=-1).pow(2).mean()  # ST-MoE eq. 5
     (coef * z).backward()
@@ -44,7 +44,7 @@ def test_off_by_default_adds_nothing():
     moe = layer("grouped", False, coef=0.0)
     moe(torch.randn(2, 24, DIM))
     assert moe.z_loss is None
-    assert router_loss(moe.aux_loss, [moe], MoEConfig(aux_loss_coef=0.0)).item() == 0.0
+    assert MoEStep(moe).router_loss(moe.aux_loss)[0].item() == 0.0
 
 
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from moe_models.cli import parse_args
-from moe_models.config import ConfigError
-from moe_models.metrics.report import write_report as write_run_report
-from moe_models.payoff.plan import (DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, check_same_command, plan_payoff,
+from moe_models.run.cli import parse_args
+from moe_models.run.config import ConfigError
+from moe_models.metrics.run_report import write_report as write_run_report
+from moe_models.comparison.runs import (DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, check_same_command, plan_payoff,
                                    switch_step)
 from moe_models.data.synthetic import entropy_floor
-from moe_models.payoff.report import write_report
-from moe_models.payoff.results import collect
+from moe_models.comparison.payoff_report import write_report
+from moe_models.comparison.results import collect
 from helpers import REPO, child_env
 
 TINY = ["--max_steps", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--warmup_steps", "2",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moe_models.payoff.plan import DENSE, MOE, UPCYCLED
+from moe_models.comparison.runs import DENSE, MOE, UPCYCLED
 from helpers import launch
 
 pytestmark = pytest.mark.distributed

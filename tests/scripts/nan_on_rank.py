@@ -16,16 +16,16 @@ repo = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(repo))
 from moe_models.training import trainer  # noqa: E402
 
-real, calls = trainer.lm_and_balance_loss, itertools.count(1)
+real, calls = trainer.lm_loss_of, itertools.count(1)
 
 
-def poisoned(engine, layers, input_ids):
-    lm_loss, aux_loss = real(engine, layers, input_ids)
+def poisoned(engine, input_ids):
+    lm_loss = real(engine, input_ids)
     if next(calls) in steps and int(os.environ.get("RANK", "0")) == rank:
         lm_loss = lm_loss * float("nan")
-    return lm_loss, aux_loss
+    return lm_loss
 
 
-trainer.lm_and_balance_loss = poisoned
+trainer.lm_loss_of = poisoned
 sys.argv[0] = str(repo / "train.py")
 runpy.run_path(str(repo / "train.py"), run_name="__main__")

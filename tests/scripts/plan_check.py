@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moe_models.cli import parse_args  # noqa: E402
-from moe_models.plan import plan  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
+from moe_models.training.preflight import plan  # noqa: E402
 from moe_models.training.ds_config import build_deepspeed_config  # noqa: E402
 from train import build  # noqa: E402
 

@@ -16,11 +16,10 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moe_models.cli import parse_args  # noqa: E402
-from moe_models.distributed import all_reduce_sum  # noqa: E402
-from moe_models.moe.balance import end_of_step  # noqa: E402
-from moe_models.moe.layer import moe_layers_of, router_loss  # noqa: E402
-from moe_models.training.trainer import lm_and_balance_loss  # noqa: E402
+from moe_models.moe.layer import moe_layers_of  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
+from moe_models.run.distributed import all_reduce_sum  # noqa: E402
+from moe_models.training.trainer import lm_loss_of  # noqa: E402
 from train import build  # noqa: E402
 
 
@@ -49,14 +48,14 @@ def main() -> None:
               "parameters": sum(p.numel() for p in engine.module.parameters())}
     for step in range(steps):
         input_ids = next(trainer.batches)["input_ids"].to(world.device)
-        lm_loss, aux_loss = lm_and_balance_loss(engine, layers, input_ids)
-        engine.backward(lm_loss + router_loss(aux_loss, layers, cfg.moe))
+        lm_loss = lm_loss_of(engine, input_ids)
+        engine.backward(lm_loss + trainer.moe.router_loss(lm_loss)[0])
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
             record["shared_grads"] = shared_expert_grads(layers)
         engine.step()
-        end_of_step([layer.gate for layer in layers], cfg.moe.router_bias_update_rate, engine.was_step_applied())
+        trainer.moe.after_optimizer_step(engine.was_step_applied())
         mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size
         record["losses"].append(mean_loss.item())
     trainer.state.step = steps

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moe_models.cli import parse_args  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.data.prepare import prepare_data  # noqa: E402
-from moe_models.distributed import init_world, main_process_first  # noqa: E402
+from moe_models.run.distributed import init_world, main_process_first  # noqa: E402
 from moe_models.models.tokenization import load_tokenizer  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import train
 from helpers import launch
-from moe_models.cli import parse_args
+from moe_models.run.cli import parse_args
 from moe_models.moe.layer import moe_layers_of
 
 RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
@@ -49,7 +49,7 @@ def test_the_blocks_are_recomputed(world, tmp_path):
     moe_layers_of(trainer.engine.module)[0].register_forward_pre_hook(lambda *args: calls.append(1))
     trainer.train_step()
     assert len(calls) == 2 * 2  # each of the 2 micro-steps: the forward, then its recompute in the backward
-    assert moe_layers_of(trainer.engine.module)[0].routing.forwards == 2  # counted once per micro-step
+    assert moe_layers_of(trainer.engine.module)[0].routing.sums(trainer.world.device).forwards == 2  # once per micro-step
 
 
 @pytest.mark.distributed

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-import train
 from helpers import REPO, child_env
-from moe_models.training.checkpoint import CheckpointError, CheckpointFolder
-from moe_models.hf.export import export
+
+import train
+from moe_models.hf.exporter import export
+from moe_models.run.checkpoint_folder import CheckpointError, CheckpointFolder
 
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "1000", "--block_size", "64", "--logging_steps", "1",
          "--eval_steps", "0", "--max_eval_batches", "2", "--disable_tqdm", "--warmup_steps", "2"]

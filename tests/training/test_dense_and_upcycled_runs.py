@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from moe_models.config import MoEConfig, RunConfig, TrainConfig
 from moe_models.hf.configs import hf_moe_config
 from moe_models.models.source import preset_config
 from moe_models.moe.layer import moe_layers_of
-from moe_models.moe.layout import MoELayout, resolve_moe_layers
 from moe_models.moe.surgery import convert_to_moe
-from moe_models.training.checkpoint import CheckpointError
+from moe_models.run.checkpoint_folder import CheckpointError
+from moe_models.run.config import MoEConfig, RunConfig, TrainConfig
+from moe_models.run.moe_layout import MoELayout, resolve_moe_layers
 from moe_models.training.resumable import check_upcycle_source
-from helpers import tiny_model
 
 
 def test_moe_layers_none_keeps_the_stock_dense_model():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, start, succeed
 
 pytestmark = pytest.mark.distributed
@@ -251,8 +250,8 @@ def test_resume_is_exact_on_two_ranks_at_ep2(ep2_run, tmp_path):
 
 def test_reshard_ep2_to_ep1_and_back(ep2_run, tmp_path, world):
     import train
-    from moe_models.training.checkpoint import CheckpointError
     from moe_models.moe.layer import moe_layers_of
+    from moe_models.run.checkpoint_folder import CheckpointError
 
     tag = ep2_run / "checkpoints" / "global_step8"
     one_rank = tmp_path / "ep1"

@@ -4,6 +4,7 @@ resume, export to a Mixtral folder that stock transformers loads. What a plain t
 pinned here too (docs/hf-trainer.md)."""
 
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -11,15 +12,25 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, Trainer, default_data_collator
+from datasets import Dataset, DatasetDict
+from helpers import REPO, ZERO2, child_env, tiny_blocks, tiny_model, tiny_moe_model, trainer_args, trainer_losses
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, default_data_collator, set_seed
 
-from helpers import (REPO, ZERO2, child_env, tiny_blocks, tiny_moe_model, tiny_model, trainer_args,
-                     trainer_losses)
-from moe_models import MoETrainer, moe_layers_of
-from moe_models.hf.export import export
-from moe_models.models.tokenization import byte_level_tokenizer
-from moe_models.moe.saved_settings import SETTINGS_FILE, attach_settings, settings_of, write_settings
+import train
+from moe_models import MoETrainer, convert_to_moe, moe_layers_of
+from moe_models.data.prepare import prepare_data
+from moe_models.data.synthetic import synthetic_corpus, synthetic_domains
+from moe_models.data.text import pack_blocks
+from moe_models.hf.exporter import export
+from moe_models.metrics.collapse import CollapseThresholds
+from moe_models.metrics.specialisation import mutual_information_bits
+from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token
+from moe_models.models.source import load_dense_model
+from moe_models.models.tokenization import byte_level_tokenizer, load_tokenizer
+from moe_models.moe.saved_settings import attach_settings, settings_of
+from moe_models.run.folder import RECORD, RunFolder
+from moe_models.training.hf_trainer import scalars
+from moe_models.training.nonfinite import NonFiniteError
 
 DEEPSPEED = {"plain": None, "zero2": ZERO2}
 ZERO2_WITH_OPTIMIZER = {**ZERO2, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
@@ -176,7 +187,7 @@ def test_resume_gives_the_same_losses_and_biases(backend, tmp_path):
     straight = moe_trainer(tiny_moe_model(router_bias_update_rate=0.02), tmp_path / "straight", **settings)
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-2"
-    assert (checkpoint / SETTINGS_FILE).is_file()
+    assert (checkpoint / RECORD).is_file()
     if backend == "zero2":
         files = {p.name for p in (checkpoint / "global_step2").glob("layer_*_expert_*_model_states.pt")}
         assert files == {f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt" for i in range(4) for e in range(4)}
@@ -231,7 +242,7 @@ def test_refusals_say_what_to_do(tmp_path):
         export(tmp_path / "empty", tmp_path / "hf")
     model, no_tokenizer = tiny_moe_model(), tmp_path / "no_tokenizer"
     model.config.save_pretrained(no_tokenizer)
-    write_settings(no_tokenizer, *settings_of(model))
+    RunFolder(no_tokenizer).write_moe_settings(*settings_of(model))
     with pytest.raises(ValueError, match="tokenizer_config.json: .* pass processing_class=tokenizer to MoETrainer"):
         export(no_tokenizer, tmp_path / "hf")
 
@@ -255,3 +266,138 @@ def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
         assert result.returncode == 0, result.stderr[-4000:]
     assert "Wrote MixtralForCausalLM" in result.stdout
     assert AutoModelForCausalLM.from_pretrained(out / "hf").config.num_local_experts == 8
+
+
+# -- one MoE step for both trainers (moe/step.py) ------------------------------------------------------------------
+
+PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmoid",
+                "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01", "--synthetic_examples", "300", "--block_size", "32",
+                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
+                "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm"]
+
+
+class InOrder(MoETrainer):
+    """The batches in the order of the dataset (the Trainer otherwise shuffles them)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def moe_keys(row: dict) -> dict:
+    """A row's MoE metrics as the Trainer's loggers take them (per-expert lists as one scalar per expert)."""
+    return {key: value for key, value in scalars(row, per_expert=True).items()
+            if key.startswith("moe/") or key == "aux_loss"}
+
+
+def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
+    """The same model (built as train.py builds it), the same batches in the same order, the same DeepSpeed optimizer
+    and schedule (train.py's resolved JSON): both trainers log the same MoE keys with the same values at every step,
+    with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps)."""
+    out = tmp_path / "train_py"
+    train.main([*PARITY_FLAGS, "--output_dir", str(out)])
+    ours = [row for row in RunFolder(out).metrics.rows() if "loss" in row]
+    record = RunFolder(out).record()
+    cfg = record.settings
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = convert_to_moe(load_dense_model(cfg.model, vocab_needed=len(tokenizer)), cfg.moe, seed=cfg.train.seed)
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    batches = data.train_batches(cfg.train.per_device_train_batch_size, 0, 1, seed=cfg.train.seed)
+    ids = torch.cat([next(batches)["input_ids"] for _ in range(cfg.train.max_steps)]).tolist()
+    blocks = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    t = cfg.train
+    args = trainer_args(tmp_path / "hf", deepspeed=record.resolved.deepspeed_config, max_steps=t.max_steps,
+                        per_device_train_batch_size=t.per_device_train_batch_size, learning_rate=t.learning_rate,
+                        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, adam_beta1=0.9, adam_beta2=0.95,
+                        adam_epsilon=1e-8, warmup_steps=t.warmup_steps)
+    trainer = InOrder(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+    trainer.train()
+    theirs = [row for row in trainer.state.log_history if "loss" in row]
+
+    assert [row["step"] for row in theirs] == [row["step"] for row in ours] == [1, 2, 3, 4]
+    for mine, hf in zip(ours, theirs):
+        expected, logged = moe_keys(mine), moe_keys(hf)
+        assert logged.keys() == expected.keys() and len(expected) > 4 * 12
+        assert logged == pytest.approx(expected, rel=1e-4, abs=1e-6), f"step {mine['step']}"
+    assert any(value != 0 for key, value in moe_keys(ours[-1]).items() if "score_bias" in key)  # the biases moved
+
+
+def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, capsys):
+    """What train.py's loop gives beside the routing metrics: collapse warnings (here a threshold every router
+    crosses), routes per (domain, expert) at eval from the data's domain_ids, MFU against the given peak."""
+    texts = DatasetDict({"train": synthetic_corpus(200, seed=0)})
+    domains = list(synthetic_domains(None))
+    blocks = pack_blocks(texts, byte_level_tokenizer(), 32, "text", domains=domains)["train"]
+    blocks = blocks.map(lambda batch: {"labels": batch["input_ids"]}, batched=True)
+    trainer = MoETrainer(model=tiny_moe_model(), args=trainer_args(tmp_path, max_steps=3), train_dataset=blocks,
+                         eval_dataset=blocks.select(range(8)), data_collator=default_data_collator,
+                         collapse=CollapseThresholds(imbalance=1.01), peak_tflops=1.0, domains=domains)
+    trainer.train()
+    warnings = [w for w in trainer.collapse_warnings if w["collapse"] == "warning"]
+    assert warnings and {w["condition"] for w in warnings} == {"imbalance"} and warnings[0]["step"] == 2
+    assert warnings[0]["message"] in capsys.readouterr().out
+    row = next(r for r in trainer.state.log_history if r.get("step") == 3 and "loss" in r)
+    flops = flops_per_token(active_parameters(trainer.model, trainer.moe_layers), *attention_dims(trainer.model.config),
+                            32)
+    assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 1e12, rel=1e-6) and row["nonfinite_steps"] == 0
+
+    metrics = trainer.evaluate()
+    for i in range(4):
+        counts = metrics[f"eval_moe/layer_{i}/domain_expert_counts"]  # logged one scalar per cell: .../{d}/{e}
+        assert len(counts) == len(domains) and len(counts[0]) == 4
+        tokens = sum(sum(1 for d in row if d >= 0) for row in blocks.select(range(8))["domain_ids"])
+        assert sum(map(sum, counts)) == 2 * tokens  # top-2 routes of every token with a domain
+        assert metrics[f"eval_moe/layer_{i}/domain_mutual_information"] == pytest.approx(
+            mutual_information_bits(counts))
+
+
+@pytest.mark.parametrize("backend", ["plain", "zero0", "zero2"])  # the guard drops, the guard's optimizer, DeepSpeed
+def test_moe_trainer_skips_nonfinite_steps_and_stops_after_too_many(backend, tmp_path, monkeypatch):
+    """A step with a NaN loss changes no weight and is counted (also across a resume's log); max_nonfinite_steps in a
+    row end training with train.py's message."""
+    deepspeed = {"plain": None, "zero0": {**ZERO2, "zero_optimization": {"stage": 0}}, "zero2": ZERO2}[backend]
+    real, calls = MoETrainer.compute_loss, itertools.count(1)
+
+    def poisoned_at(steps):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = real(self, model, inputs, *args, **kwargs)
+            return loss * float("nan") if self.model.training and next(calls) in steps else loss
+        return compute_loss
+
+    monkeypatch.setattr(MoETrainer, "compute_loss", poisoned_at({2}))
+    saves = dict(save_strategy="steps", save_steps=2) if backend == "plain" else {}
+    trainer = moe_trainer(tiny_moe_model(), tmp_path / "one", max_steps=3, deepspeed=DEEPSPEED.get(backend, deepspeed),
+                          **saves)
+    weights = {}
+    trainer.add_callback(SnapshotWeights(weights))
+    trainer.train()
+    assert [r["nonfinite_steps"] for r in trainer.state.log_history if "loss" in r] == [0, 1, 1]
+    assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])  # step 2 changed nothing
+    assert not all(torch.equal(weights[2][name], weights[3][name]) for name in weights[2])  # step 3 trained
+    if saves:  # the count is part of the run: a resume from checkpoint-2 continues it
+        resumed = moe_trainer(tiny_moe_model(), tmp_path / "resumed", max_steps=3)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "one" / "checkpoint-2"))
+        assert [r["nonfinite_steps"] for r in resumed.state.log_history if "loss" in r] == [0, 1, 1]
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    calls = itertools.count(1)
+    monkeypatch.setattr(MoETrainer, "compute_loss", poisoned_at(set(range(2, 100))))
+    stopping = MoETrainer(model=tiny_moe_model(), args=trainer_args(tmp_path / "two", max_steps=20,
+                                                                    deepspeed=DEEPSPEED.get(backend, deepspeed)),
+                          train_dataset=tiny_blocks(), data_collator=default_data_collator, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteError, match=r"steps 2\.\.4: 3 optimizer steps in a row had a non-finite loss .*"
+                                             r"max_nonfinite_steps=3.* a lower learning_rate \(now 0\.003\)"):
+        stopping.train()
+    assert stopping.state.global_step == 4
+
+
+class SnapshotWeights(TrainerCallback):
+    """Every parameter after each optimizer step, by step."""
+
+    def __init__(self, into: dict):
+        self.into = into
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.into[state.global_step] = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import launch, trainer_losses
-from moe_models.hf.export import export
+from moe_models.hf.exporter import export
 
 pytestmark = pytest.mark.distributed
 

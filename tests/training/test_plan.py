@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import launch, tiny_model
 
 import train
-from helpers import launch, tiny_model
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of
-from moe_models.cli import parse_args
-from moe_models.plan import (GIB, Setup, activation_bytes, bytes_per_rank, checkpoint_kept_bytes, model_shape,
-                              smallest_fitting_change)
+from moe_models.run.cli import parse_args
+from moe_models.training.preflight import (GIB, Setup, activation_bytes, bytes_per_rank, checkpoint_kept_bytes,
+                                           model_shape, smallest_fitting_change)
 
 RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--per_device_train_batch_size",
        "2", "--disable_tqdm"]
@@ -94,8 +94,8 @@ def test_the_advice_is_the_first_change_that_fits():
 def test_a_bf16_run_loads_and_converts_the_dense_model_in_bf16(tmp_path):
     """The lean build: the dense folder is read in the training dtype, so no fp32 copy of it (or of the experts
     made from it) exists in a bf16 run; fp32 runs are unchanged."""
-    from moe_models.config import ModelConfig
     from moe_models.models.source import load_dense_model
+    from moe_models.run.config import ModelConfig
     from moe_models.training.ds_config import training_dtype
     tiny_model().save_pretrained(tmp_path)
     assert training_dtype({"bf16": {"enabled": True}}) == torch.bfloat16

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from helpers import REPO
-from moe_models.hf.export import export
+from moe_models.hf.exporter import export
 
 FIXTURE = REPO / "tests" / "fixtures" / "run_v0_1"
 # The fixture's settings (its run_config.json): a 2-block Llama, d32 f64, 4 experts, top-2, grouped, dropless.

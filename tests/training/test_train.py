@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from moe_models.cli import parse_args
-from moe_models.config import RunConfig
+from moe_models.run.cli import parse_args
+from moe_models.run.config import RunConfig
 from moe_models.data.batches import TrainBatches
 from moe_models.data.text import load_text_datasets, pack_blocks
 from moe_models.training.ds_config import build_deepspeed_config

@@ -18,24 +18,24 @@ ep_size 1 and 2, 2 ranks; tests/training/test_plan.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from deepspeed.moe.utils import is_moe_param
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .config import RunConfig
-from .hf.import_config import dense_config_and_moe_settings
-from .hf.load import is_hf_moe_folder
-from .metrics.throughput import active_parameters, attention_dims, flops_per_token
-from .models.source import resolve_model_config
-from .moe.layer import moe_layers_of
-from .moe.shared import shared_expert_copies
-from .moe.surgery import convert_to_moe, layout_of
+from ..hf.import_config import dense_config_and_moe_settings
+from ..hf.load import is_hf_moe_folder, settings_from_checkpoint
+from ..metrics.throughput import active_parameters, attention_dims, flops_per_token
+from ..models.source import resolve_model_config
+from ..moe.layer import moe_layers_of
+from ..moe.parallel import parallel_problems
+from ..moe.saved_settings import settings_of
+from ..moe.surgery import convert_to_moe
+from ..run.config import MoEConfig, RunConfig
+from ..run.moe_layout import expert_counts
 
 GIB = 2**30
 ADAM_MOMENTS = 2
@@ -61,20 +61,19 @@ class ModelShape:
 
 def model_shape(cfg: RunConfig) -> ModelShape:
     """Build the model of ``cfg`` on the meta device (as at ep_size 1: every expert) and measure it."""
-    config = _dense_config(cfg)
-    moe = dataclasses.replace(cfg.moe, ep_size=1, expert_init="granular" if cfg.moe.expert_init == "granular"
-                              else "copy")  # the same shapes, nothing drawn at random
+    config, moe = _dense_config_and_settings(cfg)
+    moe = dataclasses.replace(moe, ep_size=1)  # every expert; on the meta device nothing is drawn
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # init_empty_weights re-creates assigned parameters: tie once outside it
     with torch.device("meta"):
-        model = convert_to_moe(model, moe, seed=0, layout=layout_of(model, moe))
-    layers = moe_layers_of(model)
+        model = convert_to_moe(model, moe, seed=0)
+    layers, layout = moe_layers_of(model), settings_of(model)[1]
     experts = sum(p.numel() for p in model.parameters() if is_moe_param(p))
     active = active_parameters(model, layers)
     dense_units = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
-    expert_units = dense_units // moe.granularity if moe.expert_init == "granular" else dense_units
-    shared_units = shared_expert_copies(moe) * dense_units * len(layers)
+    expert_units = layout.expert_width(dense_units)
+    shared_units = layout.shared_copies * dense_units * len(layers)
     return ModelShape(
         dense_parameters=sum(p.numel() for p in model.parameters()) - experts, expert_parameters=experts,
         active_parameters=active,
@@ -86,14 +85,13 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         router_outputs=sum(layer.num_experts for layer in layers))
 
 
-def _dense_config(cfg: RunConfig):
-    if is_hf_moe_folder(cfg.model.model_name_or_path):
-        dense, _settings, _layout = dense_config_and_moe_settings(AutoConfig.from_pretrained(
-            cfg.model.model_name_or_path))
-        return dense
-    if cfg.model.model_name_or_path:
-        return AutoConfig.from_pretrained(cfg.model.model_name_or_path)
-    return resolve_model_config(cfg.model)
+def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoEConfig]:
+    """The dense model's config and the MoE settings: an imported HF MoE folder's own (hf/load.py), else the flags'."""
+    path = cfg.model.model_name_or_path
+    if is_hf_moe_folder(path):
+        dense, settings, _ = dense_config_and_moe_settings(AutoConfig.from_pretrained(path))
+        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers)
+    return (AutoConfig.from_pretrained(path) if path else resolve_model_config(cfg.model)), cfg.moe
 
 
 @dataclass(frozen=True)
@@ -211,7 +209,7 @@ def _changes(setup: Setup, num_experts: int) -> list[tuple[str, Setup]]:
     if setup.zero_stage < 2:
         changes.append(("--deepspeed zero2", dataclasses.replace(setup, zero_stage=2)))
     ep = setup.ep_size * 2
-    if setup.world_size % ep == 0 and num_experts % ep == 0:
+    if not parallel_problems(MoEConfig(num_experts=num_experts, ep_size=ep), setup.world_size):
         changes.append((f"--ep_size {ep}", dataclasses.replace(setup, ep_size=ep)))
     batch = setup.micro_batch // 2
     while batch >= 1:
@@ -268,20 +266,13 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def run_plan(cfg: RunConfig, ds_config: dict, world_size: int, is_main: bool) -> dict:
-    """`train.py --plan`: print the table and write plan.json to output_dir (rank 0); nothing is trained."""
+def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
+    """The plan (``plan``) and, with --device_memory_gb, whether a rank fits and, if not, the smallest change that
+    does: what `train.py --plan` prints and writes to plan.json."""
     result = plan(cfg, ds_config, world_size)
-    shape = ModelShape(**result["shape"])
     device_gib = cfg.train.device_memory_gb
-    counts = cfg.moe.num_experts if isinstance(cfg.moe.num_experts, list) else [cfg.moe.num_experts]
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
-    advice = (smallest_fitting_change(shape, Setup(**result["setup"]), math.gcd(*counts), device_gib)
-              if fits is False else None)
+    advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
+                                      math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
     result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice)
-    if is_main:
-        output_dir = Path(cfg.train.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(plan_table(result, device_gib, advice))
-        print(f"Wrote {output_dir / 'plan.json'}")
     return result

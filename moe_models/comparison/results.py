@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.synthetic import entropy_floor, synthetic_domains
-from ..metrics.report import read_rows
 from ..metrics.rows import layer_values, moe_layer_ids
+from ..metrics.run_report import read_rows
+from ..run.folder import RunFolder
 from .analysis import Curve, equal_added_flops, first_reaching, training_flops
-from .plan import DENSE, MOE, UPCYCLED, PayoffPlan
+from .runs import DENSE, MOE, UPCYCLED, PayoffPlan
 
 # The eval-row entries of a layer that say how its routes spread over the data's domains (metrics/ writes them).
 DOMAIN_COUNTS, MUTUAL_INFORMATION = "domain_expert_counts", "domain_mutual_information"
@@ -31,13 +32,12 @@ class RunResult:
 
     @classmethod
     def read(cls, run_dir: Path, label: str) -> RunResult:
-        config = json.loads((run_dir / "run_config.json").read_text())
-        t, resolved = config["train"], config["resolved"]
-        tokens_per_step = (t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
-                           * config["data"]["block_size"] * resolved["world_size"])
-        train, evals = read_rows(run_dir / "metrics.jsonl")
-        return cls(run_dir.name, label, resolved["flops_per_token"], tokens_per_step, train, evals,
-                   resolved.get("domains"))
+        record = RunFolder(run_dir).record()
+        t, resolved = record.settings.train, record.resolved
+        tokens_per_step = (t.per_device_train_batch_size * t.gradient_accumulation_steps
+                           * record.settings.data.block_size * resolved.world_size)
+        train, evals = read_rows(run_dir)
+        return cls(run_dir.name, label, resolved.flops_per_token, tokens_per_step, train, evals, resolved.domains)
 
 
 def collect(plan: PayoffPlan, command: list[str]) -> dict:
@@ -101,11 +101,11 @@ def _run_summary(run: RunResult, curve: Curve, flops) -> dict:
 
 def _entropy_floor(run_dir: Path) -> dict | None:
     """The built-in corpus's entropy floor, overall and per domain, when the run trained on it (None otherwise)."""
-    config = json.loads((run_dir / "run_config.json").read_text())
-    data, seed = config["data"], config["train"].get("seed")
-    if data.get("train_file") or data.get("dataset_name") or "synthetic_examples" not in data or seed is None:
+    record = RunFolder(run_dir).record()
+    data, seed = record.settings.data, record.settings.train.seed
+    if data.train_file or data.dataset_name or not record.recorded("data", "synthetic_examples"):
         return None
-    floor = entropy_floor(data["synthetic_examples"], seed, synthetic_domains(data.get("synthetic_domains")))
+    floor = entropy_floor(data.synthetic_examples, seed, synthetic_domains(data.synthetic_domains))
     return {"nats_per_token": floor.nats_per_token, "by_domain": floor.by_domain}
 
 

@@ -1,6 +1,6 @@
 """Plots and a text summary of a run from its metrics.jsonl, without wandb.
 
-    python -m moe_models.report OUTPUT_DIR     # writes OUTPUT_DIR/report/*.png and summary.txt
+    moe-report OUTPUT_DIR     # writes OUTPUT_DIR/report/*.png and summary.txt (moe_models/report.py)
 
 loss.png (train and eval loss), throughput.png (tokens/s, and MFU when logged), expert_load_layer_{i}.png
 (router load per expert over time, one per MoE layer), routing.png (drop fraction, router entropy and
@@ -10,8 +10,6 @@ domains). How to read them: docs/metrics.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
@@ -22,13 +20,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from ..run.folder import RunFolder  # noqa: E402
 from .domain_heatmap import domain_expert_figure, layers_with_domain_counts  # noqa: E402
 from .rows import layer_values, moe_layer_ids  # noqa: E402
 
 
-def read_rows(metrics_path: Path) -> tuple[list[dict], list[dict]]:
-    """(training rows, eval rows), each sorted by step; a step logged twice (a resumed run) keeps its last row."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def read_rows(output_dir: Path) -> tuple[list[dict], list[dict]]:
+    """A run's (training rows, eval rows), each sorted by step; a step logged twice (a resumed run) keeps its last
+    row."""
+    rows = RunFolder(output_dir).metrics.rows()
     train = {r["step"]: r for r in rows if "loss" in r}
     evals = {r["step"]: r for r in rows if "eval_loss" in r}
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
@@ -150,20 +150,20 @@ def summary_text(train: list[dict], evals: list[dict], layers: list[int]) -> str
 
 
 def run_domains(output_dir: Path) -> list[str] | None:
-    """The run's domain names (run_config.json's resolved.domains), None when not recorded."""
-    path = output_dir / "run_config.json"
-    return json.loads(path.read_text()).get("resolved", {}).get("domains") if path.is_file() else None
+    """The run's domain names (its record's resolved domains), None when not recorded."""
+    folder = RunFolder(output_dir)
+    return folder.record().resolved.domains if folder.holds_run() else None
 
 
 def write_report(output_dir: Path, report_dir: Path | None = None) -> list[Path]:
     """Write the PNGs and summary.txt into ``report_dir`` (default OUTPUT_DIR/report); returns their paths."""
-    metrics_path = output_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} not found: give the --output_dir of a train.py run")
-    train, evals = read_rows(metrics_path)
+    folder = RunFolder(output_dir)
+    if not folder.metrics.exists():
+        raise FileNotFoundError(f"{folder.metrics.path} not found: give the --output_dir of a train.py run")
+    train, evals = read_rows(output_dir)
     if not train:
-        raise ValueError(f"{metrics_path} has no training rows yet (the first is written after step 1)")
-    report_dir = report_dir or output_dir / "report"
+        raise ValueError(f"{folder.metrics.path} has no training rows yet (the first is written after step 1)")
+    report_dir = report_dir or folder.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     layers = moe_layer_ids(train)
     paths = [report_dir / "loss.png", report_dir / "throughput.png"]
@@ -181,20 +181,3 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> list[Path]
     paths.append(report_dir / "summary.txt")
     paths[-1].write_text(summary_text(train, evals, layers))
     return paths
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Plots and a summary of a run from its metrics.jsonl.")
-    parser.add_argument("output_dir", type=Path, help="the run's --output_dir (holds metrics.jsonl)")
-    parser.add_argument("--report_dir", type=Path, help="where to write (default OUTPUT_DIR/report)")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_report(args.output_dir, args.report_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    print(paths[-1].read_text(), end="")
-    print("Wrote " + ", ".join(str(p) for p in paths))
-
-
-if __name__ == "__main__":
-    main()

@@ -79,6 +79,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sum_over_ranks(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``named`` summed over all ranks by one all-reduce, in float64, and brought to the host once
+    (what a logging interval reads): the same names, each tensor its own shape, on the CPU."""
+    tensors = list(named.values())
+    if not tensors:
+        return {}
+    flat = all_reduce_sum(torch.cat([t.detach().double().reshape(-1) for t in tensors])).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return {name: part.view(t.shape) for (name, t), part in zip(named.items(), parts)}
+
+
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of a tensor over all ranks (one collective; no-op on one rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig
 from ..models.source import resolve_model_config
-from ..moe.layout import NO_MOE_LAYERS
-from ..training.checkpoint import CheckpointFolder
+from ..run.checkpoint_folder import atomic_write
+from ..run.config import ConfigError, RunConfig
+from ..run.folder import RunFolder
+from ..run.moe_layout import NO_MOE_LAYERS, expert_counts
 
 # Where a payoff differs from train.py's defaults (the flags given still win): dropless, deterministic top-2, so
 # that the upcycled model starts as exactly the dense one (docs/upcycling.md), and both MoEs route alike.
@@ -79,7 +79,7 @@ def plan_payoff(cfg: RunConfig, train_argv: list[str], upcycle_at: float) -> Pay
         PayoffRun(UPCYCLED, f"(c) dense to step {switch}, then upcycled", [
             "--output_dir", str(out / UPCYCLED), "--model_config", dense_config, "--expert_init", "granular",
             "--granularity", str(k), "--upcycle_from_checkpoint",
-            str(CheckpointFolder(out / DENSE / "checkpoints").tag_dir(switch)), *own]),
+            str(RunFolder(out / DENSE).checkpoints.tag_dir(switch)), *own]),
     ]
     return PayoffPlan(out, t.max_steps, switch, k, runs)
 
@@ -102,7 +102,7 @@ def payoff_problems(cfg: RunConfig, train_argv: list[str], upcycle_at: float) ->
     if not 0 < upcycle_at < 1:
         problems.append(f"upcycle_at ({upcycle_at}) must be between 0 and 1: the share of the steps the upcycled run "
                         "spends as the dense model")
-    counts = cfg.moe.num_experts if isinstance(cfg.moe.num_experts, list) else [cfg.moe.num_experts]
+    counts = expert_counts(cfg.moe)
     problems += [f"num_experts ({count}) must be a multiple of top_k ({cfg.moe.top_k}): the upcycled run cuts the dense "
                  f"FFN of width top_k x F into top_k slices, and each group of top_k experts holds them once"
                  for count in counts if count % cfg.moe.top_k]
@@ -150,6 +150,4 @@ def _flat_settings(cfg: RunConfig) -> dict:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..training.checkpoint import CheckpointFolder
-from .plan import PayoffPlan, PayoffRun
+from ..run.folder import RunFolder
+from .runs import PayoffPlan, PayoffRun
 
 
 class RunFailed(RuntimeError):
@@ -25,8 +25,9 @@ class RunFailed(RuntimeError):
 
 
 def is_finished(run_dir: Path, max_steps: int) -> bool:
-    latest = CheckpointFolder(run_dir / "checkpoints").latest()
-    return latest is not None and CheckpointFolder.step_of(latest) >= max_steps
+    checkpoints = RunFolder(run_dir).checkpoints
+    latest = checkpoints.latest()
+    return latest is not None and checkpoints.step_of(latest) >= max_steps
 
 
 def run_all(plan: PayoffPlan, train_argv: list[str], is_main: bool) -> None:

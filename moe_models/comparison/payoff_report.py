@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..metrics.domain_heatmap import draw_domain_experts  # noqa: E402
-from ..metrics.report import save  # noqa: E402
-from .plan import DENSE, MOE, UPCYCLED  # noqa: E402
+from ..metrics.run_report import save  # noqa: E402
+from .runs import DENSE, MOE, UPCYCLED  # noqa: E402
 
 NOT_MEASURED = "not measured"
 

@@ -1,32 +1,31 @@
 """DeepSpeed MoE checkpoint -> a native HF MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe(Shared, -SWA),
 FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, Cohere2-MoE or GLM4-MoE: hf/configs.py).
 
-    python -m moe_models.export --checkpoint OUT/checkpoints [--tag TAG] --output HF_DIR     # a train.py run
-    python -m moe_models.export --checkpoint OUT[/checkpoint-N] --output HF_DIR             # an MoETrainer run
+    export(Path("OUT/checkpoints"), Path("HF_DIR"))        # a train.py run (the command: moe_models/export.py)
+    export(Path("OUT/checkpoint-N"), Path("HF_DIR"))       # an MoETrainer run, or its output_dir OUT
 
-OUT is a train.py output folder: run_config.json (the MoE settings), base_model/config.json (the dense HF
-config), tokenizer/ and checkpoints/; or a transformers Trainer output folder written by MoETrainer, whose
-checkpoint-N folders hold moe_config.json, config.json, the tokenizer and the weights (hf/trainer_folder.py).
+OUT is a train.py output folder (run/folder.py: the run record with the MoE settings and layout, base_model/ with
+the dense HF config, tokenizer/ and checkpoints/); or a transformers Trainer output folder written by MoETrainer,
+whose checkpoint-N folders hold the MoE settings' record, config.json, the tokenizer and the weights
+(hf/trainer_folder.py).
 HF_DIR then loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``, no remote
 code. docs/export.md says what maps to what, what is refused, and when the two models compute the same function.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..config import SECTION_TYPES, MoEConfig, RunConfig, config_from_dict
 from ..models.architectures import architecture_of_config
-from ..moe.layout import MoELayout
-from ..training.checkpoint import CheckpointError, CheckpointFolder
+from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
+from ..run.config import MoEConfig, RunConfig
+from ..run.folder import RunFolder
+from ..run.moe_layout import MoELayout
 from .adapters import ADAPTERS
-from .configs import differences_in_training, hf_moe_config
+from .configs import hf_moe_config
 from .trainer_folder import read_trainer_folder, trainer_folder, trainer_folder_weights
 from .weights import deepspeed_weights
 
@@ -37,7 +36,8 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     folder MoETrainer saved (or its output_dir). Raises ValueError (NotRepresentable among them) before anything is
     written when the model has no exact native class or the inputs are incomplete."""
     from_trainer = trainer_folder(checkpoint_dir)
-    moe, dense, layout = read_trainer_folder(from_trainer) if from_trainer else read_run_settings(checkpoint_dir.parent)
+    moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
+                          else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
     config = hf_moe_config(dense, moe, layout)
     if (output_dir / "config.json").exists() and not overwrite:
         raise ValueError(f"{output_dir} already holds a model; pass --overwrite or choose another --output")
@@ -46,7 +46,7 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
         tokenizer_dir = from_trainer
     else:
         module, expert_weights = run_weights(checkpoint_dir, tag, dense, layout)
-        tokenizer_dir = checkpoint_dir.parent / "tokenizer"
+        tokenizer_dir = RunFolder.of_checkpoints(checkpoint_dir).tokenizer_dir
     state = ADAPTERS[config.model_type].to_hf(module, architecture_of_config(dense), layout, expert_weights)
 
     dtype = next(iter(state.values())).dtype
@@ -63,21 +63,20 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, PretrainedConfig, MoELayout]:
-    """The run's settings and MoE layout (run_config.json) and its dense model's HF config (base_model/), all
-    written by train.py."""
-    needed = [run_dir / "run_config.json", run_dir / "base_model" / "config.json", run_dir / "tokenizer"]
+    """The run's settings and MoE layout (its record) and its dense model's HF config (base_model/), all written by
+    train.py."""
+    run = RunFolder(run_dir)
+    needed = [run.record_path, run.base_model_dir / "config.json", run.tokenizer_dir]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}: --checkpoint must be the checkpoints/ folder inside a "
-                         "train.py output folder, which holds them, or a folder MoETrainer saved (with "
-                         "moe_config.json)")
-    values = json.loads((run_dir / "run_config.json").read_text())
-    run = config_from_dict({section: values.get(section, {}) for section in SECTION_TYPES})
-    dense = AutoConfig.from_pretrained(run_dir / "base_model")
-    saved = values.get("resolved", {}).get("moe_layout")
+                         "train.py output folder, which holds them, or a folder MoETrainer saved (with its MoE "
+                         "settings' record)")
+    record = run.record()
+    dense = AutoConfig.from_pretrained(run.base_model_dir)
     # runs written before the layout was saved resolve it from their settings, as their train.py did
-    layout = MoELayout.from_dict(saved) if saved else MoELayout.resolve(run.moe, dense.num_hidden_layers)
-    return run, dense, layout
+    layout = record.resolved.moe_layout or MoELayout.resolve(record.settings.moe, dense.num_hidden_layers)
+    return record.settings, dense, layout
 
 
 def read_run_settings(run_dir: Path) -> tuple[MoEConfig, PretrainedConfig, MoELayout]:
@@ -101,37 +100,5 @@ def run_weights(checkpoint_dir: Path, tag: str | None, dense: PretrainedConfig, 
 def moe_settings(checkpoint_dir: Path) -> MoEConfig:
     """The MoE settings of what ``--checkpoint`` names (for the notes after an export)."""
     from_trainer = trainer_folder(checkpoint_dir)
-    return read_trainer_folder(from_trainer)[0] if from_trainer else read_run(checkpoint_dir.parent)[0].moe
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_models.export", allow_abbrev=False,
-        description="Export a train.py DeepSpeed MoE checkpoint as a native Hugging Face MoE model (Mixtral for "
-                    "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3, and more: docs/export.md) with its "
-                    "tokenizer.")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="the checkpoints/ folder of a train.py output folder (OUT/checkpoints); or a folder "
-                        "MoETrainer saved (a Trainer checkpoint-N, a save_model() folder) or its output_dir (the "
-                        "newest checkpoint-N)")
-    parser.add_argument("--tag", default=None, help="which DeepSpeed checkpoint, e.g. global_step300 (default: the "
-                        "newest, named in the `latest` file)")
-    parser.add_argument("--output", required=True, type=Path, help="folder to write the HF model and tokenizer to")
-    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        config = export(args.checkpoint, args.output, args.tag, args.overwrite)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    for note in differences_in_training(moe_settings(args.checkpoint)):
-        print(f"note: {note}")
-    print(f"Wrote {config.architectures[0]} ({config.model_type}) and the tokenizer to {args.output}")
-
-
-if __name__ == "__main__":
-    main()
+    return (read_trainer_folder(from_trainer)[0] if from_trainer
+            else read_run(RunFolder.of_checkpoints(checkpoint_dir).path)[0].moe)

@@ -118,7 +118,7 @@ def configuration_markdown() -> str:
     """
     lines = ["# Configuration", "",
              "Every setting is a command-line flag of `train.py` with the same name as its field in",
-             "`moe_models/config.py`. Booleans take `true`/`false` in any letter case (also `yes`/`no`, `1`/`0`; a",
+             "`moe_models/run/config.py`. Booleans take `true`/`false` in any letter case (also `yes`/`no`, `1`/`0`; a",
              "bare `--flag` means true). Choices are matched in any letter case (`jitter` is `Jitter`), and a number",
              "or choice whose default is `None` takes `None` (or `none`, `null`) for no value. Unknown flags are",
              "refused. All settings are checked before anything heavy starts, and every problem is reported",

@@ -1,110 +1,23 @@
-"""Which transformer blocks get an MoE FFN and how many experts each: resolved once per run.
-
-``MoELayout`` is the one answer to "where are the MoE layers": surgery builds them from it, train.py saves it in
-run_config.json (``resolved.moe_layout``), export and import read it. ``moe_problems`` checks the MoE settings
-on their own, before any model exists.
-"""
+"""The MoE settings checked on their own, before any model or world exists (the checks of expert parallelism against
+the world and ZeRO: moe/parallel.py). training/validate.py gathers them with every other part's."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Union
-
-from ..config import ConfigError, MoEConfig, too_small
+from ..run.config import MoEConfig, too_small
+from ..run.moe_layout import expert_counts, resolve_moe_layers
 from .balance import AUX_LOSS_TYPES
 
 EXPERT_INITS = ("copy", "copy_noise", "random", "granular", "drop")
 
 
-@dataclass(frozen=True)
-class MoELayout:
-    """MoE layer i sits in transformer block ``blocks[i]`` and has ``num_experts[i]`` experts (model order, which
-    is also DeepSpeed's numbering of MoE layers in checkpoint file names)."""
-
-    blocks: tuple[int, ...]
-    num_experts: tuple[int, ...]
-
-    @classmethod
-    def resolve(cls, moe: MoEConfig, num_blocks: int) -> MoELayout:
-        """The layout ``moe.moe_layers`` and ``moe.num_experts`` give a model of ``num_blocks`` blocks; a
-        ConfigError when they do not fit it."""
-        try:
-            blocks = resolve_moe_layers(moe.moe_layers, num_blocks)
-        except ValueError as err:
-            raise ConfigError([str(err)]) from None
-        counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts] * len(blocks)
-        if len(counts) != len(blocks):
-            raise ConfigError([f"num_experts lists {len(counts)} counts but moe_layers selects {len(blocks)} "
-                               "blocks; give one count per MoE layer or a single count"])
-        return cls(tuple(blocks), tuple(counts))
-
-    @property
-    def uniform_num_experts(self) -> int | None:
-        """The expert count when every MoE layer has the same one (what HF MoE classes need), else None."""
-        return self.num_experts[0] if len(set(self.num_experts)) == 1 else None
-
-    @property
-    def is_dense(self) -> bool:
-        """No MoE layer (``--moe_layers none``): the dense model trained as it is."""
-        return not self.blocks
-
-    def to_dict(self) -> dict:
-        return {key: list(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MoELayout:
-        return cls(tuple(values["blocks"]), tuple(values["num_experts"]))
-
-
-# --moe_layers for no MoE layer: the dense model trained as it is (the control run of a payoff comparison).
-NO_MOE_LAYERS = "none"
-
-
-def resolve_moe_layers(spec: Union[str, list[int]], num_layers: int) -> list[int]:
-    """Turn 'all' / 'every:N' / '1,3,5' / [1, 3, 5] into sorted block indices, and 'none' into []; raise ValueError
-    when malformed."""
-    if isinstance(spec, (list, tuple)):
-        indices = [int(i) for i in spec]
-    elif spec == NO_MOE_LAYERS:
-        return []
-    elif spec == "all":
-        indices = list(range(num_layers))
-    elif spec.startswith("every:"):
-        try:
-            step = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"moe_layers {spec!r}: N in 'every:N' must be an integer, e.g. 'every:2'") from None
-        if step < 1:
-            raise ValueError(f"moe_layers {spec!r}: N in 'every:N' must be >= 1")
-        indices = list(range(step - 1, num_layers, step))
-    else:
-        try:
-            indices = [int(part) for part in spec.replace(" ", "").split(",") if part]
-        except ValueError:
-            raise ValueError(f"moe_layers {spec!r} is not 'all', 'every:N', 'none' or comma-separated block "
-                             "indices such as '1,3,5'") from None
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"moe_layers {spec!r} names blocks {bad}, but the model has blocks 0..{num_layers - 1}")
-    if not indices:
-        raise ValueError(f"moe_layers {spec!r} selects no block; the model has {num_layers} blocks (for a dense "
-                         f"run without MoE layers say so: --moe_layers {NO_MOE_LAYERS})")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"moe_layers {spec!r} names a block twice")
-    return sorted(indices)
-
-
 def moe_problems(moe: MoEConfig) -> list[str]:
     """Problems in MoE settings alone (no model or world needed)."""
     problems: list[str] = []
-    counts = moe.num_experts if isinstance(moe.num_experts, list) else [moe.num_experts]
+    counts = expert_counts(moe)
     for count in counts:
         if count < 1:
             problems.append(f"num_experts ({count}) must be >= 1")
             continue
-        if moe.ep_size >= 1 and count % moe.ep_size:
-            problems.append(f"num_experts ({count}) must be divisible by ep_size ({moe.ep_size}): "
-                            f"pick num_experts as a multiple of {moe.ep_size} or an ep_size that divides {count}")
         if moe.top_k > count:
             problems.append(f"top_k ({moe.top_k}) must be <= num_experts ({count})")
     problems += too_small(moe, ("top_k", "ep_size")) + too_small(moe, ("min_capacity", "num_shared_experts"), minimum=0)

@@ -1,4 +1,5 @@
-"""The payoff command: the train.py flags of the MoE to test, plus --upcycle_at; trains the runs, then reports.
+"""The `moe-payoff` command (``python -m moe_models.payoff``): the train.py flags of the MoE to test, plus --upcycle_at;
+trains the runs, then reports (the library: comparison/).
 
     python -m moe_models.payoff --output_dir outputs/payoff --max_steps 600 --eval_steps 50 ...
     deepspeed --num_gpus 2 --module moe_models.payoff --ep_size 2 ...     # every run on the launcher's ranks
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ..cli import parse_args
-from ..config import ConfigError
-from ..distributed import launched_rank
-from .plan import DENSE_CONFIG, PAYOFF_DEFAULTS, check_same_command, plan_payoff, write_dense_config
-from .report import write_report
-from .results import collect, write_json
-from .runner import RunFailed, run_all
+from .comparison.payoff_report import write_report
+from .comparison.results import collect, write_json
+from .comparison.runner import RunFailed, run_all
+from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, check_same_command, plan_payoff, write_dense_config
+from .run.cli import parse_args
+from .run.config import ConfigError
+from .run.distributed import launched_rank
 
 
 def payoff_parser() -> argparse.ArgumentParser:
@@ -64,3 +64,7 @@ def command() -> None:
     """The `moe-payoff` console script: `main` without its return value (which the script would take for an exit
     status)."""
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,107 @@
+"""The MoE side of a training step: one contract that every trainer calls (training/trainer.py's loop and MoETrainer,
+training/hf_trainer.py), so that both add the same losses, move the same biases and log the same metrics.
+
+    moe = MoEStep(model)
+    loss, balance = moe.router_loss(lm_loss)         after each training forward: what its routers add to the loss
+    ... backward, optimizer step ...
+    moe.after_optimizer_step(applied)                every rank, after each optimizer step (applied or skipped)
+    sums = moe.interval_sums(device)                 at a logging step: named on-device sums, which the trainer sums
+    row = moe.interval_metrics(sum_over_ranks(...))  over ranks with its own in one all-reduce; resets the counters
+    counts = moe.domain_routes(num_domains, device)  at eval: routes per (domain, expert) (moe/domain_routing.py)
+    moe.expert_similarity()                          at eval: how far the experts moved apart (every rank)
+
+Each layer's settings are its own (the loss weights on the layer, the bias rate on its router), so a trainer passes
+no MoEConfig. A model without MoE layers (a dense run) gives zero losses and no metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..metrics.routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
+from .balance import update_score_biases
+from .counters import RoutingSums, from_named, named
+from .domain_routing import DomainRouteCounts
+from .layer import MoEFeedForward, moe_layers_of
+from .shared import SharedSums
+
+
+def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
+    """Sum of the load-balancing losses of the last forward over all MoE layers."""
+    return torch.stack([layer.aux_loss for layer in layers]).sum()
+
+
+class MoEStep:
+    """The MoE layers of one model (in model order: ``moe/layer_{i}/...`` in the metrics), as a trainer sees them."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = moe_layers_of(model)
+
+    # -- the loss ----------------------------------------------------------------------------------------------
+
+    def router_loss(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the routers add to the LM loss of the last forward, its summed balance loss, unweighted): each
+        layer's ``aux_loss_coef`` x its balance loss and, when on, ``z_loss_coef`` x its z-loss. Zeros shaped and
+        placed as ``like`` for a model without MoE layers."""
+        if not self.layers:
+            zero = like.new_zeros(())
+            return zero, zero
+        loss = torch.stack([layer.aux_loss_coef * layer.aux_loss for layer in self.layers]).sum()
+        z_losses = [layer.z_loss_coef * layer.z_loss for layer in self.layers if layer.z_loss is not None]
+        if z_losses:
+            loss = loss + torch.stack(z_losses).sum()
+        return loss, balance_loss(self.layers)
+
+    # -- after the optimizer step ------------------------------------------------------------------------------
+
+    def after_optimizer_step(self, applied: bool) -> None:
+        """Every rank, after each optimizer step: the aux-loss-free biases move by the step's load when the step was
+        applied (a skipped step changes no weight, so no bias either), and the next step's load counts start."""
+        routers = [layer.gate for layer in self.layers]
+        if applied:
+            update_score_biases(routers)
+        for router in routers:
+            router.step_load.reset()
+
+    # -- the logging interval ----------------------------------------------------------------------------------
+
+    def interval_sums(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every layer's routing sums (and shared-expert sums where it has shared experts) since the last
+        ``interval_metrics``, by name, on the device."""
+        sums = {}
+        for i, layer in enumerate(self.layers):
+            sums.update(named(layer.routing.sums(device), f"moe/layer_{i}/routing/"))
+            if layer.shared_counters is not None:
+                sums.update(named(layer.shared_counters.sums(device), f"moe/layer_{i}/shared/"))
+        return sums
+
+    def interval_metrics(self, summed: dict[str, torch.Tensor]) -> dict:
+        """The interval's ``moe/layer_{i}/...`` row entries (docs/metrics.md) from ``interval_sums`` summed over
+        ranks; the counters restart."""
+        row = {}
+        for i, layer in enumerate(self.layers):
+            routing = from_named(RoutingSums, summed, f"moe/layer_{i}/routing/")
+            values = routing_metrics(routing, layer.num_experts, layer.top_k)
+            if layer.shared_counters is not None:
+                shared = from_named(SharedSums, summed, f"moe/layer_{i}/shared/")
+                values.update(shared_expert_metrics(shared, gated=layer.shared_expert_gate is not None))
+                layer.shared_counters.reset()
+            if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
+                values["score_bias"] = layer.gate.score_bias.tolist()
+            row.update({f"moe/layer_{i}/{key}": value for key, value in values.items()})
+            layer.routing.reset()
+        return row
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    def domain_routes(self, num_domains: int, device: torch.device) -> DomainRouteCounts:
+        """Counters of every layer's routes per (domain, expert) over one evaluation's forwards."""
+        return DomainRouteCounts(self.layers, num_domains, device)
+
+    def expert_similarity(self) -> dict:
+        """``moe/layer_{i}/expert_similarity``: the mean pairwise cosine of the experts' weights, per layer with 2+
+        experts. Every rank must call it (with ep_size > 1 it all-reduces over the expert-parallel group)."""
+        return {f"moe/layer_{i}/expert_similarity":
+                mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
+                for i, layer in enumerate(self.layers) if layer.num_experts > 1}

@@ -1,4 +1,0 @@
-from .command import command
-
-if __name__ == "__main__":
-    command()
