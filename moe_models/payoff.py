@@ -19,6 +19,7 @@ from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, check_same_command, 
 from .run.cli import parse_args
 from .run.config import ConfigError
 from .run.distributed import launched_rank
+from .run.writes import WriteError, guarded_write
 
 
 def payoff_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         check_same_command(cfg, args.upcycle_at)
         write_dense_config(cfg, plan.output_dir / DENSE_CONFIG)
         run_all(plan, command, is_main)
-    except ConfigError as err:
+    except (ConfigError, WriteError) as err:
         if is_main:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -54,8 +55,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not is_main:
         return None
     results = collect(plan, [f"--upcycle_at={args.upcycle_at}", *train_argv])
-    write_json(results, plan.output_dir / "payoff.json")
-    report = write_report(results, plan.output_dir)
+    try:
+        with guarded_write("the payoff report", plan.output_dir):
+            write_json(results, plan.output_dir / "payoff.json")
+            report = write_report(results, plan.output_dir)
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     print(f"\n{report.read_text()}\nWrote {report}, {plan.output_dir / 'payoff.json'} and the PNGs beside them")
     return results
 

@@ -38,6 +38,8 @@ from .training.checkpoint import dense_weights
 from .training.ds_config import training_dtype
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
+from .run.writes import WriteError
+from .training.resumable import FinishedRun, resumed_settings
 from .training.trainer import Trainer, build_engine
 from .training.validate import check_same_settings, validate
 
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.train.plan:  # the preflight plan: validate, count on the meta device, print; nothing is trained
             return preflight(cfg)
         world, trainer = build(cfg)
+    except FinishedRun as finished:  # a relaunch of a finished run (a requeued job): nothing to do, not an error
+        if launched_rank() == 0:
+            print(finished)
+        return {"steps": cfg.train.max_steps, "trained_steps": 0}
     except ValueError as err:  # ConfigError and the data/model loaders' errors say what to fix
         # One message per node, not one traceback per rank: a node's own problem (a file missing there) shows in
         # that node's launcher output.
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(1)
     try:
         summary = trainer.train()
-    except (NonFiniteError, CheckpointError) as err:  # every rank stops at the same step, with the same reason
+    except (NonFiniteError, CheckpointError, WriteError) as err:  # a stop with its reason (a failed save: every rank)
         if world.is_main:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -89,6 +95,10 @@ def preflight(cfg: RunConfig) -> dict:
 def build(cfg: RunConfig) -> tuple[World, Trainer]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
     ds_config = validate(cfg, world_size=launched_world_size())
+    cfg, taken = resumed_settings(cfg)
+    if taken and launched_rank() == 0:
+        print(f"Resuming with the routing settings the run was trained with: {', '.join(taken)} "
+              "(from its run_config.json)")
 
     world = init_world(cfg.train.dist_timeout_s)
     check_same_settings(cfg)
@@ -100,7 +110,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     tokenizer = load_tokenizer(cfg.model)
     if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
         model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
-                                                         cfg.train.seed)
+                                                         cfg.train.seed, given=cfg.given)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
         model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
@@ -114,16 +124,16 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                                  seed=cfg.train.seed)
-    engine = build_engine(model, ds_config, cfg.train.weight_decay)
+    engine = build_engine(model, ds_config, cfg.train.weight_decay, cfg.train.deepspeed)
 
-    if world.is_main:
-        write_run_files(cfg, folder, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
-                        fresh=resume_tag is None)
     trainer = Trainer(cfg, engine, world, batches, data.validation, folder.path, domains=data.domains)
     if resume_tag:
         trainer.resume(resume_tag)
     elif upcycle_tag:
         trainer.start_from_dense(upcycle_tag)
+    if world.is_main:  # only now, with every check passed and the checkpoint loaded: a refusal changes nothing
+        write_run_files(cfg, folder, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
+                        fresh=resume_tag is None)
     return world, trainer
 
 
@@ -157,8 +167,8 @@ def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout:
                         flops_per_token=flops_per_token(active, *attention_dims(model.config), cfg.data.block_size),
                         **data.resolved())
     folder.write_record(RunRecord(cfg, resolved))
-    tokenizer.save_pretrained(folder.tokenizer_dir)
-    model.config.save_pretrained(folder.base_model_dir)
+    folder.write_tokenizer(tokenizer)
+    folder.write_base_model_config(model.config)
 
 
 def timeout_message(err: RuntimeError, trainer: Trainer, timeout_s: int, rank: int) -> str:

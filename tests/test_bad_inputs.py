@@ -8,6 +8,8 @@ Most cases run train.main in this process; the launch cases that need several ra
 import hashlib
 import json
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -394,3 +396,247 @@ def test_hostfile_line_without_slots(tmp_path):
                       MASTER_PORT=str(free_port()), LAUNCHER_ARGS="--no_ssh_check")
     assert "slots=" in output.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+# Refusals that leave a run folder or an export target as it was -------------------------------------------------
+
+def copied(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_resume_with_the_other_expert_path_is_refused_before_anything_is_built(capsys, run_dir):
+    refused(capsys, ["--moe_impl", "deepspeed", *resume(run_dir), "--max_steps", "2"],
+            "was saved with 1 ranks, ep_size 1 and --moe_impl grouped, this run has 1 ranks, ep_size 1 and --moe_impl "
+            "deepspeed", folder=run_dir)
+
+
+def test_resume_at_another_world_size_is_refused_before_anything_is_built(capsys, run_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets for 2 ranks; refused before any group is joined
+    refused(capsys, [*resume(run_dir), "--max_steps", "2"], "was saved with 1 ranks, ep_size 1 and --moe_impl "
+            "grouped, this run has 2 ranks, ep_size 1 and --moe_impl grouped", folder=run_dir)
+
+
+def test_resume_of_a_run_whose_record_does_not_parse(capsys, run_dir, tmp_path):
+    copy = copied(run_dir, tmp_path)
+    (copy / "run_config.json").write_text('{"moe": {"num_experts": 4},')
+    refused(capsys, [*resume(copy), "--max_steps", "2"], f"{copy / 'run_config.json'} is not valid JSON", folder=copy)
+
+
+def test_resume_past_max_steps(capsys, run_dir, tmp_path):
+    copy = copied(run_dir, tmp_path)
+    (copy / "checkpoints" / "global_step1").rename(copy / "checkpoints" / "global_step3")  # a run that went further
+    (copy / "checkpoints" / "latest").write_text("global_step3")
+    refused(capsys, resume(copy), f"{copy / 'checkpoints' / 'global_step3'} is at step 3, past --max_steps 1: "
+            "resuming would train nothing; pass a --max_steps above 3 to train further", folder=copy)
+
+
+def test_resume_at_max_steps_says_there_is_nothing_to_train(capsys, run_dir):
+    before = snapshot(run_dir)
+    summary = train.main([*QUICK, *resume(run_dir)])
+    out, err = capsys.readouterr()
+    assert summary["trained_steps"] == 0 and "Traceback" not in out + err
+    assert out.strip().splitlines()[-1] == (f"Nothing to train: {run_dir / 'checkpoints' / 'global_step1'} is at step "
+                                            "1, which is --max_steps; the run is finished (pass a --max_steps above 1 "
+                                            "to train further)")
+    assert snapshot(run_dir) == before
+
+
+ROUTING_CASES = {
+    "score_function": (["--score_function", "sigmoid"], "was trained with --score_function softmax, this run has "
+                       "--score_function sigmoid: that changes how tokens are routed from here on; pass "
+                       "--score_function softmax (or leave it out) to continue it as it was trained, or "
+                       "--allow_routing_change to change it"),
+    "capacity_factor": (["--capacity_factor", "2.0"], "was trained with --capacity_factor 1.0, this run has "
+                        "--capacity_factor 2.0"),
+    "aux_loss_free_bias": (["--router_bias_update_rate", "0.001"], "was trained with --router_bias_update_rate 0.0"),
+}
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES)
+def test_routing_rule_changed_on_resume(case, capsys, run_dir):
+    flags, expected = ROUTING_CASES[case]
+    refused(capsys, [*flags, *resume(run_dir), "--max_steps", "2"], expected, folder=run_dir)
+
+
+def exported(run_dir: Path, output: Path, *flags: str) -> tuple[int, str]:
+    from moe_models import export
+    try:
+        export.main(["--checkpoint", str(run_dir / "checkpoints"), "--output", str(output), *flags])
+    except SystemExit as exit_:
+        return exit_.code, ""
+    return 0, ""
+
+
+def export_refused(capsys, run_dir: Path, output: Path, expected: str, *flags: str) -> None:
+    before = snapshot(output) if output.is_dir() else None
+    file_before = output.read_bytes() if output.is_file() else None
+    code, _ = exported(run_dir, output, *flags)
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err
+    assert expected in err.strip().splitlines()[-1], err[-3000:]
+    assert (snapshot(output) if output.is_dir() else output.read_bytes() if output.is_file() else None) == \
+        (before if before is not None else file_before)
+
+
+def test_export_into_a_folder_of_the_users_own_files(capsys, run_dir, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"the user's own weights")
+    (target / "notes.txt").write_text("keep me")
+    export_refused(capsys, run_dir, target, f"--output {target} holds other files (model.safetensors, notes.txt), "
+                   "not an exported model: choose a new or empty folder", "--overwrite")
+
+
+def test_export_onto_a_file(capsys, run_dir, tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"a file")
+    export_refused(capsys, run_dir, target, f"--output {target} is a file; give a folder to export into")
+
+
+# Writes that fail: the real target made unwritable (chattr +i works for root too) --------------------------------
+
+@contextmanager
+def unwritable(path: Path):
+    """``path`` made immutable (no file can be created, changed or removed in it, even by root), then restored."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_unwritable_output_folder_is_refused_before_anything_is_built(capsys, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    with unwritable(parent):
+        last = refused(capsys, ["--output_dir", str(parent / "run")], f"--output_dir '{parent / 'run'}' cannot be "
+                       f"written (its nearest existing folder {parent}): Operation not permitted")
+    assert "fix its permissions or choose another --output_dir" in last
+
+
+def test_unwritable_data_cache_is_refused_before_anything_is_built(capsys, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with unwritable(cache):
+        refused(capsys, ["--data_cache_dir", str(cache), "--output_dir", str(tmp_path / "run")],
+                f"--data_cache_dir '{cache}' cannot be written: Operation not permitted")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_save_into_an_unwritable_folder_is_caught(capsys, tmp_path):
+    tag = tmp_path / "run" / "checkpoints" / "global_step1"  # torch.save's write fails there (a RuntimeError)
+    tag.mkdir(parents=True)
+    with unwritable(tag):
+        last = refused(capsys, ["--output_dir", str(tmp_path / "run"), "--save_steps", "1"],
+                       f"saving checkpoint {tag} failed on 1 of 1 ranks")
+    assert "no earlier checkpoint is still the latest complete checkpoint" in last
+    assert not (tag.parent / "latest").exists()
+
+
+def test_unwritable_metrics_file_on_resume_is_caught(capsys, run_dir, tmp_path):
+    copy = copied(run_dir, tmp_path)
+    with unwritable(copy / "metrics.jsonl"):  # the folder is writable; the trimmed file cannot replace the old one
+        refused(capsys, [*resume(copy), "--max_steps", "2"], f"cannot write the metrics file {copy / 'metrics.jsonl'}",
+                folder=copy)
+
+
+def test_export_into_an_unwritable_folder(capsys, run_dir, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    with unwritable(parent):
+        export_refused(capsys, run_dir, parent / "hf", f"--output '{parent / 'hf'}' cannot be written (its nearest "
+                       f"existing folder {parent}): Operation not permitted")
+
+
+# Garbage in, refused: texts, given flags, empty flags, library errors --------------------------------------------
+
+TEXT_CASES = {
+    "all_null": ([{"text": None}] * 40, "every value of column 'text' is null: there is no text to train on"),
+    "all_empty": ([{"text": ""}] * 40, "every value of column 'text' is empty: there is no text to train on"),
+    "numbers": ([{"text": 7}] * 40, "column 'text' holds int64 values, not text; pass --text_column"),
+    "chat_messages": ([{"text": [{"role": "user", "content": "hi"}]}] * 40,
+                      "column 'text' holds lists or records (chat messages?), not text"),
+}
+
+
+@pytest.mark.parametrize("case", TEXT_CASES)
+def test_text_column_without_text(case, capsys, run_dir, tmp_path):
+    rows, expected = TEXT_CASES[case]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    refused(capsys, ["--train_file", str(path), *into(run_dir)], f"{path}: {expected}", folder=run_dir)
+
+
+def test_streamed_text_column_of_numbers(capsys, run_dir, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(40)))
+    refused(capsys, ["--streaming", "--train_file", str(path), "--streaming_validation_texts", "5", *into(run_dir)],
+            "column 'text' holds int values, not text", folder=run_dir)
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--model_name_or_path", "--train_file"])
+def test_empty_flag_value(flag, capsys, run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty --output_dir would have meant this folder
+    refused(capsys, [*into(run_dir), flag, ""], f"{flag} is empty (''): give a value, or leave the flag out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def hf_moe_folder(run_dir, tmp_path_factory):
+    """run_dir exported as a Mixtral folder (4 experts, top-2)."""
+    output = tmp_path_factory.mktemp("hf-moe") / "mixtral"
+    assert exported(run_dir, output)[0] == 0
+    return output
+
+
+def test_import_with_a_flag_that_disagrees_with_the_folder(capsys, run_dir, hf_moe_folder):
+    refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *into(run_dir), "--num_experts", "8"],
+            "--num_experts 8 disagrees with the imported checkpoint, which has num_experts 4; drop the flag (or pass "
+            "--num_experts 4)", folder=run_dir)
+
+
+def test_import_with_the_default_value_given_still_counts_as_given(capsys, run_dir, hf_moe_folder):
+    # QUICK gives --num_experts 4; here the folder is imported with --top_k 2 given as 1, the other way round
+    refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *into(run_dir), "--top_k", "1"],
+            "--top_k 1 disagrees with the imported checkpoint, which has top_k 2", folder=run_dir)
+
+
+@pytest.mark.parametrize("section, key", [("optimizer", "betaz"), ("scheduler", "warmup_stepz")])
+def test_deepspeed_json_parameter_the_class_does_not_take(section, key, capsys, run_dir, tmp_path):
+    path = ds_file(tmp_path, lambda c: c[section]["params"].update({key: 1}))
+    refused(capsys, ["--deepspeed", path, *into(run_dir)], f"{section}.params.{key} in the DeepSpeed config {path}: "
+            f"{section} ", folder=run_dir)
+
+
+def test_model_folder_whose_weights_do_not_fit_its_config(capsys, run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
+    refused(capsys, ["--model_name_or_path", str(folder), "--tokenizer_name", str(run_dir / "tokenizer"), *into(run_dir)],
+            f"the weights in '{folder}' have other "
+            "shapes than its config.json says", folder=run_dir)
+
+
+def test_routing_flag_left_out_on_resume_is_taken_from_the_run(run_dir, tmp_path):
+    from moe_models.training.resumable import resumed_settings
+    copy = copied(run_dir, tmp_path)
+    record = json.loads((copy / "run_config.json").read_text())
+    record["moe"]["capacity_factor"] = 2.0  # as if the run had been trained with --capacity_factor 2.0
+    (copy / "run_config.json").write_text(json.dumps(record))
+    cfg, taken = resumed_settings(parse_args([*QUICK, *resume(copy)]))
+    assert cfg.moe.capacity_factor == 2.0 and taken == ["--capacity_factor 2.0"]
+    given, taken = resumed_settings(parse_args([*QUICK, *resume(copy), "--capacity_factor", "1.0",
+                                                "--allow_routing_change"]))
+    assert given.moe.capacity_factor == 1.0 and taken == []
+
+
+def test_allow_routing_change_lets_the_resume_through_the_checks(run_dir):
+    from moe_models.training.resumable import check_resumable
+    check_resumable(parse_args([*QUICK, *resume(run_dir), "--max_steps", "2", "--score_function", "sigmoid",
+                                "--allow_routing_change"]), world_size=1)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.source import resolve_model_config
-from ..run.checkpoint_folder import atomic_write
 from ..run.config import ConfigError, RunConfig
 from ..run.folder import RunFolder
 from ..run.moe_layout import NO_MOE_LAYERS, expert_counts
+from ..run.writes import atomic_write
 
 # Where a payoff differs from train.py's defaults (the flags given still win): dropless, deterministic top-2, so
 # that the upcycled model starts as exactly the dense one (docs/upcycling.md), and both MoEs route alike.

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from ..run.writes import WriteError, is_write_failure, write_failure_text
+
 CACHE_ENV = "MOE_MODELS_DATA_CACHE"
 DEFAULT_CACHE = "~/.cache/moe_models/data"
 # The modules whose code decides what the blocks hold: editing one of them gives new keys.
@@ -88,14 +90,19 @@ def cached_blocks(root: Path, parts: dict, build: Callable[[], tuple[DatasetDict
         except (OSError, ValueError, KeyError):  # damaged by hand: build it again
             shutil.rmtree(entry, ignore_errors=True)
     blocks, meta = build()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
         blocks.save_to_disk(str(tmp / "blocks"))
         (tmp / "entry.json").write_text(json.dumps({"key": parts, "meta": meta}, indent=2) + "\n")
         os.replace(tmp, entry)
-    except OSError:  # another process stored it first (the rename finds a full folder), or the disk is full
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as err:  # another process stored it first (the rename finds a full folder), or a refused write
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not (entry / "entry.json").is_file():
-            return blocks, meta, entry, False
+            if is_write_failure(err):
+                raise WriteError(f"cannot write the data cache {root} ({write_failure_text(err)}): free space or fix "
+                                 "its permissions, or pass another --data_cache_dir") from None
+            raise
     return load_from_disk(str(entry / "blocks")), meta, entry, False

@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from ..run.config import DataConfig
+from ..run.writes import writable_problem
 from .batches import TrainBatches
 from .cache import cache_root, cached_blocks, code_digest, file_digest, tokenizer_digest
 from .domains import file_domains, listed_domains, resolve_domains
@@ -44,6 +45,14 @@ class PreparedData:
         return {"domains": self.domains, "train_blocks": None if streamed else len(self.train),
                 "train_stream": self.train.describe() if streamed else None,
                 "validation_blocks": len(self.validation), "data_cache": self.cache or None}
+
+
+def cache_problems(data: DataConfig) -> list[str]:
+    """The block cache must be writable before anything is built (streams and hub datasets do not use it)."""
+    if data.streaming or data.dataset_name:
+        return []
+    problem = writable_problem(cache_root(data.data_cache_dir), "--data_cache_dir")
+    return [problem] if problem else []
 
 
 def prepare_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:

@@ -27,7 +27,7 @@ from ..run.config import DataConfig
 from .domains import file_domains, listed_domains
 from .file_specs import DataFile, data_files
 from .files import unreadable_reason
-from .text import hub_unreachable, load_files, pack_blocks
+from .text import hub_unreachable, load_files, pack_blocks, value_problem
 
 FEATURES = Features({"text": Value("string"), "domain": Value("string")})
 
@@ -77,6 +77,8 @@ def _text_and_domain(row: dict, column: str, domain: Optional[str], source: str)
     if column not in row:
         raise StreamError(f"{source}: no column {column!r}; its columns are {list(row)}. Pass --text_column with the "
                          "one that holds the text.")
+    if row[column] is not None and not isinstance(row[column], str):
+        raise StreamError(value_problem(row[column], column, source))
     domain = domain if domain is not None else row.get("domain")
     return {"text": row[column], "domain": None if domain is None else str(domain)}
 

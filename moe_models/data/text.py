@@ -8,7 +8,8 @@ import math
 from functools import partial
 from typing import Optional, Sequence
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
@@ -138,7 +139,37 @@ def _select_columns(dataset: Dataset, text_column: str, source: str) -> Dataset:
     if text_column not in dataset.column_names:
         raise ValueError(f"{source}: no column {text_column!r}; its columns are {dataset.column_names}. "
                          "Pass --text_column with the one that holds the text.")
+    problem = text_column_problem(dataset, text_column, source)
+    if problem:
+        raise ValueError(problem)
     return dataset.select_columns([c for c in dataset.column_names if c in (text_column, "domain")])
+
+
+def text_column_problem(dataset: Dataset, text_column: str, source: str) -> str | None:
+    """Why the text column holds no text to train on: its values are not strings (numbers, chat message lists, all
+    null), or every one is empty. Found from the column's type and its longest value, without tokenising."""
+    feature = dataset.features[text_column]
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        if (pc.max(pc.utf8_length(dataset.data.column(text_column))).as_py() or 0) > 0:
+            return None
+        return (f"{source}: every value of column {text_column!r} is empty: there is no text to train on; check "
+                "--text_column and the file")
+    return value_problem(feature, text_column, source)
+
+
+def value_problem(value, text_column: str, source: str) -> str:
+    """The problem with a text column (or a streamed value) that is not a string."""
+    kind = getattr(value, "dtype", None) if isinstance(value, Value) else type(value).__name__
+    if kind in ("null", "NoneType"):
+        return (f"{source}: every value of column {text_column!r} is null: there is no text to train on; check "
+                "--text_column and the file")
+    if isinstance(value, (list, dict)) or kind in ("list", "dict", "List", "LargeList", "Sequence"):
+        return (f"{source}: column {text_column!r} holds lists or records (chat messages?), not text: this trainer "
+                "reads plain text; write each conversation as one string (for example with the tokenizer's chat "
+                "template) in a text column, or pass --text_column with the column that holds the text")
+    return (f"{source}: column {text_column!r} holds {kind} values, not text; pass --text_column with the column "
+            "that holds the text")
 
 
 def _hold_out(dataset: Dataset, percentage: int, seed: int) -> tuple[Dataset, Dataset]:

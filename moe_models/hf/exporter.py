@@ -14,6 +14,9 @@ code. docs/export.md says what maps to what, what is refused, and when the two m
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from accelerate import init_empty_weights
@@ -24,6 +27,7 @@ from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
 from ..run.config import MoEConfig, RunConfig
 from ..run.folder import RunFolder
 from ..run.moe_layout import MoELayout
+from ..run.writes import guarded_write, writable_problem
 from .adapters import ADAPTERS
 from .configs import hf_moe_config
 from .trainer_folder import read_trainer_folder, trainer_folder, trainer_folder_weights
@@ -39,8 +43,7 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
                           else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
     config = hf_moe_config(dense, moe, layout)
-    if (output_dir / "config.json").exists() and not overwrite:
-        raise ValueError(f"{output_dir} already holds a model; pass --overwrite or choose another --output")
+    check_target(output_dir, overwrite)
     if from_trainer:
         module, expert_weights = trainer_folder_weights(from_trainer, tag, dense, moe, layout)
         tokenizer_dir = from_trainer
@@ -57,9 +60,46 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
             state[tied] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the tied parameters one by one
-    model.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    written_in_place(output_dir, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return model.config
+
+
+def check_target(output_dir: Path, overwrite: bool) -> None:
+    """The export's folder must be new, empty, or (with --overwrite) an earlier export, and its parent writable: a
+    folder of the user's own files is never written into."""
+    if output_dir.is_file():
+        raise ValueError(f"--output {output_dir} is a file; give a folder to export into")
+    held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    if held and not (output_dir / "config.json").is_file():
+        raise ValueError(f"--output {output_dir} holds other files ({', '.join(held[:3])}"
+                         + (", ..." if len(held) > 3 else "") + "), not an exported model: choose a new or empty "
+                         "folder")
+    if held and not overwrite:
+        raise ValueError(f"{output_dir} already holds a model; pass --overwrite or choose another --output")
+    # the export is written beside the target, then renamed into place: the parent folder must take new files
+    problem = writable_problem(output_dir if not output_dir.exists() else output_dir.resolve().parent, "--output")
+    if problem:
+        raise ValueError(problem)
+
+
+def written_in_place(output_dir: Path, write) -> None:
+    """``write(folder)`` into a new folder beside ``output_dir``, which then takes its place: a failed or interrupted
+    export leaves ``output_dir`` as it was (an earlier export stays whole)."""
+    output_dir = output_dir.resolve()
+    stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    try:
+        with guarded_write("the export", output_dir):
+            write(stage)
+            if output_dir.is_dir() and any(output_dir.iterdir()):  # an earlier export, replaced (--overwrite)
+                old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+                os.replace(output_dir, old)
+                os.replace(stage, output_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, output_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, PretrainedConfig, MoELayout]:

@@ -25,7 +25,7 @@ from ..moe.experts import StackedExperts
 from ..moe.layer import moe_layers_of
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
-from ..run.config import ConfigError, MoEConfig
+from ..run.config import ConfigError, MoEConfig, flag_text
 from ..run.moe_layout import MoELayout, resolve_moe_layers
 from .adapters import ADAPTERS
 from .import_config import dense_config_and_moe_settings
@@ -38,15 +38,15 @@ def is_hf_moe_folder(name_or_path: str | None) -> bool:
     return AutoConfig.from_pretrained(name_or_path).model_type in ADAPTERS
 
 
-def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int,
-                  seed: int) -> tuple[nn.Module, MoEConfig, MoELayout, int]:
+def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int, seed: int,
+                  given: frozenset[str] | None = None) -> tuple[nn.Module, MoEConfig, MoELayout, int]:
     """The DeepSpeed MoE model holding the checkpoint's weights (this rank's experts only), the MoE settings it was
     built with (the checkpoint's num_experts, top_k, moe_layers and shared experts; the rest from ``moe``), its MoE
     layout, and the parameter count of its dense skeleton. Raises NotRepresentable, or ConfigError when a flag
-    disagrees with the checkpoint."""
+    disagrees with the checkpoint (``given``: the flags the command line gave, see settings_from_checkpoint)."""
     checkpoint_config = AutoConfig.from_pretrained(path)
     dense_config, settings, _ = dense_config_and_moe_settings(checkpoint_config)
-    moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers)
+    moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers, given)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
         check_vocabulary(model, vocab_needed)
@@ -77,25 +77,32 @@ def load_score_bias(router, bias: torch.Tensor | None) -> None:
     router.score_bias.copy_(bias)
 
 
-def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int) -> MoEConfig:
-    """``moe`` with the checkpoint's num_experts, top_k, moe_layers and shared experts. A flag left at its default
-    takes the checkpoint's value; one set to a different value is refused, as are flags that have no meaning for an
-    import."""
+def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int,
+                             given: frozenset[str] | None = None) -> MoEConfig:
+    """``moe`` with the checkpoint's num_experts, top_k, moe_layers and shared experts. A flag the user gave
+    (``given``, the command line's flags; None: a value other than the default counts as given) with another value
+    is refused with both values, as are flags that have no meaning for an import; the others take the checkpoint's."""
     defaults, problems = MoEConfig(), []
+
+    def was_given(name: str) -> bool:
+        return name in given if given is not None else getattr(moe, name) != getattr(defaults, name)
+
     for name, value in checkpoint.items():
-        given = getattr(moe, name)
-        same = (resolve_moe_layers(given, num_layers) == resolve_moe_layers(value, num_layers) if name == "moe_layers"
-                else given == value)
-        if given != getattr(defaults, name) and not same:
-            problems.append(f"--{name} {given} disagrees with the imported checkpoint ({value}); drop the flag to "
+        wanted = getattr(moe, name)
+        same = (resolve_moe_layers(wanted, num_layers) == resolve_moe_layers(value, num_layers) if name == "moe_layers"
+                else wanted == value)
+        if was_given(name) and not same:
+            problems.append(f"--{name} {flag_text(wanted)} disagrees with the imported checkpoint, which has "
+                            f"{name} {flag_text(value)}; drop the flag (or pass --{name} {flag_text(value)}) to "
                             "continue the checkpoint's model")
     if moe.use_residual:
         problems.append("--use_residual: an imported checkpoint has no residual dense FFN; drop the flag")
-    if moe.expert_init != defaults.expert_init:
+    if was_given("expert_init"):
         problems.append(f"--expert_init {moe.expert_init}: an import reads its experts from the checkpoint; drop the flag")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(moe, **checkpoint)
+
 
 
 class SafetensorsFolder:

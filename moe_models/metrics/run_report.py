@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from ..run.folder import RunFolder  # noqa: E402
+from ..run.writes import guarded_write  # noqa: E402
 from .domain_heatmap import domain_expert_figure, layers_with_domain_counts  # noqa: E402
 from .rows import layer_values, moe_layer_ids  # noqa: E402
 
@@ -164,6 +165,11 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> list[Path]
     if not train:
         raise ValueError(f"{folder.metrics.path} has no training rows yet (the first is written after step 1)")
     report_dir = report_dir or folder.report_dir
+    with guarded_write("the report", report_dir):
+        return _write_report(train, evals, report_dir, output_dir)
+
+
+def _write_report(train: list[dict], evals: list[dict], report_dir: Path, output_dir: Path) -> list[Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     layers = moe_layer_ids(train)
     paths = [report_dir / "loss.png", report_dir / "throughput.png"]

@@ -60,6 +60,12 @@ def load_dense_model(model: ModelConfig, vocab_needed: int, dtype: torch.dtype =
             raise ValueError(f"could not load a causal LM from {model.model_name_or_path!r}: {err}. Give a folder "
                              "with config.json and weights, or a hub id (the hub needs network access; "
                              "HF_HUB_OFFLINE=1 forbids it).") from err
+        except RuntimeError as err:
+            if "mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(f"the weights in {model.model_name_or_path!r} have other shapes than its config.json "
+                             "says (the load report above lists them): that config.json does not belong to these "
+                             "weights; put back the config.json saved with them") from None
     else:
         dense = AutoModelForCausalLM.from_config(resolve_model_config(model), dtype=dtype)
     check_vocabulary(dense, vocab_needed)

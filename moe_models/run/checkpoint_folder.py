@@ -17,9 +17,10 @@ both are done here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from .writes import atomic_write
 
 COMPLETE = "complete.json"
 LATEST = "latest"
@@ -139,10 +140,3 @@ class CheckpointFolder:
         raise CheckpointError(f"resume_from_checkpoint {spec!r} is not a checkpoints folder (with a `latest` file) "
                               "or a tag folder (checkpoints/global_step{N}); use 'latest' for this run's newest "
                               "checkpoint")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never part of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -108,7 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     for section, cls in SECTION_TYPES.items():
         names = {f.name for f in dataclasses.fields(cls)}
         sections[section] = cls(**{k: v for k, v in namespace.items() if k in names})
-    return RunConfig(**sections)
+    return RunConfig(**sections, given=frozenset(namespace))
 
 
 def configuration_markdown() -> str:

@@ -212,6 +212,11 @@ class TrainConfig:
         "(docs/payoff.md).")
     reset_optimizer: bool = _flag(False, "When resuming at another world size, ep_size or moe_impl: load the weights "
                                   "and start a fresh optimizer state (the LR schedule continues).")
+    allow_routing_change: bool = _flag(
+        False, "When resuming: allow routing settings other than those the checkpoint's run recorded (score_function, "
+        "norm_topk_prob, routed_scaling_factor, router_bias_update_rate, drop_tokens, capacity_factor, "
+        "eval_capacity_factor, min_capacity, noisy_gate_policy, use_rts, top2_2nd_expert_sampling). Without it a "
+        "routing flag given with another value is refused, and one left out takes the run's recorded value.")
     max_nonfinite_steps: int = _flag(
         10, "Stop (exit 1) after this many consecutive optimizer steps whose loss or gradient norm is NaN or inf. Each "
         "such step is skipped on every rank and counted in metrics.jsonl (`nonfinite_steps`); 0 = never stop.")
@@ -277,9 +282,15 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The flags the command line gave (the others are defaults): a flag given with its default value still counts
+    # as given, so a conflict with what a loaded model or checkpoint holds can be told from a default. Not recorded.
+    given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
+
+    def was_given(self, name: str) -> bool:
+        return name in self.given
 
 
 SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "moe": MoEConfig, "train": TrainConfig, "log": LogConfig}
@@ -306,6 +317,21 @@ def config_from_dict(values: dict) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return RunConfig(**sections)
+
+
+def flag_text(value) -> str:
+    """A setting as it is written on the command line (a list as its values separated by spaces, a bool in lower
+    case)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def empty_strings(cfg: RunConfig) -> list[str]:
+    """Flags given as "" (an unset shell variable: --output_dir "$OUT"): no setting takes an empty text, and some would
+    quietly mean something else (the current folder, a tokenizer lookup of "")."""
+    return [f"--{name} is empty (''): give a value, or leave the flag out for its default (an unset shell variable?)"
+            for section in cfg.to_dict().values() for name, value in section.items() if value == ""]
 
 
 def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:

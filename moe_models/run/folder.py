@@ -23,9 +23,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_folder import CheckpointFolder, atomic_write
+from .checkpoint_folder import CheckpointFolder
 from .config import SECTION_TYPES, ConfigError, MoEConfig, RunConfig, config_from_dict
 from .moe_layout import MoELayout
+from .writes import atomic_write, guarded_write
 
 RECORD = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -129,7 +130,7 @@ class MetricsFile:
         return rows
 
     def append(self, row: dict) -> None:
-        with self.path.open("a") as f:
+        with guarded_write("the metrics file", self.path), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def keep_until(self, step: int) -> list[dict]:
@@ -137,11 +138,12 @@ class MetricsFile:
         returns the rows kept."""
         kept = [row for row in self.rows() if row["step"] <= step]
         if self.path.is_file():
-            atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept), "the metrics file")
         return kept
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        with guarded_write("the metrics file", self.path):
+            self.path.unlink(missing_ok=True)
 
 
 class RunFolder:
@@ -227,9 +229,20 @@ class RunFolder:
 
     def write_record(self, record: RunRecord) -> Path:
         """run_config.json, written atomically (a reader never sees half of it)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.record_path, json.dumps(record.to_dict(), indent=2) + "\n")
+        with guarded_write("the run folder", self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.record_path, json.dumps(record.to_dict(), indent=2) + "\n", "the run record")
         return self.record_path
+
+    def write_tokenizer(self, tokenizer) -> None:
+        """tokenizer/: the tokenizer the run trains with (save_pretrained)."""
+        with guarded_write("the tokenizer", self.tokenizer_dir):
+            tokenizer.save_pretrained(self.tokenizer_dir)
+
+    def write_base_model_config(self, config) -> None:
+        """base_model/config.json: the dense model's HF config."""
+        with guarded_write("the base model's config", self.base_model_dir):
+            config.save_pretrained(self.base_model_dir)
 
     def write_moe_settings(self, moe: MoEConfig, layout: MoELayout, world_size: int | None = None) -> Path:
         """The record of an MoETrainer folder (or any folder holding a converted model's weights): the MoE settings
@@ -239,8 +252,9 @@ class RunFolder:
 
     def write_plan(self, plan: dict) -> Path:
         """plan.json: the preflight plan (train.py --plan)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.plan_path, json.dumps(plan, indent=2) + "\n")
+        with guarded_write("the run folder", self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.plan_path, json.dumps(plan, indent=2) + "\n", "the plan")
         return self.plan_path
 
     def _legacy_moe_settings(self) -> RunRecord:

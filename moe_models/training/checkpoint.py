@@ -22,6 +22,7 @@ from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
 from ..run.config import MoEConfig
 from ..run.distributed import World, all_reduce_sum
 from ..run.folder import RunFolder
+from ..run.writes import is_write_failure, write_failure_text
 
 
 @dataclass
@@ -48,8 +49,10 @@ def save(engine: deepspeed.DeepSpeedEngine, folder: CheckpointFolder, state: Tra
         engine.save_checkpoint(str(folder.path), tag=tag_dir.name, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), folder.rng_file(tag_dir, world.rank))
         folder.data_position_file(tag_dir, world.rank).write_text(json.dumps(batches.state_dict()) + "\n")
-    except OSError as err:
-        failure = err
+    except Exception as err:  # torch.save reports a refused write as a RuntimeError of its zip writer
+        if not is_write_failure(err):
+            raise
+        failure = write_failure_text(err)
     failed_ranks = int(all_reduce_sum(torch.tensor([float(failure is not None)], device=world.device)).item())
     if failed_ranks:  # every rank's files are settled (written or failed): the tag can go
         if world.is_main and tag_dir != folder.latest():
@@ -79,16 +82,10 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
     """
     folder = CheckpointFolder(tag_dir.parent)
     meta = folder.check_complete(tag_dir)
-    layout = _layout(world, moe)
-    # Checkpoints from before moe_impl was recorded hold every expert's parameters apart, in the stock order.
-    saved = {"moe_impl": "deepspeed", **{key: meta[key] for key in layout if key in meta}}
-    if saved != layout and not reset_optimizer:
-        raise CheckpointError(
-            f"{tag_dir} was saved with {_describe(saved)}, this run has {_describe(layout)}: the weights can be "
-            "loaded by global expert id, but the optimizer state is sharded and ordered by the old layout (the "
-            "grouped path holds SwiGLU experts stacked). Pass --reset_optimizer to load the weights and start a "
-            "fresh optimizer state (the LR schedule continues).")
-    same_ranks = saved["world_size"] == world.world_size
+    problem = optimizer_layout_problem(tag_dir, meta, world.world_size, moe.ep_size, moe.moe_impl, reset_optimizer)
+    if problem:
+        raise CheckpointError(problem)
+    same_ranks = meta["world_size"] == world.world_size
     try:
         _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                  load_optimizer_states=not reset_optimizer,
@@ -135,6 +132,25 @@ def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: Tra
     if meta["world_size"] == world.world_size:
         _set_rng_state(torch.load(CheckpointFolder.rng_file(tag_dir, world.rank), weights_only=False))
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+
+
+def optimizer_layout_problem(tag_dir: Path, meta: dict, world_size: int, ep_size: int, moe_impl: str,
+                             reset_optimizer: bool) -> str | None:
+    """Why the optimizer state of the checkpoint (its complete.json ``meta``) cannot be loaded at this layout: it is
+    sharded and ordered by the world size, ep_size and moe_impl it was saved with (None: it can, or
+    --reset_optimizer leaves it out)."""
+    saved, layout = _saved_layout(meta), {"world_size": world_size, "ep_size": ep_size, "moe_impl": moe_impl}
+    if saved == layout or reset_optimizer:
+        return None
+    return (f"{tag_dir} was saved with {_describe(saved)}, this run has {_describe(layout)}: the weights can be "
+            "loaded by global expert id, but the optimizer state is sharded and ordered by the old layout (the "
+            "grouped path holds SwiGLU experts stacked). Pass --reset_optimizer to load the weights and start a "
+            "fresh optimizer state (the LR schedule continues).")
+
+
+def _saved_layout(meta: dict) -> dict:
+    # Checkpoints from before moe_impl was recorded hold every expert's parameters apart, in the stock order.
+    return {"moe_impl": "deepspeed", **{key: meta[key] for key in ("world_size", "ep_size", "moe_impl") if key in meta}}
 
 
 def _layout(world: World, moe: MoEConfig) -> dict:

@@ -1,10 +1,13 @@
 """Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
-data exist and before anything in the output folder is written: it must be complete, its files whole, and its run
-must have trained the same model with the same experts (count and width), shared experts and top_k (what its
-run_config.json recorded), and its data position must be of the same kind (a stream's or blocks')."""
+data exist and before anything in the output folder is written: it must be complete, its files whole, its run
+readable and trained with the same model, experts (count and width), shared experts and top_k (what its
+run_config.json recorded), with the same routing rule unless --allow_routing_change, at the same world size, ep_size
+and moe_impl unless --reset_optimizer, with a data position of the same kind (a stream's or blocks') and before
+--max_steps. Then the routing settings a resumed run inherits from its record (resumed_settings)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -12,25 +15,43 @@ from pathlib import Path
 from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.source import DEFAULT_PRESET, local_config
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
-from ..run.config import ConfigError, RunConfig
+from ..run.config import ConfigError, RunConfig, flag_text
 from ..run.folder import RunFolder, RunRecordError
 from ..run.moe_layout import NO_MOE_LAYERS, MoELayout
+from .checkpoint import optimizer_layout_problem
+
+# The settings that decide which experts a token goes to and with which weight: a resume keeps them as the run
+# recorded them unless --allow_routing_change.
+ROUTING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate",
+                 "drop_tokens", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
+                 "use_rts", "top2_2nd_expert_sampling")
+
+
+class FinishedRun(Exception):
+    """The checkpoint to resume is at --max_steps: there is nothing to train (not an error)."""
+
 
 # The config keys that decide the shapes of a model's weights (Llama-style names, then GPT-2's).
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
               "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads")
 
 
-def check_resumable(cfg: RunConfig) -> None:
-    """Raise a CheckpointError naming the checkpoint (or its file) and the fix when it cannot be resumed."""
+def resumed_tag(cfg: RunConfig) -> Path | None:
+    """The tag folder --resume_from_checkpoint resolves to (None: no resume, or "latest" before the first save)."""
     spec = cfg.train.resume_from_checkpoint
     if not spec or (spec != "latest" and not Path(spec).is_dir()):  # a missing path is a settings problem
-        return
-    tag_dir = RunFolder(cfg.train.output_dir).checkpoints.resolve(spec)
-    if tag_dir is None:  # "latest" before the first save: a fresh start
+        return None
+    return RunFolder(cfg.train.output_dir).checkpoints.resolve(spec)
+
+
+def check_resumable(cfg: RunConfig, world_size: int) -> None:
+    """Raise a CheckpointError naming the checkpoint (or its file) and the fix when it cannot be resumed at
+    ``world_size`` ranks; FinishedRun when it is at --max_steps (call it after every other check)."""
+    tag_dir = resumed_tag(cfg)
+    if tag_dir is None:
         return
     folder = CheckpointFolder(tag_dir.parent)
-    folder.check_complete(tag_dir)
+    meta = folder.check_complete(tag_dir)
     for path in folder.torch_files(tag_dir):
         damage = _damage(path)
         if damage:
@@ -38,9 +59,50 @@ def check_resumable(cfg: RunConfig) -> None:
     problem = _other_data_kind(tag_dir, cfg.data.streaming)
     if problem:
         raise CheckpointError(problem)
-    problem = _other_run(tag_dir, cfg)
+    problem = _other_run(tag_dir, cfg) or optimizer_layout_problem(tag_dir, meta, world_size, cfg.moe.ep_size,
+                                                                     cfg.moe.moe_impl, cfg.train.reset_optimizer)
     if problem:
         raise CheckpointError(problem)
+
+
+def check_not_finished(cfg: RunConfig) -> None:
+    """A resume at or past --max_steps trains nothing: past it is refused (a CheckpointError), at it is FinishedRun."""
+    tag_dir = resumed_tag(cfg)
+    if tag_dir is None:
+        return
+    step, max_steps = CheckpointFolder.step_of(tag_dir), cfg.train.max_steps
+    if step > max_steps:
+        raise CheckpointError(f"{tag_dir} is at step {step}, past --max_steps {max_steps}: resuming would train "
+                              f"nothing; pass a --max_steps above {step} to train further")
+    if step == max_steps:
+        raise FinishedRun(f"Nothing to train: {tag_dir} is at step {step}, which is --max_steps; the run is finished "
+                          f"(pass a --max_steps above {step} to train further)")
+
+
+def resumed_settings(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """On resume: ``cfg`` with the routing settings it did not give taken from the resumed run's record (a run
+    continues as it was trained, also when a default changed since), and those flags as text ("--drop_tokens
+    true"); given ones that differ were refused by check_resumable unless --allow_routing_change."""
+    record = _resumed_record(cfg)
+    if record is None:
+        return cfg, []
+    taken = {name: getattr(record.settings.moe, name) for name in ROUTING_FLAGS
+             if not cfg.was_given(name) and record.recorded("moe", name)
+             and getattr(record.settings.moe, name) != getattr(cfg.moe, name)}
+    if not taken:
+        return cfg, []
+    return (dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **taken)),
+            [f"--{name} {flag_text(value)}" for name, value in taken.items()])
+
+
+def _resumed_record(cfg: RunConfig):
+    tag_dir = resumed_tag(cfg)
+    if tag_dir is None or not RunFolder.of_tag(tag_dir).holds_run():
+        return None
+    try:
+        return RunFolder.of_tag(tag_dir).record()
+    except RunRecordError:
+        return None
 
 
 def check_upcycle_source(cfg: RunConfig) -> None:
@@ -113,8 +175,8 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
         return None
     try:
         record = run.record()
-    except RunRecordError:
-        return None
+    except RunRecordError as err:  # its settings cannot be checked: resuming it blind could change training
+        return str(err)
     saved = run.base_model_config()
     fix = (f"resume with the settings it was trained with ({run.record_path}), or start a new run "
            "without --resume_from_checkpoint")
@@ -132,9 +194,12 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
     moe = record.settings.moe
     for name in ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
         if getattr(moe, name) != getattr(cfg.moe, name):
-            return (f"{tag_dir} was trained with --{name} {_flag_text(getattr(moe, name))}, this run has --{name} "
-                    f"{_flag_text(getattr(cfg.moe, name))}; pass --{name} {_flag_text(getattr(moe, name))} to "
+            return (f"{tag_dir} was trained with --{name} {flag_text(getattr(moe, name))}, this run has --{name} "
+                    f"{flag_text(getattr(cfg.moe, name))}; pass --{name} {flag_text(getattr(moe, name))} to "
                     "continue it, or start a new run without --resume_from_checkpoint")
+    problem = _routing_change(tag_dir, record, cfg)
+    if problem:
+        return problem
     layers = current.get("num_hidden_layers") or current.get("n_layer")
     if not layers:
         return None
@@ -157,10 +222,20 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
     return None
 
 
+def _routing_change(tag_dir: Path, record, cfg: RunConfig) -> str | None:
+    """A routing flag given with another value than the run recorded, without --allow_routing_change."""
+    if cfg.train.allow_routing_change:
+        return None
+    for name in ROUTING_FLAGS:
+        was, now = getattr(record.settings.moe, name), getattr(cfg.moe, name)
+        if cfg.was_given(name) and record.recorded("moe", name) and was != now:
+            return (f"{tag_dir} was trained with --{name} {flag_text(was)}, this run has --{name} {flag_text(now)}: "
+                    f"that changes how tokens are routed from here on; pass --{name} {flag_text(was)} (or leave it "
+                    "out) to continue it as it was trained, or --allow_routing_change to change it")
+    return None
+
+
 def _expert_width_text(granularity: int) -> str:
     return ("the dense FFN's width" if granularity == 1
             else f"1/{granularity} of the dense FFN's width (--expert_init granular --granularity {granularity})")
 
-
-def _flag_text(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)

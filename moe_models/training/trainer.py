@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ from ..metrics.sinks import MetricsLog, open_sinks, perplexity
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
 from ..moe.step import MoEStep
-from ..run.config import RunConfig
+from ..run.config import ConfigError, RunConfig
 from ..run.distributed import World, all_reduce_sum, sum_over_ranks
 from ..run.folder import RunFolder
 from . import checkpoint
@@ -37,10 +38,35 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
 
 
-def build_engine(model: nn.Module, ds_config: dict, weight_decay: float) -> deepspeed.DeepSpeedEngine:
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model, weight_decay),
-                                           config=ds_config)
+def build_engine(model: nn.Module, ds_config: dict, weight_decay: float,
+                 config_file: str | None = None) -> deepspeed.DeepSpeedEngine:
+    """The DeepSpeed engine; a parameter the DeepSpeed JSON (``config_file``, --deepspeed) gives its optimizer or
+    schedule that the class does not take is a ConfigError naming the file and the key, not a library traceback."""
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model,
+                                               model_parameters=optimizer_param_groups(model, weight_decay),
+                                               config=ds_config)
+    except TypeError as err:
+        problem = unknown_parameter_problem(err, ds_config, config_file)
+        if problem is None:
+            raise
+        raise ConfigError([problem]) from None
     return engine
+
+
+def unknown_parameter_problem(err: TypeError, ds_config: dict, config_file: str | None) -> str | None:
+    """Which section's "params" holds the keyword ``err`` says the optimizer or schedule class does not take."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    if found is None:
+        return None
+    key = found.group(1)
+    for section in ("optimizer", "scheduler"):
+        if key in (ds_config.get(section) or {}).get("params", {}):
+            kind = ds_config[section].get("type")
+            return (f"{section}.params.{key} in the DeepSpeed config {config_file or '(built in)'}: {section} "
+                    f"{kind} takes no parameter {key!r}; remove it or fix its spelling (DeepSpeed passes "
+                    f"{section}.params to the {kind} class as they are)")
+    return None
 
 
 def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor) -> torch.Tensor:

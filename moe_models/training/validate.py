@@ -8,30 +8,37 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ..data.prepare import cache_problems
 from ..data.text import data_problems
 from ..metrics.sinks import log_problems
 from ..models.source import model_problems
 from ..moe.checks import moe_problems
 from ..moe.parallel import parallel_problems
-from ..run.config import ConfigError, RunConfig, TrainConfig, too_small
+from ..run.config import ConfigError, RunConfig, TrainConfig, empty_strings, too_small
 from ..run.folder import RunFolder
+from ..run.writes import writable_problem
 from .ds_config import build_deepspeed_config, deepspeed_config_problems
-from .resumable import check_resumable, check_upcycle_source
+from .resumable import check_not_finished, check_resumable, check_upcycle_source
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
     started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming
     it). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
-    disagrees with them)."""
+    disagrees with them). Last, FinishedRun when the checkpoint to resume is at --max_steps."""
+    problems = empty_strings(cfg)
+    if problems:  # an empty path would be read as the current folder below
+        raise ConfigError(problems)
     problems = (moe_problems(cfg.moe) + parallel_problems(cfg.moe, world_size)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
-                + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed))
+                + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed) + write_problems(cfg))
     if problems:
         raise ConfigError(problems)
-    check_resumable(cfg)
+    check_resumable(cfg, world_size)
     check_upcycle_source(cfg)
-    return build_deepspeed_config(cfg, world_size)
+    ds_config = build_deepspeed_config(cfg, world_size)
+    check_not_finished(cfg)
+    return ds_config
 
 
 def check_same_settings(cfg: RunConfig) -> None:
@@ -56,6 +63,13 @@ def check_same_settings(cfg: RunConfig) -> None:
 def _flat(settings: dict) -> dict:
     """{"moe": {"top_k": 2}} -> {"top_k": 2}: flag names are unique across sections."""
     return {name: value for section in settings.values() for name, value in section.items()}
+
+
+def write_problems(cfg: RunConfig) -> list[str]:
+    """Every folder the run writes must be writable before anything is built (checked by writing a file there)."""
+    problem = None if Path(cfg.train.output_dir).is_file() else writable_problem(Path(cfg.train.output_dir),
+                                                                                  "--output_dir")
+    return ([problem] if problem else []) + cache_problems(cfg.data)
 
 
 def train_problems(train: TrainConfig) -> list[str]:
