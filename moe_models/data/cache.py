@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from ..run.writes import WriteError, is_write_failure, write_failure_text
+from ..run.writes import is_write_failure, write_failure_text
 
 CACHE_ENV = "MOE_MODELS_DATA_CACHE"
 DEFAULT_CACHE = "~/.cache/moe_models/data"
@@ -100,9 +101,10 @@ def cached_blocks(root: Path, parts: dict, build: Callable[[], tuple[DatasetDict
     except Exception as err:  # another process stored it first (the rename finds a full folder), or a refused write
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / "entry.json").is_file():
-            if is_write_failure(err):
-                raise WriteError(f"cannot write the data cache {root} ({write_failure_text(err)}): free space or fix "
-                                 "its permissions, or pass another --data_cache_dir") from None
+        if not is_write_failure(err):
             raise
+        if not (entry / "entry.json").is_file():  # the cache is a speed-up: train from the blocks in memory
+            print(f"note: could not store the data cache in {root} ({write_failure_text(err)}); training from the "
+                  "blocks in memory", file=sys.stderr)
+            return blocks, meta, entry, False
     return load_from_disk(str(entry / "blocks")), meta, entry, False
