@@ -34,11 +34,11 @@ from .run.distributed import (World, init_world, is_collective_timeout, launched
                               main_process_first)
 from .run.folder import Resolved, RunFolder, RunRecord
 from .run.moe_layout import MoELayout
+from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.ds_config import training_dtype
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
-from .run.writes import WriteError
 from .training.resumable import FinishedRun, resumed_settings
 from .training.trainer import Trainer, build_engine
 from .training.validate import check_same_settings, validate
