@@ -19,8 +19,10 @@ WRITE_FAILURE_MESSAGES = ("PytorchStreamWriter failed", "file write failed", "Pa
                           "unexpected pos", "cannot be opened", "No space left", "Permission denied",
                           "Read-only file system", "Disk quota exceeded", "Operation not permitted")
 
+
 class WriteError(ValueError):
     """A file of the run could not be written; the message names it, the reason and the fix."""
+
 
 def is_write_failure(err: BaseException) -> bool:
     """Whether ``err`` is the file system refusing a write (an OSError, or torch's RuntimeError for one)."""
@@ -28,13 +30,17 @@ def is_write_failure(err: BaseException) -> bool:
         return True
     return isinstance(err, RuntimeError) and any(text in str(err) for text in WRITE_FAILURE_MESSAGES)
 
+
 def write_failure_text(err: BaseException) -> str:
     """The reason in one line, without torch's C++ frames."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
+
 @contextlib.contextmanager
+
+
 def guarded_write(what: str, path: Path):
     """Turn a failed write of ``what`` (at ``path``) into a WriteError; other errors pass through."""
     try:
@@ -44,6 +50,7 @@ def guarded_write(what: str, path: Path):
             raise
         raise WriteError(f"cannot write {what} {path} ({write_failure_text(err)}): free space or fix the folder's "
                          "permissions, or choose another folder") from None
+
 
 def writable_problem(folder: Path, flag: str) -> str | None:
     """Why ``folder`` (to be created if missing) cannot be written, found by creating and removing a file in it or

@@ -46,7 +46,7 @@ def resumed_tag(cfg: RunConfig) -> Path | None:
 
 def check_resumable(cfg: RunConfig, world_size: int) -> None:
     """Raise a CheckpointError naming the checkpoint (or its file) and the fix when it cannot be resumed at
-    ``world_size`` ranks; FinishedRun when it is at --max_steps (call it after every other check)."""
+    ``world_size`` ranks (--max_steps is check_not_finished's, called after every other check)."""
     tag_dir = resumed_tag(cfg)
     if tag_dir is None:
         return
