@@ -38,6 +38,8 @@ from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.ds_config import training_dtype
 from .training.nonfinite import NonFiniteError
+from .training.clusters import planned_world_size
+from .training.layout_search import search_table
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
 from .training.trainer import Trainer, build_engine
@@ -82,12 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def preflight(cfg: RunConfig) -> dict:
     """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained."""
-    world_size = launched_world_size()
+    world_size = planned_world_size(cfg.train, launched_world_size())
     ds_config = validate(cfg, world_size=world_size)  # a plan may be made beside an existing run
     result = plan_with_fit(cfg, ds_config, world_size)
     if launched_rank() == 0:
         path = RunFolder(cfg.train.output_dir).write_plan(result)
-        print(plan_table(result, cfg.train.device_memory_gb, result["smallest_fitting_change"]))
+        print(plan_table(result, result["device_memory_gb"], result["smallest_fitting_change"]))
+        if "search" in result:
+            print(search_table(result["search"], result["cluster"]["name"], result["device_memory_gb"]))
         print(f"Wrote {path}")
     return result
 

@@ -236,6 +236,16 @@ class TrainConfig:
     device_memory_gb: Optional[float] = _flag(
         None, "With --plan: the memory of one device in GiB; the plan says whether the run fits and, if not, the "
         "smallest change that does.")
+    plan_cluster: Optional[str] = _flag(
+        None, "With --plan: the machines to plan for, a preset (h100-sxm-ib400, h200-sxm-ib400, h800-ib400, "
+        "a100-sxm-ib200) or a JSON file of the same fields; the plan then covers --plan_nodes of its nodes (the world "
+        "is nodes x devices per node, whatever launched the plan) and predicts the step time, tokens/s and MFU, part "
+        "by part (docs/multi-node.md#choosing-a-layout).")
+    plan_nodes: int = _flag(1, "With --plan_cluster: how many of its nodes the run uses.")
+    plan_search: bool = _flag(
+        False, "With --plan_cluster: list every layout of the same run that fits a device (ep_size, ZeRO stage, "
+        "micro-batch x accumulation for the same tokens per step, activation checkpointing), fastest first, and "
+        "why the best one wins.")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

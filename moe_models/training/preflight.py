@@ -18,6 +18,7 @@ ep_size 1 and 2, 2 ranks; tests/training/test_plan.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
 from ..run.config import MoEConfig, RunConfig
 from ..run.moe_layout import expert_counts
+from .clusters import resolve_cluster
+from .ds_config import resolve_deepspeed_config_path
+from .step_time import predict
 
 GIB = 2**30
 ADAM_MOMENTS = 2
@@ -167,7 +171,7 @@ def checkpoint_kept_bytes(shape: ModelShape, setup: Setup) -> float:
     return setup.micro_batch * setup.block_size * ((2 * shape.num_layers + 3) * h * width + shape.vocab_size * 4)
 
 
-def all_to_all_bytes_per_step(shape: ModelShape, cfg: RunConfig, setup: Setup) -> float:
+def all_to_all_bytes_per_step(shape: ModelShape, setup: Setup) -> float:
     """Bytes one rank sends in the expert-parallel all-to-alls of one optimizer step, with routes spread evenly over
     the experts: each route's hidden state goes out and its output comes back, in the forward and again (as
     gradients) in the backward, (ep_size - 1) / ep_size of them to other ranks; a checkpointed recompute sends the
@@ -195,7 +199,7 @@ def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
         "bytes_per_rank": memory,
         "activations_other_way": activation_bytes(shape, dataclasses.replace(
             setup, activation_checkpointing=not setup.activation_checkpointing)),
-        "all_to_all_bytes_per_step": all_to_all_bytes_per_step(shape, cfg, setup),
+        "all_to_all_bytes_per_step": all_to_all_bytes_per_step(shape, setup),
         "flops_per_token": shape.flops_per_token,
         "shape": dataclasses.asdict(shape),
     }
@@ -255,6 +259,16 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
     rows.append(f"    (activations {other} activation checkpointing: {result['activations_other_way'] / GIB:.3f})")
     rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing)")
     rows.append(f"  training FLOPs per token: {result['flops_per_token']:.4g}")
+    step = result.get("step_time")
+    if step is not None:
+        seconds, shares = step["seconds"], step["shares"]
+        rows.append(f"  predicted on {result['cluster']['name']} ({s['world_size'] // result['cluster']['devices_per_node']}"
+                    f" nodes x {result['cluster']['devices_per_node']}): step {1e3 * step['step_time']:.2f} ms, "
+                    f"{step['tokens_per_sec']:.4g} tokens/s, MFU {100 * step['mfu']:.1f}%")
+        rows.append("    " + ", ".join(f"{part.replace('_', '-')} {1e3 * seconds[part]:.2f} ms ({100 * shares[part]:.0f}%)"
+                                       for part in seconds) + " (no overlap assumed unless overlap_comm)")
+    elif "cluster" in result:
+        rows.append("  step time: not predicted with optimizer offload (its CPU Adam is not modelled)")
     if device_gib is not None:
         fits = m["total"] <= device_gib * GIB
         rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
@@ -269,10 +283,29 @@ def _count(n: float) -> str:
 def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     """The plan (``plan``) and, with --device_memory_gb, whether a rank fits and, if not, the smallest change that
     does: what `train.py --plan` prints and writes to plan.json."""
+    cluster = resolve_cluster(cfg.train.plan_cluster) if cfg.train.plan_cluster else None
+    if cluster is not None and _bf16_is_auto(cfg):  # "auto" means the cluster's devices, not this machine's
+        ds_config = {**ds_config, "bf16": {**ds_config.get("bf16", {}), "enabled": cluster.bf16}}
     result = plan(cfg, ds_config, world_size)
-    device_gib = cfg.train.device_memory_gb
+    device_gib = cfg.train.device_memory_gb if cfg.train.device_memory_gb is not None or cluster is None \
+        else cluster.memory_gib
+    if cluster is not None:
+        step = predict(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,
+                       result["all_to_all_bytes_per_step"])
+        result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None)
+        if cfg.train.plan_search:
+            from .layout_search import search  # it builds on this module's counts
+            ranked = search(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,
+                            math.gcd(*expert_counts(cfg.moe)), device_gib)
+            result["search"] = [layout.as_dict() for layout in ranked]
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
     advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
                                       math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
     result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice)
     return result
+
+
+def _bf16_is_auto(cfg: RunConfig) -> bool:
+    """Whether the run's DeepSpeed JSON leaves bf16 to the device ("bf16": {"enabled": "auto"})."""
+    raw = json.loads(resolve_deepspeed_config_path(cfg.train.deepspeed).read_text())
+    return raw.get("bf16", {}).get("enabled") == "auto"

@@ -17,6 +17,7 @@ from ..moe.parallel import parallel_problems
 from ..run.config import ConfigError, RunConfig, TrainConfig, empty_strings, too_small
 from ..run.folder import RunFolder
 from ..run.writes import writable_problem
+from .clusters import plan_problems
 from .ds_config import build_deepspeed_config, deepspeed_config_problems
 from .resumable import check_not_finished, check_resumable, check_upcycle_source
 
@@ -93,6 +94,7 @@ def train_problems(train: TrainConfig) -> list[str]:
         problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
     if train.device_memory_gb is not None and train.device_memory_gb <= 0:
         problems.append(f"device_memory_gb ({train.device_memory_gb}) must be > 0")
+    problems += plan_problems(train)
     if train.max_grad_norm < 0:
         problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")
     if not 0 <= train.min_lr_ratio <= 1:

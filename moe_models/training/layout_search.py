@@ -1,0 +1,91 @@
+"""`train.py --plan --plan_cluster C --plan_search`: every parallel layout of the same run that fits a device, ranked by
+the predicted tokens/s (training/step_time.py), with the reason the best one wins.
+
+A layout keeps the model, the world and the tokens per rank and step (micro-batch x accumulation); it varies ep_size
+(every value that divides the world and the experts), the ZeRO stage (0, 1, 2), the micro-batch (each divisor of the
+tokens per step, accumulation making up the rest) and activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..moe.parallel import parallel_problems
+from ..run.config import MoEConfig
+from .clusters import Cluster
+from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_per_rank
+from .step_time import StepTime, predict
+
+PARTS = ("compute", "all_to_all", "gradients", "optimizer")
+
+
+@dataclass(frozen=True)
+class Layout:
+    setup: Setup
+    step: StepTime
+    memory_gib: float
+
+    def as_dict(self) -> dict:
+        return {"flags": self.flags(), "memory_gib": self.memory_gib, **self.step.as_dict()}
+
+    def flags(self) -> str:
+        s = self.setup
+        return (f"--ep_size {s.ep_size} --deepspeed zero{s.zero_stage} --per_device_train_batch_size {s.micro_batch} "
+                f"--gradient_accumulation_steps {s.gradient_accumulation_steps}"
+                + (" --gradient_checkpointing" if s.activation_checkpointing else ""))
+
+
+def layouts(shape: ModelShape, setup: Setup, num_experts: int) -> list[Setup]:
+    """Every layout of ``setup``'s run (same world, same tokens per rank and step)."""
+    per_step = setup.micro_batch * setup.gradient_accumulation_steps
+    ep_sizes = [p for p in range(1, setup.world_size + 1)
+                if not parallel_problems(MoEConfig(num_experts=num_experts, ep_size=p), setup.world_size)]
+    return [dataclasses.replace(setup, ep_size=p, zero_stage=zero, micro_batch=micro,
+                                gradient_accumulation_steps=per_step // micro, activation_checkpointing=checkpointing)
+            for p in ep_sizes for zero in (0, 1, 2) for micro in range(1, per_step + 1) if per_step % micro == 0
+            for checkpointing in (False, True)]
+
+
+def search(shape: ModelShape, setup: Setup, ds_config: dict, cluster: Cluster, num_experts: int,
+           memory_gib: float) -> list[Layout]:
+    """The layouts that fit ``memory_gib``, fastest first (ties: less memory first)."""
+    found = []
+    for candidate in layouts(shape, setup, num_experts):
+        memory = bytes_per_rank(shape, candidate)["total"] / GIB
+        if memory > memory_gib:
+            continue
+        step = predict(shape, candidate, ds_config, cluster, all_to_all_bytes_per_step(shape, candidate))
+        if step is not None:
+            found.append(Layout(candidate, step, memory))
+    return sorted(found, key=lambda layout: (-layout.step.tokens_per_sec, layout.memory_gib))
+
+
+def why_best(ranked: list[dict]) -> str:
+    """One sentence: by how much the best layout (``Layout.as_dict``) beats the runner-up and which part of the step
+    it saves most on."""
+    if not ranked:
+        return "no layout fits"
+    if len(ranked) == 1:
+        return "the only layout that fits"
+    best, next_ = ranked[0], ranked[1]
+    gain = best["tokens_per_sec"] / next_["tokens_per_sec"] - 1
+    saved = {part: next_["seconds"][part] - best["seconds"][part] for part in PARTS}
+    part = max(saved, key=saved.get)
+    if saved[part] <= 0 or gain <= 0:
+        return f"it ties with the next ({next_['flags']}) in predicted time; of equal times, the least memory is first"
+    return (f"{100 * gain:.1f}% more tokens/s than the next ({next_['flags']}): {1e3 * saved[part]:.3g} ms less "
+            f"{part.replace('_', '-')} per step")
+
+
+def search_table(ranked: list[dict], cluster_name: str, memory_gib: float, show: int = 10) -> str:
+    """The console's view of the plan's ``search`` (``Layout.as_dict`` per layout, fastest first)."""
+    rows = [f"Layouts that fit {memory_gib:g} GiB on {cluster_name}, fastest first ({len(ranked)} fit"
+            + (f", {show} shown; all in plan.json" if len(ranked) > show else "") + "):",
+            f"  {'tokens/s':>12} {'MFU':>6} {'step ms':>9} {'GiB':>7}  {'compute/a2a/grad/opt %':<23} flags"]
+    for layout in ranked[:show]:
+        shares = "/".join(f"{100 * layout['shares'][part]:.0f}" for part in PARTS)
+        rows.append(f"  {layout['tokens_per_sec']:12.4g} {100 * layout['mfu']:5.1f}% "
+                    f"{1e3 * layout['step_time']:9.2f} {layout['memory_gib']:7.2f}  {shares:<23} {layout['flags']}")
+    rows.append(f"  best: {why_best(ranked)}")
+    return "\n".join(rows)
