@@ -36,10 +36,10 @@ from .run.folder import Resolved, RunFolder, RunRecord
 from .run.moe_layout import MoELayout
 from .run.writes import WriteError
 from .training.checkpoint import dense_weights
-from .training.ds_config import training_dtype
-from .training.nonfinite import NonFiniteError
 from .training.clusters import planned_world_size
+from .training.ds_config import training_dtype
 from .training.layout_search import search_table
+from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
 from .training.trainer import Trainer, build_engine
