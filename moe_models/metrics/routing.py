@@ -25,6 +25,13 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
+def max_violation(load_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664, eq. 9): the busiest
+    expert's load over the mean load, minus one; 0 is even. On the device (float64), no host read."""
+    load_E = load_E.double()
+    return load_E.max() / load_E.mean().clamp_min(torch.finfo(torch.float64).tiny) - 1
+
+
 def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
     """One layer's logged values from its ``RoutingSums`` (moe/counters.py) summed over ranks; {} without tokens."""
     tokens = round(float(sums.tokens))
@@ -46,6 +53,9 @@ def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
         "aux_loss": float(sums.balance_loss) / forwards,
         "z_loss": float(sums.z_loss) / forwards,
         "router_logit_norm": float(sums.router_logit_norm) / float(sums.tokens),
+        "max_violation_micro_batch": float(sums.max_violation) / forwards,
+        **({"max_violation_step": float(max_violation(sums.last_step_E))} if float(sums.last_step_E.sum()) > 0
+           else {}),
     }
 
 

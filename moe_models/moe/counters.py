@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..metrics.routing import router_entropy_sum, router_logit_norm_sum, router_z_loss
+from ..metrics.routing import max_violation, router_entropy_sum, router_logit_norm_sum, router_z_loss
 from .router import Routes
 
 
@@ -24,6 +24,9 @@ class RoutingSums:
     balance_loss: torch.Tensor       # the gate's balance loss, summed over forwards
     z_loss: torch.Tensor             # the router z-loss, summed over forwards
     router_logit_norm: torch.Tensor  # each token's router-logit norm, summed over tokens
+    max_violation: torch.Tensor      # each forward's (micro-batch's) max / mean chosen load - 1, summed over forwards
+    last_step_E: torch.Tensor        # routes per expert chosen in the interval's last optimizer step (not a sum
+    #                                  over the interval; summed over ranks it is the step's global batch)
     tokens: torch.Tensor
     forwards: torch.Tensor
 
@@ -50,6 +53,7 @@ class RoutingCounters:
         self.num_experts = num_experts
         self.enabled = True
         self._sums: RoutingSums | None = None  # made on the first forward's device
+        self._step_E: torch.Tensor | None = None  # this optimizer step's chosen routes so far
 
     @torch.no_grad()
     def add(self, routes: Routes) -> None:
@@ -62,8 +66,16 @@ class RoutingCounters:
         s.balance_loss += routes.balance_loss.detach()
         s.z_loss += router_z_loss(routes.logits_TE)
         s.router_logit_norm += router_logit_norm_sum(routes.logits_TE)
+        s.max_violation += max_violation(routes.chosen_E)
         s.tokens += routes.topk_ids_TK.shape[0]
         s.forwards += 1
+        self._step_E = routes.chosen_E.double() if self._step_E is None else self._step_E + routes.chosen_E
+
+    def end_step(self) -> None:
+        """After each optimizer step: its routes become the interval's ``last_step_E`` (on the device)."""
+        if self._sums is not None and self._step_E is not None:
+            self._sums.last_step_E = self._step_E
+        self._step_E = None
 
     def sums(self, device: torch.device) -> RoutingSums:
         """The interval's sums (zeros before the first forward)."""
@@ -71,3 +83,4 @@ class RoutingCounters:
 
     def reset(self) -> None:
         self._sums = None
+        self._step_E = None

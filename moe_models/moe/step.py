@@ -63,6 +63,8 @@ class MoEStep:
             update_score_biases(routers)
         for router in routers:
             router.step_load.reset()
+        for layer in self.layers:
+            layer.routing.end_step()
 
     # -- the logging interval ----------------------------------------------------------------------------------
 

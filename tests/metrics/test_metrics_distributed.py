@@ -34,6 +34,9 @@ def test_expert_counts_add_up_over_two_ep_ranks(tmp_path):
             assert sum(layer["routed_per_expert"]) == tokens * 2
             assert sum(layer["tokens_per_expert"]) == tokens * 2 - layer["dropped"]
             assert layer["dropped"] > 0 and len(layer["tokens_per_expert"]) == 4
+            if steps == 1:  # the interval is its last step: MaxVio of the global batch is the interval's imbalance - 1
+                assert layer["max_violation_step"] == pytest.approx(layer["imbalance"] - 1)
+            assert layer["max_violation_micro_batch"] >= 0
     # Experts 0-1 live on rank 0 and 2-3 on rank 1; the similarity gathered at the last eval must equal
     # the one computed from the four expert files saved right after it.
     eval_row = [r for r in rows if "eval_loss" in r][-1]

@@ -84,6 +84,8 @@ def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, 
     shares = [n / routes for n in chosen]
     assert metrics["effective_experts"] == pytest.approx(math.exp(-sum(p * math.log(p) for p in shares if p)))
     assert metrics["aux_loss"] == pytest.approx(layer.aux_loss.item())
+    assert metrics["max_violation_micro_batch"] == pytest.approx(max(chosen) / (routes / 4) - 1)  # one forward
+    assert "max_violation_step" not in metrics  # no optimizer step has ended
 
 
 def test_counters_add_up_training_forwards_only_and_reset(world):
@@ -107,6 +109,8 @@ def test_counts_of_two_ranks_sum_to_the_whole():
     first, second = (counters.sums(torch.device("cpu")) for counters in ranks)
     summed = RoutingSums(**{f.name: getattr(first, f.name) + getattr(second, f.name) for f in fields(RoutingSums)})
     metrics = routing_metrics(summed, num_experts=4, top_k=2)
+    # MaxVio of each rank's micro-batch (chosen [2, 1, 1, 2] and [1, 0, 0, 5]), averaged
+    assert metrics["max_violation_micro_batch"] == pytest.approx(((2 / 1.5 - 1) + (5 / 1.5 - 1)) / 2)
     assert metrics["tokens_per_expert"] == [3, 1, 1, 4]
     assert metrics["routed_tokens"] == 6 and metrics["dropped"] == 3
     assert sum(metrics["tokens_per_expert"]) == metrics["routed_tokens"] * 2 - metrics["dropped"]
@@ -155,3 +159,26 @@ def test_nothing_is_counted_without_moe_layers_or_domains(world):
     layer(hand_made_tokens())
     counts.add(torch.zeros(1, 8, dtype=torch.long))
     assert counts.metrics() == {}
+
+
+def test_max_violation_of_the_last_step_over_ranks():
+    """MaxVio of the global batch: the interval's last optimizer step, its micro-batches and ranks summed."""
+    ranks = [RoutingCounters(4), RoutingCounters(4)]
+    ids = torch.tensor([[0, 1], [2, 3]])
+    for counters, steps in zip(ranks, [[[4, 0, 0, 0]], [[0, 2, 0, 0]]]):
+        for chosen in steps:  # step 1: not the last, ignored
+            counters.add(hand_made_routes(ids, torch.tensor(chosen), 0.0))
+        counters.end_step()
+    ranks[0].add(hand_made_routes(ids, torch.tensor([1, 1, 0, 0]), 0.0))  # step 2, two micro-batches on rank 0
+    ranks[0].add(hand_made_routes(ids, torch.tensor([1, 0, 2, 0]), 0.0))
+    ranks[1].add(hand_made_routes(ids, torch.tensor([0, 0, 0, 3]), 0.0))
+    for counters in ranks:
+        counters.end_step()
+    first, second = (counters.sums(torch.device("cpu")) for counters in ranks)
+    summed = RoutingSums(**{f.name: getattr(first, f.name) + getattr(second, f.name) for f in fields(RoutingSums)})
+    metrics = routing_metrics(summed, num_experts=4, top_k=2)
+    step_load = [2, 1, 2, 3]  # step 2 over both ranks
+    assert metrics["max_violation_step"] == pytest.approx(max(step_load) / (sum(step_load) / 4) - 1)
+    micro = [[4, 0, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 3]]
+    assert metrics["max_violation_micro_batch"] == pytest.approx(
+        sum(max(load) / (sum(load) / 4) - 1 for load in micro) / len(micro))
