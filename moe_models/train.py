@@ -104,6 +104,9 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
         print(f"Resuming with the routing settings the run was trained with: {', '.join(taken)} "
               "(from its run_config.json)")
 
+    if cfg.moe.benchmark_balanced_routing and launched_rank() == 0:
+        print("Benchmark routing: --benchmark_balanced_routing spreads every token evenly over the experts; the "
+              "router does not learn to route (metrics rows carry moe/layer_i/forced_balanced_routing)")
     world = init_world(cfg.train.dist_timeout_s)
     check_same_settings(cfg)
     set_seed(cfg.train.seed)

@@ -67,6 +67,9 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"routed_scaling_factor ({moe.routed_scaling_factor}) must be > 0")
     if moe.router_bias_update_rate < 0:
         problems.append(f"router_bias_update_rate ({moe.router_bias_update_rate}) must be >= 0 (0 = off)")
+    if moe.benchmark_balanced_routing and (moe.moe_impl == "deepspeed" or moe.drop_tokens):
+        problems.append("--benchmark_balanced_routing needs --moe_impl grouped and --drop_tokens false (the stock "
+                        "gate routes inside DeepSpeed's layer; an even load needs no capacity)")
     default = MoEConfig()
     chosen = [f"--{name} {getattr(moe, name)}" for name in SCORING_FLAGS if getattr(moe, name) != getattr(default, name)]
     if chosen and moe.moe_impl == "deepspeed":

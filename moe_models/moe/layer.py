@@ -69,6 +69,7 @@ class MoEFeedForward(nn.Module):
         else:
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
+        self.gate.force_balanced = cfg.benchmark_balanced_routing
         self.aux_loss: torch.Tensor | None = None
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on

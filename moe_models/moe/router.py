@@ -86,6 +86,7 @@ class Router(TopKGate):
         self.last_routes: Optional[Routes] = None
         self.register_buffer("score_bias", None)
         self.step_load = StepLoad()  # this optimizer step's routes per expert (moe/balance.py)
+        self.force_balanced = False  # --benchmark_balanced_routing: ``balanced_routes`` replaces the choice
 
     def add_score_bias(self, device: torch.device) -> None:
         """The aux-loss-free bias, zero at the start. (Its name must not contain "expert": DeepSpeed saves every state
@@ -119,6 +120,8 @@ class Router(TopKGate):
         else:
             routes = dropless_routes(logits_TE, self.k, self.noisy_gate_policy == "RSample" and self.training,
                                      self.top2_2nd_expert_sampling)
+        if self.force_balanced:
+            routes = balanced_routes(routes, self.k)
         if self.training and self.score_bias is not None and not recomputing():
             self.step_load.add_local(routes.chosen_E)
         self.last_routes = routes
@@ -212,6 +215,19 @@ def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_secon
         balance_loss = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).mean() * num_experts * num_experts / k
     counts_E = routes_per_expert(topk_ids_TK, num_experts)
     return Routes(logits_TE, topk_ids_TK, weights_TK, counts_E, counts_E, balance_loss)  # dropless: kept = chosen
+
+
+def balanced_routes(routes: Routes, k: int) -> Routes:
+    """--benchmark_balanced_routing: token t's routes go to experts (t k + j) mod E, j < k (k distinct experts when
+    k <= E), every expert within one route of an even share, as torchtitan's debug switch spreads them; the weights
+    are the router's softmax probabilities at those experts (renormalised for k > 1), so the router stays in the
+    graph and costs what it costs. The balance loss is the real routes'."""
+    T, E = routes.logits_TE.shape
+    ids_TK = (torch.arange(T * k, device=routes.logits_TE.device) % E).view(T, k)
+    weights_TK = F.softmax(routes.logits_TE, dim=1).gather(1, ids_TK)
+    counts_E = routes_per_expert(ids_TK, E)
+    return Routes(routes.logits_TE, ids_TK, _renormalised(weights_TK) if k > 1 else weights_TK, counts_E, counts_E,
+                  routes.balance_loss)
 
 
 def recomputing() -> bool:

@@ -89,6 +89,8 @@ class MoEStep:
                 shared = from_named(SharedSums, summed, f"moe/layer_{i}/shared/")
                 values.update(shared_expert_metrics(shared, gated=layer.shared_expert_gate is not None))
                 layer.shared_counters.reset()
+            if layer.gate.force_balanced:
+                values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
             if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
                 values["score_bias"] = layer.gate.score_bias.tolist()
             row.update({f"moe/layer_{i}/{key}": value for key, value in values.items()})

@@ -109,6 +109,11 @@ class MoEConfig:
     top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
                                            "training (DeepSpeed's default); false = deterministic top-2.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
+    benchmark_balanced_routing: bool = _flag(
+        False, "For throughput benchmarks only: the router is computed as usual, but token t's k routes go to experts "
+        "(t k + j) mod E, so every expert gets an even share; the model does not learn to route. Marked in "
+        "run_config.json and in every training row (moe/layer_i/forced_balanced_routing); dropless, --moe_impl "
+        "grouped only (docs/performance.md).")
     num_shared_experts: int = _flag(
         0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "
         "held as one FFN of the dense family's class N routed experts wide (with granular experts N must be a "
