@@ -1,0 +1,178 @@
+"""The plan's step-time model (moe_models/training/step_time.py) against measured training steps on this machine.
+
+    python bench/step_time_check.py [--steps 8] [--out FOLDER]
+
+1. Calibrate: one rank's matmul rate at the model's GEMM shapes and memory bandwidth (a large add), and gloo's
+   all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over 64 KiB .. 16 MiB).
+   The result is a cluster file (``OUT/this_machine.json``, one node of 2 "devices") for --plan_cluster.
+2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
+   checkpointing): the plan's predicted step time for that file, then a real run through train.py (the deepspeed
+   launcher for 2 ranks) whose median step_time over the logged intervals after the first is the measurement.
+3. A table: predicted, measured, predicted / measured, and the model's biggest part.
+
+OMP_NUM_THREADS is 1 per rank (the calibration uses the same), so the ranks do not compete for the 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODEL = dict(model_type="llama", vocab_size=257, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+             bos_token_id=256, eos_token_id=256, pad_token_id=256)
+BASE = ["--block_size", "128", "--per_device_train_batch_size", "4", "--synthetic_examples", "600",
+        "--drop_tokens", "false", "--eval_steps", "0", "--warmup_steps", "1", "--disable_tqdm"]
+CONFIGS = [  # (name, ranks, flags)
+    ("ep1 E8 top2", 1, ["--num_experts", "8", "--top_k", "2"]),
+    ("ep1 E8 top2 ckpt", 1, ["--num_experts", "8", "--top_k", "2", "--gradient_checkpointing"]),
+    ("ep1 E32 top2", 1, ["--num_experts", "32", "--top_k", "2"]),
+    ("dp2 ep1 E8 top2", 2, ["--num_experts", "8", "--top_k", "2", "--ep_size", "1"]),
+    ("ep2 E8 top2", 2, ["--num_experts", "8", "--top_k", "2", "--ep_size", "2"]),
+    ("ep2 E32 top2", 2, ["--num_experts", "32", "--top_k", "2", "--ep_size", "2"]),
+    ("ep2 E8 top4", 2, ["--num_experts", "8", "--top_k", "4", "--ep_size", "2"]),
+    ("ep2 E8 top2 ckpt", 2, ["--num_experts", "8", "--top_k", "2", "--ep_size", "2", "--gradient_checkpointing"]),
+]
+
+
+def seconds_of(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def matmul_rate(tokens: int) -> float:
+    """FLOP/s of the model's GEMMs (tokens x hidden by hidden x FFN, and back), one thread."""
+    h, f = MODEL["hidden_size"], MODEL["intermediate_size"]
+    x, w, v = torch.randn(tokens, h), torch.randn(h, f), torch.randn(f, h)
+    flops = 2 * tokens * h * f * 2
+    return flops / seconds_of(lambda: (x @ w) @ v)
+
+
+def memory_bandwidth() -> float:
+    a, b = torch.randn(2**25), torch.randn(2**25)  # 128 MiB each
+    out = torch.empty_like(a)
+    return 3 * a.numel() * 4 / seconds_of(lambda: torch.add(a, b, out=out))
+
+
+def _collectives(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    fits = {}
+    for name in ("all_reduce", "all_to_all"):
+        points = []
+        for size in (2**16, 2**18, 2**20, 2**22, 2**24):  # bytes per rank
+            t = torch.zeros(size // 4)
+            out = torch.empty_like(t)
+            op = (lambda: dist.all_reduce(t)) if name == "all_reduce" else (lambda: dist.all_to_all_single(out, t))
+            dist.barrier()
+            points.append((size, seconds_of(op)))
+        fits[name] = points
+    if rank == 0:
+        queue.put(fits)
+    dist.destroy_process_group()
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of time = latency + bytes / bandwidth, least squares."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return max(mean_y - slope * mean_x, 1e-6), 1 / slope
+
+
+def calibrate(out: Path) -> Path:
+    import socket
+
+    import torch.multiprocessing as mp
+    torch.set_num_threads(1)
+    rate = matmul_rate(4 * 128)
+    bandwidth = memory_bandwidth()
+    queue = mp.get_context("spawn").SimpleQueue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_collectives, args=(port, queue), nprocs=2, start_method="spawn")
+    fits = queue.get()
+    # An all-reduce moves 2 (n - 1) / n of its bytes per rank over the link (a ring): at n = 2, all of them; an
+    # all-to-all of B bytes per rank sends B / 2 to the other rank.
+    reduce_latency, reduce_bw = fit(fits["all_reduce"])
+    a2a_latency, a2a_bw = fit([(size / 2, t) for size, t in fits["all_to_all"]])
+    cluster = dict(devices_per_node=2, memory_gib=12, peak_flops=rate, matmul_flops=rate, memory_bandwidth=bandwidth,
+                   intra_node_bandwidth=min(reduce_bw, a2a_bw), intra_node_latency=max(reduce_latency, a2a_latency) / 2,
+                   inter_node_bandwidth=min(reduce_bw, a2a_bw), inter_node_latency=max(reduce_latency, a2a_latency) / 2,
+                   bf16=False, source=f"bench/step_time_check.py on this machine, {time.strftime('%Y-%m-%d')}: "
+                   f"all-reduce {reduce_bw / 1e9:.2f} GB/s + {1e6 * reduce_latency:.0f} us, all-to-all "
+                   f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
+    path = out / "this_machine.json"
+    path.write_text(json.dumps(cluster, indent=1))
+    print(f"calibrated: matmul {rate / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; {cluster['source']}")
+    return path
+
+
+def predicted(cluster_file: Path, ranks: int, flags: list[str], out: Path) -> dict:
+    """The plan's step time (``StepTime.as_dict``) of the configuration on ``ranks`` ranks of the calibrated node."""
+    from moe_models.run.cli import parse_args
+    from moe_models.training.clusters import resolve_cluster
+    from moe_models.training.preflight import ModelShape, Setup, plan
+    from moe_models.training.step_time import predict
+    from moe_models.training.validate import validate
+    cfg = parse_args([*BASE, *flags, "--model_config", str(out / "model.json"), "--plan", "--output_dir",
+                      str(out / "plan")])
+    ds_config = validate(cfg, world_size=ranks)
+    result = plan(cfg, ds_config, ranks)
+    return predict(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config,
+                   resolve_cluster(str(cluster_file)), result["all_to_all_bytes_per_step"]).as_dict()
+
+
+def measured(ranks: int, flags: list[str], out: Path, steps: int) -> float:
+    run = out / "runs" / "_".join(flags).replace("--", "")
+    command = [*BASE, *flags, "--model_config", str(out / "model.json"), "--max_steps", str(steps), "--logging_steps",
+               "2", "--overwrite_output_dir", "--output_dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if ranks == 1:
+        subprocess.run([sys.executable, "train.py", *command], cwd=REPO, env=env, check=True, capture_output=True)
+    else:
+        subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "train.py",
+                        *command], cwd=REPO, env=env, check=True, capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [row["step_time"] for row in rows if "step_time" in row][1:]  # the first interval holds the warm-up
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "step_time_check")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model.json").write_text(json.dumps(MODEL))
+    cluster_file = calibrate(args.out)
+    print(f"{'configuration':<20} {'predicted ms':>13} {'measured ms':>12} {'pred/meas':>10}  biggest part")
+    for name, ranks, flags in CONFIGS:
+        step = predicted(cluster_file, ranks, flags, args.out)
+        seconds = measured(ranks, flags, args.out, args.steps)
+        biggest = max(step["shares"], key=step["shares"].get)
+        print(f"{name:<20} {1e3 * step['step_time']:13.1f} {1e3 * seconds:12.1f} {step['step_time'] / seconds:10.2f}"
+              f"  {biggest} {100 * step['shares'][biggest]:.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
