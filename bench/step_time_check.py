@@ -2,7 +2,8 @@
 
     python bench/step_time_check.py [--steps 8] [--out FOLDER]
 
-1. Calibrate: one rank's matmul rate at the model's GEMM shapes and memory bandwidth (a large add), and gloo's
+1. Calibrate: one rank's training rate on the dense model of the same shapes (forward + backward, by the MFU
+   formula; it stands for the cluster file's matmul_flops), memory bandwidth (a large add), and gloo's
    all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over 64 KiB .. 16 MiB).
    The result is a cluster file (``OUT/this_machine.json``, one node of 2 "devices") for --plan_cluster.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
@@ -57,12 +58,21 @@ def seconds_of(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def matmul_rate(tokens: int) -> float:
-    """FLOP/s of the model's GEMMs (tokens x hidden by hidden x FFN, and back), one thread."""
-    h, f = MODEL["hidden_size"], MODEL["intermediate_size"]
-    x, w, v = torch.randn(tokens, h), torch.randn(h, f), torch.randn(f, h)
-    flops = 2 * tokens * h * f * 2
-    return flops / seconds_of(lambda: (x @ w) @ v)
+def training_rate(batch: int, block: int) -> float:
+    """FLOP/s of one thread training the dense model of the same shapes (forward + backward of one micro-batch, by
+    the MFU formula): the sustained rate of everything a block does (GEMMs, attention, norms), which on a CPU is far
+    below the rate of its large GEMMs alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token
+    config = AutoConfig.for_model(**MODEL)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, MODEL["vocab_size"], (batch, block))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+    per_token = flops_per_token(active_parameters(model, []), *attention_dims(config), block)
+    return batch * block * per_token / seconds_of(step, repeats=3)
 
 
 def memory_bandwidth() -> float:
@@ -103,7 +113,7 @@ def calibrate(out: Path) -> Path:
 
     import torch.multiprocessing as mp
     torch.set_num_threads(1)
-    rate = matmul_rate(4 * 128)
+    rate = training_rate(4, 128)
     bandwidth = memory_bandwidth()
     queue = mp.get_context("spawn").SimpleQueue()
     with socket.socket() as probe:
@@ -123,7 +133,7 @@ def calibrate(out: Path) -> Path:
                    f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
     path = out / "this_machine.json"
     path.write_text(json.dumps(cluster, indent=1))
-    print(f"calibrated: matmul {rate / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; {cluster['source']}")
+    print(f"calibrated: dense training {rate / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; {cluster['source']}")
     return path
 
 

@@ -62,20 +62,23 @@ def search(shape: ModelShape, setup: Setup, ds_config: dict, cluster: Cluster, n
 
 
 def why_best(ranked: list[dict]) -> str:
-    """One sentence: by how much the best layout (``Layout.as_dict``) beats the runner-up and which part of the step
-    it saves most on."""
+    """One sentence: by how much the best layout (``Layout.as_dict``) beats the next layout predicted differently,
+    which part of the step it saves most on, and how many layouts tie with it."""
     if not ranked:
         return "no layout fits"
-    if len(ranked) == 1:
-        return "the only layout that fits"
-    best, next_ = ranked[0], ranked[1]
+    best = ranked[0]
+    ties = [layout for layout in ranked[1:]
+            if abs(layout["tokens_per_sec"] - best["tokens_per_sec"]) <= 1e-9 * best["tokens_per_sec"]]
+    tied = (f"; {len(ties)} more predict the same (e.g. {ties[0]['flags']}; listed by memory)" if ties else "")
+    others = ranked[1 + len(ties):]
+    if not others:
+        return "the only prediction among the layouts that fit" + tied
+    next_ = others[0]
     gain = best["tokens_per_sec"] / next_["tokens_per_sec"] - 1
     saved = {part: next_["seconds"][part] - best["seconds"][part] for part in PARTS}
     part = max(saved, key=saved.get)
-    if saved[part] <= 0 or gain <= 0:
-        return f"it ties with the next ({next_['flags']}) in predicted time; of equal times, the least memory is first"
     return (f"{100 * gain:.1f}% more tokens/s than the next ({next_['flags']}): {1e3 * saved[part]:.3g} ms less "
-            f"{part.replace('_', '-')} per step")
+            f"{part.replace('_', '-')} per step" + tied)
 
 
 def search_table(ranked: list[dict], cluster_name: str, memory_gib: float, show: int = 10) -> str:
