@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import launch
 
 import train
 from moe_models.moe.layer import MoEFeedForward
@@ -58,3 +59,19 @@ def test_a_run_is_marked_and_refused_where_it_cannot_work(world, tmp_path, capsy
             train.main(["--benchmark_balanced_routing", *flags, "--output_dir", str(tmp_path / "refused")])
         assert "--benchmark_balanced_routing needs" in capsys.readouterr().err
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.distributed
+def test_at_ep_size_2_every_expert_gets_an_even_share_of_both_ranks_tokens(tmp_path):
+    out = tmp_path / "ep2"
+    launch(["train.py", "--ep_size", "2", "--num_experts", "4", "--drop_tokens", "false",
+            "--benchmark_balanced_routing", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "0",
+            "--synthetic_examples", "200", "--block_size", "32", "--per_device_train_batch_size", "2",
+            "--warmup_steps", "1", "--disable_tqdm", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    routes = 2 * 2 * 32 * 2  # ranks x sequences x block x top-2, per step
+    for row in rows:
+        for i in range(4):
+            assert row[f"moe/layer_{i}/routed_per_expert"] == [routes // 4] * 4
+            assert row[f"moe/layer_{i}/max_violation_step"] == 0.0
+            assert row[f"moe/layer_{i}/forced_balanced_routing"] is True
