@@ -85,6 +85,7 @@ class MoEClass:
     score_function: str = "softmax"
     score_bias: bool = False         # chooses by the scores plus a bias (the aux-loss-free bias)
     routed_scaling: bool = False     # multiplies the routed output by routed_scaling_factor
+    expert_groups: bool = False      # chooses within a token's best expert groups (n_group, topk_group)
 
 
 MOE_CLASSES = {
@@ -99,7 +100,7 @@ MOE_CLASSES = {
     "ernie4_5_moe": MoEClass("ERNIE-4.5-MoE", "Ernie4_5_MoeForCausalLM", "interval", True, "ungated",
                              score_bias=True),
     "glm4_moe": MoEClass("GLM4-MoE", "Glm4MoeForCausalLM", "first", False, "ungated", score_function="sigmoid",
-                         score_bias=True, routed_scaling=True),
+                         score_bias=True, routed_scaling=True, expert_groups=True),
     "cohere2_moe": MoEClass("Cohere2-MoE", "Cohere2MoeForCausalLM", "any", True, "ungated"),
 }
 # The transformers MoE class (model_type) a dense family exports to with softmax scores.
@@ -184,6 +185,11 @@ def _routing_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
     if moe.routed_scaling_factor != 1.0 and not target.routed_scaling:
         problems.append(f"routed_scaling_factor {moe.routed_scaling_factor}: {name} does not scale the routed "
                         "output (GLM4-MoE does, with --score_function sigmoid)")
+    scoring = Scoring.of(moe)
+    if scoring.groups_per_token < scoring.expert_groups and not target.expert_groups:
+        problems.append(f"--max_groups_per_token {moe.max_groups_per_token} of --expert_groups {moe.expert_groups}: "
+                        f"{name} chooses among all experts (GLM4-MoE chooses within groups, with --score_function "
+                        "sigmoid)")
     if target.always_renormalises and not Scoring.of(moe).renormalises(moe.top_k):
         problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
                         f"{name} gives it weight 1.0 (it rescales the top-k probabilities to sum to 1; so does "
@@ -327,11 +333,12 @@ def hf_moe_config(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) ->
 def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout) -> dict:
     """GLM4-MoE settings that make it the dense family's attention with the scored rule's routing: full rotary, q/k
     norms for Qwen3, q/k/v biases for Qwen2, one expert group, the shared experts (none: an MLP with no units), dense
-    FFNs in the first blocks."""
+    FFNs in the first blocks; the expert groups of group-limited routing (one group without it)."""
     rope = dict(dense.rope_parameters or {}, partial_rotary_factor=1.0)
     return dict(rope_parameters=rope, partial_rotary_factor=1.0, use_qk_norm=dense.model_type == "qwen3",
                 attention_bias=dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False)),
-                routed_scaling_factor=moe.routed_scaling_factor, n_group=1, topk_group=1,
+                routed_scaling_factor=moe.routed_scaling_factor, n_group=Scoring.of(moe).expert_groups,
+                topk_group=Scoring.of(moe).groups_per_token,
                 n_shared_experts=moe.num_shared_experts,  # N x moe_intermediate_size units, ungated
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
 

@@ -29,6 +29,8 @@ class CheckpointShape:
     score_function: str = "softmax"
     score_bias: bool = False     # the router chooses by the scores plus a bias the checkpoint holds
     routed_scaling_factor: float = 1.0
+    expert_groups: int = 1       # group-limited routing: groups of experts, of which a token routes into...
+    groups_per_token: int = 1    # ...its best this many
 
 
 def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
@@ -60,7 +62,8 @@ def checkpoint_shape(config: PretrainedConfig) -> CheckpointShape:
                                list(range(config.first_k_dense_replace, num_layers)),
                                config.n_shared_experts * config.moe_intermediate_size, False, config.norm_topk_prob,
                                score_function="sigmoid", score_bias=True,
-                               routed_scaling_factor=config.routed_scaling_factor)
+                               routed_scaling_factor=config.routed_scaling_factor,
+                               expert_groups=config.n_group, groups_per_token=config.topk_group)
     return CheckpointShape(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                            _qwen_moe_block_ids(config), getattr(config, "shared_expert_intermediate_size", 0),
                            True, config.norm_topk_prob)
@@ -142,9 +145,6 @@ def _glm4_moe_import_problems(config: PretrainedConfig) -> list[str]:
     if config.use_qk_norm and config.attention_bias:
         problems.append("use_qk_norm and attention_bias: Qwen3 has the q/k norms but no q/k/v biases, Qwen2 the "
                         "biases but no norms")
-    if config.n_group > 1 and config.topk_group < config.n_group:
-        problems.append(f"topk_group {config.topk_group} of n_group {config.n_group}: the scored rule chooses "
-                        "among all experts, not within the best groups")
     return problems
 
 
@@ -170,6 +170,8 @@ def dense_config_and_moe_settings(config: PretrainedConfig) -> tuple[PretrainedC
         settings["score_function"] = shape.score_function
     if shape.routed_scaling_factor != 1.0:
         settings["routed_scaling_factor"] = shape.routed_scaling_factor
+    if shape.groups_per_token < shape.expert_groups:
+        settings.update(expert_groups=shape.expert_groups, max_groups_per_token=shape.groups_per_token)
     granularity = _granularity_beside_dense_blocks(shape, config) if moe_layers != "all" else 1
     if granularity > 1:  # dense blocks of the full width beside fine-grained experts: granular experts rebuild them
         ffn_size = shape.dense_size or config.intermediate_size

@@ -67,6 +67,7 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"routed_scaling_factor ({moe.routed_scaling_factor}) must be > 0")
     if moe.router_bias_update_rate < 0:
         problems.append(f"router_bias_update_rate ({moe.router_bias_update_rate}) must be >= 0 (0 = off)")
+    problems += group_problems(moe)
     if moe.benchmark_balanced_routing and (moe.moe_impl == "deepspeed" or moe.drop_tokens):
         problems.append("--benchmark_balanced_routing needs --moe_impl grouped and --drop_tokens false (the stock "
                         "gate routes inside DeepSpeed's layer; an even load needs no capacity)")
@@ -83,7 +84,28 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
 
 
 # MoEConfig fields beyond DeepSpeed's gate (moe/router.py Scoring): any of them off its default selects the scored rule
-SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type")
+SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type",
+                 "max_groups_per_token")
+
+
+def group_problems(moe: MoEConfig) -> list[str]:
+    """--expert_groups and --max_groups_per_token: equal groups of at least 2 experts (a group scores by its two best),
+    a limit between 1 and the groups, and room inside the kept groups for top_k experts."""
+    groups, keep, problems = moe.expert_groups, moe.max_groups_per_token, []
+    if groups < 1:
+        return [f"expert_groups ({groups}) must be >= 1"]
+    if keep is not None and not 1 <= keep <= groups:
+        problems.append(f"max_groups_per_token ({keep}) must be between 1 and expert_groups ({groups})")
+    if keep is not None and groups == 1:
+        problems.append("--max_groups_per_token needs --expert_groups > 1 (the groups to choose among)")
+    for count in sorted(set(expert_counts(moe))) if groups > 1 else []:
+        if count % groups or count // groups < 2:
+            problems.append(f"expert_groups {groups} with {count} experts: each group needs the same number of "
+                            "experts, at least 2 (a group scores by its two best); choose a divisor of the experts")
+        elif keep is not None and moe.top_k > keep * (count // groups):
+            problems.append(f"top_k {moe.top_k} > max_groups_per_token {keep} x {count // groups} experts per group: "
+                            "raise --max_groups_per_token")
+    return problems
 
 
 def upcycling_problems(moe: MoEConfig, counts: list[int]) -> list[str]:

@@ -55,12 +55,16 @@ class Scoring:
     routed_scaling_factor: float = 1.0
     aux_loss_type: str = "micro_batch"       # micro_batch | sequence | global_batch
     bias_update_rate: float = 0.0            # > 0: aux-loss-free balancing
+    expert_groups: int = 1                   # group-limited routing: the experts in this many groups...
+    groups_per_token: int = 1                # ...of which a token routes into its best this many (1 of 1: no limit)
 
     @classmethod
     def of(cls, moe) -> "Scoring":
-        """From a MoEConfig."""
+        """From a MoEConfig (a limit that keeps every group is no limit)."""
+        limited = moe.max_groups_per_token is not None and moe.max_groups_per_token < moe.expert_groups
         return cls(moe.score_function, moe.norm_topk_prob, moe.routed_scaling_factor, moe.aux_loss_type,
-                   moe.router_bias_update_rate)
+                   moe.router_bias_update_rate, moe.expert_groups if limited else 1,
+                   moe.max_groups_per_token if limited else 1)
 
     @property
     def is_deepspeed(self) -> bool:
@@ -134,6 +138,8 @@ class Router(TopKGate):
         T, E = logits_TE.shape
         scores_TE = logits_TE.sigmoid() if s.score_function == "sigmoid" else F.softmax(logits_TE, dim=1)
         choice_TE = scores_TE if self.score_bias is None else scores_TE + self.score_bias
+        if s.groups_per_token < s.expert_groups:
+            choice_TE = within_best_groups(choice_TE, s.expert_groups, s.groups_per_token)
         topk_ids_TK = choice_TE.topk(self.k, dim=1).indices
         weights_TK = scores_TE.gather(1, topk_ids_TK)
         if s.renormalises(self.k):
@@ -215,6 +221,17 @@ def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_secon
         balance_loss = (me_E * _mask(probs_TE, topk_ids_TK).mean(dim=0)).mean() * num_experts * num_experts / k
     counts_E = routes_per_expert(topk_ids_TK, num_experts)
     return Routes(logits_TE, topk_ids_TK, weights_TK, counts_E, counts_E, balance_loss)  # dropless: kept = chosen
+
+
+def within_best_groups(choice_TE: torch.Tensor, groups: int, keep: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek-V3, arXiv 2412.19437 section 2.1.2; GLM4-MoE's ``n_group``/``topk_group``):
+    the E experts in ``groups`` groups of consecutive ids; each token keeps the ``keep`` groups whose two best choice
+    scores sum highest, and every expert outside them gets -inf, so the top-k falls inside them."""
+    T, E = choice_TE.shape
+    group_scores_TG = choice_TE.view(T, groups, E // groups).topk(2, dim=-1).values.sum(dim=-1)
+    best_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(
+        1, group_scores_TG.topk(keep, dim=-1).indices, True)
+    return choice_TE.masked_fill(~best_TG.repeat_interleave(E // groups, dim=1), float("-inf"))
 
 
 def balanced_routes(routes: Routes, k: int) -> Routes:

@@ -155,6 +155,15 @@ class MoEConfig:
         0.0, "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice of experts "
         "only; after each optimizer step bias_e += rate x sign(mean load - load_e), the load counted over every token "
         "of the step on all ranks. 0 = off; 1e-3 is the published rate. With it, --aux_loss_coef 0 is supported.")
+    expert_groups: int = _flag(
+        1, "Group-limited routing (DeepSeek-V3's node-limited routing): the experts of each MoE layer in this many "
+        "equal groups, of consecutive expert ids; with --max_groups_per_token a token chooses its experts inside its "
+        "best groups only. Groups of the experts of one node bound the nodes a token's routes reach: experts / "
+        "(ep_size / devices per node) per group (docs/routing.md).")
+    max_groups_per_token: Optional[int] = _flag(
+        None, "With --expert_groups: M, the groups a token may route into; it takes the M groups with the highest sum "
+        "of their two best scores (plus the aux-loss-free bias), then its top-k experts inside them. None = every "
+        "group (no limit).")
     aux_loss_type: Literal["micro_batch", "sequence", "global_batch"] = _flag(
         "micro_batch", "Over which tokens the balance loss counts expert frequencies: each micro-batch (DeepSpeed's), "
         "each sequence averaged (DeepSeek-V2/V3), or the whole optimizer step on all data-parallel ranks (Qwen's "

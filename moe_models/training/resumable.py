@@ -24,7 +24,8 @@ from .checkpoint import optimizer_layout_problem
 # recorded them unless --allow_routing_change.
 ROUTING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate",
                  "drop_tokens", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
-                 "use_rts", "top2_2nd_expert_sampling", "benchmark_balanced_routing")
+                 "use_rts", "top2_2nd_expert_sampling", "benchmark_balanced_routing",
+                 "expert_groups", "max_groups_per_token")
 
 
 class FinishedRun(Exception):

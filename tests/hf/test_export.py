@@ -45,7 +45,9 @@ CASES = {
                                      "--router_bias_update_rate", "0.05", "--moe_layers", "2,3"], "Glm4MoeForCausalLM"),
     "qwen3_sigmoid": ("tiny-qwen3", ["--top_k", "1", "--score_function", "sigmoid", "--router_bias_update_rate", "0.05",
                                      "--norm_topk_prob", "true"], "Glm4MoeForCausalLM"),
-    "llama_sigmoid_shared": ("tiny-llama", ["--top_k", "2", "--score_function", "sigmoid", "--num_shared_experts", "2"],
+    # ... with shared experts and group-limited routing: 2 groups of 2 experts, each token inside its best one
+    "llama_sigmoid_shared": ("tiny-llama", ["--top_k", "2", "--score_function", "sigmoid", "--num_shared_experts", "2",
+                                            "--expert_groups", "2", "--max_groups_per_token", "1"],
                              "Glm4MoeForCausalLM"),
     # shared experts: with their gate; without it (a zero gate and a doubled down projection); Llama -> Granite
     "qwen2_shared_gate": ("tiny-qwen2", ["--top_k", "2", "--moe_layers", "every:2", "--num_shared_experts", "2",
@@ -82,7 +84,11 @@ def exported(request, world, tmp_path_factory):
 def test_export_loads_natively_and_computes_the_deepspeed_function(exported):
     hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
     assert type(hf).__name__ == exported["hf_class"]
-    assert "auto_map" not in json.loads((exported["hf_dir"] / "config.json").read_text())  # no remote code
+    config = json.loads((exported["hf_dir"] / "config.json").read_text())
+    assert "auto_map" not in config  # no remote code
+    if exported["cfg"].moe.max_groups_per_token:  # group-limited routing: GLM4-MoE's own groups
+        assert (config["n_group"], config["topk_group"]) == (exported["cfg"].moe.expert_groups,
+                                                              exported["cfg"].moe.max_groups_per_token)
     gate_up = next(p for n, p in hf.named_parameters() if n.endswith("experts.gate_up_proj"))
     assert not torch.allclose(gate_up[0], gate_up[1])  # the experts differ, so routing matters
     ids = tokens()
@@ -259,6 +265,8 @@ def test_granular_configs_round_trip(preset, moe_layers, dense_size, settings):
     ("tiny-qwen3", MoEConfig(), {"layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2},
      "Qwen3-MoE applies its window to every block or to none"),
     ("tiny-llama", MoEConfig(router_bias_update_rate=1e-3), {}, "GLM4-MoE has one, with --score_function sigmoid"),
+    ("tiny-llama", MoEConfig(expert_groups=2, max_groups_per_token=1), {},
+     "Mixtral chooses among all experts (GLM4-MoE chooses within groups"),
     ("tiny-qwen2", MoEConfig(routed_scaling_factor=2.0), {}, "does not scale the routed output"),
     ("tiny-llama", MoEConfig(norm_topk_prob=False), {}, "norm_topk_prob false: Mixtral rescales"),
     ("tiny-llama", MoEConfig(score_function="sigmoid", moe_layers="0,1"), {}, "first_k_dense_replace"),

@@ -157,6 +157,11 @@ FULL_ROTARY = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.
                       routed_scaling_factor=1.5, head_dim=16, **FULL_ROTARY),
      dict(score_function="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5, num_shared_experts=2,
           expert_init="granular", granularity=2, moe_layers=[1, 2])),
+    # group-limited routing: 8 experts in 4 groups, each token inside its best 2 (DeepSeek-V3's rule)
+    ("glm4_moe", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, n_shared_experts=0,
+                      first_k_dense_replace=0, n_group=4, topk_group=2, norm_topk_prob=True, head_dim=16,
+                      **FULL_ROTARY),
+     dict(score_function="sigmoid", expert_groups=4, max_groups_per_token=2, num_experts=8)),
     # dense first block twice as wide as the experts (granular), a summed shared expert, top-1 (weight 1.0)
     ("cohere2_moe", dict(num_experts=4, num_experts_per_tok=1, intermediate_size=48, head_dim=16, sliding_window=8,
                          mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=96,
@@ -171,7 +176,7 @@ def test_a_checkpoint_made_by_transformers_imports_with_its_function(world, tmp_
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(moe_type, **{**FOREIGN, **fields})).eval()
     for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
-        if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and tensor.shape[0] == 4:
+        if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and tensor.shape[0] in (4, 8):
             tensor.mul_(30)  # routers that tell experts apart
         elif name.endswith("e_score_correction_bias"):
             tensor.normal_(0, 0.1)
@@ -236,7 +241,6 @@ def test_every_export_class_is_documented_with_its_hf_class():
     ("cohere2_moe", dict(rms_norm_eps=1e-6), "Cohere2-MoE then normalises by RMSNorm, Cohere2 by LayerNorm"),
     ("cohere2_moe", dict(mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
                          prefix_dense_sliding_window_pattern=1), "rotates q/k in dense full-attention blocks [0]"),
-    ("glm4_moe", dict(n_group=4, topk_group=2, n_routed_experts=8), "topk_group 2 of n_group 4"),
     ("glm4_moe", dict(use_qk_norm=True, attention_bias=True), "use_qk_norm and attention_bias"),
     ("ernie4_5_moe", dict(use_bias=True), "use_bias is true: ERNIE-4.5's FFN biases"),
 ])

@@ -205,7 +205,8 @@ RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32"
        "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
        "--logging_steps", "1", "--gradient_accumulation_steps", "2", "--score_function", "sigmoid",
        "--norm_topk_prob", "true", "--routed_scaling_factor", "2.5", "--router_bias_update_rate", "0.01",
-       "--aux_loss_type", "global_batch", "--drop_tokens", "false"]
+       "--aux_loss_type", "global_batch", "--drop_tokens", "false", "--expert_groups", "2", "--max_groups_per_token",
+       "1"]
 
 
 def logged(output_dir, *keys):
@@ -221,6 +222,8 @@ def test_a_run_with_every_option_resumes_exactly(world, tmp_path):
     keys = ("loss", "aux_loss", "moe/layer_0/score_bias", "moe/layer_1/routed_per_expert")
     rows = logged(full, *keys)
     assert any(bias != [0.0] * 4 for _, _, bias, _ in rows)  # the bias moved
+    # top-2 inside the best of 2 groups of 2 experts: every token takes both experts of one group
+    assert all(load[0] == load[1] and load[2] == load[3] for _, _, _, load in rows)
     assert logged(resumed, *keys) == rows[2:]
 
 
