@@ -10,13 +10,14 @@ Shape letters: moe/__init__.py.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
-from .router import Routes
+from .router import Routes, recomputing
 
 
 class Sorted(NamedTuple):
@@ -78,6 +79,8 @@ class AllToAllDispatcher(LocalDispatcher):
         self.ep_size = ep_size
         self.num_local_experts = num_local_experts
         self.ep_group: Optional[dist.ProcessGroup] = None  # set with the layer's (DeepSpeed creates it later)
+        self.sent_bytes = [0, 0]  # training bytes this rank sent to peers in its node, in other nodes (host ints)
+        self._same_node: Optional[list[bool]] = None  # per peer of the group: on this rank's node
 
     def dispatch(self, x_TD: torch.Tensor, routes: Routes) -> tuple[torch.Tensor, torch.Tensor, Sorted]:
         ep, n_local = self.ep_size, self.num_local_experts
@@ -96,6 +99,8 @@ class AllToAllDispatcher(LocalDispatcher):
         by_expert = torch.argsort(local_ids, stable=True)
         counts_L = recv_counts_E.view(ep, n_local).sum(0)
         exchange = (send_splits, recv_splits, by_expert, x_RD.shape[0])
+        if torch.is_grad_enabled():  # a training forward: count what it sends (eval forwards run without grad)
+            self._count_sent(send_splits, recv_splits, x_RD.shape[1] * x_RD.element_size())
         return x_recv.index_select(0, by_expert), counts_L, sorted_._replace(exchange=exchange)
 
     def combine(self, y_ND: torch.Tensor, sorted_: Sorted) -> torch.Tensor:
@@ -106,6 +111,27 @@ class AllToAllDispatcher(LocalDispatcher):
                                    send_splits, recv_splits, group=self.ep_group)
         y_RD = torch.cat([y_sent, y_sent.new_zeros(num_routes - num_kept, y_ND.shape[1])])
         return self._unsort(y_RD, sorted_)
+
+
+    def _count_sent(self, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
+        """The rows this layer's exchanges send to each peer, from the split sizes already on the host: the forward
+        sends its routes (dispatch) and the experts' outputs of the peers' routes (combine); the backward sends the
+        gradients of both the other way, counted here too, except in activation checkpointing's recompute (a
+        forward again, whose backward is the one already counted)."""
+        if self._same_node is None:
+            node_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            me = dist.get_rank() // node_size
+            self._same_node = [rank // node_size == me for rank in dist.get_process_group_ranks(self.ep_group)]
+        mine = dist.get_rank(group=self.ep_group)
+        passes = 1 if recomputing() else 2
+        for peer, same in enumerate(self._same_node):
+            if peer != mine:
+                self.sent_bytes[0 if same else 1] += passes * (send_splits[peer] + recv_splits[peer]) * row_bytes
+
+    def take_sent_bytes(self) -> tuple[int, int]:
+        """(in node, across nodes) bytes sent since the last call; the count restarts."""
+        sent, self.sent_bytes = tuple(self.sent_bytes), [0, 0]
+        return sent
 
 
 def dispatcher_for(num_local_experts: int, ep_size: int, drop_tokens: bool) -> LocalDispatcher:

@@ -17,11 +17,13 @@ no MoEConfig. A model without MoE layers (a dense run) gives zero losses and no 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..metrics.routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
 from .balance import update_score_biases
 from .counters import RoutingSums, from_named, named
+from .dispatcher import AllToAllDispatcher
 from .domain_routing import DomainRouteCounts
 from .layer import MoEFeedForward, moe_layers_of
 from .shared import SharedSums
@@ -37,6 +39,7 @@ class MoEStep:
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers_of(model)
+        self.steps_in_interval = 0  # optimizer steps since the last interval_metrics (the same on every rank)
 
     # -- the loss ----------------------------------------------------------------------------------------------
 
@@ -65,6 +68,7 @@ class MoEStep:
             router.step_load.reset()
         for layer in self.layers:
             layer.routing.end_step()
+        self.steps_in_interval += 1
 
     # -- the logging interval ----------------------------------------------------------------------------------
 
@@ -76,6 +80,11 @@ class MoEStep:
             sums.update(named(layer.routing.sums(device), f"moe/layer_{i}/routing/"))
             if layer.shared_counters is not None:
                 sums.update(named(layer.shared_counters.sums(device), f"moe/layer_{i}/shared/"))
+            dispatcher = getattr(layer.moe.deepspeed_moe, "dispatcher", None)
+            if isinstance(dispatcher, AllToAllDispatcher):  # bytes counted on the host from the split sizes
+                for where, sent in zip(("in_node", "across_nodes"), dispatcher.take_sent_bytes()):
+                    sums[f"moe/layer_{i}/sent_bytes/{where}"] = torch.tensor(float(sent), dtype=torch.float64,
+                                                                             device=device)
         return sums
 
     def interval_metrics(self, summed: dict[str, torch.Tensor]) -> dict:
@@ -93,8 +102,13 @@ class MoEStep:
                 values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
             if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
                 values["score_bias"] = layer.gate.score_bias.tolist()
+            for where in ("in_node", "across_nodes"):
+                name = f"moe/layer_{i}/sent_bytes/{where}"
+                if name in summed and self.steps_in_interval:  # mean over ranks, per optimizer step
+                    values[f"all_to_all_bytes_{where}"] = float(summed[name]) / world_size() / self.steps_in_interval
             row.update({f"moe/layer_{i}/{key}": value for key, value in values.items()})
             layer.routing.reset()
+        self.steps_in_interval = 0
         return row
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -109,3 +123,7 @@ class MoEStep:
         return {f"moe/layer_{i}/expert_similarity":
                 mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
                 for i, layer in enumerate(self.layers) if layer.num_experts > 1}
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -39,7 +39,7 @@ from ..run.config import MoEConfig, RunConfig
 from ..run.moe_layout import expert_counts
 from .clusters import resolve_cluster
 from .ds_config import resolve_deepspeed_config_path
-from .step_time import predict
+from .step_time import all_to_all_split, predict
 
 GIB = 2**30
 ADAM_MOMENTS = 2
@@ -292,7 +292,10 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     if cluster is not None:
         step = predict(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,
                        result["all_to_all_bytes_per_step"])
-        result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None)
+        in_node, across = all_to_all_split(result["all_to_all_bytes_per_step"], result["setup"]["ep_size"],
+                                           cluster.devices_per_node)
+        result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None,
+                      all_to_all_bytes_in_node=in_node, all_to_all_bytes_across_nodes=across)
         if cfg.train.plan_search:
             from .layout_search import search  # it builds on this module's counts
             ranked = search(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,

@@ -75,15 +75,23 @@ def ring_seconds(bytes_per_rank: float, ranks: int, bandwidth: float, latency: f
     return 2 * (ranks - 1) / ranks * bytes_per_rank / bandwidth + 2 * (ranks - 1) * latency
 
 
+def all_to_all_split(bytes_per_step: float, ep_size: int, devices_per_node: int) -> tuple[float, float]:
+    """(in node, across nodes): ``bytes_per_step`` sent to the ep_size - 1 peers in equal parts; the group's ranks
+    are consecutive, so min(ep_size, devices per node) - 1 of them share this rank's node."""
+    if ep_size <= 1:
+        return 0.0, 0.0
+    in_node = min(ep_size, devices_per_node) - 1
+    per_peer = bytes_per_step / (ep_size - 1)
+    return per_peer * in_node, per_peer * (ep_size - 1 - in_node)
+
+
 def all_to_all_seconds(bytes_per_step: float, exchanges: int, ep_size: int, cluster: Cluster) -> float:
-    """The expert-parallel exchanges of one step: ``bytes_per_step`` sent to the ep_size - 1 peers in equal parts,
-    the in-node part over NVLink and the cross-node part over the network at once, plus a latency per exchange."""
+    """The expert-parallel exchanges of one step: the in-node part over NVLink and the cross-node part over the
+    network at once, plus a latency per exchange."""
     if ep_size <= 1:
         return 0.0
-    in_node = min(ep_size, cluster.devices_per_node) - 1
-    across = ep_size - 1 - in_node
-    per_peer = bytes_per_step / (ep_size - 1)
-    transfer = max(per_peer * in_node / cluster.intra_node_bandwidth, per_peer * across / cluster.inter_node_bandwidth)
+    in_node, across = all_to_all_split(bytes_per_step, ep_size, cluster.devices_per_node)
+    transfer = max(in_node / cluster.intra_node_bandwidth, across / cluster.inter_node_bandwidth)
     latency = cluster.inter_node_latency if across else cluster.intra_node_latency
     return transfer + exchanges * latency
 

@@ -9,7 +9,10 @@ from helpers import launch
 
 import train
 from moe_models.moe.layer import MoEFeedForward
+from moe_models.run.cli import parse_args
 from moe_models.run.config import MoEConfig
+from moe_models.training.preflight import plan
+from moe_models.training.validate import validate
 
 
 def layer(top_k: int) -> MoEFeedForward:
@@ -62,16 +65,23 @@ def test_a_run_is_marked_and_refused_where_it_cannot_work(world, tmp_path, capsy
 
 
 @pytest.mark.distributed
-def test_at_ep_size_2_every_expert_gets_an_even_share_of_both_ranks_tokens(tmp_path):
+def test_at_ep_size_2_every_expert_gets_an_even_share_and_the_plan_counts_the_bytes_sent(tmp_path):
+    """Even routing is what the plan assumes: the bytes each rank's dispatcher counts (from its split sizes, forward
+    and backward, with the recompute of activation checkpointing) equal the plan's all-to-all bytes."""
     out = tmp_path / "ep2"
-    launch(["train.py", "--ep_size", "2", "--num_experts", "4", "--drop_tokens", "false",
-            "--benchmark_balanced_routing", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "0",
-            "--synthetic_examples", "200", "--block_size", "32", "--per_device_train_batch_size", "2",
-            "--warmup_steps", "1", "--disable_tqdm", "--output_dir", str(out)])
+    flags = ["--ep_size", "2", "--num_experts", "4", "--drop_tokens", "false", "--benchmark_balanced_routing",
+             "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "0", "--synthetic_examples", "200",
+             "--block_size", "32", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+             "--gradient_checkpointing", "--warmup_steps", "1", "--disable_tqdm"]
+    launch(["train.py", *flags, "--output_dir", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    routes = 2 * 2 * 32 * 2  # ranks x sequences x block x top-2, per step
+    cfg = parse_args([*flags, "--output_dir", str(tmp_path / "plan")])
+    planned = plan(cfg, validate(cfg, world_size=2), 2)["all_to_all_bytes_per_step"]
+    routes = 2 * 2 * 2 * 32 * 2  # ranks x micro-batches x sequences x block x top-2, per step
     for row in rows:
         for i in range(4):
             assert row[f"moe/layer_{i}/routed_per_expert"] == [routes // 4] * 4
             assert row[f"moe/layer_{i}/max_violation_step"] == 0.0
             assert row[f"moe/layer_{i}/forced_balanced_routing"] is True
+            assert row[f"moe/layer_{i}/all_to_all_bytes_across_nodes"] == 0  # one node
+        assert sum(row[f"moe/layer_{i}/all_to_all_bytes_in_node"] for i in range(4)) == pytest.approx(planned)

@@ -6,11 +6,12 @@ import json
 import pytest
 
 import train
+from moe_models.moe.dispatcher import AllToAllDispatcher
 from moe_models.run.config import ConfigError
 from moe_models.training.clusters import PRESETS, Cluster, resolve_cluster
 from moe_models.training.layout_search import layouts, search, why_best
 from moe_models.training.preflight import GIB, ModelShape, Setup, bytes_per_rank
-from moe_models.training.step_time import predict
+from moe_models.training.step_time import all_to_all_split, predict
 
 SHAPE = ModelShape(dense_parameters=1_000_000, expert_parameters=8_000_000, active_parameters=2_000_000,
                    flops_per_token=1e7, num_layers=4, hidden_size=64, vocab_size=257, moe_layers=2, routes=4,
@@ -109,3 +110,15 @@ def test_cluster_files_and_refusals(world, tmp_path, capsys):
             train.main([*flags, "--output_dir", str(tmp_path / "out")])
         assert message in capsys.readouterr().err, flags
         assert not (tmp_path / "out").exists(), flags
+
+
+def test_bytes_split_by_node_in_the_plan_and_in_the_dispatchers_count(world):
+    # 8e6 bytes to 7 peers in equal parts; nodes of 4: 3 peers share the node, 4 are across
+    assert all_to_all_split(8e6, 8, 4) == pytest.approx((8e6 / 7 * 3, 8e6 / 7 * 4))
+    assert all_to_all_split(8e6, 1, 4) == (0.0, 0.0)
+    dispatcher = AllToAllDispatcher(num_local_experts=1, ep_size=4)
+    dispatcher._same_node = [True, True, False, False]  # this rank (0 of the group) and peer 1 on one node
+    dispatcher._count_sent(send_splits=[5, 1, 2, 3], recv_splits=[5, 4, 0, 1], row_bytes=10)
+    # forward and backward: each peer gets its routes and the outputs of its routes, and their gradients back
+    assert dispatcher.take_sent_bytes() == (2 * (1 + 4) * 10, 2 * ((2 + 0) + (3 + 1)) * 10)
+    assert dispatcher.take_sent_bytes() == (0, 0)
