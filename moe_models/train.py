@@ -38,7 +38,7 @@ from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.clusters import planned_world_size
 from .training.ds_config import training_dtype
-from .training.layout_search import search_table
+from .training.layout_search import search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
@@ -87,6 +87,8 @@ def preflight(cfg: RunConfig) -> dict:
     world_size = planned_world_size(cfg.train, launched_world_size())
     ds_config = validate(cfg, world_size=world_size)  # a plan may be made beside an existing run
     result = plan_with_fit(cfg, ds_config, world_size)
+    if cfg.train.plan_search:
+        result["search"] = search_plan(cfg, result, ds_config)
     if launched_rank() == 0:
         path = RunFolder(cfg.train.output_dir).write_plan(result)
         print(plan_table(result, result["device_memory_gb"], result["smallest_fitting_change"]))

@@ -9,11 +9,13 @@ tokens per step, accumulation making up the rest) and activation checkpointing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..moe.parallel import parallel_problems
 from ..run.config import MoEConfig
-from .clusters import Cluster
+from ..run.moe_layout import expert_counts
+from .clusters import Cluster, resolve_cluster
 from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_per_rank
 from .step_time import StepTime, predict
 
@@ -59,6 +61,15 @@ def search(shape: ModelShape, setup: Setup, ds_config: dict, cluster: Cluster, n
         if step is not None:
             found.append(Layout(candidate, step, memory))
     return sorted(found, key=lambda layout: (-layout.step.tokens_per_sec, layout.memory_gib))
+
+
+def search_plan(cfg, result: dict, ds_config: dict) -> list[dict]:
+    """--plan_search: the layouts of the plan ``result`` (preflight.plan_with_fit, made with --plan_cluster) that fit
+    its device memory, fastest first, as ``Layout.as_dict``."""
+    ranked = search(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config,
+                    resolve_cluster(cfg.train.plan_cluster), math.gcd(*expert_counts(cfg.moe)),
+                    result["device_memory_gb"])
+    return [layout.as_dict() for layout in ranked]
 
 
 def why_best(ranked: list[dict]) -> str:

@@ -296,11 +296,6 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
                                            cluster.devices_per_node)
         result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None,
                       all_to_all_bytes_in_node=in_node, all_to_all_bytes_across_nodes=across)
-        if cfg.train.plan_search:
-            from .layout_search import search  # it builds on this module's counts
-            ranked = search(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,
-                            math.gcd(*expert_counts(cfg.moe)), device_gib)
-            result["search"] = [layout.as_dict() for layout in ranked]
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
     advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
                                       math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
