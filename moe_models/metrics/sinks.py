@@ -222,6 +222,7 @@ def log_problems(log: LogConfig) -> list[str]:
         problems.append(f"report_to {log.report_to!r} names {', '.join(unknown) or 'nothing'}: use none, wandb, "
                         "tensorboard, or both as wandb,tensorboard")
     elif "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
-        problems.append("report_to tensorboard needs the tensorboard package, which is not installed: pip install "
-                        "\"moe-models[tensorboard]\" (or pip install tensorboard), or leave tensorboard out of --report_to")
+        problems.append("report_to tensorboard needs the tensorboard package, which is not installed: pip install -c "
+                        "constraints.txt \".[tensorboard]\" in a source checkout (pip install \"moe-models[tensorboard]\" "
+                        "elsewhere), or leave tensorboard out of --report_to")
     return problems
