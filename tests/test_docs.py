@@ -75,7 +75,7 @@ def test_quickstart_default_run_figures_agree(capsys):
     """The summary quoted in quickstart.md is in the form train.py prints, and the prose quotes the same figures."""
     text = (DOCS / "quickstart.md").read_text()
     done = DONE_LINE.search(text)[0]
-    figures = re.fullmatch(r"Done: (\d+) steps, loss ([\d.]+) -> ([\d.]+), eval_loss ([\d.]+), (\d+) tokens/s over "
+    figures = re.fullmatch(r"Done: (\d+) steps, loss ([\d.]+) -> ([\d.]+), eval_loss ([\d.]+), (\d+) tokens/s \(whole run\) over "
                            r"(\d+) s\.", done)
     assert figures, done
     steps, first, last, eval_loss, tokens_per_sec, seconds = figures.groups()

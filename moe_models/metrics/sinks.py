@@ -42,8 +42,9 @@ class MetricsLog:
 
 
 class Progress:
-    """Rank 0's console: a tqdm bar over optimizer steps with loss and tokens/s (tqdm shows the ETA), and at
-    every eval the eval loss plus one expert-load line per MoE layer from the latest training row."""
+    """Rank 0's console: a tqdm bar over optimizer steps with loss and the last logging interval's tokens/s (tqdm
+    shows the ETA; the summary's tokens/s is the whole run's), and at every eval the eval loss plus one expert-load
+    line per MoE layer from the latest training row."""
 
     def __init__(self, total: int, enabled: bool, is_main: bool = True):
         self.total, self.enabled, self.is_main = total, enabled, is_main
@@ -62,7 +63,8 @@ class Progress:
         if "loss" in row:
             self.last_training_row = row
             if self.bar:
-                self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
+                self.bar.set_postfix({"loss": f"{row['loss']:.3f}",
+                                      "tok/s (last interval)": f"{row['tokens_per_sec']:.0f}"}, refresh=False)
         if "eval_loss" in row:
             self.print(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}  perplexity {row['perplexity']:.2f}")
             for line in expert_load_lines(self.last_training_row):

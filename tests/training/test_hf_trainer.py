@@ -336,8 +336,13 @@ def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, 
     trainer.train()
     warnings = [w for w in trainer.collapse_warnings if w["collapse"] == "warning"]
     assert warnings and {w["condition"] for w in warnings} == {"imbalance"} and warnings[0]["step"] == 2
-    assert warnings[0]["message"] in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert warnings[0]["message"] in out
     row = next(r for r in trainer.state.log_history if r.get("step") == 3 and "loss" in r)
+    # the console prints each log's summaries; the per-layer and per-expert values go to the reporters only
+    printed = [line for line in out.splitlines() if "'loss'" in line]
+    assert len(printed) == 3 and not any("moe/layer_" in line for line in printed), out[-2000:]
+    assert "moe/layer_0/tokens_per_expert/0" in row and "'tokens_per_sec'" in printed[-1]
     flops = flops_per_token(active_parameters(trainer.model, trainer.moe_layers), *attention_dims(trainer.model.config),
                             32)
     assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 1e12, rel=1e-6) and row["nonfinite_steps"] == 0
