@@ -120,11 +120,16 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
 @pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular",
                                       "llama_shared", "llama_sigmoid", "qwen2_sigmoid", "qwen3_sigmoid",
                                       "llama_sigmoid_shared"], indirect=True)
-def test_import_continues_where_the_export_left_off(exported, tmp_path):
+def test_import_continues_where_the_export_left_off(exported, tmp_path, capsys):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
                       "--output_dir", str(tmp_path / "continued")])
     _, trainer = train.build(cfg)
+    out = capsys.readouterr().out  # the import says so when it begins, and is recorded as one
+    assert f"start-up: importing the HF MoE model {exported['hf_dir']} (its own experts" in out
+    assert "start-up: model imported " in out
+    record = json.loads((tmp_path / "continued" / "run_config.json").read_text())
+    assert record["resolved"]["imported_from"] == str(exported["hf_dir"])
     trained = exported["cfg"].moe
     moe = trainer.cfg.moe  # the checkpoint's settings, not the defaults
     assert (moe.num_experts, moe.top_k) == (trained.num_experts, trained.top_k)
