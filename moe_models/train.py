@@ -21,6 +21,7 @@ from transformers import set_seed
 
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
+from .hf.configs import export_outlook
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model
@@ -134,6 +135,9 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
                 load_dense_weights(model, upcycle_tag)
             model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
         layout = settings_of(model)[1]
+    outlook = export_outlook(model.config, cfg.moe, layout)
+    if outlook and launched_rank() == 0:  # now, not after training: a flag may still make it exact
+        print(f"note: {outlook}", flush=True)
 
     with startup.phase("data"), main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)

@@ -636,6 +636,21 @@ def test_routing_flag_left_out_on_resume_is_taken_from_the_run(run_dir, tmp_path
     assert given.moe.capacity_factor == 1.0 and taken == []
 
 
+def test_a_run_started_with_the_old_routing_defaults_resumes_with_them(run_dir, tmp_path):
+    """Runs started before the defaults became dropless and deterministic recorded drop_tokens and
+    top2_2nd_expert_sampling true: they continue so, not with today's defaults."""
+    from moe_models.training.resumable import resumed_settings
+    copy = copied(run_dir, tmp_path)
+    record = json.loads((copy / "run_config.json").read_text())
+    record["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)
+    (copy / "run_config.json").write_text(json.dumps(record))
+    fresh = parse_args(QUICK).moe
+    assert (fresh.drop_tokens, fresh.top2_2nd_expert_sampling) == (False, False)  # today's defaults
+    cfg, taken = resumed_settings(parse_args([*QUICK, *resume(copy)]))
+    assert (cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling) == (True, True)
+    assert taken == ["--drop_tokens true", "--top2_2nd_expert_sampling true"]
+
+
 def test_allow_routing_change_lets_the_resume_through_the_checks(run_dir):
     from moe_models.training.resumable import check_resumable
     check_resumable(parse_args([*QUICK, *resume(run_dir), "--max_steps", "2", "--score_function", "sigmoid",

@@ -101,13 +101,15 @@ class MoEConfig:
     capacity_factor: float = _flag(1.0, "Training capacity per expert, as a multiple of the even share of tokens.")
     eval_capacity_factor: float = _flag(1.0, "Capacity factor in eval mode.")
     min_capacity: int = _flag(4, "Minimum tokens an expert can take, whatever the capacity factor.")
-    drop_tokens: bool = _flag(True, "Drop tokens above an expert's capacity. false = dropless (capacity grows to "
-                              "the busiest expert).")
+    drop_tokens: bool = _flag(False, "Drop tokens above an expert's capacity (--capacity_factor). false (the "
+                              "default) = dropless: every token reaches its experts (capacity grows to the busiest "
+                              "expert), as the HF MoE classes route, so an export is exact.")
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _flag(
         None, "Noise on the router during training: Jitter (multiplicative on the input) or RSample (Gumbel).")
     use_rts: bool = _flag(True, "Random token selection when dropping (top-1 only).")
-    top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
-                                           "training (DeepSpeed's default); false = deterministic top-2.")
+    top2_2nd_expert_sampling: bool = _flag(False, "Top-2 only: pick the second expert with Gumbel noise "
+                                           "(DeepSpeed's default, which it applies in eval too); false (the default "
+                                           "here) = deterministic top-2, as the HF MoE classes route.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     num_shared_experts: int = _flag(
         0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "

@@ -27,10 +27,10 @@ from moe_models.run.config import ConfigError, MoEConfig
 from moe_models.run.moe_layout import MoELayout, resolve_moe_layers
 
 # Deterministic, dropless routing: the condition under which DeepSpeed and the HF classes compute the same function.
-EXACT = ["--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
+# They are the defaults, so the cases below train with the default routing: a default run exports exactly.
 SHORT = ["--synthetic_examples", "300", "--block_size", "64", "--per_device_train_batch_size", "4",
          "--warmup_steps", "1", "--learning_rate", "1e-2", "--eval_steps", "0", "--max_eval_batches", "1",
-         "--disable_tqdm", *EXACT]
+         "--disable_tqdm"]
 
 # preset, MoE flags, the class it exports to. Experts start random so that they differ.
 CASES = {
@@ -361,8 +361,10 @@ def test_cli_help_and_missing_inputs(tmp_path, capsys):
 def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(exported["root"] / "run", run)
+    export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "exact")])
+    assert "note:" not in capsys.readouterr().out  # trained with the default routing: exact
     config = json.loads((run / "run_config.json").read_text())
-    config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with the defaults
+    config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with DeepSpeed's defaults
     (run / "run_config.json").write_text(json.dumps(config))
     export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
     out = capsys.readouterr().out
@@ -372,3 +374,21 @@ def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
     assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_run_that_will_not_export_exactly_says_so_and_how_at_the_start():
+    """export_outlook is the line train.py prints before training; the default routing exports exactly (None)."""
+    from moe_models.hf.configs import export_outlook
+    llama, gpt2 = preset_config("tiny-llama"), preset_config("tiny-gpt2")
+    layout = MoELayout.resolve(MoEConfig(), num_blocks=4)
+    assert export_outlook(llama, MoEConfig(), layout) is None
+    sampled = export_outlook(llama, MoEConfig(top2_2nd_expert_sampling=True), layout)
+    assert sampled.startswith("this run's checkpoints will export to Mixtral inexactly")
+    assert sampled.endswith("--top2_2nd_expert_sampling false would make the export exact (docs/export.md)")
+    both = export_outlook(llama, MoEConfig(drop_tokens=True, top2_2nd_expert_sampling=True), layout)
+    assert "--drop_tokens false --top2_2nd_expert_sampling false would make" in both
+    family = export_outlook(gpt2, MoEConfig(), layout)
+    assert family.startswith("this run's checkpoints cannot be exported to a native HF MoE class: gpt2 has no "
+                             "Mixture-of-Experts class in transformers")
+    assert export_outlook(llama, MoEConfig(moe_layers="none"), MoELayout.resolve(MoEConfig(moe_layers="none"), 4)) \
+        is None  # a dense run: nothing to export as MoE

@@ -32,7 +32,7 @@ EVEN, COLLAPSED = [100] * 8, [400, 400, 0, 0, 0, 0, 0, 0]  # top-2 over 8 expert
 
 
 def monitor(**thresholds) -> CollapseMonitor:
-    return CollapseMonitor(CollapseThresholds(**thresholds), MoEConfig())
+    return CollapseMonitor(CollapseThresholds(**thresholds), MoEConfig(drop_tokens=True))  # the advice names capacity
 
 
 def test_an_even_load_with_a_steady_router_does_not_warn():

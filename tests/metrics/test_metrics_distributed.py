@@ -15,7 +15,8 @@ pytestmark = pytest.mark.distributed
 
 def test_expert_counts_add_up_over_two_ep_ranks(tmp_path):
     out = tmp_path / "run"
-    output = launch(["train.py", "--ep_size", "2", "--num_experts", "4", "--top_k", "2", "--capacity_factor", "0.5",
+    output = launch(["train.py", "--ep_size", "2", "--num_experts", "4", "--top_k", "2", "--drop_tokens", "true",
+                     "--capacity_factor", "0.5",
                      "--max_steps", "4", "--logging_steps", "2", "--eval_steps", "4", "--max_eval_batches", "2",
                      "--warmup_steps", "1", "--synthetic_examples", "1000", "--block_size", "64",
                      "--per_device_train_batch_size", "4", "--expert_init", "copy_noise", "--expert_noise_std", "0.5",
@@ -24,6 +25,11 @@ def test_expert_counts_add_up_over_two_ep_ranks(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 4]
+    # dropping tokens: said at the start, once (rank 0), with the flag that makes the export exact
+    notes = [line for line in output.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: this run's checkpoints will export to Mixtral inexactly (Mixtral routes every token, to "
+                     "the top-k scores; this run drops tokens above expert capacity): --drop_tokens false would make "
+                     "the export exact (docs/export.md)"], output[-3000:]
     for row, steps in zip(train_rows, [1, 1, 2]):
         tokens = steps * 2 * 4 * 64  # steps x ranks x sequences x block
         assert row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2)

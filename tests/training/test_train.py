@@ -139,6 +139,7 @@ def test_debug_script_runs_the_same_path(tmp_path):
     timed = [line for line in lines if re.fullmatch(r"start-up: .+ \d+\.\d s", line)]
     assert [line[len("start-up: "):].rsplit(" ", 2)[0] for line in timed] == phases, lines
     assert any(line.startswith("start-up: CPU threads: ") for line in lines)
+    assert "note: " not in result.stdout  # the default run exports exactly: no early note
 
 
 @pytest.mark.slow
