@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def preflight(cfg: RunConfig) -> dict:
-    """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained."""
-    world_size = launched_world_size()
+    """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained. It is for
+    --plan_world_size ranks when given, else for the ranks this command was launched with."""
+    world_size = cfg.train.plan_world_size or launched_world_size()
     ds_config = validate(cfg, world_size=world_size)  # a plan may be made beside an existing run
     result = plan_with_fit(cfg, ds_config, world_size)
     if launched_rank() == 0:

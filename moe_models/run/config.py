@@ -238,6 +238,10 @@ class TrainConfig:
     device_memory_gb: Optional[float] = _flag(
         None, "With --plan: the memory of one device in GiB; the plan says whether the run fits and, if not, the "
         "smallest change that does.")
+    plan_world_size: Optional[int] = _flag(
+        None, "With --plan: the number of ranks the plan is for, all nodes together (16 for 2 nodes of 8 GPUs), so "
+        "that one process (a login node) plans a launch of many; default: the ranks this command was launched with "
+        "(1 for python train.py).")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 

@@ -36,6 +36,7 @@ from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
 from ..run.config import MoEConfig, RunConfig
 from ..run.moe_layout import expert_counts
+from .ds_config import bf16_follows_the_device
 
 GIB = 2**30
 ADAM_MOMENTS = 2
@@ -255,6 +256,8 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
     rows.append(f"    (activations {other} activation checkpointing: {result['activations_other_way'] / GIB:.3f})")
     rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing)")
     rows.append(f"  training FLOPs per token: {result['flops_per_token']:.4g}")
+    if result.get("precision_note"):
+        rows.append(f"  precision: {result['precision_note']}")
     if device_gib is not None:
         fits = m["total"] <= device_gib * GIB
         rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
@@ -274,5 +277,16 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
     advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
                                       math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
-    result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice)
+    result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice,
+                  precision_note=precision_note(cfg, result["setup"]["bf16"]))
     return result
+
+
+def precision_note(cfg: RunConfig, bf16: bool) -> str | None:
+    """Why a plan counts fp32 when the run it plans may train in bf16: ``"bf16": "auto"`` follows the machine that
+    makes the plan, and this one has no GPU with bf16."""
+    if bf16 or not bf16_follows_the_device(cfg.train.deepspeed):
+        return None
+    return ("fp32, because the DeepSpeed JSON's \"bf16\": {\"enabled\": \"auto\"} follows the machine making the "
+            "plan, which has no GPU with bf16; a GPU run of it trains in bf16: to plan that, pass a copy of the JSON "
+            "with \"bf16\": {\"enabled\": true} (--deepspeed my_zero.json)")
