@@ -17,6 +17,7 @@ import pytest
 import train
 from helpers import LAUNCHER, finish, free_port, start
 from moe_models.run.cli import parse_args
+from moe_models.run.startup import StartupLines
 from moe_models.training.ds_config import SHIPPED_DIR
 
 QUICK = ["--num_experts", "4", "--max_steps", "1", "--warmup_steps", "1", "--synthetic_examples", "200",
@@ -414,8 +415,12 @@ def test_resume_with_the_other_expert_path_is_refused_before_anything_is_built(c
 
 def test_resume_at_another_world_size_is_refused_before_anything_is_built(capsys, run_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets for 2 ranks; refused before any group is joined
+    printed = []
+    monkeypatch.setattr(StartupLines, "say", lambda self, text: printed.append(text))
     refused(capsys, [*resume(run_dir), "--max_steps", "2"], "was saved with 1 ranks, ep_size 1 and --moe_impl "
             "grouped, this run has 2 ranks, ep_size 1 and --moe_impl grouped", folder=run_dir)
+    assert printed[0].startswith("imports ") and not any(  # refused at the settings check, before any build
+        line.startswith(("settings checked", "process group", "model", "engine")) for line in printed), printed
 
 
 def test_resume_of_a_run_whose_record_does_not_parse(capsys, run_dir, tmp_path):
