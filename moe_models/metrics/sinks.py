@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..run.config import LogConfig, RunConfig
 from ..run.folder import MetricsFile
-from .collapse import CollapseMonitor, CollapseThresholds
+from .collapse import CollapseMonitor, CollapseThresholds, console_line
 from .domain_heatmap import layers_with_domain_counts
 from .rows import layer_values, moe_layer_ids
 
@@ -162,7 +162,7 @@ class Sinks:
     def warn_of_collapse(self, training_row: dict) -> None:
         for warning in self.collapse.check(training_row) if self.collapse else []:
             self.jsonl.write(warning)
-            self.console.print(warning["message"])
+            self.console.print(console_line(warning))
             if warning["collapse"] == "warning":
                 for reporter in self.reporters:
                     reporter.alert(f"Router collapse: MoE layer {warning['layer']}, {warning['condition']}",
@@ -212,7 +212,7 @@ def log_problems(log: LogConfig) -> list[str]:
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
     minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_logit_norm_intervals": 0,
-                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0}
+                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0, "collapse_min_tokens": 0}
     problems += [f"{name} ({getattr(log, name)}) must be >= {low}" for name, low in minimums.items()
                  if getattr(log, name) < low]
     if log.collapse_effective_experts > 1:

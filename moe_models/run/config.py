@@ -277,6 +277,10 @@ class LogConfig:
     collapse_logit_rms: float = _flag(
         2.0, "Router-collapse warning: growing router logits warn only once their norm is above this x sqrt(E), a "
         "root-mean-square logit above this (a router that starts from small logits grows them fast while it learns).")
+    collapse_min_tokens: int = _flag(
+        1024, "Router-collapse warning: a logging interval is checked only when each MoE layer routed at least this "
+        "many tokens in it (over all ranks): the load of a few hundred tokens swings from interval to interval by "
+        "itself (launch/debug_single_gpu.sh logs every 256). 0 = every interval.")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..metrics.collapse import CollapseMonitor, CollapseThresholds
+from ..metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
 from ..metrics.device import DeviceInterval
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
@@ -209,7 +209,7 @@ class MoETrainer(Trainer):
         """The router-collapse warnings a training row starts or clears: printed by the main process and kept."""
         for warning in self.collapse.check({"step": self.state.global_step, **row}) if self.collapse else []:
             self.collapse_warnings.append(warning)
-            print(warning["message"], flush=True)
+            print(console_line(warning), flush=True)
 
     # -- evaluation -------------------------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ def test_debug_script_runs_the_same_path(tmp_path):
     assert [line[len("start-up: "):].rsplit(" ", 2)[0] for line in timed] == phases, lines
     assert any(line.startswith("start-up: CPU threads: ") for line in lines)
     assert "note: " not in result.stdout  # the default run exports exactly: no early note
+    assert "router collapse" not in result.stdout  # 2 x 128 tokens an interval: below --collapse_min_tokens
 
 
 @pytest.mark.slow
