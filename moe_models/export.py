@@ -13,10 +13,11 @@ from pathlib import Path
 
 from .hf.configs import differences_in_training
 from .hf.exporter import export, moe_settings
+from .run.cli import ShortErrorParser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog="python -m moe_models.export", allow_abbrev=False,
         description="Export a train.py DeepSpeed MoE checkpoint as a native Hugging Face MoE model (Mixtral for "
                     "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3, and more: docs/export.md) with its "

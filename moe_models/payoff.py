@@ -16,14 +16,14 @@ from .comparison.payoff_report import write_report
 from .comparison.results import collect, write_json
 from .comparison.runner import RunFailed, run_all
 from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, check_same_command, plan_payoff, write_dense_config
-from .run.cli import parse_args
+from .run.cli import ShortErrorParser, parse_args
 from .run.config import ConfigError
 from .run.distributed import launched_rank
 from .run.writes import WriteError, guarded_write
 
 
 def payoff_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         description="Train the dense model of equal active FLOPs, the MoE from scratch and the dense model upcycled "
         "part way, on the same batches, and report whether the MoE pays off (docs/payoff.md). Every other flag is a "
         "train.py flag (docs/configuration.md) and describes the MoE.", allow_abbrev=False)

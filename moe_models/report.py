@@ -6,14 +6,14 @@ the library: metrics/run_report.py).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .metrics.run_report import write_report
+from .run.cli import ShortErrorParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Plots and a summary of a run from its metrics.jsonl.")
+    parser = ShortErrorParser(description="Plots and a summary of a run from its metrics.jsonl.")
     parser.add_argument("output_dir", type=Path, help="the run's --output_dir (holds metrics.jsonl)")
     parser.add_argument("--report_dir", type=Path, help="where to write (default OUTPUT_DIR/report)")
     args = parser.parse_args(argv)

@@ -14,12 +14,14 @@ import dataclasses
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from transformers import set_seed
 
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
+from .hf.configs import export_outlook
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model
@@ -34,6 +36,8 @@ from .run.distributed import (World, init_world, is_collective_timeout, launched
                               main_process_first)
 from .run.folder import Resolved, RunFolder, RunRecord
 from .run.moe_layout import MoELayout
+from .run.startup import StartupLines
+from .run.threads import choose_cpu_threads
 from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.clusters import planned_world_size
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def preflight(cfg: RunConfig) -> dict:
-    """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained."""
+    """`train.py --plan`: print the plan and write plan.json to output_dir (rank 0); nothing is trained. It is for
+    --plan_cluster's nodes, or --plan_world_size ranks, when given, else for the ranks this command was launched
+    with."""
     world_size = planned_world_size(cfg.train, launched_world_size())
     ds_config = validate(cfg, world_size=world_size)  # a plan may be made beside an existing run
     result = plan_with_fit(cfg, ds_config, world_size)
@@ -100,8 +106,14 @@ def preflight(cfg: RunConfig) -> dict:
 
 def build(cfg: RunConfig) -> tuple[World, Trainer]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
-    ds_config = validate(cfg, world_size=launched_world_size())
-    cfg, taken = resumed_settings(cfg)
+    startup = StartupLines(launched_rank() == 0)
+    startup.imports_done()
+    threads = choose_cpu_threads()
+    if threads:
+        startup.say(threads)
+    with startup.phase("settings checked"):
+        ds_config = validate(cfg, world_size=launched_world_size())
+        cfg, taken = resumed_settings(cfg)
     if taken and launched_rank() == 0:
         print(f"Resuming with the routing settings the run was trained with: {', '.join(taken)} "
               "(from its run_config.json)")
@@ -109,40 +121,51 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     if cfg.moe.benchmark_balanced_routing and launched_rank() == 0:
         print("Benchmark routing: --benchmark_balanced_routing spreads every token evenly over the experts; the "
               "router does not learn to route (metrics rows carry moe/layer_i/forced_balanced_routing)")
-    world = init_world(cfg.train.dist_timeout_s)
-    check_same_settings(cfg)
+    with startup.phase("process group"):
+        world = init_world(cfg.train.dist_timeout_s)
+        check_same_settings(cfg)
     set_seed(cfg.train.seed)
     folder = RunFolder(cfg.train.output_dir)
     resume_tag = folder.checkpoints.resolve(cfg.train.resume_from_checkpoint) if cfg.train.resume_from_checkpoint \
         else None
     upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg, folder)  # upcycled once, at the start
-    tokenizer = load_tokenizer(cfg.model)
-    if is_hf_moe_folder(cfg.model.model_name_or_path):  # continue an HF MoE model: its own experts, not upcycled
-        model, moe, layout, dense_params = import_hf_moe(cfg.model.model_name_or_path, cfg.moe, len(tokenizer),
-                                                         cfg.train.seed, given=cfg.given)
+    with startup.phase("tokenizer"):
+        tokenizer = load_tokenizer(cfg.model)
+    imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
+    if imported_from:  # continue an HF MoE model: its own experts, not upcycled
+        with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "
+                           "and router, not upcycled; each rank reads its experts)"):
+            model, moe, layout, dense_params = import_hf_moe(imported_from, cfg.moe, len(tokenizer), cfg.train.seed,
+                                                             given=cfg.given)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
-        model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
-        dense_params = sum(p.numel() for p in model.parameters())
-        if upcycle_tag:
-            load_dense_weights(model, upcycle_tag)
-        model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
+        with startup.phase("model built and converted"):
+            model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
+            dense_params = sum(p.numel() for p in model.parameters())
+            if upcycle_tag:
+                load_dense_weights(model, upcycle_tag)
+            model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
         layout = settings_of(model)[1]
+    outlook = export_outlook(model.config, cfg.moe, layout)
+    if outlook and launched_rank() == 0:  # now, not after training: a flag may still make it exact
+        print(f"note: {outlook}", flush=True)
 
-    with main_process_first(world):  # rank 0 fills the cache, the others then read it
+    with startup.phase("data"), main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                                  seed=cfg.train.seed)
-    engine = build_engine(model, ds_config, cfg.train.weight_decay, cfg.train.deepspeed)
+    with startup.phase("engine"):
+        engine = build_engine(model, ds_config, cfg.train.weight_decay, cfg.train.deepspeed)
 
     trainer = Trainer(cfg, engine, world, batches, data.validation, folder.path, domains=data.domains)
-    if resume_tag:
-        trainer.resume(resume_tag)
-    elif upcycle_tag:
-        trainer.start_from_dense(upcycle_tag)
+    with startup.phase("checkpoint loaded") if resume_tag or upcycle_tag else nullcontext():
+        if resume_tag:
+            trainer.resume(resume_tag)
+        elif upcycle_tag:
+            trainer.start_from_dense(upcycle_tag)
     if world.is_main:  # only now, with every check passed and the checkpoint loaded: a refusal changes nothing
         write_run_files(cfg, folder, tokenizer, model, layout, ds_config, world.world_size, dense_params, data,
-                        fresh=resume_tag is None)
+                        fresh=resume_tag is None, imported_from=imported_from)
     return world, trainer
 
 
@@ -164,14 +187,16 @@ def load_dense_weights(model, tag_dir: Path) -> None:
 
 
 def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout: MoELayout, ds_config: dict,
-                    world_size: int, dense_params: int, data: PreparedData, fresh: bool) -> None:
+                    world_size: int, dense_params: int, data: PreparedData, fresh: bool,
+                    imported_from: str | None = None) -> None:
     """The run record (every setting, and what it resolved to), the tokenizer and the base model's HF config.
-    ``fresh``: no checkpoint is resumed, so metrics of an earlier start in this folder go."""
+    ``fresh``: no checkpoint is resumed, so metrics of an earlier start in this folder go; ``imported_from``: the HF
+    MoE folder the model was read from."""
     if fresh:  # a resumed run keeps (and trims) its metrics
         folder.metrics.remove()
     active = active_parameters(model, moe_layers_of(model))
     resolved = Resolved(world_size=world_size, deepspeed_config=ds_config, moe_layout=layout,
-                        dense_parameters=dense_params,
+                        dense_parameters=dense_params, imported_from=imported_from,
                         moe_parameters_per_rank=sum(p.numel() for p in model.parameters()),
                         flops_per_token=flops_per_token(active, *attention_dims(model.config), cfg.data.block_size),
                         **data.resolved())
@@ -194,7 +219,7 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     stopped = f" (stopped early: {summary['stopped_by']}; checkpoint saved)" if summary["stopped_by"] else ""
     print(f"\nDone: {summary['steps']} steps{stopped}, loss {number(summary['first_loss'])} -> "
           f"{number(summary['last_loss'])}, eval_loss {number(summary['eval_loss'])}, "
-          f"{summary['tokens_per_sec']:.0f} tokens/s over {summary['train_seconds']:.0f} s.\n"
+          f"{summary['tokens_per_sec']:.0f} tokens/s (whole run) over {summary['train_seconds']:.0f} s.\n"
           f"Outputs in {output_dir}/: metrics.jsonl, run_config.json, tokenizer/, base_model/, checkpoints/")
     print(json.dumps(summary))
 

@@ -17,6 +17,7 @@ import pytest
 import train
 from helpers import LAUNCHER, finish, free_port, start
 from moe_models.run.cli import parse_args
+from moe_models.run.startup import StartupLines
 from moe_models.training.ds_config import SHIPPED_DIR
 
 QUICK = ["--num_experts", "4", "--max_steps", "1", "--warmup_steps", "1", "--synthetic_examples", "200",
@@ -414,8 +415,12 @@ def test_resume_with_the_other_expert_path_is_refused_before_anything_is_built(c
 
 def test_resume_at_another_world_size_is_refused_before_anything_is_built(capsys, run_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets for 2 ranks; refused before any group is joined
+    printed = []
+    monkeypatch.setattr(StartupLines, "say", lambda self, text: printed.append(text))
     refused(capsys, [*resume(run_dir), "--max_steps", "2"], "was saved with 1 ranks, ep_size 1 and --moe_impl "
             "grouped, this run has 2 ranks, ep_size 1 and --moe_impl grouped", folder=run_dir)
+    assert printed[0].startswith("imports ") and not any(  # refused at the settings check, before any build
+        line.startswith(("settings checked", "process group", "model", "engine")) for line in printed), printed
 
 
 def test_resume_of_a_run_whose_record_does_not_parse(capsys, run_dir, tmp_path):
@@ -634,6 +639,21 @@ def test_routing_flag_left_out_on_resume_is_taken_from_the_run(run_dir, tmp_path
     given, taken = resumed_settings(parse_args([*QUICK, *resume(copy), "--capacity_factor", "1.0",
                                                 "--allow_routing_change"]))
     assert given.moe.capacity_factor == 1.0 and taken == []
+
+
+def test_a_run_started_with_the_old_routing_defaults_resumes_with_them(run_dir, tmp_path):
+    """Runs started before the defaults became dropless and deterministic recorded drop_tokens and
+    top2_2nd_expert_sampling true: they continue so, not with today's defaults."""
+    from moe_models.training.resumable import resumed_settings
+    copy = copied(run_dir, tmp_path)
+    record = json.loads((copy / "run_config.json").read_text())
+    record["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)
+    (copy / "run_config.json").write_text(json.dumps(record))
+    fresh = parse_args(QUICK).moe
+    assert (fresh.drop_tokens, fresh.top2_2nd_expert_sampling) == (False, False)  # today's defaults
+    cfg, taken = resumed_settings(parse_args([*QUICK, *resume(copy)]))
+    assert (cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling) == (True, True)
+    assert taken == ["--drop_tokens true", "--top2_2nd_expert_sampling true"]
 
 
 def test_allow_routing_change_lets_the_resume_through_the_checks(run_dir):

@@ -26,9 +26,25 @@ def test_flags_reach_their_sections():
 
 
 def test_unknown_flag_is_refused(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         parse_args(["--num_expert", "4"])
-    assert "unrecognized arguments: --num_expert" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --num_expert" in err.splitlines()[-1]
+    # Two lines, not argparse's usage of every flag (build_parser().format_usage() is dozens of lines)
+    assert build_parser().format_usage().count("\n") > 20
+    assert len(err.splitlines()) == 2 and "--help lists them all" in err.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["export", "report", "payoff"])
+def test_other_commands_errors_are_short(command, capsys):
+    import importlib
+    main = importlib.import_module(f"moe_models.{command}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--no_such_flag"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) <= 3, err
+    assert "error: " in err.splitlines()[-1]
 
 
 def test_run_config_round_trips_and_refuses_unknown_keys():

@@ -26,8 +26,9 @@ from ..run.folder import RunFolder
 from ..run.moe_layout import NO_MOE_LAYERS, expert_counts
 from ..run.writes import atomic_write
 
-# Where a payoff differs from train.py's defaults (the flags given still win): dropless, deterministic top-2, so
-# that the upcycled model starts as exactly the dense one (docs/upcycling.md), and both MoEs route alike.
+# A payoff's own defaults (the flags given still win): dropless, deterministic top-2, so that the upcycled model
+# starts as exactly the dense one (docs/upcycling.md) and both MoEs route alike. train.py's defaults too, written out
+# so that a payoff's runs do not change with them.
 PAYOFF_DEFAULTS = ["--output_dir", "outputs/payoff", "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
 # Settings the payoff sets per run; given on its command line they would be overridden, so they are refused.
 SET_PER_RUN = ("resume_from_checkpoint", "upcycle_from_checkpoint", "expert_init", "granularity", "moe_layers",

@@ -31,11 +31,12 @@ class CollapseThresholds:
     logit_norm_intervals: int = 5       # consecutive growing intervals
     logit_norm_growth: float = 1.5      # total growth factor over them
     logit_rms: float = 2.0              # and the norm above this x sqrt(E)
+    min_tokens: int = 1024              # an interval with fewer routed tokens per layer is not checked
 
     @classmethod
     def of(cls, log: LogConfig) -> "CollapseThresholds":
         return cls(log.collapse_effective_experts, log.collapse_imbalance, log.collapse_logit_norm_intervals,
-                   log.collapse_logit_norm_growth, log.collapse_logit_rms)
+                   log.collapse_logit_norm_growth, log.collapse_logit_rms, log.collapse_min_tokens)
 
 
 class CollapseMonitor:
@@ -48,13 +49,14 @@ class CollapseMonitor:
 
     def check(self, row: dict) -> list[dict]:
         """The warning rows of a training row: one per condition of a layer that starts or clears at it. The row of
-        step 1 is not checked: it holds a single step of the untrained router."""
+        step 1 is not checked: it holds a single step of the untrained router; nor is a layer's load of fewer than
+        ``min_tokens`` tokens (its routed_tokens), too few for a load to mean anything."""
         found = []
         if row["step"] <= 1:
             return found
         for i in moe_layer_ids([row]):
             layer = layer_values(row, i)
-            if "routed_per_expert" not in layer:
+            if "routed_per_expert" not in layer or layer.get("routed_tokens", 0) < self.thresholds.min_tokens:
                 continue
             for condition, (firing, value, threshold) in self.conditions(i, layer).items():
                 key = (i, condition)
@@ -116,3 +118,14 @@ class CollapseMonitor:
 
 LABELS = {"effective_experts": "the effective expert count", "imbalance": "the imbalance",
           "router_logit_norm": "the router-logit norm's growth"}
+
+
+def console_line(warning: dict) -> str:
+    """A warning row as one short console line: the condition and its numbers; what to try is in its ``message``
+    (metrics.jsonl, the wandb alert, TensorBoard). A clearance's message is short already."""
+    if warning["collapse"] != "warning":
+        return warning["message"]
+    below = warning["condition"] == "effective_experts"
+    return (f"router collapse warning, moe layer {warning['layer']} at step {warning['step']}: "
+            f"{LABELS[warning['condition']].removeprefix('the ')} {warning['value']:.3g} ({'below' if below else 'above'} "
+            f"{warning['threshold']:.3g}); what to try: its row in metrics.jsonl, docs/metrics.md")

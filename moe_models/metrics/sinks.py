@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..run.config import LogConfig, RunConfig
 from ..run.folder import MetricsFile
-from .collapse import CollapseMonitor, CollapseThresholds
+from .collapse import CollapseMonitor, CollapseThresholds, console_line
 from .domain_heatmap import layers_with_domain_counts
 from .rows import layer_values, moe_layer_ids
 
@@ -42,8 +42,9 @@ class MetricsLog:
 
 
 class Progress:
-    """Rank 0's console: a tqdm bar over optimizer steps with loss and tokens/s (tqdm shows the ETA), and at
-    every eval the eval loss plus one expert-load line per MoE layer from the latest training row."""
+    """Rank 0's console: a tqdm bar over optimizer steps with loss and the last logging interval's tokens/s (tqdm
+    shows the ETA; the summary's tokens/s is the whole run's), and at every eval the eval loss plus one expert-load
+    line per MoE layer from the latest training row."""
 
     def __init__(self, total: int, enabled: bool, is_main: bool = True):
         self.total, self.enabled, self.is_main = total, enabled, is_main
@@ -62,7 +63,8 @@ class Progress:
         if "loss" in row:
             self.last_training_row = row
             if self.bar:
-                self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
+                self.bar.set_postfix({"loss": f"{row['loss']:.3f}",
+                                      "tok/s (last interval)": f"{row['tokens_per_sec']:.0f}"}, refresh=False)
         if "eval_loss" in row:
             self.print(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}  perplexity {row['perplexity']:.2f}")
             for line in expert_load_lines(self.last_training_row):
@@ -160,7 +162,7 @@ class Sinks:
     def warn_of_collapse(self, training_row: dict) -> None:
         for warning in self.collapse.check(training_row) if self.collapse else []:
             self.jsonl.write(warning)
-            self.console.print(warning["message"])
+            self.console.print(console_line(warning))
             if warning["collapse"] == "warning":
                 for reporter in self.reporters:
                     reporter.alert(f"Router collapse: MoE layer {warning['layer']}, {warning['condition']}",
@@ -210,7 +212,7 @@ def log_problems(log: LogConfig) -> list[str]:
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
     minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_logit_norm_intervals": 0,
-                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0}
+                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0, "collapse_min_tokens": 0}
     problems += [f"{name} ({getattr(log, name)}) must be >= {low}" for name, low in minimums.items()
                  if getattr(log, name) < low]
     if log.collapse_effective_experts > 1:
@@ -222,6 +224,7 @@ def log_problems(log: LogConfig) -> list[str]:
         problems.append(f"report_to {log.report_to!r} names {', '.join(unknown) or 'nothing'}: use none, wandb, "
                         "tensorboard, or both as wandb,tensorboard")
     elif "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
-        problems.append("report_to tensorboard needs the tensorboard package, which is not installed: pip install "
-                        "\"moe-models[tensorboard]\" (or pip install tensorboard), or leave tensorboard out of --report_to")
+        problems.append("report_to tensorboard needs the tensorboard package, which is not installed: pip install -c "
+                        "constraints.txt \".[tensorboard]\" in a source checkout (pip install \"moe-models[tensorboard]\" "
+                        "elsewhere), or leave tensorboard out of --report_to")
     return problems

@@ -17,9 +17,11 @@ from ..run.distributed import init_world, launched_world_size
 from ..run.moe_layout import expert_counts
 
 
-def parallel_problems(moe: MoEConfig, world_size: int | None = None, zero_stage: int | None = None) -> list[str]:
+def parallel_problems(moe: MoEConfig, world_size: int | None = None, zero_stage: int | None = None,
+                      planning: bool = False) -> list[str]:
     """What expert parallelism cannot do with these settings: ep_size must divide every layer's expert count and,
-    when known, the number of ranks; ZeRO stage 3 is refused (DeepSpeed's native MoE layer does not take it)."""
+    when known, the number of ranks (``planning``: for a --plan, whose world --plan_world_size gives); ZeRO stage 3
+    is refused (DeepSpeed's native MoE layer does not take it)."""
     ep, problems = moe.ep_size, []
     if ep < 1:
         return problems  # reported with the other settings (moe/checks.py)
@@ -27,8 +29,9 @@ def parallel_problems(moe: MoEConfig, world_size: int | None = None, zero_stage:
                  f"or an ep_size that divides {count}" for count in expert_counts(moe) if count >= 1 and count % ep]
     if world_size is not None and world_size % ep:
         problems.append(f"ep_size ({ep}) must divide the number of ranks ({world_size}): "
-                        + (f"launch with `deepspeed --num_gpus {ep} train.py ...`" if world_size == 1
-                           else f"use an ep_size that divides {world_size}"))
+                        + (f"pass the ranks the plan is for, such as --plan_world_size {ep}" if planning and
+                           world_size == 1 else f"launch with `deepspeed --num_gpus {ep} train.py ...`"
+                           if world_size == 1 else f"use an ep_size that divides {world_size}"))
     if zero_stage == 3:
         problems.append("ZeRO stage 3 does not work with DeepSpeed MoE layers (it partitions the expert weights that "
                         "expert parallelism already splits; DeepSpeed refuses its native MoE layer under stage 3); use "

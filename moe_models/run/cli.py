@@ -17,6 +17,17 @@ from .config import SECTION_TYPES, RunConfig
 # (num_experts, moe_layers) and we want those to stay one flag each.
 
 
+class ShortErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose error is the problem under a short usage (the usage itself when it is short, else
+    one line saying where the flags are listed), not under the usage of every flag."""
+
+    def error(self, message: str):
+        usage = self.format_usage()
+        if usage.count("\n") > 3:
+            usage = f"usage: {self.prog} [flags] ({self.prog} --help lists them all)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("true", "1", "yes", "y"):
@@ -81,7 +92,7 @@ def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         description="Turn a Hugging Face causal LM into a DeepSpeed Mixture-of-Experts model and train it.",
         allow_abbrev=False)
     parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
-    """Build a RunConfig from command-line flags; unknown flags are an error (argparse exits with usage)."""
+    """Build a RunConfig from command-line flags; unknown flags are an error (exit 2 with a short usage)."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -101,13 +101,15 @@ class MoEConfig:
     capacity_factor: float = _flag(1.0, "Training capacity per expert, as a multiple of the even share of tokens.")
     eval_capacity_factor: float = _flag(1.0, "Capacity factor in eval mode.")
     min_capacity: int = _flag(4, "Minimum tokens an expert can take, whatever the capacity factor.")
-    drop_tokens: bool = _flag(True, "Drop tokens above an expert's capacity. false = dropless (capacity grows to "
-                              "the busiest expert).")
+    drop_tokens: bool = _flag(False, "Drop tokens above an expert's capacity (--capacity_factor). false (the "
+                              "default) = dropless: every token reaches its experts (capacity grows to the busiest "
+                              "expert), as the HF MoE classes route, so an export is exact.")
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _flag(
         None, "Noise on the router during training: Jitter (multiplicative on the input) or RSample (Gumbel).")
     use_rts: bool = _flag(True, "Random token selection when dropping (top-1 only).")
-    top2_2nd_expert_sampling: bool = _flag(True, "Top-2 only: pick the second expert with Gumbel noise during "
-                                           "training (DeepSpeed's default); false = deterministic top-2.")
+    top2_2nd_expert_sampling: bool = _flag(False, "Top-2 only: pick the second expert with Gumbel noise "
+                                           "(DeepSpeed's default, which it applies in eval too); false (the default "
+                                           "here) = deterministic top-2, as the HF MoE classes route.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     benchmark_balanced_routing: bool = _flag(
         False, "For throughput benchmarks only: the router is computed as usual, but token t's k routes go to experts "
@@ -260,6 +262,10 @@ class TrainConfig:
         False, "With --plan_cluster: list every layout of the same run that fits a device (ep_size, ZeRO stage, "
         "micro-batch x accumulation for the same tokens per step, activation checkpointing), fastest first, and "
         "why the best one wins.")
+    plan_world_size: Optional[int] = _flag(
+        None, "With --plan: the number of ranks the plan is for, all nodes together (16 for 2 nodes of 8 GPUs), so "
+        "that one process (a login node) plans a launch of many; default: the ranks this command was launched with "
+        "(1 for python train.py).")
     disable_tqdm: bool = _flag(False, "Hide the progress bar (rank 0 shows one by default).")
 
 
@@ -295,6 +301,10 @@ class LogConfig:
     collapse_logit_rms: float = _flag(
         2.0, "Router-collapse warning: growing router logits warn only once their norm is above this x sqrt(E), a "
         "root-mean-square logit above this (a router that starts from small logits grows them fast while it learns).")
+    collapse_min_tokens: int = _flag(
+        1024, "Router-collapse warning: a logging interval is checked only when each MoE layer routed at least this "
+        "many tokens in it (over all ranks): the load of a few hundred tokens swings from interval to interval by "
+        "itself (launch/debug_single_gpu.sh logs every 256). 0 = every interval.")
 
 
 @dataclass

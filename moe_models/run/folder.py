@@ -47,6 +47,9 @@ class Resolved:
     deepspeed_config: dict | None = None
     moe_layout: MoELayout | None = None
     dense_parameters: int | None = None
+    # the HF MoE folder every weight was read from (--model_name_or_path of an HF MoE model): its experts are that
+    # model's, not upcycled; moe.expert_init is then only the rule that gave the layers their shape (copy or granular)
+    imported_from: str | None = None
     moe_parameters_per_rank: int | None = None
     flops_per_token: float | None = None
     domains: list[str] | None = None

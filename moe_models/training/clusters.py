@@ -107,14 +107,19 @@ def plan_problems(train) -> list[str]:
         problems.append(f"plan_nodes ({train.plan_nodes}) must be >= 1")
     if train.plan_cluster:
         try:
-            resolve_cluster(train.plan_cluster)
+            cluster = resolve_cluster(train.plan_cluster)
         except ConfigError as err:
-            problems += err.problems
+            return problems + err.problems
+        world = train.plan_nodes * cluster.devices_per_node
+        if train.plan_world_size is not None and train.plan_world_size != world:
+            problems.append(f"--plan_world_size {train.plan_world_size} disagrees with --plan_cluster "
+                            f"{train.plan_cluster} x --plan_nodes {train.plan_nodes} ({world} ranks); give one of them")
     return problems
 
 
 def planned_world_size(train, launched: int) -> int:
-    """The ranks a plan is for: the cluster's nodes x devices per node with --plan_cluster, else the launched ones."""
+    """The ranks a plan is for: the cluster's nodes x devices per node with --plan_cluster, else --plan_world_size,
+    else the launched ones."""
     if train.plan_cluster:
         return train.plan_nodes * resolve_cluster(train.plan_cluster).devices_per_node
-    return launched
+    return train.plan_world_size or launched

@@ -70,6 +70,15 @@ def flag_values(cfg: RunConfig, world_size: int) -> dict[tuple[str, ...], tuple[
     }
 
 
+def bf16_follows_the_device(deepspeed: str) -> bool:
+    """Whether the DeepSpeed JSON leaves bf16 to the machine (``"bf16": {"enabled": "auto"}``, the shipped ones do)."""
+    try:
+        bf16 = json.loads(resolve_deepspeed_config_path(deepspeed).read_text()).get("bf16")
+    except (OSError, ValueError, AttributeError):
+        return False  # validate reports an unreadable JSON
+    return isinstance(bf16, dict) and bf16.get("enabled") == "auto"
+
+
 def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """Load cfg.train.deepspeed and fill its "auto" values; raise ConfigError on conflicts or bad settings."""
     path = resolve_deepspeed_config_path(cfg.train.deepspeed)

@@ -15,7 +15,9 @@ the Trainer offers a place for it:
   steps for tokens/s and MFU;
 - ``log``: at each training log, the interval's MoE metrics (docs/metrics.md), tokens/s and MFU, energy and memory,
   summed over ranks, and the router-collapse warnings (metrics/collapse.py) they start or clear, printed by the main
-  process and kept in ``collapse_warnings``;
+  process and kept in ``collapse_warnings``; the console prints the summaries, without the per-layer and per-expert
+  values (training/console_logs.py), which go to the reporters;
+- on a CPU, each rank's threads are its share of the cores unless OMP_NUM_THREADS is set (run/threads.py);
 - ``evaluation_loop``: with ``domain_ids`` in the eval data, each layer's routes per (domain, expert) and
   I(domain; expert) in the eval metrics;
 - ``_save`` / ``save_model``: the MoE settings' record (run/folder.py) beside the weights, for export; at ep_size > 1 a
@@ -37,7 +39,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..metrics.collapse import CollapseMonitor, CollapseThresholds
+from ..metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
 from ..metrics.device import DeviceInterval
 from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
                                   throughput_metrics)
@@ -47,6 +49,8 @@ from ..moe.step import MoEStep
 from ..run.config import ConfigError, MoEConfig
 from ..run.distributed import init_world, sum_over_ranks
 from ..run.folder import RunFolder
+from ..run.threads import choose_cpu_threads
+from .console_logs import keep_console_to_summaries
 from .ds_config import zero_stage
 from .nonfinite import (NonFiniteError, NonFiniteGuard, drop_nonfinite_gradients, first_nonfinite_layer, guard_engine,
                         nonfinite_message)
@@ -85,6 +89,10 @@ class MoETrainer(Trainer):
             # does), with the Trainer's timeout, and its CPU all-reduce buffers do not outlive the run in /dev/shm
             init_world(timeout_s=int(args.ddp_timeout))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        threads = choose_cpu_threads()
+        if threads and self.is_world_process_zero():
+            print(threads, flush=True)
+        keep_console_to_summaries(self)
         self.moe = MoEStep(self.model)
         self.moe_layers = self.moe.layers
         self.per_expert_metrics = per_expert_metrics
@@ -201,7 +209,7 @@ class MoETrainer(Trainer):
         """The router-collapse warnings a training row starts or clears: printed by the main process and kept."""
         for warning in self.collapse.check({"step": self.state.global_step, **row}) if self.collapse else []:
             self.collapse_warnings.append(warning)
-            print(warning["message"], flush=True)
+            print(console_line(warning), flush=True)
 
     # -- evaluation -------------------------------------------------------------------------------------------
 

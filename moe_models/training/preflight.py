@@ -38,7 +38,7 @@ from ..moe.surgery import convert_to_moe
 from ..run.config import MoEConfig, RunConfig
 from ..run.moe_layout import expert_counts
 from .clusters import resolve_cluster
-from .ds_config import resolve_deepspeed_config_path
+from .ds_config import bf16_follows_the_device
 from .step_time import all_to_all_split, predict
 
 GIB = 2**30
@@ -269,6 +269,8 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
                                        for part in seconds) + " (no overlap assumed unless overlap_comm)")
     elif "cluster" in result:
         rows.append("  step time: not predicted with optimizer offload (its CPU Adam is not modelled)")
+    if result.get("precision_note"):
+        rows.append(f"  precision: {result['precision_note']}")
     if device_gib is not None:
         fits = m["total"] <= device_gib * GIB
         rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
@@ -284,7 +286,7 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     """The plan (``plan``) and, with --device_memory_gb, whether a rank fits and, if not, the smallest change that
     does: what `train.py --plan` prints and writes to plan.json."""
     cluster = resolve_cluster(cfg.train.plan_cluster) if cfg.train.plan_cluster else None
-    if cluster is not None and _bf16_is_auto(cfg):  # "auto" means the cluster's devices, not this machine's
+    if cluster is not None and bf16_follows_the_device(cfg.train.deepspeed):  # the cluster's devices, not this one
         ds_config = {**ds_config, "bf16": {**ds_config.get("bf16", {}), "enabled": cluster.bf16}}
     result = plan(cfg, ds_config, world_size)
     device_gib = cfg.train.device_memory_gb if cfg.train.device_memory_gb is not None or cluster is None \
@@ -299,11 +301,16 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
     advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
                                       math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
-    result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice)
+    result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice,
+                  precision_note=None if cluster else precision_note(cfg, result["setup"]["bf16"]))
     return result
 
 
-def _bf16_is_auto(cfg: RunConfig) -> bool:
-    """Whether the run's DeepSpeed JSON leaves bf16 to the device ("bf16": {"enabled": "auto"})."""
-    raw = json.loads(resolve_deepspeed_config_path(cfg.train.deepspeed).read_text())
-    return raw.get("bf16", {}).get("enabled") == "auto"
+def precision_note(cfg: RunConfig, bf16: bool) -> str | None:
+    """Why a plan counts fp32 when the run it plans may train in bf16: ``"bf16": "auto"`` follows the machine that
+    makes the plan, and this one has no GPU with bf16."""
+    if bf16 or not bf16_follows_the_device(cfg.train.deepspeed):
+        return None
+    return ("fp32, because the DeepSpeed JSON's \"bf16\": {\"enabled\": \"auto\"} follows the machine making the "
+            "plan, which has no GPU with bf16; a GPU run of it trains in bf16: to plan that, pass a copy of the JSON "
+            "with \"bf16\": {\"enabled\": true} (--deepspeed my_zero.json)")

@@ -30,7 +30,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     problems = empty_strings(cfg)
     if problems:  # an empty path would be read as the current folder below
         raise ConfigError(problems)
-    problems = (moe_problems(cfg.moe) + parallel_problems(cfg.moe, world_size)
+    problems = (moe_problems(cfg.moe) + parallel_problems(cfg.moe, world_size, planning=cfg.train.plan)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed) + write_problems(cfg))
     if problems:
@@ -94,6 +94,11 @@ def train_problems(train: TrainConfig) -> list[str]:
         problems.append(f"learning_rate ({train.learning_rate}) must be > 0")
     if train.device_memory_gb is not None and train.device_memory_gb <= 0:
         problems.append(f"device_memory_gb ({train.device_memory_gb}) must be > 0")
+    if train.plan_world_size is not None and not train.plan:
+        problems.append(f"plan_world_size ({train.plan_world_size}) is only used by --plan: add --plan, or drop "
+                        "--plan_world_size and launch the ranks")
+    elif train.plan_world_size is not None and train.plan_world_size < 1:
+        problems.append(f"plan_world_size ({train.plan_world_size}) must be >= 1")
     problems += plan_problems(train)
     if train.max_grad_norm < 0:
         problems.append(f"max_grad_norm ({train.max_grad_norm}) must be >= 0")

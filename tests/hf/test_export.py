@@ -27,10 +27,10 @@ from moe_models.run.config import ConfigError, MoEConfig
 from moe_models.run.moe_layout import MoELayout, resolve_moe_layers
 
 # Deterministic, dropless routing: the condition under which DeepSpeed and the HF classes compute the same function.
-EXACT = ["--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
+# They are the defaults, so the cases below train with the default routing: a default run exports exactly.
 SHORT = ["--synthetic_examples", "300", "--block_size", "64", "--per_device_train_batch_size", "4",
          "--warmup_steps", "1", "--learning_rate", "1e-2", "--eval_steps", "0", "--max_eval_batches", "1",
-         "--disable_tqdm", *EXACT]
+         "--disable_tqdm"]
 
 # preset, MoE flags, the class it exports to. Experts start random so that they differ.
 CASES = {
@@ -126,11 +126,16 @@ def test_the_aux_loss_free_bias_is_exported_and_steers_the_choice(exported):
 @pytest.mark.parametrize("exported", ["llama", "qwen3", "qwen2_shared_gate", "qwen2_shared", "qwen2_granular",
                                       "llama_shared", "llama_sigmoid", "qwen2_sigmoid", "qwen3_sigmoid",
                                       "llama_sigmoid_shared"], indirect=True)
-def test_import_continues_where_the_export_left_off(exported, tmp_path):
+def test_import_continues_where_the_export_left_off(exported, tmp_path, capsys):
     """train.py on the exported folder: the first training loss is the exported model's loss on that batch."""
     cfg = parse_args(["--model_name_or_path", str(exported["hf_dir"]), "--max_steps", "1", *SHORT,
                       "--output_dir", str(tmp_path / "continued")])
     _, trainer = train.build(cfg)
+    out = capsys.readouterr().out  # the import says so when it begins, and is recorded as one
+    assert f"start-up: importing the HF MoE model {exported['hf_dir']} (its own experts" in out
+    assert "start-up: model imported " in out
+    record = json.loads((tmp_path / "continued" / "run_config.json").read_text())
+    assert record["resolved"]["imported_from"] == str(exported["hf_dir"])
     trained = exported["cfg"].moe
     moe = trainer.cfg.moe  # the checkpoint's settings, not the defaults
     assert (moe.num_experts, moe.top_k) == (trained.num_experts, trained.top_k)
@@ -364,8 +369,10 @@ def test_cli_help_and_missing_inputs(tmp_path, capsys):
 def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(exported["root"] / "run", run)
+    export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "exact")])
+    assert "note:" not in capsys.readouterr().out  # trained with the default routing: exact
     config = json.loads((run / "run_config.json").read_text())
-    config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with the defaults
+    config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with DeepSpeed's defaults
     (run / "run_config.json").write_text(json.dumps(config))
     export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
     out = capsys.readouterr().out
@@ -375,3 +382,21 @@ def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])
     assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_run_that_will_not_export_exactly_says_so_and_how_at_the_start():
+    """export_outlook is the line train.py prints before training; the default routing exports exactly (None)."""
+    from moe_models.hf.configs import export_outlook
+    llama, gpt2 = preset_config("tiny-llama"), preset_config("tiny-gpt2")
+    layout = MoELayout.resolve(MoEConfig(), num_blocks=4)
+    assert export_outlook(llama, MoEConfig(), layout) is None
+    sampled = export_outlook(llama, MoEConfig(top2_2nd_expert_sampling=True), layout)
+    assert sampled.startswith("this run's checkpoints will export to Mixtral inexactly")
+    assert sampled.endswith("--top2_2nd_expert_sampling false would make the export exact (docs/export.md)")
+    both = export_outlook(llama, MoEConfig(drop_tokens=True, top2_2nd_expert_sampling=True), layout)
+    assert "--drop_tokens false --top2_2nd_expert_sampling false would make" in both
+    family = export_outlook(gpt2, MoEConfig(), layout)
+    assert family.startswith("this run's checkpoints cannot be exported to a native HF MoE class: gpt2 has no "
+                             "Mixture-of-Experts class in transformers")
+    assert export_outlook(llama, MoEConfig(moe_layers="none"), MoELayout.resolve(MoEConfig(moe_layers="none"), 4)) \
+        is None  # a dense run: nothing to export as MoE

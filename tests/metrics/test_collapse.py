@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from moe_models.metrics.collapse import CollapseMonitor, CollapseThresholds
+from moe_models.metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
 from moe_models.metrics.sinks import MetricsLog, open_sinks
 from moe_models.moe.router import Router
 from moe_models.run.cli import parse_args
@@ -18,11 +18,12 @@ from moe_models.training.validate import validate
 from train import main
 
 
-def training_row(step: int, load: list[float], logit_norm: float = 4.0, layer: int = 0) -> dict:
+def training_row(step: int, load: list[float], logit_norm: float = 4.0, layer: int = 0,
+                 routed_tokens: int = 4096) -> dict:
     """A training row of one MoE layer with this router load; effective experts and imbalance by their definitions."""
     shares = [n / sum(load) for n in load]
     prefix = f"moe/layer_{layer}/"
-    return {"step": step, "loss": 1.0, prefix + "routed_per_expert": load,
+    return {"step": step, "loss": 1.0, prefix + "routed_per_expert": load, prefix + "routed_tokens": routed_tokens,
             prefix + "effective_experts": math.exp(-sum(p * math.log(p) for p in shares if p > 0)),
             prefix + "imbalance": max(shares) * len(load), prefix + "router_logit_norm": logit_norm,
             prefix + "drop_fraction": 0.25}
@@ -32,7 +33,7 @@ EVEN, COLLAPSED = [100] * 8, [400, 400, 0, 0, 0, 0, 0, 0]  # top-2 over 8 expert
 
 
 def monitor(**thresholds) -> CollapseMonitor:
-    return CollapseMonitor(CollapseThresholds(**thresholds), MoEConfig())
+    return CollapseMonitor(CollapseThresholds(**thresholds), MoEConfig(drop_tokens=True))  # the advice names capacity
 
 
 def test_an_even_load_with_a_steady_router_does_not_warn():
@@ -56,6 +57,24 @@ def test_a_collapsed_layer_warns_once_per_condition_until_it_clears():
     assert [(w["collapse"], w["condition"]) for w in cleared] == [("cleared", "effective_experts"),
                                                                   ("cleared", "imbalance")]
     assert len(watch.check(training_row(40, COLLAPSED))) == 2  # collapsed again: warned again
+
+
+def test_an_interval_of_too_few_tokens_is_not_checked():
+    """The same collapsed load: not a warning over 1023 routed tokens (the default floor is 1024), a warning over
+    1024; --collapse_min_tokens 0 checks every interval."""
+    assert monitor().check(training_row(10, COLLAPSED, routed_tokens=1023)) == []
+    assert len(monitor().check(training_row(10, COLLAPSED, routed_tokens=1024))) == 2
+    assert len(monitor(min_tokens=0).check(training_row(10, COLLAPSED, routed_tokens=256))) == 2
+    cfg = parse_args(["--collapse_min_tokens", "256"])
+    assert CollapseThresholds.of(cfg.log).min_tokens == 256
+
+
+def test_the_console_line_is_short_and_the_row_keeps_the_advice():
+    warning = monitor(logit_norm_intervals=0).check(training_row(10, COLLAPSED))[1]
+    line = console_line(warning)
+    assert line == ("router collapse warning, moe layer 0 at step 10: imbalance 4 (above 2.5); what to try: its row "
+                    "in metrics.jsonl, docs/metrics.md")
+    assert len(line) < 130 and "--aux_loss_coef (now 0.01)" in warning["message"]
 
 
 def test_the_row_of_step_1_is_not_checked_and_zero_turns_a_condition_off():
@@ -111,7 +130,7 @@ def test_collapse_thresholds_are_checked():
 
 FLAGS = ["--num_experts", "8", "--top_k", "2", "--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0",
          "--max_eval_batches", "1", "--warmup_steps", "1", "--synthetic_examples", "600", "--block_size", "32",
-         "--per_device_train_batch_size", "4", "--disable_tqdm"]
+         "--per_device_train_batch_size", "4", "--disable_tqdm", "--collapse_min_tokens", "0"]  # 128 tokens a step
 
 
 def forced_logits(rule):
@@ -147,7 +166,7 @@ def test_a_router_forced_to_collapse_is_warned_of(world, tmp_path, monkeypatch, 
     assert {w["step"] for w in warnings if w["condition"] != "router_logit_norm"} == {2}  # the first row checked
     assert {w["step"] for w in warnings if w["condition"] == "router_logit_norm"} == {7}  # 5 growing intervals
     for w in warnings:
-        assert printed.count(w["message"]) == 1
+        assert printed.count(console_line(w)) == 1 and w["message"] not in printed  # the advice: in the row
     run_dir, = (out / "wandb").glob("offline-run-*")
     records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"],
                              capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()

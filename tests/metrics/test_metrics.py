@@ -26,7 +26,7 @@ from moe_models.training.ds_config import build_deepspeed_config
 from moe_models.training.trainer import Trainer, build_engine
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-QUICK = ["--num_experts", "4", "--top_k", "2", "--capacity_factor", "0.5", "--max_steps", "5", "--logging_steps", "2",
+QUICK = ["--num_experts", "4", "--top_k", "2", "--drop_tokens", "true", "--capacity_factor", "0.5", "--max_steps", "5", "--logging_steps", "2",
          "--eval_steps", "4", "--max_eval_batches", "2", "--warmup_steps", "1", "--synthetic_examples", "600",
          "--block_size", "32", "--per_device_train_batch_size", "4", "--disable_tqdm"]
 

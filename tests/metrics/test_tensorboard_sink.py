@@ -75,6 +75,6 @@ def test_tensorboard_without_its_package_is_refused_with_the_install_command(mon
     found = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else found(name, *a))
     problems = log_problems(parse_args(["--report_to", "wandb,tensorboard"]).log)
-    assert problems == ["report_to tensorboard needs the tensorboard package, which is not installed: pip install "
-                        "\"moe-models[tensorboard]\" (or pip install tensorboard), or leave tensorboard out of "
-                        "--report_to"]
+    assert problems == ["report_to tensorboard needs the tensorboard package, which is not installed: pip install -c "
+                        "constraints.txt \".[tensorboard]\" in a source checkout (pip install \"moe-models[tensorboard]\" "
+                        "elsewhere), or leave tensorboard out of --report_to"]

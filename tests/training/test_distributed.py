@@ -210,8 +210,14 @@ def test_accelerate_launch_with_the_deepspeed_plugin_trains_as_the_deepspeed_lau
 
 @pytest.mark.parametrize("stage", ["zero0", "zero1"])
 def test_other_zero_stages_train_with_ep2(tmp_path, stage):
+    """zero0 runs without OMP_NUM_THREADS: each rank takes half the cores (train.py chooses its threads)."""
     out = tmp_path / "run"
-    launch(["train.py", "--ep_size", "2", "--deepspeed", stage, *QUICK, "--output_dir", str(out)])
+    threads = {"OMP_NUM_THREADS": ""} if stage == "zero0" else {}
+    output = launch(["train.py", "--ep_size", "2", "--deepspeed", stage, *QUICK, "--output_dir", str(out)], **threads)
+    if threads:
+        cores = len(os.sched_getaffinity(0))
+        assert f"start-up: CPU threads: {max(1, cores // 2)} per rank ({cores} cores available / 2 ranks" in output
+        assert output.count("start-up: CPU threads") == 1  # rank 0's line only
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < 5.55  # ln(257): learning happened
     assert expert_files(out, 3) == ALL_EXPERT_FILES

@@ -22,7 +22,7 @@ from moe_models.data.prepare import prepare_data
 from moe_models.data.synthetic import synthetic_corpus, synthetic_domains
 from moe_models.data.text import pack_blocks
 from moe_models.hf.exporter import export
-from moe_models.metrics.collapse import CollapseThresholds
+from moe_models.metrics.collapse import CollapseThresholds, console_line
 from moe_models.metrics.specialisation import mutual_information_bits
 from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token
 from moe_models.models.source import load_dense_model
@@ -332,12 +332,17 @@ def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, 
     blocks = blocks.map(lambda batch: {"labels": batch["input_ids"]}, batched=True)
     trainer = MoETrainer(model=tiny_moe_model(), args=trainer_args(tmp_path, max_steps=3), train_dataset=blocks,
                          eval_dataset=blocks.select(range(8)), data_collator=default_data_collator,
-                         collapse=CollapseThresholds(imbalance=1.01), peak_tflops=1.0, domains=domains)
+                         collapse=CollapseThresholds(imbalance=1.01, min_tokens=0), peak_tflops=1.0, domains=domains)
     trainer.train()
     warnings = [w for w in trainer.collapse_warnings if w["collapse"] == "warning"]
     assert warnings and {w["condition"] for w in warnings} == {"imbalance"} and warnings[0]["step"] == 2
-    assert warnings[0]["message"] in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert console_line(warnings[0]) in out and warnings[0]["message"] not in out  # the advice: in the row
     row = next(r for r in trainer.state.log_history if r.get("step") == 3 and "loss" in r)
+    # the console prints each log's summaries; the per-layer and per-expert values go to the reporters only
+    printed = [line for line in out.splitlines() if "'loss'" in line]
+    assert len(printed) == 3 and not any("moe/layer_" in line for line in printed), out[-2000:]
+    assert "moe/layer_0/tokens_per_expert/0" in row and "'tokens_per_sec'" in printed[-1]
     flops = flops_per_token(active_parameters(trainer.model, trainer.moe_layers), *attention_dims(trainer.model.config),
                             32)
     assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 1e12, rel=1e-6) and row["nonfinite_steps"] == 0

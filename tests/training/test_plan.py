@@ -81,6 +81,33 @@ def test_plan_command_writes_plan_json_and_says_what_fits(world, tmp_path, capsy
     assert "Preflight plan" in shown and f"smallest change that fits: {plan['smallest_fitting_change']}" in shown
 
 
+def test_one_process_plans_a_world_of_8(world, tmp_path, monkeypatch, capsys):
+    """--plan_world_size 8 from one process: the plan a launch of 8 ranks makes (WORLD_SIZE=8 is what they see)."""
+    flags = [*RUN, "--num_experts", "8", "--ep_size", "8", "--plan", "--deepspeed", "zero2"]
+    with pytest.raises(SystemExit):  # one rank cannot hold ep_size 8: the refusal names the flag
+        train.main([*flags, "--output_dir", str(tmp_path / "one")])
+    assert "must divide the number of ranks (1): pass the ranks the plan is for, such as --plan_world_size 8" in \
+        capsys.readouterr().err
+    planned = train.main([*flags, "--plan_world_size", "8", "--output_dir", str(tmp_path / "planned")])
+    shown = capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    launched = train.main([*flags, "--output_dir", str(tmp_path / "launched")])
+    assert planned["setup"] == launched["setup"] and planned["setup"]["world_size"] == 8
+    assert planned["bytes_per_rank"] == launched["bytes_per_rank"]
+    p = planned["parameters"]
+    assert p["local"] == pytest.approx(p["dense"] + p["experts"] / 8)  # one expert of each layer per rank
+    assert shown.startswith("Preflight plan: 8 ranks, ep_size 8, ZeRO 2")
+    if not torch.cuda.is_available():  # "bf16": "auto" on a machine without a GPU: the plan says it counts fp32
+        assert "  precision: fp32, because the DeepSpeed JSON's \"bf16\": {\"enabled\": \"auto\"} follows the machine" \
+            in shown and planned["precision_note"]
+
+
+def test_plan_world_size_needs_the_plan(capsys):
+    with pytest.raises(SystemExit):
+        train.main([*RUN, "--plan_world_size", "8"])
+    assert "plan_world_size (8) is only used by --plan" in capsys.readouterr().err
+
+
 def test_the_advice_is_the_first_change_that_fits():
     shape = model_shape(parse_args(RUN))
     setup = Setup(world_size=2, ep_size=1, zero_stage=0, bf16=False, offload_optimizer=False, micro_batch=64,

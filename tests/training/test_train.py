@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,15 @@ def test_debug_script_runs_the_same_path(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # --logging_steps 1
     assert json.loads((out / "run_config.json").read_text())["train"]["per_device_train_batch_size"] == 2
+    # the start-up phases, in order, each with its seconds: nothing before the first step is silent
+    phases = ["imports", "settings checked", "process group", "tokenizer", "model built and converted", "data",
+              "engine"]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("start-up: ")]
+    timed = [line for line in lines if re.fullmatch(r"start-up: .+ \d+\.\d s", line)]
+    assert [line[len("start-up: "):].rsplit(" ", 2)[0] for line in timed] == phases, lines
+    assert any(line.startswith("start-up: CPU threads: ") for line in lines)
+    assert "note: " not in result.stdout  # the default run exports exactly: no early note
+    assert "router collapse" not in result.stdout  # 2 x 128 tokens an interval: below --collapse_min_tokens
 
 
 @pytest.mark.slow
