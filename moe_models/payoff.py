@@ -2,6 +2,7 @@
 trains the runs, then reports (the library: comparison/).
 
     python -m moe_models.payoff --output_dir outputs/payoff --max_steps 600 --eval_steps 50 ...
+    python -m moe_models.payoff --sweep_lrs 1e-3,2e-3 --seeds 3 ...     # each model at its best LR, 3 seeds
     deepspeed --num_gpus 2 --module moe_models.payoff --ep_size 2 ...     # every run on the launcher's ranks
 
 Rerunning the same command after an interruption keeps the finished runs and resumes the others.
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .comparison.payoff_report import write_report
 from .comparison.results import collect, write_json
 from .comparison.runner import RunFailed, run_all
-from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, check_same_command, plan_payoff, write_dense_config
+from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, PayoffGrid, check_same_command, plan_grid, write_dense_config
+from .comparison.summary_report import SWEEP_PLOT, plot_sweep, summary_lines
+from .comparison.sweep import summarise
 from .run.cli import parse_args
 from .run.config import ConfigError
-from .run.distributed import launched_rank
+from .run.distributed import launched_rank, launched_world_size
 from .run.writes import WriteError, guarded_write
 
 
@@ -30,8 +34,21 @@ def payoff_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upcycle_at", type=float, default=0.5,
                         help="Share of the steps the upcycled run trains as the dense model before it is upcycled "
                         "(rounded down to an eval step; default 0.5).")
+    parser.add_argument("--sweep_lrs", type=_learning_rates, metavar="LR,LR,...",
+                        help="Train every run at each of these learning rates (full length each) and compare each "
+                        "model at its best; replaces --learning_rate.")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="Train every comparison with this many seeds (--seed, --seed + 1, ...) and report the "
+                        "mean and spread over them (default 1).")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
+
+
+def _learning_rates(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (1e-3,2e-3)") from None
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -40,10 +57,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_args(command)  # unknown flags: usage and exit
     is_main = launched_rank() == 0
     try:
-        plan = plan_payoff(cfg, command, args.upcycle_at)
-        check_same_command(cfg, args.upcycle_at)
-        write_dense_config(cfg, plan.output_dir / DENSE_CONFIG)
-        run_all(plan, command, is_main)
+        grid = plan_grid(cfg, command, args.upcycle_at, args.sweep_lrs, args.seeds, launched_world_size())
+        check_same_command(cfg, args.upcycle_at, {"sweep_lrs": args.sweep_lrs, "seeds": args.seeds})
+        write_dense_config(cfg, grid.output_dir / DENSE_CONFIG)
+        if is_main:
+            print(f"payoff: {grid.cost()}", flush=True)
+        run_all(grid, command, is_main)
     except (ConfigError, WriteError) as err:
         if is_main:
             print(f"error: {err}", file=sys.stderr)
@@ -54,16 +73,38 @@ def main(argv: list[str] | None = None) -> dict | None:
         sys.exit(err.code)
     if not is_main:
         return None
-    results = collect(plan, [f"--upcycle_at={args.upcycle_at}", *train_argv])
+    given = [f"--upcycle_at={args.upcycle_at}", *_grid_flags(args), *train_argv]
     try:
-        with guarded_write("the payoff report", plan.output_dir):
-            write_json(results, plan.output_dir / "payoff.json")
-            report = write_report(results, plan.output_dir)
+        with guarded_write("the payoff report", grid.output_dir):
+            results, report = write_reports(grid, given)
     except WriteError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    print(f"\n{report.read_text()}\nWrote {report}, {plan.output_dir / 'payoff.json'} and the PNGs beside them")
+    print(f"\n{report.read_text()}\nWrote {report}, {grid.output_dir / 'payoff.json'} and the PNGs beside them")
     return results
+
+
+def write_reports(grid: PayoffGrid, given: list[str]) -> tuple[dict, Path]:
+    """payoff.json, payoff.md and the PNGs: each cell's in its folder, the summary in output_dir (one cell: all in
+    output_dir, the summary on top)."""
+    cells = {cell.output_dir.name: collect(cell, given) for cell in grid.cells}
+    summary = summarise(list(cells.values()))
+    plot_sweep(summary, grid.output_dir / SWEEP_PLOT)
+    one = len(grid.cells) == 1
+    for cell, results in zip(grid.cells, cells.values()):
+        write_report(results, cell.output_dir, before=[*summary_lines(summary), ""] if one else [])
+        write_json(results if not one else {**results, "summary": summary}, cell.output_dir / "payoff.json")
+    if not one:
+        links = {name: f"{name}/payoff.md" for name in cells}
+        (grid.output_dir / "payoff.md").write_text("\n".join(summary_lines(summary, links)) + "\n")
+        write_json({"command": given, "summary": summary, "cells": cells}, grid.output_dir / "payoff.json")
+    results = next(iter(cells.values())) if one else {"summary": summary, "cells": cells}
+    return ({**results, "summary": summary} if one else results), grid.output_dir / "payoff.md"
+
+
+def _grid_flags(args: argparse.Namespace) -> list[str]:
+    return ([f"--sweep_lrs={','.join(map(repr, args.sweep_lrs))}"] if args.sweep_lrs else []) + \
+        ([f"--seeds={args.seeds}"] if args.seeds != 1 else [])
 
 
 def command() -> None:
