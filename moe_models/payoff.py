@@ -14,12 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from .comparison.inference import export_dense, measure, ratios
 from .comparison.payoff_report import write_report
 from .comparison.results import collect, write_json
 from .comparison.runner import RunFailed, run_all
-from .comparison.runs import DENSE_CONFIG, PAYOFF_DEFAULTS, PayoffGrid, check_same_command, plan_grid, write_dense_config
-from .comparison.summary_report import SWEEP_PLOT, plot_sweep, summary_lines
+from .comparison.runs import (DENSE, DENSE_CONFIG, MOE, PAYOFF_DEFAULTS, UPCYCLED, PayoffGrid, check_same_command,
+                              plan_grid, write_dense_config)
+from .comparison.summary_report import QUALITY_LATENCY_PLOT, SWEEP_PLOT, plot_quality_latency, plot_sweep, summary_lines
 from .comparison.sweep import summarise
+from .hf.exporter import export
 from .run.cli import parse_args
 from .run.config import ConfigError
 from .run.distributed import launched_rank, launched_world_size
@@ -40,6 +43,11 @@ def payoff_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=1,
                         help="Train every comparison with this many seeds (--seed, --seed + 1, ...) and report the "
                         "mean and spread over them (default 1).")
+    parser.add_argument("--inference_batch", type=int, default=8,
+                        help="The larger batch of the inference measurement (beside batch 1) of the exported models; "
+                        "0: no inference measurement (default 8).")
+    parser.add_argument("--inference_new_tokens", type=int, default=32,
+                        help="Tokens each generate call of the inference measurement adds (default 32).")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
 
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     given = [f"--upcycle_at={args.upcycle_at}", *_grid_flags(args), *train_argv]
     try:
         with guarded_write("the payoff report", grid.output_dir):
-            results, report = write_reports(grid, given)
+            results, report = write_reports(grid, given, args.inference_batch, args.inference_new_tokens)
     except WriteError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -84,11 +92,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     return results
 
 
-def write_reports(grid: PayoffGrid, given: list[str]) -> tuple[dict, Path]:
+def write_reports(grid: PayoffGrid, given: list[str], inference_batch: int, new_tokens: int) -> tuple[dict, Path]:
     """payoff.json, payoff.md and the PNGs: each cell's in its folder, the summary in output_dir (one cell: all in
     output_dir, the summary on top)."""
     cells = {cell.output_dir.name: collect(cell, given) for cell in grid.cells}
     summary = summarise(list(cells.values()))
+    if inference_batch:
+        summary["inference"] = measure_inference(grid, summary, inference_batch, new_tokens)
+        plot_quality_latency(summary, grid.output_dir / QUALITY_LATENCY_PLOT)
     plot_sweep(summary, grid.output_dir / SWEEP_PLOT)
     one = len(grid.cells) == 1
     for cell, results in zip(grid.cells, cells.values()):
@@ -100,6 +111,25 @@ def write_reports(grid: PayoffGrid, given: list[str]) -> tuple[dict, Path]:
         write_json({"command": given, "summary": summary, "cells": cells}, grid.output_dir / "payoff.json")
     results = next(iter(cells.values())) if one else {"summary": summary, "cells": cells}
     return ({**results, "summary": summary} if one else results), grid.output_dir / "payoff.md"
+
+
+def measure_inference(grid: PayoffGrid, summary: dict, batch: int, new_tokens: int) -> dict:
+    """Export (a), (b) and (c) of the cell at the dense model's best rate and the first seed to output_dir/inference/
+    and measure them (comparison/inference.py); (d) is (a)'s model."""
+    cell = next(c for c in grid.cells if c.learning_rate in (None, summary["best_learning_rate"][DENSE]))
+    figures = {}
+    for name in (DENSE, MOE, UPCYCLED):
+        folder = grid.output_dir / "inference" / name
+        print(f"payoff: inference of {cell.run_dir(name)}", flush=True)
+        if name == DENSE:
+            export_dense(cell.run_dir(name), folder)
+        else:
+            export(cell.run_dir(name) / "checkpoints", folder, overwrite=True)
+        figures[name] = measure(folder, batch_sizes=(1, batch), prompt_tokens=min(64, grid.block_size),
+                                new_tokens=new_tokens)
+    quality = {name: summary["final_eval_loss"][name][repr(summary["best_learning_rate"][name])]["mean"]
+               for name in figures}
+    return {"cell": cell.output_dir.name, "models": figures, "ratios": ratios(figures, DENSE, quality)}
 
 
 def _grid_flags(args: argparse.Namespace) -> list[str]:

@@ -77,6 +77,7 @@ class PayoffGrid:
     learning_rates: list[float]
     seeds: list[int]
     tokens_per_step: int
+    block_size: int
 
     @property
     def runs(self) -> int:
@@ -116,7 +117,7 @@ def plan_grid(cfg: RunConfig, train_argv: list[str], upcycle_at: float, learning
              for lr in lrs for seed in seed_list]
     t = cfg.train
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.block_size * world_size
-    return PayoffGrid(out, cells, lrs, seed_list, tokens_per_step)
+    return PayoffGrid(out, cells, lrs, seed_list, tokens_per_step, cfg.data.block_size)
 
 
 def cell_name(learning_rate: float, seed: int) -> str:

@@ -25,7 +25,7 @@ from helpers import REPO, child_env
 
 TINY = ["--max_steps", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "2",
         "--block_size", "32", "--synthetic_examples", "400", "--per_device_train_batch_size", "4",
-        "--max_eval_batches", "2", "--num_experts", "4", "--disable_tqdm"]
+        "--max_eval_batches", "2", "--num_experts", "4", "--disable_tqdm", "--inference_batch", "0"]
 
 
 def run_payoff(output_dir, *extra: str) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def eval_losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def payoff(tmp_path_factory):
     out = tmp_path_factory.mktemp("payoff") / "out"
-    result = run_payoff(out)
+    result = run_payoff(out, "--inference_batch", "2", "--inference_new_tokens", "3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 
@@ -86,8 +86,16 @@ def test_the_payoff_trains_four_ordinary_run_folders_and_reports(payoff):
     text = (payoff / "payoff.md").read_text()
     assert f"{floor.nats_per_token:.4f} nats/token overall" in text
     assert "Upcycled against dense continuation" in text and "not measured" in text
-    for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png"):
+    for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png", "lr_sweep.png",
+                  "quality_vs_decode_latency.png"):
         assert (payoff / image).stat().st_size > 0
+    # The exported models, served by stock transformers (tests/payoff/test_inference.py checks the figures).
+    inference = results["summary"]["inference"]
+    assert set(inference["models"]) == {DENSE, MOE, UPCYCLED}
+    assert all((payoff / "inference" / name / "config.json").is_file() for name in inference["models"])
+    assert inference["ratios"][MOE]["final_eval_loss"] == pytest.approx(
+        results["runs"][MOE]["final_eval_loss"] / results["runs"][DENSE]["final_eval_loss"])
+    assert "## Inference: the exported models served by stock transformers" in text
     write_run_report(payoff / DENSE)  # moe-report reads a dense run too
 
 
