@@ -1,5 +1,5 @@
-"""The `moe-payoff` command (``python -m moe_models.payoff``): the train.py flags of the MoE to test, plus --upcycle_at;
-trains the runs, then reports (the library: comparison/).
+"""The `moe-payoff` command (``python -m moe_models.payoff``): the train.py flags of the MoE to test, plus --upcycle_at,
+--sweep_lrs, --seeds and the inference measurement's; trains the runs, then reports (the library: comparison/).
 
     python -m moe_models.payoff --output_dir outputs/payoff --max_steps 600 --eval_steps 50 ...
     python -m moe_models.payoff --sweep_lrs 1e-3,2e-3 --seeds 3 ...     # each model at its best LR, 3 seeds
@@ -31,9 +31,10 @@ from .run.writes import WriteError, guarded_write
 
 def payoff_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train the dense model of equal active FLOPs, the MoE from scratch and the dense model upcycled "
-        "part way, on the same batches, and report whether the MoE pays off (docs/payoff.md). Every other flag is a "
-        "train.py flag (docs/configuration.md) and describes the MoE.", allow_abbrev=False)
+        description="Train the dense model of equal active FLOPs, the MoE from scratch, the dense model upcycled part "
+        "way and its fair dense continuation, on the same batches (at each learning rate and seed), and report "
+        "whether the MoE pays off, in training and in inference (docs/payoff.md). Every other flag is a train.py "
+        "flag (docs/configuration.md) and describes the MoE.", allow_abbrev=False)
     parser.add_argument("--upcycle_at", type=float, default=0.5,
                         help="Share of the steps the upcycled run trains as the dense model before it is upcycled "
                         "(rounded down to an eval step; default 0.5).")
