@@ -144,12 +144,14 @@ def test_the_fair_dense_continuation_gets_the_upcycled_runs_treatment_and_batche
 def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(payoff, tmp_path):
     copy = tmp_path / "payoff"
     shutil.copytree(payoff, copy)
-    # As if the command was killed after the upcycled run saved step 6: its step-8 checkpoint and rows are gone.
-    shutil.rmtree(copy / UPCYCLED / "checkpoints" / "global_step8")
-    (copy / UPCYCLED / "checkpoints" / "latest").write_text("global_step6")
-    kept = [line for line in (copy / UPCYCLED / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["step"] <= 6]
-    (copy / UPCYCLED / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    # As if the command was killed after the upcycled run saved step 6: its step-8 checkpoint and rows are gone
+    # (and (d)'s: it continues its own checkpoint, not (a)'s at the switch).
+    for name in (UPCYCLED, DENSE_CONTINUED):
+        shutil.rmtree(copy / name / "checkpoints" / "global_step8")
+        (copy / name / "checkpoints" / "latest").write_text("global_step6")
+        kept = [line for line in (copy / name / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] <= 6]
+        (copy / name / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     (copy / "payoff.json").unlink()
     finished = {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)}
 
@@ -158,7 +160,9 @@ def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(pay
     assert f"{DENSE} ((a)" in result.stdout and "finished earlier; kept" in result.stdout
     assert "Resumed from" in result.stdout
     assert {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)} == finished
-    assert eval_losses(copy / UPCYCLED) == pytest.approx(eval_losses(payoff / UPCYCLED), rel=1e-6)
+    assert f"Resumed from {copy / DENSE_CONTINUED / 'checkpoints' / 'global_step6'} at step 6" in result.stdout
+    for name in (UPCYCLED, DENSE_CONTINUED):
+        assert eval_losses(copy / name) == pytest.approx(eval_losses(payoff / name), rel=1e-6)
     assert (copy / "payoff.json").is_file()
 
 
