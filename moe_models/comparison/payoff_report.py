@@ -12,16 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..metrics.domain_heatmap import draw_domain_experts  # noqa: E402
 from ..metrics.run_report import save  # noqa: E402
-from .runs import DENSE, MOE, UPCYCLED  # noqa: E402
+from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED  # noqa: E402
 
 NOT_MEASURED = "not measured"
 
 
-def write_report(results: dict, folder: Path) -> Path:
-    """payoff.md and the PNGs it shows, in ``folder``; returns the path of payoff.md."""
+def write_report(results: dict, folder: Path, before: list[str] = ()) -> Path:
+    """payoff.md and the PNGs it shows, in ``folder``, after the lines ``before``; returns the path of payoff.md."""
     images = plot_all(results, folder)
     path = folder / "payoff.md"
-    path.write_text("\n".join(markdown(results, images)) + "\n")
+    path.write_text("\n".join([*before, *markdown(results, images)]) + "\n")
     return path
 
 
@@ -29,7 +29,8 @@ def markdown(r: dict, images: list[str]) -> list[str]:
     runs, n = r["runs"], r["switch_step"]
     lines = ["# Does the MoE pay off?", "",
              f"`python -m moe_models.payoff {shlex.join(r['command'])}`", "",
-             f"Every run read the same batches in the same order with the same seed and LR schedule ({r['max_steps']} "
+             (f"Learning rate {r['learning_rate']:g}, seed {r['seed']}. " if r.get("learning_rate") else "")
+             + f"Every run read the same batches in the same order with the same seed and LR schedule ({r['max_steps']} "
              f"steps of {r['tokens_per_step']:,} tokens); (a) and (b) have the same active FLOPs per token up to the "
              f"router, and (c) is (b)'s MoE. {r['dense_continuation']}. Evals every {r['eval_steps']} steps; between "
              "evals a loss is interpolated linearly. Training FLOPs: 6 x active parameters + attention per token "
@@ -44,7 +45,7 @@ def markdown(r: dict, images: list[str]) -> list[str]:
     if all(run["joules_per_token"] is None for run in runs.values()):
         lines += ["", f"Energy: {NOT_MEASURED} (NVML's energy counter is read on NVIDIA GPUs only)."]
     lines += _reached_section(r.get("reached_dense_final_loss") or {})
-    lines += _upcycled_section(r["upcycled_vs_dense_continuation"], n)
+    lines += _upcycled_section(r["upcycled_vs_dense_continuation"], r["upcycled_vs_dense_without_reset"], n)
     lines += _domain_loss_section(runs, r.get("entropy_floor"))
     lines += _specialisation_section(runs)
     lines += ["", "## Plots", ""] + [f"![{image}]({image})" for image in images]
@@ -66,19 +67,26 @@ def _reached_section(reached: dict) -> list[str]:
     return lines
 
 
-def _upcycled_section(compared: dict, n: int) -> list[str]:
-    start = compared["start_eval_loss"]
+def _upcycled_section(fair: dict, without_reset: dict, n: int) -> list[str]:
+    start = fair["start_eval_loss"]
     lines = ["", "## Upcycled against dense continuation", ""]
     if start[UPCYCLED] is not None and start[DENSE] is not None:
         lines.append(f"At the switch, step {n}: eval loss {start[UPCYCLED]:.6f} upcycled, {start[DENSE]:.6f} dense "
                      f"(difference {start[UPCYCLED] - start[DENSE]:+.2e}; granular upcycling starts as the dense "
                      "model when no token is dropped).")
-    if "added_flops" in compared:
-        verdict = "beats" if compared["upcycled_minus_dense"] < 0 else "does not beat"
-        lines += ["", f"At equal FLOPs added since step {n} ({compared['added_flops']:.4g}): eval loss "
-                      f"{compared['upcycled_eval_loss']:.4f} upcycled, {compared['dense_eval_loss']:.4f} dense "
-                      f"continued ({compared['upcycled_minus_dense']:+.4f}): the upcycled model {verdict} dense "
-                      "continuation."]
+    rows = [(f"({DENSE_CONTINUED[0]}) fresh optimizer state, as (c): the control", fair),
+            ("(a) itself, which keeps its optimizer state (not the control: it differs from (c) in the optimizer "
+             "state too)", without_reset)]
+    shown = [(label, c) for label, c in rows if "added_flops" in c]
+    if shown:
+        lines += ["", f"At equal FLOPs added since step {n}:", "",
+                  "| dense continuation | added FLOPs | upcycled eval loss | dense eval loss | upcycled - dense |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {label} | {c['added_flops']:.4g} | {c['upcycled_eval_loss']:.4f} | {c['dense_eval_loss']:.4f} | "
+                  f"{c['upcycled_minus_dense']:+.4f} |" for label, c in shown]
+    if "added_flops" in fair:
+        verdict = "beats" if fair["upcycled_minus_dense"] < 0 else "does not beat"
+        lines += ["", f"The upcycled model {verdict} the fair dense continuation in this run."]
     return lines
 
 

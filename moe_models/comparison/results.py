@@ -12,7 +12,7 @@ from ..metrics.rows import layer_values, moe_layer_ids
 from ..metrics.run_report import read_rows
 from ..run.folder import RunFolder
 from .analysis import Curve, equal_added_flops, first_reaching, training_flops
-from .runs import DENSE, MOE, UPCYCLED, PayoffPlan
+from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED, PayoffPlan
 
 # The eval-row entries of a layer that say how its routes spread over the data's domains (metrics/ writes them).
 DOMAIN_COUNTS, MUTUAL_INFORMATION = "domain_expert_counts", "domain_mutual_information"
@@ -47,22 +47,31 @@ def collect(plan: PayoffPlan, command: list[str]) -> dict:
     n = plan.switch_step
     switch = (n, dense.flops_per_token)
     flops = {DENSE: lambda s: training_flops(s, dense.flops_per_token, dense.tokens_per_step),
+             DENSE_CONTINUED: lambda s: training_flops(s, dense.flops_per_token, dense.tokens_per_step),
              MOE: lambda s: training_flops(s, moe.flops_per_token, moe.tokens_per_step),
              UPCYCLED: lambda s: training_flops(s, upcycled.flops_per_token, upcycled.tokens_per_step, switch)}
-    # The upcycled run is the dense run up to step N: its curve is the dense evals before N, then its own.
+    # (c) and (d) are the dense run up to step N: their curves are the dense evals before N (through N for (d),
+    # which is not evaluated before its first update), then their own.
     steps_curves = {DENSE: _curve(dense.eval_rows), MOE: _curve(moe.eval_rows),
-                    UPCYCLED: [p for p in _curve(dense.eval_rows) if p[0] < n] + _curve(upcycled.eval_rows)}
+                    UPCYCLED: [p for p in _curve(dense.eval_rows) if p[0] < n] + _curve(upcycled.eval_rows),
+                    DENSE_CONTINUED: [p for p in _curve(dense.eval_rows) if p[0] <= n]
+                    + _curve(runs[DENSE_CONTINUED].eval_rows)}
     return {
         "command": command,
+        "learning_rate": plan.learning_rate,
+        "seed": plan.seed,
         "max_steps": plan.max_steps,
         "switch_step": n,
         "eval_steps": _eval_interval(dense.eval_rows),
         "tokens_per_step": dense.tokens_per_step,
-        "dense_continuation": f"(d), the dense model continued from step {n}, is {DENSE} itself from step {n} on: it "
-                              "trains every step on the same batches with the same schedule",
+        "dense_continuation": f"(d), the control for (c), is {DENSE} resumed from its checkpoint at step {n} with "
+                              "(c)'s treatment: a fresh optimizer state (--reset_optimizer), the same schedule and "
+                              f"batches; {DENSE} itself from step {n} on, which keeps its optimizer state, is shown "
+                              "beside it",
         "runs": {name: _run_summary(run, steps_curves[name], flops[name]) for name, run in runs.items()},
         "reached_dense_final_loss": _reached(steps_curves, flops, plan.max_steps),
-        "upcycled_vs_dense_continuation": _upcycled_vs_continued(steps_curves, flops, n),
+        "upcycled_vs_dense_continuation": _upcycled_vs_continued(steps_curves, flops, n, DENSE_CONTINUED),
+        "upcycled_vs_dense_without_reset": _upcycled_vs_continued(steps_curves, flops, n, DENSE),
         "entropy_floor": _entropy_floor(plan.run_dir(DENSE)),
     }
 
@@ -149,15 +158,16 @@ def _reached(curves: dict[str, Curve], flops: dict, dense_steps: int) -> dict:
     return found
 
 
-def _upcycled_vs_continued(curves: dict[str, Curve], flops: dict, n: int) -> dict:
-    """The upcycled run against the dense run, both from step N on, over the FLOPs each added since N."""
+def _upcycled_vs_continued(curves: dict[str, Curve], flops: dict, n: int, continued_name: str) -> dict:
+    """The upcycled run against a dense continuation (``continued_name``), both from step N on, over the FLOPs each
+    added since N."""
     def added(name: str) -> Curve:
         return [(flops[name](s) - flops[name](n), loss) for s, loss in curves[name] if s >= n]
 
-    upcycled, continued = added(UPCYCLED), added(DENSE)
+    upcycled, continued = added(UPCYCLED), added(continued_name)
     start = {name: next((loss for s, loss in curves[name] if s == n), None) for name in (UPCYCLED, DENSE)}
     compared = equal_added_flops(upcycled, continued)
-    result = {"switch_step": n, "start_eval_loss": start}
+    result = {"switch_step": n, "continuation": continued_name, "start_eval_loss": start}
     if compared:
         x, up, dense = compared
         result.update(added_flops=x, upcycled_eval_loss=up, dense_eval_loss=dense, upcycled_minus_dense=up - dense)

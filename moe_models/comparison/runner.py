@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..run.folder import RunFolder
-from .runs import PayoffPlan, PayoffRun
+from .runs import OWN_CHECKPOINT, PayoffGrid, PayoffRun
 
 
 class RunFailed(RuntimeError):
@@ -30,16 +31,28 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
     return latest is not None and checkpoints.step_of(latest) >= max_steps
 
 
-def run_all(plan: PayoffPlan, train_argv: list[str], is_main: bool) -> None:
-    """Train every run of ``plan`` that is not finished, in order; RunFailed when one fails."""
-    for number, run in enumerate(plan.runs, start=1):
-        run_dir = plan.run_dir(run.name)
-        if is_finished(run_dir, plan.max_steps):
+def run_all(grid: PayoffGrid, train_argv: list[str], is_main: bool) -> None:
+    """Train every run of every cell of ``grid`` that is not finished, in order; RunFailed when one fails. After each
+    run: the time it took and the time left at the pace so far (seconds per optimizer step)."""
+    total, done, trained, seconds = grid.runs, 0, 0, 0.0
+    for cell in grid.cells:
+        for run in cell.runs:
+            done += 1
+            run_dir = cell.run_dir(run.name)
+            if is_finished(run_dir, cell.max_steps):
+                if is_main:
+                    print(f"payoff: {run_dir} ({run.label}) finished earlier; kept", flush=True)
+                continue
             if is_main:
-                print(f"payoff: {run.name} ({run.label}) finished earlier; kept", flush=True)
-            continue
-        if is_main:
-            print(f"payoff: run {number}/{len(plan.runs)}: {run.name} ({run.label})", flush=True)
-        code = subprocess.call([sys.executable, "-m", "moe_models.train", *train_argv, *run.flags])
-        if code:
-            raise RunFailed(run, code)
+                print(f"payoff: run {done}/{total}: {run_dir} ({run.label})", flush=True)
+            start = OWN_CHECKPOINT if RunFolder(run_dir).checkpoints.latest() is not None else list(run.start)
+            began = time.perf_counter()
+            code = subprocess.call([sys.executable, "-m", "moe_models.train", *train_argv, *run.flags, *start])
+            if code:
+                raise RunFailed(run, code)
+            seconds += time.perf_counter() - began
+            trained += cell.steps_of(run)
+            if is_main:
+                left = grid.steps(after=done) * seconds / max(trained, 1)
+                print(f"payoff: {run_dir} took {time.perf_counter() - began:.0f} s; about {left / 60:.0f} min left "
+                      "for the runs after it at this pace", flush=True)

@@ -9,8 +9,12 @@ experts, top-k. The runs:
                  1/k slice of the dense FFN: the MoE of (b), starting as exactly the dense model) and trained to the
                  end on (a)'s schedule and batches (--upcycle_from_checkpoint)
 
-The dense continuation, the control for (c), is (a) itself from step N on: (a) trains every step on the same
-batches with the same schedule, so a separate run would repeat it.
+    d_dense_continued  (a) at step N, continued as the dense model with (c)'s treatment: a fresh optimizer state
+                 (--reset_optimizer), (a)'s schedule and batches from step N; the control for (c). (a) itself from
+                 step N on is the continuation without the reset, shown beside it.
+
+A payoff is a grid of such cells: one per learning rate (--sweep_lrs) and seed (--seeds); every run of a cell has
+its learning rate and seed.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from ..run.writes import atomic_write
 PAYOFF_DEFAULTS = ["--output_dir", "outputs/payoff", "--drop_tokens", "false", "--top2_2nd_expert_sampling", "false"]
 # Settings the payoff sets per run; given on its command line they would be overridden, so they are refused.
 SET_PER_RUN = ("resume_from_checkpoint", "upcycle_from_checkpoint", "expert_init", "granularity", "moe_layers",
-               "model_name_or_path")
+               "model_name_or_path", "reset_optimizer")
+OWN_CHECKPOINT = ["--resume_from_checkpoint", "latest"]  # a rerun continues each run where it stopped
 PLAN_FILE = "payoff_plan.json"
+GRID_DEFAULTS = {"sweep_lrs": None, "seeds": 1}  # the payoff's own flags of the grid, at their defaults
 DENSE_CONFIG = "dense_model/config.json"
 
 
@@ -42,6 +48,7 @@ class PayoffRun:
     name: str      # its folder under the payoff's output_dir
     label: str     # what the report calls it
     flags: list[str]  # appended to the command's own flags (argparse keeps the last value of a flag)
+    start: tuple[str, ...] = tuple(OWN_CHECKPOINT)  # appended while the run's folder holds no checkpoint yet
 
 
 @dataclass(frozen=True)
@@ -51,38 +58,98 @@ class PayoffPlan:
     switch_step: int
     top_k: int
     runs: list[PayoffRun]
+    learning_rate: float | None = None  # the cell's, given to every run (None: the command's)
+    seed: int | None = None
 
     def run_dir(self, name: str) -> Path:
         return self.output_dir / name
 
+    def steps_of(self, run: PayoffRun) -> int:
+        """The optimizer steps ``run`` trains: (a) and (b) every step, (c) and (d) those after the switch."""
+        return self.max_steps - (self.switch_step if run.name in (UPCYCLED, DENSE_CONTINUED) else 0)
 
-DENSE, MOE, UPCYCLED = "a_dense", "b_moe", "c_upcycled"
+
+@dataclass(frozen=True)
+class PayoffGrid:
+    """The cells of a payoff: one PayoffPlan per learning rate and seed, in output_dir itself when there is one."""
+
+    output_dir: Path
+    cells: list[PayoffPlan]
+    learning_rates: list[float]
+    seeds: list[int]
+    tokens_per_step: int
+    block_size: int
+
+    @property
+    def runs(self) -> int:
+        return sum(len(cell.runs) for cell in self.cells)
+
+    def steps(self, after: int = 0) -> int:
+        """Optimizer steps over all runs (``after``: over those after the first ``after`` runs)."""
+        return sum([cell.steps_of(run) for cell in self.cells for run in cell.runs][after:])
+
+    def cost(self) -> str:
+        steps = self.steps()
+        return (f"{len(self.learning_rates)} learning rate(s) x {len(self.seeds)} seed(s) = {len(self.cells)} "
+                f"payoff(s), {self.runs} runs, {steps:,} optimizer steps, {steps * self.tokens_per_step:,} tokens")
 
 
-def plan_payoff(cfg: RunConfig, train_argv: list[str], upcycle_at: float) -> PayoffPlan:
-    """The runs of the comparison for the settings ``cfg`` (parsed from ``train_argv``); a ConfigError when the
-    comparison cannot be made with them."""
+DENSE, MOE, UPCYCLED, DENSE_CONTINUED = "a_dense", "b_moe", "c_upcycled", "d_dense_continued"
+
+
+def plan_grid(cfg: RunConfig, train_argv: list[str], upcycle_at: float, learning_rates: list[float] | None,
+              seeds: int, world_size: int) -> PayoffGrid:
+    """The cells for each learning rate (default: the command's) and seeds seed, seed + 1, ...; a ConfigError when
+    the comparison cannot be made with these settings."""
     problems = payoff_problems(cfg, train_argv, upcycle_at)
+    if learning_rates is not None and cfg.was_given("learning_rate"):
+        problems.append("--learning_rate and --sweep_lrs both set the learning rate; give one of them")
+    if learning_rates is not None and (not learning_rates or any(lr <= 0 for lr in learning_rates)):
+        problems.append(f"--sweep_lrs {learning_rates} must be positive learning rates, comma-separated (1e-3,2e-3)")
+    if seeds < 1:
+        problems.append(f"--seeds ({seeds}) must be at least 1")
     if problems:
         raise ConfigError(problems)
+    out = Path(cfg.train.output_dir)
+    lrs = learning_rates or [cfg.train.learning_rate]
+    seed_list = [cfg.train.seed + i for i in range(seeds)]
+    one = len(lrs) == 1 and len(seed_list) == 1
+    cells = [plan_payoff(cfg, out if one else out / cell_name(lr, seed), upcycle_at, lr, seed)
+             for lr in lrs for seed in seed_list]
+    t = cfg.train
+    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.block_size * world_size
+    return PayoffGrid(out, cells, lrs, seed_list, tokens_per_step, cfg.data.block_size)
+
+
+def cell_name(learning_rate: float, seed: int) -> str:
+    return f"lr{learning_rate:g}_seed{seed}"
+
+
+def plan_payoff(cfg: RunConfig, out: Path, upcycle_at: float, learning_rate: float | None = None,
+                seed: int | None = None) -> PayoffPlan:
+    """The runs of one comparison, in ``out``, for the settings ``cfg`` (checked by plan_grid), at ``learning_rate``
+    and ``seed`` (None: the command's)."""
     t, k = cfg.train, cfg.moe.top_k
-    out = Path(t.output_dir)
     switch = switch_step(t.max_steps, t.eval_steps, upcycle_at)
-    dense_config = str(out / DENSE_CONFIG)
-    dense_saves = math.gcd(t.save_steps, switch) if t.save_steps else switch  # (c) starts from the save at N
-    own = ["--resume_from_checkpoint", "latest"]  # a rerun continues each run where it stopped
+    dense_config = str(Path(t.output_dir) / DENSE_CONFIG)  # one for every cell
+    dense_saves = math.gcd(t.save_steps, switch) if t.save_steps else switch  # (c) and (d) start from the save at N
+    cell = [*(["--learning_rate", repr(learning_rate)] if learning_rate is not None else []),
+            *(["--seed", str(seed)] if seed is not None else [])]
+    dense_model = ["--model_config", dense_config, "--moe_layers", NO_MOE_LAYERS]
+    at_switch = str(RunFolder(out / DENSE).checkpoints.tag_dir(switch))
     runs = [
         PayoffRun(DENSE, f"(a) dense, FFN width {k} x F", [
-            "--output_dir", str(out / DENSE), "--model_config", dense_config, "--moe_layers", NO_MOE_LAYERS,
-            "--save_steps", str(dense_saves), "--save_total_limit", "0", *own]),
-        PayoffRun(MOE, "(b) MoE from scratch", [
-            "--output_dir", str(out / MOE), "--expert_init", "random", *own]),
+            "--output_dir", str(out / DENSE), *dense_model, "--save_steps", str(dense_saves),
+            "--save_total_limit", "0", *cell]),
+        PayoffRun(MOE, "(b) MoE from scratch", ["--output_dir", str(out / MOE), "--expert_init", "random", *cell]),
         PayoffRun(UPCYCLED, f"(c) dense to step {switch}, then upcycled", [
             "--output_dir", str(out / UPCYCLED), "--model_config", dense_config, "--expert_init", "granular",
-            "--granularity", str(k), "--upcycle_from_checkpoint",
-            str(RunFolder(out / DENSE).checkpoints.tag_dir(switch)), *own]),
+            "--granularity", str(k), "--upcycle_from_checkpoint", at_switch, *cell]),
+        PayoffRun(DENSE_CONTINUED, f"(d) dense to step {switch}, then continued with a fresh optimizer state", [
+            "--output_dir", str(out / DENSE_CONTINUED), *dense_model, *cell],
+            start=("--resume_from_checkpoint", at_switch, "--reset_optimizer")),
     ]
-    return PayoffPlan(out, t.max_steps, switch, k, runs)
+    return PayoffPlan(out, t.max_steps, switch, k, runs, learning_rate, seed)
 
 
 def switch_step(max_steps: int, eval_steps: int, upcycle_at: float) -> int:
@@ -126,16 +193,16 @@ def write_dense_config(cfg: RunConfig, path: Path) -> None:
     _atomic_write(path, config.to_json_string())
 
 
-def check_same_command(cfg: RunConfig, upcycle_at: float) -> None:
+def check_same_command(cfg: RunConfig, upcycle_at: float, grid: dict | None = None) -> None:
     """A payoff folder continues only the settings that started it (wherever the folder now is): the runs it kept
-    were trained with those."""
-    settings = {"upcycle_at": upcycle_at, **_flat_settings(cfg)}
+    were trained with those. ``grid``: the payoff's own settings of the grid (--sweep_lrs, --seeds)."""
+    settings = {"upcycle_at": upcycle_at, **GRID_DEFAULTS, **(grid or {}), **_flat_settings(cfg)}
     path = Path(cfg.train.output_dir) / PLAN_FILE
     if not path.is_file():
         _atomic_write(path, json.dumps(settings, indent=2) + "\n")
         return
     # a setting newer than the folder's record was, for its runs, at its default
-    recorded = {**_flat_settings(RunConfig()), **json.loads(path.read_text())}
+    recorded = {**_flat_settings(RunConfig()), **GRID_DEFAULTS, **json.loads(path.read_text())}
     differing = sorted(name for name in settings.keys() | recorded.keys() if settings.get(name) != recorded.get(name))
     if differing:
         shown = ", ".join(f"--{name} {recorded.get(name)!r} there, {settings.get(name)!r} here"

@@ -99,8 +99,10 @@ def load(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: TrainBatches
                 "or start a new run without --resume_from_checkpoint") from err
         raise CheckpointError(f"cannot load {unreadable}: {_first_line(err)}; {folder.previous_good(tag_dir)}") \
             from err
-    if reset_optimizer and engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
+    if reset_optimizer:
+        if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+            engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master weights: take them from the loaded module
+        apply_schedule(engine)
     try:
         batches.resume(partial(_data_position, tag_dir, client_state["data"]), meta["world_size"])
     except ValueError as err:  # a position of the other kind (--streaming or not), or one that does not fit
@@ -124,6 +126,7 @@ def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: Tra
     saved = torch.load(CheckpointFolder.model_states(tag_dir), map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        apply_schedule(engine)
     engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
     try:
         batches.resume(partial(_data_position, tag_dir, saved["data"]), meta["world_size"])
@@ -132,6 +135,16 @@ def load_position(engine: deepspeed.DeepSpeedEngine, tag_dir: Path, batches: Tra
     if meta["world_size"] == world.world_size:
         _set_rng_state(torch.load(CheckpointFolder.rng_file(tag_dir, world.rank), weights_only=False))
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+
+
+def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Give a fresh optimizer the learning rate its loaded schedule is at. A DeepSpeed schedule's load_state_dict
+    sets only its position; the rate reaches the optimizer's param groups in step(), and a fresh optimizer holds
+    the rate of the schedule's start (0 in the warm-up), so the first step after the load would apply that. Stepping
+    the schedule to the position it already has applies its rate without moving it."""
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.step(scheduler.last_batch_iteration)
 
 
 def optimizer_layout_problem(tag_dir: Path, meta: dict, world_size: int, ep_size: int, moe_impl: str,

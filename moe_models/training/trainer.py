@@ -268,7 +268,9 @@ class Trainer:
         """Continue from a checkpoint tag (what --resume_from_checkpoint resolved to)."""
         self.state, client_state = checkpoint.load(self.engine, tag_dir, self.batches, self.world,
                                                    self.cfg.moe, reset_optimizer=self.cfg.train.reset_optimizer)
-        self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
+        if RunFolder.of_tag(tag_dir).path.resolve() == self.folder.path.resolve():
+            self.sinks.wandb_run_id = client_state.get("wandb_run_id")  # a resumed run continues its wandb run
+        # another run's checkpoint (a branch of it) starts a wandb run of its own
         self.guard.total = client_state.get("nonfinite_steps", 0)
         self.sinks.resume(self.state.step)
         if self.world.is_main:

@@ -2,6 +2,7 @@
 media files."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -149,3 +150,33 @@ def test_the_run_holds_the_resolved_deepspeed_config_and_a_final_summary(reporte
     assert final["final/first_loss"] == losses[0] and final["final/last_loss"] == losses[-1]
     assert final["final/eval_loss"] == [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
     assert final["final/tokens_per_sec"] > 0 and "final/stopped_by" not in final  # not stopped by a signal
+
+
+def test_a_run_branched_from_another_runs_checkpoint_has_its_own_wandb_run_and_the_schedules_rate(reported_run,
+                                                                                                  tmp_path):
+    """--resume_from_checkpoint of another run's tag with --reset_optimizer (the payoff's fair dense continuation):
+    a wandb run of its own, not the other run's, and the first step after the load at the rate of the schedule
+    (a fresh optimizer holds the rate of the schedule's start until the schedule applies its own)."""
+    out, run_dir, _ = reported_run
+    branch = tmp_path / "branch"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        main([*FLAGS, "--max_steps", "8", "--warmup_steps", "2", "--logging_steps", "1", "--output_dir", str(branch),
+              "--resume_from_checkpoint", str(out / "checkpoints" / "global_step4"), "--reset_optimizer",
+              "--report_to", "wandb"])
+    branch_run, = (branch / "wandb").glob("offline-run-*")
+    assert branch_run.name.split("-")[-1] != run_dir.name.split("-")[-1]
+    assert not list((out / "wandb").glob("offline-run-*"))[1:]  # the other run's folder got no second run
+    # DeepSpeed's WarmupCosineLR (linear warm-up of W steps, then cosine to min_lr_ratio over T - W): step s applies
+    # the rate at iteration s - 2 (its first step() comes after step 1).
+    lr, warmup, total, floor = 1e-3, 2, 8, 0.1
+    def rate(step):
+        i = step - 2
+        if i < warmup:
+            return lr * max(i, 0) / warmup
+        progress = min(1.0, (i - warmup + 1) / (total - warmup))
+        return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (branch / "metrics.jsonl").open()) if "lr" in r}
+    assert sorted(logged) == [5, 6, 7, 8]
+    assert logged[5] > 0
+    assert logged == pytest.approx({s: rate(s) for s in logged}, rel=1e-9)

@@ -2,26 +2,30 @@
 the upcycled start against the dense run, and a rerun after an interruption."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe_models.run.cli import parse_args
 from moe_models.run.config import ConfigError
 from moe_models.metrics.run_report import write_report as write_run_report
-from moe_models.comparison.runs import (DENSE, MOE, UPCYCLED, PayoffPlan, PayoffRun, check_same_command, plan_payoff,
-                                   switch_step)
+from moe_models.comparison.runs import (DENSE, DENSE_CONTINUED, MOE, UPCYCLED, PayoffPlan, PayoffRun,
+                                        check_same_command, plan_grid, switch_step)
 from moe_models.data.synthetic import entropy_floor
 from moe_models.comparison.payoff_report import write_report
 from moe_models.comparison.results import collect
+from moe_models.comparison.summary_report import summary_lines
+from moe_models.comparison.sweep import MET, NOT_MET, UNDECIDED, summarise, verdict
 from helpers import REPO, child_env
 
-TINY = ["--max_steps", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--warmup_steps", "2",
+TINY = ["--max_steps", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "2",
         "--block_size", "32", "--synthetic_examples", "400", "--per_device_train_batch_size", "4",
-        "--max_eval_batches", "2", "--num_experts", "4", "--disable_tqdm"]
+        "--max_eval_batches", "2", "--num_experts", "4", "--disable_tqdm", "--inference_batch", "0"]
 
 
 def run_payoff(output_dir, *extra: str) -> subprocess.CompletedProcess:
@@ -41,13 +45,13 @@ def eval_losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def payoff(tmp_path_factory):
     out = tmp_path_factory.mktemp("payoff") / "out"
-    result = run_payoff(out)
+    result = run_payoff(out, "--inference_batch", "2", "--inference_new_tokens", "3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 
 
-def test_the_payoff_trains_three_ordinary_run_folders_and_reports(payoff):
-    for name in (DENSE, MOE, UPCYCLED):
+def test_the_payoff_trains_four_ordinary_run_folders_and_reports(payoff):
+    for name in (DENSE, MOE, UPCYCLED, DENSE_CONTINUED):
         run = payoff / name
         assert (run / "checkpoints" / "latest").read_text() == "global_step8"
         assert max(r["step"] for r in rows(run)) == 8
@@ -82,8 +86,16 @@ def test_the_payoff_trains_three_ordinary_run_folders_and_reports(payoff):
     text = (payoff / "payoff.md").read_text()
     assert f"{floor.nats_per_token:.4f} nats/token overall" in text
     assert "Upcycled against dense continuation" in text and "not measured" in text
-    for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png"):
+    for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png", "lr_sweep.png",
+                  "quality_vs_decode_latency.png"):
         assert (payoff / image).stat().st_size > 0
+    # The exported models, served by stock transformers (tests/payoff/test_inference.py checks the figures).
+    inference = results["summary"]["inference"]
+    assert set(inference["models"]) == {DENSE, MOE, UPCYCLED}
+    assert all((payoff / "inference" / name / "config.json").is_file() for name in inference["models"])
+    assert inference["ratios"][MOE]["final_eval_loss"] == pytest.approx(
+        results["runs"][MOE]["final_eval_loss"] / results["runs"][DENSE]["final_eval_loss"])
+    assert "## Inference: the exported models served by stock transformers" in text
     write_run_report(payoff / DENSE)  # moe-report reads a dense run too
 
 
@@ -93,21 +105,53 @@ def test_the_upcycled_run_starts_as_the_dense_run_at_the_switch_step_and_keeps_i
     assert upcycled[4] == pytest.approx(dense[4], rel=1e-5)  # granular experts compute the dense FFN
     dense_rows = {r["step"]: r for r in rows(payoff / DENSE) if "loss" in r}
     upcycled_rows = [r for r in rows(payoff / UPCYCLED) if "loss" in r]
-    assert [r["step"] for r in upcycled_rows] == [6, 8]
-    for row in upcycled_rows:  # the same LR schedule and token count, continued at step 4
+    assert [r["step"] for r in upcycled_rows] == [5, 6, 7, 8]
+    for row in upcycled_rows:  # the same LR schedule and token count, continued at step 4 (step 5 included)
         assert row["lr"] == pytest.approx(dense_rows[row["step"]]["lr"], rel=1e-12)
         assert row["tokens_seen"] == dense_rows[row["step"]]["tokens_seen"]
+
+
+def adam_steps(run_dir, step: int) -> set[float]:
+    """The step counts of torch AdamW's state of every parameter in a ZeRO checkpoint: the updates since the
+    optimizer state was made."""
+    saved = torch.load(run_dir / "checkpoints" / f"global_step{step}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       map_location="cpu", weights_only=False)
+    return {float(s["step"]) for s in saved["optimizer_state_dict"]["base_optimizer_state"]["state"].values()}
+
+
+def test_the_fair_dense_continuation_gets_the_upcycled_runs_treatment_and_batches(payoff):
+    """(c) and (d) leave (a) at step 4 with a fresh optimizer state each (AdamW's step count: 4 updates by step 8,
+    (a)'s 8), the same LR at every step after it, the same batches: their first training losses equal (a)'s, as the
+    upcycled model starts as exactly the dense one, and they end at the same data position."""
+    assert adam_steps(payoff / DENSE, 8) == {8.0}
+    assert adam_steps(payoff / UPCYCLED, 8) == adam_steps(payoff / DENSE_CONTINUED, 8) == {4.0}
+    train = {name: {r["step"]: r for r in rows(payoff / name) if "loss" in r}
+             for name in (DENSE, UPCYCLED, DENSE_CONTINUED)}
+    assert sorted(train[DENSE_CONTINUED]) == sorted(train[UPCYCLED]) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert train[DENSE_CONTINUED][step]["lr"] == train[UPCYCLED][step]["lr"] == train[DENSE][step]["lr"] > 0
+    assert train[UPCYCLED][5]["loss"] == pytest.approx(train[DENSE_CONTINUED][5]["loss"], rel=1e-5)
+    assert train[DENSE_CONTINUED][5]["loss"] == pytest.approx(train[DENSE][5]["loss"], rel=1e-6)
+    positions = {name: (payoff / name / "checkpoints" / "global_step8" / "data_rank0.json").read_text()
+                 for name in (DENSE, UPCYCLED, DENSE_CONTINUED)}
+    assert len(set(positions.values())) == 1
+    results = json.loads((payoff / "payoff.json").read_text())
+    fair, no_reset = results["upcycled_vs_dense_continuation"], results["upcycled_vs_dense_without_reset"]
+    assert (fair["continuation"], no_reset["continuation"]) == (DENSE_CONTINUED, DENSE)
+    assert fair["dense_eval_loss"] == pytest.approx(eval_losses(payoff / DENSE_CONTINUED)[8])
 
 
 def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(payoff, tmp_path):
     copy = tmp_path / "payoff"
     shutil.copytree(payoff, copy)
-    # As if the command was killed after the upcycled run saved step 6: its step-8 checkpoint and rows are gone.
-    shutil.rmtree(copy / UPCYCLED / "checkpoints" / "global_step8")
-    (copy / UPCYCLED / "checkpoints" / "latest").write_text("global_step6")
-    kept = [line for line in (copy / UPCYCLED / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["step"] <= 6]
-    (copy / UPCYCLED / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    # As if the command was killed after the upcycled run saved step 6: its step-8 checkpoint and rows are gone
+    # (and (d)'s: it continues its own checkpoint, not (a)'s at the switch).
+    for name in (UPCYCLED, DENSE_CONTINUED):
+        shutil.rmtree(copy / name / "checkpoints" / "global_step8")
+        (copy / name / "checkpoints" / "latest").write_text("global_step6")
+        kept = [line for line in (copy / name / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] <= 6]
+        (copy / name / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     (copy / "payoff.json").unlink()
     finished = {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)}
 
@@ -116,7 +160,9 @@ def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(pay
     assert f"{DENSE} ((a)" in result.stdout and "finished earlier; kept" in result.stdout
     assert "Resumed from" in result.stdout
     assert {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)} == finished
-    assert eval_losses(copy / UPCYCLED) == pytest.approx(eval_losses(payoff / UPCYCLED), rel=1e-6)
+    assert f"Resumed from {copy / DENSE_CONTINUED / 'checkpoints' / 'global_step6'} at step 6" in result.stdout
+    for name in (UPCYCLED, DENSE_CONTINUED):
+        assert eval_losses(copy / name) == pytest.approx(eval_losses(payoff / name), rel=1e-6)
     assert (copy / "payoff.json").is_file()
 
 
@@ -164,7 +210,8 @@ def hand_made(tmp_path):
               "moe/layer_0/domain_mutual_information_normalised": 1.0, "eval_loss/code": 1.5, "eval_loss/prose": 2.1}
     write_run(tmp_path / MOE, {10: 3.5, 20: 2.6, 30: 2.0, 40: 1.8}, flops_per_token=110, extra_eval=counts)
     write_run(tmp_path / UPCYCLED, {20: 3.0, 30: 2.4, 40: 2.1}, flops_per_token=110)
-    runs = [PayoffRun(name, name, []) for name in (DENSE, MOE, UPCYCLED)]
+    write_run(tmp_path / DENSE_CONTINUED, {30: 2.45, 40: 2.15}, flops_per_token=100)
+    runs = [PayoffRun(name, name, []) for name in (DENSE, MOE, UPCYCLED, DENSE_CONTINUED)]
     return tmp_path, PayoffPlan(tmp_path, max_steps=40, switch_step=20, top_k=2, runs=runs)
 
 
@@ -192,7 +239,9 @@ def test_the_reached_fraction_and_equal_flops_comparison_follow_their_formulas(h
     assert compared["added_flops"] == pytest.approx(20 * 100 * tokens_per_step)
     step = 20 + 2000 / 110
     assert compared["upcycled_eval_loss"] == pytest.approx(2.4 + (step - 30) / 10 * (2.1 - 2.4))
-    assert compared["dense_eval_loss"] == pytest.approx(2.2)
+    assert compared["dense_eval_loss"] == pytest.approx(2.15)  # (d), the control, at step 40
+    without_reset = results["upcycled_vs_dense_without_reset"]
+    assert without_reset["dense_eval_loss"] == pytest.approx(2.2)  # (a) itself at step 40
 
     special = results["runs"][MOE]["specialisation"]
     assert special["domains"] == ["code", "prose"]
@@ -218,6 +267,62 @@ def test_without_domain_counts_the_report_says_so(hand_made):
     assert "No domain x expert counts" in report
 
 
+# The sweep over learning rates and seeds, and the verdict rule, on hand-made cells.
+
+def cell(lr: float, seed: int, finals: dict[str, float], information: float) -> dict:
+    """A payoff.json cell: (a)'s and (b)'s eval curves straight lines from 4.0 at step 0 to their final losses at
+    step 10, (c) and (d) leaving (a) at step 5; 100 FLOPs per step for every run."""
+    def run(name: str, final: float) -> dict:
+        branch = name in (UPCYCLED, DENSE_CONTINUED)  # (a)'s curve to step 5, then a line to its own final loss
+        steps = (5, 10) if branch else (0, 5, 10)
+        line = {0: 4.0, 5: (4.0 + finals[DENSE if branch else name]) / 2, 10: final}
+        layers = {"0": {"mutual_information_bits": information}} if name in (MOE, UPCYCLED) else {}
+        return {"final_eval_loss": final, "specialisation": {"layers": layers} if layers else None,
+                "eval": [{"step": s, "eval_loss": line[s], "training_flops": 100.0 * s} for s in steps]}
+    return {"learning_rate": lr, "seed": seed, "max_steps": 10, "switch_step": 5,
+            "runs": {name: run(name, final) for name, final in finals.items()}}
+
+
+def test_the_sweep_takes_each_models_best_rate_and_the_seeds_mean_and_spread():
+    finals = {(1e-3, 1): (3.0, 2.8, 2.9, 2.95), (1e-3, 2): (3.1, 2.9, 3.0, 3.02),
+              (2e-3, 1): (2.9, 3.2, 2.85, 2.8), (2e-3, 2): (2.95, 3.3, 2.9, 2.88)}
+    cells = [cell(lr, seed, dict(zip((DENSE, MOE, UPCYCLED, DENSE_CONTINUED), values)), 0.4 + seed / 10)
+             for (lr, seed), values in finals.items()]
+    summary = summarise(cells)
+    assert summary["learning_rates"] == [1e-3, 2e-3] and summary["seeds"] == [1, 2]
+    # (a) at 2e-3 over the seeds: mean (2.9 + 2.95) / 2, std sqrt(((2.9 - m)^2 + (2.95 - m)^2) / (2 - 1)).
+    dense = summary["final_eval_loss"][DENSE][repr(2e-3)]
+    m = (2.9 + 2.95) / 2
+    assert dense == pytest.approx({"mean": m, "min": 2.9, "max": 2.95, "n": 2,
+                                   "std": math.sqrt((2.9 - m) ** 2 + (2.95 - m) ** 2)})
+    assert summary["best_learning_rate"] == {DENSE: 2e-3, MOE: 1e-3, UPCYCLED: 2e-3, DENSE_CONTINUED: 2e-3}
+    compared = {c["key"]: c for c in summary["comparisons"]}
+    # Best (b) (1e-3) against best (a) (2e-3), seed by seed: the line 4.0 -> final over 10 steps reaches (a)'s final
+    # at 10 x (4.0 - target) / (4.0 - final), between the evals at 5 and 10 (linear, so the interpolation is exact).
+    shares = [(4.0 - 2.9) / (4.0 - 2.8), (4.0 - 2.95) / (4.0 - 2.9)]
+    assert compared["reached"]["by_seed"] == pytest.approx(shares)
+    assert compared["reached"]["verdict"] == NOT_MET
+    assert compared["moe_minus_dense"]["by_seed"] == pytest.approx([2.8 - 2.9, 2.9 - 2.95])
+    assert compared["moe_minus_dense"]["verdict"] == MET
+    # (c) and (d) at 2e-3 both end at step 10 with 500 FLOPs added since the switch: their final losses.
+    assert compared["upcycled_minus_continued"]["by_seed"] == pytest.approx([2.85 - 2.8, 2.9 - 2.88])
+    assert compared["upcycled_minus_continued"]["verdict"] == NOT_MET
+    assert compared["upcycled_minus_without_reset"]["by_seed"] == pytest.approx([2.85 - 2.9, 2.9 - 2.95])
+    assert compared["moe_information"]["by_seed"] == pytest.approx([0.5, 0.6])
+    assert compared["moe_information"]["verdict"] == UNDECIDED  # 0.5 is not above 0.5
+    lines = "\n".join(summary_lines(summary))
+    assert f"| {DENSE} | 3.0500 (3.0000..3.1000) | 2.9250 (2.9000..2.9500) | 0.002 |" in lines
+
+
+def test_a_goal_is_met_only_when_the_spread_does_not_cover_its_threshold():
+    below_zero = lambda v: v < 0  # noqa: E731
+    assert verdict([-0.02, -0.01], below_zero) == MET
+    assert verdict([-0.02, 0.01], below_zero) == UNDECIDED
+    assert verdict([0.02, 0.01], below_zero) == NOT_MET
+    assert verdict([-0.02, None], below_zero) == UNDECIDED  # a seed that never reached it does not meet it
+    assert verdict([-0.02], below_zero) == "met (one seed: spread not measured)"
+
+
 # Settings the payoff refuses, and where it switches.
 
 def test_switch_step_is_the_share_rounded_down_to_an_eval_step():
@@ -232,7 +337,8 @@ def test_switch_step_is_the_share_rounded_down_to_an_eval_step():
     (["--num_experts", "6", "--top_k", "4"], "num_experts (6) must be a multiple of top_k (4)"),
     (["--max_steps", "10", "--eval_steps", "10"], "eval_steps (10) must be below max_steps (10)"),
     (["--plan"], "--plan prints one run's preflight plan and trains nothing"),
+    (["--reset_optimizer"], "--reset_optimizer is set by the payoff"),
 ])
 def test_settings_the_payoff_cannot_compare_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        plan_payoff(parse_args(flags), flags, 0.5)
+        plan_grid(parse_args(flags), flags, 0.5, None, 1, 1)

@@ -1,0 +1,111 @@
+"""Over the cells of a payoff (one per learning rate and seed): each run's final eval loss per learning rate as mean
+and spread over the seeds, each model at its best learning rate, the comparisons best against best seed by seed,
+and the verdict rule.
+
+Over the seeds' values x_1..x_n of a figure: mean = (x_1 + ... + x_n) / n, spread = min..max, and the sample
+standard deviation sqrt(sum (x_i - mean)^2 / (n - 1)) beside it (n > 1). A goal is "met" only when every seed
+meets it, i.e. when the spread min..max lies on the goal's side of its threshold; "not met" when no seed does;
+"undecided" when the spread covers the threshold. With one seed the spread is not measured, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .analysis import equal_added_flops, first_reaching
+from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED
+
+MET, NOT_MET, UNDECIDED = "met", "not met", "undecided (the spread covers the threshold)"
+ONE_SEED = "one seed: spread not measured"
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, min, max and sample standard deviation (None for one value) of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "min": min(values), "max": max(values), "std": std, "n": n}
+
+
+def verdict(values: list[float | None], goal: Callable[[float], bool]) -> str:
+    """MET when every value meets ``goal`` (None, a figure not reached, does not), NOT_MET when none does,
+    UNDECIDED otherwise."""
+    met = [v is not None and goal(v) for v in values]
+    found = MET if all(met) else NOT_MET if not any(met) else UNDECIDED
+    return f"{found} ({ONE_SEED})" if len(values) == 1 and found != UNDECIDED else found
+
+
+def summarise(cells: list[dict]) -> dict:
+    """The sweep and the comparisons best against best, from the cells' payoff.json dicts (results.collect)."""
+    lrs = sorted({c["learning_rate"] for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
+    at = {(c["learning_rate"], c["seed"]): c for c in cells}
+    names = list(cells[0]["runs"])
+    final = {name: {lr: spread([at[lr, s]["runs"][name]["final_eval_loss"] for s in seeds]) for lr in lrs}
+             for name in names}
+    best = {name: min(lrs, key=lambda lr: final[name][lr]["mean"]) for name in names}
+
+    def run(name: str, seed: int) -> dict:
+        return at[best[name], seed]["runs"][name]
+
+    comparisons = [
+        _compared("reached", f"share of the best {DENSE}'s steps at which the best {MOE} reaches its final eval loss",
+                  [_reached_share(run(MOE, s), run(DENSE, s), at[best[DENSE], s]["max_steps"]) for s in seeds],
+                  "<= 60%", lambda v: v <= 0.6),
+        _compared("reached_upcycled", f"the same for the best {UPCYCLED}",
+                  [_reached_share(run(UPCYCLED, s), run(DENSE, s), at[best[DENSE], s]["max_steps"]) for s in seeds],
+                  "<= 60%", lambda v: v <= 0.6),
+        _compared("moe_minus_dense", f"final eval loss, best {MOE} - best {DENSE} (same steps)",
+                  [run(MOE, s)["final_eval_loss"] - run(DENSE, s)["final_eval_loss"] for s in seeds],
+                  "< 0", lambda v: v < 0),
+        _compared("upcycled_minus_continued", f"eval loss at equal FLOPs added since the switch, best {UPCYCLED} - "
+                  f"best {DENSE_CONTINUED} (the fair control)",
+                  [_added_flops_difference(at[best[UPCYCLED], s], at[best[DENSE_CONTINUED], s]) for s in seeds],
+                  "< 0", lambda v: v < 0),
+        _compared("upcycled_minus_without_reset", f"the same against {DENSE} itself from the switch on (keeps its "
+                  "optimizer state: not the control)",
+                  [_added_flops_difference(at[best[UPCYCLED], s], at[best[DENSE], s], DENSE) for s in seeds],
+                  None, None),
+        _compared("moe_information", f"highest I(domain; expert) over the MoE layers (bits), best {MOE}",
+                  [_information(run(MOE, s)) for s in seeds], "> 0.5", lambda v: v > 0.5),
+        _compared("upcycled_information", f"the same, best {UPCYCLED}",
+                  [_information(run(UPCYCLED, s)) for s in seeds], "> 0.5", lambda v: v > 0.5),
+    ]
+    return {"learning_rates": lrs, "seeds": seeds, "final_eval_loss": {n: {repr(lr): v for lr, v in by_lr.items()}
+                                                                       for n, by_lr in final.items()},
+            "best_learning_rate": best, "comparisons": comparisons}
+
+
+def _compared(key: str, what: str, values: list[float | None], goal: str | None,
+              meets: Callable[[float], bool] | None) -> dict:
+    measured = [v for v in values if v is not None]
+    return {"key": key, "what": what, "by_seed": values, "spread": spread(measured) if measured else None,
+            "goal": goal, "verdict": verdict(values, meets) if meets else None}
+
+
+def _reached_share(moe: dict, dense: dict, dense_steps: int) -> float | None:
+    """Where ``moe``'s eval curve first reaches ``dense``'s final eval loss, as a share of the dense run's steps."""
+    crossing = first_reaching([(e["step"], e["eval_loss"]) for e in moe["eval"]], dense["final_eval_loss"])
+    return None if crossing.x is None else crossing.x / dense_steps
+
+
+def _added_flops_difference(upcycled_cell: dict, continued_cell: dict, continued: str = DENSE_CONTINUED
+                            ) -> float | None:
+    """Upcycled minus continued eval loss at equal FLOPs added since the switch (analysis.equal_added_flops), each
+    run from its own cell."""
+    n = upcycled_cell["switch_step"]
+
+    def added(run: dict) -> list[tuple[float, float]]:
+        start = next(e["training_flops"] for e in run["eval"] if e["step"] >= n)
+        return [(e["training_flops"] - start, e["eval_loss"]) for e in run["eval"] if e["step"] >= n]
+
+    compared = equal_added_flops(added(upcycled_cell["runs"][UPCYCLED]), added(continued_cell["runs"][continued]))
+    return None if compared is None else compared[1] - compared[2]
+
+
+def _information(run: dict) -> float | None:
+    layers = (run.get("specialisation") or {}).get("layers", {})
+    values = [v["mutual_information_bits"] for v in layers.values() if v["mutual_information_bits"] is not None]
+    return max(values) if values else None
+
