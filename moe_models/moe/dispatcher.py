@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from .router import Routes, recomputing
 
@@ -70,8 +70,9 @@ class AllToAllDispatcher(LocalDispatcher):
     """ep_size > 1: the sorted rows travel to the ranks holding their experts and back by uneven all-to-all.
 
     One count exchange (an all_to_all of the E per-expert counts) and one host read of the split sizes per layer;
-    the rows then travel by ``all_to_all_single`` from torch.distributed.nn (differentiable). Only kept routes are
-    sent; dropped ones come back as zeros.
+    the rows then travel by torch's functional ``all_to_all_single_autograd`` (differentiable: the backward sends the
+    gradients back with the splits reversed; torch.distributed.nn's, which it replaces, is deprecated). Only kept
+    routes are sent; dropped ones come back as zeros.
     """
 
     def __init__(self, num_local_experts: int, ep_size: int):
@@ -91,8 +92,7 @@ class AllToAllDispatcher(LocalDispatcher):
         sizes = torch.cat([counts_E.view(ep, n_local).sum(1), recv_counts_E.view(ep, n_local).sum(1)]).tolist()
         send_splits, recv_splits = sizes[:ep], sizes[ep:]
         num_kept, num_recv = sum(send_splits), sum(recv_splits)
-        x_recv = all_to_all_single(x_RD.new_empty(num_recv, x_RD.shape[1]), x_RD[:num_kept].contiguous(),
-                                   recv_splits, send_splits, group=self.ep_group)
+        x_recv = all_to_all_single_autograd(x_RD[:num_kept].contiguous(), recv_splits, send_splits, self.ep_group)
         # received rows are grouped [source rank][local expert]; the experts want [local expert][source rank]
         local_ids = torch.arange(n_local, device=x_RD.device).repeat(ep)
         local_ids = local_ids.repeat_interleave(recv_counts_E, output_size=num_recv)
@@ -107,8 +107,7 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits, recv_splits, by_expert, num_routes = sorted_.exchange
         y_recv = y_ND.index_select(0, _inverse(by_expert))
         num_kept = sum(send_splits)
-        y_sent = all_to_all_single(y_ND.new_empty(num_kept, y_ND.shape[1]), y_recv.contiguous(),
-                                   send_splits, recv_splits, group=self.ep_group)
+        y_sent = all_to_all_single_autograd(y_recv.contiguous(), send_splits, recv_splits, self.ep_group)
         y_RD = torch.cat([y_sent, y_sent.new_zeros(num_routes - num_kept, y_ND.shape[1])])
         return self._unsort(y_RD, sorted_)
 
