@@ -168,4 +168,4 @@ def test_adaptive_run_at_ep2_equals_ep1(tmp_path):
     assert len(ep1) == 2
     for row1, row2 in zip(ep1, ep2):
         assert row2[0] == pytest.approx(row1[0], rel=1e-5)
-        assert row2[1:] == pytest.approx(row1[1:], rel=1e-6)
+        assert row2[1:] == row1[1:]  # the routes (so biases, counts and FLOPs) are the same
