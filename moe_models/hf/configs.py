@@ -190,6 +190,13 @@ def _routing_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
         problems.append(f"--max_groups_per_token {moe.max_groups_per_token} of --expert_groups {moe.expert_groups}: "
                         f"{name} chooses among all experts (GLM4-MoE chooses within groups, with --score_function "
                         "sigmoid)")
+    if moe.num_null_experts:
+        problems.append(f"--num_null_experts {moe.num_null_experts}: {name} has no zero-output experts (transformers' "
+                        "LongcatFlash has zero_expert_num, but its zero-computation experts return their input "
+                        "weighted, the identity, not zero, and it has MLA attention, which no dense family here has)")
+    if moe.top_p is not None:
+        problems.append(f"--top_p {moe.top_p}: {name} routes every token to top_k experts; no HF MoE class routes by "
+                        "top-p")
     if target.always_renormalises and not Scoring.of(moe).renormalises(moe.top_k):
         problems.append("top_k 1: DeepSpeed scales the chosen expert's output by its router probability, "
                         f"{name} gives it weight 1.0 (it rescales the top-k probabilities to sum to 1; so does "

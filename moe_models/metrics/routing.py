@@ -39,14 +39,14 @@ def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
         return {}
     kept, chosen = [round(v) for v in sums.kept_E.tolist()], [round(v) for v in sums.chosen_E.tolist()]
     routes = tokens * top_k
-    dropped = routes - sum(kept)
+    dropped = sum(chosen) - sum(kept)  # by capacity (routes to null experts and past top-p's cut are not chosen)
     forwards = float(sums.forwards)
     return {
         "tokens_per_expert": kept,
         "routed_per_expert": chosen,
         "routed_tokens": tokens,
         "dropped": dropped,
-        "drop_fraction": dropped / routes,
+        "drop_fraction": dropped / max(sum(chosen), 1),
         "router_entropy": float(sums.router_entropy) / float(sums.tokens),
         "imbalance": imbalance(chosen),
         "effective_experts": effective_experts(chosen),
@@ -56,7 +56,17 @@ def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
         "max_violation_micro_batch": float(sums.max_violation) / forwards,
         **({"max_violation_step": float(max_violation(sums.last_step_E))} if float(sums.last_step_E.sum()) > 0
            else {}),
+        **real_experts_metrics(sums.real_per_token_K1.tolist(), float(sums.null_routes), routes),
     }
+
+
+def real_experts_metrics(tokens_by_real_k: list[float], null_routes: float, routes: int) -> dict:
+    """How many real experts the tokens ran (routes to null experts, cut by top-p or dropped by capacity run none):
+    the mean per token, the histogram (tokens with 0, 1, ..., top_k real experts) and the share of the routes
+    chosen to null experts."""
+    hist = [round(v) for v in tokens_by_real_k]
+    return {"real_experts_per_token": sum(k * n for k, n in enumerate(hist)) / max(sum(hist), 1),
+            "real_experts_histogram": hist, "null_route_share": null_routes / routes}
 
 
 def imbalance(load_E: list[float]) -> float:

@@ -64,6 +64,17 @@ def active_parameters(model: nn.Module, layers) -> int:
     return sum(p.numel() for p in model.parameters()) - lookups - local_experts + active_experts
 
 
+def expert_parameters(layer) -> int:
+    """Parameters of one routed expert of an MoEFeedForward layer (every expert of a layer has the same)."""
+    return sum(w.numel() for w in layer.local_expert_weights()[0].values())
+
+
+def expert_flops_per_token(expert_params: int, experts_per_token: float) -> float:
+    """Training FLOPs per token of the routed experts a token runs: 6 x parameters per expert x experts run (the
+    counting of ``flops_per_token``)."""
+    return 6 * expert_params * experts_per_token
+
+
 def attention_dims(config) -> tuple[int, int]:
     """(layers, query heads x head dim) of an HF config."""
     heads = config.num_attention_heads
@@ -78,11 +89,17 @@ def flops_per_token(active_params: int, num_layers: int, attention_width: int, s
 
 
 def throughput_metrics(tokens: float, steps: float, seconds: float, world_size: int, flops_per_token: float,
-                       peak_tflops: float | None) -> dict:
-    """Speed of one logging interval: ``tokens`` (all ranks) in ``steps`` optimizer steps and ``seconds``."""
+                       peak_tflops: float | None, spent_flops_per_token: float | None = None) -> dict:
+    """Speed of one logging interval: ``tokens`` (all ranks) in ``steps`` optimizer steps and ``seconds``.
+    ``mfu`` counts top_k experts per token; with ``spent_flops_per_token`` (the FLOPs of the real experts the tokens
+    ran, MoEStep.spent_flops_per_token) also ``flops_per_token_spent`` and ``mfu_spent``."""
     tokens_per_sec = tokens / max(seconds, 1e-9)
     row = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / world_size,
            "step_time": seconds / steps}
+    if spent_flops_per_token is not None:
+        row["flops_per_token_spent"] = spent_flops_per_token
     if peak_tflops is not None:
         row["mfu"] = tokens_per_sec / world_size * flops_per_token / (peak_tflops * 1e12)
+        if spent_flops_per_token is not None:
+            row["mfu_spent"] = tokens_per_sec / world_size * spent_flops_per_token / (peak_tflops * 1e12)
     return row

@@ -15,7 +15,7 @@ from ..run.folder import RunFolder
 from .domain_heatmap import domain_experts_figure
 from .expert_load import expert_load_figure, figure_pixels, routing_table
 
-PER_EXPERT_KEYS = ("tokens_per_expert", "routed_per_expert")
+PER_EXPERT_KEYS = ("tokens_per_expert", "routed_per_expert", "real_experts_histogram")  # counts by bin (bin 0, 1, ...)
 
 
 class WandbSink:

@@ -25,7 +25,7 @@ def moe_problems(moe: MoEConfig) -> list[str]:
     for name in ("capacity_factor", "eval_capacity_factor"):
         if getattr(moe, name) <= 0:
             problems.append(f"{name} ({getattr(moe, name)}) must be > 0")
-    for name in ("aux_loss_coef", "router_z_loss_coef"):
+    for name in ("aux_loss_coef", "router_z_loss_coef", "dynamic_loss_coef"):
         if getattr(moe, name) < 0:
             problems.append(f"{name} ({getattr(moe, name)}) must be >= 0")
     if moe.expert_noise_std < 0:
@@ -67,7 +67,7 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"routed_scaling_factor ({moe.routed_scaling_factor}) must be > 0")
     if moe.router_bias_update_rate < 0:
         problems.append(f"router_bias_update_rate ({moe.router_bias_update_rate}) must be >= 0 (0 = off)")
-    problems += group_problems(moe)
+    problems += group_problems(moe) + adaptive_problems(moe)
     if moe.benchmark_balanced_routing and (moe.moe_impl == "deepspeed" or moe.drop_tokens):
         problems.append("--benchmark_balanced_routing needs --moe_impl grouped and --drop_tokens false (the stock "
                         "gate routes inside DeepSpeed's layer; an even load needs no capacity)")
@@ -85,7 +85,49 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
 
 # MoEConfig fields beyond DeepSpeed's gate (moe/router.py Scoring): any of them off its default selects the scored rule
 SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type",
-                 "max_groups_per_token")
+                 "max_groups_per_token", "num_null_experts", "null_expert_target_real_k", "top_p")
+
+
+def adaptive_problems(moe: MoEConfig) -> list[str]:
+    """--num_null_experts, --null_expert_target_real_k, --top_p and --min_k (moe/adaptive.py): their ranges and what
+    they do not go with."""
+    problems, nulls, target, p = [], moe.num_null_experts, moe.null_expert_target_real_k, moe.top_p
+    if nulls < 0:
+        problems.append(f"num_null_experts ({nulls}) must be >= 0 (0 = off)")
+    adaptive = [flag for flag, on in (("--num_null_experts", nulls > 0), ("--top_p", p is not None)) if on]
+    if adaptive and moe.max_groups_per_token is not None:
+        problems.append(f"{' and '.join(adaptive)} with --max_groups_per_token: group-limited routing chooses within "
+                        "groups of real experts and is not combined with them; drop one")
+    if adaptive and moe.benchmark_balanced_routing:
+        problems.append(f"{' and '.join(adaptive)} with --benchmark_balanced_routing: the benchmark's routing sends "
+                        "every token to top_k real experts, so it would not measure them; drop one")
+    if target is not None:
+        if nulls < 1 or moe.router_bias_update_rate <= 0:
+            problems.append("--null_expert_target_real_k is the compute target of the null experts' bias: it needs "
+                            "--num_null_experts >= 1 and --router_bias_update_rate > 0 (the bias's step, e.g. 1e-3)")
+        elif not max(0, moe.top_k - nulls) <= target < moe.top_k or target <= 0:
+            problems.append(f"null_expert_target_real_k ({target}) must be in [{max(0, moe.top_k - nulls)}, "
+                            f"{moe.top_k}) and > 0: a token takes top_k {moe.top_k} routes, at most {nulls} of them "
+                            "to null experts")
+        if p is not None:
+            problems.append("--null_expert_target_real_k with --top_p: the controller's target is a share of top_k "
+                            "routes per token, which top-p does not take; drop one")
+    if p is None:
+        if moe.min_k != MoEConfig.min_k:
+            problems.append(f"min_k ({moe.min_k}) is only used by --top_p: add --top_p or drop --min_k")
+        return problems
+    if not 0 < p <= 1:
+        problems.append(f"top_p ({p}) must be in (0, 1]")
+    if not 1 <= moe.min_k <= moe.top_k:
+        problems.append(f"min_k ({moe.min_k}) must be between 1 and top_k ({moe.top_k}), the most experts a token "
+                        "takes under --top_p")
+    if moe.score_function != "softmax":
+        problems.append(f"--top_p with --score_function {moe.score_function}: top-p sums probabilities, which "
+                        "sigmoid scores are not; use --score_function softmax")
+    if moe.aux_loss_type != "micro_batch":
+        problems.append(f"--top_p with --aux_loss_type {moe.aux_loss_type}: a token's routes vary in number, which "
+                        "only the micro_batch balance loss counts here; use --aux_loss_type micro_batch")
+    return problems
 
 
 def group_problems(moe: MoEConfig) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..metrics.routing import max_violation, router_entropy_sum, router_logit_norm_sum, router_z_loss
+from .adaptive import real_routes_histogram
 from .router import Routes
 
 
@@ -27,13 +28,16 @@ class RoutingSums:
     max_violation: torch.Tensor      # each forward's (micro-batch's) max / mean chosen load - 1, summed over forwards
     last_step_E: torch.Tensor        # routes per expert chosen in the interval's last optimizer step (not a sum
     #                                  over the interval; summed over ranks it is the step's global batch)
+    real_per_token_K1: torch.Tensor  # tokens that ran 0, 1, ..., top_k real experts (routes not marked -1)
+    null_routes: torch.Tensor        # routes chosen to null experts
     tokens: torch.Tensor
     forwards: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_experts: int, device: torch.device) -> RoutingSums:
-        return cls(**{f.name: torch.zeros(num_experts if f.name.endswith("_E") else (), dtype=torch.float64,
-                                          device=device) for f in fields(cls)})
+    def zeros(cls, num_experts: int, device: torch.device, top_k: int = 1) -> RoutingSums:
+        sizes = {"_E": num_experts, "_K1": top_k + 1}
+        return cls(**{f.name: torch.zeros(next((n for end, n in sizes.items() if f.name.endswith(end)), ()),
+                                          dtype=torch.float64, device=device) for f in fields(cls)})
 
 
 def named(record, prefix: str) -> dict[str, torch.Tensor]:
@@ -47,10 +51,12 @@ def from_named(cls, values: dict[str, torch.Tensor], prefix: str):
 
 
 class RoutingCounters:
-    """The sums of one MoE layer's training forwards since the last ``reset``; ``enabled = False`` stops counting."""
+    """The sums of one MoE layer's training forwards since the last ``reset``; ``enabled = False`` stops counting.
+    ``top_k``: the routes per token (default: those of the first forward)."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, top_k: int | None = None):
         self.num_experts = num_experts
+        self.top_k = top_k
         self.enabled = True
         self._sums: RoutingSums | None = None  # made on the first forward's device
         self._step_E: torch.Tensor | None = None  # this optimizer step's chosen routes so far
@@ -58,8 +64,12 @@ class RoutingCounters:
     @torch.no_grad()
     def add(self, routes: Routes) -> None:
         if self._sums is None:
-            self._sums = RoutingSums.zeros(self.num_experts, routes.logits_TE.device)
+            self.top_k = self.top_k or routes.topk_ids_TK.shape[1]
+            self._sums = RoutingSums.zeros(self.num_experts, routes.logits_TE.device, self.top_k)
         s = self._sums
+        s.real_per_token_K1 += real_routes_histogram(routes.topk_ids_TK)
+        if routes.chosen_null is not None:
+            s.null_routes += routes.chosen_null.sum()
         s.kept_E += routes.kept_E
         s.chosen_E += routes.chosen_E
         s.router_entropy += router_entropy_sum(routes.logits_TE)
@@ -79,7 +89,7 @@ class RoutingCounters:
 
     def sums(self, device: torch.device) -> RoutingSums:
         """The interval's sums (zeros before the first forward)."""
-        return self._sums if self._sums is not None else RoutingSums.zeros(self.num_experts, device)
+        return self._sums if self._sums is not None else RoutingSums.zeros(self.num_experts, device, self.top_k or 1)
 
     def reset(self) -> None:
         self._sums = None

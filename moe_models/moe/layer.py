@@ -20,6 +20,7 @@ from ..metrics.routing import router_z_loss
 from ..models.architectures import SWIGLU_FFN_PROJECTIONS
 from ..run.config import MoEConfig
 from ..run.moe_layout import MoELayout
+from .adaptive import dynamic_loss
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import GroupedFFNExperts, StackedExperts, local_experts, per_expert_key
@@ -43,9 +44,9 @@ def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
-    The load-balancing loss, the z-loss (when its weight is not 0) and the routes (each token's top-k global expert
+    The load-balancing loss, the z-loss and the dynamic loss (each when its weight is not 0) and the routes (each token's top-k global expert
     ids, -1 for a dropped route) of the last forward are kept in ``aux_loss``, ``z_loss`` and ``last_topk_ids_TK``,
-    with their weights ``aux_loss_coef`` and ``z_loss_coef`` (moe/step.py adds them to a trainer's loss);
+    with their weights ``aux_loss_coef``, ``z_loss_coef`` and ``dynamic_loss_coef`` (moe/step.py adds them to a trainer's loss);
     ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
@@ -73,8 +74,10 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
+        self.dynamic_loss_coef = cfg.dynamic_loss_coef
+        self.dynamic_loss: torch.Tensor | None = None  # the last forward's, with its graph, when it is on
         self.last_topk_ids_TK: torch.Tensor | None = None  # the last forward's routes (global ids; for eval counts)
-        self.routing = RoutingCounters(num_experts)
+        self.routing = RoutingCounters(num_experts, cfg.top_k)
         shared = cfg.num_shared_experts > 0
         copies = MoELayout.of_layer(cfg, num_experts).shared_copies
         self.shared_experts = widened_ffn(dense_ffn, ffn_projections, copies) if shared else None
@@ -125,6 +128,7 @@ class MoEFeedForward(nn.Module):
         routes, self.gate.last_routes = self.gate.last_routes, None
         self.last_topk_ids_TK = routes.topk_ids_TK if routes is not None else None
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
+        self.dynamic_loss = dynamic_loss(routes.logits_TE) if self.dynamic_loss_coef and routes is not None else None
         if self.training and self.routing.enabled and routes is not None and not recomputing():
             self.routing.add(routes)
         if self.shared_experts is not None:
@@ -183,7 +187,8 @@ class GroupedMOELayer(MOELayer):
 
     def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
-        self.dispatcher = dispatcher_for(num_local_experts, ep_size, gate.drop_tokens)
+        self.dispatcher = dispatcher_for(num_local_experts, ep_size,
+                                         gate.drop_tokens or gate.scoring.leaves_routes_unrouted)
 
     def _set_ep_group(self, ep_group) -> None:
         super()._set_ep_group(ep_group)
@@ -221,12 +226,20 @@ def weighted_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
 
 def router_like(gate, scoring: Scoring = Scoring()) -> Router:
     """A ``Router`` with the settings of DeepSpeed's ``TopKGate`` ``gate`` and its very router weight (``wg``), plus
-    the options of ``scoring`` (with aux-loss-free balancing, a zero expert bias)."""
+    the options of ``scoring`` (with aux-loss-free balancing, a zero expert bias). With null experts the router
+    weight gets their N rows: a new [E + N, D] weight, zero until surgery draws it (the router starts fresh)."""
+    outputs = gate.wg.out_features + scoring.num_null_experts
     with torch.device("meta"):  # its own wg is replaced below: allocate nothing and draw no random numbers
-        router = Router(gate.wg.in_features, gate.wg.out_features, gate.k, gate.capacity_factor,
+        router = Router(gate.wg.in_features, outputs, gate.k, gate.capacity_factor,
                         gate.eval_capacity_factor, gate.min_capacity, gate.noisy_gate_policy, gate.drop_tokens,
                         gate.use_rts, gate.ep_group, gate.top2_2nd_expert_sampling, scoring=scoring)
-    router.wg = gate.wg
+    if scoring.num_null_experts:
+        weight = gate.wg.weight
+        router.wg.to_empty(device=weight.device).to(weight.dtype)
+        with torch.no_grad():
+            router.wg.weight.zero_()
+    else:
+        router.wg = gate.wg
     if scoring.bias_update_rate > 0:
         router.add_score_bias(gate.wg.weight.device)
     return router

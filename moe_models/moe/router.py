@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter, top1gating, top2gating, topkgating
 
+from .adaptive import top_p_choice, without_null_routes
 from .balance import StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss, switch_balance_loss
 
 
@@ -43,6 +44,8 @@ class Routes(NamedTuple):
     chosen_E: torch.Tensor         # routes per expert as chosen, before any drop (DeepSpeed's exp_counts)
     kept_E: torch.Tensor           # routes per expert the experts process (chosen_E less the drops)
     balance_loss: torch.Tensor     # the gate's load-balancing loss (a scalar; DeepSpeed's l_aux)
+    chosen_null: Optional[torch.Tensor] = None  # [N] routes per null expert as chosen (--num_null_experts only;
+    #                                             those routes are -1 in topk_ids_TK: they cost nothing)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Scoring:
     bias_update_rate: float = 0.0            # > 0: aux-loss-free balancing
     expert_groups: int = 1                   # group-limited routing: the experts in this many groups...
     groups_per_token: int = 1                # ...of which a token routes into its best this many (1 of 1: no limit)
+    num_null_experts: int = 0                # router outputs E .. E + N - 1: zero-computation experts
+    target_real_k: Optional[float] = None    # the controller's mean real experts per token (with the bias)
+    top_p: Optional[float] = None            # top-p routing: experts until their probabilities reach p...
+    min_k: int = 1                           # ...at least min_k of them (at most top_k)
 
     @classmethod
     def of(cls, moe) -> "Scoring":
@@ -64,11 +71,18 @@ class Scoring:
         limited = moe.max_groups_per_token is not None and moe.max_groups_per_token < moe.expert_groups
         return cls(moe.score_function, moe.norm_topk_prob, moe.routed_scaling_factor, moe.aux_loss_type,
                    moe.router_bias_update_rate, moe.expert_groups if limited else 1,
-                   moe.max_groups_per_token if limited else 1)
+                   moe.max_groups_per_token if limited else 1, moe.num_null_experts,
+                   moe.null_expert_target_real_k if moe.num_null_experts else None, moe.top_p,
+                   moe.min_k if moe.top_p is not None else 1)
 
     @property
     def is_deepspeed(self) -> bool:
         return self == Scoring()
+
+    @property
+    def leaves_routes_unrouted(self) -> bool:
+        """Whether routes can be marked -1 without a capacity (null experts, top-p's cut)."""
+        return self.num_null_experts > 0 or self.top_p is not None
 
     def renormalises(self, top_k: int) -> bool:
         return self.norm_topk_prob if self.norm_topk_prob is not None else top_k > 1
@@ -81,7 +95,8 @@ class Router(TopKGate):
     ``route`` is the grouped layer's step 1; ``forward`` keeps TopKGate's contract, so the stock ``MOELayer``
     (``--moe_impl deepspeed``) runs through it unchanged. ``scoring`` (keyword only) holds the options beyond
     DeepSpeed's gate; with aux-loss-free balancing the router holds ``score_bias`` [E] (fp32, in state dicts and
-    checkpoints; ``add_score_bias``).
+    checkpoints; ``add_score_bias``). With null experts the router weight ``wg`` has E + N rows (the bias E + N
+    values); ``num_real_experts`` is E.
     """
 
     def __init__(self, *args, scoring: Scoring = Scoring(), **kwargs):
@@ -91,6 +106,10 @@ class Router(TopKGate):
         self.register_buffer("score_bias", None)
         self.step_load = StepLoad()  # this optimizer step's routes per expert (moe/balance.py)
         self.force_balanced = False  # --benchmark_balanced_routing: ``balanced_routes`` replaces the choice
+
+    @property
+    def num_real_experts(self) -> int:
+        return self.wg.out_features - self.scoring.num_null_experts
 
     def add_score_bias(self, device: torch.device) -> None:
         """The aux-loss-free bias, zero at the start. (Its name must not contain "expert": DeepSpeed saves every state
@@ -127,25 +146,33 @@ class Router(TopKGate):
         if self.force_balanced:
             routes = balanced_routes(routes, self.k)
         if self.training and self.score_bias is not None and not recomputing():
-            self.step_load.add_local(routes.chosen_E)
+            self.step_load.add_local(routes.chosen_E if routes.chosen_null is None
+                                     else torch.cat([routes.chosen_E, routes.chosen_null]))
         self.last_routes = routes
         return routes
 
     def _scored_routes(self, logits_TE: torch.Tensor, tokens_per_sequence: int) -> Routes:
-        """The scored rule: scores -> top-k of the scores plus the expert bias -> the chosen scores (rescaled,
-        scaled) as weights; the balance loss as ``aux_loss_type`` says; drops above capacity with drop_tokens."""
+        """The scored rule: scores -> top-k of the scores plus the expert bias (with top-p: cut where the
+        probabilities reach p, moe/adaptive.py) -> the chosen scores (rescaled, scaled) as weights; the balance loss
+        as ``aux_loss_type`` says, null experts counted as experts; routes to null experts marked -1; drops above the
+        real experts' capacity with drop_tokens."""
         s = self.scoring
-        T, E = logits_TE.shape
+        T, E_all = logits_TE.shape
+        E = E_all - s.num_null_experts
         scores_TE = logits_TE.sigmoid() if s.score_function == "sigmoid" else F.softmax(logits_TE, dim=1)
         choice_TE = scores_TE if self.score_bias is None else scores_TE + self.score_bias
         if s.groups_per_token < s.expert_groups:
             choice_TE = within_best_groups(choice_TE, s.expert_groups, s.groups_per_token)
-        topk_ids_TK = choice_TE.topk(self.k, dim=1).indices
-        weights_TK = scores_TE.gather(1, topk_ids_TK)
+        if s.top_p is not None:
+            topk_ids_TK = top_p_choice(choice_TE, scores_TE, self.k, s.min_k, s.top_p)
+            weights_TK = torch.where(topk_ids_TK >= 0, scores_TE.gather(1, topk_ids_TK.clamp(min=0)), 0.0)
+        else:
+            topk_ids_TK = choice_TE.topk(self.k, dim=1).indices
+            weights_TK = scores_TE.gather(1, topk_ids_TK)
         if s.renormalises(self.k):
             weights_TK = _renormalised(weights_TK)
         weights_TK = weights_TK * s.routed_scaling_factor
-        chosen_E = routes_per_expert(topk_ids_TK, E)
+        chosen_E = routes_per_expert(topk_ids_TK, E_all)
         probs_TE = balance_probs(scores_TE)
         if s.aux_loss_type == "sequence":
             balance_loss = sequence_balance_loss(probs_TE, topk_ids_TK, tokens_per_sequence)
@@ -153,14 +180,19 @@ class Router(TopKGate):
             step_counts_E1 = self.step_load.all_ranks_E1 if recomputing() else self.step_load.add_all_ranks(chosen_E, T)
             balance_loss = global_batch_balance_loss(probs_TE, step_counts_E1, self.k)
         else:  # micro_batch (and global_batch in eval, where there is no step to count over)
-            balance_loss = switch_balance_loss(probs_TE, chosen_E, T * self.k)
+            routes = T * self.k if s.top_p is None else chosen_E.sum().clamp(min=1)
+            balance_loss = switch_balance_loss(probs_TE, chosen_E, routes)
+        chosen_null = None
+        if s.num_null_experts:
+            topk_ids_TK, weights_TK = without_null_routes(topk_ids_TK, weights_TK, E)
+            chosen_E, chosen_null = chosen_E[:E], chosen_E[E:]
         kept_E = chosen_E
         if self.drop_tokens:
             capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
             topk_ids_TK, weights_TK = drop_over_capacity(topk_ids_TK, weights_TK, E, capacity(
                 T, self.k, E, capacity_factor, self.min_capacity))
             kept_E = routes_per_expert(topk_ids_TK, E)
-        return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, kept_E, balance_loss)
+        return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, kept_E, balance_loss, chosen_null)
 
     def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None, sparse_routes: bool = False,
                 use_tutel: bool = False):
@@ -262,13 +294,16 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float, 
 def drop_over_capacity(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
                        capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert keeps at most ``capacity`` of its routes, those of highest weight; the others are dropped (id -1,
-    weight 0). The capacity is known on the host from shapes, so this reads nothing back."""
+    weight 0); routes already -1 (null experts, top-p's cut) stay so. The capacity is known on the host from shapes,
+    so this reads nothing back."""
     T = topk_ids_TK.shape[0]
-    priority_TE = torch.full((T, num_experts), float("-inf"), dtype=weights_TK.dtype, device=weights_TK.device)
-    priority_TE.scatter_(1, topk_ids_TK, weights_TK.detach())
+    ids_TK = torch.where(topk_ids_TK < 0, num_experts, topk_ids_TK)  # a spare column for the unrouted
+    priority_TE = torch.full((T, num_experts + 1), float("-inf"), dtype=weights_TK.dtype, device=weights_TK.device)
+    priority_TE.scatter_(1, ids_TK, weights_TK.detach())
+    priority_TE[:, num_experts] = float("-inf")
     top_CE, tokens_CE = priority_TE.topk(min(capacity, T), dim=0)
     keep_TE = torch.zeros_like(priority_TE, dtype=torch.bool).scatter_(0, tokens_CE, top_CE > float("-inf"))
-    keep_TK = keep_TE.gather(1, topk_ids_TK)
+    keep_TK = keep_TE.gather(1, ids_TK)
     return torch.where(keep_TK, topk_ids_TK, -1), torch.where(keep_TK, weights_TK, 0.0)
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..metrics.routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
+from ..metrics.throughput import expert_flops_per_token, expert_parameters
 from .balance import update_score_biases
 from .counters import RoutingSums, from_named, named
 from .dispatcher import AllToAllDispatcher
@@ -45,13 +46,15 @@ class MoEStep:
 
     def router_loss(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(what the routers add to the LM loss of the last forward, its summed balance loss, unweighted): each
-        layer's ``aux_loss_coef`` x its balance loss and, when on, ``z_loss_coef`` x its z-loss. Zeros shaped and
-        placed as ``like`` for a model without MoE layers."""
+        layer's ``aux_loss_coef`` x its balance loss and, when on, ``z_loss_coef`` x its z-loss and
+        ``dynamic_loss_coef`` x its dynamic loss. Zeros shaped and placed as ``like`` for a model without MoE layers."""
         if not self.layers:
             zero = like.new_zeros(())
             return zero, zero
         loss = torch.stack([layer.aux_loss_coef * layer.aux_loss for layer in self.layers]).sum()
         z_losses = [layer.z_loss_coef * layer.z_loss for layer in self.layers if layer.z_loss is not None]
+        z_losses += [layer.dynamic_loss_coef * layer.dynamic_loss for layer in self.layers
+                     if layer.dynamic_loss is not None]
         if z_losses:
             loss = loss + torch.stack(z_losses).sum()
         return loss, balance_loss(self.layers)
@@ -98,6 +101,9 @@ class MoEStep:
                 shared = from_named(SharedSums, summed, f"moe/layer_{i}/shared/")
                 values.update(shared_expert_metrics(shared, gated=layer.shared_expert_gate is not None))
                 layer.shared_counters.reset()
+            if "real_experts_per_token" in values:
+                values["real_expert_flops_per_token"] = expert_flops_per_token(expert_parameters(layer),
+                                                                               values["real_experts_per_token"])
             if layer.gate.force_balanced:
                 values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
             if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
@@ -110,6 +116,14 @@ class MoEStep:
             layer.routing.reset()
         self.steps_in_interval = 0
         return row
+
+    def spent_flops_per_token(self, flops_per_token: float, row: dict) -> float | None:
+        """``flops_per_token`` (top_k experts per MoE layer) less the expert FLOPs the tokens did not spend, by each
+        layer's ``real_expert_flops_per_token`` of ``row`` (interval_metrics); None when no layer logged it."""
+        unspent = [expert_flops_per_token(expert_parameters(layer), layer.top_k) - row[key]
+                   for i, layer in enumerate(self.layers)
+                   if (key := f"moe/layer_{i}/real_expert_flops_per_token") in row]
+        return flops_per_token - sum(unspent) if unspent else None
 
     # -- evaluation --------------------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ def _initialise(layer: MoEFeedForward, by_units, cfg: MoEConfig, layout: MoELayo
                 block_id: int, output: str) -> None:
     """The router drawn fresh, each local expert as ``cfg.expert_init`` says (by its global id), the shared experts;
     upcycled, the output projections scaled to keep the dense function."""
-    _init_router(layer.router, init_std, _generator(seed, block_id, -1), layout.granularity)
+    _init_router(layer.router, layer.num_experts, init_std, _generator(seed, block_id, -1), layout.granularity)
     for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
         gen = _generator(seed, block_id, global_id)
         if by_units:
@@ -99,9 +99,14 @@ def _generator(seed: int, block_id: int, expert_id: int, spawn_key: tuple[int, .
 
 
 @torch.no_grad()
-def _init_router(router: nn.Linear, std: float, gen: torch.Generator, granularity: int) -> None:
-    """N(0, std^2) rows, one per expert, or with granular experts one per group of ``granularity`` experts."""
-    router.weight.copy_(grouped_router_rows(router.out_features, router.in_features, granularity, std, gen))
+def _init_router(router: nn.Linear, num_experts: int, std: float, gen: torch.Generator, granularity: int) -> None:
+    """N(0, std^2) rows, one per expert, or with granular experts one per group of ``granularity`` experts; then one
+    per null expert (rows past ``num_experts``), drawn after the experts' so that those do not change."""
+    rows = grouped_router_rows(num_experts, router.in_features, granularity, std, gen)
+    nulls = router.out_features - num_experts
+    if nulls:
+        rows = torch.cat([rows, torch.randn((nulls, router.in_features), generator=gen) * std])
+    router.weight.copy_(rows)
 
 
 @torch.no_grad()

@@ -166,6 +166,27 @@ class MoEConfig:
         None, "With --expert_groups: M, the groups a token may route into; it takes the M groups with the highest sum "
         "of their two best scores (plus the aux-loss-free bias), then its top-k experts inside them. None = every "
         "group (no limit).")
+    num_null_experts: int = _flag(
+        0, "Null (zero-computation) experts (MoE++, LongCat-Flash): N more router outputs whose expert output is zero; "
+        "a route to one is not dispatched and costs nothing, so a token that chooses one runs fewer real experts. The "
+        "router weight gets N more rows (E + N); null experts are counted as experts by the balance loss and live on no "
+        "rank. Zero experts only (no copy or constant experts). 0 = off; --moe_impl grouped only (docs/routing.md).")
+    null_expert_target_real_k: Optional[float] = _flag(
+        None, "With --num_null_experts and --router_bias_update_rate: the compute target, the mean number of real "
+        "experts per token (between top_k - num_null_experts and top_k, exclusive of top_k). After each optimizer step "
+        "the aux-loss-free update moves every bias toward its share of the routes: a real expert's share is "
+        "target / (top_k E), a null expert's (1 - target / top_k) / N (LongCat-Flash's controller, in DeepSeek-V3's "
+        "sign form). None = the bias balances the real experts only and the null biases stay.")
+    top_p: Optional[float] = _flag(
+        None, "Top-p (dynamic-k) routing (Huang et al. 2024): each token takes the fewest experts, by descending "
+        "score, whose router probabilities sum to >= p, at least --min_k and at most --top_k; the weights are rescaled "
+        "over the kept ones (unless --norm_topk_prob false). Routes past the cut are not dispatched. Softmax scores and "
+        "--aux_loss_type micro_batch only. None = off (docs/routing.md).")
+    min_k: int = _flag(1, "With --top_p: the fewest experts a token takes (the most is --top_k).")
+    dynamic_loss_coef: float = _flag(
+        0.0, "Weight of the dynamic loss (Huang et al. 2024): per MoE layer the mean over tokens of the entropy (nats) "
+        "of the router's softmax distribution, added to the loss; it keeps a top-p router from spreading its "
+        "probability to buy experts. 0 = off (1e-4 in the paper).")
     aux_loss_type: Literal["micro_batch", "sequence", "global_batch"] = _flag(
         "micro_batch", "Over which tokens the balance loss counts expert frequencies: each micro-batch (DeepSpeed's), "
         "each sequence averaged (DeepSeek-V2/V3), or the whole optimizer step on all data-parallel ranks (Qwen's "
@@ -231,7 +252,8 @@ class TrainConfig:
     allow_routing_change: bool = _flag(
         False, "When resuming: allow routing settings other than those the checkpoint's run recorded (score_function, "
         "norm_topk_prob, routed_scaling_factor, router_bias_update_rate, drop_tokens, capacity_factor, "
-        "eval_capacity_factor, min_capacity, noisy_gate_policy, use_rts, top2_2nd_expert_sampling). Without it a "
+        "eval_capacity_factor, min_capacity, noisy_gate_policy, use_rts, top2_2nd_expert_sampling, expert_groups, "
+        "max_groups_per_token, null_expert_target_real_k, top_p, min_k). Without it a "
         "routing flag given with another value is refused, and one left out takes the run's recorded value.")
     max_nonfinite_steps: int = _flag(
         10, "Stop (exit 1) after this many consecutive optimizer steps whose loss or gradient norm is NaN or inf. Each "

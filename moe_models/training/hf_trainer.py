@@ -193,7 +193,8 @@ class MoETrainer(Trainer):
         steps = self.state.global_step - self.last_logged_step
         if steps and self.last_input_ids is not None:
             row.update(throughput_metrics(tokens, steps, self.step_seconds, self.args.world_size,
-                                          self._flops_per_token(), self.peak_tflops))
+                                          self._flops_per_token(), self.peak_tflops,
+                                          self.moe.spent_flops_per_token(self._flops_per_token(), row)))
         self.step_seconds, self.last_logged_step = 0.0, self.state.global_step
         row["nonfinite_steps"] = self.guard.total
         row.update(self.device_interval.metrics(summed, tokens, self.args.world_size))

@@ -1,6 +1,6 @@
 """Whether the checkpoint --resume_from_checkpoint names can be used, checked before a process group, a model or
 data exist and before anything in the output folder is written: it must be complete, its files whole, its run
-readable and trained with the same model, experts (count and width), shared experts and top_k (what its
+readable and trained with the same model, experts (count and width), null experts, shared experts and top_k (what its
 run_config.json recorded), with the same routing rule unless --allow_routing_change, at the same world size, ep_size
 and moe_impl unless --reset_optimizer, with a data position of the same kind (a stream's or blocks') and before
 --max_steps. Then the routing settings a resumed run inherits from its record (resumed_settings)."""
@@ -25,7 +25,7 @@ from .checkpoint import optimizer_layout_problem
 ROUTING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate",
                  "drop_tokens", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
                  "use_rts", "top2_2nd_expert_sampling", "benchmark_balanced_routing",
-                 "expert_groups", "max_groups_per_token")
+                 "expert_groups", "max_groups_per_token", "null_expert_target_real_k", "top_p", "min_k")
 
 
 class FinishedRun(Exception):
@@ -193,7 +193,7 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
                     + ", ".join(f"{key} {saved[key]} there, {current[key]} here" for key in differing)
                     + f"); it was trained from {was!r}: {fix}")
     moe = record.settings.moe
-    for name in ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
+    for name in ("num_experts", "num_null_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
         if getattr(moe, name) != getattr(cfg.moe, name):
             return (f"{tag_dir} was trained with --{name} {flag_text(getattr(moe, name))}, this run has --{name} "
                     f"{flag_text(getattr(cfg.moe, name))}; pass --{name} {flag_text(getattr(moe, name))} to "

@@ -213,6 +213,8 @@ class Trainer:
         steps_in_interval = micro_steps / self.world.world_size / self.cfg.train.gradient_accumulation_steps
         tokens = steps_in_interval * self.tokens_per_step
         grad_norm = self.engine.get_global_grad_norm()
+        moe_row = self.moe.interval_metrics(summed)
+        spent = self.moe.spent_flops_per_token(self.flops_per_token, moe_row)
         return {
             "step": self.state.step,
             "loss": float(summed["lm_loss"]) / micro_steps,
@@ -220,11 +222,11 @@ class Trainer:
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             **throughput_metrics(tokens, steps_in_interval, seconds, self.world.world_size, self.flops_per_token,
-                                 self.peak_tflops),
+                                 self.peak_tflops, spent),
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.engine.skipped_steps,
             "nonfinite_steps": self.guard.total,
-            **self.moe.interval_metrics(summed),
+            **moe_row,
             **self.device_interval.metrics(summed, tokens, self.world.world_size),
         }
 

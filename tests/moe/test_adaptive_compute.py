@@ -1,0 +1,171 @@
+"""Adaptive compute (moe/adaptive.py): top-p routing, null experts, the compute-target bias, the dynamic loss and the
+real-expert metrics, each against its formula written out here."""
+
+import json
+
+import pytest
+import torch
+from helpers import launch
+from test_scoring import DIM, E, expert_outputs, layer
+
+import train
+from moe_models.moe.adaptive import dynamic_loss, top_p_choice
+from moe_models.moe.checks import moe_problems
+from moe_models.moe.step import MoEStep
+from moe_models.run.config import MoEConfig
+
+
+def test_top_p_takes_the_fewest_experts_reaching_p_between_the_bounds():
+    probs_TE = torch.tensor([[0.5, 0.3, 0.1, 0.1],     # 0.5 < 0.6, then 0.8 >= 0.6: experts 0, 1
+                             [0.7, 0.1, 0.1, 0.1],     # 0.7 >= 0.6 at once: expert 0 alone
+                             [0.25, 0.25, 0.25, 0.25],  # ties: lower id first; 0.25, 0.5, 0.75: 3 experts = max_k
+                             [0.1, 0.2, 0.3, 0.4]])    # 0.4, 0.7: experts 3, 2
+    ids = top_p_choice(probs_TE, probs_TE, max_k=3, min_k=1, p=0.6)
+    assert ids.tolist() == [[0, 1, -1], [0, -1, -1], [0, 1, 2], [3, 2, -1]]
+    capped = top_p_choice(probs_TE, probs_TE, max_k=2, min_k=1, p=0.99)  # the most is max_k
+    assert capped.tolist() == [[0, 1], [0, 1], [0, 1], [3, 2]]
+    floor = top_p_choice(probs_TE, probs_TE, max_k=3, min_k=2, p=0.1)  # the fewest is min_k
+    assert floor.tolist() == [[0, 1, -1], [0, 1, -1], [0, 1, -1], [3, 2, -1]]
+    exact = top_p_choice(probs_TE[:1], probs_TE[:1], max_k=3, min_k=1, p=0.8)  # 0.5 + 0.3 reaches p exactly
+    assert exact.tolist() == [[0, 1, -1]]
+
+
+def test_top_p_layer_follows_its_definition():
+    moe = layer(top_p=0.6, top_k=3)
+    x_TD = torch.randn(24, DIM)
+    probs_TE = (x_TD @ moe.router.weight.t()).softmax(dim=1)
+    out = moe(x_TD.unsqueeze(0)).squeeze(0)
+    y_ETD = expert_outputs(moe, x_TD)
+    expected = []
+    for t in range(24):
+        order = sorted(range(E), key=lambda e: (-probs_TE[t, e].item(), e))
+        kept, total = [], 0.0
+        for e in order[:3]:
+            if kept and total >= 0.6:
+                break
+            kept.append(e)
+            total += probs_TE[t, e].item()
+        w = probs_TE[t, kept] / probs_TE[t, kept].sum()
+        expected.append(sum(w[j] * y_ETD[e, t] for j, e in enumerate(kept)))
+    torch.testing.assert_close(out, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True])
+def test_null_experts_output_zero_and_are_not_dispatched(drop_tokens):
+    moe = layer(num_null_experts=2, drop_tokens=drop_tokens, capacity_factor=4.0)
+    assert moe.router.weight.shape == (E + 2, DIM) and moe.num_experts == E
+    x_TD = torch.randn(32, DIM)
+    s_TE = (x_TD @ moe.router.weight.t()).softmax(dim=1)  # over the E real and 2 null outputs
+    ids_TK = s_TE.topk(2, dim=1).indices
+    w_TK = s_TE.gather(1, ids_TK) / s_TE.gather(1, ids_TK).sum(dim=1, keepdim=True)  # nulls share the rescaling
+    y_ETD = expert_outputs(moe, x_TD)
+    expected = torch.stack([sum(w_TK[t, j] * y_ETD[ids_TK[t, j], t] for j in range(2) if ids_TK[t, j] < E)
+                            if (ids_TK[t] < E).any() else torch.zeros(DIM) for t in range(32)])
+    dispatched = []
+    moe.moe.deepspeed_moe.experts.register_forward_hook(lambda module, args, out: dispatched.append(args[1].sum()))
+    out = moe(x_TD.unsqueeze(0)).squeeze(0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    real_routes = int((ids_TK < E).sum())
+    assert 0 < real_routes < 64 and int(dispatched[0]) == real_routes  # only real routes reach the experts
+    routes = moe.gate.route(x_TD)
+    assert int(routes.chosen_null.sum()) == 64 - real_routes and (routes.topk_ids_TK < E).all()
+
+
+def test_the_compute_target_moves_each_bias_toward_its_share():
+    moe = layer(num_null_experts=2, router_bias_update_rate=0.01, null_expert_target_real_k=1.5)
+    x_TD = torch.randn(16, DIM)
+    moe(x_TD.unsqueeze(0))
+    chosen = (x_TD @ moe.router.weight.t()).softmax(dim=1).topk(2, dim=1).indices  # the bias is 0
+    load = torch.bincount(chosen.flatten(), minlength=E + 2).double()
+    routes = 32  # real target R K_t / (K E), null target R (1 - K_t / K) / N
+    target = torch.tensor([routes * 1.5 / (2 * E)] * E + [routes * (1 - 1.5 / 2) / 2] * 2, dtype=torch.float64)
+    MoEStep(moe).after_optimizer_step(applied=True)
+    assert torch.equal(moe.gate.score_bias, (0.01 * torch.sign(target - load)).float())
+    assert moe.gate.score_bias[E:].abs().sum() + moe.gate.score_bias[:E].abs().sum() > 0
+
+
+def test_without_a_target_the_null_biases_stay():
+    moe = layer(num_null_experts=2, router_bias_update_rate=0.01)
+    moe(torch.randn(1, 16, DIM))
+    MoEStep(moe).after_optimizer_step(applied=True)
+    assert torch.equal(moe.gate.score_bias[E:], torch.zeros(2)) and moe.gate.score_bias[:E].abs().sum() > 0
+
+
+def test_dynamic_loss_and_its_gradient():
+    logits = torch.randn(6, 5, requires_grad=True)
+    loss = dynamic_loss(logits)
+    P = logits.detach().softmax(dim=1)
+    H = -(P * P.log()).sum(dim=1)
+    torch.testing.assert_close(loss, H.mean())
+    loss.backward()
+    # dH/dz_j = -P_j (log P_j + H), averaged over the 6 tokens
+    torch.testing.assert_close(logits.grad, -P * (P.log() + H[:, None]) / 6)
+    moe = layer(top_p=0.5, top_k=3, dynamic_loss_coef=0.1)
+    x = torch.randn(1, 8, DIM)
+    moe(x)
+    lm = torch.zeros(())
+    total, _ = MoEStep(moe).router_loss(lm)
+    torch.testing.assert_close(total, 0.01 * moe.aux_loss + 0.1 * dynamic_loss(x[0] @ moe.router.weight.t()))
+
+
+@pytest.mark.parametrize("flags,wanted,fixed", [
+    (dict(num_null_experts=2, moe_impl="deepspeed"), "use --moe_impl grouped", dict(moe_impl="grouped")),
+    (dict(top_p=0.5, moe_impl="deepspeed"), "use --moe_impl grouped", dict(moe_impl="grouped")),
+    (dict(top_p=1.5), "must be in (0, 1]", dict(top_p=0.9)),
+    (dict(top_p=0.5, score_function="sigmoid"), "use --score_function softmax", dict(score_function="softmax")),
+    (dict(top_p=0.5, aux_loss_type="sequence"), "micro_batch", dict(aux_loss_type="micro_batch")),
+    (dict(top_p=0.5, min_k=3), "between 1 and top_k", dict(min_k=2)),
+    (dict(min_k=2), "only used by --top_p", dict(top_p=0.5)),
+    (dict(num_null_experts=2, null_expert_target_real_k=1.5), "--router_bias_update_rate > 0",
+     dict(router_bias_update_rate=1e-3)),
+    (dict(num_null_experts=1, router_bias_update_rate=1e-3, null_expert_target_real_k=0.5), "must be in [1, 2)",
+     dict(null_expert_target_real_k=1.5)),
+    (dict(num_null_experts=2, expert_groups=2, max_groups_per_token=1), "group-limited", dict(max_groups_per_token=None)),
+    (dict(num_null_experts=-1), "must be >= 0", dict(num_null_experts=0)),
+])
+def test_bad_adaptive_settings_are_refused_with_the_way_out(flags, wanted, fixed):
+    flags = {"drop_tokens": False, **flags}
+    problems = moe_problems(MoEConfig(**flags))
+    assert any(wanted in p for p in problems), problems
+    assert moe_problems(MoEConfig(**{**flags, **fixed})) == []
+
+
+RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
+       "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
+       "--logging_steps", "1", "--gradient_accumulation_steps", "2", "--num_null_experts", "2", "--top_k", "3",
+       "--top_p", "0.7", "--dynamic_loss_coef", "0.01", "--router_bias_update_rate", "0.01", "--drop_tokens", "false"]
+
+
+def logged(output_dir, *keys):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [[r[key] for key in keys] for r in rows if "loss" in r]
+
+
+KEYS = ("loss", "moe/layer_0/score_bias", "moe/layer_0/real_experts_per_token", "moe/layer_0/real_experts_histogram",
+        "moe/layer_1/null_route_share", "moe/layer_1/real_expert_flops_per_token", "flops_per_token_spent")
+
+
+def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train.main([*RUN, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(full)])
+    train.main([*RUN, "--max_steps", "4", "--output_dir", str(resumed),
+                "--resume_from_checkpoint", str(full / "checkpoints" / "global_step2")])
+    rows = logged(full, *KEYS)
+    tokens = 2 * 2 * 32  # per step: batch x accumulation x block
+    for _, bias, real_k, hist, null_share, flops, spent in rows:
+        assert len(hist) == 4 and sum(hist) == tokens
+        assert real_k == pytest.approx(sum(k * n for k, n in enumerate(hist)) / tokens) and real_k < 3
+        assert 0 <= null_share < 1 and flops > 0 and spent > 0
+        assert bias[4:] == [0.0, 0.0]  # no compute target: the null biases stay
+    assert logged(resumed, *KEYS) == rows[2:]
+
+
+@pytest.mark.distributed
+def test_adaptive_run_at_ep2_equals_ep1(tmp_path):
+    for ep in (1, 2):
+        launch(["train.py", "--ep_size", str(ep), *RUN, "--max_steps", "2", "--output_dir", str(tmp_path / f"ep{ep}")])
+    ep1, ep2 = logged(tmp_path / "ep1", *KEYS), logged(tmp_path / "ep2", *KEYS)
+    assert len(ep1) == 2
+    for row1, row2 in zip(ep1, ep2):
+        assert row2[0] == pytest.approx(row1[0], rel=1e-5)
+        assert row2[1:] == row1[1:]  # the routes (so biases, counts and FLOPs) are the same
