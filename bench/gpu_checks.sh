@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the grouped expert path, as one run (written for one H200; not yet run on a GPU):
-#   1. the dropless path never synchronises with the host (tests/moe/test_grouped_layer.py, set_sync_debug_mode "error");
+#   1. the dropless and capacity paths never synchronise with the host (tests/moe/test_grouped_layer.py, set_sync_debug_mode "error");
 #   2. bench/moe_layer.py --gpu: the three layer shapes of the design notes, bf16, 16384 tokens;
 #   3. bench/train_step.py --gpu: the reference LM step (d1024 f3584 L8 E8 k2, 8 x 2048 tokens), tokens/s and MFU.
 # Logs go to $OUT (default: gpu_checks/); the tables are printed last. On a machine without deepspeed installed,
