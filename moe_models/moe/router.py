@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import (TopKGate, gumbel_rsample, multiplicative_jitter, top1gating, top2gating,
@@ -259,7 +258,14 @@ def deepspeed_capacity(tokens: int, num_experts: int, capacity_factor: float, mi
     """DeepSpeed's ``_capacity``: ceil(tokens / experts x capacity_factor), at least min_capacity, in fp32 as its
     tensors compute it (fp32 can round a product up past an integer that float64 would keep). ``capacity_factor``
     is DeepSpeed's per-route factor (x 2 for top-2, x k for top-k)."""
-    return max(math.ceil(np.float32(tokens / num_experts) * np.float32(capacity_factor)), min_capacity)
+    return max(math.ceil(_fp32(_fp32(tokens / num_experts) * _fp32(capacity_factor))), min_capacity)
+
+
+def _fp32(x: float) -> float:
+    """x rounded to the nearest fp32 value (ties to even), in plain Python so that torch.compile folds it. The product
+    of two fp32 values is exact in float64, so _fp32 of it is fp32's product."""
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * 2**24) / 2**24, exponent)
 
 
 def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_second: bool) -> Routes:
