@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the grouped expert path, as one run (written for one H200; not yet run on a GPU):
-#   1. the dropless path never synchronises with the host (tests/moe/test_grouped_layer.py, set_sync_debug_mode "error");
+#   1. the dropless and capacity paths never synchronise with the host (tests/moe/test_grouped_layer.py, set_sync_debug_mode "error");
 #   2. bench/moe_layer.py --gpu: the three layer shapes of the design notes, bf16, 16384 tokens;
-#   3. bench/train_step.py --gpu: the reference LM step (d1024 f3584 L8 E8 k2, 8 x 2048 tokens), tokens/s and MFU.
+#   3. tests/training/test_bf16.py, tests/moe/test_compile.py: a bf16 run through train.py, its exact resume and
+#      its export; the MoE layer traced by torch.compile without a graph break;
+#   4. bench/train_step.py --gpu: the reference LM step (d1024 f3584 L8 E8 k2, 8 x 2048 tokens), tokens/s and MFU.
 # Logs go to $OUT (default: gpu_checks/); the tables are printed last. On a machine without deepspeed installed,
 # put its wheels in .whl/ first (see the device notes of the workplace) and this script installs them to /tmp/site.
 set -uo pipefail
@@ -17,6 +19,8 @@ python3 -c "import torch, deepspeed, transformers; print('torch', torch.__versio
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 python3 -m pytest -q -p no:cacheprovider tests/moe/test_grouped_layer.py -k "no_host_sync or equals_stock" > "$OUT/sync_test.log" 2>&1
 echo "sync + equality tests: exit $?" | tee -a "$OUT/versions.txt"
+python3 -m pytest -q -p no:cacheprovider tests/training/test_bf16.py tests/moe/test_compile.py > "$OUT/bf16_test.log" 2>&1
+echo "bf16 + compile tests: exit $?" | tee -a "$OUT/versions.txt"
 python3 bench/moe_layer.py --gpu > "$OUT/moe_layer.log" 2>&1; echo "moe_layer: exit $?"
 python3 bench/train_step.py --gpu --rounds 3 --steps 5 > "$OUT/train_step.log" 2>&1; echo "train_step: exit $?"
-tail -n 3 "$OUT/sync_test.log"; grep '^|\|^torch' "$OUT/moe_layer.log" "$OUT/train_step.log"
+tail -n 3 "$OUT/sync_test.log" "$OUT/bf16_test.log"; grep '^|\|^torch' "$OUT/moe_layer.log" "$OUT/train_step.log"

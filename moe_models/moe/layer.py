@@ -143,8 +143,9 @@ class MoEFeedForward(nn.Module):
         return shared
 
     @torch.no_grad()
-    def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> float:
-        """|sum_e w_e / |w_e||^2 over all global experts e of this layer, w_e the expert's flattened weights.
+    def expert_direction_sum_sq(self, chunk_elements: int = 2**24) -> torch.Tensor:
+        """|sum_e w_e / |w_e||^2 over all global experts e of this layer, w_e the expert's flattened weights, as a
+        float64 scalar tensor on the device (read to the host by the caller, once for every layer).
 
         It equals E + 2 x (sum of the pairwise cosines), so no expert's weights leave its rank: each rank
         sums its local experts' unit vectors and, with ep_size > 1, the sums are all-reduced over the
@@ -163,7 +164,7 @@ class MoEFeedForward(nn.Module):
                 if ep_size > 1:
                     dist.all_reduce(direction_sum, group=ep_group)
                 total += direction_sum.double().square().sum()
-        return total.item()
+        return total
 
 
 class GroupedMoE(MoE):

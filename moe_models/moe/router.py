@@ -10,8 +10,10 @@ Two rule sets:
     capacity. DeepSpeed's ``TopKGate`` with ``drop_tokens=False`` reads the busiest expert's count to the host
     (and all-reduces it over the expert-parallel group) to size a capacity a dropless path does not need; its
     functions cannot skip that, so these rules are written here.
-  - capacity: DeepSpeed's own gating functions on the same logits, in their sparse form, so routes are dropped
-    exactly as the stock layer drops them.
+  - capacity: the rules of the same functions with drop_tokens (DeepSpeed's capacity computed as it does, in fp32,
+    random token selection, the same tie-breaking), so routes are dropped exactly as the stock layer drops them.
+    DeepSpeed's functions read the capacity (a tensor) back to the host to size a selection, and ``F.one_hot``
+    checks its input on the host on CPU; the capacity is known from the shapes, so these rules read nothing back.
 
 Any of the options beyond DeepSpeed's gate (``Scoring``: sigmoid scores, renormalisation, a scaling factor, an
 aux-loss-free bias, another balance-loss scope) switches to the scored rule, as DeepSeek-V3, Qwen3-MoE and
@@ -29,7 +31,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter, top1gating, top2gating, topkgating
+from deepspeed.moe.sharded_moe import (TopKGate, gumbel_rsample, multiplicative_jitter, top1gating, top2gating,
+                                      topkgating)
 
 from .adaptive import top_p_choice, without_null_routes
 from .balance import StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss, switch_balance_loss
@@ -139,7 +142,10 @@ class Router(TopKGate):
         if not self.scoring.is_deepspeed:
             routes = self._scored_routes(logits_TE, tokens_per_sequence or logits_TE.shape[0])
         elif self.drop_tokens:
-            routes = capacity_routes(logits_TE, self._deepspeed_gating(logits_TE, None, sparse_routes=True))
+            routes = capacity_routes(logits_TE, self.k, self.capacity_factor if self.training else
+                                     self.eval_capacity_factor, self.min_capacity,
+                                     self.noisy_gate_policy == "RSample" and self.training,
+                                     self.top2_2nd_expert_sampling, self.use_rts)
         else:
             routes = dropless_routes(logits_TE, self.k, self.noisy_gate_policy == "RSample" and self.training,
                                      self.top2_2nd_expert_sampling)
@@ -199,7 +205,7 @@ class Router(TopKGate):
         """TopKGate.forward: DeepSpeed's gate output for the stock MOELayer; the Routes are kept beside it."""
         logits_TE = self.logits(input)
         output = self._deepspeed_gating(logits_TE, used_token, sparse_routes, use_tutel)
-        self.last_routes = capacity_routes(logits_TE, output) if sparse_routes and not use_tutel else None
+        self.last_routes = gate_output_routes(logits_TE, output) if sparse_routes and not use_tutel else None
         return output
 
     def _deepspeed_gating(self, logits_TE: torch.Tensor, used_token, sparse_routes: bool, use_tutel: bool = False):
@@ -216,14 +222,91 @@ class Router(TopKGate):
                           sparse_routes=sparse_routes)
 
 
-def capacity_routes(logits_TE: torch.Tensor, sparse_gate_output: tuple) -> Routes:
-    """Routes from DeepSpeed's gating in its sparse form: (l_aux, capacity, E, indices [K, T] with -1 for a route
-    dropped by capacity, locations, gates [K, T], exp_counts [E] before drops). The gating reads the capacity to
-    the host for top-1 and top-k (k > 2), as in the stock layer."""
+def gate_output_routes(logits_TE: torch.Tensor, sparse_gate_output: tuple) -> Routes:
+    """Routes from DeepSpeed's gating in its sparse form (the stock layer's gate, ``--moe_impl deepspeed``): (l_aux,
+    capacity, E, indices [K, T] with -1 for a route dropped by capacity, locations, gates [K, T], exp_counts [E]
+    before drops)."""
     l_aux, _capacity, num_experts, indices_KT, _locations_KT, gates_KT, chosen_E = sparse_gate_output
     topk_ids_TK = indices_KT.t().long()
     return Routes(logits_TE, topk_ids_TK, gates_KT.t(), chosen_E, routes_per_expert(topk_ids_TK, logits_TE.shape[1]),
                   l_aux)
+
+
+def capacity_routes(logits_TE: torch.Tensor, k: int, capacity_factor: float, min_capacity: int, rsample: bool,
+                    sample_second: bool, use_rts: bool) -> Routes:
+    """Every token's top-k experts and weights by the rules of DeepSpeed's top1/top2/topk gating with drop_tokens:
+    each expert keeps at most ``deepspeed_capacity`` routes, chosen as DeepSpeed chooses them (top-1: at random with
+    ``use_rts``, else by token order; top-2: first choices first, then token order; top-k: the highest weights), the
+    others dropped (id -1, weight 0). ``rsample``: top-1 picks by Gumbel-perturbed logits; ``sample_second``: top-2
+    picks its second expert with Gumbel noise. The same random draws as DeepSpeed's, in the same order; no host
+    read (DeepSpeed's own functions read the capacity back to size their selection)."""
+    T, E = logits_TE.shape
+    probs_TE = F.softmax(logits_TE, dim=1)
+    me_E = probs_TE.mean(dim=0)
+    if k == 1:
+        chooser_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device) if rsample else probs_TE
+        capacity = deepspeed_capacity(T, E, capacity_factor, min_capacity)
+        ids_T1 = chooser_TE.argmax(dim=1, keepdim=True)
+        mask_TE = torch.zeros_like(probs_TE, dtype=torch.int64).scatter_(1, ids_T1, 1)
+        chosen_E = mask_TE.sum(dim=0)
+        balance_loss = (me_E * mask_TE.float().mean(dim=0)).sum() * E
+        # random token selection: DeepSpeed's Uniform(0, 1).rsample is torch.rand of the same shape
+        priority_TE = mask_TE * torch.rand(mask_TE.shape, device=logits_TE.device) if use_rts else mask_TE
+        if T < min_capacity:
+            raise ValueError(f"{T} tokens in a forward are fewer than min_capacity ({min_capacity}); set "
+                             "--min_capacity 0 or use a larger batch")
+        kept_CE = priority_TE.topk(min(capacity, T), dim=0).indices
+        mask_TE = mask_TE * torch.zeros_like(mask_TE).scatter_(0, kept_CE, 1)
+        topk_ids_TK = torch.where(mask_TE.sum(dim=1, keepdim=True) > 0, ids_T1, -1)
+        weights_TK = (probs_TE * mask_TE).sum(dim=1, keepdim=True)
+    elif k == 2:
+        first_T = probs_TE.argmax(dim=1)
+        first_TE = torch.zeros_like(probs_TE, dtype=torch.int64).scatter_(1, first_T[:, None], 1)
+        chooser_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device) if sample_second else logits_TE
+        second_T = chooser_TE.masked_fill(first_TE.bool(), float("-inf")).argmax(dim=1)
+        second_TE = torch.zeros_like(first_TE).scatter_(1, second_T[:, None], 1)
+        # a route's place in its expert's queue: every first choice before every second choice, then token order
+        first_place_TE = first_TE.cumsum(dim=0) - 1
+        second_place_TE = second_TE.cumsum(dim=0) - 1 + first_TE.sum(dim=0, keepdim=True)
+        balance_loss = (me_E * first_TE.float().mean(dim=0)).mean() * E * E
+        chosen_E = (first_TE + second_TE).sum(dim=0)
+        capacity = deepspeed_capacity(T, E, capacity_factor * 2, min_capacity)
+        first_TE = first_TE * (first_place_TE < capacity)
+        second_TE = second_TE * (second_place_TE < capacity)
+        weights_TK = torch.stack([torch.einsum("se,se->s", probs_TE, first_TE.float()),
+                                  torch.einsum("se,se->s", probs_TE, second_TE.float())], dim=1)
+        weights_TK = weights_TK / weights_TK.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weights_TK.dtype).eps)
+        topk_ids_TK = torch.stack([torch.where(first_TE.any(dim=1), first_T, -1),
+                                   torch.where(second_TE.any(dim=1), second_T, -1)], dim=1)
+    else:
+        top_probs_TK, ids_TK = torch.topk(probs_TE, k=k, dim=1)
+        mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, ids_TK, True)
+        chosen_E = mask_TE.sum(dim=0)
+        balance_loss = (me_E * mask_TE.float().mean(dim=0)).mean() * E * E / k
+        capacity = deepspeed_capacity(T, E, capacity_factor * k, min_capacity)
+        chosen_probs_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, top_probs_TK)
+        kept_CE = torch.topk(chosen_probs_TE, k=min(capacity, T), dim=0, sorted=False).indices
+        mask_TE = mask_TE & torch.zeros_like(mask_TE).scatter_(0, kept_CE, True)
+        weights_TE = probs_TE * mask_TE
+        weights_TE = weights_TE / weights_TE.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights_TE.dtype).eps)
+        kept_TK = mask_TE.gather(1, ids_TK)
+        topk_ids_TK = torch.where(kept_TK, ids_TK, -1)
+        weights_TK = weights_TE.gather(1, ids_TK)
+    return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, routes_per_expert(topk_ids_TK, E), balance_loss)
+
+
+def deepspeed_capacity(tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's ``_capacity``: ceil(tokens / experts x capacity_factor), at least min_capacity, in fp32 as its
+    tensors compute it (fp32 can round a product up past an integer that float64 would keep). ``capacity_factor``
+    is DeepSpeed's per-route factor (x 2 for top-2, x k for top-k)."""
+    return max(math.ceil(_fp32(_fp32(tokens / num_experts) * _fp32(capacity_factor))), min_capacity)
+
+
+def _fp32(x: float) -> float:
+    """x rounded to the nearest fp32 value (ties to even), in plain Python so that torch.compile folds it. The product
+    of two fp32 values is exact in float64, so _fp32 of it is fp32's product."""
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * 2**24) / 2**24, exponent)
 
 
 def dropless_routes(logits_TE: torch.Tensor, k: int, rsample: bool, sample_second: bool) -> Routes:

@@ -134,9 +134,12 @@ class MoEStep:
     def expert_similarity(self) -> dict:
         """``moe/layer_{i}/expert_similarity``: the mean pairwise cosine of the experts' weights, per layer with 2+
         experts. Every rank must call it (with ep_size > 1 it all-reduces over the expert-parallel group)."""
-        return {f"moe/layer_{i}/expert_similarity":
-                mean_pairwise_cosine(layer.expert_direction_sum_sq(), layer.num_experts)
-                for i, layer in enumerate(self.layers) if layer.num_experts > 1}
+        layers = [(i, layer) for i, layer in enumerate(self.layers) if layer.num_experts > 1]
+        if not layers:
+            return {}
+        sums_sq = torch.stack([layer.expert_direction_sum_sq() for _, layer in layers]).tolist()  # one host read
+        return {f"moe/layer_{i}/expert_similarity": mean_pairwise_cosine(sum_sq, layer.num_experts)
+                for (i, layer), sum_sq in zip(layers, sums_sq)}
 
 
 def world_size() -> int:

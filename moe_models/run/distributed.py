@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
+
 
 @dataclass(frozen=True)
 class World:
@@ -61,7 +63,17 @@ def init_world(timeout_s: int = 600) -> World:
         c10d.default_pg_timeout = timeout
         if isinstance(c10d.default_pg_nccl_timeout, timedelta):
             c10d.default_pg_nccl_timeout = timeout
-        deepspeed.init_distributed(verbose=False, timeout=timeout)
+        wait_for_extension_locks(say=lambda line: print(line, flush=True))  # DeepSpeed's JIT build waits silently
+        address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            with announced(f"rank {os.environ['RANK']} waits at {address} for all {os.environ['WORLD_SIZE']} ranks to "
+                           f"join the process group (gives up after --dist_timeout_s {timeout_s} s)",
+                           say=lambda line: print(line, flush=True)):
+                deepspeed.init_distributed(verbose=False, timeout=timeout)
+        except (RuntimeError, dist.DistError) as err:
+            if not is_collective_timeout(err) and not isinstance(err, dist.DistStoreError):
+                raise
+            raise rendezvous_error(err, timeout_s) from None
         _unlink_cpu_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -109,7 +121,9 @@ def main_process_first(world: World, timeout_s: int = 6 * 3600):
     group of their own whose timeout (default 6 h) allows for tokenizing a large corpus."""
     group = dist.new_group(timeout=timedelta(seconds=timeout_s)) if world.world_size > 1 else None
     if not world.is_main:
-        dist.barrier(group=group)
+        with announced(f"rank {world.rank} waits for rank 0 to prepare the data (tokenize and pack, then cache)",
+                       say=lambda line: print(line, flush=True)):
+            dist.barrier(group=group)
     yield
     if world.is_main and world.world_size > 1:
         dist.barrier(group=group)

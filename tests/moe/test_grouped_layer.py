@@ -10,7 +10,7 @@ from helpers import tiny_model
 
 import train
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of
-from moe_models.models.architectures import SWIGLU, SWIGLU_FFN_PROJECTIONS
+from moe_models.models.architectures import SWIGLU_FFN_PROJECTIONS
 from moe_models.moe.experts import StackedExperts
 from moe_models.moe.layer import GroupedMoE, MoEFeedForward
 
@@ -89,12 +89,32 @@ def test_noisy_gates_draw_like_stock(top_k, noise):
     assert_same(stock, grouped, torch.randn(2, 40, DIM))
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_capacity_mode_drops_like_stock(top_k):
-    stock, grouped = layer_pair(top_k, drop_tokens=True, capacity_factor=0.5, min_capacity=1)
+# (top_k, layer settings, whether routes are dropped): 80 tokens, over 8 experts unless said
+CAPACITY_CASES = {
+    "top1": (1, dict(capacity_factor=0.5), True),
+    "top1-rts": (1, dict(capacity_factor=0.5, use_rts=True), True),
+    "top1-rsample-rts": (1, dict(capacity_factor=0.5, use_rts=True, noisy_gate_policy="RSample"), True),
+    # 80 / 6 x 1.05 = 14 exactly: 14 in fp32 (DeepSpeed's tensors), 15 in float64
+    "top1-fp32-capacity": (1, dict(num_experts=6, capacity_factor=1.05), True),
+    "top2": (2, dict(capacity_factor=0.5), True),
+    "top2-sampled-second": (2, dict(capacity_factor=0.5, top2_2nd_expert_sampling=True), True),
+    "top2-fp32-capacity": (2, dict(num_experts=6, capacity_factor=1.05), True),  # 28 in fp32, 29 in float64
+    "top2-no-drop": (2, dict(capacity_factor=4.0), False),
+    "top3": (3, dict(capacity_factor=0.5), True),
+    "top4-min-capacity": (4, dict(capacity_factor=0.25, min_capacity=16), True),  # 10 x 0.25 x 4 = 10 < 16
+    "top4-no-drop": (4, dict(capacity_factor=2.0), False),
+    "top2-jitter": (2, dict(capacity_factor=0.5, noisy_gate_policy="Jitter"), True),
+}
+
+
+@pytest.mark.parametrize("case", CAPACITY_CASES)
+def test_capacity_mode_drops_like_stock(case):
+    top_k, settings, drops = CAPACITY_CASES[case]
+    stock, grouped = layer_pair(top_k, drop_tokens=True, **{"min_capacity": 1, **settings})
     x = torch.randn(2, 40, DIM)
+    torch.manual_seed(0)
     routed = stock.deepspeed_moe.gate(x.reshape(-1, DIM), None, True)[3]
-    assert (routed < 0).any(), "the test wants some dropped routes"
+    assert (routed < 0).any() == drops, "the case wants some dropped routes" if drops else "no dropped route"
     assert_same(stock, grouped, x)
 
 
@@ -116,9 +136,11 @@ def test_eval_mode_and_bf16_run():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drop_tokens", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2, 6])
-def test_no_host_sync_in_dropless_forward_and_backward_on_gpu(top_k):
-    _, grouped = layer_pair(top_k, drop_tokens=False, top2_2nd_expert_sampling=True)
+def test_no_host_sync_in_forward_and_backward_on_gpu(top_k, drop_tokens):
+    _, grouped = layer_pair(top_k, drop_tokens=drop_tokens, top2_2nd_expert_sampling=True, use_rts=True,
+                            capacity_factor=0.5)
     grouped = grouped.cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, DIM, device="cuda", dtype=torch.bfloat16)
     run(grouped, x)  # first call: lazy initialisation may sync

@@ -61,6 +61,7 @@ def main() -> None:
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
     state_tensors = list(tensors_in(inner.state, set()))
     state_tensors += list(tensors_in(getattr(optimizer, "single_partition_of_fp32_groups", []), set()))
+    state_tensors += list(tensors_in(getattr(optimizer, "fp32_groups", []), set()))  # bf16 at stage 0: the master
     held = {"weights": sum(p.numel() * p.element_size() for p in params), "gradients": gradients,
             "optimizer_states": storage_bytes([t for t in state_tensors if t.dim() > 0], exclude=weight_storages)}
     out = Path(cfg.train.output_dir) / f"plan_check_rank{world.rank}.json"

@@ -4,7 +4,9 @@ does, takes a few optimizer steps, and writes what the tests compare to OUTPUT_D
 - the initial weights of every local expert, keyed by (layer, global expert id, parameter name);
 - the reduced gradient of every local expert parameter, router and shared-expert parameter after the first backward;
 - the loss of every step as logged (mean over ranks);
-- the number of parameters this rank holds; then it saves a checkpoint like train.py.
+- the number of parameters this rank holds;
+- the host syncs of the second step's forward and backward (tests/host_syncs.py) and the number of MoE layers;
+then it saves a checkpoint like train.py.
 
 Usage: deepspeed --num_gpus N tests/scripts/probe.py --steps K <train.py flags>
 """
@@ -16,6 +18,9 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from host_syncs import HostSyncs  # noqa: E402
+
 from moe_models.moe.layer import moe_layers_of  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import all_reduce_sum  # noqa: E402
@@ -45,11 +50,14 @@ def main() -> None:
     world, trainer = build(cfg)
     engine, layers = trainer.engine, moe_layers_of(trainer.engine.module)
     record = {"initial": expert_tensors(layers, lambda p: p), "losses": [],
-              "parameters": sum(p.numel() for p in engine.module.parameters())}
+              "parameters": sum(p.numel() for p in engine.module.parameters()), "moe_layers": len(layers)}
     for step in range(steps):
         input_ids = next(trainer.batches)["input_ids"].to(world.device)
-        lm_loss = lm_loss_of(engine, input_ids)
-        engine.backward(lm_loss + trainer.moe.router_loss(lm_loss)[0])
+        with HostSyncs() as syncs:
+            lm_loss = lm_loss_of(engine, input_ids)
+            engine.backward(lm_loss + trainer.moe.router_loss(lm_loss)[0])
+        if step == 1:
+            record["host_syncs"] = [(s.op, s.where, s.ours) for s in syncs.found]
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
             record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]

@@ -62,6 +62,18 @@ def test_ep2_losses_and_gradients_equal_ep1(ep_runs):
     assert_same_run(ep_runs[1][1], ep_runs[2][1])
 
 
+def test_host_syncs_of_a_step_at_ep1_and_ep2(ep_runs):
+    """A training forward + backward reads nothing to the host at ep_size 1; at ep_size 2 the uneven all-to-all
+    needs its split sizes on the host: one read per MoE layer and forward, none in the backward
+    (docs/performance.md#host-syncs)."""
+    for ep_size in (1, 2):
+        for record in ep_runs[ep_size][1]:
+            ours = [(op, where.split(":")[0]) for op, where, is_ours in record["host_syncs"] if is_ours]
+            expected = [("tolist", "moe_models/moe/dispatcher.py")] * record["moe_layers"] if ep_size == 2 else []
+            assert ours == expected, record["host_syncs"]
+            assert all(where.startswith("torch/") for _, where, is_ours in record["host_syncs"] if not is_ours)
+
+
 def test_router_z_loss_at_ep2_equals_ep1(tmp_path):
     assert_same_run(*(probe(tmp_path / f"ep{ep}", ep, "--router_z_loss_coef", "0.01") for ep in (1, 2)))
 

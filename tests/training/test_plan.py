@@ -3,10 +3,12 @@ holds on each of 2 ranks (ZeRO 0, 1 and 2; ep_size 1 and 2) within 5%; its activ
 autograd saves in a forward; the command and its fit advice."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import launch, tiny_model
+from helpers import REPO, launch, launch_env, tiny_model
 
 import train
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of
@@ -132,3 +134,23 @@ def test_a_bf16_run_loads_and_converts_the_dense_model_in_bf16(tmp_path):
     assert {p.dtype for p in moe.parameters()} - {torch.float32} == {torch.bfloat16}
     experts = [p for layer in moe_layers_of(moe) for p in layer.experts.parameters()]
     assert experts and all(p.dtype == torch.bfloat16 for p in experts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_the_bf16_rules_match_what_a_live_bf16_engine_holds(tmp_path, stage):
+    """One rank, a bf16 DeepSpeed JSON. At stage 0 the plan counts fp32 gradients beside the bf16 ones (DeepSpeed's
+    unfused bf16 optimizer makes them inside its step, one group at a time): 3x what the engine holds after the
+    backward, an upper bound left as it is."""
+    config = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    config.update(bf16={"enabled": True}, zero_optimization={"stage": stage})
+    (tmp_path / "bf16.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "tests/scripts/plan_check.py", "--deepspeed", str(tmp_path / "bf16.json"),
+                             *RUN, "--output_dir", str(tmp_path)], cwd=REPO, env=launch_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "plan_check_rank0.json").read_text())
+    for part in ("weights", "gradients", "optimizer_states"):
+        held, predicted = record["held"][part], record["predicted"][part]
+        factor = 3 if (stage, part) == (0, "gradients") else 1
+        assert held > 0 and predicted == pytest.approx(factor * held, rel=0.05), (part, held, predicted)
