@@ -18,7 +18,6 @@ ep_size 1 and 2, 2 ranks; tests/training/test_plan.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
