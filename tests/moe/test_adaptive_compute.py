@@ -169,3 +169,15 @@ def test_adaptive_run_at_ep2_equals_ep1(tmp_path):
     for row1, row2 in zip(ep1, ep2):
         assert row2[0] == pytest.approx(row1[0], rel=1e-5)
         assert row2[1:] == row1[1:]  # the routes (so biases, counts and FLOPs) are the same
+
+
+def test_export_refuses_null_experts_and_top_p_with_the_reason():
+    from helpers import tiny_model
+
+    from moe_models.hf.configs import export_problems
+    from moe_models.run.moe_layout import MoELayout
+    dense = tiny_model().config
+    for flags, reason in ((dict(num_null_experts=2), "zero-output experts"), (dict(top_p=0.5), "top-p")):
+        moe = MoEConfig(num_experts=4, drop_tokens=False, **flags)
+        problems = export_problems(dense, moe, MoELayout.resolve(moe, dense.num_hidden_layers))
+        assert any(reason in p for p in problems), problems
