@@ -41,6 +41,7 @@ def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
     routes = tokens * top_k
     dropped = sum(chosen) - sum(kept)  # by capacity (routes to null experts and past top-p's cut are not chosen)
     forwards = float(sums.forwards)
+    last_step = sums.last_step_E.tolist()  # the interval's last optimizer step, for max_violation_step
     return {
         "tokens_per_expert": kept,
         "routed_per_expert": chosen,
@@ -54,8 +55,7 @@ def routing_metrics(sums, num_experts: int, top_k: int) -> dict:
         "z_loss": float(sums.z_loss) / forwards,
         "router_logit_norm": float(sums.router_logit_norm) / float(sums.tokens),
         "max_violation_micro_batch": float(sums.max_violation) / forwards,
-        **({"max_violation_step": float(max_violation(sums.last_step_E))} if float(sums.last_step_E.sum()) > 0
-           else {}),
+        **({"max_violation_step": imbalance(last_step) - 1} if sum(last_step) > 0 else {}),
         **real_experts_metrics(sums.real_per_token_K1.tolist(), float(sums.null_routes), routes),
     }
 
