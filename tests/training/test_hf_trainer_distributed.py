@@ -43,7 +43,8 @@ def test_ep2_trains_as_ep1(runs):
         assert row2["loss"] == pytest.approx(row1["loss"], rel=1e-5)
         assert row2["aux_loss"] == pytest.approx(row1["aux_loss"], rel=1e-5)
         per_expert = [key for key in row1 if key.startswith("moe/layer_") and key.rsplit("/", 1)[1].isdigit()]
-        assert len(per_expert) == 4 * 3 * 4  # layers x (tokens, routed, score_bias) x experts
+        # layers x ((tokens, routed, score_bias) x experts + the real-experts histogram's top_k + 1 bins)
+        assert len(per_expert) == 4 * (3 * 4 + 3)
         assert {key: row2[key] for key in per_expert} == {key: row1[key] for key in per_expert}
         routes = sum(row1[f"moe/layer_0/routed_per_expert/{e}"] for e in range(4))
         assert routes == 2 * 2 * 2 * 32  # ranks x batch x k x S
