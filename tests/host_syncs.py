@@ -70,13 +70,15 @@ def _caller() -> tuple[str, bool]:
         path = Path(frame.filename).resolve()
         if any(path == thin or path.is_relative_to(thin) for thin in THIN):
             continue
-        if path.is_relative_to(REPO):
+        parts = path.parts
+        if "site-packages" in parts:  # an installed library, also when the venv lives in the repository (.venv)
+            where = Path(*parts[len(parts) - parts[::-1].index("site-packages"):])
+        elif path.is_relative_to(REPO):
             where = path.relative_to(REPO)
         elif path.is_relative_to(TORCH.parent):
             where = path.relative_to(TORCH.parent)
         else:
-            parts = path.parts
-            where = Path(*parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else path
+            where = path
         return f"{where}:{frame.lineno}", where.parts[0] == "moe_models"
     return "?", False
 

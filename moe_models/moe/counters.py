@@ -12,7 +12,7 @@ import torch
 
 from ..metrics.routing import max_violation, router_entropy_sum, router_logit_norm_sum, router_z_loss
 from .adaptive import real_routes_histogram
-from .router import Routes
+from .routes import Routes
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from .router import Routes, recomputing
+from .routes import Routes, recomputing
 
 
 class Sorted(NamedTuple):

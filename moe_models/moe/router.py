@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +36,7 @@ from deepspeed.moe.sharded_moe import (TopKGate, gumbel_rsample, multiplicative_
 
 from .adaptive import top_p_choice, without_null_routes
 from .balance import StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss, switch_balance_loss
-
-
-class Routes(NamedTuple):
-    """Where every token of one forward goes."""
-
-    logits_TE: torch.Tensor        # fp32 router logits (of the jittered input under noisy_gate_policy Jitter)
-    topk_ids_TK: torch.Tensor      # global expert id of each token's k routes; -1 = dropped by capacity
-    weights_TK: torch.Tensor       # fp32 combine weight of each route (0 for dropped routes)
-    chosen_E: torch.Tensor         # routes per expert as chosen, before any drop (DeepSpeed's exp_counts)
-    kept_E: torch.Tensor           # routes per expert the experts process (chosen_E less the drops)
-    balance_loss: torch.Tensor     # the gate's load-balancing loss (a scalar; DeepSpeed's l_aux)
-    chosen_null: Optional[torch.Tensor] = None  # [N] routes per null expert as chosen (--num_null_experts only;
-    #                                             those routes are -1 in topk_ids_TK: they cost nothing)
+from .routes import Routes, _mask, _renormalised, recomputing, routes_per_expert
 
 
 @dataclass(frozen=True)
@@ -362,12 +350,6 @@ def balanced_routes(routes: Routes, k: int) -> Routes:
                   routes.balance_loss)
 
 
-def recomputing() -> bool:
-    """Whether this forward is activation checkpointing's recompute, run by the autograd engine during backward:
-    routes were counted in the first forward and must not be counted again (nor the step's load all-reduced)."""
-    return torch._C._current_graph_task_id() != -1  # -1 outside a backward pass; torch has no public flag for it
-
-
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """Routes one expert may take: capacity_factor x its even share of the routes, at least min_capacity (as
     DeepSpeed's top-k gating sizes it)."""
@@ -388,20 +370,3 @@ def drop_over_capacity(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_
     keep_TE = torch.zeros_like(priority_TE, dtype=torch.bool).scatter_(0, tokens_CE, top_CE > float("-inf"))
     keep_TK = keep_TE.gather(1, ids_TK)
     return torch.where(keep_TK, topk_ids_TK, -1), torch.where(keep_TK, weights_TK, 0.0)
-
-
-def routes_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routes per expert (int64), not counting dropped routes (-1): the one place routes are counted. A scatter,
-    so no host sync (torch.bincount reads the largest index back to the host on CUDA)."""
-    bins_R = torch.where(topk_ids_TK < 0, num_experts, topk_ids_TK).reshape(-1)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=bins_R.device)
-    return counts.scatter_add_(0, bins_R, torch.ones_like(bins_R))[:num_experts]
-
-
-def _mask(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-    """1.0 where a token routes to an expert: a scatter (F.one_hot checks its input on the host on some devices)."""
-    return torch.zeros_like(probs_TE).scatter_(1, ids_TK, 1.0)
-
-
-def _renormalised(weights_TK: torch.Tensor) -> torch.Tensor:
-    return weights_TK / weights_TK.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weights_TK.dtype).eps)
