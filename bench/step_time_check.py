@@ -3,7 +3,8 @@
     python bench/step_time_check.py [--steps 8] [--out FOLDER]
 
 1. Calibrate: one rank's training rate on the dense model of the same shapes (forward + backward, by the MFU
-   formula; it stands for the cluster file's matmul_flops), memory bandwidth (a large add), and gloo's
+   formula; it stands for the cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step
+   reaches (the cluster file's memory_bandwidth: on a CPU far below a large copy's), and gloo's
    all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over 64 KiB .. 16 MiB).
    The result is a cluster file (``OUT/this_machine.json``, one node of 2 "devices") for --plan_cluster.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
@@ -58,27 +59,60 @@ def seconds_of(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def dense_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**MODEL))
+
+
 def training_rate(batch: int, block: int) -> float:
     """FLOP/s of one thread training the dense model of the same shapes (forward + backward of one micro-batch, by
     the MFU formula): the sustained rate of everything a block does (GEMMs, attention, norms), which on a CPU is far
     below the rate of its large GEMMs alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token
-    config = AutoConfig.for_model(**MODEL)
-    model = AutoModelForCausalLM.from_config(config)
+    model = dense_model()
     ids = torch.randint(0, MODEL["vocab_size"], (batch, block))
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
-    per_token = flops_per_token(active_parameters(model, []), *attention_dims(config), block)
+    per_token = flops_per_token(active_parameters(model, []), *attention_dims(model.config), block)
     return batch * block * per_token / seconds_of(step, repeats=3)
 
 
-def memory_bandwidth() -> float:
-    a, b = torch.randn(2**25), torch.randn(2**25)  # 128 MiB each
-    out = torch.empty_like(a)
-    return 3 * a.numel() * 4 / seconds_of(lambda: torch.add(a, b, out=out))
+def optimizer_bandwidth(batch: int, block: int, port: int) -> float:
+    """The memory bandwidth the engine's gradient handling and optimizer step reach on one rank: a real DeepSpeed
+    ZeRO-1 step (the shipped zero1.json, torch's AdamW) of the dense model, less its forward + backward outside the
+    engine, over the bytes the plan counts for it (step_time.py: 32 per parameter for Adam's partition and 16 per
+    local parameter for the engine's copies; one rank holds all of them). Torch's AdamW on a CPU makes many passes
+    per parameter, so this is far below a large copy's bandwidth, and it is what the plan's optimizer part needs."""
+    import deepspeed
+
+    from moe_models.training.step_time import ADAM_BYTES_PER_PARAMETER, ENGINE_BYTES_PER_LOCAL_PARAMETER
+    launcher = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port))
+    os.environ.update(launcher)
+    deepspeed.init_distributed("gloo")
+    config = json.loads((REPO / "moe_models/training/ds_configs/zero1.json").read_text())
+    config.pop("scheduler")
+    config.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
+                  gradient_clipping=1.0, bf16={"enabled": False})
+    config["optimizer"]["params"].update(lr=1e-4, weight_decay=0.1)
+    model, plain = dense_model(), dense_model()  # plain: outside the engine (no hooks of ZeRO's)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    ids = torch.randint(0, MODEL["vocab_size"], (batch, block))
+
+    def forward_backward():
+        plain(input_ids=ids, labels=ids).loss.backward()
+        plain.zero_grad(set_to_none=True)
+
+    def engine_step():
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    extra = seconds_of(engine_step) - seconds_of(forward_backward)
+    torch.distributed.destroy_process_group()
+    for name in launcher:  # the runs measured next start their own ranks
+        del os.environ[name]
+    parameters = sum(p.numel() for p in model.parameters())
+    return parameters * (ADAM_BYTES_PER_PARAMETER + ENGINE_BYTES_PER_LOCAL_PARAMETER) / max(extra, 1e-6)
 
 
 def _collectives(rank: int, port: int, queue) -> None:
@@ -113,12 +147,15 @@ def calibrate(out: Path) -> Path:
 
     import torch.multiprocessing as mp
     torch.set_num_threads(1)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
     rate = training_rate(4, 128)
-    bandwidth = memory_bandwidth()
+    bandwidth = optimizer_bandwidth(4, 128, ports[1])
     queue = mp.get_context("spawn").SimpleQueue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = ports[0]
     mp.start_processes(_collectives, args=(port, queue), nprocs=2, start_method="spawn")
     fits = queue.get()
     # An all-reduce moves 2 (n - 1) / n of its bytes per rank over the link (a ring): at n = 2, all of them; an
@@ -133,7 +170,8 @@ def calibrate(out: Path) -> Path:
                    f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
     path = out / "this_machine.json"
     path.write_text(json.dumps(cluster, indent=1))
-    print(f"calibrated: dense training {rate / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; {cluster['source']}")
+    print(f"calibrated: dense training {rate / 1e9:.1f} GFLOP/s, optimizer step {bandwidth / 1e9:.2f} GB/s; "
+          f"{cluster['source']}")
     return path
 
 

@@ -10,13 +10,13 @@ Shape letters: moe/__init__.py.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from ..run.distributed import ranks_on_this_node
 from .routes import Routes, recomputing
 
 
@@ -118,7 +118,7 @@ class AllToAllDispatcher(LocalDispatcher):
         gradients of both the other way, counted here too, except in activation checkpointing's recompute (a
         forward again, whose backward is the one already counted)."""
         if self._same_node is None:
-            node_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            node_size = ranks_on_this_node(default=dist.get_world_size())
             me = dist.get_rank() // node_size
             self._same_node = [rank // node_size == me for rank in dist.get_process_group_ranks(self.ep_group)]
         mine = dist.get_rank(group=self.ep_group)

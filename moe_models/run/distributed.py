@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Mapping
 
 import deepspeed
 import torch
@@ -15,6 +16,15 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
+
+# The ranks of this node, as the launchers announce them: torchrun and accelerate, DeepSpeed's launcher (which sets
+# LOCAL_SIZE only).
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
+def ranks_on_this_node(env: Mapping[str, str] = os.environ, default: int = 1) -> int:
+    """How many ranks the launcher started on this process's node; ``default`` where no launcher said."""
+    return next((int(env[name]) for name in LOCAL_SIZE_VARIABLES if env.get(name)), default)
 
 
 @dataclass(frozen=True)

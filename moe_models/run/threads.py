@@ -9,19 +9,15 @@ from typing import Mapping, Optional
 
 import torch
 
+from .distributed import ranks_on_this_node
+
 # Set by the user (or a launcher's core binding, `deepspeed --bind_cores_to_rank`): their choice stands.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# The ranks of this node, as the launchers announce them: torchrun and accelerate, DeepSpeed's launcher.
-LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
 
 
 def cores_available() -> int:
     """The cores this process may run on (its affinity: a container's or numactl's share, not the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def local_ranks(env: Mapping[str, str]) -> int:
-    return next((int(env[name]) for name in LOCAL_SIZE_VARIABLES if env.get(name)), 1)
 
 
 def choose_cpu_threads(env: Mapping[str, str] = os.environ, cores: Optional[int] = None) -> Optional[str]:
@@ -35,7 +31,7 @@ def choose_cpu_threads(env: Mapping[str, str] = os.environ, cores: Optional[int]
         return (f"CPU threads: {torch.get_num_threads()} per rank ({user_set}={env[user_set]} is set; unset it to "
                 "share the cores among the ranks)")
     cores = cores_available() if cores is None else cores
-    ranks = local_ranks(env)
+    ranks = ranks_on_this_node(env)
     threads = max(1, cores // ranks)
     torch.set_num_threads(threads)
     return (f"CPU threads: {threads} per rank ({cores} cores available / {ranks} rank{'s' if ranks > 1 else ''} on "

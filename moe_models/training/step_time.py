@@ -15,7 +15,11 @@ Per optimizer step and rank (T = micro-batch x block x accumulation tokens, W ra
   a reduce-scatter and, after the step, the all-gather of the updated parameters: the same bytes), over the
   cross-node links as soon as the group spans nodes;
 - optimizer: Adam reads and writes ~32 bytes per parameter of its partition (fp32 weight or master, two moments,
-  the gradient, the bf16 copy): the partition's bytes / the memory bandwidth.
+  the gradient, the bf16 copy), and the engine passes over every local gradient and weight once more (~16 bytes per
+  local parameter: DeepSpeed copies the gradients into its flat reduction buckets and the updated partitions back
+  into the module's weights): these bytes / the memory bandwidth. On a GPU both are small; on a CPU, where torch's
+  unfused AdamW makes many passes, the cluster file's memory_bandwidth should be the rate this step reaches
+  (bench/step_time_check.py measures it from a real DeepSpeed step), not a large copy's.
 
 Overlap: none, except that with ``"overlap_comm": true`` (ZeRO 1/2) the gradient reduction (half the gradient bytes)
 hides behind the backward (the compute after the first forward) as far as it fits. Blind to: routing imbalance (the busiest
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from .clusters import Cluster
 
 ADAM_BYTES_PER_PARAMETER = 32
+ENGINE_BYTES_PER_LOCAL_PARAMETER = 16
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ def predict(shape, setup, ds_config: dict, cluster: Cluster, all_to_all_bytes: f
     local = shape.dense_parameters + shape.expert_parameters / P
     partition = local if setup.zero_stage == 0 else \
         shape.dense_parameters / W + shape.expert_parameters / P / (W // P)
-    optimizer = partition * ADAM_BYTES_PER_PARAMETER / cluster.memory_bandwidth
+    optimizer = (partition * ADAM_BYTES_PER_PARAMETER + local * ENGINE_BYTES_PER_LOCAL_PARAMETER) / \
+        cluster.memory_bandwidth
     return StepTime(compute=compute, all_to_all=all_to_all, gradients=gradients, optimizer=optimizer,
                     tokens_per_step=tokens * W, flops_per_token=shape.flops_per_token, world_size=W,
                     peak_flops=cluster.peak_flops)

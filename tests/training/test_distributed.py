@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, start, succeed
+from helpers import (
+    LAUNCHER,
+    REPO,
+    finish,
+    free_port,
+    launch,
+    launch_env,
+    start,
+    succeed,
+)
+
+import train
 
 pytestmark = pytest.mark.distributed
 
@@ -163,17 +174,36 @@ def test_world_mismatch_ends_in_one_clear_error(tmp_path):
 
 
 def test_two_nodes_without_ssh(tmp_path):
-    """Two launchers on this machine acting as two nodes (1 rank each); the experts are split across them."""
+    """Two launchers on this machine acting as two nodes of 2 ranks each; ep_size 4 splits the experts across them.
+    With routes spread evenly (--benchmark_balanced_routing), the bytes each rank's dispatcher counts inside its node
+    and across nodes equal the plan's for 2 nodes of 2 devices: 1 peer in the node, 2 on the other."""
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
     port, out = str(free_port()), tmp_path / "run"
-    nodes = [start(["launch/multi_node_no_ssh.sh", str(hostfile), str(rank), "127.0.0.1", "--ep_size", "2", *QUICK,
-                    "--output_dir", str(out)], MASTER_PORT=port) for rank in (0, 1)]
+    flags = ["--ep_size", "4", *QUICK, "--benchmark_balanced_routing", "--logging_steps", "1"]
+    nodes = [start(["launch/multi_node_no_ssh.sh", str(hostfile), str(rank), "127.0.0.1", *flags, "--output_dir",
+                    str(out)], MASTER_PORT=port) for rank in (0, 1)]
     outputs = [succeed(node) for node in nodes]
     assert "Done: 3 steps" in outputs[0]
-    assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
+    assert "nnodes=2, num_local_procs=2, node_rank=1" in outputs[1]
     assert expert_files(out, 3) == ALL_EXPERT_FILES
-    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 4
+
+    cluster = tmp_path / "two_per_node.json"
+    cluster.write_text(json.dumps(dict(devices_per_node=2, memory_gib=16, peak_flops=1e12, matmul_flops=1e12,
+                                       memory_bandwidth=1e10, intra_node_bandwidth=1e9, intra_node_latency=1e-5,
+                                       inter_node_bandwidth=1e8, inter_node_latency=1e-4,
+                                       bf16=False)))  # "auto" gives fp32 there, as in the run
+    plan_dir = tmp_path / "plan"
+    train.main([*flags, "--plan", "--plan_cluster", str(cluster), "--plan_nodes", "2", "--output_dir", str(plan_dir)])
+    planned = json.loads((plan_dir / "plan.json").read_text())
+    assert planned["all_to_all_bytes_across_nodes"] == 2 * planned["all_to_all_bytes_in_node"] > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(rows) == 3
+    for row in rows:
+        for where in ("in_node", "across_nodes"):
+            counted = sum(row[f"moe/layer_{i}/all_to_all_bytes_{where}"] for i in range(4))
+            assert counted == pytest.approx(planned[f"all_to_all_bytes_{where}"])
 
 
 def test_hostfile_launcher_on_one_host(tmp_path):
