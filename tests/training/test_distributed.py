@@ -13,16 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    LAUNCHER,
-    REPO,
-    finish,
-    free_port,
-    launch,
-    launch_env,
-    start,
-    succeed,
-)
+from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, start, succeed
 
 import train
 
