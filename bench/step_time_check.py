@@ -4,7 +4,8 @@
 
 1. Calibrate: one rank's training rate on the dense model of the same shapes (forward + backward, by the MFU
    formula; it stands for the cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step
-   reaches (the cluster file's memory_bandwidth: on a CPU far below a large copy's), and gloo's
+   reaches over 16 M parameters in large tensors, as stacked experts hold theirs (the cluster file's
+   memory_bandwidth: on a CPU far below a large copy's), and gloo's
    all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over 64 KiB .. 16 MiB).
    The result is a cluster file (``OUT/this_machine.json``, one node of 2 "devices") for --plan_cluster.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
@@ -78,12 +79,25 @@ def training_rate(batch: int, block: int) -> float:
     return batch * block * per_token / seconds_of(step, repeats=3)
 
 
-def optimizer_bandwidth(batch: int, block: int, port: int) -> float:
-    """The memory bandwidth the engine's gradient handling and optimizer step reach on one rank: a real DeepSpeed
-    ZeRO-1 step (the shipped zero1.json, torch's AdamW) of the dense model, less its forward + backward outside the
-    engine, over the bytes the plan counts for it (step_time.py: 32 per parameter for Adam's partition and 16 per
-    local parameter for the engine's copies; one rank holds all of them). Torch's AdamW on a CPU makes many passes
-    per parameter, so this is far below a large copy's bandwidth, and it is what the plan's optimizer part needs."""
+class Parameters(torch.nn.Module):
+    """``count`` parameters in a few large tensors, as stacked experts hold theirs, and a forward that costs nothing:
+    what is left of a training step is the engine's gradient handling and the optimizer step."""
+
+    def __init__(self, count: int, tensors: int = 8):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(count // tensors)) for _ in range(tensors))
+
+    def forward(self, x):
+        return sum((w * x).sum() for w in self.weights)
+
+
+def optimizer_bandwidth(port: int, count: int = 2**24) -> float:
+    """The memory bandwidth the engine's gradient handling and optimizer step reach on one rank: real DeepSpeed
+    ZeRO-1 steps (the shipped zero1.json, torch's AdamW) over ``count`` parameters, less the same forward + backward
+    outside the engine, over the bytes the plan counts for them (step_time.py: 32 per parameter for Adam's
+    partition and 16 per local parameter for the engine's copies; one rank holds all of them). Torch's AdamW on a
+    CPU makes many passes per parameter, so this is far below a large copy's bandwidth, and it is what the plan's
+    optimizer part needs."""
     import deepspeed
 
     from moe_models.training.step_time import ADAM_BYTES_PER_PARAMETER, ENGINE_BYTES_PER_LOCAL_PARAMETER
@@ -93,26 +107,25 @@ def optimizer_bandwidth(batch: int, block: int, port: int) -> float:
     deepspeed.init_distributed("gloo")
     config = json.loads((REPO / "moe_models/training/ds_configs/zero1.json").read_text())
     config.pop("scheduler")
-    config.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
+    config.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
                   gradient_clipping=1.0, bf16={"enabled": False})
     config["optimizer"]["params"].update(lr=1e-4, weight_decay=0.1)
-    model, plain = dense_model(), dense_model()  # plain: outside the engine (no hooks of ZeRO's)
+    model, plain = Parameters(count), Parameters(count)  # plain: outside the engine (no hooks of ZeRO's)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    ids = torch.randint(0, MODEL["vocab_size"], (batch, block))
+    x = torch.ones(())
 
     def forward_backward():
-        plain(input_ids=ids, labels=ids).loss.backward()
+        plain(x).backward()
         plain.zero_grad(set_to_none=True)
 
     def engine_step():
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.backward(engine(x))
         engine.step()
     extra = seconds_of(engine_step) - seconds_of(forward_backward)
     torch.distributed.destroy_process_group()
     for name in launcher:  # the runs measured next start their own ranks
         del os.environ[name]
-    parameters = sum(p.numel() for p in model.parameters())
-    return parameters * (ADAM_BYTES_PER_PARAMETER + ENGINE_BYTES_PER_LOCAL_PARAMETER) / max(extra, 1e-6)
+    return count * (ADAM_BYTES_PER_PARAMETER + ENGINE_BYTES_PER_LOCAL_PARAMETER) / max(extra, 1e-6)
 
 
 def _collectives(rank: int, port: int, queue) -> None:
@@ -153,7 +166,7 @@ def calibrate(out: Path) -> Path:
             probe.bind(("127.0.0.1", 0))
             ports.append(probe.getsockname()[1])
     rate = training_rate(4, 128)
-    bandwidth = optimizer_bandwidth(4, 128, ports[1])
+    bandwidth = optimizer_bandwidth(ports[1])
     queue = mp.get_context("spawn").SimpleQueue()
     port = ports[0]
     mp.start_processes(_collectives, args=(port, queue), nprocs=2, start_method="spawn")
