@@ -24,7 +24,7 @@ from .data.stream import StreamError
 from .hf.configs import export_outlook
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
-from .models.source import load_dense_model
+from .models.source import load_dense_model, model_source_text
 from .models.tokenization import load_tokenizer
 from .moe.layer import moe_layers_of
 from .moe.saved_settings import settings_of
@@ -134,13 +134,15 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
     if imported_from:  # continue an HF MoE model: its own experts, not upcycled
         with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "
-                           "and router, not upcycled; each rank reads its experts)"):
+                           "and router, not upcycled; each rank reads its experts)",
+                           waits=f"importing the HF MoE model {imported_from}"):
             model, moe, layout, dense_params = import_hf_moe(imported_from, cfg.moe, len(tokenizer), cfg.train.seed,
                                                              given=cfg.given)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
-        with startup.phase("model built and converted"):
-            model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=training_dtype(ds_config))
+        dtype = training_dtype(ds_config)
+        with startup.phase("model built and converted", waits=f"{model_source_text(cfg.model, dtype)}; then the surgery"):
+            model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=dtype)
             dense_params = sum(p.numel() for p in model.parameters())
             if upcycle_tag:
                 load_dense_weights(model, upcycle_tag)

@@ -82,6 +82,9 @@ FLAG_CASES = {
     "granularity_not_dividing_the_ffn": (["--expert_init", "granular", "--granularity", "3", "--num_experts", "3"],
                                          "granularity (3) must divide the FFN's 256 hidden units (block 0) for "
                                          "--expert_init granular: pick a divisor of 256, such as 2, 4, 8, 16, 32, 64"),
+    "compile_grouped_in_fp32": (["--compile"], "--compile with --moe_impl grouped needs bf16 (this run trains in "
+                                "float32): torch's compiler kernel of the grouped GEMM (torch._grouped_mm) takes bf16 "
+                                "inputs only"),
     "unknown_report_target": (["--report_to", "mlflow"],
                               "report_to 'mlflow' names mlflow: use none, wandb, tensorboard, or both as "
                               "wandb,tensorboard"),

@@ -46,6 +46,16 @@ def resolve_model_config(model: ModelConfig) -> PretrainedConfig:
     return AutoConfig.from_pretrained(source)
 
 
+def model_source_text(model: ModelConfig, dtype: torch.dtype) -> str:
+    """What ``load_dense_model`` loads or builds, and from where, for the line that says start-up waits for it."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if model.model_name_or_path:
+        path = model.model_name_or_path
+        where = "a local folder" if Path(path).is_dir() else "a hub id: the hub or its local cache"
+        return f"loading the dense model {path} ({where}) in {dtype_name}, every rank reading its weights"
+    return f"building the model {model.model_config or DEFAULT_PRESET} from its config in {dtype_name}"
+
+
 def load_dense_model(model: ModelConfig, vocab_needed: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load (upcycling) or build (from scratch) the dense causal LM in ``dtype`` (the training dtype), ready for
     surgery. transformers memory-maps a folder's safetensors and casts each tensor as it is loaded, so the host

@@ -266,6 +266,12 @@ class TrainConfig:
         False, "Activation checkpointing (transformers' own, per decoder block, non-reentrant): keep only each block's "
         "input and recompute its activations in the backward pass; less memory for about one more forward of time. "
         "Routes are counted once, not again when recomputed (docs/performance.md).")
+    compile: bool = _flag(
+        False, "torch.compile each decoder block for training, as torchtitan does (the block's own compile(), so "
+        "state-dict keys, checkpoints and export are unchanged). The first steps take the compile (tens of seconds "
+        "per block shape); losses match eager to bf16's precision. The grouped experts need bf16 (torch's compiler "
+        "kernel of grouped GEMMs takes bf16 only); refused with the reason where it cannot work "
+        "(docs/performance.md#torchcompile).")
     plan: bool = _flag(
         False, "Print the preflight plan and exit: parameters, bytes per rank of weights, gradients, optimizer "
         "states and activations under these settings, all-to-all bytes and FLOPs; writes plan.json to output_dir. "

@@ -4,10 +4,12 @@ the engine, ...) with the seconds it took, so that the time before training is n
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import psutil
+
+from .startup_waits import announced
 
 
 def seconds_since_process_start() -> float:
@@ -16,7 +18,10 @@ def seconds_since_process_start() -> float:
 
 class StartupLines:
     """``with startup.phase("model"): ...`` prints `start-up: model 3.2 s` on rank 0 when the phase ends; a phase
-    that may take minutes says so when it begins (``begins``)."""
+    that may take minutes says so when it begins (``begins``), or, when it takes longer than ``notice_s``, what it
+    is waiting for (``waits``; then every minute)."""
+
+    notice_s = 10.0
 
     def __init__(self, is_main: bool):
         self.is_main = is_main
@@ -30,9 +35,10 @@ class StartupLines:
         self.say(f"imports {seconds_since_process_start():.1f} s")
 
     @contextmanager
-    def phase(self, name: str, begins: str | None = None) -> Iterator[None]:
+    def phase(self, name: str, begins: str | None = None, waits: str | None = None) -> Iterator[None]:
         if begins:
             self.say(f"{begins} ...")
         started = time.perf_counter()
-        yield
+        with announced(waits, notice_s=self.notice_s, say=self.say) if waits and self.is_main else nullcontext():
+            yield
         self.say(f"{name} {time.perf_counter() - started:.1f} s")

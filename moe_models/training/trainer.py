@@ -24,6 +24,7 @@ from ..run.distributed import World, all_reduce_sum, sum_over_ranks
 from ..run.folder import RunFolder
 from . import checkpoint
 from .checkpoint import TrainState
+from .compile import compile_blocks
 from .nonfinite import NonFiniteError, NonFiniteGuard, first_nonfinite_layer, guard_engine, nonfinite_message
 from .preemption import StopRequest
 
@@ -70,8 +71,9 @@ def unknown_parameter_problem(err: TypeError, ds_config: dict, config_file: str 
 
 
 def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token loss of one forward (transformers shifts the labels)."""
-    return engine(input_ids=input_ids, labels=input_ids).loss
+    """Next-token loss of one forward (transformers shifts the labels); no KV cache, which only generation reads
+    (a compiled block would also recompile for each layer's cache state)."""
+    return engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
 class Trainer:
@@ -88,6 +90,8 @@ class Trainer:
         self.moe = MoEStep(engine.module)
         if cfg.train.gradient_checkpointing:  # transformers' own, per decoder block
             engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.compile:  # torch.compile per decoder block; the first steps take the compile
+            compile_blocks(engine.module)
         self.state = TrainState()
         self.eval_at_start = False  # an upcycled start is evaluated before its first update
         self.lr = 0.0
@@ -243,7 +247,7 @@ class Trainer:
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)
             targets = input_ids[:, 1:].numel()
-            output = self.engine(input_ids=input_ids, labels=input_ids)
+            output = self.engine(input_ids=input_ids, labels=input_ids, use_cache=False)
             sums += torch.stack([output.loss.double() * targets, sums.new_tensor(targets)])
             if "domain_ids" in batch and self.domains:
                 by_domain += domain_loss_sums(output.logits, input_ids, batch["domain_ids"], len(self.domains))

@@ -18,7 +18,8 @@ from ..run.config import ConfigError, RunConfig, TrainConfig, empty_strings, too
 from ..run.folder import RunFolder
 from ..run.writes import writable_problem
 from .clusters import plan_problems
-from .ds_config import build_deepspeed_config, deepspeed_config_problems
+from .compile import compile_problems
+from .ds_config import build_deepspeed_config, deepspeed_config_problems, training_dtype
 from .resumable import check_not_finished, check_resumable, check_upcycle_source
 
 
@@ -38,6 +39,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     check_resumable(cfg, world_size)
     check_upcycle_source(cfg)
     ds_config = build_deepspeed_config(cfg, world_size)
+    problems = compile_problems(cfg, training_dtype(ds_config))  # the dtype is the DeepSpeed config's
+    if problems:
+        raise ConfigError(problems)
     check_not_finished(cfg)
     return ds_config
 

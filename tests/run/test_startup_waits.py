@@ -62,3 +62,24 @@ def test_one_rank_of_two_says_where_it_waits_then_ends_with_the_fix(tmp_path):
             in result.stderr)
     assert "1/2 clients joined" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # a start that did not happen writes nothing
+
+
+def test_a_slow_model_load_says_what_it_loads(tmp_path, monkeypatch, capsys, world):
+    import train
+    from moe_models import train as command
+    from moe_models.run.startup import StartupLines
+
+    real = command.load_dense_model
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)  # a large model from a network disk
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "load_dense_model", slow)
+    monkeypatch.setattr(StartupLines, "notice_s", 0.2)
+    train.build(train.parse_args(["--num_experts", "4", "--synthetic_examples", "200", "--block_size", "32",
+                                  "--disable_tqdm", "--output_dir", str(tmp_path / "run")]))
+    out = capsys.readouterr().out
+    assert ("start-up: still waiting after 0 s: building the model tiny-llama from its config in float32; then the "
+            "surgery") in out
+    assert out.index("still waiting") < out.index("start-up: model built and converted")

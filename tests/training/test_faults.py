@@ -12,6 +12,7 @@ import torch
 import train
 from moe_models import moe_layers_of
 from moe_models.training import trainer as trainer_module
+from moe_models.training.ds_config import SHIPPED_DIR
 
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
          "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
@@ -39,10 +40,23 @@ def poison_losses(monkeypatch, steps: set[int] | None) -> None:
     monkeypatch.setattr(trainer_module, "lm_loss_of", poisoned)
 
 
+def deepspeed_json(zero: str, dtype: str, folder: Path) -> str:
+    """The shipped config ``zero``, in fp32 as on CPU (its "auto"), or a copy of it with bf16 on."""
+    if dtype == "fp32":
+        return zero
+    config = json.loads((SHIPPED_DIR / f"{zero}.json").read_text())
+    config["bf16"] = {"enabled": True}
+    path = folder / f"{zero}_bf16.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero", ["zero0", "zero1"])  # stage 0: the guard checks; stage 1: DeepSpeed's check
-def test_a_nan_step_is_skipped_and_counted(zero, world, tmp_path, monkeypatch, capsys):
+def test_a_nan_step_is_skipped_and_counted(zero, dtype, world, tmp_path, monkeypatch, capsys):
     poison_losses(monkeypatch, {3})
     out = tmp_path / zero
+    zero = deepspeed_json(zero, dtype, tmp_path)
     train.main([*FLAGS, "--deepspeed", zero, "--max_steps", "4", "--save_steps", "1", "--output_dir", str(out)])
     assert [r["nonfinite_steps"] for r in rows(out) if "loss" in r] == [0, 0, 1, 1]
     assert "step 3: the loss or gradient norm is not finite; the update was skipped on every rank" in capsys.readouterr().out
