@@ -130,6 +130,24 @@ def test_bad_adaptive_settings_are_refused_with_the_way_out(flags, wanted, fixed
     assert moe_problems(MoEConfig(**{**flags, **fixed})) == []
 
 
+def test_real_experts_per_domain_by_hand(world):
+    """Per domain: real routes (ids >= 0) over the domain's tokens; tokens without a domain (-1) are not counted."""
+    from types import SimpleNamespace
+
+    from moe_models.moe.domain_routing import DomainRouteCounts
+    ids_TK = torch.tensor([[0, -1], [1, 2], [-1, -1], [3, 0], [2, -1], [1, 3]])  # -1: null route, top-p cut, drop
+    expert = {"w": torch.zeros(3, 5)}  # 15 parameters per expert
+    layer = SimpleNamespace(num_experts=4, last_topk_ids_TK=ids_TK, local_expert_weights=lambda: [expert] * 4)
+    counts = DomainRouteCounts([layer], num_domains=3, device=torch.device("cpu"), domains=["code", "prose", "math"])
+    for _ in range(2):  # two eval batches: the means stay
+        counts.add(torch.tensor([[0, 0, 1, 1, -1, 2]]))
+    row = counts.metrics()
+    # code: tokens 0, 1 run 1 + 2 real experts; prose: tokens 2, 3 run 0 + 2; math: token 5 runs 2
+    for domain, real_k in (("code", 3 / 2), ("prose", 2 / 2), ("math", 2 / 1)):
+        assert row[f"moe/layer_0/real_experts_per_token/{domain}"] == pytest.approx(real_k)
+        assert row[f"moe/layer_0/real_expert_flops_per_token/{domain}"] == pytest.approx(6 * 15 * real_k)
+
+
 RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
        "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
        "--logging_steps", "1", "--gradient_accumulation_steps", "2", "--num_null_experts", "2", "--top_k", "3",
@@ -158,6 +176,22 @@ def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path):
         assert 0 <= null_share < 1 and flops > 0 and spent > 0
         assert bias[4:] == [0.0, 0.0]  # no compute target: the null biases stay
     assert logged(resumed, *KEYS) == rows[2:]
+    domains = json.loads((full / "run_config.json").read_text())["resolved"]["domains"]
+    config = json.loads((full / "base_model" / "config.json").read_text())
+    expert_flops = 6 * 3 * config["hidden_size"] * config["intermediate_size"]  # SwiGLU: 3 D x F matrices
+    final_eval = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r][-1]
+    seen = [d for d in domains if sum(final_eval["moe/layer_0/domain_expert_counts"][domains.index(d)])]
+    assert len(seen) >= 3
+    eval_tokens = 0
+    for domain in seen:  # each layer's real routes of the domain's tokens over their number: that number, in each
+        row = domains.index(domain)
+        real_k_L = [final_eval[f"moe/layer_{i}/real_experts_per_token/{domain}"] for i in range(4)]
+        tokens_L = [sum(final_eval[f"moe/layer_{i}/domain_expert_counts"][row]) / real_k_L[i] for i in range(4)]
+        assert tokens_L == pytest.approx([round(tokens_L[0])] * 4) and all(0 < k <= 3 for k in real_k_L)
+        assert [final_eval[f"moe/layer_{i}/real_expert_flops_per_token/{domain}"] for i in range(4)] == pytest.approx(
+            [expert_flops * k for k in real_k_L])
+        eval_tokens += round(tokens_L[0])
+    assert eval_tokens == 32 * json.loads((full / "run_config.json").read_text())["train"]["per_device_eval_batch_size"]
 
 
 @pytest.mark.distributed
