@@ -42,7 +42,9 @@ class DomainRouteCounts:
             return
         domain_ids_T = domain_ids_BS.reshape(-1).to(self.counts[0].device)  # one copy for all layers
         counted_T = (domain_ids_T >= 0) & (domain_ids_T < self.num_domains)
-        self.tokens_N += torch.bincount(domain_ids_T[counted_T], minlength=self.num_domains)
+        bins_T = torch.where(counted_T, domain_ids_T.long(), self.num_domains)  # last bin: not counted; a scatter,
+        self.tokens_N += torch.zeros(self.num_domains + 1, dtype=torch.int64, device=bins_T.device).scatter_add_(
+            0, bins_T, torch.ones_like(bins_T))[:self.num_domains]  # no host sync (bincount's would read the max)
         for counts_NE, layer in zip(self.counts, self.layers):
             topk_ids_TK = layer.last_topk_ids_TK
             if topk_ids_TK is None:
