@@ -59,7 +59,8 @@ class DomainRouteCounts:
         if not self.enabled:
             return {}
         summed = all_reduce_sum(torch.cat([self.tokens_N, *(counts_NE.flatten() for counts_NE in self.counts)]))
-        tokens_N, summed = summed[:self.num_domains].tolist(), summed[self.num_domains:].tolist()
+        summed = summed.tolist()  # one host read
+        tokens_N, summed = summed[:self.num_domains], summed[self.num_domains:]
         row, offset = {}, 0
         for i, (counts_NE, layer) in enumerate(zip(self.counts, self.layers)):
             N, E = counts_NE.shape
