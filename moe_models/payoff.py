@@ -1,8 +1,9 @@
 """The `moe-payoff` command (``python -m moe_models.payoff``): the train.py flags of the MoE to test, plus --upcycle_at,
---sweep_lrs, --seeds and the inference measurement's; trains the runs, then reports (the library: comparison/).
+--sweep_lrs, --seeds, --moe_variant and the inference measurement's; trains the runs, then reports (the library: comparison/).
 
     python -m moe_models.payoff --output_dir outputs/payoff --max_steps 600 --eval_steps 50 ...
     python -m moe_models.payoff --sweep_lrs 1e-3,2e-3 --seeds 3 ...     # each model at its best LR, 3 seeds
+    python -m moe_models.payoff --moe_variant top_p=0.5,top_k=4 ...     # (b) with top-p, at equal realised FLOPs
     deepspeed --num_gpus 2 --module moe_models.payoff --ep_size 2 ...     # every run on the launcher's ranks
 
 Rerunning the same command after an interruption keeps the finished runs and resumes the others.
@@ -49,6 +50,11 @@ def payoff_parser() -> argparse.ArgumentParser:
                         "0: no inference measurement (default 8).")
     parser.add_argument("--inference_new_tokens", type=int, default=32,
                         help="Tokens each generate call of the inference measurement adds (default 32).")
+    parser.add_argument("--moe_variant", action="append", metavar="NAME=VALUE,...",
+                        help="Add a run: the MoE from scratch (b) with these train.py settings, such as "
+                        "top_p=0.5,top_k=4 or num_null_experts=4,router_bias_update_rate=1e-3,"
+                        "null_expert_target_real_k=1.5; the report compares it with (b) at equal realised training "
+                        "FLOPs. Repeat for more runs.")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
 
@@ -66,8 +72,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_args(command)  # unknown flags: usage and exit
     is_main = launched_rank() == 0
     try:
-        grid = plan_grid(cfg, command, args.upcycle_at, args.sweep_lrs, args.seeds, launched_world_size())
-        check_same_command(cfg, args.upcycle_at, {"sweep_lrs": args.sweep_lrs, "seeds": args.seeds})
+        grid = plan_grid(cfg, command, args.upcycle_at, args.sweep_lrs, args.seeds, launched_world_size(),
+                         args.moe_variant)
+        check_same_command(cfg, args.upcycle_at, {"sweep_lrs": args.sweep_lrs, "seeds": args.seeds,
+                                                  "moe_variants": args.moe_variant})
         write_dense_config(cfg, grid.output_dir / DENSE_CONFIG)
         if is_main:
             print(f"payoff: {grid.cost()}", flush=True)
@@ -135,7 +143,8 @@ def measure_inference(grid: PayoffGrid, summary: dict, batch: int, new_tokens: i
 
 def _grid_flags(args: argparse.Namespace) -> list[str]:
     return ([f"--sweep_lrs={','.join(map(repr, args.sweep_lrs))}"] if args.sweep_lrs else []) + \
-        ([f"--seeds={args.seeds}"] if args.seeds != 1 else [])
+        ([f"--seeds={args.seeds}"] if args.seeds != 1 else []) + \
+        [f"--moe_variant={spec}" for spec in args.moe_variant or []]
 
 
 def command() -> None:

@@ -1,4 +1,6 @@
 """The payoff's numbers from eval curves: when an MoE reaches the dense run's final loss, and losses at equal FLOPs.
+FLOPs are the ones each run actually spent (its metrics' ``flops_per_token_spent`` per logging interval: routes to
+null experts, past top-p's cut or dropped by capacity cost nothing), not top_k x the expert FLOPs.
 
 A curve is a run's eval points, (x, eval loss) sorted by x, where x is the step or the training FLOPs. Between two
 evals the loss is taken as linear in x: the only honest reading of a curve sampled every eval_steps, and the report
@@ -7,6 +9,7 @@ says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 Curve = list[tuple[float, float]]
@@ -41,15 +44,30 @@ def loss_at(curve: Curve, x: float) -> float | None:
     return curve[0][1] if len(curve) == 1 and curve[0][0] == x else None
 
 
-def training_flops(step: float, flops_per_token: float, tokens_per_step: float, switch: tuple[float, float] | None = None
-                   ) -> float:
-    """FLOPs spent on training to ``step``. ``switch`` = (N, flops_per_token before N) for a run that was another
-    model (the dense one) up to step N."""
-    if switch is None or step <= switch[0]:
-        before = switch[1] if switch else flops_per_token
-        return step * tokens_per_step * before
-    n, before = switch
-    return tokens_per_step * (n * before + (step - n) * flops_per_token)
+# FLOPs per token along a run: consecutive pieces (last step of the piece, FLOPs per token in it) from step 0; the last
+# piece also covers any step after it. A run of one model at its planned cost is [(inf, F)].
+FlopsSchedule = list[tuple[float, float]]
+
+
+def training_flops(step: float, schedule: FlopsSchedule, tokens_per_step: float) -> float:
+    """FLOPs spent on training to ``step``: tokens_per_step x the sum over the schedule's pieces of (steps of the
+    piece up to ``step``) x its FLOPs per token."""
+    spent, start = 0.0, 0.0
+    for i, (end, flops_per_token) in enumerate(schedule):
+        upto = step if i == len(schedule) - 1 else min(step, end)
+        spent += max(upto - start, 0.0) * flops_per_token
+        if step <= end:
+            break
+        start = end
+    return spent * tokens_per_step
+
+
+def realised_schedule(train_rows: list[dict], planned: float, start: float = 0.0) -> FlopsSchedule:
+    """The FLOPs per token each logging interval actually spent: a piece per training row (from the previous row's
+    step, or ``start``, to its own) at its ``flops_per_token_spent`` (the experts the tokens ran, metrics.jsonl),
+    ``planned`` for a row without it (a dense run's); [(inf, planned)] without rows."""
+    rows = sorted((r for r in train_rows if r["step"] > start), key=lambda r: r["step"])
+    return [(r["step"], r.get("flops_per_token_spent", planned)) for r in rows] or [(math.inf, planned)]
 
 
 def equal_added_flops(upcycled: Curve, continued: Curve) -> tuple[float, float, float] | None:

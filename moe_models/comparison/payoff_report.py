@@ -33,19 +33,26 @@ def markdown(r: dict, images: list[str]) -> list[str]:
              + f"Every run read the same batches in the same order with the same seed and LR schedule ({r['max_steps']} "
              f"steps of {r['tokens_per_step']:,} tokens); (a) and (b) have the same active FLOPs per token up to the "
              f"router, and (c) is (b)'s MoE. {r['dense_continuation']}. Evals every {r['eval_steps']} steps; between "
-             "evals a loss is interpolated linearly. Training FLOPs: 6 x active parameters + attention per token "
-             "(metrics/throughput.py). Losses are deterministic for the seed; tokens/s and step time depend on the "
-             "machine and on what else ran on it.", "",
-             "| run | FLOPs/token | final eval loss | training FLOPs | tokens/s | step time (s) | energy (J/token) |",
-             "|---|---|---|---|---|---|---|"]
+             "evals a loss is interpolated linearly. Planned FLOPs/token: 6 x active parameters (top_k experts per "
+             "MoE layer) + attention (metrics/throughput.py). Training FLOPs, and every FLOP axis below, are the "
+             "realised ones: each logging interval's flops_per_token_spent from the run's metrics.jsonl, the "
+             "experts its tokens actually ran (routes to null experts, past top-p's cut or dropped by capacity cost "
+             "nothing; the planned figure where a run logged none, as the dense runs). Losses are deterministic for "
+             "the seed; tokens/s and step time depend on the machine and on what else ran on it.", "",
+             "| run | planned FLOPs/token | realised FLOPs/token | real experts/token | realised expert FLOPs/token | "
+             "final eval loss | training FLOPs (realised) | tokens/s | step time (s) | energy (J/token) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
-        lines.append(f"| {name}: {run['label']} | {run['flops_per_token']:.4g} | {_num(run['final_eval_loss'])} | "
+        lines.append(f"| {name}: {run['label']} | {run['flops_per_token']:.4g} | "
+                     f"{_num(run.get('flops_per_token_spent'), '.4g')} | {_dash(run.get('real_experts_per_token'))} | "
+                     f"{_dash(run.get('real_expert_flops_per_token'), '.4g')} | {_num(run['final_eval_loss'])} | "
                      f"{_num(run['training_flops'], '.4g')} | {_num(run['tokens_per_sec'], '.0f')} | "
                      f"{_num(run['step_time'], '.3f')} | {_num(run['joules_per_token'], '.3g')} |")
     if all(run["joules_per_token"] is None for run in runs.values()):
         lines += ["", f"Energy: {NOT_MEASURED} (NVML's energy counter is read on NVIDIA GPUs only)."]
     lines += _reached_section(r.get("reached_dense_final_loss") or {})
     lines += _upcycled_section(r["upcycled_vs_dense_continuation"], r["upcycled_vs_dense_without_reset"], n)
+    lines += _variants_section(r.get("variants_vs_moe") or {}, runs)
     lines += _domain_loss_section(runs, r.get("entropy_floor"))
     lines += _specialisation_section(runs)
     lines += ["", "## Plots", ""] + [f"![{image}]({image})" for image in images]
@@ -88,6 +95,32 @@ def _upcycled_section(fair: dict, without_reset: dict, n: int) -> list[str]:
         verdict = "beats" if fair["upcycled_minus_dense"] < 0 else "does not beat"
         lines += ["", f"The upcycled model {verdict} the fair dense continuation in this run."]
     return lines
+
+
+def _variants_section(variants: dict, runs: dict) -> list[str]:
+    """Each --moe_variant run against (b) at equal realised training FLOPs."""
+    if not variants:
+        return []
+    lines = ["", f"## MoE variants against {MOE} at equal realised FLOPs", "",
+             f"Each variant is {MOE} with the settings in its label; FLOPs are the training FLOPs each run spent. "
+             f"Compared at the smaller of the two runs' final FLOPs (where neither is read past its last eval).", "",
+             f"| run | expert FLOPs/token vs {MOE} | training FLOPs vs {MOE} | at equal FLOPs | variant eval loss | "
+             f"{MOE} eval loss | variant - {MOE} | reaches {MOE}'s final loss at (share of its FLOPs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    moe_expert = runs[MOE].get("real_expert_flops_per_token")
+    for name, v in variants.items():
+        expert = runs[name].get("real_expert_flops_per_token")
+        reached = v.get("reached_moe_final_loss") or {}
+        lines.append(f"| {name}: {runs[name]['label']} | {_percent(expert / moe_expert if expert and moe_expert else None)} | "
+                     f"{_percent(v['training_flops_share'])} | {_dash(v.get('equal_flops'), '.4g')} | "
+                     f"{_dash(v.get('variant_eval_loss'))} | {_dash(v.get('moe_eval_loss'))} | "
+                     f"{_dash(v.get('variant_minus_moe'), '+.4f')} | {_percent(reached.get('fraction_of_moe_flops'))}"
+                     f"{'' if not reached else ' (' + reached['how'] + ')'} |")
+    return lines
+
+
+def _dash(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _domain_loss_section(runs: dict, floor: dict | None) -> list[str]:

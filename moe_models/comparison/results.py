@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..data.synthetic import entropy_floor, synthetic_domains
 from ..metrics.rows import layer_values, moe_layer_ids
 from ..metrics.run_report import read_rows
 from ..run.folder import RunFolder
-from .analysis import Curve, equal_added_flops, first_reaching, training_flops
-from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED, PayoffPlan
+from .analysis import Curve, equal_added_flops, first_reaching, realised_schedule, training_flops
+from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED, PayoffPlan, is_variant
 
 # The eval-row entries of a layer that say how its routes spread over the data's domains (metrics/ writes them).
 DOMAIN_COUNTS, MUTUAL_INFORMATION = "domain_expert_counts", "domain_mutual_information"
 MUTUAL_INFORMATION_NORMALISED = "domain_mutual_information_normalised"
 DOMAIN_LOSS = "eval_loss/"  # an eval row's loss per domain: eval_loss/{domain}
+REAL_K, REAL_FLOPS = "real_experts_per_token", "real_expert_flops_per_token"  # a training row's, per MoE layer
 
 
 @dataclass
@@ -45,17 +47,20 @@ def collect(plan: PayoffPlan, command: list[str]) -> dict:
     runs = {run.name: RunResult.read(plan.run_dir(run.name), run.label) for run in plan.runs}
     dense, moe, upcycled = runs[DENSE], runs[MOE], runs[UPCYCLED]
     n = plan.switch_step
-    switch = (n, dense.flops_per_token)
-    flops = {DENSE: lambda s: training_flops(s, dense.flops_per_token, dense.tokens_per_step),
-             DENSE_CONTINUED: lambda s: training_flops(s, dense.flops_per_token, dense.tokens_per_step),
-             MOE: lambda s: training_flops(s, moe.flops_per_token, moe.tokens_per_step),
-             UPCYCLED: lambda s: training_flops(s, upcycled.flops_per_token, upcycled.tokens_per_step, switch)}
+    # FLOPs as each run spent them (analysis.realised_schedule); (c) and (d) are (a), the dense model, up to step N
+    schedules = {name: ([(n, dense.flops_per_token)] if name in (UPCYCLED, DENSE_CONTINUED) else [])
+                 + realised_schedule(run.train_rows, run.flops_per_token, n if name in (UPCYCLED, DENSE_CONTINUED)
+                                     else 0) for name, run in runs.items()}
+    flops = {name: partial(training_flops, schedule=schedules[name], tokens_per_step=run.tokens_per_step)
+             for name, run in runs.items()}
     # (c) and (d) are the dense run up to step N: their curves are the dense evals before N (through N for (d),
     # which is not evaluated before its first update), then their own.
     steps_curves = {DENSE: _curve(dense.eval_rows), MOE: _curve(moe.eval_rows),
                     UPCYCLED: [p for p in _curve(dense.eval_rows) if p[0] < n] + _curve(upcycled.eval_rows),
                     DENSE_CONTINUED: [p for p in _curve(dense.eval_rows) if p[0] <= n]
                     + _curve(runs[DENSE_CONTINUED].eval_rows)}
+    steps_curves.update({name: _curve(run.eval_rows) for name, run in runs.items() if is_variant(name)})
+    starts = {name: n if name in (UPCYCLED, DENSE_CONTINUED) else 0 for name in runs}
     return {
         "command": command,
         "learning_rate": plan.learning_rate,
@@ -68,7 +73,8 @@ def collect(plan: PayoffPlan, command: list[str]) -> dict:
                               "(c)'s treatment: a fresh optimizer state (--reset_optimizer), the same schedule and "
                               f"batches; {DENSE} itself from step {n} on, which keeps its optimizer state, is shown "
                               "beside it",
-        "runs": {name: _run_summary(run, steps_curves[name], flops[name]) for name, run in runs.items()},
+        "runs": {name: _run_summary(run, steps_curves[name], flops[name], starts[name]) for name, run in runs.items()},
+        "variants_vs_moe": {name: _variant_vs_moe(steps_curves, flops, name) for name in runs if is_variant(name)},
         "reached_dense_final_loss": _reached(steps_curves, flops, plan.max_steps),
         "upcycled_vs_dense_continuation": _upcycled_vs_continued(steps_curves, flops, n, DENSE_CONTINUED),
         "upcycled_vs_dense_without_reset": _upcycled_vs_continued(steps_curves, flops, n, DENSE),
@@ -89,12 +95,16 @@ def _eval_interval(eval_rows: list[dict]) -> int | None:
     return min((b - a for a, b in zip(steps, steps[1:])), default=None)
 
 
-def _run_summary(run: RunResult, curve: Curve, flops) -> dict:
+def _run_summary(run: RunResult, curve: Curve, flops, start: int) -> dict:
     timed = [r for r in run.train_rows if r["step"] > 1]  # the first row holds the warm-up of the first step
     energy = [r["joules_per_token"] for r in run.train_rows if "joules_per_token" in r]
+    own_steps = curve[-1][0] - start if curve else 0  # the steps the run trained itself ((c), (d): after the switch)
     return {
         "label": run.label,
         "flops_per_token": run.flops_per_token,
+        "flops_per_token_spent": (flops(curve[-1][0]) - flops(start)) / (own_steps * run.tokens_per_step)
+        if own_steps > 0 else None,
+        **_real_experts(run.train_rows),
         "final_step": curve[-1][0] if curve else None,
         "final_eval_loss": curve[-1][1] if curve else None,
         "training_flops": flops(curve[-1][0]) if curve else None,
@@ -106,6 +116,40 @@ def _run_summary(run: RunResult, curve: Curve, flops) -> dict:
         "final_eval_loss_by_domain": {key.split("/", 1)[1]: value for key, value in run.eval_rows[-1].items()
                                       if key.startswith(DOMAIN_LOSS)} if run.eval_rows else {},
     }
+
+
+def _real_experts(train_rows: list[dict]) -> dict:
+    """The mean over the logged intervals of the real experts per token (mean over the MoE layers) and of the real
+    expert FLOPs per token (sum over them); None for a run without MoE layers."""
+    rows = [r for r in train_rows if moe_layer_ids([r])]
+    if not rows or any(REAL_FLOPS not in layer_values(r, i) for r in rows for i in moe_layer_ids([r])):
+        return {"real_experts_per_token": None, "real_expert_flops_per_token": None}
+    return {"real_experts_per_token": statistics.fmean(statistics.fmean(layer_values(r, i)[REAL_K]
+                                                                        for i in moe_layer_ids([r])) for r in rows),
+            "real_expert_flops_per_token": statistics.fmean(sum(layer_values(r, i)[REAL_FLOPS]
+                                                                for i in moe_layer_ids([r])) for r in rows)}
+
+
+def _variant_vs_moe(curves: dict[str, Curve], flops: dict, name: str) -> dict:
+    """A --moe_variant run against (b), over the training FLOPs each spent: the eval losses at the smaller of the two
+    runs' final FLOPs, and where the variant first reaches (b)'s final eval loss as a share of (b)'s FLOPs."""
+    over_flops = {run: [(flops[run](s), loss) for s, loss in curves[run]] for run in (name, MOE)}
+    result = {"training_flops_share": None, "reached_moe_final_loss": None}
+    if not over_flops[name] or not over_flops[MOE]:
+        return result
+    moe_flops, moe_final = over_flops[MOE][-1]
+    result["training_flops_share"] = over_flops[name][-1][0] / moe_flops
+    compared = equal_added_flops(over_flops[name], over_flops[MOE])
+    if compared:
+        x, variant, moe = compared
+        result.update(equal_flops=x, variant_eval_loss=variant, moe_eval_loss=moe, variant_minus_moe=variant - moe)
+    crossing = first_reaching(over_flops[name], moe_final)
+    result["reached_moe_final_loss"] = {
+        "target_eval_loss": moe_final,
+        "fraction_of_moe_flops": None if crossing.x is None else crossing.x / moe_flops,
+        "how": ("not reached" if crossing.x is None else "at or before its first eval" if crossing.at_first_eval
+                else "interpolated linearly between the two evals around the crossing")}
+    return result
 
 
 def _entropy_floor(run_dir: Path) -> dict | None:

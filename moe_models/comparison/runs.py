@@ -12,6 +12,8 @@ experts, top-k. The runs:
     d_dense_continued  (a) at step N, continued as the dense model with (c)'s treatment: a fresh optimizer state
                  (--reset_optimizer), (a)'s schedule and batches from step N; the control for (c). (a) itself from
                  step N on is the continuation without the reset, shown beside it.
+    e{i}_variant (--moe_variant, each): (b) with other train.py settings, such as adaptive compute (--top_p,
+                 --num_null_experts), compared with (b) at equal realised training FLOPs
 
 A payoff is a grid of such cells: one per learning rate (--sweep_lrs) and seed (--seeds); every run of a cell has
 its learning rate and seed.
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.source import resolve_model_config
+from ..moe.checks import moe_problems
+from ..run.cli import parse_args
 from ..run.config import ConfigError, RunConfig
 from ..run.folder import RunFolder
 from ..run.moe_layout import NO_MOE_LAYERS, expert_counts
@@ -39,7 +43,7 @@ SET_PER_RUN = ("resume_from_checkpoint", "upcycle_from_checkpoint", "expert_init
                "model_name_or_path", "reset_optimizer")
 OWN_CHECKPOINT = ["--resume_from_checkpoint", "latest"]  # a rerun continues each run where it stopped
 PLAN_FILE = "payoff_plan.json"
-GRID_DEFAULTS = {"sweep_lrs": None, "seeds": 1}  # the payoff's own flags of the grid, at their defaults
+GRID_DEFAULTS = {"sweep_lrs": None, "seeds": 1, "moe_variants": None}  # the payoff's own grid flags, at their defaults
 DENSE_CONFIG = "dense_model/config.json"
 
 
@@ -95,13 +99,54 @@ class PayoffGrid:
 
 
 DENSE, MOE, UPCYCLED, DENSE_CONTINUED = "a_dense", "b_moe", "c_upcycled", "d_dense_continued"
+VARIANT = "_variant"  # e1_variant, e2_variant, ...: (b) with the settings of each --moe_variant
+
+
+def variant_name(index: int) -> str:
+    return f"e{index + 1}{VARIANT}"
+
+
+def is_variant(name: str) -> bool:
+    return name.endswith(VARIANT)
+
+
+def variant_flags(spec: str) -> list[str]:
+    """A --moe_variant's train.py flags: "top_p=0.5,top_k=4" -> ["--top_p", "0.5", "--top_k", "4"]."""
+    pairs = [part.strip().split("=", 1) for part in spec.split(",") if part.strip()]
+    return [arg for pair in pairs for arg in ("--" + pair[0].strip(), pair[1].strip() if len(pair) > 1 else "")]
+
+
+def variant_problems(cfg: RunConfig, train_argv: list[str], specs: list[str]) -> list[str]:
+    """What is wrong with the --moe_variant settings: a part that is not name=value, a name that is no train.py
+    setting or that the payoff sets per run, or MoE settings that do not go together."""
+    known = set(_flat_settings(RunConfig()))
+    problems = []
+    for spec in specs:
+        parts = [part.strip() for part in spec.split(",") if part.strip()]
+        bad = [part for part in parts if "=" not in part]
+        names = [part.split("=", 1)[0].strip() for part in parts if "=" in part]
+        unknown = [name for name in names if name not in known]
+        per_run = [name for name in names if name in SET_PER_RUN]
+        if not parts or bad:
+            problems.append(f"--moe_variant {spec!r}: give train.py settings as name=value separated by commas, "
+                            "such as top_p=0.5,top_k=4")
+        elif unknown:
+            problems.append(f"--moe_variant {spec!r}: {', '.join(unknown)} is no train.py setting "
+                            "(docs/configuration.md)")
+        elif per_run:
+            problems.append(f"--moe_variant {spec!r}: {', '.join(per_run)} is set by the payoff for each run")
+        else:
+            problems += [f"--moe_variant {spec!r}: {p}"
+                         for p in moe_problems(parse_args([*train_argv, *variant_flags(spec)]).moe)]
+    return problems
 
 
 def plan_grid(cfg: RunConfig, train_argv: list[str], upcycle_at: float, learning_rates: list[float] | None,
-              seeds: int, world_size: int) -> PayoffGrid:
-    """The cells for each learning rate (default: the command's) and seeds seed, seed + 1, ...; a ConfigError when
-    the comparison cannot be made with these settings."""
-    problems = payoff_problems(cfg, train_argv, upcycle_at)
+              seeds: int, world_size: int, variants: list[str] | None = None) -> PayoffGrid:
+    """The cells for each learning rate (default: the command's) and seeds seed, seed + 1, ...; with ``variants``
+    (--moe_variant specs) a run e{i}_variant per spec in each cell; a ConfigError when the comparison cannot be made
+    with these settings."""
+    problems = payoff_problems(cfg, train_argv, upcycle_at) + variant_problems(cfg, train_argv, variants or [])
     if learning_rates is not None and cfg.was_given("learning_rate"):
         problems.append("--learning_rate and --sweep_lrs both set the learning rate; give one of them")
     if learning_rates is not None and (not learning_rates or any(lr <= 0 for lr in learning_rates)):
@@ -114,7 +159,7 @@ def plan_grid(cfg: RunConfig, train_argv: list[str], upcycle_at: float, learning
     lrs = learning_rates or [cfg.train.learning_rate]
     seed_list = [cfg.train.seed + i for i in range(seeds)]
     one = len(lrs) == 1 and len(seed_list) == 1
-    cells = [plan_payoff(cfg, out if one else out / cell_name(lr, seed), upcycle_at, lr, seed)
+    cells = [plan_payoff(cfg, out if one else out / cell_name(lr, seed), upcycle_at, lr, seed, variants)
              for lr in lrs for seed in seed_list]
     t = cfg.train
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.block_size * world_size
@@ -126,9 +171,9 @@ def cell_name(learning_rate: float, seed: int) -> str:
 
 
 def plan_payoff(cfg: RunConfig, out: Path, upcycle_at: float, learning_rate: float | None = None,
-                seed: int | None = None) -> PayoffPlan:
+                seed: int | None = None, variants: list[str] | None = None) -> PayoffPlan:
     """The runs of one comparison, in ``out``, for the settings ``cfg`` (checked by plan_grid), at ``learning_rate``
-    and ``seed`` (None: the command's)."""
+    and ``seed`` (None: the command's), with a run per --moe_variant spec in ``variants``."""
     t, k = cfg.train, cfg.moe.top_k
     switch = switch_step(t.max_steps, t.eval_steps, upcycle_at)
     dense_config = str(Path(t.output_dir) / DENSE_CONFIG)  # one for every cell
@@ -149,6 +194,11 @@ def plan_payoff(cfg: RunConfig, out: Path, upcycle_at: float, learning_rate: flo
             "--output_dir", str(out / DENSE_CONTINUED), *dense_model, *cell],
             start=("--resume_from_checkpoint", at_switch, "--reset_optimizer")),
     ]
+    for i, spec in enumerate(variants or []):
+        flags = variant_flags(spec)
+        runs.append(PayoffRun(variant_name(i), f"({variant_name(i).split('_')[0]}) MoE from scratch with "
+                              f"{' '.join(flags)}", ["--output_dir", str(out / variant_name(i)), "--expert_init",
+                                                     "random", *cell, *flags]))
     return PayoffPlan(out, t.max_steps, switch, k, runs, learning_rate, seed)
 
 

@@ -14,7 +14,7 @@ import math
 from typing import Callable
 
 from .analysis import equal_added_flops, first_reaching
-from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED
+from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED, is_variant
 
 MET, NOT_MET, UNDECIDED = "met", "not met", "undecided (the spread covers the threshold)"
 ONE_SEED = "one seed: spread not measured"
@@ -72,6 +72,10 @@ def summarise(cells: list[dict]) -> dict:
         _compared("upcycled_information", f"the same, best {UPCYCLED}",
                   [_information(run(UPCYCLED, s)) for s in seeds], "> 0.5", lambda v: v > 0.5),
     ]
+    comparisons += [
+        _compared(f"{name}_minus_moe", f"eval loss at equal realised training FLOPs, best {name} - best {MOE}",
+                  [_equal_flops_difference(run(name, s), run(MOE, s)) for s in seeds], "< 0", lambda v: v < 0)
+        for name in names if is_variant(name)]
     return {"learning_rates": lrs, "seeds": seeds, "final_eval_loss": {n: {repr(lr): v for lr, v in by_lr.items()}
                                                                        for n, by_lr in final.items()},
             "best_learning_rate": best, "comparisons": comparisons}
@@ -101,6 +105,15 @@ def _added_flops_difference(upcycled_cell: dict, continued_cell: dict, continued
         return [(e["training_flops"] - start, e["eval_loss"]) for e in run["eval"] if e["step"] >= n]
 
     compared = equal_added_flops(added(upcycled_cell["runs"][UPCYCLED]), added(continued_cell["runs"][continued]))
+    return None if compared is None else compared[1] - compared[2]
+
+
+def _equal_flops_difference(variant: dict, moe: dict) -> float | None:
+    """A --moe_variant run's eval loss minus (b)'s at equal training FLOPs from step 0 (analysis.equal_added_flops)."""
+    def over_flops(run: dict) -> list[tuple[float, float]]:
+        return [(e["training_flops"], e["eval_loss"]) for e in run["eval"]]
+
+    compared = equal_added_flops(over_flops(variant), over_flops(moe))
     return None if compared is None else compared[1] - compared[2]
 
 

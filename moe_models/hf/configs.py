@@ -190,7 +190,11 @@ def _routing_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
         problems.append(f"--max_groups_per_token {moe.max_groups_per_token} of --expert_groups {moe.expert_groups}: "
                         f"{name} chooses among all experts (GLM4-MoE chooses within groups, with --score_function "
                         "sigmoid)")
-    if moe.num_null_experts:
+    if moe.num_null_experts and moe.null_expert_output == "identity":
+        problems.append(f"--num_null_experts {moe.num_null_experts} --null_expert_output identity: {name} has no "
+                        "null experts (transformers' LongcatFlash has such identity experts, zero_expert_num, but MLA "
+                        "attention, which no dense family here has)")
+    elif moe.num_null_experts:
         problems.append(f"--num_null_experts {moe.num_null_experts}: {name} has no zero-output experts (transformers' "
                         "LongcatFlash has zero_expert_num, but its zero-computation experts return their input "
                         "weighted, the identity, not zero, and it has MLA attention, which no dense family here has)")

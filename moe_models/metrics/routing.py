@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .specialisation import entropy_bits
+from .throughput import expert_flops_per_token
 
 
 def router_entropy_sum(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,19 @@ def real_experts_metrics(tokens_by_real_k: list[float], null_routes: float, rout
     hist = [round(v) for v in tokens_by_real_k]
     return {"real_experts_per_token": sum(k * n for k, n in enumerate(hist)) / max(sum(hist), 1),
             "real_experts_histogram": hist, "null_route_share": null_routes / routes}
+
+
+def domain_real_experts_metrics(routes_N: list[float], tokens_N: list[float], domains: list[str],
+                                expert_params: int) -> dict:
+    """One MoE layer's real compute per domain at eval: for each domain d with eval tokens,
+    ``real_experts_per_token/{d}`` = its real routes (routes not marked -1; ``domain_expert_counts`` summed over the
+    experts) / its tokens, and ``real_expert_flops_per_token/{d}`` = 6 x ``expert_params`` x that."""
+    row = {}
+    for name, routes, tokens in zip(domains, routes_N, tokens_N):
+        if tokens > 0:
+            row[f"real_experts_per_token/{name}"] = routes / tokens
+            row[f"real_expert_flops_per_token/{name}"] = expert_flops_per_token(expert_params, routes / tokens)
+    return row
 
 
 def imbalance(load_E: list[float]) -> float:

@@ -94,6 +94,9 @@ def adaptive_problems(moe: MoEConfig) -> list[str]:
     problems, nulls, target, p = [], moe.num_null_experts, moe.null_expert_target_real_k, moe.top_p
     if nulls < 0:
         problems.append(f"num_null_experts ({nulls}) must be >= 0 (0 = off)")
+    if moe.null_expert_output != MoEConfig.null_expert_output and nulls < 1:
+        problems.append(f"--null_expert_output {moe.null_expert_output} says what null experts output: it needs "
+                        "--num_null_experts >= 1")
     adaptive = [flag for flag, on in (("--num_null_experts", nulls > 0), ("--top_p", p is not None)) if on]
     if adaptive and moe.max_groups_per_token is not None:
         problems.append(f"{' and '.join(adaptive)} with --max_groups_per_token: group-limited routing chooses within "

@@ -214,6 +214,8 @@ class GroupedMOELayer(MOELayer):
         y_ND = self.experts(x_ND, counts_L)                             # 3. experts
         y_TKD = self.dispatcher.combine(y_ND, sorted_)                  # 4. combine
         out_TD = weighted_sum(y_TKD, routes.weights_TK)
+        if routes.null_weight_T is not None:  # identity null experts: the token's input, weighted, on its own rank
+            out_TD = out_TD + routes.null_weight_T.unsqueeze(1) * x_TD.to(out_TD.dtype)
         self.l_aux, self.exp_counts = routes.balance_loss, routes.chosen_E
         return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
 

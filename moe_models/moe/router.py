@@ -55,6 +55,7 @@ class Scoring:
     target_real_k: Optional[float] = None    # the controller's mean real experts per token (with the bias)
     top_p: Optional[float] = None            # top-p routing: experts until their probabilities reach p...
     min_k: int = 1                           # ...at least min_k of them (at most top_k)
+    null_output: str = "zero"                # a null expert's output: zero | identity (its input, weighted)
 
     @classmethod
     def of(cls, moe) -> "Scoring":
@@ -64,7 +65,8 @@ class Scoring:
                    moe.router_bias_update_rate, moe.expert_groups if limited else 1,
                    moe.max_groups_per_token if limited else 1, moe.num_null_experts,
                    moe.null_expert_target_real_k if moe.num_null_experts else None, moe.top_p,
-                   moe.min_k if moe.top_p is not None else 1)
+                   moe.min_k if moe.top_p is not None else 1,
+                   moe.null_expert_output if moe.num_null_experts else "zero")
 
     @property
     def is_deepspeed(self) -> bool:
@@ -176,8 +178,10 @@ class Router(TopKGate):
         else:  # micro_batch (and global_batch in eval, where there is no step to count over)
             routes = T * self.k if s.top_p is None else chosen_E.sum().clamp(min=1)
             balance_loss = switch_balance_loss(probs_TE, chosen_E, routes)
-        chosen_null = None
+        chosen_null = null_weight_T = None
         if s.num_null_experts:
+            if s.null_output == "identity":  # the weight of the token's input in its output
+                null_weight_T = torch.where(topk_ids_TK >= E, weights_TK, 0.0).sum(dim=1)
             topk_ids_TK, weights_TK = without_null_routes(topk_ids_TK, weights_TK, E)
             chosen_E, chosen_null = chosen_E[:E], chosen_E[E:]
         kept_E = chosen_E
@@ -186,7 +190,7 @@ class Router(TopKGate):
             topk_ids_TK, weights_TK = drop_over_capacity(topk_ids_TK, weights_TK, E, capacity(
                 T, self.k, E, capacity_factor, self.min_capacity))
             kept_E = routes_per_expert(topk_ids_TK, E)
-        return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, kept_E, balance_loss, chosen_null)
+        return Routes(logits_TE, topk_ids_TK, weights_TK, chosen_E, kept_E, balance_loss, chosen_null, null_weight_T)
 
     def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None, sparse_routes: bool = False,
                 use_tutel: bool = False):

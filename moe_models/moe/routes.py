@@ -23,6 +23,8 @@ class Routes(NamedTuple):
     balance_loss: torch.Tensor     # the gate's load-balancing loss (a scalar; DeepSpeed's l_aux)
     chosen_null: Optional[torch.Tensor] = None  # [N] routes per null expert as chosen (--num_null_experts only;
     #                                             those routes are -1 in topk_ids_TK: they cost nothing)
+    null_weight_T: Optional[torch.Tensor] = None  # [T] fp32 sum of each token's null-route weights, the weight of
+    #                                               its input in its output (--null_expert_output identity only)
 
 
 def routes_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

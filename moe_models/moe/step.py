@@ -7,7 +7,7 @@ training/hf_trainer.py), so that both add the same losses, move the same biases 
     moe.after_optimizer_step(applied)                every rank, after each optimizer step (applied or skipped)
     sums = moe.interval_sums(device)                 at a logging step: named on-device sums, which the trainer sums
     row = moe.interval_metrics(sum_over_ranks(...))  over ranks with its own in one all-reduce; resets the counters
-    counts = moe.domain_routes(num_domains, device)  at eval: routes per (domain, expert) (moe/domain_routing.py)
+    counts = moe.domain_routes(n, device, names)     at eval: routes per (domain, expert) (moe/domain_routing.py)
     moe.expert_similarity()                          at eval: how far the experts moved apart (every rank)
 
 Each layer's settings are its own (the loss weights on the layer, the bias rate on its router), so a trainer passes
@@ -15,6 +15,8 @@ no MoEConfig. A model without MoE layers (a dense run) gives zero losses and no 
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -127,9 +129,11 @@ class MoEStep:
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
-    def domain_routes(self, num_domains: int, device: torch.device) -> DomainRouteCounts:
-        """Counters of every layer's routes per (domain, expert) over one evaluation's forwards."""
-        return DomainRouteCounts(self.layers, num_domains, device)
+    def domain_routes(self, num_domains: int, device: torch.device,
+                      domains: Sequence[str] | None = None) -> DomainRouteCounts:
+        """Counters of every layer's routes per (domain, expert) over one evaluation's forwards; ``domains`` names
+        the domains in the per-domain keys."""
+        return DomainRouteCounts(self.layers, num_domains, device, domains)
 
     def expert_similarity(self) -> dict:
         """``moe/layer_{i}/expert_similarity``: the mean pairwise cosine of the experts' weights, per layer with 2+

@@ -170,7 +170,11 @@ class MoEConfig:
         0, "Null (zero-computation) experts (MoE++, LongCat-Flash): N more router outputs whose expert output is zero; "
         "a route to one is not dispatched and costs nothing, so a token that chooses one runs fewer real experts. The "
         "router weight gets N more rows (E + N); null experts are counted as experts by the balance loss and live on no "
-        "rank. Zero experts only (no copy or constant experts). 0 = off; --moe_impl grouped only (docs/routing.md).")
+        "rank. 0 = off; --moe_impl grouped only (docs/routing.md).")
+    null_expert_output: Literal["zero", "identity"] = _flag(
+        "zero", "With --num_null_experts: what a null expert outputs. zero: nothing (MoE++'s zero experts); identity: "
+        "the token's input, weighted by the route's weight (MoE++'s copy experts, LongCat-Flash's zero-computation "
+        "experts). Either costs no expert FLOPs.")
     null_expert_target_real_k: Optional[float] = _flag(
         None, "With --num_null_experts and --router_bias_update_rate: the compute target, the mean number of real "
         "experts per token (between top_k - num_null_experts and top_k, exclusive of top_k). After each optimizer step "

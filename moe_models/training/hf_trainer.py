@@ -219,7 +219,7 @@ class MoETrainer(Trainer):
         """The Trainer's evaluation; with ``domain_ids`` in the data, each MoE layer's routes per (domain, expert)
         and I(domain; expert) join its metrics (every rank counts its own batches; one all-reduce)."""
         domains = self.eval_domains(dataloader)
-        self.domain_routes = self.moe.domain_routes(len(domains), self.args.device) if domains else None
+        self.domain_routes = self.moe.domain_routes(len(domains), self.args.device, domains) if domains else None
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)

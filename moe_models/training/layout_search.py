@@ -16,7 +16,7 @@ from ..moe.parallel import parallel_problems
 from ..run.config import MoEConfig
 from ..run.moe_layout import expert_counts
 from .clusters import Cluster, resolve_cluster
-from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_per_rank
+from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_per_rank, predicted_shape
 from .step_time import StepTime, predict
 
 PARTS = ("compute", "all_to_all", "gradients", "optimizer")
@@ -66,7 +66,7 @@ def search(shape: ModelShape, setup: Setup, ds_config: dict, cluster: Cluster, n
 def search_plan(cfg, result: dict, ds_config: dict) -> list[dict]:
     """--plan_search: the layouts of the plan ``result`` (preflight.plan_with_fit, made with --plan_cluster) that fit
     its device memory, fastest first, as ``Layout.as_dict``."""
-    ranked = search(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config,
+    ranked = search(predicted_shape(result), Setup(**result["setup"]), ds_config,
                     resolve_cluster(cfg.train.plan_cluster), math.gcd(*expert_counts(cfg.moe)),
                     result["device_memory_gb"])
     return [layout.as_dict() for layout in ranked]

@@ -28,7 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..hf.import_config import dense_config_and_moe_settings
 from ..hf.load import is_hf_moe_folder, settings_from_checkpoint
-from ..metrics.throughput import active_parameters, attention_dims, flops_per_token
+from ..metrics.throughput import (active_parameters, attention_dims, expert_flops_per_token, expert_parameters,
+                                  flops_per_token)
 from ..models.source import resolve_model_config
 from ..moe.layer import moe_layers_of
 from ..moe.parallel import parallel_problems
@@ -60,6 +61,7 @@ class ModelShape:
     routed_units: int          # per token, the hidden units of the experts it goes through, summed over MoE layers
     always_on_units: int       # per token, the hidden units of dense FFNs (blocks left dense) and shared experts
     router_outputs: int        # per token, the router logits over all MoE layers
+    flops_per_route: float = 0.0  # training FLOPs of one route: 6 x the parameters of one expert (MoE layers' mean)
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -85,7 +87,31 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         moe_layers=len(layers), routes=sum(layer.top_k for layer in layers),
         routed_units=sum(layer.top_k for layer in layers) * expert_units,
         always_on_units=(config.num_hidden_layers - len(layers)) * dense_units + shared_units,
-        router_outputs=sum(layer.num_experts for layer in layers))
+        router_outputs=sum(layer.num_experts for layer in layers),
+        flops_per_route=expert_flops_per_token(sum(map(expert_parameters, layers)) / max(len(layers), 1), 1))
+
+
+def adaptive_compute(moe: MoEConfig, shape: ModelShape) -> dict | None:
+    """With --top_p or --num_null_experts a token runs at most top_k real experts per MoE layer: the planned FLOPs
+    per token are an upper bound. With a compute target (--null_expert_target_real_k K_t) the prediction counts K_t
+    real experts per MoE layer: flops_per_token - (top_k - K_t) x MoE layers x FLOPs per route. None for fixed
+    top-k."""
+    if not moe.num_null_experts and moe.top_p is None:
+        return None
+    target = moe.null_expert_target_real_k if moe.num_null_experts else None
+    unspent = 0.0 if target is None else (moe.top_k - target) * shape.moe_layers * shape.flops_per_route
+    return {"rule": "top-p" if moe.top_p is not None else "null experts", "max_real_experts_per_token": moe.top_k,
+            "target_real_experts_per_token": target,
+            "expert_flops_per_token_at_most": shape.routes * shape.flops_per_route,
+            "predicted_flops_per_token": shape.flops_per_token - unspent}
+
+
+def predicted_shape(result: dict) -> ModelShape:
+    """The plan's model shape with the FLOPs per token the step-time prediction counts: the compute target's under
+    adaptive compute (``adaptive_compute``), else the planned ones."""
+    shape = ModelShape(**result["shape"])
+    adaptive = result.get("adaptive_compute")
+    return dataclasses.replace(shape, flops_per_token=adaptive["predicted_flops_per_token"]) if adaptive else shape
 
 
 def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoEConfig]:
@@ -201,6 +227,7 @@ def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
         "all_to_all_bytes_per_step": all_to_all_bytes_per_step(shape, setup),
         "flops_per_token": shape.flops_per_token,
         "shape": dataclasses.asdict(shape),
+        **({"adaptive_compute": adaptive} if (adaptive := adaptive_compute(cfg.moe, shape)) else {}),
     }
 
 
@@ -258,6 +285,7 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
     rows.append(f"    (activations {other} activation checkpointing: {result['activations_other_way'] / GIB:.3f})")
     rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing)")
     rows.append(f"  training FLOPs per token: {result['flops_per_token']:.4g}")
+    rows += _adaptive_rows(result.get("adaptive_compute"))
     step = result.get("step_time")
     if step is not None:
         seconds, shares = step["seconds"], step["shares"]
@@ -277,6 +305,21 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
     return "\n".join(rows)
 
 
+def _adaptive_rows(adaptive: dict | None) -> list[str]:
+    if not adaptive:
+        return []
+    k, target = adaptive["max_real_experts_per_token"], adaptive["target_real_experts_per_token"]
+    rows = [f"  adaptive compute ({adaptive['rule']}): at most {k} real experts per token and MoE layer, so expert "
+            f"FLOPs per token at most {adaptive['expert_flops_per_token_at_most']:.4g} and the FLOPs above a bound"]
+    if target is not None:
+        rows.append(f"    predicted compute uses the compute target, {target:g} real experts per token "
+                    f"(--null_expert_target_real_k): {adaptive['predicted_flops_per_token']:.4g} training FLOPs per "
+                    "token; all-to-all bytes and activations are counted at the bound")
+    else:
+        rows.append("    no compute target (--null_expert_target_real_k): the predicted compute counts the bound")
+    return rows
+
+
 def _count(n: float) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
@@ -291,7 +334,7 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     device_gib = cfg.train.device_memory_gb if cfg.train.device_memory_gb is not None or cluster is None \
         else cluster.memory_gib
     if cluster is not None:
-        step = predict(ModelShape(**result["shape"]), Setup(**result["setup"]), ds_config, cluster,
+        step = predict(predicted_shape(result), Setup(**result["setup"]), ds_config, cluster,
                        result["all_to_all_bytes_per_step"])
         in_node, across = all_to_all_split(result["all_to_all_bytes_per_step"], result["setup"]["ep_size"],
                                            cluster.devices_per_node)

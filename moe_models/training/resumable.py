@@ -193,7 +193,8 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
                     + ", ".join(f"{key} {saved[key]} there, {current[key]} here" for key in differing)
                     + f"); it was trained from {was!r}: {fix}")
     moe = record.settings.moe
-    for name in ("num_experts", "num_null_experts", "top_k", "num_shared_experts", "shared_expert_gate"):
+    for name in ("num_experts", "num_null_experts", "null_expert_output", "top_k", "num_shared_experts",
+                 "shared_expert_gate"):
         if getattr(moe, name) != getattr(cfg.moe, name):
             return (f"{tag_dir} was trained with --{name} {flag_text(getattr(moe, name))}, this run has --{name} "
                     f"{flag_text(getattr(cfg.moe, name))}; pass --{name} {flag_text(getattr(moe, name))} to "

@@ -242,7 +242,7 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(2, device=self.world.device, dtype=torch.float64)  # loss x targets, targets
         by_domain = torch.zeros(2, len(self.domains), device=self.world.device, dtype=torch.float64)
-        domain_routes = self.moe.domain_routes(len(self.domains), self.world.device)
+        domain_routes = self.moe.domain_routes(len(self.domains), self.world.device, self.domains)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)

@@ -135,6 +135,8 @@ def test_each_eval_logs_the_expert_load_and_the_domain_routes_as_images_and_a_ta
             assert sum(line["share"] for line in mine) == pytest.approx(1.0)
             assert {line["imbalance"] for line in mine} == {training[step][prefix + "imbalance"]}
             assert {line["expert_similarity"] for line in mine} == {evals[step][prefix + "expert_similarity"]}
+            per_domain = {k: v for k, v in evals[step].items() if k.startswith(prefix + "real_experts_per_token/")}
+            assert len(per_domain) >= 3 and all(item[key] == value for key, value in per_domain.items())
 
 
 def test_the_run_holds_the_resolved_deepspeed_config_and_a_final_summary(reported_run):

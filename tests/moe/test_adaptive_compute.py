@@ -50,17 +50,19 @@ def test_top_p_layer_follows_its_definition():
     torch.testing.assert_close(out, torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("output", ["zero", "identity"])
 @pytest.mark.parametrize("drop_tokens", [False, True])
-def test_null_experts_output_zero_and_are_not_dispatched(drop_tokens):
-    moe = layer(num_null_experts=2, drop_tokens=drop_tokens, capacity_factor=4.0)
+def test_null_experts_output_zero_or_their_input_and_are_not_dispatched(drop_tokens, output):
+    moe = layer(num_null_experts=2, drop_tokens=drop_tokens, capacity_factor=4.0, null_expert_output=output)
     assert moe.router.weight.shape == (E + 2, DIM) and moe.num_experts == E
     x_TD = torch.randn(32, DIM)
     s_TE = (x_TD @ moe.router.weight.t()).softmax(dim=1)  # over the E real and 2 null outputs
     ids_TK = s_TE.topk(2, dim=1).indices
     w_TK = s_TE.gather(1, ids_TK) / s_TE.gather(1, ids_TK).sum(dim=1, keepdim=True)  # nulls share the rescaling
     y_ETD = expert_outputs(moe, x_TD)
-    expected = torch.stack([sum(w_TK[t, j] * y_ETD[ids_TK[t, j], t] for j in range(2) if ids_TK[t, j] < E)
-                            if (ids_TK[t] < E).any() else torch.zeros(DIM) for t in range(32)])
+    null_TD = x_TD if output == "identity" else torch.zeros_like(x_TD)  # a null expert's output
+    expected = torch.stack([sum(w_TK[t, j] * (y_ETD[ids_TK[t, j], t] if ids_TK[t, j] < E else null_TD[t])
+                                for j in range(2)) for t in range(32)])
     dispatched = []
     moe.moe.deepspeed_moe.experts.register_forward_hook(lambda module, args, out: dispatched.append(args[1].sum()))
     out = moe(x_TD.unsqueeze(0)).squeeze(0)
@@ -111,6 +113,7 @@ def test_dynamic_loss_and_its_gradient():
 @pytest.mark.parametrize("flags,wanted,fixed", [
     (dict(num_null_experts=2, moe_impl="deepspeed"), "use --moe_impl grouped", dict(moe_impl="grouped")),
     (dict(top_p=0.5, moe_impl="deepspeed"), "use --moe_impl grouped", dict(moe_impl="grouped")),
+    (dict(null_expert_output="identity"), "it needs --num_null_experts >= 1", dict(num_null_experts=2)),
     (dict(top_p=1.5), "must be in (0, 1]", dict(top_p=0.9)),
     (dict(top_p=0.5, score_function="sigmoid"), "use --score_function softmax", dict(score_function="softmax")),
     (dict(top_p=0.5, aux_loss_type="sequence"), "micro_batch", dict(aux_loss_type="micro_batch")),
@@ -130,6 +133,24 @@ def test_bad_adaptive_settings_are_refused_with_the_way_out(flags, wanted, fixed
     assert moe_problems(MoEConfig(**{**flags, **fixed})) == []
 
 
+def test_real_experts_per_domain_by_hand(world):
+    """Per domain: real routes (ids >= 0) over the domain's tokens; tokens without a domain (-1) are not counted."""
+    from types import SimpleNamespace
+
+    from moe_models.moe.domain_routing import DomainRouteCounts
+    ids_TK = torch.tensor([[0, -1], [1, 2], [-1, -1], [3, 0], [2, -1], [1, 3]])  # -1: null route, top-p cut, drop
+    expert = {"w": torch.zeros(3, 5)}  # 15 parameters per expert
+    layer = SimpleNamespace(num_experts=4, last_topk_ids_TK=ids_TK, local_expert_weights=lambda: [expert] * 4)
+    counts = DomainRouteCounts([layer], num_domains=3, device=torch.device("cpu"), domains=["code", "prose", "math"])
+    for _ in range(2):  # two eval batches: the means stay
+        counts.add(torch.tensor([[0, 0, 1, 1, -1, 2]]))
+    row = counts.metrics()
+    # code: tokens 0, 1 run 1 + 2 real experts; prose: tokens 2, 3 run 0 + 2; math: token 5 runs 2
+    for domain, real_k in (("code", 3 / 2), ("prose", 2 / 2), ("math", 2 / 1)):
+        assert row[f"moe/layer_0/real_experts_per_token/{domain}"] == pytest.approx(real_k)
+        assert row[f"moe/layer_0/real_expert_flops_per_token/{domain}"] == pytest.approx(6 * 15 * real_k)
+
+
 RUN = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
        "--max_eval_batches", "1", "--disable_tqdm", "--warmup_steps", "1", "--per_device_train_batch_size", "2",
        "--logging_steps", "1", "--gradient_accumulation_steps", "2", "--num_null_experts", "2", "--top_k", "3",
@@ -145,10 +166,12 @@ KEYS = ("loss", "moe/layer_0/score_bias", "moe/layer_0/real_experts_per_token", 
         "moe/layer_1/null_route_share", "moe/layer_1/real_expert_flops_per_token", "flops_per_token_spent")
 
 
-def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path):
+@pytest.mark.parametrize("output", ["zero", "identity"])
+def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path, output, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train.main([*RUN, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(full)])
-    train.main([*RUN, "--max_steps", "4", "--output_dir", str(resumed),
+    run = [*RUN, "--null_expert_output", output]
+    train.main([*run, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(full)])
+    train.main([*run, "--max_steps", "4", "--output_dir", str(resumed),
                 "--resume_from_checkpoint", str(full / "checkpoints" / "global_step2")])
     rows = logged(full, *KEYS)
     tokens = 2 * 2 * 32  # per step: batch x accumulation x block
@@ -158,12 +181,35 @@ def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path):
         assert 0 <= null_share < 1 and flops > 0 and spent > 0
         assert bias[4:] == [0.0, 0.0]  # no compute target: the null biases stay
     assert logged(resumed, *KEYS) == rows[2:]
+    if output == "identity":  # what null experts output is the model's function: a resume keeps it
+        with pytest.raises(SystemExit):
+            train.main([*RUN, "--max_steps", "4", "--output_dir", str(tmp_path / "other"),
+                        "--resume_from_checkpoint", str(full / "checkpoints" / "global_step2")])
+        assert "was trained with --null_expert_output identity" in capsys.readouterr().err
+    domains = json.loads((full / "run_config.json").read_text())["resolved"]["domains"]
+    config = json.loads((full / "base_model" / "config.json").read_text())
+    expert_flops = 6 * 3 * config["hidden_size"] * config["intermediate_size"]  # SwiGLU: 3 D x F matrices
+    final_eval = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r][-1]
+    seen = [d for d in domains if sum(final_eval["moe/layer_0/domain_expert_counts"][domains.index(d)])]
+    assert len(seen) >= 3
+    eval_tokens = 0
+    for domain in seen:  # each layer's real routes of the domain's tokens over their number: that number, in each
+        row = domains.index(domain)
+        real_k_L = [final_eval[f"moe/layer_{i}/real_experts_per_token/{domain}"] for i in range(4)]
+        tokens_L = [sum(final_eval[f"moe/layer_{i}/domain_expert_counts"][row]) / real_k_L[i] for i in range(4)]
+        assert tokens_L == pytest.approx([round(tokens_L[0])] * 4) and all(0 < k <= 3 for k in real_k_L)
+        assert [final_eval[f"moe/layer_{i}/real_expert_flops_per_token/{domain}"] for i in range(4)] == pytest.approx(
+            [expert_flops * k for k in real_k_L])
+        eval_tokens += round(tokens_L[0])
+    assert eval_tokens == 32 * json.loads((full / "run_config.json").read_text())["train"]["per_device_eval_batch_size"]
 
 
 @pytest.mark.distributed
 def test_adaptive_run_at_ep2_equals_ep1(tmp_path):
+    """With identity null experts: the dispatch of zero ones, and their output, a term on the token's own rank."""
     for ep in (1, 2):
-        launch(["train.py", "--ep_size", str(ep), *RUN, "--max_steps", "2", "--output_dir", str(tmp_path / f"ep{ep}")])
+        launch(["train.py", "--ep_size", str(ep), *RUN, "--null_expert_output", "identity", "--max_steps", "2",
+                "--output_dir", str(tmp_path / f"ep{ep}")])
     ep1, ep2 = logged(tmp_path / "ep1", *KEYS), logged(tmp_path / "ep2", *KEYS)
     assert len(ep1) == 2
     for row1, row2 in zip(ep1, ep2):
@@ -177,7 +223,8 @@ def test_export_refuses_null_experts_and_top_p_with_the_reason():
     from moe_models.hf.configs import export_problems
     from moe_models.run.moe_layout import MoELayout
     dense = tiny_model().config
-    for flags, reason in ((dict(num_null_experts=2), "zero-output experts"), (dict(top_p=0.5), "top-p")):
+    for flags, reason in ((dict(num_null_experts=2), "zero-output experts"), (dict(top_p=0.5), "top-p"),
+                          (dict(num_null_experts=2, null_expert_output="identity"), "such identity experts")):
         moe = MoEConfig(num_experts=4, drop_tokens=False, **flags)
         problems = export_problems(dense, moe, MoELayout.resolve(moe, dense.num_hidden_layers))
         assert any(reason in p for p in problems), problems

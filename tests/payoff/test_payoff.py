@@ -18,6 +18,7 @@ from moe_models.comparison.runs import (DENSE, DENSE_CONTINUED, MOE, UPCYCLED, P
                                         check_same_command, plan_grid, switch_step)
 from moe_models.data.synthetic import entropy_floor
 from moe_models.comparison.payoff_report import write_report
+from moe_models.comparison.analysis import realised_schedule, training_flops
 from moe_models.comparison.results import collect
 from moe_models.comparison.summary_report import summary_lines
 from moe_models.comparison.sweep import MET, NOT_MET, UNDECIDED, summarise, verdict
@@ -191,13 +192,14 @@ def test_a_setting_newer_than_the_folder_counts_at_its_default(tmp_path):
 
 # The report's numbers on hand-made runs.
 
-def write_run(folder, evals: dict[int, float], flops_per_token: float, extra_eval: dict | None = None) -> None:
+def write_run(folder, evals: dict[int, float], flops_per_token: float, extra_eval: dict | None = None,
+              extra_train: dict | None = None) -> None:
     folder.mkdir(parents=True)
     config = {"train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}, "data": {"block_size": 5},
               "resolved": {"world_size": 1, "flops_per_token": flops_per_token, "domains": ["code", "prose"]}}
     (folder / "run_config.json").write_text(json.dumps(config))
-    lines = [{"step": s, "loss": loss + 0.1, "tokens_per_sec": 100.0, "step_time": 0.1, "tokens_seen": 10 * s}
-             for s, loss in evals.items()]
+    lines = [{"step": s, "loss": loss + 0.1, "tokens_per_sec": 100.0, "step_time": 0.1, "tokens_seen": 10 * s,
+              **(extra_train or {})} for s, loss in evals.items()]
     lines += [{"step": s, "eval_loss": loss, **(extra_eval if extra_eval and s == max(evals) else {})}
               for s, loss in evals.items()]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -256,6 +258,76 @@ def test_the_reached_fraction_and_equal_flops_comparison_follow_their_formulas(h
     assert results["runs"][MOE]["final_eval_loss_by_domain"] == {"code": 1.5, "prose": 2.1}
     assert results["entropy_floor"] is None  # hand-made runs name no corpus
     assert "| code | not measured | 1.5000 | not measured |" in report
+
+
+def test_training_flops_follow_each_intervals_realised_flops():
+    # logged at steps 10 and 20 with 50 and 70 FLOPs/token spent; the last interval's figure covers later steps
+    schedule = realised_schedule([{"step": 10, "flops_per_token_spent": 50.0}, {"step": 20}], planned=100.0)
+    assert schedule == [(10, 50.0), (20, 100.0)]  # a row without the figure: the planned one
+    schedule = realised_schedule([{"step": 20, "flops_per_token_spent": 70.0},
+                                  {"step": 10, "flops_per_token_spent": 50.0}], planned=100.0)
+    assert training_flops(15, schedule, tokens_per_step=4) == 4 * (10 * 50 + 5 * 70)
+    assert training_flops(25, schedule, tokens_per_step=4) == 4 * (10 * 50 + 15 * 70)
+    assert training_flops(8, [(5, 100.0), *schedule], tokens_per_step=4) == 4 * (5 * 100 + 3 * 50)
+    assert training_flops(30, realised_schedule([], planned=100.0), tokens_per_step=4) == 4 * 30 * 100
+
+
+def layer_compute(real_k: list[float], expert_flops: float, spent: float) -> dict:
+    """A training row's adaptive-compute values: per MoE layer its real experts per token and their FLOPs."""
+    row = {"flops_per_token_spent": spent}
+    for i, k in enumerate(real_k):
+        row.update({f"moe/layer_{i}/real_experts_per_token": k,
+                    f"moe/layer_{i}/real_expert_flops_per_token": k * expert_flops})
+    return row
+
+
+def test_a_variant_is_compared_with_the_moe_at_equal_realised_flops(hand_made):
+    folder, plan = hand_made
+    shutil.rmtree(folder / MOE)
+    write_run(folder / MOE, {10: 3.5, 20: 2.6, 30: 2.0, 40: 1.8}, flops_per_token=110,
+              extra_train=layer_compute([2.0, 2.0], expert_flops=20, spent=110))
+    # (e1): planned 110 FLOPs/token like (b), but its tokens ran 1.5 and 1.0 real experts: 80 FLOPs/token spent
+    write_run(folder / "e1_variant", {10: 3.4, 20: 2.5, 30: 1.9, 40: 1.7}, flops_per_token=110,
+              extra_train=layer_compute([1.5, 1.0], expert_flops=20, spent=80))
+    plan = PayoffPlan(folder, 40, 20, 2, [*plan.runs, PayoffRun("e1_variant", "(e1) MoE with --top_p 0.5", [])])
+    results = collect(plan, [])
+    tokens_per_step = 2 * 5
+    variant = results["runs"]["e1_variant"]
+    assert variant["flops_per_token"] == 110 and variant["flops_per_token_spent"] == pytest.approx(80)
+    assert variant["real_experts_per_token"] == pytest.approx((1.5 + 1.0) / 2)
+    assert variant["real_expert_flops_per_token"] == pytest.approx(1.5 * 20 + 1.0 * 20)
+    assert variant["training_flops"] == 40 * 80 * tokens_per_step
+    assert [e["training_flops"] for e in variant["eval"]] == [s * 80 * tokens_per_step for s in (10, 20, 30, 40)]
+    assert results["runs"][DENSE]["real_experts_per_token"] is None
+    compared = results["variants_vs_moe"]["e1_variant"]
+    assert compared["training_flops_share"] == pytest.approx(80 / 110)
+    # at the variant's final FLOPs, 32000: (b) is at step 32000 / (110 x 10) = 29.09, between 20 (2.6) and 30 (2.0)
+    x = 40 * 80 * tokens_per_step
+    assert compared["equal_flops"] == x and compared["variant_eval_loss"] == 1.7
+    moe_loss = 2.6 + (x / (110 * tokens_per_step) - 20) / 10 * (2.0 - 2.6)
+    assert compared["moe_eval_loss"] == pytest.approx(moe_loss)
+    assert compared["variant_minus_moe"] == pytest.approx(1.7 - moe_loss)
+    # it reaches (b)'s final 1.8 at step 35 (between 1.9 at 30 and 1.7 at 40): 35 x 80 of (b)'s 40 x 110
+    assert compared["reached_moe_final_loss"]["fraction_of_moe_flops"] == pytest.approx(35 * 80 / (40 * 110))
+    report = write_report(results, folder).read_text()
+    assert "| e1_variant: (e1) MoE with --top_p 0.5 | 110 | 80 | 1.2500 | 50 | 1.7000 | 3.2e+04 |" in report
+    assert f"| e1_variant: (e1) MoE with --top_p 0.5 | 62% | 73% | 3.2e+04 | 1.7000 | {moe_loss:.4f} |" in report
+    summary = {c["key"]: c for c in summarise([results])["comparisons"]}
+    assert summary["e1_variant_minus_moe"]["by_seed"] == pytest.approx([1.7 - moe_loss])
+
+
+def test_variants_become_runs_and_bad_ones_are_refused(tmp_path):
+    flags = ["--output_dir", str(tmp_path), "--num_experts", "8"]
+    grid = plan_grid(parse_args(flags), flags, 0.5, None, 1, 1,
+                     ["top_p=0.5,top_k=4", "num_null_experts=4,router_bias_update_rate=1e-3"])
+    variants = [run for run in grid.cells[0].runs if run.name.endswith("_variant")]
+    assert [run.name for run in variants] == ["e1_variant", "e2_variant"]
+    assert variants[0].flags[-4:] == ["--top_p", "0.5", "--top_k", "4"]
+    assert "--expert_init" in variants[1].flags and variants[1].flags[-2:] == ["--router_bias_update_rate", "1e-3"]
+    for spec, message in (("top_p", "name=value"), ("top_pp=0.5", "top_pp is no train.py setting"),
+                          ("expert_init=copy", "expert_init is set by the payoff"), ("top_p=2", "top_p (2.0)")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            plan_grid(parse_args(flags), flags, 0.5, None, 1, 1, [spec])
 
 
 def test_without_domain_counts_the_report_says_so(hand_made):

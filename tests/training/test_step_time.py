@@ -94,6 +94,29 @@ def test_plan_for_two_nodes_of_eight_from_one_process(world, tmp_path, capsys):
     assert "predicted on h100-sxm-ib400 (2 nodes x 8)" in shown and "best:" in shown
 
 
+def test_adaptive_compute_plans_at_most_top_k_and_predicts_at_the_compute_target(world, tmp_path, capsys):
+    from moe_models.models.source import resolve_model_config
+    from moe_models.run.cli import parse_args
+    common = ["--num_experts", "8", "--block_size", "32", "--plan", "--plan_cluster", "h100-sxm-ib400",
+              "--num_null_experts", "4", "--router_bias_update_rate", "1e-3"]
+    bound = train.main([*common, "--output_dir", str(tmp_path / "bound")])
+    assert "no compute target (--null_expert_target_real_k): the predicted compute counts the bound" in \
+        capsys.readouterr().out
+    target = train.main([*common, "--null_expert_target_real_k", "1.5", "--output_dir", str(tmp_path / "target")])
+    shown = capsys.readouterr().out
+    config = resolve_model_config(parse_args(common).model)
+    route = 6 * 3 * config.hidden_size * config.intermediate_size  # one SwiGLU expert's training FLOPs per token
+    adaptive = target["adaptive_compute"]
+    assert adaptive["expert_flops_per_token_at_most"] == config.num_hidden_layers * 2 * route  # top-2 in every block
+    predicted = target["flops_per_token"] - (2 - 1.5) * config.num_hidden_layers * route
+    assert adaptive["predicted_flops_per_token"] == pytest.approx(predicted)
+    assert target["flops_per_token"] == bound["flops_per_token"]  # the planned figure is the bound
+    compute = target["step_time"]["seconds"]["compute"] / bound["step_time"]["seconds"]["compute"]
+    assert compute == pytest.approx(predicted / bound["flops_per_token"])
+    assert "predicted compute uses the compute target, 1.5 real experts per token" in shown
+    assert "at most 2 real experts per token and MoE layer" in shown
+
+
 def test_cluster_files_and_refusals(world, tmp_path, capsys):
     own = tmp_path / "mine.json"
     fields = {k: v for k, v in PRESETS["h100-sxm-ib400"].__dict__.items() if k != "name"}
