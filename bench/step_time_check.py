@@ -2,15 +2,17 @@
 
     python bench/step_time_check.py [--steps 8] [--out FOLDER]
 
-1. Calibrate: one rank's training rate on the dense model of the same shapes (forward + backward, by the MFU
-   formula; it stands for the cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step
-   reaches over 16 M parameters in large tensors, as stacked experts hold theirs (the cluster file's
-   memory_bandwidth: on a CPU far below a large copy's), and gloo's
-   all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over 64 KiB .. 16 MiB).
-   The result is a cluster file (``OUT/this_machine.json``, one node of 2 "devices") for --plan_cluster.
+1. Calibrate: the training rate of the dense model of the same shapes (forward + backward, by the MFU formula; the
+   cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step reaches over 16 M parameters
+   in large tensors, as stacked experts hold theirs (the file's memory_bandwidth: on a CPU far below a large
+   copy's), and gloo's all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over
+   64 KiB .. 16 MiB). The two rates are measured by one rank alone and by two ranks at once (the cores share the
+   memory bus), giving a cluster file for --plan_cluster per node size: ``OUT/this_machine_1.json`` and
+   ``OUT/this_machine_2.json``.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
-   checkpointing): the plan's predicted step time for that file, then a real run through train.py (the deepspeed
-   launcher for 2 ranks) whose median step_time over the logged intervals after the first is the measurement.
+   checkpointing): the plan's predicted step time for the file of its rank count, then a real run through
+   train.py (the deepspeed launcher for 2 ranks) whose median step_time over the logged intervals after the first
+   is the measurement.
 3. A table: predicted, measured, predicted / measured, and the model's biggest part.
 
 OMP_NUM_THREADS is 1 per rank (the calibration uses the same), so the ranks do not compete for the 2 cores.
@@ -155,37 +157,60 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(mean_y - slope * mean_x, 1e-6), 1 / slope
 
 
-def calibrate(out: Path) -> Path:
+def free_ports(n: int) -> list[int]:
     import socket
-
-    import torch.multiprocessing as mp
-    torch.set_num_threads(1)
     ports = []
-    for _ in range(2):
+    for _ in range(n):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             ports.append(probe.getsockname()[1])
-    rate = training_rate(4, 128)
-    bandwidth = optimizer_bandwidth(ports[1])
+    return ports
+
+
+def _rates(rank: int, ports: list[int], queue) -> None:
+    torch.set_num_threads(1)
+    queue.put((training_rate(4, 128), optimizer_bandwidth(ports[rank])))
+
+
+def node_rates(ranks: int) -> tuple[float, float]:
+    """(training FLOP/s, optimizer bandwidth) of one rank while ``ranks`` ranks (one thread each) measure at once:
+    the cores of a CPU share its caches and memory bus, so each rate depends on how many ranks work beside it (each
+    GPU has its own memory; there the rates do not). The mean over the ranks."""
+    import torch.multiprocessing as mp
     queue = mp.get_context("spawn").SimpleQueue()
-    port = ports[0]
-    mp.start_processes(_collectives, args=(port, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_rates, args=(free_ports(ranks), queue), nprocs=ranks, start_method="spawn")
+    rates = [queue.get() for _ in range(ranks)]
+    return statistics.mean(r for r, _ in rates), statistics.mean(b for _, b in rates)
+
+
+def calibrate(out: Path) -> dict[int, Path]:
+    """A cluster file per node size: ``this_machine_1.json`` (one rank, the other core idle) and
+    ``this_machine_2.json`` (two ranks busy at once), each with the rates measured that way."""
+    import torch.multiprocessing as mp
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_collectives, args=(free_ports(1)[0], queue), nprocs=2, start_method="spawn")
     fits = queue.get()
     # An all-reduce moves 2 (n - 1) / n of its bytes per rank over the link (a ring): at n = 2, all of them; an
     # all-to-all of B bytes per rank sends B / 2 to the other rank.
     reduce_latency, reduce_bw = fit(fits["all_reduce"])
     a2a_latency, a2a_bw = fit([(size / 2, t) for size, t in fits["all_to_all"]])
-    cluster = dict(devices_per_node=2, memory_gib=12, peak_flops=rate, matmul_flops=rate, memory_bandwidth=bandwidth,
-                   intra_node_bandwidth=min(reduce_bw, a2a_bw), intra_node_latency=max(reduce_latency, a2a_latency) / 2,
-                   inter_node_bandwidth=min(reduce_bw, a2a_bw), inter_node_latency=max(reduce_latency, a2a_latency) / 2,
-                   bf16=False, source=f"bench/step_time_check.py on this machine, {time.strftime('%Y-%m-%d')}: "
-                   f"all-reduce {reduce_bw / 1e9:.2f} GB/s + {1e6 * reduce_latency:.0f} us, all-to-all "
-                   f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
-    path = out / "this_machine.json"
-    path.write_text(json.dumps(cluster, indent=1))
-    print(f"calibrated: dense training {rate / 1e9:.1f} GFLOP/s, optimizer step {bandwidth / 1e9:.2f} GB/s; "
-          f"{cluster['source']}")
-    return path
+    links = (f"all-reduce {reduce_bw / 1e9:.2f} GB/s + {1e6 * reduce_latency:.0f} us, all-to-all "
+             f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
+    files = {}
+    for ranks in (1, 2):
+        rate, bandwidth = node_rates(ranks)
+        cluster = dict(devices_per_node=ranks, memory_gib=12, peak_flops=rate, matmul_flops=rate,
+                       memory_bandwidth=bandwidth, intra_node_bandwidth=min(reduce_bw, a2a_bw),
+                       intra_node_latency=max(reduce_latency, a2a_latency) / 2,
+                       inter_node_bandwidth=min(reduce_bw, a2a_bw),
+                       inter_node_latency=max(reduce_latency, a2a_latency) / 2, bf16=False,
+                       source=f"bench/step_time_check.py on this machine, {time.strftime('%Y-%m-%d')}, {ranks} "
+                       f"rank(s) at once: dense training {rate / 1e9:.1f} GFLOP/s, optimizer step "
+                       f"{bandwidth / 1e9:.2f} GB/s; {links}")
+        files[ranks] = out / f"this_machine_{ranks}.json"
+        files[ranks].write_text(json.dumps(cluster, indent=1))
+        print(f"calibrated: {cluster['source']}", flush=True)
+    return files
 
 
 def predicted(cluster_file: Path, ranks: int, flags: list[str], out: Path) -> dict:
@@ -225,10 +250,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model.json").write_text(json.dumps(MODEL))
-    cluster_file = calibrate(args.out)
+    cluster_files = calibrate(args.out)
     print(f"{'configuration':<20} {'predicted ms':>13} {'measured ms':>12} {'pred/meas':>10}  biggest part")
     for name, ranks, flags in CONFIGS:
-        step = predicted(cluster_file, ranks, flags, args.out)
+        step = predicted(cluster_files[ranks], ranks, flags, args.out)
         seconds = measured(ranks, flags, args.out, args.steps)
         biggest = max(step["shares"], key=step["shares"].get)
         print(f"{name:<20} {1e3 * step['step_time']:13.1f} {1e3 * seconds:12.1f} {step['step_time'] / seconds:10.2f}"

@@ -23,8 +23,9 @@ Per optimizer step and rank (T = micro-batch x block x accumulation tokens, W ra
 
 Overlap: none, except that with ``"overlap_comm": true`` (ZeRO 1/2) the gradient reduction (half the gradient bytes)
 hides behind the backward (the compute after the first forward) as far as it fits. Blind to: routing imbalance (the busiest
-expert sets the pace), kernel efficiency at small shapes and the host's overheads (large on CPU), pipeline and tensor
-parallelism, FP8, optimizer offload (its CPU Adam is not modelled: no prediction).
+expert sets the pace), ranks waiting for each other at the collectives (stragglers), an optimizer rate that changes
+with the parameter count, kernel efficiency at small shapes and the host's overheads (large on CPU), pipeline and
+tensor parallelism, FP8, optimizer offload (its CPU Adam is not modelled: no prediction).
 """
 
 from __future__ import annotations
