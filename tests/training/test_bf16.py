@@ -137,15 +137,21 @@ def test_the_export_loads_in_bf16_and_fp32_near_the_run(bf16_run):
         assert difference.max() < 0.15 and difference.mean() < 0.01, (dtype, difference.max(), difference.mean())
 
 
-@pytest.mark.parametrize("sizes", [(64, 96), (36, 52)])  # grouped GEMMs; sizes not multiples of 8: one by one
+@pytest.mark.parametrize("sizes, expert_init", [
+    ((64, 96), "random"),    # grouped GEMMs
+    ((36, 52), "random"),    # sizes not multiples of 8: one by one
+    ((64, 96), "granular"),  # granular upcycling: 4 experts of 48 units sliced from the dense FFN, grouped
+])
 @pytest.mark.parametrize("drop_tokens", [False, True])
-def test_both_expert_paths_train_in_bf16_near_fp32(sizes, drop_tokens):
+def test_both_expert_paths_train_in_bf16_near_fp32(sizes, expert_init, drop_tokens):
     """The same model in bf16 and fp32: the loss within 1e-3 relative (measured: under 2e-4; bf16 keeps ~3
     significant digits and the router's fp32 logits keep the routes), every bf16 gradient finite."""
     hidden, ffn = sizes
+    granular = dict(granularity=2) if expert_init == "granular" else {}
     model = convert_to_moe(tiny_model(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=2,
                                       num_key_value_heads=2).train(),
-                           MoEConfig(num_experts=4, top_k=2, drop_tokens=drop_tokens, expert_init="random"))
+                           MoEConfig(num_experts=4, top_k=2, drop_tokens=drop_tokens, expert_init=expert_init,
+                                     **granular))
     expected = StackedExperts if hidden % 8 == 0 else ExpertLoop
     assert all(isinstance(layer.experts, expected) for layer in moe_layers_of(model))
     ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
