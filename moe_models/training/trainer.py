@@ -70,10 +70,16 @@ def unknown_parameter_problem(err: TypeError, ds_config: dict, config_file: str 
     return None
 
 
-def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token loss of one forward (transformers shifts the labels); no KV cache, which only generation reads
-    (a compiled block would also recompile for each layer's cache state)."""
-    return engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Next-token loss of one forward (transformers shifts the labels)."""
+    return engine(input_ids=input_ids, labels=input_ids, **forward_kwargs).loss
+
+
+def forward_kwargs(compiled: bool) -> dict:
+    """The training and eval forwards' extra arguments. Compiled blocks run without a KV cache: with one they would
+    recompile for each layer's cache state. Eager ones keep transformers' default: without a cache, its mask code
+    looks for packed sequences in the position ids with a host read in every forward (a traced forward skips it)."""
+    return {"use_cache": False} if compiled else {}
 
 
 class Trainer:
@@ -92,6 +98,7 @@ class Trainer:
             engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.compile:  # torch.compile per decoder block; the first steps take the compile
             compile_blocks(engine.module)
+        self.forward_kwargs = forward_kwargs(cfg.train.compile)
         self.state = TrainState()
         self.eval_at_start = False  # an upcycled start is evaluated before its first update
         self.lr = 0.0
@@ -170,7 +177,7 @@ class Trainer:
         sums = self.zero_sums()
         for _ in range(self.cfg.train.gradient_accumulation_steps):
             input_ids = next(self.batches)["input_ids"].to(self.world.device)
-            lm_loss = lm_loss_of(self.engine, input_ids)
+            lm_loss = lm_loss_of(self.engine, input_ids, **self.forward_kwargs)
             router_loss, balance = self.moe.router_loss(lm_loss)
             self.engine.backward(lm_loss + router_loss)
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
@@ -247,7 +254,7 @@ class Trainer:
                                   self.world.world_size, self.cfg.train.max_eval_batches):
             input_ids = batch["input_ids"].to(self.world.device)
             targets = input_ids[:, 1:].numel()
-            output = self.engine(input_ids=input_ids, labels=input_ids, use_cache=False)
+            output = self.engine(input_ids=input_ids, labels=input_ids, **self.forward_kwargs)
             sums += torch.stack([output.loss.double() * targets, sums.new_tensor(targets)])
             if "domain_ids" in batch and self.domains:
                 by_domain += domain_loss_sums(output.logits, input_ids, batch["domain_ids"], len(self.domains))
