@@ -5,8 +5,8 @@
 1. Calibrate: the training rate of the dense model of the same shapes (forward + backward, by the MFU formula; the
    cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step reaches over 16 M parameters
    in large tensors, as stacked experts hold theirs (the file's memory_bandwidth: on a CPU far below a large
-   copy's), and gloo's all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over
-   64 KiB .. 16 MiB). The two rates are measured by one rank alone and by two ranks at once (the cores share the
+   copy's), gloo's all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over
+   64 KiB .. 16 MiB), and what one small all-to-all costs while both ranks train (the files' latency). The two rates are measured by one rank alone and by two ranks at once (the cores share the
    memory bus), giving a cluster file for --plan_cluster per node size: ``OUT/this_machine_1.json`` and
    ``OUT/this_machine_2.json``.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
@@ -148,6 +148,45 @@ def _collectives(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+def _exchange_in_training(rank: int, port: int, queue) -> None:
+    """Two ranks train the dense model at once, with and without a small all-to-all after every block's forward and
+    (through autograd) backward, as the MoE layers exchange between their GEMMs: the difference per exchange is what
+    one costs in training, where the other rank may be busy and gloo's thread must wait for a core."""
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    from moe_models.models.architectures import architecture_of
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = dense_model()
+    blocks = architecture_of(model).blocks_of(model)
+    ids = torch.randint(0, MODEL["vocab_size"], (4, 128))
+    exchanging = [False]
+
+    def exchange(module, args, output):
+        if not exchanging[0]:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        sent = all_to_all_single_autograd(hidden.reshape(-1)[:64].contiguous(), [32, 32], [32, 32], dist.group.WORLD)
+        hidden = hidden + 0.0 * sent.sum()
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    for block in blocks:
+        block.register_forward_hook(exchange)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+    times = {}
+    for name in ("plain", "exchanging", "plain again", "exchanging again"):
+        exchanging[0] = name.startswith("exchanging")
+        dist.barrier()
+        times[name] = seconds_of(step)
+    extra = (times["exchanging"] + times["exchanging again"] - times["plain"] - times["plain again"]) / 2
+    if rank == 0:
+        queue.put(max(extra, 0.0) / (2 * len(blocks)))  # one exchange per block forward, one backward
+    dist.destroy_process_group()
+
+
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """(latency s, bandwidth bytes/s) of time = latency + bytes / bandwidth, least squares."""
     n = len(points)
@@ -194,16 +233,18 @@ def calibrate(out: Path) -> dict[int, Path]:
     # all-to-all of B bytes per rank sends B / 2 to the other rank.
     reduce_latency, reduce_bw = fit(fits["all_reduce"])
     a2a_latency, a2a_bw = fit([(size / 2, t) for size, t in fits["all_to_all"]])
+    mp.start_processes(_exchange_in_training, args=(free_ports(1)[0], queue), nprocs=2, start_method="spawn")
+    in_training = queue.get()
     links = (f"all-reduce {reduce_bw / 1e9:.2f} GB/s + {1e6 * reduce_latency:.0f} us, all-to-all "
-             f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us")
+             f"{a2a_bw / 1e9:.2f} GB/s + {1e6 * a2a_latency:.0f} us idle, {1e6 * in_training:.0f} us in training")
     files = {}
     for ranks in (1, 2):
         rate, bandwidth = node_rates(ranks)
         cluster = dict(devices_per_node=ranks, memory_gib=12, peak_flops=rate, matmul_flops=rate,
                        memory_bandwidth=bandwidth, intra_node_bandwidth=min(reduce_bw, a2a_bw),
-                       intra_node_latency=max(reduce_latency, a2a_latency) / 2,
+                       intra_node_latency=in_training,
                        inter_node_bandwidth=min(reduce_bw, a2a_bw),
-                       inter_node_latency=max(reduce_latency, a2a_latency) / 2, bf16=False,
+                       inter_node_latency=in_training, bf16=False,
                        source=f"bench/step_time_check.py on this machine, {time.strftime('%Y-%m-%d')}, {ranks} "
                        f"rank(s) at once: dense training {rate / 1e9:.1f} GFLOP/s, optimizer step "
                        f"{bandwidth / 1e9:.2f} GB/s; {links}")

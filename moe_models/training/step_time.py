@@ -9,7 +9,8 @@ Per optimizer step and rank (T = micro-batch x block x accumulation tokens, W ra
 - all-to-all: the plan's bytes per step (even routing), split over the expert-parallel group's peers: DeepSpeed puts
   the group's P ranks next to each other (ranks i P .. i P + P - 1), so min(P, G) - 1 peers share the node and
   P - min(P, G) are on other nodes; in-node and cross-node sends run at once (the slower sets the time), plus one
-  latency per exchange (2 per MoE layer per pass: dispatch and combine);
+  latency per exchange (per MoE layer, 3 in each forward: the per-expert counts, dispatch and combine; 2 in the
+  backward: the gradients of dispatch and combine);
 - gradients: the dense gradients reduced over all W ranks and each rank's experts' over its expert-data-parallel
   group (W / P ranks, strided by P); a ring moves 2 (W - 1) / W of the bytes per rank (ZeRO 0: an all-reduce; ZeRO 1/2:
   a reduce-scatter and, after the step, the all-gather of the updated parameters: the same bytes), over the
@@ -112,8 +113,8 @@ def predict(shape, setup, ds_config: dict, cluster: Cluster, all_to_all_bytes: f
     recompute = 4 / 3 if setup.activation_checkpointing else 1.0
     compute = tokens * shape.flops_per_token * recompute / cluster.matmul_flops
 
-    passes = 2 + (1 if setup.activation_checkpointing else 0)
-    exchanges = 2 * shape.moe_layers * passes * setup.gradient_accumulation_steps
+    forwards = 2 if setup.activation_checkpointing else 1  # the recompute is a forward again
+    exchanges = shape.moe_layers * (3 * forwards + 2) * setup.gradient_accumulation_steps
     all_to_all = all_to_all_seconds(all_to_all_bytes, exchanges, P, cluster)
 
     width = 2 if setup.bf16 else 4
