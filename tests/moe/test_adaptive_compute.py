@@ -206,10 +206,11 @@ def test_adaptive_run_logs_real_compute_and_resumes_exactly(world, tmp_path, out
 
 @pytest.mark.distributed
 def test_adaptive_run_at_ep2_equals_ep1(tmp_path):
-    """With identity null experts: the dispatch of zero ones, and their output, a term on the token's own rank."""
+    """With identity null experts: the dispatch of zero ones, and their output, a term on the token's own rank; with
+    ZeRO 2 and activation checkpointing (the recompute must route again as the forward did), over 2 micro-batches."""
     for ep in (1, 2):
         launch(["train.py", "--ep_size", str(ep), *RUN, "--null_expert_output", "identity", "--max_steps", "2",
-                "--output_dir", str(tmp_path / f"ep{ep}")])
+                "--deepspeed", "zero2", "--gradient_checkpointing", "--output_dir", str(tmp_path / f"ep{ep}")])
     ep1, ep2 = logged(tmp_path / "ep1", *KEYS), logged(tmp_path / "ep2", *KEYS)
     assert len(ep1) == 2
     for row1, row2 in zip(ep1, ep2):
