@@ -76,15 +76,12 @@ def test_host_syncs_of_a_step_at_ep1_and_ep2(ep_runs):
             assert all(where.startswith("torch/") for _, where, is_ours in record["host_syncs"] if not is_ours)
 
 
-def test_router_z_loss_at_ep2_equals_ep1(tmp_path):
-    assert_same_run(*(probe(tmp_path / f"ep{ep}", ep, "--router_z_loss_coef", "0.01") for ep in (1, 2)))
-
-
 def test_shared_experts_at_ep2_equal_ep1_and_are_reduced_over_every_rank(tmp_path):
-    """Upcycled shared experts with their gate: the same losses and gradients at ep_size 2 as at 1, and being
-    data-parallel parameters, the same gradient on both ranks (an expert-parallel one at ep_size 2 would be reduced
-    over a group of one rank, and differ)."""
-    flags = ("--num_shared_experts", "2", "--shared_expert_gate", "--expert_init", "copy_noise")
+    """Upcycled shared experts with their gate, and the router z-loss: the same losses and gradients at ep_size 2 as
+    at 1, and the shared experts being data-parallel parameters, the same gradient on both ranks (an
+    expert-parallel one at ep_size 2 would be reduced over a group of one rank, and differ)."""
+    flags = ("--num_shared_experts", "2", "--shared_expert_gate", "--expert_init", "copy_noise",
+             "--router_z_loss_coef", "0.01")
     ep1, ep2 = (probe(tmp_path / f"ep{ep}", ep, *flags) for ep in (1, 2))
     assert_same_run(ep1, ep2)
     for run in (ep1, ep2):
