@@ -6,9 +6,9 @@
    cluster file's matmul_flops), the bandwidth a real DeepSpeed ZeRO-1 optimizer step reaches over 16 M parameters
    in large tensors, as stacked experts hold theirs (the file's memory_bandwidth: on a CPU far below a large
    copy's), gloo's all-reduce and all-to-all between 2 ranks (time = latency + bytes / bandwidth, fitted over
-   64 KiB .. 16 MiB), and what one small all-to-all costs while both ranks train (the files' latency). The two rates are measured by one rank alone and by two ranks at once (the cores share the
-   memory bus), giving a cluster file for --plan_cluster per node size: ``OUT/this_machine_1.json`` and
-   ``OUT/this_machine_2.json``.
+   64 KiB .. 16 MiB), and what one small all-to-all costs while both ranks train (the files' latency). The two
+   rates are measured by one rank alone and by two ranks at once (the cores share the memory bus), giving a
+   cluster file for --plan_cluster per node size: ``OUT/this_machine_1.json`` and ``OUT/this_machine_2.json``.
 2. For each configuration (ep_size 1 and 2, 8 and 32 experts, top-2 and top-4, with and without activation
    checkpointing): the plan's predicted step time for the file of its rank count, then a real run through
    train.py (the deepspeed launcher for 2 ranks) whose median step_time over the logged intervals after the first

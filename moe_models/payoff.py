@@ -1,5 +1,6 @@
 """The `moe-payoff` command (``python -m moe_models.payoff``): the train.py flags of the MoE to test, plus --upcycle_at,
---sweep_lrs, --seeds, --moe_variant and the inference measurement's; trains the runs, then reports (the library: comparison/).
+--sweep_lrs, --seeds, --moe_variant and the inference measurement's; trains the runs, then reports (the library:
+comparison/).
 
     python -m moe_models.payoff --output_dir outputs/payoff --max_steps 600 --eval_steps 50 ...
     python -m moe_models.payoff --sweep_lrs 1e-3,2e-3 --seeds 3 ...     # each model at its best LR, 3 seeds

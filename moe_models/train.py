@@ -141,7 +141,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
         dtype = training_dtype(ds_config)
-        with startup.phase("model built and converted", waits=f"{model_source_text(cfg.model, dtype)}; then the surgery"):
+        waits = f"{model_source_text(cfg.model, dtype)}; then the surgery"
+        with startup.phase("model built and converted", waits=waits):
             model = load_dense_model(cfg.model, vocab_needed=len(tokenizer), dtype=dtype)
             dense_params = sum(p.numel() for p in model.parameters())
             if upcycle_tag:

@@ -111,7 +111,8 @@ def _variants_section(variants: dict, runs: dict) -> list[str]:
     for name, v in variants.items():
         expert = runs[name].get("real_expert_flops_per_token")
         reached = v.get("reached_moe_final_loss") or {}
-        lines.append(f"| {name}: {runs[name]['label']} | {_percent(expert / moe_expert if expert and moe_expert else None)} | "
+        expert_share = expert / moe_expert if expert and moe_expert else None
+        lines.append(f"| {name}: {runs[name]['label']} | {_percent(expert_share)} | "
                      f"{_percent(v['training_flops_share'])} | {_dash(v.get('equal_flops'), '.4g')} | "
                      f"{_dash(v.get('variant_eval_loss'))} | {_dash(v.get('moe_eval_loss'))} | "
                      f"{_dash(v.get('variant_minus_moe'), '+.4f')} | {_percent(reached.get('fraction_of_moe_flops'))}"

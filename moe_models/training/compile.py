@@ -29,8 +29,8 @@ def compile_problems(cfg: RunConfig, dtype: torch.dtype) -> list[str]:
             f"--compile with --moe_impl grouped needs bf16 (this run trains in {str(dtype).removeprefix('torch.')}): "
             "torch's compiler kernel of the grouped GEMM (torch._grouped_mm) takes bf16 inputs only, on every device. "
             "Train in bf16 (a DeepSpeed JSON with \"bf16\": {\"enabled\": true}; the shipped configs' \"auto\" is "
-            "bf16 on GPUs that support it); in fp32, --moe_impl deepspeed (the stock layer) compiles, with graph breaks at "
-            "its host reads; or drop --compile")
+            "bf16 on GPUs that support it); in fp32, --moe_impl deepspeed (the stock layer) compiles, with graph "
+            "breaks at its host reads; or drop --compile")
     return problems
 
 
