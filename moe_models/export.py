@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .hf.configs import differences_in_training
+from .hf.export_fidelity import differences_in_training
 from .hf.exporter import export, moe_settings
 from .run.cli import ShortErrorParser
 

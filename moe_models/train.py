@@ -21,7 +21,7 @@ from transformers import set_seed
 
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
-from .hf.configs import export_outlook
+from .hf.export_fidelity import export_outlook
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model, model_source_text

@@ -386,7 +386,7 @@ def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
 
 def test_a_run_that_will_not_export_exactly_says_so_and_how_at_the_start():
     """export_outlook is the line train.py prints before training; the default routing exports exactly (None)."""
-    from moe_models.hf.configs import export_outlook
+    from moe_models.hf.export_fidelity import export_outlook
     llama, gpt2 = preset_config("tiny-llama"), preset_config("tiny-gpt2")
     layout = MoELayout.resolve(MoEConfig(), num_blocks=4)
     assert export_outlook(llama, MoEConfig(), layout) is None
