@@ -37,6 +37,7 @@ from .run.distributed import (World, init_world, is_collective_timeout, launched
 from .run.folder import Resolved, RunFolder, RunRecord
 from .run.moe_layout import MoELayout
 from .run.startup import StartupLines
+from .run.cpu_memory import keep_freed_memory
 from .run.threads import choose_cpu_threads
 from .run.writes import WriteError
 from .training.checkpoint import dense_weights
@@ -108,9 +109,9 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
     startup = StartupLines(launched_rank() == 0)
     startup.imports_done()
-    threads = choose_cpu_threads()
-    if threads:
-        startup.say(threads)
+    for line in (choose_cpu_threads(), keep_freed_memory()):
+        if line:
+            startup.say(line)
     with startup.phase("settings checked"):
         ds_config = validate(cfg, world_size=launched_world_size())
         cfg, taken = resumed_settings(cfg)

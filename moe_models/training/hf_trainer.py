@@ -17,7 +17,8 @@ the Trainer offers a place for it:
   summed over ranks, and the router-collapse warnings (metrics/collapse.py) they start or clear, printed by the main
   process and kept in ``collapse_warnings``; the console prints the summaries, without the per-layer and per-expert
   values (training/console_logs.py), which go to the reporters;
-- on a CPU, each rank's threads are its share of the cores unless OMP_NUM_THREADS is set (run/threads.py);
+- on a CPU, each rank's threads are its share of the cores unless OMP_NUM_THREADS is set (run/threads.py), and freed
+  large blocks stay with the process for reuse (run/cpu_memory.py);
 - ``evaluation_loop``: with ``domain_ids`` in the eval data, each layer's routes per (domain, expert) and
   I(domain; expert) in the eval metrics;
 - ``_save`` / ``save_model``: the MoE settings' record (run/folder.py) beside the weights, for export; at ep_size > 1 a
@@ -49,6 +50,7 @@ from ..moe.step import MoEStep
 from ..run.config import ConfigError, MoEConfig
 from ..run.distributed import init_world, sum_over_ranks
 from ..run.folder import RunFolder
+from ..run.cpu_memory import keep_freed_memory
 from ..run.threads import choose_cpu_threads
 from .console_logs import keep_console_to_summaries
 from .ds_config import zero_stage
@@ -89,9 +91,9 @@ class MoETrainer(Trainer):
             # does), with the Trainer's timeout, and its CPU all-reduce buffers do not outlive the run in /dev/shm
             init_world(timeout_s=int(args.ddp_timeout))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        threads = choose_cpu_threads()
-        if threads and self.is_world_process_zero():
-            print(threads, flush=True)
+        for line in (choose_cpu_threads(), keep_freed_memory()):
+            if line and self.is_world_process_zero():
+                print(line, flush=True)
         keep_console_to_summaries(self)
         self.moe = MoEStep(self.model)
         self.moe_layers = self.moe.layers
