@@ -65,7 +65,7 @@ def reference_losses(model, input_ids: torch.Tensor) -> tuple[float, list[float]
     balance, z = [], []
     for layer in layers:
         x_TD = inputs[layer].reshape(-1, inputs[layer].shape[-1]).float()
-        logits_TE = x_TD @ layer.router.weight.float().T
+        logits_TE = x_TD @ layer.router.wg.weight.float().T
         probs_TE = logits_TE.softmax(dim=-1)
         first_TE = torch.nn.functional.one_hot(probs_TE.argmax(dim=-1), probs_TE.shape[1]).float()
         balance.append((probs_TE.shape[1] * (probs_TE.mean(0) * first_TE.mean(0)).sum()).item())
@@ -140,14 +140,14 @@ def test_the_aux_loss_free_bias_moves_after_every_step(backend, tmp_path):
             expected += moves
             logged = torch.tensor([row[f"moe/layer_{i}/score_bias/{e}"] for e in range(4)], dtype=torch.float64)
             torch.testing.assert_close(logged, expected)
-        torch.testing.assert_close(trainer.moe_layers[i].gate.score_bias.double(), expected)
+        torch.testing.assert_close(trainer.moe_layers[i].router.score_bias.double(), expected)
 
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     plain = moe_trainer(tiny_moe_model(router_bias_update_rate=rate), tmp_path / "plain", trainer_class=Trainer,
                         max_steps=2)
     plain.train()
-    assert all(layer.gate.score_bias.abs().sum() == 0 for layer in moe_layers_of(plain.model))
+    assert all(layer.router.score_bias.abs().sum() == 0 for layer in moe_layers_of(plain.model))
 
 
 def optimizer_groups(trainer) -> list[dict]:
@@ -199,7 +199,7 @@ def test_resume_gives_the_same_losses_and_biases(backend, tmp_path):
     assert sorted(got) == [1, 2, 3, 4]  # steps 1 and 2 from the checkpoint's trainer_state.json
     assert [got[step] for step in range(1, 5)] == pytest.approx([want[step] for step in range(1, 5)], rel=1e-6)
     for a, b in zip(straight.moe_layers, resumed.moe_layers):
-        torch.testing.assert_close(b.gate.score_bias, a.gate.score_bias, rtol=0, atol=0)
+        torch.testing.assert_close(b.router.score_bias, a.router.score_bias, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", sorted(DEEPSPEED))
@@ -268,7 +268,7 @@ def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "hf").config.num_local_experts == 8
 
 
-# -- one MoE step for both trainers (moe/step.py) ------------------------------------------------------------------
+# -- one MoE step for both trainers (moe/model_layers.py) ------------------------------------------------------------------
 
 PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmoid",
                 "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01", "--synthetic_examples", "300", "--block_size", "32",
