@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..metrics.run_report import save  # noqa: E402
 from .horizon import horizon_text  # noqa: E402
-from .rate_brackets import unbracketed_text  # noqa: E402
+from .rate_brackets import ONLY, unbracketed_text  # noqa: E402
 
 SWEEP_PLOT, QUALITY_LATENCY_PLOT, GAP_PLOT = "lr_sweep.png", "quality_vs_decode_latency.png", "gap_over_training.png"
 
@@ -35,9 +35,7 @@ def summary_lines(summary: dict, cell_reports: dict[str, str] | None = None) -> 
     for name, by_lr in final.items():
         cells = [_spread(by_lr[repr(lr)]) for lr in lrs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['best_learning_rate'][name]:g} |")
-    unbracketed = [unbracketed_text(name, b) for name, b in summary["rate_brackets"].items() if b["edge"]]
-    lines += ["", "Each best rate is bracketed (a smaller and a larger rate were swept)." if not unbracketed else
-              "Not bracketed, so a better rate may lie beyond the sweep: " + "; ".join(unbracketed) + "."]
+    lines += ["", _brackets_line(summary["rate_brackets"])]
     lines += ["", "## Comparisons, each model at its best learning rate", "",
               "| figure | by seed | mean | min..max | std | goal | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
@@ -53,6 +51,17 @@ def summary_lines(summary: dict, cell_reports: dict[str, str] | None = None) -> 
     if cell_reports:
         lines += ["", "Each cell's own report: " + ", ".join(f"[{name}]({path})" for name, path in cell_reports.items())]
     return lines
+
+
+def _brackets_line(brackets: dict) -> str:
+    unbracketed = [unbracketed_text(name, b) for name, b in brackets.items() if b["edge"]]
+    if not unbracketed:
+        return "Each best rate is bracketed (a smaller and a larger rate were swept)."
+    one = next(iter(brackets.values()))
+    if one["edge"] == ONLY:
+        tries = f" (try {' and '.join(f'{lr:g}' for lr in one['next_to_try'])})" if one["next_to_try"] else ""
+        return f"One learning rate: not swept, so no model's best rate is bracketed{tries}; give --sweep_lrs."
+    return "Not bracketed, so a better rate may lie beyond the sweep: " + "; ".join(unbracketed) + "."
 
 
 def _horizon_lines(h: dict | None) -> list[str]:

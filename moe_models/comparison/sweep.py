@@ -20,7 +20,7 @@ from typing import Callable
 from .analysis import equal_added_flops, first_reaching
 from .gap_over_training import common_evals, gap_points
 from .horizon import TOO_SHORT
-from .rate_brackets import bracket, unbracketed_text
+from .rate_brackets import ONLY as ONLY_RATE, bracket, unbracketed_text
 from .runs import DENSE, DENSE_CONTINUED, MOE, UPCYCLED, is_variant
 
 MET, NOT_MET, UNDECIDED = "met", "not met", "undecided (the spread covers the threshold)"
@@ -116,8 +116,11 @@ def _caveats(compared: dict, brackets: dict, horizon: dict | None) -> list[str]:
     compares, the schedule's bias."""
     found = [f"{TOO_SHORT} ({horizon['tokens_per_parameter']['dense']:.2f} tokens per dense parameter, below "
              f"{horizon['min_tokens_per_dense_parameter']:g})"] if horizon and horizon["too_short"] else []
-    found += [f"rests on an unbracketed best: {unbracketed_text(name, brackets[name])}"
-              for name in compared["models"] if brackets[name]["edge"] is not None]
+    if any(brackets[name]["edge"] == ONLY_RATE for name in compared["models"]):
+        found.append("rests on one learning rate, not swept (--sweep_lrs)")
+    else:
+        found += [f"rests on an unbracketed best: {unbracketed_text(name, brackets[name])}"
+                  for name in compared["models"] if brackets[name]["edge"] is not None]
     return found + ([compared["bias"]] if compared["bias"] else [])
 
 
