@@ -273,7 +273,11 @@ def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
 PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmoid",
                 "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01", "--synthetic_examples", "300", "--block_size", "32",
                 "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
-                "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm"]
+                "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm",
+                "--peak_tflops", "0.002"]
+# Each trainer's own values beside the row the bookkeeping (training/bookkeeping.py) gives both.
+OWN_KEYS = {"train.py": {"step", "loss", "lr", "grad_norm", "tokens_seen", "skipped_steps"},
+            "MoETrainer": {"step", "loss", "grad_norm", "learning_rate", "epoch"}}
 
 
 class InOrder(MoETrainer):
@@ -292,7 +296,9 @@ def moe_keys(row: dict) -> dict:
 def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
     """The same model (built as train.py builds it), the same batches in the same order, the same DeepSpeed optimizer
     and schedule (train.py's resolved JSON): both trainers log the same MoE keys with the same values at every step,
-    with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps)."""
+    with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps); the
+    same row keys beside each trainer's own, and MFU from the same FLOPs per token (PaLM's 6 N + 12 L d T of the
+    sequence length, the figure train.py records) and peak."""
     out = tmp_path / "train_py"
     train.main([*PARITY_FLAGS, "--output_dir", str(out)])
     ours = [row for row in RunFolder(out).metrics.rows() if "loss" in row]
@@ -311,7 +317,8 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
                         per_device_train_batch_size=t.per_device_train_batch_size, learning_rate=t.learning_rate,
                         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, adam_beta1=0.9, adam_beta2=0.95,
                         adam_epsilon=1e-8, warmup_steps=t.warmup_steps)
-    trainer = InOrder(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+    trainer = InOrder(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                      peak_tflops=0.002)
     trainer.train()
     theirs = [row for row in trainer.state.log_history if "loss" in row]
 
@@ -321,6 +328,13 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
         assert logged.keys() == expected.keys() and len(expected) > 4 * 12
         assert logged == pytest.approx(expected, rel=1e-4, abs=1e-6), f"step {mine['step']}"
     assert any(value != 0 for key, value in moe_keys(ours[-1]).items() if "score_bias" in key)  # the biases moved
+    for mine, hf in zip(ours, theirs):
+        assert set(scalars(mine, per_expert=True)) - OWN_KEYS["train.py"] == set(hf) - OWN_KEYS["MoETrainer"]
+    flops = record.resolved.flops_per_token
+    assert trainer.book.flops_per_token == flops and flops == 6 * active_parameters(
+        trainer.model, trainer.moe_layers) + 12 * 4 * trainer.model.config.hidden_size * 32  # 4 blocks, 32 tokens
+    for row in (*ours, *theirs):
+        assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 0.002e12, rel=1e-9)
 
 
 def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, capsys):
