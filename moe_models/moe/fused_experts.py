@@ -22,6 +22,7 @@ slice of the family's parameter ``name`` (``gate_up_proj``: [2F, D]). Shape lett
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -51,7 +52,13 @@ def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]
         return f"{type(experts).__name__} holds parameters other than the fused experts' ({', '.join(extra)})"
     num = params["down_proj"].shape[0]
     if any(p.dim() < 2 or p.shape[0] != num for p in params.values()):
-        return f"{type(experts).__name__}'s parameters do not all lead with the expert count ({num})"
+        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
+        return f"{type(experts).__name__}'s parameters do not all lead with one expert count ({shapes})"
+    arguments = [a for a in inspect.signature(type(experts).forward).parameters.values()
+                 if a.kind in (a.POSITIONAL_ONLY, a.POSITIONAL_OR_KEYWORD)]
+    if len(arguments) < 4:  # self, hidden_states, top_k_index, top_k_weights
+        return (f"{type(experts).__name__}.forward takes ({', '.join(a.name for a in arguments[1:])}), not the "
+                "router's top-k indices and weights: its block runs the experts its own way")
     inner = [n for n, _ in experts.named_parameters() if n not in params] + [n for n, _ in experts.named_buffers()]
     if inner:
         return (f"{type(experts).__name__} holds parameters or buffers in its submodules ({', '.join(inner)}), "

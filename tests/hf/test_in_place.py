@@ -116,3 +116,18 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_changed():
                                          r"Qwen3MoeExperts holds parameters other than the fused experts' \(extra\)"):
         swap_experts(model)
     assert not fused_experts_of(model)
+
+
+def test_the_family_keeps_its_balance_loss_and_each_layer_counts_its_routes():
+    stock = qwen3_moe_probe()
+    model = copy.deepcopy(stock)
+    swapped = swap_experts(model)
+    model.train()
+    expected = stock.train()(input_ids=IDS, labels=IDS, output_router_logits=True, use_cache=False)
+    got = model(input_ids=IDS, labels=IDS, output_router_logits=True, use_cache=False)
+    assert expected.aux_loss > 0 and torch.allclose(got.aux_loss, expected.aux_loss, rtol=1e-5)  # the family's
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=0)
+    sums = swapped[1].routing.sums(torch.device("cpu"))
+    tokens, top_k = IDS.numel(), stock.config.num_experts_per_tok
+    assert sums.tokens == tokens and sums.forwards == 1 and sums.kept_E.sum() == tokens * top_k
+    assert sums.router_entropy > 0  # from the router's logits
