@@ -5,8 +5,10 @@ table (tests/models/test_coverage.py checks it; UPDATE_DOCS=1 rewrites it)."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -111,14 +113,30 @@ def models_markdown() -> str:
     rows = survey()
     converted = [o for o in rows if o.converts]
     refused = [o for o in rows if not o.converts]
-    lines = [f"Installed transformers {transformers.__version__}: {len(rows)} families in "
-             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(converted)} convert, {len(refused)} are refused.", "",
-             "### Converted", "", "| model_type | class | FFN found by, path, experts on --moe_impl grouped |",
-             "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how} |" for o in converted]
-    lines += ["", "### Refused", "", "| model_type | class | reason |", "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in refused]
+    title = (f"Installed transformers {transformers.__version__}: {len(rows)} families in "
+             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(converted)} convert, {len(refused)} are refused.")
+    return two_tables(title, ("Converted", "FFN found by, path, experts on --moe_impl grouped", converted),
+                      ("Refused", "reason", refused))
+
+
+def two_tables(title: str, *tables: tuple[str, str, list]) -> str:
+    """A title line, then per (heading, third column, outcomes) a table of model_type, class and that column."""
+    lines = [title]
+    for heading, column, outcomes in tables:
+        lines += ["", f"### {heading}", "", f"| model_type | class | {column} |", "|---|---|---|"]
+        lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in outcomes]
     return "\n".join(lines) + "\n"
+
+
+def refresh_doc_table(doc: Path, begin: str, end: str, markdown: str) -> bool:
+    """Whether ``doc`` holds ``markdown`` between the ``begin`` and ``end`` markers; UPDATE_DOCS=1 writes it there
+    first."""
+    text = doc.read_text()
+    table = f"{begin}\n{markdown}{end}"
+    if os.environ.get("UPDATE_DOCS") == "1":
+        text = re.sub(re.escape(begin) + ".*" + re.escape(end), lambda _: table, text, flags=re.S)
+        doc.write_text(text)
+    return table in text
 
 
 # ---- Continuing an MoE in place (moe_models/hf/in_place.py): the MoE families and their proofs ----
@@ -178,12 +196,7 @@ def in_place_markdown() -> str:
     rows = in_place_survey()
     proven = [o for o in rows if o.in_place]
     refused = [o for o in rows if not o.in_place]
-    lines = [f"Installed transformers {transformers.__version__}: {len(rows)} MoE causal-LM families (a config field "
-             f"counts experts), {len(proven)} continue in place (each proven on its probe), "
-             f"{len(refused)} cannot.", "",
-             "### Continued in place", "", "| model_type | class | sparse blocks; router; experts and expert function |",
-             "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how} |" for o in proven]
-    lines += ["", "### Not continued in place", "", "| model_type | class | reason |", "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in refused]
-    return "\n".join(lines) + "\n"
+    title = (f"Installed transformers {transformers.__version__}: {len(rows)} MoE causal-LM families (a config field "
+             f"counts experts), {len(proven)} continue in place (each proven on its probe), {len(refused)} cannot.")
+    return two_tables(title, ("Continued in place", "sparse blocks; router; experts and expert function", proven),
+                      ("Not continued in place", "reason", refused))

@@ -5,11 +5,9 @@ table (UPDATE_DOCS=1 rewrites it). The families share one survey; each proof is 
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
-from family_survey import in_place_families, in_place_markdown, in_place_survey
+from family_survey import in_place_families, in_place_markdown, in_place_survey, refresh_doc_table
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 BEGIN, END = "<!-- in place table: begin -->", "<!-- in place table: end -->"
@@ -28,10 +26,5 @@ def test_at_least_40_moe_families_continue_in_place_and_every_refusal_says_why()
 
 
 def test_docs_models_carries_the_in_place_table():
-    text = DOC.read_text()
-    table = f"{BEGIN}\n{in_place_markdown()}{END}"
-    if os.environ.get("UPDATE_DOCS") == "1":
-        text = re.sub(re.escape(BEGIN) + ".*" + re.escape(END), lambda _: table, text, flags=re.S)
-        DOC.write_text(text)
-    assert table in text, ("docs/models.md's in-place table is stale: "
+    assert refresh_doc_table(DOC, BEGIN, END, in_place_markdown()), ("docs/models.md's in-place table is stale: "
                            "UPDATE_DOCS=1 pytest tests/models/test_in_place_coverage.py -k docs")
