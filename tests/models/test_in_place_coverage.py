@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from family_survey import in_place_families, in_place_markdown, in_place_survey, refresh_doc_table
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 BEGIN, END = "<!-- in place table: begin -->", "<!-- in place table: end -->"
 
 
+@pytest.mark.slow  # the survey: every MoE family's probe proven (shared with the docs test)
 def test_at_least_40_moe_families_continue_in_place_and_every_refusal_says_why():
     outcomes = in_place_survey()
     assert len(outcomes) >= 49, [o.model_type for o in outcomes]
