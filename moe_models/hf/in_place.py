@@ -56,10 +56,11 @@ def in_place_problem(model: nn.Module) -> Optional[str]:
     return None
 
 
-def swap_experts(model: nn.Module, ep_size: int = 1) -> list[FusedExperts]:
+def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None) -> list[FusedExperts]:
     """Swap every sparse block's experts of ``model`` for ``FusedExperts`` holding this rank's E / ep_size of them
-    (the expert-parallel groups of ``ep_size`` must exist: moe/parallel.py's ``make_expert_parallel_groups``); the
-    other experts' weights are let go. Returns the new modules in model order. A ValueError says why a model whose
+    (``ep_rank``: default, this rank's place in DeepSpeed's expert-parallel group, whose groups must then exist:
+    moe/parallel.py's ``make_expert_parallel_groups``); the other experts' weights are let go. On the meta device
+    the swap allocates nothing (hf/in_place_load.py reads the weights after it). Returns the new modules in model order. A ValueError says why a model whose
     experts are not fused (or whose expert count ep_size does not divide) cannot be swapped; nothing is changed then.
     """
     problem = in_place_problem(model)
@@ -72,7 +73,7 @@ def swap_experts(model: nn.Module, ep_size: int = 1) -> list[FusedExperts]:
         if count % ep_size:
             raise ValueError(f"num_experts ({count}) at {found.path}.experts must be divisible by ep_size "
                              f"({ep_size}): pick an ep_size that divides {count}")
-    rank = expert_parallel_rank(ep_size)
+    rank = expert_parallel_rank(ep_size) if ep_rank is None else ep_rank
     hidden = model.get_input_embeddings().embedding_dim
     swapped = []
     for found in blocks:

@@ -26,6 +26,7 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
@@ -111,7 +112,7 @@ class FusedExperts(MoE):
         local = LocalFusedExperts(family_experts, range(self.first_expert, self.first_expert + self.num_local_experts),
                                   self.expert_group_name)
         self.deepspeed_moe = FusedExpertsLayer(local, dispatcher_for(self.num_local_experts, ep_size, True))
-        if ep_size > 1:  # the dispatcher's group now (the engine sets it again): the swapped model runs before it
+        if ep_size > 1 and dist.is_initialized():  # the dispatcher's group now (the engine sets it again)
             self.set_deepspeed_parallelism()
         self.routing = RoutingCounters(num_experts)
         self.last_topk_ids_TK: Optional[torch.Tensor] = None
