@@ -131,3 +131,28 @@ def test_the_family_keeps_its_balance_loss_and_each_layer_counts_its_routes():
     tokens, top_k = IDS.numel(), stock.config.num_experts_per_tok
     assert sums.tokens == tokens and sums.forwards == 1 and sums.kept_E.sum() == tokens * top_k
     assert sums.router_entropy > 0  # from the router's logits
+
+
+def test_bf16_and_activation_checkpointing():
+    """bf16: the stock bf16 logits to bf16 rounding (the experts' outputs are summed in fp32 here, in bf16 by the
+    stock loop); activation checkpointing: the same gradients as without, each forward's routes counted once."""
+    stock = qwen3_moe_probe().to(torch.bfloat16)
+    model = copy.deepcopy(stock)
+    swap_experts(model)
+    expected, got = logits_of(stock), logits_of(model)
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+    plain = qwen3_moe_probe().train()
+    swap_experts(plain)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    for model in (plain, checkpointed):
+        model(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-8, msg=name)
+    assert fused_experts_of(checkpointed)[0].routing.sums(torch.device("cpu")).forwards == 1
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits.float()
