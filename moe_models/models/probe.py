@@ -65,3 +65,61 @@ def _set(config: PretrainedConfig, key: str, value) -> None:
         setattr(config, key, value)
     except (AttributeError, TypeError):
         pass
+
+
+# An MoE family's fields, and the small value each gets in its probe: 8 experts (ep_size 2 holds 4 each), at most 2
+# per token, 4 expert groups of which 2 are chosen (group-limited routing), expert widths of 32, and the first
+# sparse block at layer 1 (block 0 stays dense where the family has dense blocks first).
+EXPERT_COUNT_SIZES = dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
+                                    "num_moe_experts"), 8)
+SMALL_MOE_SIZES = {
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
+                     "moe_shared_expert_intermediate_size", "expert_ffn_hidden_size"), 32),
+    "n_group": 4,
+    "topk_group": 2,
+    "zero_expert_num": 2,
+    **dict.fromkeys(("first_k_dense_replace", "num_dense_layers"), 1),
+    # multi-head latent attention (DeepSeek-V2/V3 and their kin): its widths with the probe's head_dim of 16
+    **dict.fromkeys(("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"), 16),
+    "qk_head_dim": 32,  # qk_nope_head_dim + qk_rope_head_dim, where a config stores it
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 32),
+    # Mamba-2 mixers of hybrids: heads x head width = 2 x the hidden size of 64, small states and chunks (their
+    # reference CPU kernels cost as the state size times the chunk length)
+    **dict.fromkeys(("mamba_n_heads", "mamba_num_heads"), 8),
+    **dict.fromkeys(("mamba_d_head", "mamba_head_dim", "ssm_state_size", "mamba_d_state"), 16),
+    **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 16),
+    "n_groups": 2,
+    # linear-attention mixers (Kimi-Linear's)
+    "linear_num_heads": 4,
+    "linear_head_dim": 16,
+}
+# Families whose defaults leave the per-layer kinds unset, which their classes read: the probe's kinds.
+PROBE_LAYER_TYPES = {"lfm2_moe": ["conv", "full_attention"]}
+MOE_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k")
+MAX_PROBE_TOP_K = 2
+
+
+def small_moe_config(config: PretrainedConfig) -> PretrainedConfig:
+    """``small_config`` of an MoE family, its MoE sizes made small too: 8 experts, at most 2 per token (2 where the
+    family's defaults leave it unset), and ``SMALL_MOE_SIZES`` (a field set to 0 or 1, or not an integer, keeps its
+    value); a per-layer ``mlp_layer_types`` keeps its first entry and makes the others sparse."""
+    small = small_config(config)
+    text = small.get_text_config()
+    for sizes, smallest in ((EXPERT_COUNT_SIZES, 1), (SMALL_MOE_SIZES, 2)):
+        for key, value in sizes.items():
+            current = getattr(text, key, None)
+            if isinstance(current, int) and not isinstance(current, bool) and current >= smallest:
+                _set(text, key, value)
+    for key in MOE_TOP_K_FIELDS:
+        current = getattr(text, key, "absent")
+        if current is None or (isinstance(current, int) and current > MAX_PROBE_TOP_K):
+            _set(text, key, MAX_PROBE_TOP_K)
+    if isinstance(getattr(text, "kv_lora_rank", None), int) and isinstance(getattr(text, "num_key_value_heads", None),
+                                                                          int):
+        _set(text, "num_key_value_heads", text.num_attention_heads)  # latent attention: a key per head
+    kinds, full_kinds = getattr(text, "mlp_layer_types", None), getattr(config.get_text_config(), "mlp_layer_types", None)
+    if isinstance(kinds, list) and isinstance(full_kinds, list) and "sparse" in full_kinds:
+        _set(text, "mlp_layer_types", kinds[:1] + ["sparse"] * (len(kinds) - 1))
+    if getattr(text, "layer_types", "absent") is None and text.model_type in PROBE_LAYER_TYPES:
+        _set(text, "layer_types", PROBE_LAYER_TYPES[text.model_type][:_depth(text)])
+    return small

@@ -5,16 +5,23 @@ table (tests/models/test_coverage.py checks it; UPDATE_DOCS=1 rewrites it)."""
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.moe import _default_apply_gate
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe_models import MoEConfig, convert_to_moe
+from moe_models.hf.in_place import sparse_blocks
+from moe_models.hf.in_place_proof import probe_model, prove_in_place
 from moe_models.models.architectures import ARCHITECTURES, architecture_of_config
-from moe_models.models.probe import small_config
+from moe_models.models.discovery import EXPERT_COUNT_FIELDS
+from moe_models.models.probe import small_config, small_moe_config
 from moe_models.moe.ffn_form import ffn_form, FFNForm
 from moe_models.moe.proof import prove_conversion
 
@@ -106,11 +113,90 @@ def models_markdown() -> str:
     rows = survey()
     converted = [o for o in rows if o.converts]
     refused = [o for o in rows if not o.converts]
-    lines = [f"Installed transformers {transformers.__version__}: {len(rows)} families in "
-             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(converted)} convert, {len(refused)} are refused.", "",
-             "### Converted", "", "| model_type | class | FFN found by, path, experts on --moe_impl grouped |",
-             "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how} |" for o in converted]
-    lines += ["", "### Refused", "", "| model_type | class | reason |", "|---|---|---|"]
-    lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in refused]
+    title = (f"Installed transformers {transformers.__version__}: {len(rows)} families in "
+             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(converted)} convert, {len(refused)} are refused.")
+    return two_tables(title, ("Converted", "FFN found by, path, experts on --moe_impl grouped", converted),
+                      ("Refused", "reason", refused))
+
+
+def two_tables(title: str, *tables: tuple[str, str, list]) -> str:
+    """A title line, then per (heading, third column, outcomes) a table of model_type, class and that column."""
+    lines = [title]
+    for heading, column, outcomes in tables:
+        lines += ["", f"### {heading}", "", f"| model_type | class | {column} |", "|---|---|---|"]
+        lines += [f"| {o.model_type} | {o.causal_lm} | {o.how.replace('|', '/')} |" for o in outcomes]
     return "\n".join(lines) + "\n"
+
+
+def refresh_doc_table(doc: Path, begin: str, end: str, markdown: str) -> bool:
+    """Whether ``doc`` holds ``markdown`` between the ``begin`` and ``end`` markers; UPDATE_DOCS=1 writes it there
+    first."""
+    text = doc.read_text()
+    table = f"{begin}\n{markdown}{end}"
+    if os.environ.get("UPDATE_DOCS") == "1":
+        text = re.sub(re.escape(begin) + ".*" + re.escape(end), lambda _: table, text, flags=re.S)
+        doc.write_text(text)
+    return table in text
+
+
+# ---- Continuing an MoE in place (moe_models/hf/in_place.py): the MoE families and their proofs ----
+
+@dataclass(frozen=True)
+class InPlaceOutcome:
+    model_type: str
+    causal_lm: str
+    in_place: bool
+    how: str                # proven: the sparse blocks, the experts' class and function; refused: the reason
+
+
+def is_moe_family(model_type: str) -> bool:
+    """A family whose default config has a field that counts experts (HunYuan-MoE's defaults to 1)."""
+    try:
+        text = AutoConfig.for_model(model_type).get_text_config()
+    except Exception:  # noqa: BLE001 - no config from defaults: not surveyed (the table above says why)
+        return False
+    return any(isinstance(getattr(text, field, None), int) for field in EXPERT_COUNT_FIELDS)
+
+
+@functools.cache
+def in_place_survey() -> tuple[InPlaceOutcome, ...]:
+    return tuple(in_place_outcome_of(t) for t in causal_lm_families() if is_moe_family(t))
+
+
+def in_place_families() -> list[str]:
+    return [o.model_type for o in in_place_survey() if o.in_place]
+
+
+def in_place_outcome_of(model_type: str) -> InPlaceOutcome:
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    config = AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model_class = type(AutoModelForCausalLM.from_config(small_moe_config(config)))  # the class it loads
+    if not isinstance(config, model_class.config_class):  # a composite config: the class takes its text part
+        config = config.get_text_config()
+    try:
+        prove_in_place(model_class, config)
+    except ValueError as err:
+        return InPlaceOutcome(model_type, name, False, _first_line(err))
+    probe = probe_model(model_class, config)
+    blocks = sparse_blocks(probe)
+    experts = blocks[0].experts
+    own_gate = vars(type(experts)).get("_apply_gate", _default_apply_gate) is not _default_apply_gate
+    function = ("its own `_apply_gate`" if own_gate else
+                f"gated, {type(experts.act_fn).__name__}" if hasattr(experts, "gate_up_proj") else
+                f"plain, {type(experts.act_fn).__name__}")
+    biases = ", biases" if hasattr(experts, "down_proj_bias") else ""
+    paths = sorted({re.sub(r"\.\d+\.", ".N.", b.path) for b in blocks})
+    router = type(blocks[0].router).__name__ if blocks[0].router is not None else "none"
+    return InPlaceOutcome(model_type, name, True, f"`{'`, `'.join(paths)}`; router {router}; "
+                          f"{type(experts).__name__}: {function}{biases}")
+
+
+def in_place_markdown() -> str:
+    rows = in_place_survey()
+    proven = [o for o in rows if o.in_place]
+    refused = [o for o in rows if not o.in_place]
+    title = (f"Installed transformers {transformers.__version__}: {len(rows)} MoE causal-LM families (a config field "
+             f"counts experts), {len(proven)} continue in place (each proven on its probe), {len(refused)} cannot.")
+    return two_tables(title, ("Continued in place", "sparse blocks; router; experts and expert function", proven),
+                      ("Not continued in place", "reason", refused))

@@ -8,13 +8,11 @@ blocks. UPDATE_DOCS=1 rewrites docs/models.md's table."""
 from __future__ import annotations
 
 import gc
-import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from family_survey import converting, models_markdown, survey
+from family_survey import converting, models_markdown, refresh_doc_table, survey
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 from moe_models import MoEConfig, convert_to_moe
@@ -43,12 +41,7 @@ def test_at_least_20_families_convert_and_every_refusal_says_why():
 
 
 def test_docs_models_carries_the_table():
-    text = DOC.read_text()
-    table = f"{BEGIN}\n{models_markdown()}{END}"
-    if os.environ.get("UPDATE_DOCS") == "1":
-        text = re.sub(re.escape(BEGIN) + ".*" + re.escape(END), lambda _: table, text, flags=re.S)
-        DOC.write_text(text)
-    assert table in text, "docs/models.md's table is stale: UPDATE_DOCS=1 pytest tests/models/test_coverage.py -k docs"
+    assert refresh_doc_table(DOC, BEGIN, END, models_markdown()), "docs/models.md's table is stale: UPDATE_DOCS=1 pytest tests/models/test_coverage.py -k docs"
 
 
 def small_model(model_type: str, seed: int = 0) -> torch.nn.Module:

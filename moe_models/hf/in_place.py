@@ -1,0 +1,87 @@
+"""Continue an HF MoE in place: the model keeps its own class, and each sparse block's fused ``experts`` module is
+swapped for ``FusedExperts`` (moe/fused_experts.py), this rank's share of the same experts as DeepSpeed MoE
+parameters. The block's router, its shared experts, its attention, mixers, norms and dense blocks stay as they are,
+and the block's own code still calls the router and the experts: routing is the family's rule, exactly, and the
+router trains with the model.
+
+A sparse block is found as a module whose child ``experts`` holds fused expert parameters (``gate_up_proj`` or
+``up_proj`` [E, ...] and ``down_proj`` [E, ...]); its router is its child ``gate`` or ``router``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import nn
+
+from ..moe.fused_experts import FusedExperts, FusedExpertsLayer, fused_experts_problem
+from ..moe.parallel import expert_parallel_rank
+
+ROUTER_NAMES = ("gate", "router")
+EXPERTS_NAME = "experts"
+
+
+class SparseBlock(NamedTuple):
+    path: str                    # module path of the block holding the experts (``model.layers.1.mlp``)
+    block: nn.Module
+    experts: nn.Module           # the family's experts module
+    router: Optional[nn.Module]  # the block's ``gate`` or ``router`` (None when the block has neither)
+
+
+def sparse_blocks(model: nn.Module) -> list[SparseBlock]:
+    """Every module of ``model`` with a child ``experts`` (fused or not, swapped or not; shared experts aside)."""
+    found = []
+    for path, module in model.named_modules():
+        experts = getattr(module, EXPERTS_NAME, None)
+        if isinstance(experts, nn.Module) and any(experts is child for child in module.children()) and \
+                not isinstance(module, (FusedExperts, FusedExpertsLayer)):
+            router = next((getattr(module, name) for name in ROUTER_NAMES
+                           if isinstance(getattr(module, name, None), nn.Module)), None)
+            found.append(SparseBlock(path, module, experts, router))
+    return found
+
+
+def in_place_problem(model: nn.Module) -> Optional[str]:
+    """Why ``model``'s experts cannot be swapped in place (None when every sparse block's can)."""
+    blocks = sparse_blocks(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if not blocks:
+        return (f"model type {model_type!r}: no module of {type(model).__name__} holds an `experts` child, so no "
+                "sparse block was found")
+    hidden = model.get_input_embeddings().embedding_dim
+    for found in blocks:
+        problem = fused_experts_problem(found.experts, hidden)
+        if problem:
+            return f"model type {model_type!r}: at {found.path}.experts, {problem}"
+    return None
+
+
+def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None) -> list[FusedExperts]:
+    """Swap every sparse block's experts of ``model`` for ``FusedExperts`` holding this rank's E / ep_size of them
+    (``ep_rank``: default, this rank's place in DeepSpeed's expert-parallel group, whose groups must then exist:
+    moe/parallel.py's ``make_expert_parallel_groups``); the other experts' weights are let go. On the meta device
+    the swap allocates nothing (hf/in_place_load.py reads the weights after it). Returns the new modules in model order. A ValueError says why a model whose
+    experts are not fused (or whose expert count ep_size does not divide) cannot be swapped; nothing is changed then.
+    """
+    problem = in_place_problem(model)
+    if problem:
+        raise ValueError(f"{problem}; the model cannot be continued in place (docs/models.md lists the families "
+                         "that can)")
+    blocks = sparse_blocks(model)
+    for found in blocks:
+        count = found.experts.down_proj.shape[0]
+        if count % ep_size:
+            raise ValueError(f"num_experts ({count}) at {found.path}.experts must be divisible by ep_size "
+                             f"({ep_size}): pick an ep_size that divides {count}")
+    rank = expert_parallel_rank(ep_size) if ep_rank is None else ep_rank
+    hidden = model.get_input_embeddings().embedding_dim
+    swapped = []
+    for found in blocks:
+        module = FusedExperts(found.experts, hidden, ep_size, rank, router=found.router)
+        setattr(found.block, EXPERTS_NAME, module)
+        swapped.append(module)
+    return swapped
+
+
+def fused_experts_of(model: nn.Module) -> list[FusedExperts]:
+    return [m for m in model.modules() if isinstance(m, FusedExperts)]

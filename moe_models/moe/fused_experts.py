@@ -1,0 +1,227 @@
+"""An HF MoE family's own fused experts module, as experts DeepSpeed manages: the replacement that keeps a model's
+class and swaps only each sparse block's ``experts`` (hf/in_place.py does the swap).
+
+Most HF MoE classes hold their experts as one module with fused 3D parameters, ``gate_up_proj`` [E, 2F, D] (or
+``up_proj`` without a gate) and ``down_proj`` [E, D, F] (transposed in some families, with per-expert biases in
+others), whose forward takes ``(hidden_states, top_k_index, top_k_weights)`` from the block's router.
+``FusedExperts`` takes that module's place with the same forward:
+
+1. dispatch: the routes sorted by expert and their tokens gathered (at ep_size > 1 also sent by all-to-all to the
+   ranks holding their experts: moe/dispatcher.py);
+2. experts: this rank's E / ep_size experts on their rows as grouped GEMMs, with the family's own expert function
+   (``_apply_gate`` of its class, e.g. GPT-OSS's clamped SwiGLU on interleaved gate/up columns, or its ``act_fn``;
+   its biases, its transposed layout);
+3. combine: rows back in token order, each token's k outputs summed with the router's weights in fp32.
+
+It is a ``deepspeed.moe.layer.MoE`` (made without building DeepSpeed's gate and expert copies), so the engine finds
+it: its parameters carry the expert flags (``allreduce=False``, the expert group's name), get their own optimizer
+groups, are reduced over the expert-data-parallel group, and are saved one file per global expert
+(``layer_L_expert_E_...``) under DeepSpeed's names, ``deepspeed_moe.experts.deepspeed_experts.{i}.{name}``, each a
+slice of the family's parameter ``name`` (``gate_up_proj``: [2F, D]). Shape letters: moe/__init__.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from .counters import RoutingCounters
+from .dispatcher import dispatcher_for
+from .experts import _per_expert_state, _stacked_state
+from .layer import weighted_sum
+from .parallel import group_name
+from .routes import Routes, recomputing, routes_per_expert
+
+# The fused parameters an experts module may hold, in the order the forward uses them.
+FUSED_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+FUSED_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+
+def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]:
+    """Why ``experts`` is not a fused experts module ``FusedExperts`` can take the place of (None when it is)."""
+    params = dict(experts.named_parameters(recurse=False))
+    if "down_proj" not in params or not ({"gate_up_proj", "up_proj"} & params.keys()):
+        return (f"{type(experts).__name__} holds no fused gate_up_proj (or up_proj) and down_proj parameters "
+                f"(it holds {', '.join(n for n, _ in experts.named_parameters()) or 'none'})")
+    extra = [n for n in params if n not in FUSED_WEIGHTS + FUSED_BIASES]
+    if extra:
+        return f"{type(experts).__name__} holds parameters other than the fused experts' ({', '.join(extra)})"
+    num = params["down_proj"].shape[0]
+    if any(p.dim() < 2 or p.shape[0] != num for p in params.values()):
+        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
+        return f"{type(experts).__name__}'s parameters do not all lead with one expert count ({shapes})"
+    arguments = [a for a in inspect.signature(type(experts).forward).parameters.values()
+                 if a.kind in (a.POSITIONAL_ONLY, a.POSITIONAL_OR_KEYWORD)]
+    if len(arguments) < 4:  # self, hidden_states, top_k_index, top_k_weights
+        return (f"{type(experts).__name__}.forward takes ({', '.join(a.name for a in arguments[1:])}), not the "
+                "router's top-k indices and weights: its block runs the experts its own way")
+    inner = [n for n, _ in experts.named_parameters() if n not in params] + [n for n, _ in experts.named_buffers()]
+    if inner:
+        return (f"{type(experts).__name__} holds parameters or buffers in its submodules ({', '.join(inner)}), "
+                "which the grouped experts would not train or move")
+    if params["down_proj"].shape[1:] not in ((hidden_size, _width(experts, params)), (_width(experts, params),
+                                                                                      hidden_size)):
+        return f"{type(experts).__name__}'s down_proj {tuple(params['down_proj'].shape)} is not [E, D, F] or [E, F, D]"
+    return None
+
+
+def _width(experts: nn.Module, params: dict) -> int:
+    down = params["down_proj"]
+    return down.shape[2] if _transposed(experts, params) is False else down.shape[1]
+
+
+def _transposed(experts: nn.Module, params: dict) -> bool:
+    """Whether weights are [E, in, out] (``x @ w``) rather than nn.Linear's [E, out, in]: transformers' decorator
+    says so (``is_transposed``); otherwise the up projection's layout tells, when its sizes differ."""
+    flag = getattr(experts, "is_transposed", None)
+    if flag is not None:
+        return bool(flag)
+    up = params.get("gate_up_proj", params.get("up_proj"))
+    down = params["down_proj"]
+    return up.shape[1] == down.shape[2] and up.shape[2] != down.shape[2]
+
+
+class FusedExperts(MoE):
+    """This rank's share of an HF sparse block's fused experts (``family_experts``, whose parameters it takes: the
+    experts ``ep_rank * L`` to ``(ep_rank + 1) * L - 1``, L = E / ep_size), with that module's forward signature.
+
+    ``routing`` sums every training forward's routes (per-layer metrics, moe/counters.py); the router logits come
+    from ``router`` (the block's router module) when given, by a forward hook that keeps its output of E columns.
+    ``last_topk_ids_TK`` keeps the last forward's routes (global ids, -1 for a route to no computing expert).
+    """
+
+    def __init__(self, family_experts: nn.Module, hidden_size: int, ep_size: int = 1, ep_rank: int = 0,
+                 router: Optional[nn.Module] = None):
+        nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's gate and E expert copies
+        problem = fused_experts_problem(family_experts, hidden_size)
+        if problem:
+            raise ValueError(problem)
+        num_experts = family_experts.down_proj.shape[0]
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size}): pick an ep_size "
+                             f"that divides {num_experts}")
+        self.ep_size, self.expert_group_name = ep_size, group_name(ep_size)
+        self.num_experts, self.num_local_experts = num_experts, num_experts // ep_size
+        self.use_residual, self.enable_expert_tensor_parallelism = False, False
+        self.first_expert = ep_rank * self.num_local_experts
+        local = LocalFusedExperts(family_experts, range(self.first_expert, self.first_expert + self.num_local_experts),
+                                  self.expert_group_name)
+        self.deepspeed_moe = FusedExpertsLayer(local, dispatcher_for(self.num_local_experts, ep_size, True))
+        if ep_size > 1 and dist.is_initialized():  # the dispatcher's group now (the engine sets it again)
+            self.set_deepspeed_parallelism()
+        self.routing = RoutingCounters(num_experts)
+        self.last_topk_ids_TK: Optional[torch.Tensor] = None
+        self._router_logits: Optional[torch.Tensor] = None
+        if router is not None:
+            router.register_forward_hook(self._keep_router_logits)
+
+    def _keep_router_logits(self, module, args, output) -> None:
+        outputs = output if isinstance(output, tuple) else (output,)
+        self._router_logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 2
+                                    and o.shape[-1] == self.num_experts and o.is_floating_point()), None)
+
+    @property
+    def experts(self) -> LocalFusedExperts:
+        return self.deepspeed_moe.experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The family's experts' output for tokens ``hidden_states`` [T, D] routed to ``top_k_index`` [T, K] with
+        ``top_k_weights`` [T, K]. Ids outside 0..E-1 (a family's zero-computation experts, a sentinel) compute
+        nothing here."""
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        ids_TK = top_k_index.reshape(x_TD.shape[0], -1)
+        ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
+        weights_TK = torch.where(ids_TK >= 0, top_k_weights.reshape(ids_TK.shape).float(), 0.0)
+        counts_E = routes_per_expert(ids_TK, self.num_experts)
+        logits_TE, self._router_logits = self._router_logits, None
+        routes = Routes(logits_TE.reshape(-1, self.num_experts).float() if logits_TE is not None else None,
+                        ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
+        out_TD = self.deepspeed_moe(x_TD, routes)
+        self.last_topk_ids_TK = ids_TK
+        if self.training and self.routing.enabled and routes.logits_TE is not None and not recomputing():
+            self.routing.add(routes)
+        return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    def global_expert_ids(self) -> range:
+        return range(self.first_expert, self.first_expert + self.num_local_experts)
+
+
+class FusedExpertsLayer(nn.Module):
+    """DeepSpeed's ``MOELayer`` place in the tree (``deepspeed_moe``): the local experts and the dispatcher, which
+    the engine gives the expert-parallel group (``_set_ep_group``)."""
+
+    def __init__(self, experts: LocalFusedExperts, dispatcher):
+        super().__init__()
+        self.experts, self.dispatcher = experts, dispatcher
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+        self.dispatcher.ep_group = ep_group
+
+    def forward(self, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """dispatch -> experts -> combine (the route was the family's router)."""
+        x_ND, counts_L, sorted_ = self.dispatcher.dispatch(x_TD, routes)  # 1. dispatch
+        y_ND = self.experts(x_ND, counts_L)                              # 2. experts
+        y_TKD = self.dispatcher.combine(y_ND, sorted_)                   # 3. combine
+        return weighted_sum(y_TKD, routes.weights_TK)
+
+
+class LocalFusedExperts(nn.Module):
+    """The local experts' slices of the family's fused parameters ([L, ...] each, same names and layout), run as
+    grouped GEMMs over rows grouped by local expert, with the family's expert function. State dicts show one entry
+    per (local expert, parameter), ``deepspeed_experts.{i}.{name}``, and take them back."""
+
+    def __init__(self, family_experts: nn.Module, expert_ids: range, expert_group_name: str):
+        super().__init__()
+        params = dict(family_experts.named_parameters(recurse=False))
+        self.num_experts = len(expert_ids)
+        self.transposed = _transposed(family_experts, params)
+        self.has_gate = "gate_up_proj" in params
+        for name, param in params.items():
+            with torch.no_grad():
+                local = param[expert_ids.start:expert_ids.stop].clone() if len(expert_ids) < param.shape[0] else param
+            setattr(self, name, nn.Parameter(local.data, requires_grad=param.requires_grad))
+            mine = getattr(self, name)
+            mine.allreduce, mine.group_name, mine.is_expert_group = False, expert_group_name, True
+        for name in params:  # the family's module keeps its function, not its weights
+            delattr(family_experts, name)
+        self.__dict__["function"] = family_experts  # not a submodule: no parameters, no state-dict entries
+        self.register_state_dict_post_hook(_per_expert_state)
+        self.register_load_state_dict_pre_hook(_stacked_state)
+
+    def stacked_names(self) -> dict[str, str]:
+        """Each stacked parameter's name -> its name in one expert's entries (the same)."""
+        return {name: name for name, _ in self.named_parameters()}
+
+    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        offsets_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
+        # each row's local expert; rows past the last offset (none at ep_size > 1, dropped routes at 1) get L
+        expert_N = torch.bucketize(torch.arange(x_ND.shape[0], device=x_ND.device), offsets_L, right=True)
+        up = self._project("gate_up_proj" if self.has_gate else "up_proj", x_ND, offsets_L, expert_N)
+        hidden = self._gated(up) if self.has_gate else self.function.act_fn(up)
+        out_ND = self._project("down_proj", hidden, offsets_L, expert_N)
+        return torch.where((expert_N < self.num_experts).unsqueeze(-1), out_ND, 0.0)
+
+    def _gated(self, gate_up_NF2: torch.Tensor) -> torch.Tensor:
+        apply_gate = getattr(type(self.function), "_apply_gate", None)
+        if apply_gate is not None:  # the family's own (transformers' decorator gives the default one)
+            return apply_gate(self.function, gate_up_NF2)
+        gate, up = gate_up_NF2.chunk(2, dim=-1)
+        return self.function.act_fn(gate) * up
+
+    def _project(self, name: str, x_NI: torch.Tensor, offsets_L: torch.Tensor, expert_N: torch.Tensor):
+        weight = getattr(self, name).to(x_NI.dtype)
+        weight_LIO = weight if self.transposed else weight.transpose(-2, -1)
+        y_NO = torch._grouped_mm(x_NI.contiguous(), weight_LIO, offs=offsets_L)
+        bias = getattr(self, f"{name}_bias", None)
+        if bias is not None:
+            bias = bias.to(x_NI.dtype)
+            y_NO = y_NO + torch.cat([bias, bias.new_zeros(1, bias.shape[-1])])[expert_N]
+        return y_NO

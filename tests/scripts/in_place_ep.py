@@ -1,0 +1,86 @@
+"""Experts swapped in place at ep_size 2 give the ep_size 1 logits and gradients; run under the deepspeed launcher with
+2 CPU ranks by tests/hf/test_in_place_distributed.py.
+
+Every rank builds the same probe of each family (the same weights), and takes its own batch. The reference is the
+probe swapped at ep_size 1 on this rank alone: its logits on this rank's batch, its router and other gradients from
+this rank's batch, and its expert gradients from both ranks' batches (at ep_size 2 an expert's rows come from every
+rank of its group, and its gradient with them). Prints `OK <family>` per family; an assertion fails otherwise.
+
+Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py qwen3_moe deepseek_v3
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from moe_models.hf.in_place import fused_experts_of, swap_experts  # noqa: E402
+from moe_models.hf.in_place_proof import probe_model  # noqa: E402
+from moe_models.models.probe import small_moe_config  # noqa: E402
+from moe_models.moe.parallel import make_expert_parallel_groups  # noqa: E402
+from moe_models.run.distributed import init_world  # noqa: E402
+
+EP = 2
+TOLERANCE = 1e-4  # relative to each tensor's largest magnitude (fp32)
+
+
+def batch(rank: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()), logits.detach()
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    scale = expected.abs().max().item() or 1.0
+    difference = (got - expected).abs().max().item() / scale
+    assert difference <= TOLERANCE, f"rank {dist.get_rank()}: {what} differs by {difference:.2e} of its largest"
+
+
+def check(model_type: str) -> None:
+    config = AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model_class = type(AutoModelForCausalLM.from_config(small_moe_config(config)))
+    rank = dist.get_rank()
+    stock = probe_model(model_class, config)
+    one, two = copy.deepcopy(stock), copy.deepcopy(stock)
+    swap_experts(one)                # ep_size 1: every expert here
+    swap_experts(two, ep_size=EP)    # ep_size 2: this rank's half, the rows by all-to-all
+
+    loss_two, logits_two = loss_of(two, batch(rank))
+    loss_two.backward()
+    loss_one, logits_one = loss_of(one, batch(rank))
+    close(logits_two, logits_one, f"{model_type}: logits")
+    own = {name: p.grad.clone() for name, p in one.named_parameters() if p.grad is not None}
+    one.zero_grad()
+    sum(loss_of(one, batch(r))[0] for r in range(EP)).backward()  # the experts' rows from both ranks
+
+    ones = dict(one.named_parameters())
+    for name, param in two.named_parameters():
+        if ".experts.deepspeed_moe." in name or name in own:
+            assert param.grad is not None, f"rank {rank}: {model_type}: {name} got no gradient"
+        if ".experts.deepspeed_moe." in name:
+            module = next(m for m in fused_experts_of(two) if name.startswith(_path(two, m)))
+            expected = ones[name].grad[module.global_expert_ids().start:module.global_expert_ids().stop]
+            close(param.grad, expected, f"{model_type}: the gradient of {name} (experts {module.global_expert_ids()})")
+        elif name in own:
+            close(param.grad, own[name], f"{model_type}: the gradient of {name}")
+    print(f"OK {model_type} rank {rank}", flush=True)
+
+
+def _path(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+if __name__ == "__main__":
+    init_world()
+    make_expert_parallel_groups(EP)
+    for family in [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]:
+        check(family)
