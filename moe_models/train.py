@@ -22,11 +22,12 @@ from transformers import set_seed
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
 from .hf.export_fidelity import export_outlook
+from .hf.in_place_run import continue_in_place, is_in_place_folder
 from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model, model_source_text
 from .models.tokenization import load_tokenizer
-from .moe.layer import moe_layers_of
+from .moe.model_layers import MoELayers
 from .moe.saved_settings import settings_of
 from .moe.surgery import convert_to_moe
 from .run.checkpoint_folder import CheckpointError
@@ -134,7 +135,16 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
     with startup.phase("tokenizer"):
         tokenizer = load_tokenizer(cfg.model)
     imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
-    if imported_from:  # continue an HF MoE model: its own experts, not upcycled
+    in_place = not imported_from and is_in_place_folder(cfg.model.model_name_or_path)
+    if in_place:  # continue an HF MoE in its own class: only its experts are swapped, each rank reads its own
+        imported_from = cfg.model.model_name_or_path
+        with startup.phase("model continued in place", begins=f"continuing {imported_from} in place (its own class "
+                           "and routing; each rank reads its experts)", waits=f"reading {imported_from}"):
+            model, moe, layout = continue_in_place(imported_from, cfg.moe, training_dtype(ds_config),
+                                                   len(tokenizer), given=cfg.given)
+            dense_params = sum(p.numel() for p in model.parameters())
+        cfg = dataclasses.replace(cfg, moe=moe)
+    elif imported_from:  # continue an HF MoE model: its own experts, not upcycled
         with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "
                            "and router, not upcycled; each rank reads its experts)",
                            waits=f"importing the HF MoE model {imported_from}"):
@@ -151,7 +161,7 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
                 load_dense_weights(model, upcycle_tag)
             model = convert_to_moe(model, cfg.moe, seed=cfg.train.seed)
         layout = settings_of(model)[1]
-    outlook = export_outlook(model.config, cfg.moe, layout)
+    outlook = None if in_place else export_outlook(model.config, cfg.moe, layout)
     if outlook and launched_rank() == 0:  # now, not after training: a flag may still make it exact
         print(f"note: {outlook}", flush=True)
 
@@ -199,7 +209,7 @@ def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout:
     MoE folder the model was read from."""
     if fresh:  # a resumed run keeps (and trims) its metrics
         folder.metrics.remove()
-    active = active_parameters(model, moe_layers_of(model))
+    active = active_parameters(model, MoELayers(model).counted)
     resolved = Resolved(world_size=world_size, deepspeed_config=ds_config, moe_layout=layout,
                         dense_parameters=dense_params, imported_from=imported_from,
                         moe_parameters_per_rank=sum(p.numel() for p in model.parameters()),

@@ -48,7 +48,8 @@ def resolve_peak_tflops(flag: float | None, device: torch.device, bf16: bool) ->
 
 
 def active_parameters(model: nn.Module, layers) -> int:
-    """Parameters one token's forward multiplies by, for an HF causal LM and its MoEFeedForward ``layers``.
+    """Parameters one token's forward multiplies by, for an HF causal LM and its MoE ``layers`` (MoEFeedForward, or
+    an in-place model's FusedExperts).
 
     Every parameter except embedding lookups (an output embedding tied to the input one counts), with
     each MoE layer's experts counted as top_k experts (the router, the shared experts and their gate, and a
@@ -59,14 +60,21 @@ def active_parameters(model: nn.Module, layers) -> int:
     tied = output.weight if output is not None else None
     lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not tied)
     local_experts = sum(p.numel() for layer in layers for p in layer.experts.parameters())
-    active_experts = sum(layer.top_k * sum(w.numel() for w in layer.local_expert_weights()[0].values())
-                         for layer in layers)
+    active_experts = sum(routes_per_token(layer) * expert_parameters(layer) for layer in layers)
     return sum(p.numel() for p in model.parameters()) - lookups - local_experts + active_experts
 
 
 def expert_parameters(layer) -> int:
-    """Parameters of one routed expert of an MoEFeedForward layer (every expert of a layer has the same)."""
-    return sum(w.numel() for w in layer.local_expert_weights()[0].values())
+    """Parameters of one routed expert of an MoE layer (every expert of a layer has the same): an MoEFeedForward's,
+    or an in-place FusedExperts' (its local experts' share)."""
+    if hasattr(layer, "local_expert_weights"):
+        return sum(w.numel() for w in layer.local_expert_weights()[0].values())
+    return sum(p.numel() for p in layer.experts.parameters()) // layer.num_local_experts
+
+
+def routes_per_token(layer) -> int:
+    """A layer's top_k: ours, or an in-place layer's (its family's, as its routing counters hold it)."""
+    return layer.top_k if hasattr(layer, "top_k") else layer.routing.top_k
 
 
 def expert_flops_per_token(expert_params: int, experts_per_token: float) -> float:

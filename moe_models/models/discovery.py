@@ -76,6 +76,13 @@ def _expert_count(config) -> int | None:
     return next((n for n in counts if isinstance(n, int) and n > 1), None)
 
 
+def counts_experts(config: dict) -> bool:
+    """Whether a config.json's fields count experts: an MoE model to continue (in place), not a dense one to
+    convert."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return any(isinstance(text.get(field), int) and text[field] > 1 for field in EXPERT_COUNT_FIELDS)
+
+
 def _num_layers(config) -> int | None:
     text = config.get_text_config() if config is not None else None
     return next((n for n in (getattr(text, k, None) for k in ("num_hidden_layers", "n_layer", "n_layers",

@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..run.config import ModelConfig
 from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES, architecture_of_config
+from .discovery import counts_experts
 from .tokenization import BYTE_VOCAB_SIZE
 
 DEFAULT_PRESET = "tiny-llama"
@@ -156,6 +157,8 @@ def family_problems(config: dict, where: str) -> list[str]:
     model_type = config.get("model_type")
     if model_type in ARCHITECTURES or model_type in IMPORTABLE_MOE_MODEL_TYPES:
         return []
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and counts_experts(config):
+        return []  # an MoE to continue in place (hf/in_place_run.py): its family's probe decides at the build
     if model_type not in CONFIG_MAPPING_NAMES:
         return [f"model type {model_type!r} ({where}) is unknown to transformers {transformers.__version__}; give "
                 "a config.json of a transformers family (docs/models.md lists those that convert), or upgrade "

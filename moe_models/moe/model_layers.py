@@ -26,11 +26,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..metrics.routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
-from ..metrics.throughput import expert_flops_per_token, expert_parameters
+from ..metrics.throughput import expert_flops_per_token, expert_parameters, routes_per_token
 from .balance import update_score_biases
 from .counters import RoutingSums, from_named, named
 from .dispatcher import AllToAllDispatcher
 from .domain_routing import DomainRouteCounts
+from .fused_experts import FusedExperts
 from .layer import MoEFeedForward, moe_layers_of
 from .shared import SharedSums
 
@@ -46,6 +47,10 @@ class MoELayers:
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers_of(model)
+        # A model continued in place (hf/in_place.py) routes by its family's own routers, whose balance loss is in its
+        # LM loss: its FusedExperts add no router loss here, but their routes are counted and logged as ours are.
+        self.in_place = [module for module in model.modules() if isinstance(module, FusedExperts)]
+        self.counted = [*self.layers, *self.in_place]  # moe/layer_{i} in the metrics
         self.steps_in_interval = 0  # optimizer steps since the last interval_metrics (the same on every rank)
 
     def __iter__(self):
@@ -84,7 +89,7 @@ class MoELayers:
             update_score_biases(routers)
         for router in routers:
             router.step_load.reset()
-        for layer in self.layers:
+        for layer in self.counted:
             layer.routing.end_step()
         self.steps_in_interval += 1
 
@@ -94,11 +99,11 @@ class MoELayers:
         """Every layer's routing sums (and shared-expert sums where it has shared experts) since the last
         ``interval_metrics``, by name, on the device."""
         sums = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.counted):
             sums.update(named(layer.routing.sums(device), f"moe/layer_{i}/routing/"))
-            if layer.shared_counters is not None:
+            if getattr(layer, "shared_counters", None) is not None:
                 sums.update(named(layer.shared_counters.sums(device), f"moe/layer_{i}/shared/"))
-            dispatcher = getattr(layer.moe.deepspeed_moe, "dispatcher", None)
+            dispatcher = getattr(_deepspeed_layer(layer), "dispatcher", None)
             if isinstance(dispatcher, AllToAllDispatcher):  # bytes counted on the host from the split sizes
                 for where, sent in zip(("in_node", "across_nodes"), dispatcher.take_sent_bytes()):
                     sums[f"moe/layer_{i}/sent_bytes/{where}"] = torch.tensor(float(sent), dtype=torch.float64,
@@ -109,19 +114,20 @@ class MoELayers:
         """The interval's ``moe/layer_{i}/...`` row entries (docs/metrics.md) from ``interval_sums`` summed over
         ranks; the counters restart."""
         row = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.counted):
             routing = from_named(RoutingSums, summed, f"moe/layer_{i}/routing/")
-            values = routing_metrics(routing, layer.num_experts, layer.top_k)
-            if layer.shared_counters is not None:
+            values = routing_metrics(routing, layer.num_experts, routes_per_token(layer))
+            if getattr(layer, "shared_counters", None) is not None:
                 shared = from_named(SharedSums, summed, f"moe/layer_{i}/shared/")
                 values.update(shared_expert_metrics(shared, gated=layer.shared_expert_gate is not None))
                 layer.shared_counters.reset()
             if "real_experts_per_token" in values:
                 values["real_expert_flops_per_token"] = expert_flops_per_token(expert_parameters(layer),
                                                                                values["real_experts_per_token"])
-            if layer.router.force_balanced:
+            router = layer.router if isinstance(layer, MoEFeedForward) else None  # in place: the family's
+            if router is not None and router.force_balanced:
                 values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
-            if layer.router.score_bias is not None:  # aux-loss-free balancing: the same on every rank
+            if router is not None and router.score_bias is not None:  # aux-loss-free balancing: the same on every rank
                 values["score_bias"] = layer.router.score_bias.tolist()
             for where in ("in_node", "across_nodes"):
                 name = f"moe/layer_{i}/sent_bytes/{where}"
@@ -135,8 +141,8 @@ class MoELayers:
     def spent_flops_per_token(self, flops_per_token: float, row: dict) -> float | None:
         """``flops_per_token`` (top_k experts per MoE layer) less the expert FLOPs the tokens did not spend, by each
         layer's ``real_expert_flops_per_token`` of ``row`` (interval_metrics); None when no layer logged it."""
-        unspent = [expert_flops_per_token(expert_parameters(layer), layer.top_k) - row[key]
-                   for i, layer in enumerate(self.layers)
+        unspent = [expert_flops_per_token(expert_parameters(layer), routes_per_token(layer)) - row[key]
+                   for i, layer in enumerate(self.counted)
                    if (key := f"moe/layer_{i}/real_expert_flops_per_token") in row]
         return flops_per_token - sum(unspent) if unspent else None
 
@@ -146,7 +152,7 @@ class MoELayers:
                       domains: Sequence[str] | None = None) -> DomainRouteCounts:
         """Counters of every layer's routes per (domain, expert) over one evaluation's forwards; ``domains`` names
         the domains in the per-domain keys."""
-        return DomainRouteCounts(self.layers, num_domains, device, domains)
+        return DomainRouteCounts(self.counted, num_domains, device, domains)
 
     def expert_similarity(self) -> dict:
         """``moe/layer_{i}/expert_similarity``: the mean pairwise cosine of the experts' weights, per layer with 2+
@@ -157,6 +163,11 @@ class MoELayers:
         sums_sq = torch.stack([layer.expert_direction_sum_sq() for _, layer in layers]).tolist()  # one host read
         return {f"moe/layer_{i}/expert_similarity": mean_pairwise_cosine(sum_sq, layer.num_experts)
                 for (i, layer), sum_sq in zip(layers, sums_sq)}
+
+
+def _deepspeed_layer(layer) -> nn.Module:
+    """The module holding a layer's dispatcher: DeepSpeed's MOELayer place in our layer or an in-place one."""
+    return layer.moe.deepspeed_moe if isinstance(layer, MoEFeedForward) else layer.deepspeed_moe
 
 
 def world_size() -> int:

@@ -79,7 +79,7 @@ class Bookkeeping:
     def add_micro_batch(self, input_ids: torch.Tensor, balance_loss: torch.Tensor) -> None:
         """A training forward's balance loss (summed over the MoE layers) and tokens, added on the device."""
         if self.flops_per_token is None:
-            self.flops_per_token = flops_per_token(active_parameters(self.model, self.moe_layers.layers),
+            self.flops_per_token = flops_per_token(active_parameters(self.model, self.moe_layers.counted),
                                                    *attention_dims(self.model.config), input_ids.shape[-1])
         self.sums["balance_loss"] += balance_loss.detach().double()
         self.sums["micro_batches"] += 1

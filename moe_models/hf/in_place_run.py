@@ -1,0 +1,88 @@
+"""What train.py does with ``--model_name_or_path FOLDER`` when the folder holds an HF MoE class that hf/load.py has
+no adapter for: it continues the model in place (hf/in_place.py). The family is proven first on its probe
+(hf/in_place_proof.py), then each rank reads its experts (hf/in_place_load.py). The run's MoE settings describe the
+checkpoint (its experts per sparse block, its top-k, the sparse blocks); the routing and its balance loss are the
+family's own (``output_router_logits`` on: the HF loss includes ``router_aux_loss_coef`` x the family's balance
+loss), so flags that set our routing rule or loss are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from ..models.discovery import EXPERT_COUNT_FIELDS
+from ..models.probe import MOE_TOP_K_FIELDS
+from ..models.source import check_vocabulary
+from ..moe.parallel import make_expert_parallel_groups
+from ..run.config import ConfigError, MoEConfig
+from ..run.moe_layout import MoELayout
+from .adapters import ADAPTERS
+from .in_place import fused_experts_of
+from .in_place_load import load_in_place
+from .in_place_proof import prove_in_place
+
+# MoEConfig flags an in-place run takes from the command line: the rest describe a rule or loss of our own layer.
+IN_PLACE_FLAGS = ("ep_size", "moe_impl")
+
+
+def is_in_place_folder(name_or_path: str | None) -> bool:
+    """A local folder whose config.json is an HF MoE class (it counts experts) that hf/load.py does not import."""
+    if not name_or_path or not (Path(name_or_path) / "config.json").is_file():
+        return False
+    config = AutoConfig.from_pretrained(name_or_path)
+    return config.model_type not in ADAPTERS and bool(expert_count(config))
+
+
+def expert_count(config: PretrainedConfig) -> int:
+    text = config.get_text_config()
+    return next((value for name in EXPERT_COUNT_FIELDS if isinstance(value := getattr(text, name, None), int)
+                 and value > 1), 0)
+
+
+def top_k_of(config: PretrainedConfig) -> int:
+    text = config.get_text_config()
+    return next((value for name in MOE_TOP_K_FIELDS if isinstance(value := getattr(text, name, None), int)), 1)
+
+
+def continue_in_place(path: str, moe: MoEConfig, dtype: torch.dtype, vocab_needed: int,
+                      given: frozenset[str] = frozenset()) -> tuple[nn.Module, MoEConfig, MoELayout]:
+    """The model of ``path`` in its own class, this rank's experts swapped in (``moe.ep_size``), the MoE settings that
+    describe it, and its layout. A ValueError (ConfigError for flags) says what stops it, before anything is
+    written: a family whose probe fails, flags of our own routing rule, an ep_size that does not divide the
+    experts, a folder that is incomplete or disagrees with its config."""
+    config = AutoConfig.from_pretrained(path)
+    ours = sorted(name for name in given if name not in IN_PLACE_FLAGS
+                  and name in {f.name for f in dataclasses.fields(MoEConfig)})
+    if ours:
+        raise ConfigError([f"--{name}: {path} is continued in place ({config.model_type}), with the family's own "
+                           "routing, balance loss and experts; leave it out (docs/models.md, Continue an MoE in "
+                           "place)" for name in ours])
+    experts = expert_count(config)
+    if experts % moe.ep_size:
+        raise ConfigError([f"ep_size ({moe.ep_size}) must divide the {experts} experts of {path}: pick an ep_size "
+                           f"that divides {experts}"])
+    with torch.device("meta"):
+        model_class = type(AutoModelForCausalLM.from_config(config))
+    try:
+        prove_in_place(model_class, config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    make_expert_parallel_groups(moe.ep_size)
+    model = load_in_place(path, moe.ep_size, dtype=dtype)
+    check_vocabulary(model, vocab_needed)
+    for module in fused_experts_of(model):  # the family's top-k, before the first forward counts it (FLOPs, metrics)
+        module.routing.top_k = top_k_of(config)
+    if hasattr(model.config, "output_router_logits"):  # the family's balance loss joins its LM loss
+        model.config.output_router_logits = True
+    blocks = sorted({int(found.group(1)) for module_path, module in model.named_modules()
+                     if module in fused_experts_of(model) and (found := re.search(r"\.(\d+)\.", module_path))})
+    settings = dataclasses.replace(moe, num_experts=experts, top_k=top_k_of(config), moe_layers=blocks,
+                                   expert_init="copy", num_shared_experts=0, aux_loss_coef=0.0)
+    layout = MoELayout.resolve(settings, config.get_text_config().num_hidden_layers)
+    return model, settings, layout
+
