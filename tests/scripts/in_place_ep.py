@@ -82,7 +82,8 @@ def check(model_type: str) -> None:
 
 def train(model_type: str, output_dir: str) -> None:
     """Four ZeRO-2 steps of DeepSpeed engines at ep_size 1 and 2 (each rank its own batch): the same losses, and
-    the same experts after them (the schedule warms up from 0: the weights move from the third step; rank r's ep_size 2 experts are rows of the ep_size 1 tensors)."""
+    the same experts after them (the schedule warms up from 0: the weights move from the third step; rank r's
+    ep_size 2 experts are rows of the ep_size 1 tensors)."""
     config = AutoConfig.for_model(model_type)
     with torch.device("meta"):
         model_class = type(AutoModelForCausalLM.from_config(small_moe_config(config)))
