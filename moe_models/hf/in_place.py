@@ -60,8 +60,9 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
     """Swap every sparse block's experts of ``model`` for ``FusedExperts`` holding this rank's E / ep_size of them
     (``ep_rank``: default, this rank's place in DeepSpeed's expert-parallel group, whose groups must then exist:
     moe/parallel.py's ``make_expert_parallel_groups``); the other experts' weights are let go. On the meta device
-    the swap allocates nothing (hf/in_place_load.py reads the weights after it). Returns the new modules in model order. A ValueError says why a model whose
-    experts are not fused (or whose expert count ep_size does not divide) cannot be swapped; nothing is changed then.
+    the swap allocates nothing (hf/in_place_load.py reads the weights after it). Returns the new modules in model
+    order. A ValueError says why a model whose experts are not fused (or whose expert count ep_size does not divide)
+    cannot be swapped; nothing is changed then.
     """
     problem = in_place_problem(model)
     if problem:

@@ -117,7 +117,8 @@ def small_moe_config(config: PretrainedConfig) -> PretrainedConfig:
     if isinstance(getattr(text, "kv_lora_rank", None), int) and isinstance(getattr(text, "num_key_value_heads", None),
                                                                           int):
         _set(text, "num_key_value_heads", text.num_attention_heads)  # latent attention: a key per head
-    kinds, full_kinds = getattr(text, "mlp_layer_types", None), getattr(config.get_text_config(), "mlp_layer_types", None)
+    kinds = getattr(text, "mlp_layer_types", None)
+    full_kinds = getattr(config.get_text_config(), "mlp_layer_types", None)
     if isinstance(kinds, list) and isinstance(full_kinds, list) and "sparse" in full_kinds:
         _set(text, "mlp_layer_types", kinds[:1] + ["sparse"] * (len(kinds) - 1))
     if getattr(text, "layer_types", "absent") is None and text.model_type in PROBE_LAYER_TYPES:

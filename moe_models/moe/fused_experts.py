@@ -26,8 +26,8 @@ import inspect
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
 from .counters import RoutingCounters
@@ -112,8 +112,9 @@ class FusedExperts(MoE):
         local = LocalFusedExperts(family_experts, range(self.first_expert, self.first_expert + self.num_local_experts),
                                   self.expert_group_name)
         self.deepspeed_moe = FusedExpertsLayer(local, dispatcher_for(self.num_local_experts, ep_size, True))
-        if ep_size > 1 and dist.is_initialized():  # the dispatcher's group now (the engine sets it again)
-            self.set_deepspeed_parallelism()
+        if ep_size > 1 and self.expert_group_name in groups._get_expert_parallel_group_dict():
+            # the dispatcher's group now, where it exists (the engine sets it again): the model runs before it
+            self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
         self.routing = RoutingCounters(num_experts)
         self.last_topk_ids_TK: Optional[torch.Tensor] = None
         self._router_logits: Optional[torch.Tensor] = None

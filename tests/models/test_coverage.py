@@ -41,7 +41,8 @@ def test_at_least_20_families_convert_and_every_refusal_says_why():
 
 
 def test_docs_models_carries_the_table():
-    assert refresh_doc_table(DOC, BEGIN, END, models_markdown()), "docs/models.md's table is stale: UPDATE_DOCS=1 pytest tests/models/test_coverage.py -k docs"
+    assert refresh_doc_table(DOC, BEGIN, END, models_markdown()), \
+        "docs/models.md's table is stale: UPDATE_DOCS=1 pytest tests/models/test_coverage.py -k docs"
 
 
 def small_model(model_type: str, seed: int = 0) -> torch.nn.Module:

@@ -4,9 +4,11 @@
 Every rank builds the same probe of each family (the same weights), and takes its own batch. The reference is the
 probe swapped at ep_size 1 on this rank alone: its logits on this rank's batch, its router and other gradients from
 this rank's batch, and its expert gradients from both ranks' batches (at ep_size 2 an expert's rows come from every
-rank of its group, and its gradient with them). Prints `OK <family>` per family; an assertion fails otherwise.
+rank of its group, and its gradient with them). Prints `OK <family> rank <r>` per family; an assertion fails
+otherwise. Then DeepSpeed engines (ZeRO-2) at ep_size 1 and 2 take four steps: the same losses and weights
+(`TRAINED <family> rank <r>`).
 
-Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py qwen3_moe deepseek_v3
+Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py OUTPUT_DIR qwen3_moe deepseek_v3
 """
 
 import copy
@@ -23,7 +25,10 @@ from moe_models.hf.in_place import fused_experts_of, swap_experts  # noqa: E402
 from moe_models.hf.in_place_proof import probe_model  # noqa: E402
 from moe_models.models.probe import small_moe_config  # noqa: E402
 from moe_models.moe.parallel import make_expert_parallel_groups  # noqa: E402
+from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import init_world  # noqa: E402
+from moe_models.training.ds_config import build_deepspeed_config  # noqa: E402
+from moe_models.training.trainer import build_engine  # noqa: E402
 
 EP = 2
 TOLERANCE = 1e-4  # relative to each tensor's largest magnitude (fp32)
@@ -75,6 +80,51 @@ def check(model_type: str) -> None:
     print(f"OK {model_type} rank {rank}", flush=True)
 
 
+def train(model_type: str, output_dir: str) -> None:
+    """Four ZeRO-2 steps of DeepSpeed engines at ep_size 1 and 2 (each rank its own batch): the same losses, and
+    the same experts after them (the schedule warms up from 0: the weights move from the third step; rank r's
+    ep_size 2 experts are rows of the ep_size 1 tensors)."""
+    config = AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model_class = type(AutoModelForCausalLM.from_config(small_moe_config(config)))
+    cfg = parse_args(["--output_dir", output_dir, "--deepspeed", "zero2", "--warmup_steps", "1",
+                      "--learning_rate", "3e-3", "--per_device_train_batch_size", "2"])
+    ds_config = build_deepspeed_config(cfg, world_size=dist.get_world_size())
+    losses, engines = {}, {}
+    for ep in (1, EP):
+        model = probe_model(model_class, config).train()
+        swap_experts(model, ep_size=ep)
+        engines[ep] = build_engine(model, ds_config, weight_decay=0.0)
+        losses[ep] = []
+        for _ in range(4):
+            loss = engines[ep](input_ids=batch(dist.get_rank()), labels=batch(dist.get_rank()), use_cache=False).loss
+            engines[ep].backward(loss)
+            engines[ep].step()
+            losses[ep].append(loss.item())
+    assert losses[1] == pytest_approx(losses[EP]), f"rank {dist.get_rank()}: {model_type}: losses {losses}"
+    assert losses[EP][-1] < losses[EP][0], f"rank {dist.get_rank()}: {model_type}: no step moved the loss {losses}"
+    ones = dict(engines[1].module.named_parameters())
+    for name, param in engines[EP].module.named_parameters():
+        expected = ones[name]
+        if ".experts.deepspeed_moe." in name:
+            module = next(m for m in fused_experts_of(engines[EP].module) if name.startswith(_path(engines[EP].module,
+                                                                                                   m)))
+            expected = expected[module.global_expert_ids().start:module.global_expert_ids().stop]
+        close(param.detach(), expected.detach(), f"{model_type}: {name} after four steps")
+    print(f"TRAINED {model_type} rank {dist.get_rank()} losses {losses[EP]}", flush=True)
+    for engine in engines.values():
+        engine.destroy()
+
+
+def pytest_approx(values: list[float]) -> list:
+    return [Approx(v) for v in values]
+
+
+class Approx(float):
+    def __eq__(self, other) -> bool:
+        return abs(float(self) - other) <= 1e-5 * max(abs(float(self)), 1.0)
+
+
 def _path(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -82,5 +132,8 @@ def _path(model, module) -> str:
 if __name__ == "__main__":
     init_world()
     make_expert_parallel_groups(EP)
-    for family in [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]:
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]
+    output_dir, families = args[0], args[1:]
+    for family in families:
         check(family)
+        train(family, output_dir)
