@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
@@ -119,7 +120,8 @@ def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoECon
     path = cfg.model.model_name_or_path
     if is_hf_moe_folder(path):
         dense, settings, _ = dense_config_and_moe_settings(AutoConfig.from_pretrained(path))
-        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given)
+        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given,
+                                               Path(path) / "config.json")
     return (AutoConfig.from_pretrained(path) if path else resolve_model_config(cfg.model)), cfg.moe
 
 
