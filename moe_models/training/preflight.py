@@ -302,8 +302,12 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
         rows.append(f"  precision: {result['precision_note']}")
     if device_gib is not None:
         fits = m["total"] <= device_gib * GIB
-        rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
-                    + ("" if fits else f"; smallest change that fits: {advice or 'none of the listed changes'}"))
+        if result.get("search"):  # --plan_search: its fastest layout is the answer, fitting or not
+            rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}; the fastest layout that fits "
+                        f"(--plan_search, below): {result['search'][0]['flags']}")
+        else:
+            rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
+                        + ("" if fits else f"; smallest change that fits: {advice or 'none of the listed changes'}"))
     return "\n".join(rows)
 
 
