@@ -12,7 +12,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from ..data.batches import TrainBatches, eval_batches
+from ..data.batches import TrainBatches, eval_batches, model_inputs, target_count
 from ..metrics.device import DeviceInterval
 from ..metrics.domain_loss import domain_loss_metrics, domain_loss_sums
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
@@ -70,9 +70,9 @@ def unknown_parameter_problem(err: TypeError, ds_config: dict, config_file: str 
     return None
 
 
-def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """Next-token loss of one forward (transformers shifts the labels)."""
-    return engine(input_ids=input_ids, labels=input_ids, **forward_kwargs).loss
+def lm_loss_of(engine: deepspeed.DeepSpeedEngine, inputs: dict, **forward_kwargs) -> torch.Tensor:
+    """Next-token loss of one forward of a batch's ``model_inputs`` (transformers shifts the labels)."""
+    return engine(**{**forward_kwargs, **inputs}).loss
 
 
 def forward_kwargs(compiled: bool) -> dict:
@@ -170,14 +170,16 @@ class Trainer:
 
     def zero_sums(self) -> dict[str, torch.Tensor]:
         """A logging interval's loss sums, on the device: LM loss, balance loss (summed over layers), micro-steps."""
-        return {name: torch.zeros((), device=self.world.device) for name in ("lm_loss", "aux_loss", "micro_steps")}
+        return {name: torch.zeros((), device=self.world.device)
+                for name in ("lm_loss", "aux_loss", "micro_steps", "trained_tokens")}
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this step's loss sums."""
         sums = self.zero_sums()
         for _ in range(self.cfg.train.gradient_accumulation_steps):
-            input_ids = next(self.batches)["input_ids"].to(self.world.device)
-            lm_loss = lm_loss_of(self.engine, input_ids, **self.forward_kwargs)
+            inputs = model_inputs(next(self.batches), self.world.device)
+            input_ids = inputs["input_ids"]
+            lm_loss = lm_loss_of(self.engine, inputs, **self.forward_kwargs)
             router_loss, balance = self.moe.router_loss(lm_loss)
             self.engine.backward(lm_loss + router_loss)
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
@@ -185,6 +187,7 @@ class Trainer:
             sums["lm_loss"] += lm_loss.detach().float()
             sums["aux_loss"] += balance.detach().float()
             sums["micro_steps"] += 1
+            sums["trained_tokens"] += target_count(inputs["labels"])
         skipped = not self.engine.was_step_applied()
         self.guard.record(skipped)
         if skipped:
@@ -235,6 +238,7 @@ class Trainer:
             **throughput_metrics(tokens, steps_in_interval, seconds, self.world.world_size, self.flops_per_token,
                                  self.peak_tflops, spent),
             "tokens_seen": self.state.tokens_seen,
+            "trained_tokens": int(summed["trained_tokens"]),
             "skipped_steps": self.engine.skipped_steps,
             "nonfinite_steps": self.guard.total,
             **moe_row,
@@ -252,12 +256,13 @@ class Trainer:
         domain_routes = self.moe.domain_routes(len(self.domains), self.world.device, self.domains)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
-            input_ids = batch["input_ids"].to(self.world.device)
-            targets = input_ids[:, 1:].numel()
-            output = self.engine(input_ids=input_ids, labels=input_ids, **self.forward_kwargs)
-            sums += torch.stack([output.loss.double() * targets, sums.new_tensor(targets)])
-            if "domain_ids" in batch and self.domains:
-                by_domain += domain_loss_sums(output.logits, input_ids, batch["domain_ids"], len(self.domains))
+            inputs = model_inputs(batch, self.world.device)
+            targets = target_count(inputs["labels"]).double()
+            output = self.engine(**{**self.forward_kwargs, **inputs})
+            sums += torch.stack([output.loss.double() * targets, targets])
+            if "domain_ids" in batch and self.domains:  # the tokens the loss is on
+                domain_ids = batch["domain_ids"].to(self.world.device).masked_fill(inputs["labels"] == -100, -1)
+                by_domain += domain_loss_sums(output.logits, inputs["input_ids"], domain_ids, len(self.domains))
             domain_routes.add(batch.get("domain_ids"))
         self.engine.train()
         loss_sum, targets, *by_domain_sums = all_reduce_sum(torch.cat([sums, by_domain.flatten()])).tolist()
