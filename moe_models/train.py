@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
+from .data.chat import chat_template
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
 from .hf.export_fidelity import export_outlook
@@ -132,6 +133,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg, folder)  # upcycled once, at the start
     with startup.phase("tokenizer"):
         tokenizer = load_tokenizer(cfg.model)
+        if cfg.data.chat_template:  # the run's tokenizer, and so its export, carries the template it trained with
+            tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
     if imported_from:  # continue an HF MoE model: its own experts, not upcycled
         with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "

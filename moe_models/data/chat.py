@@ -81,8 +81,8 @@ def answer_spans(messages: list[dict], first_answer: int, template: str, tokeniz
         before = _render(messages[:turn], template, tokenizer, add_generation_prompt=True)[0]
         through = _render(messages[:turn + 1], template, tokenizer)[0]
         if not (text.startswith(through) and through.startswith(before)):
-            raise ValueError(f"the chat template renders the turns before assistant turn {turn + 1} differently once "
-                             "later turns follow, so that turn's tokens cannot be found; use a template with "
+            raise ValueError(f"the chat template renders the turns before message {turn + 1} (assistant) differently "
+                             "once later turns follow, so that answer's tokens cannot be found; use a template with "
                              "{% generation %} markers around the assistant content, or --loss_on_all_tokens")
         spans.append((len(before), len(through)))
     return text, spans

@@ -102,7 +102,7 @@ def _sequences(batch: dict, kind: str, tokenizer: PreTrainedTokenizerBase, templ
         problem = record_problem(record, kind)
         try:
             if problem:
-                raise ValueError(problem)
+                raise ValueError(f"{problem}; fix or remove that record")
             ids, labels = token_labels(record, tokenizer, template, data.loss_on_all_tokens)
         except ValueError as err:
             raise ValueError(f"{batch[SOURCE][row]} record {batch[RECORD][row]}: {err}") from None

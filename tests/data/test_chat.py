@@ -94,6 +94,34 @@ def test_labels_and_packing_are_the_hand_computation(template, tmp_path, tokeniz
     assert data.sequences["validation"] == {"sequences": 3, "overlong": 0, "untrained": 0, "blocks": 1}
 
 
+def test_the_tokenizers_own_template_agrees_with_transformers_assistant_mask(tmp_path):
+    """No --chat_template: the tokenizer's own (with generation blocks) renders; the trained tokens are those of
+    apply_chat_template(..., return_assistant_tokens_mask=True), and the hand computation."""
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = MARKED
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    data = prepare_data(settings(tmp_path, train, packing=False), tokenizer, seed=0)
+    for row, messages, segments in zip(data.validation, CONVERSATIONS, HAND):
+        stock = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+        length = len(stock["input_ids"])
+        assert row["input_ids"][:length] == stock["input_ids"]
+        assert [label != -100 for label in row["labels"][:length]] == [bool(m) for m in stock["assistant_masks"]]
+        assert row["labels"][:length] == hand_sequence(tokenizer, segments)[1]
+
+
+def test_conversational_prompt_completion_trains_on_the_completion_only(tmp_path, tokenizer):
+    """A prompt that holds an assistant turn: only the completion's assistant turn is trained on."""
+    record = {"prompt": CONVERSATIONS[1][:4], "completion": CONVERSATIONS[1][4:]}
+    train = write_jsonl(tmp_path / "pc.jsonl", [record])
+    for template in (PLAIN, MARKED):
+        data = prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, template)), tokenizer, 0)
+        segments = [(text, trained and text.startswith("6")) for text, trained in HAND[1]]
+        ids, labels = hand_sequence(tokenizer, segments)
+        assert data.validation[0]["input_ids"][:len(ids)] == ids
+        assert data.validation[0]["labels"][:len(ids)] == labels
+
+
 def test_loss_on_all_tokens_and_padded_rows(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
     data = prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, PLAIN),
@@ -195,9 +223,9 @@ def test_mixed_formats_are_refused_naming_the_files(tmp_path, tokenizer):
 
 BAD_RECORDS = {
     "unknown_role": ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-                     "message 1 has an unknown role 'robot'"),
+                     "message 1 has an unknown role 'robot'; the roles are system, developer, user, assistant, tool"),
     "empty": ({"messages": []}, "the conversation is empty"),
-    "no_assistant": ({"messages": [{"role": "user", "content": "x"}]}, "the conversation has no assistant turn"),
+    "no_assistant": ({"messages": [{"role": "user", "content": "x"}]}, "the conversation has no assistant turn: nothing to train on"),
     "content_not_text": ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]},
                          r"message 2 \(assistant\): content is list, not a string"),
 }
@@ -207,12 +235,19 @@ BAD_RECORDS = {
 def test_bad_records_are_refused_naming_the_file_and_record(case, tmp_path, tokenizer):
     record, expected = BAD_RECORDS[case]
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, record])
-    with pytest.raises(ValueError, match=f"{train} record 2: {expected}"):
+    with pytest.raises(ValueError, match=f"{train} record 2: {expected}; fix or remove that record"):
         prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, PLAIN)), tokenizer, 0)
 
 
 def test_a_template_that_fails_to_render_is_refused(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
     failing = "{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + PLAIN
-    with pytest.raises(ValueError, match=f"{train} record 2: the chat template fails to render it .*no system turns"):
+    with pytest.raises(ValueError, match=rf"{train} record 2: the chat template fails to render it \(TemplateError: no system turns\)"):
         prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, failing)), tokenizer, 0)
+
+
+def test_conversations_are_not_streamed(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    data = replace(settings(tmp_path, train), validation_file=None, streaming=True, streaming_validation_texts=1)
+    with pytest.raises(ValueError, match=f"{train} holds messages records, and --streaming reads text only"):
+        prepare_data(data, tokenizer, 0)

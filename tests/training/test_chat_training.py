@@ -5,8 +5,11 @@ import json
 import random
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
+from moe_models import export
 
 # Rendered: <|user|>{20 random letters}<|assistant|>ok!<|endoftext|>, 45 tokens of the byte-level tokenizer.
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}<|endoftext|>"
@@ -56,3 +59,13 @@ def test_the_answers_are_learned_where_the_noise_cannot_be(world, tmp_path, chat
     assert all_loss > 20 * 3.258 / 44
     record = json.loads((masked / "run_config.json").read_text())["resolved"]["sequences"]
     assert sum(split["overlong"] for split in record.values()) == 1
+
+    # the export carries the template: stock apply_chat_template and generate answer a new noise prompt
+    export.main(["--checkpoint", str(masked / "checkpoints"), "--output", str(tmp_path / "hf")])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "qwertyuiopasdfghjklz"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]) == "ok!<|endoftext|>"
