@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
@@ -152,7 +152,9 @@ def as_records(dataset: Dataset, source: str) -> Dataset:
     source and 1-based number for the messages about it."""
     columns = format_columns(format_of(dataset.column_names))
     dataset = dataset.select_columns([c for c in dataset.column_names if c in (*columns, "domain")])
-    dataset = dataset.map(partial(_as_json, columns=columns), batched=True, remove_columns=columns,
+    features = Features({name: Value("string") if name in columns else feature
+                         for name, feature in dataset.features.items()})  # not inferred: that may give datasets' Json
+    dataset = dataset.map(partial(_as_json, columns=columns), batched=True, features=features,
                           desc=f"Reading {source}")
     return dataset.add_column(SOURCE, [source] * len(dataset)).add_column(RECORD, list(range(1, len(dataset) + 1)))
 

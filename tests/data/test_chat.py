@@ -135,6 +135,14 @@ def test_loss_on_all_tokens_and_padded_rows(tmp_path, tokenizer):
         assert row["attention_mask"] == [1] * len(ids) + [0] * pad
 
 
+def test_domain_entries_tag_the_tokens_and_not_the_padding(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    data = prepare_data(settings(tmp_path, f"qa={train}", chat_template=template_file(tmp_path, PLAIN)), tokenizer, 0)
+    lengths = [len(hand_sequence(tokenizer, segments)[0]) for segments in HAND]
+    assert data.domains == ["qa"]
+    assert data.validation[0]["domain_ids"] == [0] * sum(lengths) + [-1] * (BLOCK - sum(lengths))
+
+
 def test_prompt_completion_strings_need_no_template(tmp_path, tokenizer):
     rows = [{"prompt": "Q: 1+1=", "completion": "2"}, {"prompt": "Q: say hi", "completion": " hi!"}]
     train = write_jsonl(tmp_path / "pc.jsonl", rows)
@@ -225,6 +233,7 @@ BAD_RECORDS = {
     "unknown_role": ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
                      "message 1 has an unknown role 'robot'; the roles are system, developer, user, assistant, tool"),
     "empty": ({"messages": []}, "the conversation is empty"),
+    "not_a_list": ({"messages": "hello"}, r"the conversation is str, not a list of \{role, content\} messages"),
     "no_assistant": ({"messages": [{"role": "user", "content": "x"}]}, "the conversation has no assistant turn: nothing to train on"),
     "content_not_text": ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]},
                          r"message 2 \(assistant\): content is list, not a string"),
