@@ -1,6 +1,9 @@
 """Fine-tuning on conversations through train.py: the loss is on the answers (a learning check where only the answers
-can be learned), the logged counts are the answer tokens, and the run says what became of over-long ones."""
+can be learned), the logged counts are the answer tokens, the run says what became of over-long ones, its export
+answers through stock apply_chat_template and generate, and a resume continues exactly."""
 
+import contextlib
+import io
 import json
 import random
 
@@ -40,11 +43,20 @@ def rows(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def masked(world, tmp_path_factory, chat_files):
+    """The run on the answers, with a checkpoint half-way; and what it printed."""
+    folder = tmp_path_factory.mktemp("answers")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train.main([*FLAGS, *chat_files, "--save_steps", "15", "--output_dir", str(folder)])
+    return folder, printed.getvalue()
+
+
 @pytest.mark.slow
-def test_the_answers_are_learned_where_the_noise_cannot_be(world, tmp_path, chat_files, capsys):
-    masked, unmasked = tmp_path / "answers", tmp_path / "all"
-    train.main([*FLAGS, *chat_files, "--output_dir", str(masked)])
-    out = capsys.readouterr().out
+def test_the_answers_are_learned_where_the_noise_cannot_be(masked, tmp_path, chat_files):
+    masked, out = masked
+    unmasked = tmp_path / "all"
     assert "sequences are longer than --block_size 64 and were truncated" in out
     assert "1 sequences have no token to train on within the block and were dropped" in out
     train.main([*FLAGS, *chat_files, "--loss_on_all_tokens", "true", "--output_dir", str(unmasked)])
@@ -69,3 +81,15 @@ def test_the_answers_are_learned_where_the_noise_cannot_be(world, tmp_path, chat
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]) == "ok!<|endoftext|>"
+
+
+@pytest.mark.slow
+def test_a_chat_run_resumes_exactly(masked, tmp_path, chat_files):
+    masked, _ = masked
+    resumed = tmp_path / "resumed"
+    train.main([*FLAGS, *chat_files, "--output_dir", str(resumed), "--resume_from_checkpoint",
+                str(masked / "checkpoints" / "global_step15")])
+    losses = {row["step"]: row["loss"] for row in rows(masked) if "loss" in row}
+    after = {row["step"]: row["loss"] for row in rows(resumed) if "loss" in row}
+    assert sorted(after) == list(range(16, 31))
+    assert after == {step: losses[step] for step in after}
