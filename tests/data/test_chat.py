@@ -40,7 +40,8 @@ CONVERSATIONS = [
 # The rendering of each conversation written out by hand: (text, whether the loss is on it).
 HAND = [
     [("<|user|>hi<|assistant|>", False), ("yo" + EOT, True)],
-    [("<|system|>be brief<|user|>2+2?<|assistant|>", False), ("4" + EOT, True), ("<|user|>and 3+3?<|assistant|>", False),
+    [("<|system|>be brief<|user|>2+2?<|assistant|>", False), ("4" + EOT, True),
+     ("<|user|>and 3+3?<|assistant|>", False),
      ("6" + EOT, True)],
     [("<|user|>é?<|assistant|>", False), ("ça va\nbien" + EOT, True)],
 ]
@@ -234,7 +235,8 @@ BAD_RECORDS = {
                      "message 1 has an unknown role 'robot'; the roles are system, developer, user, assistant, tool"),
     "empty": ({"messages": []}, "the conversation is empty"),
     "not_a_list": ({"messages": "hello"}, r"the conversation is str, not a list of \{role, content\} messages"),
-    "no_assistant": ({"messages": [{"role": "user", "content": "x"}]}, "the conversation has no assistant turn: nothing to train on"),
+    "no_assistant": ({"messages": [{"role": "user", "content": "x"}]},
+                     "the conversation has no assistant turn: nothing to train on"),
     "content_not_text": ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]},
                          r"message 2 \(assistant\): content is list, not a string"),
 }
@@ -251,7 +253,8 @@ def test_bad_records_are_refused_naming_the_file_and_record(case, tmp_path, toke
 def test_a_template_that_fails_to_render_is_refused(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
     failing = "{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + PLAIN
-    with pytest.raises(ValueError, match=rf"{train} record 2: the chat template fails to render it \(TemplateError: no system turns\)"):
+    expected = rf"{train} record 2: the chat template fails to render it \(TemplateError: no system turns\)"
+    with pytest.raises(ValueError, match=expected):
         prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, failing)), tokenizer, 0)
 
 
