@@ -15,6 +15,7 @@ tokens, then the completion's and eos, tokenised apart; the loss is on the compl
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 from typing import Optional
@@ -59,10 +60,19 @@ def token_labels(record: dict, tokenizer: PreTrainedTokenizerBase, template: Opt
         text, spans = answer_spans(messages, first_answer, template, tokenizer)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
-        trained = [any(start < end and stop > begin for begin, end in spans)
-                   for start, stop in encoded["offset_mapping"]]
+        trained = overlapping(encoded["offset_mapping"], spans)
     labels = ids if loss_on_all_tokens else [token if keep else IGNORE for token, keep in zip(ids, trained)]
     return ids, list(labels)
+
+
+def overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (its characters ``offsets``, in order), whether they overlap one of the character ``spans``."""
+    starts, stops = [start for start, _ in offsets], [stop for _, stop in offsets]
+    trained = [False] * len(offsets)
+    for begin, end in spans:  # the tokens that end after the span begins and start before it ends
+        first, last = bisect.bisect_right(stops, begin), bisect.bisect_left(starts, end)
+        trained[first:last] = [True] * max(0, last - first)
+    return trained
 
 
 def answer_spans(messages: list[dict], first_answer: int, template: str, tokenizer: PreTrainedTokenizerBase
