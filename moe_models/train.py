@@ -159,6 +159,8 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
 
     with startup.phase("data"), main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if world.is_main and data.note():
+        print(f"note: {data.note()}", flush=True)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                                  seed=cfg.train.seed)
     with startup.phase("engine"):

@@ -42,6 +42,10 @@ class PreparedData:
             return StreamBatches(stream, self.tokenizer, self.settings.block_size, batch_size, self.domains)
         return TrainBatches(self.train, batch_size, rank, world_size, seed=seed)
 
+    def note(self) -> Optional[str]:
+        """What the run says about conversations that did not fit its blocks (None when all did)."""
+        return sequences_note(self.sequences or {}, self.settings)
+
     def resolved(self) -> dict:
         """What run_config.json records under ``resolved``."""
         streamed = isinstance(self.train, TextStream)
@@ -71,9 +75,6 @@ def prepare_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
         blocks, meta, entry, hit = cached_blocks(cache_root(data.data_cache_dir), parts,
                                                  lambda: _build_blocks(data, tokenizer, seed))
         cache = {"entry": str(entry), "hit": hit}
-    note = sequences_note(meta.get("sequences") or {}, data)
-    if note:
-        print(f"note: {note}", flush=True)
     return PreparedData(blocks["validation"], meta["domains"], blocks["train"], data, tokenizer, cache,
                         meta.get("sequences"))
 
