@@ -2,12 +2,13 @@
 
 Each record becomes one sequence of token ids and labels (chat.py). A sequence longer than --block_size is truncated
 to its first --block_size tokens or dropped (--overlong_sequences); one left with no token to train on is dropped.
-Then, in each map batch of 1000 records, in order:
+Then, in each map batch of 1000 records:
 
-- packing (--packing, the default): sequences are put whole into the current block while they fit, else into a
-  new one; ``position_ids`` restart at 0 with each sequence, which is how transformers finds packed sequences and
-  keeps attention within each (masking_utils for sdpa and eager, cu_seqlens for flash attention). The free end of a
-  block is padding: pad tokens, label -100, positions of a sequence of their own.
+- packing (--packing, the default): sequences are put whole into blocks, best fit decreasing (the longest first,
+  each into the block it leaves the least room in, else a new one); ``position_ids`` restart at 0 with each
+  sequence, which is how transformers finds packed sequences and keeps attention within each (masking_utils for
+  sdpa and eager, cu_seqlens for flash attention). The free end of a block is padding: pad tokens, label -100,
+  positions of a sequence of their own.
 - without packing: one sequence per row, padded to --block_size, with an ``attention_mask`` that is 0 on the padding.
 
 The first token of every sequence gets label -100: it is never a target of its own sequence, and in a packed block it
@@ -120,20 +121,28 @@ def _sequences(batch: dict, kind: str, tokenizer: PreTrainedTokenizerBase, templ
     return out
 
 
+def best_fit_decreasing(rows: list[int], lengths: list[int], block_size: int) -> list[list[int]]:
+    """``rows`` (each at most ``block_size`` long) in blocks: longest first, each into the block it leaves the least
+    room in, else a new one. Blocks in the order they were opened; within a block, longest first."""
+    groups, free = [], []
+    for row in sorted(rows, key=lambda row: (-lengths[row], row)):
+        fitting = [block for block, room in enumerate(free) if room >= lengths[row]]
+        if fitting:
+            block = min(fitting, key=lambda block: (free[block], block))
+            groups[block].append(row)
+            free[block] -= lengths[row]
+        else:
+            groups.append([row])
+            free.append(block_size - lengths[row])
+    return groups
+
+
 def _blocks(batch: dict, block_size: int, pad: int, packing: bool, drop_overlong: bool) -> dict[str, list]:
     """Packed or padded blocks of the batch's sequences that fit and have a target."""
     kept = [row for row in range(len(batch["input_ids"]))
             if not batch["untrained"][row] and not (drop_overlong and batch["overlong"][row])]
-    groups, current, used = [], [], 0
-    for row in kept:
-        length = len(batch["input_ids"][row])
-        if current and (used + length > block_size or not packing):
-            groups.append(current)
-            current, used = [], 0
-        current.append(row)
-        used += length
-    if current:
-        groups.append(current)
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    groups = best_fit_decreasing(kept, lengths, block_size) if packing else [[row] for row in kept]
     out = {"input_ids": [], "labels": [], "position_ids" if packing else "attention_mask": []}
     if "domain_ids" in batch:
         out["domain_ids"] = []

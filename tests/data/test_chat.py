@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets / transformers read them at import
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 
 from moe_models.data.batches import model_inputs  # noqa: E402
 from moe_models.data.prepare import blocks_key, prepare_data  # noqa: E402
+from moe_models.data.sequences import best_fit_decreasing  # noqa: E402
 from moe_models.models.source import preset_config  # noqa: E402
 from moe_models.models.tokenization import byte_level_tokenizer  # noqa: E402
 from moe_models.run.config import DataConfig  # noqa: E402
@@ -84,6 +86,7 @@ def test_labels_and_packing_are_the_hand_computation(template, tmp_path, tokeniz
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
     data = prepare_data(settings(tmp_path, train, chat_template=template_file(tmp_path, template)), tokenizer, seed=0)
     expected = [hand_sequence(tokenizer, segments) for segments in HAND]
+    expected.sort(key=lambda sequence: -len(sequence[0]))  # packed longest first
     lengths = [len(ids) for ids, _ in expected]
     assert sum(lengths) <= BLOCK  # all three fit one block
     pad = BLOCK - sum(lengths)
@@ -151,7 +154,7 @@ def test_prompt_completion_strings_need_no_template(tmp_path, tokenizer):
     eos = tokenizer.eos_token_id
     block = data.validation[0]
     ids, labels = [], []
-    for row in rows:
+    for row in reversed(rows):  # packed longest first: the second pair (14 tokens), then the first (9)
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [eos]
         ids += prompt + completion
@@ -167,13 +170,20 @@ def test_overlong_sequences_are_truncated_or_dropped_and_counted(tmp_path, token
     template = template_file(tmp_path, PLAIN)
     truncated = prepare_data(replace(settings(tmp_path, train, chat_template=template), block_size=64), tokenizer, 0)
     assert truncated.sequences["train"] == {"sequences": 3, "overlong": 2, "untrained": 1, "blocks": 2}
-    lengths = [list(block["position_ids"]).count(0) for block in truncated.train]
-    assert truncated.train[1]["input_ids"][:64] == hand_sequence(tokenizer, [(
+    starts = [list(block["position_ids"]).count(0) for block in truncated.train]
+    assert truncated.train[0]["input_ids"] == hand_sequence(tokenizer, [(
         "<|user|>" + "x" * 40 + "<|assistant|>" + "y" * 40, True)])[0][:64]  # the long one, cut at 64
-    assert lengths == [2, 1]  # the first conversation, then padding; the long one fills its block
+    assert starts == [1, 2]  # the long one fills its block; the first conversation, then padding
     dropped = prepare_data(replace(settings(tmp_path, train, chat_template=template), block_size=64,
                                    overlong_sequences="drop"), tokenizer, 0)
     assert dropped.sequences["train"] == {"sequences": 3, "overlong": 2, "untrained": 0, "blocks": 1}
+
+
+def test_packing_is_best_fit_decreasing():
+    # lengths 6, 5, 4, 3, 2 into blocks of 10: 6 opens a block, 5 another; 4 goes where it leaves the least room (with
+    # the 6: 0 left); 3 and 2 join the 5. In order they would take three blocks: [6], [5, 4], [3, 2].
+    assert best_fit_decreasing([0, 1, 2, 3, 4], [6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
+    assert best_fit_decreasing([2, 0], [9, 2, 7, 5], 10) == [[0], [2]]  # only the rows given, longest first
 
 
 def test_settings_that_change_the_blocks_change_the_cache_key(tmp_path, tokenizer):
@@ -203,11 +213,12 @@ def test_packed_and_padded_rows_give_each_sequence_its_own_logits(preset, attent
         expected = [model(input_ids=ids).logits[0] for ids in alone]
         packed_logits = model(**model_inputs(packed.with_format("torch")[:1], "cpu")).logits[0]
         padded_logits = model(**model_inputs(padded.with_format("torch")[:3], "cpu")).logits
-    start = 0
+    starts = dict(zip(sorted(range(3), key=lambda number: -len(expected[number])), itertools.accumulate(
+        sorted((len(logits) for logits in expected), reverse=True), initial=0)))  # packed longest first
     for number, logits in enumerate(expected):
+        start = starts[number]
         torch.testing.assert_close(packed_logits[start:start + len(logits)], logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(padded_logits[number, :len(logits)], logits, atol=1e-5, rtol=1e-4)
-        start += len(logits)
 
 
 # --------------------------------------------------------------------------------------------- refusals
