@@ -274,3 +274,10 @@ def test_conversations_are_not_streamed(tmp_path, tokenizer):
     data = replace(settings(tmp_path, train), validation_file=None, streaming=True, streaming_validation_texts=1)
     with pytest.raises(ValueError, match=f"{train} holds messages records, and --streaming reads text only"):
         prepare_data(data, tokenizer, 0)
+
+
+def test_a_missing_template_file_is_a_settings_problem(tmp_path):
+    from moe_models.data.text import data_problems
+    missing = str(tmp_path / "chat.jinja")
+    assert f"--chat_template {missing!r} is not a file; give a Jinja chat template file" in data_problems(
+        DataConfig(chat_template=missing))
