@@ -26,28 +26,28 @@ from moe_models.run.distributed import sum_over_ranks  # noqa: E402
 
 def seconds_per_step(trainer, steps: int, metrics_on: bool) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) per optimizer step over ``steps`` steps."""
-    for layer in trainer.moe.layers:
+    for layer in trainer.moe_layers.layers:
         layer.routing.enabled = metrics_on
     logging_steps = trainer.cfg.train.logging_steps
 
     def run(steps: int) -> None:
-        sums = trainer.zero_sums()
+        lm_loss_sum = trainer.zero()
         for step in range(1, steps + 1):
-            for name, value in trainer.train_step().items():
-                sums[name] += value
+            lm_loss_sum += trainer.train_step()
             if step % logging_steps == 0:
                 if metrics_on:
-                    trainer.training_row(sums, seconds=1.0)
+                    trainer.book.training_row({"lm_loss": lm_loss_sum})
                 else:
-                    sum_over_ranks(sums)
-                sums = trainer.zero_sums()
+                    sum_over_ranks({"lm_loss": lm_loss_sum, **trainer.book.sums})
+                    trainer.book.sums = trainer.book.zero_sums()
+                lm_loss_sum = trainer.zero()
 
     return timed(run, steps)
 
 
 def describe(trainer) -> str:
-    layer = trainer.moe.layers[0]
-    return (f"{len(trainer.moe.layers)} MoE layers, {layer.num_experts} experts, top-{layer.top_k}, logging every "
+    layer = trainer.moe_layers.layers[0]
+    return (f"{len(trainer.moe_layers.layers)} MoE layers, {layer.num_experts} experts, top-{layer.top_k}, logging every "
             f"{trainer.cfg.train.logging_steps} steps")
 
 

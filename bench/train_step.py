@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_models import MoEConfig, convert_to_moe, moe_layers_of  # noqa: E402
 from moe_models.metrics.throughput import active_parameters, attention_dims, flops_per_token, known_peak_tflops  # noqa: E402
 from moe_models.models.source import preset_config  # noqa: E402
-from moe_models.moe.step import balance_loss  # noqa: E402
+from moe_models.moe.model_layers import balance_loss  # noqa: E402
 from moe_models.run.cli import parse_bool  # noqa: E402
 
 # The GPU reference model: Llama blocks, d1024, 8 layers; FFN 3584 (3.5 x d, Mixtral's ratio), 16 heads, 8 KV heads.

@@ -9,12 +9,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from .moe.layer import MoEFeedForward, moe_layers_of
-from .moe.step import MoEStep, balance_loss
+from .moe.model_layers import MoELayers, balance_loss
 from .moe.surgery import convert_to_moe
 from .run.config import ConfigError, DataConfig, LogConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig",
-           "MoEFeedForward", "MoEStep", "MoETrainer", "balance_loss", "convert_to_moe", "moe_layers_of"]
+           "MoEFeedForward", "MoELayers", "MoETrainer", "balance_loss", "convert_to_moe", "moe_layers_of"]
 
 
 def __getattr__(name: str):

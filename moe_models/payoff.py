@@ -16,13 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from .comparison.horizon import horizon, horizon_text, model_parameters
 from .comparison.inference import export_dense, measure, ratios
 from .comparison.payoff_report import write_report
 from .comparison.results import collect, write_json
 from .comparison.runner import RunFailed, run_all
 from .comparison.runs import (DENSE, DENSE_CONFIG, MOE, PAYOFF_DEFAULTS, UPCYCLED, PayoffGrid, check_same_command,
                               plan_grid, write_dense_config)
-from .comparison.summary_report import QUALITY_LATENCY_PLOT, SWEEP_PLOT, plot_quality_latency, plot_sweep, summary_lines
+from .comparison.summary_report import (GAP_PLOT, QUALITY_LATENCY_PLOT, SWEEP_PLOT, plot_gap, plot_quality_latency,
+                                        plot_sweep, summary_lines)
 from .comparison.sweep import summarise
 from .hf.exporter import export
 from .run.cli import ShortErrorParser, parse_args
@@ -78,8 +80,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         check_same_command(cfg, args.upcycle_at, {"sweep_lrs": args.sweep_lrs, "seeds": args.seeds,
                                                   "moe_variants": args.moe_variant})
         write_dense_config(cfg, grid.output_dir / DENSE_CONFIG)
+        reach = None
         if is_main:
-            print(f"payoff: {grid.cost()}", flush=True)
+            dense = parse_args([*command, "--model_config", str(grid.output_dir / DENSE_CONFIG),
+                                "--moe_layers", "none"])  # (a)'s settings
+            reach = horizon(model_parameters(cfg, dense), cfg.train.max_steps, grid.tokens_per_step)
+            print(f"payoff: {grid.cost()}\npayoff: horizon: {horizon_text(reach)}", flush=True)
         run_all(grid, command, is_main)
     except (ConfigError, WriteError) as err:
         if is_main:
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     given = [f"--upcycle_at={args.upcycle_at}", *_grid_flags(args), *train_argv]
     try:
         with guarded_write("the payoff report", grid.output_dir):
-            results, report = write_reports(grid, given, args.inference_batch, args.inference_new_tokens)
+            results, report = write_reports(grid, given, args.inference_batch, args.inference_new_tokens, reach)
     except WriteError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -102,15 +108,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     return results
 
 
-def write_reports(grid: PayoffGrid, given: list[str], inference_batch: int, new_tokens: int) -> tuple[dict, Path]:
+def write_reports(grid: PayoffGrid, given: list[str], inference_batch: int, new_tokens: int,
+                  reach: dict | None = None) -> tuple[dict, Path]:
     """payoff.json, payoff.md and the PNGs: each cell's in its folder, the summary in output_dir (one cell: all in
-    output_dir, the summary on top)."""
+    output_dir, the summary on top); ``reach``: the horizon (comparison/horizon.py)."""
     cells = {cell.output_dir.name: collect(cell, given) for cell in grid.cells}
-    summary = summarise(list(cells.values()))
+    summary = summarise(list(cells.values()), reach)
     if inference_batch:
         summary["inference"] = measure_inference(grid, summary, inference_batch, new_tokens)
         plot_quality_latency(summary, grid.output_dir / QUALITY_LATENCY_PLOT)
     plot_sweep(summary, grid.output_dir / SWEEP_PLOT)
+    plot_gap(summary, grid.output_dir / GAP_PLOT)
     one = len(grid.cells) == 1
     for cell, results in zip(grid.cells, cells.values()):
         write_report(results, cell.output_dir, before=[*summary_lines(summary), ""] if one else [])

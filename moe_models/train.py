@@ -48,7 +48,8 @@ from .training.layout_search import search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
-from .training.trainer import Trainer, build_engine
+from .training.engine import build_engine
+from .training.loop import TrainLoop
 from .training.validate import check_same_settings, validate
 
 
@@ -106,7 +107,7 @@ def preflight(cfg: RunConfig) -> dict:
     return result
 
 
-def build(cfg: RunConfig) -> tuple[World, Trainer]:
+def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
     """Everything a run needs, in order; settings are checked before a process group, a model or data exist."""
     startup = StartupLines(launched_rank() == 0)
     startup.imports_done()
@@ -166,7 +167,7 @@ def build(cfg: RunConfig) -> tuple[World, Trainer]:
     with startup.phase("engine"):
         engine = build_engine(model, ds_config, cfg.train.weight_decay, cfg.train.deepspeed)
 
-    trainer = Trainer(cfg, engine, world, batches, data.validation, folder.path, domains=data.domains)
+    trainer = TrainLoop(cfg, engine, world, batches, data.validation, folder, domains=data.domains)
     with startup.phase("checkpoint loaded") if resume_tag or upcycle_tag else nullcontext():
         if resume_tag:
             trainer.resume(resume_tag)
@@ -214,7 +215,7 @@ def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout:
     folder.write_base_model_config(model.config)
 
 
-def timeout_message(err: RuntimeError, trainer: Trainer, timeout_s: int, rank: int) -> str:
+def timeout_message(err: RuntimeError, trainer: TrainLoop, timeout_s: int, rank: int) -> str:
     return (f"error: rank {rank}: {trainer.phase} waited more than --dist_timeout_s ({timeout_s} s) for the other "
             f"ranks ({str(err).splitlines()[0]}). A rank is frozen or its node stopped answering: check every node's "
             f"processes, devices and network. The last complete checkpoint is "

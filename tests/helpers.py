@@ -20,7 +20,8 @@ from moe_models.models.source import preset_config
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# accelerate (TrainingArguments) sets LOCAL_WORLD_SIZE in the test process too: a launched child must not inherit it
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def child_env(**extra: str) -> dict:

@@ -64,7 +64,9 @@ def _reached_section(reached: dict) -> list[str]:
         return []
     lines = ["", "## When does each MoE reach the dense run's final eval loss?", "",
              f"Target: {DENSE}'s final eval loss, {reached['target_eval_loss']:.4f} after {reached['dense_steps']} "
-             "steps.", "",
+             "steps. The schedule biases this figure against the MoE: the dense run reaches its final loss at the "
+             "decayed end of its learning-rate schedule, the MoE is read mid-schedule, at a rate not yet decayed. The "
+             "gap over training (eval losses at equal steps, in the summary) is the comparison it does not bias.", "",
              "| run | reaches it at step | share of the dense run's steps | share of its FLOPs | how |",
              "|---|---|---|---|---|"]
     for name in (MOE, UPCYCLED):

@@ -1,5 +1,6 @@
-"""The top of payoff.md: the learning-rate sweep (a table and lr_sweep.png) and the comparisons best against best
-with mean, spread over seeds and verdict (sweep.py's numbers)."""
+"""The top of payoff.md: the horizon (tokens per parameter), the learning-rate sweep (a table and lr_sweep.png, each
+model's best rate and whether the sweep brackets it), the comparisons best against best with mean, spread over seeds,
+verdict and its caveats, and the gap over training (a table and gap_over_training.png) (sweep.py's numbers)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..metrics.run_report import save  # noqa: E402
+from .horizon import horizon_text  # noqa: E402
+from .rate_brackets import ONLY, unbracketed_text  # noqa: E402
 
-SWEEP_PLOT, QUALITY_LATENCY_PLOT = "lr_sweep.png", "quality_vs_decode_latency.png"
+SWEEP_PLOT, QUALITY_LATENCY_PLOT, GAP_PLOT = "lr_sweep.png", "quality_vs_decode_latency.png", "gap_over_training.png"
 
 
 def summary_lines(summary: dict, cell_reports: dict[str, str] | None = None) -> list[str]:
@@ -24,26 +27,80 @@ def summary_lines(summary: dict, cell_reports: dict[str, str] | None = None) -> 
              "learning rate is the one of lowest mean final eval loss over the seeds; every comparison below pairs "
              "the runs of the same seed, each model at its best rate. Mean over the seeds, spread min..max "
              "(and the sample standard deviation). A goal is met only when every seed meets it: when the spread "
-             "does not cover the threshold.", "",
-             "## Final eval loss per learning rate (mean, min..max over seeds)", "",
-             "| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
-             "|---|" + "---|" * (len(lrs) + 1)]
+             "does not cover the threshold.", ""]
+    lines += _horizon_lines(summary.get("horizon"))
+    lines += ["## Final eval loss per learning rate (mean, min..max over seeds)", "",
+              "| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+              "|---|" + "---|" * (len(lrs) + 1)]
     for name, by_lr in final.items():
         cells = [_spread(by_lr[repr(lr)]) for lr in lrs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['best_learning_rate'][name]:g} |")
+    lines += ["", _brackets_line(summary["rate_brackets"])]
     lines += ["", "## Comparisons, each model at its best learning rate", "",
               "| figure | by seed | mean | min..max | std | goal | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
         s = c["spread"]
         by_seed = ", ".join("not reached" if v is None else f"{v:.4f}" for v in c["by_seed"])
+        verdict = "; ".join([c["verdict"], *c.get("caveats", [])]) if c["verdict"] else "-"
         lines.append(f"| {c['what']} | {by_seed} | {_f(s and s['mean'])} | "
                      f"{'-' if s is None else _f(s['min']) + '..' + _f(s['max'])} | {_f(s and s['std'])} | "
-                     f"{c['goal'] or '-'} | {c['verdict'] or '-'} |")
+                     f"{c['goal'] or '-'} | {verdict} |")
     lines += ["", f"![{SWEEP_PLOT}]({SWEEP_PLOT})"]
+    lines += _gap_lines(summary.get("gap_over_training") or [])
     lines += _inference_lines(summary.get("inference"))
     if cell_reports:
         lines += ["", "Each cell's own report: " + ", ".join(f"[{name}]({path})" for name, path in cell_reports.items())]
     return lines
+
+
+def _brackets_line(brackets: dict) -> str:
+    unbracketed = [unbracketed_text(name, b) for name, b in brackets.items() if b["edge"]]
+    if not unbracketed:
+        return "Each best rate is bracketed (a smaller and a larger rate were swept)."
+    one = next(iter(brackets.values()))
+    if one["edge"] == ONLY:
+        tries = f" (try {' and '.join(f'{lr:g}' for lr in one['next_to_try'])})" if one["next_to_try"] else ""
+        return f"One learning rate: not swept, so no model's best rate is bracketed{tries}; give --sweep_lrs."
+    return "Not bracketed, so a better rate may lie beyond the sweep: " + "; ".join(unbracketed) + "."
+
+
+def _horizon_lines(h: dict | None) -> list[str]:
+    if not h:
+        return []
+    return ["## Horizon: tokens seen per parameter", "",
+            ("**Too short to judge.** " if h["too_short"] else "") + horizon_text(h) + ". Every verdict below is "
+            + ("marked so." if h["too_short"] else "made past the threshold."), ""]
+
+
+def _gap_lines(gaps: list[dict]) -> list[str]:
+    """Per gap, its mean and spread over the seeds at each eval, against the tokens seen."""
+    lines = []
+    for gap in gaps:
+        if not gap["points"]:
+            continue
+        lines += ["", f"## Gap over training: {gap['what']}", "",
+                  f"Below 0: the first run ahead. At equal steps both runs have seen the same tokens at the same point "
+                  f"of the learning-rate schedule, so the schedule favours neither. Seeds "
+                  f"{', '.join(map(str, gap['seeds']))}.", "",
+                  "| step | tokens | by seed | mean | min..max | std |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['step']} | {p['tokens']:,} | {', '.join(f'{v:+.4f}' for v in p['by_seed'])} | "
+                  f"{p['mean']:+.4f} | {p['min']:+.4f}..{p['max']:+.4f} | {_f(p['std'])} |" for p in gap["points"]]
+    return lines + (["", f"![{GAP_PLOT}]({GAP_PLOT})"] if lines else [])
+
+
+def plot_gap(summary: dict, path: Path) -> None:
+    """Each gap over training against the tokens seen: the mean over seeds, shaded from min to max; 0 marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for gap in summary["gap_over_training"]:
+        tokens = [p["tokens"] for p in gap["points"]]
+        line, = ax.plot(tokens, [p["mean"] for p in gap["points"]], "o-", markersize=3, label=gap["what"])
+        ax.fill_between(tokens, [p["min"] for p in gap["points"]], [p["max"] for p in gap["points"]],
+                        color=line.get_color(), alpha=0.2)
+    ax.axhline(0, color="grey", linestyle=":")
+    ax.set(xlabel="tokens seen", ylabel="eval loss difference (nats/token)",
+           title=f"Gap over training ({len(summary['seeds'])} seed(s): mean, min..max)")
+    ax.legend(fontsize="small")
+    save(fig, path)
 
 
 def _inference_lines(inference: dict | None) -> list[str]:

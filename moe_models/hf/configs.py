@@ -186,7 +186,7 @@ def _routing_problems(target: MoEClass, moe: MoEConfig) -> list[str]:
         problems.append(f"routed_scaling_factor {moe.routed_scaling_factor}: {name} does not scale the routed "
                         "output (GLM4-MoE does, with --score_function sigmoid)")
     scoring = Scoring.of(moe)
-    if scoring.groups_per_token < scoring.expert_groups and not target.expert_groups:
+    if scoring.max_groups_per_token < scoring.expert_groups and not target.expert_groups:
         problems.append(f"--max_groups_per_token {moe.max_groups_per_token} of --expert_groups {moe.expert_groups}: "
                         f"{name} chooses among all experts (GLM4-MoE chooses within groups, with --score_function "
                         "sigmoid)")
@@ -349,7 +349,7 @@ def _glm4_moe_fields(dense: PretrainedConfig, moe: MoEConfig, layout: MoELayout)
     return dict(rope_parameters=rope, partial_rotary_factor=1.0, use_qk_norm=dense.model_type == "qwen3",
                 attention_bias=dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False)),
                 routed_scaling_factor=moe.routed_scaling_factor, n_group=Scoring.of(moe).expert_groups,
-                topk_group=Scoring.of(moe).groups_per_token,
+                topk_group=Scoring.of(moe).max_groups_per_token,
                 n_shared_experts=moe.num_shared_experts,  # N x moe_intermediate_size units, ungated
                 first_k_dense_replace=dense.num_hidden_layers - len(layout.blocks), num_nextn_predict_layers=0)
 

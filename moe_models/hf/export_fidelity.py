@@ -12,6 +12,22 @@ from ..run.moe_layout import MoELayout
 from .configs import MOE_CLASSES, export_model_type, export_problems
 
 
+# How export treats each routing flag (run/config.py marks them; tests/hf/test_export_fidelity.py checks that every one
+# has an entry and that each rule holds):
+# - "router": the HF class's router must compute it exactly, or export refuses (hf/configs.py, _routing_problems);
+# - "trained otherwise": the run routed otherwise than the exported HF model will, noted (training_differences);
+# - "training only": it acts in training forwards only; DeepSpeed's eval routing, which the HF model's equals, ignores it.
+EXPORT_OF_ROUTING_FLAG = {
+    "score_function": "router", "norm_topk_prob": "router", "routed_scaling_factor": "router",
+    "router_bias_update_rate": "router", "expert_groups": "router", "max_groups_per_token": "router",
+    "null_expert_target_real_k": "router", "top_p": "router", "min_k": "router",
+    "drop_tokens": "trained otherwise", "capacity_factor": "trained otherwise", "eval_capacity_factor": "trained otherwise",
+    "min_capacity": "trained otherwise", "top2_2nd_expert_sampling": "trained otherwise",
+    "benchmark_balanced_routing": "trained otherwise",
+    "noisy_gate_policy": "training only", "use_rts": "training only",
+}
+
+
 def training_differences(moe: MoEConfig) -> list[tuple[str, str, str]]:
     """How the trained DeepSpeed model's routing differs from the exported (dropless, deterministic) HF model's: for
     each, the export's note, a short form, and the flag that removes it."""
@@ -26,6 +42,10 @@ def training_differences(moe: MoEConfig) -> list[tuple[str, str, str]]:
                       "DeepSpeed applies in eval too); the HF model takes the two highest-scoring experts, as "
                       "DeepSpeed does with top2_2nd_expert_sampling false",
                       "picks the second expert with Gumbel noise", "--top2_2nd_expert_sampling false"))
+    if moe.benchmark_balanced_routing:
+        found.append(("the run spread every token evenly over the experts (benchmark_balanced_routing true), whatever "
+                      "the router scored; the HF model routes by the router's scores, which did not learn to route",
+                      "spreads tokens evenly, ignoring the router", "--benchmark_balanced_routing false"))
     return found
 
 

@@ -61,7 +61,7 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int, seed: int,
     sources = adapter.deepspeed_sources(arch, layout, lambda moe_layer_id: layers[moe_layer_id].global_expert_ids())
     fill_meta_parameters(model, lambda name: checkpoint_tensor(model, reader, sources, name))
     for layer, block_id in zip(layers, layout.blocks):
-        load_score_bias(layer.gate, adapter.read_score_bias(reader, arch.ffn_path(block_id)))
+        load_score_bias(layer.router, adapter.read_score_bias(reader, arch.ffn_path(block_id)))
     return model, moe, layout, dense_parameters
 
 

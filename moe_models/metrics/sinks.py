@@ -1,7 +1,7 @@
 """Where metrics go: metrics.jsonl (always), the console, and with --report_to wandb and/or tensorboard; rank 0 only.
 
 The trainer talks to `Sinks`, which hands each row to every sink, at each eval the expert load to the reporters, and
-after each training row the router-collapse warnings it starts or clears to all of them.
+the router-collapse warnings a training row starts or clears (training/bookkeeping.py checks them) to all of them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..run.config import LogConfig, RunConfig
 from ..run.folder import MetricsFile
-from .collapse import CollapseMonitor, CollapseThresholds, console_line
+from .collapse import console_line
 from .domain_heatmap import layers_with_domain_counts
 from .rows import layer_values, moe_layer_ids
 
@@ -105,14 +105,14 @@ def bars(values: list[float]) -> str:
 class Sinks:
     """Hands every row to metrics.jsonl, the console and the reporters (wandb, tensorboard); at each eval, the
     expert load of the latest training row and the eval row to the reporters as a table and a heatmap, and the eval
-    row's routes per (domain, expert) as heatmaps (rows named by ``domains``); after each
-    training row, the collapse warnings of ``collapse`` (metrics/collapse.py) to metrics.jsonl and the console, and
-    a warning's start to the reporters as an alert."""
+    row's routes per (domain, expert) as heatmaps (rows named by ``domains``); the router-collapse warnings a training
+    row starts or clears (``warn``) to metrics.jsonl and the console, and a warning's start to the reporters as an
+    alert."""
 
     def __init__(self, jsonl: MetricsLog, console: Progress, wandb=None, tensorboard=None,
-                 collapse: CollapseMonitor | None = None, domains: Sequence[str] = ()):
+                 domains: Sequence[str] = ()):
         self.jsonl, self.console, self.wandb, self.tensorboard = jsonl, console, wandb, tensorboard
-        self.collapse, self.domains = collapse, list(domains)
+        self.domains = list(domains)
         self.last_training_row: dict = {}
 
     @property
@@ -130,13 +130,11 @@ class Sinks:
         if self.wandb:
             self.wandb.run_id = run_id
 
-    def resume(self, step: int) -> None:
-        """A run resumed at ``step``: metrics.jsonl drops what was logged after it, and the collapse monitor reads the
-        training rows kept, so that it goes on as in a run that was never stopped (no second warning of a condition
-        that held at the stop)."""
-        for row in self.jsonl.drop_after(step):
-            if "loss" in row and self.collapse:
-                self.collapse.check(row)
+    def resume(self, step: int) -> list[dict]:
+        """A run resumed at ``step``: metrics.jsonl drops what was logged after it; returns the training rows kept, for
+        the collapse monitor to read, so that it goes on as in a run that was never stopped (no second warning of a
+        condition that held at the stop)."""
+        return [row for row in self.jsonl.drop_after(step) if "loss" in row]
 
     def start(self, step: int) -> None:
         """Open the console bar at ``step`` and the reporters; call before the first training step."""
@@ -151,7 +149,6 @@ class Sinks:
             reporter.log(row)
         if "loss" in row:
             self.last_training_row = row
-            self.warn_of_collapse(row)
         if "eval_loss" in row and moe_layer_ids([self.last_training_row]):
             for reporter in self.reporters:
                 reporter.log_expert_load(self.last_training_row, row)
@@ -159,8 +156,9 @@ class Sinks:
             for reporter in self.reporters:
                 reporter.log_domain_routes(row, self.domains)
 
-    def warn_of_collapse(self, training_row: dict) -> None:
-        for warning in self.collapse.check(training_row) if self.collapse else []:
+    def warn(self, warnings: list[dict]) -> None:
+        """Router-collapse warning and clearance rows (metrics/collapse.py): written, printed, a start alerted."""
+        for warning in warnings:
             self.jsonl.write(warning)
             self.console.print(console_line(warning))
             if warning["collapse"] == "warning":
@@ -199,8 +197,7 @@ def open_sinks(cfg: RunConfig, is_main: bool, output_dir: Path, jsonl: MetricsLo
         from .tensorboard_sink import TensorboardSink  # imports tensorboard only when it is used
         tensorboard = TensorboardSink(output_dir / "tensorboard")
     return Sinks(jsonl, Progress(cfg.train.max_steps, enabled=is_main and not cfg.train.disable_tqdm, is_main=is_main),
-                 wandb, tensorboard, CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe) if is_main else None,
-                 domains)
+                 wandb, tensorboard, domains)
 
 
 def perplexity(loss: float) -> float:

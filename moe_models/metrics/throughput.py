@@ -92,7 +92,7 @@ def throughput_metrics(tokens: float, steps: float, seconds: float, world_size: 
                        peak_tflops: float | None, spent_flops_per_token: float | None = None) -> dict:
     """Speed of one logging interval: ``tokens`` (all ranks) in ``steps`` optimizer steps and ``seconds``.
     ``mfu`` counts top_k experts per token; with ``spent_flops_per_token`` (the FLOPs of the real experts the tokens
-    ran, MoEStep.spent_flops_per_token) also ``flops_per_token_spent`` and ``mfu_spent``."""
+    ran, MoELayers.spent_flops_per_token) also ``flops_per_token_spent`` and ``mfu_spent``."""
     tokens_per_sec = tokens / max(seconds, 1e-9)
     row = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / world_size,
            "step_time": seconds / steps}

@@ -76,19 +76,19 @@ def global_batch_balance_loss(probs_TE: torch.Tensor, step_counts_E1: torch.Tens
 @torch.no_grad()
 def update_score_biases(routers: list) -> None:
     """Aux-loss-free balancing, after an optimizer step: ``bias_e += rate x sign(mean load - load_e)`` per layer,
-    with each router's own rate (``scoring.bias_update_rate``; routers without it keep their bias), the load being
+    with each router's own rate (``scoring.router_bias_update_rate``; routers without it keep their bias), the load being
     every rank's routes per expert over the step (one all-reduce of all layers' counts, on the device). With null
     experts the gap is moe/adaptive.py's ``bias_gap`` (the real experts balanced, the null share held at the
     compute target when there is one). Every rank calls it, and every rank ends with the same biases."""
-    biased = [router for router in routers if router.score_bias is not None and router.scoring.bias_update_rate > 0]
+    biased = [router for router in routers if router.score_bias is not None and router.scoring.router_bias_update_rate > 0]
     if not biased:
         return
     loads = torch.cat([_local_load(router) for router in biased])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loads)
     for router, load_E in zip(biased, loads.split([router.score_bias.numel() for router in biased])):
-        rate, scoring = router.scoring.bias_update_rate, router.scoring
-        gap_E = bias_gap(load_E, router.num_real_experts, router.k, scoring.target_real_k)
+        rate, scoring = router.scoring.router_bias_update_rate, router.scoring
+        gap_E = bias_gap(load_E, router.num_real_experts, router.k, scoring.null_expert_target_real_k)
         router.score_bias += rate * torch.sign(gap_E).to(router.score_bias.dtype)
 
 

@@ -3,9 +3,12 @@ the world and ZeRO: moe/parallel.py). training/validate.py gathers them with eve
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..run.config import MoEConfig, too_small
 from ..run.moe_layout import expert_counts, resolve_moe_layers
 from .balance import AUX_LOSS_TYPES
+from .router import Scoring
 
 EXPERT_INITS = ("copy", "copy_noise", "random", "granular", "drop")
 
@@ -71,8 +74,9 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
     if moe.benchmark_balanced_routing and (moe.moe_impl == "deepspeed" or moe.drop_tokens):
         problems.append("--benchmark_balanced_routing needs --moe_impl grouped and --drop_tokens false (the stock "
                         "gate routes inside DeepSpeed's layer; an even load needs no capacity)")
-    default = MoEConfig()
-    chosen = [f"--{name} {getattr(moe, name)}" for name in SCORING_FLAGS if getattr(moe, name) != getattr(default, name)]
+    scoring = Scoring.of(moe)  # its fields are the flags beyond DeepSpeed's gate; any off its default: the scored rule
+    chosen = [f"--{f.name} {getattr(moe, f.name)}" for f in dataclasses.fields(Scoring)
+              if getattr(scoring, f.name) != f.default]
     if chosen and moe.moe_impl == "deepspeed":
         problems.append(f"{', '.join(chosen)}: the stock DeepSpeed gate (--moe_impl deepspeed) routes by softmax top-k "
                         "with its own balance loss only; use --moe_impl grouped (the default), which keeps the same "
@@ -81,11 +85,6 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
         problems.append(f"noisy_gate_policy RSample with {', '.join(chosen)}: RSample belongs to DeepSpeed's top-1 rule, "
                         "and these options route by deterministic top-k of the scores; use Jitter or no noise")
     return problems
-
-
-# MoEConfig fields beyond DeepSpeed's gate (moe/router.py Scoring): any of them off its default selects the scored rule
-SCORING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate", "aux_loss_type",
-                 "max_groups_per_token", "num_null_experts", "null_expert_target_real_k", "top_p")
 
 
 def adaptive_problems(moe: MoEConfig) -> list[str]:

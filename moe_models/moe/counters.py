@@ -1,6 +1,6 @@
 """Routing counters: every training forward's ``Routes`` of one MoE layer added to named sums kept on the device.
 
-No host sync per forward: a trainer sums the counters of all layers over ranks once per logging interval (moe/step.py,
+No host sync per forward: a trainer sums the counters of all layers over ranks once per logging interval (moe/model_layers.py,
 one all-reduce), then ``metrics.routing.routing_metrics`` turns the sums into the logged values (docs/metrics.md).
 """
 

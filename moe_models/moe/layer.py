@@ -45,8 +45,8 @@ class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
     The load-balancing loss, the z-loss and the dynamic loss (each when its weight is not 0) and the routes (each token's top-k global expert
-    ids, -1 for a dropped route) of the last forward are kept in ``aux_loss``, ``z_loss`` and ``last_topk_ids_TK``,
-    with their weights ``aux_loss_coef``, ``z_loss_coef`` and ``dynamic_loss_coef`` (moe/step.py adds them to a trainer's loss);
+    ids, -1 for a dropped route) of the last forward are kept in ``balance_loss`` (DeepSpeed's ``l_aux``), ``z_loss`` and ``last_topk_ids_TK``,
+    with their weights ``aux_loss_coef``, ``z_loss_coef`` and ``dynamic_loss_coef`` (moe/model_layers.py adds them to a trainer's loss);
     ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,
@@ -70,8 +70,8 @@ class MoEFeedForward(nn.Module):
         else:
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
-        self.gate.force_balanced = cfg.benchmark_balanced_routing
-        self.aux_loss: torch.Tensor | None = None
+        self.router.force_balanced = cfg.benchmark_balanced_routing
+        self.balance_loss: torch.Tensor | None = None
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.z_loss: torch.Tensor | None = None  # the last forward's, with its graph, when the z-loss is on
         self.dynamic_loss_coef = cfg.dynamic_loss_coef
@@ -91,16 +91,12 @@ class MoEFeedForward(nn.Module):
 
     @property
     def top_k(self) -> int:
-        return self.gate.k
+        return self.router.k
 
     @property
-    def gate(self) -> Router:
+    def router(self) -> Router:
+        """The layer's router (DeepSpeed's ``deepspeed_moe.gate``, its state-dict name); its weight is ``router.wg``."""
         return self.moe.deepspeed_moe.gate
-
-    @property
-    def router(self) -> nn.Linear:
-        """The router's weight holder (DeepSpeed's ``gate.wg``)."""
-        return self.gate.wg
 
     @property
     def experts(self) -> nn.Module:
@@ -124,8 +120,8 @@ class MoEFeedForward(nn.Module):
         return range(first, first + n_local)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        output, self.aux_loss, _ = self.moe(hidden_states)
-        routes, self.gate.last_routes = self.gate.last_routes, None
+        output, self.balance_loss, _ = self.moe(hidden_states)
+        routes, self.router.last_routes = self.router.last_routes, None
         self.last_topk_ids_TK = routes.topk_ids_TK if routes is not None else None
         self.z_loss = router_z_loss(routes.logits_TE) if self.z_loss_coef and routes is not None else None
         self.dynamic_loss = dynamic_loss(routes.logits_TE) if self.dynamic_loss_coef and routes is not None else None
@@ -172,18 +168,18 @@ class GroupedMoE(MoE):
     ``ffn_projections``: the expert FFN's (input projections, output projection) by attribute name, without which its
     experts run one by one; ``scoring``: the router's options beyond DeepSpeed's gate). DeepSpeed builds the gate, the
     local experts (with their expert-parallel flags) and the process groups; the MOELayer is replaced by
-    ``GroupedMOELayer``."""
+    ``RouteDispatchCombine``."""
 
     def __init__(self, *args, ffn_projections: Optional[tuple[tuple[str, ...], str]] = None,
                  scoring: Scoring = Scoring(), **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
         experts = local_experts(stock.experts, ffn_projections, self.expert_group_name)
-        self.deepspeed_moe = GroupedMOELayer(router_like(stock.gate, scoring), experts, stock.ep_group_name,
+        self.deepspeed_moe = RouteDispatchCombine(router_like(stock.gate, scoring), experts, stock.ep_group_name,
                                              stock.ep_size, stock.num_local_experts)
 
 
-class GroupedMOELayer(MOELayer):
+class RouteDispatchCombine(MOELayer):
     """MOELayer whose forward never builds [tokens, experts, capacity] tensors."""
 
     def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int):
@@ -243,7 +239,7 @@ def router_like(gate, scoring: Scoring = Scoring()) -> Router:
             router.wg.weight.zero_()
     else:
         router.wg = gate.wg
-    if scoring.bias_update_rate > 0:
+    if scoring.router_bias_update_rate > 0:
         router.add_score_bias(gate.wg.weight.device)
     return router
 

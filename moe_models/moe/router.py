@@ -25,6 +25,7 @@ nor choose by biased scores: this rule is written here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -41,32 +42,35 @@ from .routes import Routes, _mask, _renormalised, recomputing, routes_per_expert
 
 @dataclass(frozen=True)
 class Scoring:
-    """The router options beyond DeepSpeed's gate (MoEConfig fields of the same names; docs/routing.md). All at
-    their defaults, the router follows DeepSpeed's rules; otherwise the scored rule."""
+    """The router options beyond DeepSpeed's gate, each under its MoEConfig flag's name (docs/routing.md), as the
+    router uses them: an option that does nothing in this configuration at its default. All at their defaults, the
+    router follows DeepSpeed's rules; otherwise the scored rule."""
 
-    score_function: str = "softmax"          # softmax | sigmoid
-    norm_topk_prob: Optional[bool] = None    # None: DeepSpeed's rule (top-1 keeps its score, top-k > 1 rescales)
+    score_function: str = "softmax"                 # softmax | sigmoid
+    norm_topk_prob: Optional[bool] = None           # None: DeepSpeed's rule (top-1 keeps its score, top-k > 1 rescales)
     routed_scaling_factor: float = 1.0
-    aux_loss_type: str = "micro_batch"       # micro_batch | sequence | global_batch
-    bias_update_rate: float = 0.0            # > 0: aux-loss-free balancing
-    expert_groups: int = 1                   # group-limited routing: the experts in this many groups...
-    groups_per_token: int = 1                # ...of which a token routes into its best this many (1 of 1: no limit)
-    num_null_experts: int = 0                # router outputs E .. E + N - 1: zero-computation experts
-    target_real_k: Optional[float] = None    # the controller's mean real experts per token (with the bias)
-    top_p: Optional[float] = None            # top-p routing: experts until their probabilities reach p...
-    min_k: int = 1                           # ...at least min_k of them (at most top_k)
-    null_output: str = "zero"                # a null expert's output: zero | identity (its input, weighted)
+    aux_loss_type: str = "micro_batch"              # micro_batch | sequence | global_batch
+    router_bias_update_rate: float = 0.0            # > 0: aux-loss-free balancing
+    expert_groups: int = 1                          # group-limited routing: the experts in this many groups...
+    max_groups_per_token: int = 1                   # ...of which a token routes into its best this many (1 of 1: none)
+    num_null_experts: int = 0                       # router outputs E .. E + N - 1: zero-computation experts
+    null_expert_target_real_k: Optional[float] = None  # the controller's mean real experts per token (with the bias)
+    top_p: Optional[float] = None                   # top-p routing: experts until their probabilities reach p...
+    min_k: int = 1                                  # ...at least min_k of them (at most top_k)
+    null_expert_output: str = "zero"                # a null expert's output: zero | identity (its input, weighted)
 
     @classmethod
     def of(cls, moe) -> "Scoring":
-        """From a MoEConfig (a limit that keeps every group is no limit)."""
-        limited = moe.max_groups_per_token is not None and moe.max_groups_per_token < moe.expert_groups
-        return cls(moe.score_function, moe.norm_topk_prob, moe.routed_scaling_factor, moe.aux_loss_type,
-                   moe.router_bias_update_rate, moe.expert_groups if limited else 1,
-                   moe.max_groups_per_token if limited else 1, moe.num_null_experts,
-                   moe.null_expert_target_real_k if moe.num_null_experts else None, moe.top_p,
-                   moe.min_k if moe.top_p is not None else 1,
-                   moe.null_expert_output if moe.num_null_experts else "zero")
+        """From a MoEConfig, field by field; an option that does nothing here at its default (a limit that keeps
+        every group, the null experts' settings without null experts, min_k without top_p)."""
+        values = {f.name: getattr(moe, f.name) for f in dataclasses.fields(cls)}
+        if moe.max_groups_per_token is None or moe.max_groups_per_token >= moe.expert_groups:
+            values.update(expert_groups=1, max_groups_per_token=1)
+        if not moe.num_null_experts:
+            values.update(null_expert_target_real_k=None, null_expert_output="zero")
+        if moe.top_p is None:
+            values.update(min_k=1)
+        return cls(**values)
 
     @property
     def is_deepspeed(self) -> bool:
@@ -157,8 +161,8 @@ class Router(TopKGate):
         E = E_all - s.num_null_experts
         scores_TE = logits_TE.sigmoid() if s.score_function == "sigmoid" else F.softmax(logits_TE, dim=1)
         choice_TE = scores_TE if self.score_bias is None else scores_TE + self.score_bias
-        if s.groups_per_token < s.expert_groups:
-            choice_TE = within_best_groups(choice_TE, s.expert_groups, s.groups_per_token)
+        if s.max_groups_per_token < s.expert_groups:
+            choice_TE = within_best_groups(choice_TE, s.expert_groups, s.max_groups_per_token)
         if s.top_p is not None:
             topk_ids_TK = top_p_choice(choice_TE, scores_TE, self.k, s.min_k, s.top_p)
             weights_TK = torch.where(topk_ids_TK >= 0, scores_TE.gather(1, topk_ids_TK.clamp(min=0)), 0.0)
@@ -180,7 +184,7 @@ class Router(TopKGate):
             balance_loss = switch_balance_loss(probs_TE, chosen_E, routes)
         chosen_null = null_weight_T = None
         if s.num_null_experts:
-            if s.null_output == "identity":  # the weight of the token's input in its output
+            if s.null_expert_output == "identity":  # the weight of the token's input in its output
                 null_weight_T = torch.where(topk_ids_TK >= E, weights_TK, 0.0).sum(dim=1)
             topk_ids_TK, weights_TK = without_null_routes(topk_ids_TK, weights_TK, E)
             chosen_E, chosen_null = chosen_E[:E], chosen_E[E:]

@@ -71,7 +71,7 @@ def _initialise(layer: MoEFeedForward, by_units, cfg: MoEConfig, layout: MoELayo
                 block_id: int, output: str) -> None:
     """The router drawn fresh, each local expert as ``cfg.expert_init`` says (by its global id), the shared experts;
     upcycled, the output projections scaled to keep the dense function."""
-    _init_router(layer.router, layer.num_experts, init_std, _generator(seed, block_id, -1), layout.granularity)
+    _init_router(layer.router.wg, layer.num_experts, init_std, _generator(seed, block_id, -1), layout.granularity)
     for weights, global_id in zip(layer.local_expert_weights(), layer.global_expert_ids()):
         gen = _generator(seed, block_id, global_id)
         if by_units:

@@ -20,6 +20,14 @@ def _flag(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _routing_flag(default, help: str):
+    """A MoEConfig field that decides which experts a token goes to and with which weight: the one place a routing
+    setting is declared. The rest follows from the mark (``ROUTING_FLAGS``): a resume keeps the recorded value
+    unless --allow_routing_change (training/resumable.py, whose help lists them), and export says how the HF class
+    treats each (hf/export_fidelity.py, ``EXPORT_OF_ROUTING_FLAG``; a test checks that every flag has an entry)."""
+    return _flag(default, help, routing=True)
+
+
 @dataclass
 class ModelConfig:
     """Where the model comes from."""
@@ -113,20 +121,20 @@ class MoEConfig:
         "all", "Which transformer blocks get an MoE FFN: 'all', 'every:N' (blocks N-1, 2N-1, ...), or block indices "
         "such as '1,3,5'; 'none' trains the dense model as it is, with no MoE layer (the dense control of a "
         "comparison; the MoE settings are then unused, and export refuses it: it is not an MoE model).")
-    capacity_factor: float = _flag(1.0, "Training capacity per expert, as a multiple of the even share of tokens.")
-    eval_capacity_factor: float = _flag(1.0, "Capacity factor in eval mode.")
-    min_capacity: int = _flag(4, "Minimum tokens an expert can take, whatever the capacity factor.")
-    drop_tokens: bool = _flag(False, "Drop tokens above an expert's capacity (--capacity_factor). false (the "
+    capacity_factor: float = _routing_flag(1.0, "Training capacity per expert, as a multiple of the even share of tokens.")
+    eval_capacity_factor: float = _routing_flag(1.0, "Capacity factor in eval mode.")
+    min_capacity: int = _routing_flag(4, "Minimum tokens an expert can take, whatever the capacity factor.")
+    drop_tokens: bool = _routing_flag(False, "Drop tokens above an expert's capacity (--capacity_factor). false (the "
                               "default) = dropless: every token reaches its experts (capacity grows to the busiest "
                               "expert), as the HF MoE classes route, so an export is exact.")
-    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _flag(
+    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _routing_flag(
         None, "Noise on the router during training: Jitter (multiplicative on the input) or RSample (Gumbel).")
-    use_rts: bool = _flag(True, "Random token selection when dropping (top-1 only).")
-    top2_2nd_expert_sampling: bool = _flag(False, "Top-2 only: pick the second expert with Gumbel noise "
+    use_rts: bool = _routing_flag(True, "Random token selection when dropping (top-1 only).")
+    top2_2nd_expert_sampling: bool = _routing_flag(False, "Top-2 only: pick the second expert with Gumbel noise "
                                            "(DeepSpeed's default, which it applies in eval too); false (the default "
                                            "here) = deterministic top-2, as the HF MoE classes route.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
-    benchmark_balanced_routing: bool = _flag(
+    benchmark_balanced_routing: bool = _routing_flag(
         False, "For throughput benchmarks only: the router is computed as usual, but token t's k routes go to experts "
         "(t k + j) mod E, so every expert gets an even share; the model does not learn to route. Marked in "
         "run_config.json and in every training row (moe/layer_i/forced_balanced_routing); dropless, --moe_impl "
@@ -159,25 +167,25 @@ class MoEConfig:
         0.0, "Weight of the router z-loss (ST-MoE): per MoE layer the mean over tokens of logsumexp(router logits)^2, "
         "summed over layers and added to the loss; it keeps router logits small (docs/routing.md). 0 = off; it is "
         "logged per layer either way.")
-    score_function: Literal["softmax", "sigmoid"] = _flag(
+    score_function: Literal["softmax", "sigmoid"] = _routing_flag(
         "softmax", "How router logits become expert scores: softmax over the experts, or an independent sigmoid per "
         "expert (DeepSeek-V3). Any setting of this or the four options below other than its default routes by "
         "deterministic top-k of the scores (docs/routing.md); --moe_impl grouped only.")
-    norm_topk_prob: Optional[bool] = _flag(
+    norm_topk_prob: Optional[bool] = _routing_flag(
         None, "Rescale each token's chosen scores to sum to 1 (true) or keep them as they are (false). None = "
         "DeepSpeed's rule: top-1 keeps its probability, top-2 and more rescale.")
-    routed_scaling_factor: float = _flag(
+    routed_scaling_factor: float = _routing_flag(
         1.0, "Multiply the routed experts' combine weights by this (DeepSeek-V3 uses 2.5 with sigmoid scores).")
-    router_bias_update_rate: float = _flag(
+    router_bias_update_rate: float = _routing_flag(
         0.0, "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice of experts "
         "only; after each optimizer step bias_e += rate x sign(mean load - load_e), the load counted over every token "
         "of the step on all ranks. 0 = off; 1e-3 is the published rate. With it, --aux_loss_coef 0 is supported.")
-    expert_groups: int = _flag(
+    expert_groups: int = _routing_flag(
         1, "Group-limited routing (DeepSeek-V3's node-limited routing): the experts of each MoE layer in this many "
         "equal groups, of consecutive expert ids; with --max_groups_per_token a token chooses its experts inside its "
         "best groups only. Groups of the experts of one node bound the nodes a token's routes reach: experts / "
         "(ep_size / devices per node) per group (docs/routing.md).")
-    max_groups_per_token: Optional[int] = _flag(
+    max_groups_per_token: Optional[int] = _routing_flag(
         None, "With --expert_groups: M, the groups a token may route into; it takes the M groups with the highest sum "
         "of their two best scores (plus the aux-loss-free bias), then its top-k experts inside them. None = every "
         "group (no limit).")
@@ -190,18 +198,18 @@ class MoEConfig:
         "zero", "With --num_null_experts: what a null expert outputs. zero: nothing (MoE++'s zero experts); identity: "
         "the token's input, weighted by the route's weight (MoE++'s copy experts, LongCat-Flash's zero-computation "
         "experts). Either costs no expert FLOPs.")
-    null_expert_target_real_k: Optional[float] = _flag(
+    null_expert_target_real_k: Optional[float] = _routing_flag(
         None, "With --num_null_experts and --router_bias_update_rate: the compute target, the mean number of real "
         "experts per token (between top_k - num_null_experts and top_k, exclusive of top_k). After each optimizer step "
         "the aux-loss-free update moves every bias toward its share of the routes: a real expert's share is "
         "target / (top_k E), a null expert's (1 - target / top_k) / N (LongCat-Flash's controller, in DeepSeek-V3's "
         "sign form). None = the bias balances the real experts only and the null biases stay.")
-    top_p: Optional[float] = _flag(
+    top_p: Optional[float] = _routing_flag(
         None, "Top-p (dynamic-k) routing (Huang et al. 2024): each token takes the fewest experts, by descending "
         "score, whose router probabilities sum to >= p, at least --min_k and at most --top_k; the weights are rescaled "
         "over the kept ones (unless --norm_topk_prob false). Routes past the cut are not dispatched. Softmax scores and "
         "--aux_loss_type micro_batch only. None = off (docs/routing.md).")
-    min_k: int = _flag(1, "With --top_p: the fewest experts a token takes (the most is --top_k).")
+    min_k: int = _routing_flag(1, "With --top_p: the fewest experts a token takes (the most is --top_k).")
     dynamic_loss_coef: float = _flag(
         0.0, "Weight of the dynamic loss (Huang et al. 2024): per MoE layer the mean over tokens of the entropy (nats) "
         "of the router's softmax distribution, added to the loss; it keeps a top-p router from spreading its "
@@ -231,6 +239,9 @@ class MoEConfig:
     def __post_init__(self):
         if isinstance(self.num_experts, list) and len(self.num_experts) == 1:
             self.num_experts = self.num_experts[0]
+
+
+ROUTING_FLAGS = tuple(f.name for f in dataclasses.fields(MoEConfig) if f.metadata.get("routing"))
 
 
 @dataclass
@@ -269,11 +280,9 @@ class TrainConfig:
     reset_optimizer: bool = _flag(False, "When resuming at another world size, ep_size or moe_impl: load the weights "
                                   "and start a fresh optimizer state (the LR schedule continues).")
     allow_routing_change: bool = _flag(
-        False, "When resuming: allow routing settings other than those the checkpoint's run recorded (score_function, "
-        "norm_topk_prob, routed_scaling_factor, router_bias_update_rate, drop_tokens, capacity_factor, "
-        "eval_capacity_factor, min_capacity, noisy_gate_policy, use_rts, top2_2nd_expert_sampling, expert_groups, "
-        "max_groups_per_token, null_expert_target_real_k, top_p, min_k). Without it a "
-        "routing flag given with another value is refused, and one left out takes the run's recorded value.")
+        False, f"When resuming: allow routing settings other than those the checkpoint's run recorded "
+        f"({', '.join(ROUTING_FLAGS)}). Without it a routing flag given with another value is refused, and one left "
+        "out takes the run's recorded value.")
     max_nonfinite_steps: int = _flag(
         10, "Stop (exit 1) after this many consecutive optimizer steps whose loss or gradient norm is NaN or inf. Each "
         "such step is skipped on every rank and counted in metrics.jsonl (`nonfinite_steps`); 0 = never stop.")

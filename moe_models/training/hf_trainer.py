@@ -1,6 +1,6 @@
 """``MoETrainer``: the stock ``transformers.Trainer`` for a model converted by ``convert_to_moe`` (docs/hf-trainer.md).
 
-It gives a run the MoE side of a step that train.py's loop gives (moe/step.py, the contract both call), each where
+It gives a run the MoE side of a step that train.py's loop gives (moe/model_layers.py, the contract both call), each where
 the Trainer offers a place for it:
 
 - ``compute_loss``: the router losses (each layer's ``aux_loss_coef`` x balance loss, ``router_z_loss_coef`` x
@@ -28,7 +28,6 @@ the Trainer offers a place for it:
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -41,21 +40,18 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
-from ..metrics.device import DeviceInterval
-from ..metrics.throughput import (active_parameters, attention_dims, flops_per_token, resolve_peak_tflops,
-                                  throughput_metrics)
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
-from ..moe.step import MoEStep
+from ..moe.model_layers import MoELayers
 from ..run.config import ConfigError, MoEConfig
 from ..run.distributed import init_world, sum_over_ranks
 from ..run.folder import RunFolder
 from ..run.cpu_memory import keep_freed_memory
 from ..run.threads import choose_cpu_threads
+from .bookkeeping import Bookkeeping, NonFiniteTerms
 from .console_logs import keep_console_to_summaries
 from .ds_config import zero_stage
-from .nonfinite import (NonFiniteError, NonFiniteGuard, drop_nonfinite_gradients, first_nonfinite_layer, guard_engine,
-                        nonfinite_message)
+from .nonfinite import drop_nonfinite_gradients, guard_engine
 
 DOMAIN_IDS = "domain_ids"  # a batch's per-token domain ids (data/): counted at eval, never given to the model
 
@@ -95,26 +91,21 @@ class MoETrainer(Trainer):
             if line and self.is_world_process_zero():
                 print(line, flush=True)
         keep_console_to_summaries(self)
-        self.moe = MoEStep(self.model)
-        self.moe_layers = self.moe.layers
+        self.moe_layers = MoELayers(self.model)
         self.per_expert_metrics = per_expert_metrics
-        self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.domains = list(domains) if domains is not None else None
-        self.collapse = CollapseMonitor(collapse, self.moe_config) if self.is_world_process_zero() else None
         self.collapse_warnings: list[dict] = []  # the warning and clearance rows, as train.py writes them
-        self.device_interval = DeviceInterval(self.args.device)
-        self.peak_tflops, _ = resolve_peak_tflops(peak_tflops, self.args.device, bf16=bool(self.args.bf16))
-        # On the device until a logging step: balance loss summed over micro-batches, micro-batches, tokens.
-        self.router_sums = self._zero_sums()
-        self.step_seconds, self.last_logged_step = 0.0, 0
-        self.flops_per_token: float | None = None  # at the first log, from the batches' sequence length
-        self.last_input_ids: torch.Tensor | None = None
+        a = self.args
+        self.book = Bookkeeping(
+            self.model, self.moe_layers, a.device, a.world_size, bf16=bool(a.bf16), peak_tflops=peak_tflops,
+            collapse=CollapseMonitor(collapse, self.moe_config) if self.is_world_process_zero() else None,
+            nonfinite=NonFiniteTerms(
+                max_nonfinite_steps, {"learning_rate": a.learning_rate, "warmup_steps": a.warmup_steps,
+                                      "max_grad_norm": a.max_grad_norm, "aux_loss_coef": self.moe_config.aux_loss_coef},
+                "", f"max_nonfinite_steps={max_nonfinite_steps}",
+                "resume from that checkpoint (trainer.train(resume_from_checkpoint=...))", self.checkpoint_before))
         self.domain_routes = None  # during an evaluation
         self.add_callback(MoEStepCallback(self))
-
-    def _zero_sums(self) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros((), dtype=torch.float64, device=self.args.device)
-                for name in ("aux_loss", "micro_batches", "tokens")}
 
     # -- the loss ---------------------------------------------------------------------------------------------
 
@@ -126,15 +117,11 @@ class MoETrainer(Trainer):
         inputs = {name: value for name, value in inputs.items() if name != DOMAIN_IDS}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.model.training:
-            extra, balance = self.moe.router_loss(loss)
+            extra, balance_loss = self.moe_layers.router_loss(loss)
             if not self.divides_loss_later(num_items_in_batch):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
-            input_ids = inputs.get("input_ids")
-            self.router_sums["aux_loss"] += balance.detach().double()
-            self.router_sums["micro_batches"] += 1
-            self.router_sums["tokens"] += input_ids.numel() if input_ids is not None else 0
-            self.last_input_ids = input_ids
+            self.book.add_micro_batch(inputs["input_ids"], balance_loss, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
 
     def divides_loss_later(self, num_items_in_batch) -> bool:
@@ -185,32 +172,17 @@ class MoETrainer(Trainer):
         super().log(scalars(logs, self.per_expert_metrics), start_time)
 
     def training_metrics(self) -> dict:
-        """The interval's metrics, summed over ranks by one all-reduce; resets the counters."""
-        device = self.args.device
-        summed = sum_over_ranks({**self.router_sums, **self.moe.interval_sums(device), **self.device_interval.sums()})
-        self.router_sums = self._zero_sums()
-        micro_batches, tokens = float(summed["micro_batches"]), float(summed["tokens"])
-        row = {"aux_loss": float(summed["aux_loss"]) / micro_batches} if micro_batches else {}
-        row.update(self.moe.interval_metrics(summed))
-        steps = self.state.global_step - self.last_logged_step
-        if steps and self.last_input_ids is not None:
-            row.update(throughput_metrics(tokens, steps, self.step_seconds, self.args.world_size,
-                                          self._flops_per_token(), self.peak_tflops,
-                                          self.moe.spent_flops_per_token(self._flops_per_token(), row)))
-        self.step_seconds, self.last_logged_step = 0.0, self.state.global_step
-        row["nonfinite_steps"] = self.guard.total
-        row.update(self.device_interval.metrics(summed, tokens, self.args.world_size))
-        return row
+        """The interval's metrics, summed over ranks by one all-reduce (training/bookkeeping.py); resets them."""
+        return self.book.training_row()[0]
 
-    def _flops_per_token(self) -> float:
-        if self.flops_per_token is None:
-            self.flops_per_token = flops_per_token(active_parameters(self.model, self.moe.layers),
-                                                   *attention_dims(self.model.config), self.last_input_ids.shape[-1])
-        return self.flops_per_token
+    def say(self, line: str) -> None:
+        """A line on the main process's console."""
+        if self.is_world_process_zero():
+            print(line, flush=True)
 
     def warn_of_collapse(self, row: dict) -> None:
         """The router-collapse warnings a training row starts or clears: printed by the main process and kept."""
-        for warning in self.collapse.check({"step": self.state.global_step, **row}) if self.collapse else []:
+        for warning in self.book.collapse_warnings(self.state.global_step, row):
             self.collapse_warnings.append(warning)
             print(console_line(warning), flush=True)
 
@@ -221,7 +193,7 @@ class MoETrainer(Trainer):
         """The Trainer's evaluation; with ``domain_ids`` in the data, each MoE layer's routes per (domain, expert)
         and I(domain; expert) join its metrics (every rank counts its own batches; one all-reduce)."""
         domains = self.eval_domains(dataloader)
-        self.domain_routes = self.moe.domain_routes(len(domains), self.args.device, domains) if domains else None
+        self.domain_routes = self.moe_layers.domain_routes(len(domains), self.args.device, domains) if domains else None
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
@@ -252,20 +224,11 @@ class MoETrainer(Trainer):
 
     # -- the non-finite guard ---------------------------------------------------------------------------------
 
-    def nonfinite_report(self, step: int) -> str:
-        """train.py's message when the guard gives up, in the Trainer's terms (every rank must call it)."""
-        a = self.args
-        where = first_nonfinite_layer(self.model, self.moe.layers, self.last_input_ids)
-        first = step - self.guard.consecutive + 1
-        before = sorted((path for path in Path(a.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                         if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < first),
-                        key=lambda path: int(path.name.split("-")[-1]))
-        fixes = [f"a lower learning_rate (now {a.learning_rate:g})", f"a longer warmup_steps (now {a.warmup_steps})",
-                 f"gradient clipping (max_grad_norm, now {a.max_grad_norm:g})",
-                 f"a smaller aux_loss_coef (now {self.moe_config.aux_loss_coef:g})"]
-        return nonfinite_message(first, step, f"max_nonfinite_steps={self.guard.max_consecutive}", where,
-                                 str(before[-1]) if before else "none", fixes,
-                                 "resume from that checkpoint (trainer.train(resume_from_checkpoint=...))")
+    def checkpoint_before(self, step: int) -> str:
+        """The last ``checkpoint-N`` the Trainer saved before ``step`` ("none")."""
+        steps = sorted(int(path.name.split("-")[-1]) for path in Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                       if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < step)
+        return str(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{steps[-1]}") if steps else "none"
 
     # -- saving -----------------------------------------------------------------------------------------------
 
@@ -287,29 +250,27 @@ class MoETrainer(Trainer):
 class MoEStepCallback(TrainerCallback, ExportableState):
     """The MoE side of each optimizer step, on every rank: the step time; a plain torch optimizer's step with a
     non-finite gradient dropped; after the step, the non-finite guard's count (kept in the Trainer's checkpoints)
-    and the aux-loss-free biases (``MoEStep.after_optimizer_step``)."""
+    and the aux-loss-free biases (``MoELayers.after_optimizer_step``)."""
 
     def __init__(self, trainer: MoETrainer | None = None):
         self.trainer = trainer
-        self.started = 0.0
         self.dropped = False  # this step's gradients were dropped as non-finite (plain torch optimizer)
 
     def state(self) -> dict:
-        total = self.trainer.guard.total if self.trainer is not None else 0
+        total = self.trainer.book.guard.total if self.trainer is not None else 0
         return {"args": {}, "attributes": {"nonfinite_steps": total}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         saved = state.stateful_callbacks.get(type(self).__name__)  # a resumed run continues its count
         if isinstance(saved, dict):
-            trainer.guard.total = saved.get("attributes", {}).get("nonfinite_steps", 0)
+            trainer.book.guard.total = saved.get("attributes", {}).get("nonfinite_steps", 0)
         state.stateful_callbacks[type(self).__name__] = self.state()  # checkpoints of older runs lack it
         if trainer.is_deepspeed_enabled:
             guard_engine(trainer.model_wrapped)
-        trainer.last_logged_step = state.global_step
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        self.trainer.book.start_step()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self.trainer.is_deepspeed_enabled:  # DeepSpeed stepped already, checking as guard_engine made it
@@ -321,14 +282,7 @@ class MoEStepCallback(TrainerCallback, ExportableState):
             skipped = not trainer.model_wrapped.was_step_applied()
         else:
             skipped, self.dropped = self.dropped, False
-        trainer.guard.record(skipped)
-        trainer.moe.after_optimizer_step(applied=not skipped)
-        trainer.step_seconds += time.perf_counter() - self.started
-        if skipped and trainer.is_world_process_zero():
-            print(f"step {state.global_step}: the loss or gradient norm is not finite; the update was skipped on "
-                  f"every rank ({trainer.guard.consecutive} in a row)", flush=True)
-        if trainer.guard.exhausted:
-            raise NonFiniteError(trainer.nonfinite_report(state.global_step))
+        trainer.book.after_optimizer_step(state.global_step, skipped, say=trainer.say)
 
 
 def check_parallelism(moe: MoEConfig, args) -> None:

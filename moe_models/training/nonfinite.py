@@ -89,12 +89,18 @@ class FiniteStepOptimizer:
         return getattr(self.optimizer, name)
 
 
-def nonfinite_message(first: int, step: int, limit: str, where: str, checkpoint_before: str, fixes: list[str],
-                      resume: str) -> str:
+def nonfinite_message(first: int, step: int, limit: str, where: str, checkpoint_before: str,
+                      settings: dict[str, float], flag_prefix: str, resume: str) -> str:
     """The error that ends a run after ``limit`` non-finite steps in a row (steps ``first``..``step``): where the
     values first appear (``first_nonfinite_layer``), the last checkpoint saved before, the settings that usually fix
-    it (with their values now) and how to resume. ``limit``: the setting that stopped it, as the user wrote it."""
-    n = step - first + 1
+    it with their values now (``settings``: learning_rate, warmup_steps, max_grad_norm, aux_loss_coef, named with
+    ``flag_prefix``: "--" for train.py's flags, "" for TrainingArguments' fields) and how to resume. ``limit``: the
+    setting that stopped it, as the user wrote it."""
+    n, p = step - first + 1, flag_prefix
+    fixes = [f"a lower {p}learning_rate (now {settings['learning_rate']:g})",
+             f"a longer {p}warmup_steps (now {settings['warmup_steps']})",
+             f"gradient clipping ({p}max_grad_norm, now {settings['max_grad_norm']:g})",
+             f"a smaller {p}aux_loss_coef (now {settings['aux_loss_coef']:g})"]
     return (f"steps {first}..{step}: {n} optimizer steps in a row had a non-finite loss or gradient norm and were "
             f"skipped on every rank ({limit}); {where}. The last checkpoint saved before step "
             f"{first} is {checkpoint_before}. What usually fixes it: {', '.join(fixes)}, or fp32 where bf16 "
@@ -112,7 +118,7 @@ def first_nonfinite_layer(model: torch.nn.Module, layers: list, input_ids: torch
             if found:
                 return
             x_TD = inputs[0].reshape(-1, inputs[0].shape[-1])
-            if not torch.isfinite(layer.gate.logits(x_TD)).all():
+            if not torch.isfinite(layer.router.logits(x_TD)).all():
                 found.append(f"MoE layer {index} (router logits)")
             elif not torch.isfinite(output).all():
                 found.append(f"MoE layer {index} (output)")

@@ -15,18 +15,10 @@ from pathlib import Path
 from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.source import DEFAULT_PRESET, local_config
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
-from ..run.config import ConfigError, RunConfig, flag_text
+from ..run.config import ROUTING_FLAGS, ConfigError, RunConfig, flag_text
 from ..run.folder import RunFolder, RunRecordError
 from ..run.moe_layout import NO_MOE_LAYERS, MoELayout
 from .checkpoint import optimizer_layout_problem
-
-# The settings that decide which experts a token goes to and with which weight: a resume keeps them as the run
-# recorded them unless --allow_routing_change.
-ROUTING_FLAGS = ("score_function", "norm_topk_prob", "routed_scaling_factor", "router_bias_update_rate",
-                 "drop_tokens", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
-                 "use_rts", "top2_2nd_expert_sampling", "benchmark_balanced_routing",
-                 "expert_groups", "max_groups_per_token", "null_expert_target_real_k", "top_p", "min_k")
-
 
 class FinishedRun(Exception):
     """The checkpoint to resume is at --max_steps: there is nothing to train (not an error)."""

@@ -160,7 +160,7 @@ def test_import_continues_where_the_export_left_off(exported, tmp_path, capsys):
     position = trainer.batches.state_dict()
     input_ids = next(trainer.batches)["input_ids"]
     trainer.batches.load_state_dict(position)
-    first_loss = trainer.train_step()["lm_loss"].item()
+    first_loss = trainer.train_step().item()
     hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(input_ids=input_ids, labels=input_ids).loss.item()
@@ -212,7 +212,7 @@ def test_import_of_a_foreign_checkpoint_computes_its_function(world, tmp_path, m
 def test_layer_names_match_deepspeed():
     model = AutoModelForCausalLM.from_config(preset_config("tiny-llama"))
     layer = moe_layers_of(convert_to_moe(model, MoEConfig(num_experts=2)))[0]
-    assert dict(layer.named_parameters())[ROUTER_WEIGHT] is layer.router.weight
+    assert dict(layer.named_parameters())[ROUTER_WEIGHT] is layer.router.wg.weight
     state = layer.state_dict()  # experts under DeepSpeed's per-expert names, whichever path holds them
     assert torch.equal(state[f"{EXPERTS_MODULE}.deepspeed_experts.1.up_proj.weight"],
                        layer.local_expert_weights()[1]["up_proj.weight"])

@@ -103,14 +103,21 @@ def test_router_logits_growing_for_several_intervals_warn():
 
 
 def test_a_resumed_run_does_not_warn_again_of_a_collapse_that_held_at_its_checkpoint(tmp_path):
+    """As train.py's loop does it: each training row logged, then its warnings (the bookkeeping's monitor); on resume,
+    the rows kept in metrics.jsonl go through a fresh monitor first."""
     cfg, path = parse_args(["--disable_tqdm"]), tmp_path / "metrics.jsonl"
     stopped = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
+    stopped_monitor = CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe)
     for step in (10, 20, 30):
         stopped.log(training_row(step, COLLAPSED))
+        stopped.warn(stopped_monitor.check(training_row(step, COLLAPSED)))
     resumed = open_sinks(cfg, is_main=True, output_dir=tmp_path, jsonl=MetricsLog(path, enabled=True))
-    resumed.resume(20)  # from the checkpoint of step 20: step 30 comes again
+    resumed_monitor = CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe)
+    for row in resumed.resume(20):  # from the checkpoint of step 20: step 30 comes again
+        resumed_monitor.check(row)
     for step in (30, 40):
         resumed.log(training_row(step, COLLAPSED))
+        resumed.warn(resumed_monitor.check(training_row(step, COLLAPSED)))
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40]
     assert [(r["step"], r["condition"]) for r in rows if "collapse" in r] == [(10, "effective_experts"),

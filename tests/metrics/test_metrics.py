@@ -23,7 +23,9 @@ from moe_models.report import main as report_main
 from moe_models.run.cli import parse_args
 from moe_models.run.config import MoEConfig
 from moe_models.training.ds_config import build_deepspeed_config
-from moe_models.training.trainer import Trainer, build_engine
+from moe_models.training.engine import build_engine
+from moe_models.run.folder import RunFolder
+from moe_models.training.loop import TrainLoop
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--num_experts", "4", "--top_k", "2", "--drop_tokens", "true", "--capacity_factor", "0.5", "--max_steps", "5", "--logging_steps", "2",
@@ -31,13 +33,14 @@ QUICK = ["--num_experts", "4", "--top_k", "2", "--drop_tokens", "true", "--capac
          "--block_size", "32", "--per_device_train_batch_size", "4", "--disable_tqdm"]
 
 
-def train_quick(world, output_dir: Path, *flags: str) -> tuple[Trainer, list[dict]]:
+def train_quick(world, output_dir: Path, *flags: str) -> tuple[TrainLoop, list[dict]]:
     cfg = parse_args([*QUICK, "--output_dir", str(output_dir), *flags])
     model = convert_to_moe(tiny_model().train(), cfg.moe, seed=0)
     data = pack_blocks(load_text_datasets(cfg.data, seed=0), byte_level_tokenizer(), cfg.data.block_size, "text")
     engine = build_engine(model, build_deepspeed_config(cfg, world_size=1), cfg.train.weight_decay)
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, engine, world, TrainBatches(data["train"], 4, 0, 1, seed=0), data["validation"], output_dir)
+    trainer = TrainLoop(cfg, engine, world, TrainBatches(data["train"], 4, 0, 1, seed=0), data["validation"],
+                        RunFolder(output_dir))
     trainer.train()
     return trainer, [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,7 +60,7 @@ def test_training_rows_hold_every_metric_and_the_counts_add_up(quick_run):
         assert {"loss", "aux_loss", "lr", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_device", "step_time",
                 "mfu", "tokens_seen", "skipped_steps", "cpu_rss_gib"} <= set(row)
         assert "energy_j" not in row and "gpu_max_allocated_gib" not in row  # CPU: absent, never estimated
-        assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * trainer.flops_per_token / 0.002e12)
+        assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * trainer.book.flops_per_token / 0.002e12)
         tokens = steps * 4 * 32
         assert row["tokens_per_sec"] * row["step_time"] * steps == pytest.approx(tokens)
         layer_aux = []

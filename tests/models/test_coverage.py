@@ -20,10 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from moe_models import MoEConfig, convert_to_moe
 from moe_models.models.probe import small_config
 from moe_models.moe.layer import moe_layers_of
-from moe_models.moe.step import balance_loss
+from moe_models.moe.model_layers import balance_loss
 from moe_models.run.cli import parse_args
 from moe_models.training.ds_config import build_deepspeed_config
-from moe_models.training.trainer import build_engine
+from moe_models.training.engine import build_engine
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 BEGIN, END = "<!-- coverage table: begin -->", "<!-- coverage table: end -->"

@@ -11,7 +11,7 @@ from test_scoring import DIM, E, expert_outputs, layer
 import train
 from moe_models.moe.adaptive import dynamic_loss, top_p_choice
 from moe_models.moe.checks import moe_problems
-from moe_models.moe.step import MoEStep
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.config import MoEConfig
 
 
@@ -33,7 +33,7 @@ def test_top_p_takes_the_fewest_experts_reaching_p_between_the_bounds():
 def test_top_p_layer_follows_its_definition():
     moe = layer(top_p=0.6, top_k=3)
     x_TD = torch.randn(24, DIM)
-    probs_TE = (x_TD @ moe.router.weight.t()).softmax(dim=1)
+    probs_TE = (x_TD @ moe.router.wg.weight.t()).softmax(dim=1)
     out = moe(x_TD.unsqueeze(0)).squeeze(0)
     y_ETD = expert_outputs(moe, x_TD)
     expected = []
@@ -54,9 +54,9 @@ def test_top_p_layer_follows_its_definition():
 @pytest.mark.parametrize("drop_tokens", [False, True])
 def test_null_experts_output_zero_or_their_input_and_are_not_dispatched(drop_tokens, output):
     moe = layer(num_null_experts=2, drop_tokens=drop_tokens, capacity_factor=4.0, null_expert_output=output)
-    assert moe.router.weight.shape == (E + 2, DIM) and moe.num_experts == E
+    assert moe.router.wg.weight.shape == (E + 2, DIM) and moe.num_experts == E
     x_TD = torch.randn(32, DIM)
-    s_TE = (x_TD @ moe.router.weight.t()).softmax(dim=1)  # over the E real and 2 null outputs
+    s_TE = (x_TD @ moe.router.wg.weight.t()).softmax(dim=1)  # over the E real and 2 null outputs
     ids_TK = s_TE.topk(2, dim=1).indices
     w_TK = s_TE.gather(1, ids_TK) / s_TE.gather(1, ids_TK).sum(dim=1, keepdim=True)  # nulls share the rescaling
     y_ETD = expert_outputs(moe, x_TD)
@@ -69,7 +69,7 @@ def test_null_experts_output_zero_or_their_input_and_are_not_dispatched(drop_tok
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     real_routes = int((ids_TK < E).sum())
     assert 0 < real_routes < 64 and int(dispatched[0]) == real_routes  # only real routes reach the experts
-    routes = moe.gate.route(x_TD)
+    routes = moe.router.route(x_TD)
     assert int(routes.chosen_null.sum()) == 64 - real_routes and (routes.topk_ids_TK < E).all()
 
 
@@ -77,20 +77,20 @@ def test_the_compute_target_moves_each_bias_toward_its_share():
     moe = layer(num_null_experts=2, router_bias_update_rate=0.01, null_expert_target_real_k=1.5)
     x_TD = torch.randn(16, DIM)
     moe(x_TD.unsqueeze(0))
-    chosen = (x_TD @ moe.router.weight.t()).softmax(dim=1).topk(2, dim=1).indices  # the bias is 0
+    chosen = (x_TD @ moe.router.wg.weight.t()).softmax(dim=1).topk(2, dim=1).indices  # the bias is 0
     load = torch.bincount(chosen.flatten(), minlength=E + 2).double()
     routes = 32  # real target R K_t / (K E), null target R (1 - K_t / K) / N
     target = torch.tensor([routes * 1.5 / (2 * E)] * E + [routes * (1 - 1.5 / 2) / 2] * 2, dtype=torch.float64)
-    MoEStep(moe).after_optimizer_step(applied=True)
-    assert torch.equal(moe.gate.score_bias, (0.01 * torch.sign(target - load)).float())
-    assert moe.gate.score_bias[E:].abs().sum() + moe.gate.score_bias[:E].abs().sum() > 0
+    MoELayers(moe).after_optimizer_step(applied=True)
+    assert torch.equal(moe.router.score_bias, (0.01 * torch.sign(target - load)).float())
+    assert moe.router.score_bias[E:].abs().sum() + moe.router.score_bias[:E].abs().sum() > 0
 
 
 def test_without_a_target_the_null_biases_stay():
     moe = layer(num_null_experts=2, router_bias_update_rate=0.01)
     moe(torch.randn(1, 16, DIM))
-    MoEStep(moe).after_optimizer_step(applied=True)
-    assert torch.equal(moe.gate.score_bias[E:], torch.zeros(2)) and moe.gate.score_bias[:E].abs().sum() > 0
+    MoELayers(moe).after_optimizer_step(applied=True)
+    assert torch.equal(moe.router.score_bias[E:], torch.zeros(2)) and moe.router.score_bias[:E].abs().sum() > 0
 
 
 def test_dynamic_loss_and_its_gradient():
@@ -106,8 +106,8 @@ def test_dynamic_loss_and_its_gradient():
     x = torch.randn(1, 8, DIM)
     moe(x)
     lm = torch.zeros(())
-    total, _ = MoEStep(moe).router_loss(lm)
-    torch.testing.assert_close(total, 0.01 * moe.aux_loss + 0.1 * dynamic_loss(x[0] @ moe.router.weight.t()))
+    total, _ = MoELayers(moe).router_loss(lm)
+    torch.testing.assert_close(total, 0.01 * moe.balance_loss + 0.1 * dynamic_loss(x[0] @ moe.router.wg.weight.t()))
 
 
 @pytest.mark.parametrize("flags,wanted,fixed", [

@@ -33,17 +33,17 @@ def test_routes_go_round_robin_with_the_routers_probabilities(world, top_k):
     loads = [sum(row.count(e) for row in expected) for e in range(4)]
     assert max(loads) - min(loads) <= 1
     assert routes.sums(torch.device("cpu")).chosen_E.tolist() == loads
-    logits = x.reshape(10, 8) @ moe.gate.wg.weight.t()
+    logits = x.reshape(10, 8) @ moe.router.wg.weight.t()
     probs = torch.softmax(logits, dim=1).gather(1, torch.tensor(expected))
     weights = probs / probs.sum(dim=1, keepdim=True) if top_k > 1 else probs
-    assert torch.allclose(moe.gate.route(x.reshape(10, 8)).weights_TK, weights, atol=1e-6)
+    assert torch.allclose(moe.router.route(x.reshape(10, 8)).weights_TK, weights, atol=1e-6)
 
 
 def test_the_router_still_learns_from_the_weights(world):
     moe = layer(2)
     out = moe(torch.randn(1, 10, 8, generator=torch.Generator().manual_seed(1)))
     out.square().sum().backward()
-    assert moe.gate.wg.weight.grad is not None and moe.gate.wg.weight.grad.abs().sum() > 0
+    assert moe.router.wg.weight.grad is not None and moe.router.wg.weight.grad.abs().sum() > 0
 
 
 def test_a_run_is_marked_and_refused_where_it_cannot_work(world, tmp_path, capsys):

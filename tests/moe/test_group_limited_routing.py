@@ -31,15 +31,15 @@ def test_routes_equal_stock_glm4_moe_router(world):
     layer = MoEFeedForward(torch.nn.Sequential(torch.nn.Linear(D, 32), torch.nn.ReLU(), torch.nn.Linear(32, D)),
                            hidden_size=D, num_experts=E, cfg=moe).eval()
     torch.manual_seed(0)
-    layer.gate.wg.weight.normal_(0, 1.0)
-    layer.gate.score_bias.normal_(0, 0.1)
+    layer.router.wg.weight.normal_(0, 1.0)
+    layer.router.score_bias.normal_(0, 0.1)
     config = AutoConfig.for_model("glm4_moe", hidden_size=D, n_routed_experts=E, num_experts_per_tok=k, n_group=groups,
                                   topk_group=keep, norm_topk_prob=True, routed_scaling_factor=2.5)
     stock = Glm4MoeTopkRouter(config)
-    stock.weight.copy_(layer.gate.wg.weight)
-    stock.e_score_correction_bias.copy_(layer.gate.score_bias)
+    stock.weight.copy_(layer.router.wg.weight)
+    stock.e_score_correction_bias.copy_(layer.router.score_bias)
     x = torch.randn(64, D)
-    ours = layer.gate.route(x)
+    ours = layer.router.route(x)
     _, weights, ids = stock(x)
     order, stock_order = ours.topk_ids_TK.sort(dim=1), ids.sort(dim=1)
     assert torch.equal(order.values, stock_order.values)
@@ -47,9 +47,9 @@ def test_routes_equal_stock_glm4_moe_router(world):
     # the limit matters on these tokens: without it some would choose outside their best groups
     unlimited = MoEConfig(**{**moe.__dict__, "max_groups_per_token": None})
     free = MoEFeedForward(torch.nn.Linear(D, D), hidden_size=D, num_experts=E, cfg=unlimited).eval()
-    free.gate.wg.weight.copy_(layer.gate.wg.weight)
-    free.gate.score_bias.copy_(layer.gate.score_bias)
-    assert not torch.equal(free.gate.route(x).topk_ids_TK.sort(dim=1).values, order.values)
+    free.router.wg.weight.copy_(layer.router.wg.weight)
+    free.router.score_bias.copy_(layer.router.score_bias)
+    assert not torch.equal(free.router.route(x).topk_ids_TK.sort(dim=1).values, order.values)
 
 
 @pytest.mark.parametrize("settings, message", [

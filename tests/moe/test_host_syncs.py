@@ -9,7 +9,7 @@ from test_grouped_layer import CAPACITY_CASES, DIM, layer_pair
 
 import train
 from moe_models import MoEConfig, convert_to_moe
-from moe_models.moe.step import MoEStep
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.cli import parse_args
 
 LAYER_CASES = {**{f"dropless-top{k}": (k, dict(drop_tokens=False, top2_2nd_expert_sampling=True)) for k in (1, 2, 4)},
@@ -49,7 +49,7 @@ def test_the_stock_gate_with_capacity_syncs_where_ours_does_not():
                                       router_bias_update_rate=0.001, aux_loss_type="sequence")])
 def test_model_training_forward_and_backward_with_the_router_loss_make_no_host_sync(moe):
     model = convert_to_moe(tiny_model().train(), MoEConfig(num_experts=4, top_k=2, **moe))
-    step = MoEStep(model)
+    step = MoELayers(model)
     ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
 
     def train_step():
@@ -80,7 +80,7 @@ def test_a_step_reads_the_host_only_at_logging_and_an_eval_reads_once_per_kind(s
     _, trainer = train.build(cfg)
     syncs = HostSyncs()
     labelled(trainer, syncs, "train_step", lambda: f"step {trainer.state.step + 1}")
-    labelled(trainer, syncs, "training_row", lambda: "logging")
+    labelled(trainer, syncs, "log_training_row", lambda: "logging")
     labelled(trainer, syncs, "evaluate", lambda: "eval")
     with syncs:
         trainer.train()

@@ -34,7 +34,7 @@ def routed_layer(top_k: int, capacity_factor: float | None, moe_impl: str = "gro
                     moe_impl=moe_impl)
     layer = MoEFeedForward(torch.nn.Linear(4, 4), hidden_size=4, num_experts=4, cfg=cfg).train()
     with torch.no_grad():
-        layer.router.weight.copy_(10 * torch.eye(4))
+        layer.router.wg.weight.copy_(10 * torch.eye(4))
     return layer
 
 
@@ -83,7 +83,7 @@ def test_real_layer_counts_a_known_routing(world, top_k, capacity_factor, kept, 
     assert metrics["router_logit_norm"] == pytest.approx(math.sqrt(10 ** 2 + 5 ** 2), rel=1e-6)
     shares = [n / routes for n in chosen]
     assert metrics["effective_experts"] == pytest.approx(math.exp(-sum(p * math.log(p) for p in shares if p)))
-    assert metrics["aux_loss"] == pytest.approx(layer.aux_loss.item())
+    assert metrics["aux_loss"] == pytest.approx(layer.balance_loss.item())
     assert metrics["max_violation_micro_batch"] == pytest.approx(max(chosen) / (routes / 4) - 1)  # one forward
     assert "max_violation_step" not in metrics  # no optimizer step has ended
 

@@ -15,7 +15,7 @@ from helpers import free_port, launch, tiny_model
 import train
 from moe_models.moe.checks import moe_problems
 from moe_models.moe.layer import MoEFeedForward
-from moe_models.moe.step import MoEStep
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.config import ConfigError, MoEConfig
 
 DIM, FFN, E = 64, 96, 4
@@ -46,7 +46,7 @@ def expert_outputs(moe: MoEFeedForward, x_TD: torch.Tensor) -> torch.Tensor:
 def reference(moe: MoEFeedForward, x_TD, score, k, renormalise, scale, bias=None):
     """The scored rule from its definition: s = score(x W^T); experts = top-k of s (+ bias); weights = chosen s,
     rescaled to sum to 1 if asked, times the scale; output = sum of the weighted expert outputs."""
-    s_TE = score(x_TD @ moe.router.weight.t())
+    s_TE = score(x_TD @ moe.router.wg.weight.t())
     ids_TK = (s_TE if bias is None else s_TE + bias).topk(k, dim=1).indices
     w_TK = s_TE.gather(1, ids_TK)
     if renormalise:
@@ -65,7 +65,7 @@ def test_scored_rule_follows_its_definition(score_function, norm, k, scale):
     score = torch.sigmoid if score_function == "sigmoid" else (lambda l: l.softmax(dim=1))
     expected, ids_TK, w_TK = reference(moe, x_TD, score, k, norm, scale)
     out = moe(x_TD.unsqueeze(0)).squeeze(0)
-    routes = moe.gate.route(x_TD)
+    routes = moe.router.route(x_TD)
     assert torch.equal(routes.topk_ids_TK, ids_TK)
     torch.testing.assert_close(routes.weights_TK, w_TK)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -74,12 +74,12 @@ def test_scored_rule_follows_its_definition(score_function, norm, k, scale):
 def test_the_bias_steers_the_choice_but_not_the_weights():
     moe = layer(score_function="sigmoid", router_bias_update_rate=1e-3)
     with torch.no_grad():
-        moe.gate.score_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 10.0]))  # experts 0 and 3 win every choice
+        moe.router.score_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 10.0]))  # experts 0 and 3 win every choice
     x_TD = torch.randn(16, DIM)
-    expected, ids_TK, w_TK = reference(moe, x_TD, torch.sigmoid, 2, True, 1.0, bias=moe.gate.score_bias)
-    routes = moe.gate.route(x_TD)
+    expected, ids_TK, w_TK = reference(moe, x_TD, torch.sigmoid, 2, True, 1.0, bias=moe.router.score_bias)
+    routes = moe.router.route(x_TD)
     assert set(routes.topk_ids_TK.flatten().tolist()) == {0, 3}
-    scores_TE = torch.sigmoid(x_TD @ moe.router.weight.t())  # unbiased scores, rescaled over the two chosen
+    scores_TE = torch.sigmoid(x_TD @ moe.router.wg.weight.t())  # unbiased scores, rescaled over the two chosen
     chosen_TK = scores_TE[:, [0, 3]]
     torch.testing.assert_close(routes.weights_TK.sort(dim=1).values,
                                (chosen_TK / chosen_TK.sum(dim=1, keepdim=True)).sort(dim=1).values)
@@ -92,14 +92,14 @@ def test_bias_update_is_the_sign_of_the_load_gap_and_stays_fp32():
     loads = torch.zeros(E)
     for micro_step in range(2):  # the load of the whole step counts, over its micro-steps
         moe(x_TD[micro_step:micro_step + 1])
-        chosen = torch.sigmoid(x_TD[micro_step] @ moe.router.weight.t()).topk(2, dim=1).indices  # the bias is 0
+        chosen = torch.sigmoid(x_TD[micro_step] @ moe.router.wg.weight.t()).topk(2, dim=1).indices  # the bias is 0
         loads += torch.bincount(chosen.flatten(), minlength=E)
-    MoEStep(moe).after_optimizer_step(applied=True)  # the router's own rate, 0.01
+    MoELayers(moe).after_optimizer_step(applied=True)  # the router's own rate, 0.01
     expected = 0.01 * torch.sign(loads.mean() - loads)
-    assert torch.equal(moe.gate.score_bias, expected) and expected.abs().sum() > 0
-    MoEStep(moe).after_optimizer_step(applied=False)  # a skipped step (and no forward) moves nothing
-    assert torch.equal(moe.gate.score_bias, expected)
-    assert moe.bfloat16().gate.score_bias.dtype == torch.float32  # a bf16 engine keeps the bias exact
+    assert torch.equal(moe.router.score_bias, expected) and expected.abs().sum() > 0
+    MoELayers(moe).after_optimizer_step(applied=False)  # a skipped step (and no forward) moves nothing
+    assert torch.equal(moe.router.score_bias, expected)
+    assert moe.bfloat16().router.score_bias.dtype == torch.float32  # a bf16 engine keeps the bias exact
     assert "moe.deepspeed_moe.gate.score_bias" in moe.state_dict()
 
 
@@ -116,7 +116,7 @@ def test_micro_batch_and_sequence_balance_losses_follow_the_formula(score_functi
     for aux_loss_type in ("micro_batch", "sequence"):
         moe = layer(score_function=score_function, aux_loss_type=aux_loss_type, norm_topk_prob=True)
         moe(x_BSD)
-        s_BSE = x_BSD @ moe.router.weight.t()
+        s_BSE = x_BSD @ moe.router.wg.weight.t()
         s_BSE = s_BSE.sigmoid() if score_function == "sigmoid" else s_BSE.softmax(dim=-1)
         probs_BSE = s_BSE / s_BSE.sum(dim=-1, keepdim=True)
         ids_BSK = s_BSE.topk(2, dim=-1).indices
@@ -124,17 +124,17 @@ def test_micro_batch_and_sequence_balance_losses_follow_the_formula(score_functi
             expected = switch_loss(probs_BSE.reshape(-1, E), ids_BSK.reshape(-1, 2))
         else:
             expected = torch.stack([switch_loss(probs_BSE[b], ids_BSK[b]) for b in range(3)]).mean()
-        torch.testing.assert_close(moe.aux_loss, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moe.balance_loss, expected, rtol=1e-5, atol=1e-6)
         # the gradient reaches the router through P
-        moe.aux_loss.backward()
-        assert moe.router.weight.grad.abs().sum() > 0
+        moe.balance_loss.backward()
+        assert moe.router.wg.weight.grad.abs().sum() > 0
 
 
 def test_capacity_keeps_each_experts_highest_weighted_routes():
     moe = layer(drop_tokens=True, capacity_factor=0.5, min_capacity=1, score_function="sigmoid")
     x_TD = torch.randn(32, DIM)
-    unlimited = layer(score_function="sigmoid").gate.route(x_TD)  # same seed: same router
-    routes = moe.gate.route(x_TD)
+    unlimited = layer(score_function="sigmoid").router.route(x_TD)  # same seed: same router
+    routes = moe.router.route(x_TD)
     capacity = math.ceil(32 * 2 * 0.5 / E)
     assert torch.equal(routes.chosen_E, unlimited.chosen_E)
     for e in range(E):
@@ -150,7 +150,7 @@ def _global_batch_rank(rank: int, port: int, inputs):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         moe = layer(aux_loss_type="global_batch", norm_topk_prob=True)
-        weight = moe.router.weight.detach()
+        weight = moe.router.wg.weight.detach()
         routes_so_far = torch.zeros(E)
         for micro_step in range(2):  # f over both ranks and the micro-steps so far; P over this rank's tokens
             moe(inputs[micro_step][rank].unsqueeze(0))
@@ -159,14 +159,14 @@ def _global_batch_rank(rank: int, port: int, inputs):
                 routes_so_far += torch.bincount(scores.topk(2, dim=1).indices.flatten(), minlength=E)
             probs = (inputs[micro_step][rank] @ weight.t()).softmax(dim=1)
             expected = E * (routes_so_far / routes_so_far.sum() * probs.mean(dim=0)).sum()
-            torch.testing.assert_close(moe.aux_loss, expected, rtol=1e-5, atol=1e-6)
-        MoEStep(moe).after_optimizer_step(applied=True)  # the next step counts afresh
+            torch.testing.assert_close(moe.balance_loss, expected, rtol=1e-5, atol=1e-6)
+        MoELayers(moe).after_optimizer_step(applied=True)  # the next step counts afresh
         moe(inputs[0][rank].unsqueeze(0))
         probs = (inputs[0][rank] @ weight.t()).softmax(dim=1)
         fresh = torch.zeros(E)
         for r in range(2):
             fresh += torch.bincount((inputs[0][r] @ weight.t()).topk(2, dim=1).indices.flatten(), minlength=E)
-        torch.testing.assert_close(moe.aux_loss, E * (fresh / fresh.sum() * probs.mean(dim=0)).sum(),
+        torch.testing.assert_close(moe.balance_loss, E * (fresh / fresh.sum() * probs.mean(dim=0)).sum(),
                                    rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
@@ -195,7 +195,7 @@ def test_bad_settings_are_refused_with_the_way_out(flags, wanted, fixed):
 
 def test_defaults_keep_deepspeeds_rules():
     assert moe_problems(MoEConfig()) == []
-    assert layer().gate.scoring.is_deepspeed
+    assert layer().router.scoring.is_deepspeed
     with pytest.raises(ConfigError):
         from moe_models.moe.surgery import convert_to_moe
         convert_to_moe(tiny_model(), MoEConfig(score_function="sigmoid", moe_impl="deepspeed"))

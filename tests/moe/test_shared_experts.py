@@ -16,7 +16,7 @@ from moe_models.models.architectures import ARCHITECTURES
 from moe_models.moe.checks import moe_problems
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.shared import widened_ffn
-from moe_models.moe.step import MoEStep
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.cli import parse_args
 
 DIM, WIDTH = 64, 96
@@ -114,7 +114,7 @@ def test_initialisation_copies_scales_or_draws():
     assert drawn["up_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)  # initializer_range
     for expert in random_layer.local_expert_weights():  # its own stream, not an expert's
         assert not torch.equal(expert["up_proj.weight"], drawn["up_proj.weight"][:256])
-    assert not torch.equal(random_layer.router.weight, drawn["up_proj.weight"][:4])
+    assert not torch.equal(random_layer.router.wg.weight, drawn["up_proj.weight"][:4])
 
 
 def test_exact_copies_get_equal_gradients():
@@ -141,7 +141,7 @@ def test_metrics_follow_their_formulas():
         shares += (shared.norm(dim=-1) / (shared.norm(dim=-1) + routed.norm(dim=-1))).tolist()
         gates += gate.squeeze(-1).tolist()
     moe.eval()(xs[0])  # eval forwards are not counted
-    stats = MoEStep(moe)
+    stats = MoELayers(moe)
     row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert row["moe/layer_0/shared_share"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)
     assert row["moe/layer_0/shared_gate"] == pytest.approx(sum(gates) / len(gates), rel=1e-6)
@@ -154,7 +154,7 @@ def test_metrics_follow_their_formulas():
 def test_an_upcycled_model_starts_with_a_shared_share_of_n_over_n_plus_1():
     model = convert_to_moe(tiny_model().train(), MoEConfig(num_experts=4, num_shared_experts=3, drop_tokens=False))
     model(tokens())
-    stats = MoEStep(model)
+    stats = MoELayers(model)
     row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert [row[f"moe/layer_{i}/shared_share"] for i in range(4)] == pytest.approx([3 / 4] * 4, rel=1e-5)
 
@@ -163,7 +163,7 @@ def test_metrics_only_with_shared_experts():
     plain, ungated = layer(num_shared=0, gate=False), layer(num_shared=1, gate=False)
     for moe in (plain, ungated):
         moe(torch.randn(1, 8, DIM))
-    stats = MoEStep(torch.nn.ModuleList([plain, ungated]))
+    stats = MoELayers(torch.nn.ModuleList([plain, ungated]))
     row = stats.interval_metrics(stats.interval_sums(torch.device("cpu")))
     assert "moe/layer_0/shared_share" not in row and "moe/layer_1/shared_share" in row
     assert not any(key.endswith("shared_gate") for key in row)

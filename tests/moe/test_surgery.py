@@ -29,7 +29,7 @@ def test_every_family_converts_trains_and_routes(preset):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for layer in moe_layers_of(model):
-        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+        assert layer.router.wg.weight.grad is not None and layer.router.wg.weight.grad.abs().sum() > 0
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.experts.parameters())
 
 
@@ -119,9 +119,9 @@ def test_expert_init_modes():
 def test_router_starts_fresh_and_seeded():
     a = moe_layers_of(convert_to_moe(tiny_model(seed=0), MoEConfig(num_experts=4), seed=7))
     b = moe_layers_of(convert_to_moe(tiny_model(seed=1), MoEConfig(num_experts=4), seed=7))
-    assert torch.equal(a[0].router.weight, b[0].router.weight)  # independent of the global RNG
-    assert not torch.equal(a[0].router.weight, a[1].router.weight)  # one draw per block
-    assert a[0].router.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.equal(a[0].router.wg.weight, b[0].router.wg.weight)  # independent of the global RNG
+    assert not torch.equal(a[0].router.wg.weight, a[1].router.wg.weight)  # one draw per block
+    assert a[0].router.wg.weight.std().item() == pytest.approx(0.02, rel=0.2)
 
 
 def test_residual_moe_keeps_the_dense_ffn():
@@ -140,7 +140,7 @@ def test_balance_loss_reaches_the_router_only():
     assert aux.requires_grad and aux.item() > 0
     aux.backward()
     last = moe_layers_of(model)[-1]  # its balance loss depends on its router, not on its experts
-    assert last.router.weight.grad.abs().sum() > 0
+    assert last.router.wg.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in last.experts.parameters())
 
 

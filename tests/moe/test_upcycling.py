@@ -129,15 +129,15 @@ def test_granular_gpt2_experts_slice_conv1d_columns_and_rows_and_keep_the_output
 
 def test_granular_router_gives_each_group_of_g_experts_one_row():
     layers = moe_layers_of(convert_to_moe(tiny_model(), granular(8, 4, 4), seed=7))
-    router_ED = layers[0].router.weight
+    router_ED = layers[0].router.wg.weight
     groups = router_ED.reshape(2, 4, -1)
     assert torch.equal(groups, groups[:, :1].expand_as(groups))  # equal rows within a group
     assert not torch.equal(groups[0, 0], groups[1, 0])
-    assert not torch.equal(router_ED, layers[1].router.weight)
+    assert not torch.equal(router_ED, layers[1].router.wg.weight)
     assert router_ED.std().item() == pytest.approx(0.02, rel=0.2)
     # G = 1 draws the same router as the other inits
-    assert torch.equal(moe_layers_of(convert_to_moe(tiny_model(), granular(8, 1, 2), seed=7))[0].router.weight,
-                       moe_layers_of(convert_to_moe(tiny_model(), MoEConfig(num_experts=8), seed=7))[0].router.weight)
+    assert torch.equal(moe_layers_of(convert_to_moe(tiny_model(), granular(8, 1, 2), seed=7))[0].router.wg.weight,
+                       moe_layers_of(convert_to_moe(tiny_model(), MoEConfig(num_experts=8), seed=7))[0].router.wg.weight)
 
 
 @pytest.mark.parametrize("granularity, holder", [(4, StackedExperts), (8, ExpertLoop)])

@@ -9,7 +9,7 @@ from helpers import tiny_model
 
 import train
 from moe_models.moe.layer import MoEFeedForward
-from moe_models.moe.step import MoEStep
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.config import MoEConfig
 
 DIM = 64
@@ -22,7 +22,7 @@ def layer(moe_impl: str, drop_tokens: bool, coef: float) -> MoEFeedForward:
     moe = MoEFeedForward(ffn, DIM, 4, cfg).train()
     torch.manual_seed(3)
     with torch.no_grad():
-        moe.router.weight.normal_(0, 0.5)
+        moe.router.wg.weight.normal_(0, 0.5)
     return moe
 
 
@@ -32,19 +32,19 @@ def test_z_loss_and_its_router_gradient_follow_the_formula(moe_impl, drop_tokens
     moe, coef = layer(moe_impl, drop_tokens, coef=0.1), 0.1
     x = torch.randn(2, 24, DIM)
     moe(x)
-    MoEStep(moe).router_loss(moe.aux_loss)[0].backward()  # the layer's weights: aux 0, z-loss coef
-    weight = moe.router.weight.detach().clone().requires_grad_(True)
+    MoELayers(moe).router_loss(moe.balance_loss)[0].backward()  # the layer's weights: aux 0, z-loss coef
+    weight = moe.router.wg.weight.detach().clone().requires_grad_(True)
     z = torch.logsumexp(x.reshape(-1, DIM) @ weight.t(), dim=-1).pow(2).mean()  # ST-MoE eq. 5
     (coef * z).backward()
     torch.testing.assert_close(moe.z_loss.detach(), z.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(moe.router.weight.grad, weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(moe.router.wg.weight.grad, weight.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_off_by_default_adds_nothing():
     moe = layer("grouped", False, coef=0.0)
     moe(torch.randn(2, 24, DIM))
     assert moe.z_loss is None
-    assert MoEStep(moe).router_loss(moe.aux_loss)[0].item() == 0.0
+    assert MoELayers(moe).router_loss(moe.balance_loss)[0].item() == 0.0
 
 
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",

@@ -88,7 +88,7 @@ def test_the_payoff_trains_four_ordinary_run_folders_and_reports(payoff):
     assert f"{floor.nats_per_token:.4f} nats/token overall" in text
     assert "Upcycled against dense continuation" in text and "not measured" in text
     for image in ("eval_loss_vs_steps.png", "eval_loss_vs_flops.png", "speed.png", "lr_sweep.png",
-                  "quality_vs_decode_latency.png"):
+                  "quality_vs_decode_latency.png", "gap_over_training.png"):
         assert (payoff / image).stat().st_size > 0
     # The exported models, served by stock transformers (tests/payoff/test_inference.py checks the figures).
     inference = results["summary"]["inference"]
@@ -98,6 +98,22 @@ def test_the_payoff_trains_four_ordinary_run_folders_and_reports(payoff):
         results["runs"][MOE]["final_eval_loss"] / results["runs"][DENSE]["final_eval_loss"])
     assert "## Inference: the exported models served by stock transformers" in text
     write_run_report(payoff / DENSE)  # moe-report reads a dense run too
+
+    # The horizon's parameter counts (meta-device models of the settings) are those of the models the runs trained:
+    # train.py records the dense model's and the MoE's parameters, and FLOPs/token = 6 x active + 12 L d S.
+    horizon = results["summary"]["horizon"]
+    dense_record = json.loads((payoff / DENSE / "run_config.json").read_text())["resolved"]
+    moe_record = json.loads((payoff / MOE / "run_config.json").read_text())["resolved"]
+    assert horizon["parameters"] == {"dense": dense_record["dense_parameters"],
+                                     "moe_total": moe_record["moe_parameters_per_rank"],
+                                     "moe_active": (moe_record["flops_per_token"] - 12 * 4 * 128 * 32) / 6}
+    assert horizon["tokens"] == 8 * 4 * 32 and horizon["too_short"]
+    assert "**Too short to judge.**" in text and "too short to judge (" in text
+    gap = {g["key"]: g for g in results["summary"]["gap_over_training"]}
+    moe_eval, dense_eval = eval_losses(payoff / MOE), eval_losses(payoff / DENSE)
+    assert [(p["step"], p["tokens"]) for p in gap["moe_minus_dense"]["points"]] == [(s, s * 128) for s in (2, 4, 6, 8)]
+    assert [p["mean"] for p in gap["moe_minus_dense"]["points"]] == pytest.approx(
+        [moe_eval[s] - dense_eval[s] for s in (2, 4, 6, 8)])
 
 
 def test_the_upcycled_run_starts_as_the_dense_run_at_the_switch_step_and_keeps_its_schedule(payoff):
@@ -160,6 +176,11 @@ def test_a_rerun_keeps_finished_runs_and_resumes_the_interrupted_one_exactly(pay
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert f"{DENSE} ((a)" in result.stdout and "finished earlier; kept" in result.stdout
     assert "Resumed from" in result.stdout
+    # The plan before training says the horizon: 8 steps of 128 tokens, far below 10 tokens per dense parameter.
+    dense_parameters = json.loads((payoff / "payoff.json").read_text())["summary"]["horizon"]["parameters"]["dense"]
+    assert (f"payoff: horizon: 1,024 tokens per run (8 steps of 128): {1024 / dense_parameters:.2f} tokens per "
+            f"parameter of the dense model ({dense_parameters:,} parameters)") in result.stdout
+    assert f"too short to judge (--max_steps {math.ceil(10 * dense_parameters / 128)} would reach it" in result.stdout
     assert {name: os.stat(copy / name / "metrics.jsonl").st_mtime_ns for name in (DENSE, MOE)} == finished
     assert f"Resumed from {copy / DENSE_CONTINUED / 'checkpoints' / 'global_step6'} at step 6" in result.stdout
     for name in (UPCYCLED, DENSE_CONTINUED):
@@ -351,7 +372,7 @@ def cell(lr: float, seed: int, finals: dict[str, float], information: float) -> 
         layers = {"0": {"mutual_information_bits": information}} if name in (MOE, UPCYCLED) else {}
         return {"final_eval_loss": final, "specialisation": {"layers": layers} if layers else None,
                 "eval": [{"step": s, "eval_loss": line[s], "training_flops": 100.0 * s} for s in steps]}
-    return {"learning_rate": lr, "seed": seed, "max_steps": 10, "switch_step": 5,
+    return {"learning_rate": lr, "seed": seed, "max_steps": 10, "switch_step": 5, "tokens_per_step": 64,
             "runs": {name: run(name, final) for name, final in finals.items()}}
 
 

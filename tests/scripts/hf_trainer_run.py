@@ -45,7 +45,7 @@ def main() -> None:
     with torch.no_grad():
         logits = trainer.model.eval()(LOGITS_INPUT).logits
     result = {"log_history": trainer.state.log_history, "logits_input": LOGITS_INPUT, "logits": logits,
-              "score_bias": [layer.gate.score_bias.clone() for layer in trainer.moe_layers]}
+              "score_bias": [layer.router.score_bias.clone() for layer in trainer.moe_layers]}
     torch.save(result, cli.output_dir / f"result_rank{trainer.args.process_index}.pt")
     trainer.save_model(str(cli.output_dir / "final"))
 

@@ -14,9 +14,9 @@ from pathlib import Path
 rank, steps = int(os.environ["NAN_RANK"]), {int(s) for s in os.environ["NAN_STEPS"].split(",")}
 repo = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(repo))
-from moe_models.training import trainer  # noqa: E402
+from moe_models.training import loop  # noqa: E402
 
-real, calls = trainer.lm_loss_of, itertools.count(1)
+real, calls = loop.lm_loss_of, itertools.count(1)
 
 
 def poisoned(engine, inputs):
@@ -26,6 +26,6 @@ def poisoned(engine, inputs):
     return lm_loss
 
 
-trainer.lm_loss_of = poisoned
+loop.lm_loss_of = poisoned
 sys.argv[0] = str(repo / "train.py")
 runpy.run_path(str(repo / "train.py"), run_name="__main__")

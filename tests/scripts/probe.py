@@ -25,7 +25,7 @@ from moe_models.moe.layer import moe_layers_of  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import all_reduce_sum  # noqa: E402
 from moe_models.data.batches import model_inputs  # noqa: E402
-from moe_models.training.trainer import lm_loss_of  # noqa: E402
+from moe_models.training.loop import lm_loss_of  # noqa: E402
 from train import build  # noqa: E402
 
 
@@ -56,15 +56,15 @@ def main() -> None:
         inputs = model_inputs(next(trainer.batches), world.device)
         with HostSyncs() as syncs:
             lm_loss = lm_loss_of(engine, inputs)
-            engine.backward(lm_loss + trainer.moe.router_loss(lm_loss)[0])
+            engine.backward(lm_loss + trainer.moe_layers.router_loss(lm_loss)[0])
         if step == 1:
             record["host_syncs"] = [(s.op, s.where, s.ours) for s in syncs.found]
         if step == 0:
             record["grads"] = expert_tensors(layers, safe_get_full_grad)
-            record["router_grads"] = [safe_get_full_grad(layer.router.weight).clone() for layer in layers]
+            record["router_grads"] = [safe_get_full_grad(layer.router.wg.weight).clone() for layer in layers]
             record["shared_grads"] = shared_expert_grads(layers)
         engine.step()
-        trainer.moe.after_optimizer_step(engine.was_step_applied())
+        trainer.moe_layers.after_optimizer_step(engine.was_step_applied())
         mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size
         record["losses"].append(mean_loss.item())
     trainer.state.step = steps

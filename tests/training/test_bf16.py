@@ -54,9 +54,9 @@ def test_a_bf16_run_trains_in_bf16_with_the_router_parts_in_fp32(bf16_run):
     layers = moe_layers_of(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for layer in layers:
-        assert layer.gate.score_bias.dtype == torch.float32  # moves by steps bf16 would round away
+        assert layer.router.score_bias.dtype == torch.float32  # moves by steps bf16 would round away
         x_TD = torch.randn(8, model.config.hidden_size, dtype=torch.bfloat16)
-        routes = layer.gate.route(x_TD)
+        routes = layer.router.route(x_TD)
         assert routes.logits_TE.dtype == routes.weights_TK.dtype == routes.balance_loss.dtype == torch.float32
     run_losses = losses(bf16_run["root"] / "run")
     assert len(run_losses) == 4 and all(torch.isfinite(torch.tensor(run_losses)))

@@ -11,7 +11,7 @@ import torch
 
 import train
 from moe_models import moe_layers_of
-from moe_models.training import trainer as trainer_module
+from moe_models.training import loop as loop_module
 from moe_models.training.ds_config import SHIPPED_DIR
 
 FLAGS = ["--num_experts", "4", "--synthetic_examples", "400", "--block_size", "32", "--eval_steps", "0",
@@ -30,14 +30,14 @@ def module_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def poison_losses(monkeypatch, steps: set[int] | None) -> None:
     """Make the LM loss NaN at the given optimizer steps (None: from step 3 on); gradients follow."""
-    real, calls = trainer_module.lm_loss_of, itertools.count(1)
+    real, calls = loop_module.lm_loss_of, itertools.count(1)
 
     def poisoned(engine, inputs):
         lm_loss = real(engine, inputs)
         step = next(calls)
         return lm_loss * float("nan") if (step >= 3 if steps is None else step in steps) else lm_loss
 
-    monkeypatch.setattr(trainer_module, "lm_loss_of", poisoned)
+    monkeypatch.setattr(loop_module, "lm_loss_of", poisoned)
 
 
 def deepspeed_json(zero: str, dtype: str, folder: Path) -> str:
@@ -120,15 +120,15 @@ def test_a_failed_save_loses_nothing(world, tmp_path, monkeypatch, capsys):
 
 
 def test_the_error_names_the_first_moe_layer_that_went_non_finite(world, tmp_path, monkeypatch, capsys):
-    real, calls = trainer_module.lm_loss_of, itertools.count(1)
+    real, calls = loop_module.lm_loss_of, itertools.count(1)
 
     def break_router_of_layer_1(engine, inputs):
         if next(calls) == 3:
             with torch.no_grad():
-                moe_layers_of(engine.module)[1].router.weight.fill_(float("nan"))
+                moe_layers_of(engine.module)[1].router.wg.weight.fill_(float("nan"))
         return real(engine, inputs)
 
-    monkeypatch.setattr(trainer_module, "lm_loss_of", break_router_of_layer_1)
+    monkeypatch.setattr(loop_module, "lm_loss_of", break_router_of_layer_1)
     with pytest.raises(SystemExit):
         train.main([*FLAGS, "--max_steps", "20", "--max_nonfinite_steps", "2", "--output_dir", str(tmp_path / "run")])
     assert "the first non-finite value on the last batch appears in MoE layer 1 (router logits)" in capsys.readouterr().err

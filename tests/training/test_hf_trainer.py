@@ -65,7 +65,7 @@ def reference_losses(model, input_ids: torch.Tensor) -> tuple[float, list[float]
     balance, z = [], []
     for layer in layers:
         x_TD = inputs[layer].reshape(-1, inputs[layer].shape[-1]).float()
-        logits_TE = x_TD @ layer.router.weight.float().T
+        logits_TE = x_TD @ layer.router.wg.weight.float().T
         probs_TE = logits_TE.softmax(dim=-1)
         first_TE = torch.nn.functional.one_hot(probs_TE.argmax(dim=-1), probs_TE.shape[1]).float()
         balance.append((probs_TE.shape[1] * (probs_TE.mean(0) * first_TE.mean(0)).sum()).item())
@@ -140,14 +140,14 @@ def test_the_aux_loss_free_bias_moves_after_every_step(backend, tmp_path):
             expected += moves
             logged = torch.tensor([row[f"moe/layer_{i}/score_bias/{e}"] for e in range(4)], dtype=torch.float64)
             torch.testing.assert_close(logged, expected)
-        torch.testing.assert_close(trainer.moe_layers[i].gate.score_bias.double(), expected)
+        torch.testing.assert_close(trainer.moe_layers[i].router.score_bias.double(), expected)
 
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     plain = moe_trainer(tiny_moe_model(router_bias_update_rate=rate), tmp_path / "plain", trainer_class=Trainer,
                         max_steps=2)
     plain.train()
-    assert all(layer.gate.score_bias.abs().sum() == 0 for layer in moe_layers_of(plain.model))
+    assert all(layer.router.score_bias.abs().sum() == 0 for layer in moe_layers_of(plain.model))
 
 
 def optimizer_groups(trainer) -> list[dict]:
@@ -199,7 +199,7 @@ def test_resume_gives_the_same_losses_and_biases(backend, tmp_path):
     assert sorted(got) == [1, 2, 3, 4]  # steps 1 and 2 from the checkpoint's trainer_state.json
     assert [got[step] for step in range(1, 5)] == pytest.approx([want[step] for step in range(1, 5)], rel=1e-6)
     for a, b in zip(straight.moe_layers, resumed.moe_layers):
-        torch.testing.assert_close(b.gate.score_bias, a.gate.score_bias, rtol=0, atol=0)
+        torch.testing.assert_close(b.router.score_bias, a.router.score_bias, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", sorted(DEEPSPEED))
@@ -268,12 +268,16 @@ def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "hf").config.num_local_experts == 8
 
 
-# -- one MoE step for both trainers (moe/step.py) ------------------------------------------------------------------
+# -- one MoE step for both trainers (moe/model_layers.py) ------------------------------------------------------------------
 
 PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmoid",
                 "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01", "--synthetic_examples", "300", "--block_size", "32",
                 "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
-                "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm"]
+                "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm",
+                "--peak_tflops", "0.002"]
+# Each trainer's own values beside the row the bookkeeping (training/bookkeeping.py) gives both.
+OWN_KEYS = {"train.py": {"step", "loss", "lr", "grad_norm", "tokens_seen", "skipped_steps"},
+            "MoETrainer": {"step", "loss", "grad_norm", "learning_rate", "epoch"}}
 
 
 class InOrder(MoETrainer):
@@ -292,7 +296,9 @@ def moe_keys(row: dict) -> dict:
 def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
     """The same model (built as train.py builds it), the same batches in the same order, the same DeepSpeed optimizer
     and schedule (train.py's resolved JSON): both trainers log the same MoE keys with the same values at every step,
-    with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps)."""
+    with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps); the
+    same row keys beside each trainer's own, and MFU from the same FLOPs per token (PaLM's 6 N + 12 L d T of the
+    sequence length, the figure train.py records) and peak."""
     out = tmp_path / "train_py"
     train.main([*PARITY_FLAGS, "--output_dir", str(out)])
     ours = [row for row in RunFolder(out).metrics.rows() if "loss" in row]
@@ -311,7 +317,8 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
                         per_device_train_batch_size=t.per_device_train_batch_size, learning_rate=t.learning_rate,
                         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, adam_beta1=0.9, adam_beta2=0.95,
                         adam_epsilon=1e-8, warmup_steps=t.warmup_steps)
-    trainer = InOrder(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+    trainer = InOrder(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                      peak_tflops=0.002)
     trainer.train()
     theirs = [row for row in trainer.state.log_history if "loss" in row]
 
@@ -321,6 +328,13 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
         assert logged.keys() == expected.keys() and len(expected) > 4 * 12
         assert logged == pytest.approx(expected, rel=1e-4, abs=1e-6), f"step {mine['step']}"
     assert any(value != 0 for key, value in moe_keys(ours[-1]).items() if "score_bias" in key)  # the biases moved
+    for mine, hf in zip(ours, theirs):
+        assert set(scalars(mine, per_expert=True)) - OWN_KEYS["train.py"] == set(hf) - OWN_KEYS["MoETrainer"]
+    flops = record.resolved.flops_per_token
+    assert trainer.book.flops_per_token == flops and flops == 6 * active_parameters(
+        trainer.model, trainer.moe_layers) + 12 * 4 * trainer.model.config.hidden_size * 32  # 4 blocks, 32 tokens
+    for row in (*ours, *theirs):
+        assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 0.002e12, rel=1e-9)
 
 
 def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, capsys):

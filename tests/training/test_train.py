@@ -19,7 +19,9 @@ from moe_models.training.ds_config import build_deepspeed_config
 from moe_models.moe.layer import moe_layers_of
 from moe_models.moe.surgery import convert_to_moe
 from moe_models.models.tokenization import byte_level_tokenizer
-from moe_models.training.trainer import Trainer, build_engine
+from moe_models.training.engine import build_engine
+from moe_models.run.folder import RunFolder
+from moe_models.training.loop import TrainLoop
 from helpers import REPO, child_env, tiny_model
 
 
@@ -95,7 +97,7 @@ def train_in_process(cfg: RunConfig, world, output_dir: Path) -> dict:
     batches = TrainBatches(data["train"], cfg.train.per_device_train_batch_size, 0, 1, seed=0)
     engine = build_engine(model, build_deepspeed_config(cfg, world_size=1), cfg.train.weight_decay)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, engine, world, batches, data["validation"], output_dir).train()
+    return TrainLoop(cfg, engine, world, batches, data["validation"], RunFolder(output_dir)).train()
 
 
 def test_balance_loss_coefficient_reaches_the_update(world, tmp_path):
@@ -111,11 +113,11 @@ def test_balance_loss_coefficient_reaches_the_update(world, tmp_path):
         model = convert_to_moe(tiny_model().train(), cfg.moe, seed=0)
         data = pack_blocks(load_text_datasets(cfg.data, seed=0), tokenizer, 128, "text")
         engine = build_engine(model, build_deepspeed_config(cfg, world_size=1), cfg.train.weight_decay)
-        trainer = Trainer(cfg, engine, world, TrainBatches(data["train"], 8, 0, 1, seed=0), data["validation"],
-                          tmp_path)
+        trainer = TrainLoop(cfg, engine, world, TrainBatches(data["train"], 8, 0, 1, seed=0), data["validation"],
+                             RunFolder(tmp_path))
         for _ in range(3):  # DeepSpeed's WarmupCosineLR gives lr 0 to the first two steps
             trainer.train_step()
-        return [layer.router.weight.detach().clone() for layer in moe_layers_of(engine.module)]
+        return [layer.router.wg.weight.detach().clone() for layer in moe_layers_of(engine.module)]
 
     without, again, with_aux = routers_after_three_steps(0.0), routers_after_three_steps(0.0), routers_after_three_steps(1.0)
     assert all(torch.equal(a, b) for a, b in zip(without, again))  # deterministic, so the comparison means something

@@ -1,17 +1,20 @@
-"""The MoE side of a training step: one contract that every trainer calls (training/trainer.py's loop and MoETrainer,
-training/hf_trainer.py), so that both add the same losses, move the same biases and log the same metrics.
+"""A model's MoE layers as a trainer sees them: one contract that every trainer calls (the bookkeeping both trainers
+share, training/bookkeeping.py, and MoETrainer's loss), so that both add the same losses, move the same biases and
+log the same metrics.
 
-    moe = MoEStep(model)
-    loss, balance = moe.router_loss(lm_loss)         after each training forward: what its routers add to the loss
+    moe_layers = MoELayers(model)                           the MoEFeedForward layers, in model order (iterable)
+    loss, balance_loss = moe_layers.router_loss(lm_loss)    after each training forward: what the routers add
     ... backward, optimizer step ...
-    moe.after_optimizer_step(applied)                every rank, after each optimizer step (applied or skipped)
-    sums = moe.interval_sums(device)                 at a logging step: named on-device sums, which the trainer sums
-    row = moe.interval_metrics(sum_over_ranks(...))  over ranks with its own in one all-reduce; resets the counters
-    counts = moe.domain_routes(n, device, names)     at eval: routes per (domain, expert) (moe/domain_routing.py)
-    moe.expert_similarity()                          at eval: how far the experts moved apart (every rank)
+    moe_layers.after_optimizer_step(applied)                every rank, after each optimizer step (applied or skipped)
+    sums = moe_layers.interval_sums(device)                 at a logging step: named on-device sums, which the trainer
+    row = moe_layers.interval_metrics(sum_over_ranks(...))  sums over ranks with its own in one all-reduce; resets
+    counts = moe_layers.domain_routes(n, device, names)     at eval: routes per (domain, expert) (moe/domain_routing.py)
+    moe_layers.expert_similarity()                          at eval: how far the experts moved apart (every rank)
 
 Each layer's settings are its own (the loss weights on the layer, the bias rate on its router), so a trainer passes
-no MoEConfig. A model without MoE layers (a dense run) gives zero losses and no metrics.
+no MoEConfig. A model without MoE layers (a dense run) gives zero losses and no metrics. One quantity, one name: the
+balance loss (``MoEFeedForward.balance_loss``, DeepSpeed's ``l_aux``) is weighted by ``aux_loss_coef`` (the flag's
+and HF's name) and logged as ``aux_loss`` (the metrics key of every run so far).
 """
 
 from __future__ import annotations
@@ -34,15 +37,25 @@ from .shared import SharedSums
 
 def balance_loss(layers: list[MoEFeedForward]) -> torch.Tensor:
     """Sum of the load-balancing losses of the last forward over all MoE layers."""
-    return torch.stack([layer.aux_loss for layer in layers]).sum()
+    return torch.stack([layer.balance_loss for layer in layers]).sum()
 
 
-class MoEStep:
-    """The MoE layers of one model (in model order: ``moe/layer_{i}/...`` in the metrics), as a trainer sees them."""
+class MoELayers:
+    """The MoE layers of one model (in model order: ``moe/layer_{i}/...`` in the metrics), as a trainer sees them;
+    iterating, indexing and ``len`` reach the layers themselves."""
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers_of(model)
         self.steps_in_interval = 0  # optimizer steps since the last interval_metrics (the same on every rank)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> MoEFeedForward:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
     # -- the loss ----------------------------------------------------------------------------------------------
 
@@ -53,12 +66,12 @@ class MoEStep:
         if not self.layers:
             zero = like.new_zeros(())
             return zero, zero
-        loss = torch.stack([layer.aux_loss_coef * layer.aux_loss for layer in self.layers]).sum()
-        z_losses = [layer.z_loss_coef * layer.z_loss for layer in self.layers if layer.z_loss is not None]
-        z_losses += [layer.dynamic_loss_coef * layer.dynamic_loss for layer in self.layers
-                     if layer.dynamic_loss is not None]
-        if z_losses:
-            loss = loss + torch.stack(z_losses).sum()
+        loss = torch.stack([layer.aux_loss_coef * layer.balance_loss for layer in self.layers]).sum()
+        other_losses = [layer.z_loss_coef * layer.z_loss for layer in self.layers if layer.z_loss is not None]
+        other_losses += [layer.dynamic_loss_coef * layer.dynamic_loss for layer in self.layers
+                         if layer.dynamic_loss is not None]
+        if other_losses:
+            loss = loss + torch.stack(other_losses).sum()
         return loss, balance_loss(self.layers)
 
     # -- after the optimizer step ------------------------------------------------------------------------------
@@ -66,7 +79,7 @@ class MoEStep:
     def after_optimizer_step(self, applied: bool) -> None:
         """Every rank, after each optimizer step: the aux-loss-free biases move by the step's load when the step was
         applied (a skipped step changes no weight, so no bias either), and the next step's load counts start."""
-        routers = [layer.gate for layer in self.layers]
+        routers = [layer.router for layer in self.layers]
         if applied:
             update_score_biases(routers)
         for router in routers:
@@ -106,10 +119,10 @@ class MoEStep:
             if "real_experts_per_token" in values:
                 values["real_expert_flops_per_token"] = expert_flops_per_token(expert_parameters(layer),
                                                                                values["real_experts_per_token"])
-            if layer.gate.force_balanced:
+            if layer.router.force_balanced:
                 values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
-            if layer.gate.score_bias is not None:  # aux-loss-free balancing: the same on every rank
-                values["score_bias"] = layer.gate.score_bias.tolist()
+            if layer.router.score_bias is not None:  # aux-loss-free balancing: the same on every rank
+                values["score_bias"] = layer.router.score_bias.tolist()
             for where in ("in_node", "across_nodes"):
                 name = f"moe/layer_{i}/sent_bytes/{where}"
                 if name in summed and self.steps_in_interval:  # mean over ranks, per optimizer step
