@@ -44,7 +44,7 @@ from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.clusters import planned_world_size
 from .training.ds_config import training_dtype
-from .training.layout_search import search_plan, search_table
+from .training.layout_search import launch_command, launch_lines, search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
@@ -98,11 +98,14 @@ def preflight(cfg: RunConfig) -> dict:
     result = plan_with_fit(cfg, ds_config, world_size)
     if cfg.train.plan_search:
         result["search"] = search_plan(cfg, result, ds_config)
+        result["launch_command"] = launch_command(cfg, result["search"][0], world_size,
+                                                  result["cluster"]["devices_per_node"]) if result["search"] else None
     if launched_rank() == 0:
         path = RunFolder(cfg.train.output_dir).write_plan(result)
         print(plan_table(result, result["device_memory_gb"], result["smallest_fitting_change"]))
         if "search" in result:
-            print(search_table(result["search"], result["cluster"]["name"], result["device_memory_gb"]))
+            print("\n".join([search_table(result["search"], result["cluster"]["name"], result["device_memory_gb"]),
+                             *launch_lines(result)]))
         print(f"Wrote {path}")
     return result
 
