@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
+from .data.chat import chat_template
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
 from .hf.export_fidelity import export_outlook
@@ -136,6 +137,8 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
     upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg, folder)  # upcycled once, at the start
     with startup.phase("tokenizer"):
         tokenizer = load_tokenizer(cfg.model)
+        if cfg.data.chat_template:  # the run's tokenizer, and so its export, carries the template it trained with
+            tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
     if imported_from:  # continue an HF MoE model: its own experts, not upcycled
         with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "
@@ -160,6 +163,8 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
 
     with startup.phase("data"), main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if world.is_main and data.note():
+        print(f"note: {data.note()}", flush=True)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                                  seed=cfg.train.seed)
     with startup.phase("engine"):

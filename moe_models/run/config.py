@@ -86,6 +86,21 @@ class DataConfig:
         1000, "With --streaming and no --validation_file: the eval texts, the first N of the hub dataset's validation "
         "split if it has one, else the first N texts of the training data in the order given, which are then held "
         "out (never trained on). Tokenised once at the start.")
+    chat_template: Optional[str] = _flag(
+        None, "A Jinja chat template file that renders the conversations of a `messages` column (and conversational "
+        "prompt/completion pairs), over the tokenizer's own. A tokenizer without a template needs it for such data. "
+        "A template with generation blocks (Jinja tags `generation` ... `endgeneration`) marks the assistant tokens "
+        "itself (docs/data.md).")
+    loss_on_all_tokens: bool = _flag(
+        False, "Conversational and prompt/completion data: train on every token. false (the default) = the loss is on "
+        "the assistant turns (or completions) only; the other tokens get label -100, in training and eval.")
+    packing: bool = _flag(
+        True, "Conversational and prompt/completion data: pack whole sequences into blocks of --block_size, with "
+        "position ids restarting per sequence so that attention stays within each; false = one sequence per row, "
+        "padded to --block_size, the padding masked. Text data is always concatenated and cut into blocks.")
+    overlong_sequences: Literal["truncate", "drop"] = _flag(
+        "truncate", "Conversational and prompt/completion data: what happens to a sequence longer than --block_size: "
+        "truncate (its first --block_size tokens are kept) or drop (left out). The run says how many.")
     data_cache_dir: Optional[str] = _flag(
         None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, "
         "block_size, the text column, the domains and the packing code), so that a second run on the same data "
