@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
+from .data.chat import chat_template
 from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
 from .hf.export_fidelity import export_outlook
@@ -44,7 +45,7 @@ from .run.writes import WriteError
 from .training.checkpoint import dense_weights
 from .training.clusters import planned_world_size
 from .training.ds_config import training_dtype
-from .training.layout_search import search_plan, search_table
+from .training.layout_search import launch_command, launch_lines, search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
 from .training.resumable import FinishedRun, resumed_settings
@@ -98,11 +99,14 @@ def preflight(cfg: RunConfig) -> dict:
     result = plan_with_fit(cfg, ds_config, world_size)
     if cfg.train.plan_search:
         result["search"] = search_plan(cfg, result, ds_config)
+        result["launch_command"] = launch_command(cfg, result["search"][0], world_size,
+                                                  result["cluster"]["devices_per_node"]) if result["search"] else None
     if launched_rank() == 0:
         path = RunFolder(cfg.train.output_dir).write_plan(result)
         print(plan_table(result, result["device_memory_gb"], result["smallest_fitting_change"]))
         if "search" in result:
-            print(search_table(result["search"], result["cluster"]["name"], result["device_memory_gb"]))
+            print("\n".join([search_table(result["search"], result["cluster"]["name"], result["device_memory_gb"]),
+                             *launch_lines(result)]))
         print(f"Wrote {path}")
     return result
 
@@ -134,6 +138,8 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
     upcycle_tag = None if resume_tag else dense_checkpoint_to_upcycle(cfg, folder)  # upcycled once, at the start
     with startup.phase("tokenizer"):
         tokenizer = load_tokenizer(cfg.model)
+        if cfg.data.chat_template:  # the run's tokenizer, and so its export, carries the template it trained with
+            tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
     in_place = not imported_from and is_in_place_folder(cfg.model.model_name_or_path)
     if in_place:  # continue an HF MoE in its own class: only its experts are swapped, each rank reads its own
@@ -167,6 +173,8 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
 
     with startup.phase("data"), main_process_first(world):  # rank 0 fills the cache, the others then read it
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if world.is_main and data.note():
+        print(f"note: {data.note()}", flush=True)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, world.rank, world.world_size,
                                  seed=cfg.train.seed)
     with startup.phase("engine"):

@@ -612,6 +612,24 @@ def test_import_with_the_default_value_given_still_counts_as_given(capsys, run_d
             "--top_k 1 disagrees with the imported checkpoint, which has top_k 2", folder=run_dir)
 
 
+def test_import_refusal_of_a_checkpoint_setting_says_where_it_came_from(capsys, run_dir, tmp_path):
+    """A Qwen3-MoE checkpoint (norm_topk_prob false, its class's default) with --moe_impl deepspeed: the refusal names
+    --norm_topk_prob, a flag the user never passed, so it says that the value is the checkpoint's and from where."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = tmp_path / "qwen3-moe"
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=257, hidden_size=64, intermediate_size=128,
+                                  moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                  norm_topk_prob=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    refused(capsys, ["--model_name_or_path", str(folder), "--tokenizer_name", str(run_dir / "tokenizer"),
+                     "--moe_impl", "deepspeed", *into(run_dir)],
+            "--norm_topk_prob False: the stock DeepSpeed gate (--moe_impl deepspeed) routes by softmax top-k with its "
+            "own balance loss only; use --moe_impl grouped (the default), which keeps the same DeepSpeed layer and "
+            f"checkpoint names (norm_topk_prob false: the imported checkpoint's setting, from {folder / 'config.json'}, "
+            "not a flag you passed)", folder=run_dir)
+
+
 @pytest.mark.parametrize("section, key", [("optimizer", "betaz"), ("scheduler", "warmup_stepz")])
 def test_deepspeed_json_parameter_the_class_does_not_take(section, key, capsys, run_dir, tmp_path):
     path = ds_file(tmp_path, lambda c: c[section]["params"].update({key: 1}))

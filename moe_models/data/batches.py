@@ -8,10 +8,31 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
+BLOCK_COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask", "domain_ids")
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")  # what the forward takes of a batch
+
+
 def _as_tensors(dataset: Dataset) -> Dataset:
     """The block columns as int64 torch tensors, so the default collate stacks them into [B, T]."""
-    columns = [c for c in ("input_ids", "domain_ids") if c in dataset.column_names]
+    columns = [c for c in BLOCK_COLUMNS if c in dataset.column_names]
     return dataset.with_format("torch", columns=columns)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The forward's arguments of a batch, on ``device``: its input ids, its labels (the input ids themselves for
+    text blocks, where every token is a target) and, for conversational data, its position ids (packed) or attention
+    mask (padded). Packed blocks run without a KV cache: transformers looks for packed sequences in the position ids
+    only when there is none (masking_utils), and a forward makes one by default (the config's use_cache)."""
+    inputs = {name: batch[name].to(device) for name in MODEL_INPUTS if name in batch}
+    inputs.setdefault("labels", inputs["input_ids"])
+    if "position_ids" in inputs:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def target_count(labels_BT: torch.Tensor) -> torch.Tensor:
+    """How many tokens the next-token loss of a batch is on (transformers shifts the labels; -100 is skipped)."""
+    return (labels_BT[:, 1:] != -100).sum()
 
 
 def _loader(dataset: Dataset, batch_size: int, indices: list[int], drop_last: bool) -> DataLoader:
@@ -23,7 +44,8 @@ def _loader(dataset: Dataset, batch_size: int, indices: list[int], drop_last: bo
 
 
 class TrainBatches:
-    """Endless ``{"input_ids": LongTensor[B, T]}`` batches (plus "domain_ids" if present) for one rank.
+    """Endless ``{"input_ids": LongTensor[B, T]}`` batches (plus "labels", "position_ids" or "attention_mask" and
+    "domain_ids" when the blocks have them) for one rank.
 
     Every epoch each rank reads its own disjoint share of a fresh seeded shuffle (DistributedSampler with
     set_epoch). ``state_dict``/``load_state_dict`` resume exactly where a run stopped.

@@ -7,7 +7,8 @@ mapped) instead of reading and tokenising the text again.
 The key is a hash of: each file's bytes (SHA-256; not its path or modification time, so a copy or a re-download of the
 same data hits), its format and domain entry; the tokenizer as save_pretrained writes it; block_size, the text
 column, the domain settings, the number of tokenising processes (it changes where blocks are cut), the held-out split
-(percentage and seed) or the built-in corpus's size and seed; and the source of the modules that make the blocks. An
+(percentage and seed) or the built-in corpus's size and seed; for conversational data the chat template file's bytes,
+--loss_on_all_tokens, --packing and --overlong_sequences; and the source of the modules that make the blocks. An
 entry is written to a temporary folder and renamed into place, so it is complete or absent.
 """
 
@@ -31,7 +32,8 @@ from ..run.writes import is_write_failure, write_failure_text
 CACHE_ENV = "MOE_MODELS_DATA_CACHE"
 DEFAULT_CACHE = "~/.cache/moe_models/data"
 # The modules whose code decides what the blocks hold: editing one of them gives new keys.
-PACKING_CODE = ("text.py", "synthetic.py", "domains.py", "file_specs.py", "files.py")
+PACKING_CODE = ("text.py", "synthetic.py", "domains.py", "file_specs.py", "files.py", "formats.py", "chat.py",
+                "sequences.py")
 CHUNK = 1 << 20
 
 
@@ -46,6 +48,11 @@ def file_digest(path: str) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def text_digest(path: Optional[str]) -> Optional[str]:
+    """A hash of a settings file's bytes (--chat_template), or None when none is given."""
+    return file_digest(path) if path else None
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -13,9 +13,11 @@ from transformers import PreTrainedTokenizerBase
 from ..run.config import DataConfig
 from ..run.writes import writable_problem
 from .batches import TrainBatches
-from .cache import cache_root, cached_blocks, code_digest, file_digest, tokenizer_digest
+from .cache import cache_root, cached_blocks, code_digest, file_digest, text_digest, tokenizer_digest
 from .domains import file_domains, listed_domains, resolve_domains
 from .file_specs import DataFile, data_files
+from .formats import TEXT, format_of
+from .sequences import sequence_blocks, sequences_note
 from .stream import TextStream, open_stream
 from .stream_batches import StreamBatches
 from .synthetic import synthetic_domains
@@ -30,6 +32,7 @@ class PreparedData:
     settings: DataConfig
     tokenizer: PreTrainedTokenizerBase
     cache: dict = field(default_factory=dict)  # where the blocks came from: {"entry": folder, "hit": bool}
+    sequences: Optional[dict] = None  # conversational data: per split, what became of its sequences (sequences.py)
 
     def train_batches(self, batch_size: int, rank: int, world_size: int, seed: int
                       ) -> Union[TrainBatches, StreamBatches]:
@@ -39,12 +42,17 @@ class PreparedData:
             return StreamBatches(stream, self.tokenizer, self.settings.block_size, batch_size, self.domains)
         return TrainBatches(self.train, batch_size, rank, world_size, seed=seed)
 
+    def note(self) -> Optional[str]:
+        """What the run says about conversations that did not fit its blocks (None when all did)."""
+        return sequences_note(self.sequences or {}, self.settings)
+
     def resolved(self) -> dict:
         """What run_config.json records under ``resolved``."""
         streamed = isinstance(self.train, TextStream)
         return {"domains": self.domains, "train_blocks": None if streamed else len(self.train),
                 "train_stream": self.train.describe() if streamed else None,
-                "validation_blocks": len(self.validation), "data_cache": self.cache or None}
+                "validation_blocks": len(self.validation), "data_cache": self.cache or None,
+                "sequences": self.sequences}
 
 
 def cache_problems(data: DataConfig) -> list[str]:
@@ -62,16 +70,21 @@ def prepare_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     parts = blocks_key(data, tokenizer, seed)
     if parts is None:  # a hub dataset: datasets' own cache keys it by its revision
         blocks, meta = _build_blocks(data, tokenizer, seed)
-        return PreparedData(blocks["validation"], meta["domains"], blocks["train"], data, tokenizer)
-    blocks, meta, entry, hit = cached_blocks(cache_root(data.data_cache_dir), parts,
-                                             lambda: _build_blocks(data, tokenizer, seed))
-    return PreparedData(blocks["validation"], meta["domains"], blocks["train"], data, tokenizer,
-                        {"entry": str(entry), "hit": hit})
+        cache = {}
+    else:
+        blocks, meta, entry, hit = cached_blocks(cache_root(data.data_cache_dir), parts,
+                                                 lambda: _build_blocks(data, tokenizer, seed))
+        cache = {"entry": str(entry), "hit": hit}
+    return PreparedData(blocks["validation"], meta["domains"], blocks["train"], data, tokenizer, cache,
+                        meta.get("sequences"))
 
 
 def _build_blocks(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[DatasetDict, dict]:
     raw = load_text_datasets(data, seed)
     domains = map_style_domains(data, raw)
+    if format_of(raw["train"].column_names) != TEXT:
+        blocks, counts = sequence_blocks(raw, tokenizer, data, domains)
+        return blocks, {"domains": domains, "sequences": counts}
     blocks = pack_blocks(raw, tokenizer, data.block_size, data.text_column,
                          num_proc=data.preprocessing_num_workers, domains=domains)
     return blocks, {"domains": domains}
@@ -107,4 +120,6 @@ def blocks_key(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) 
                   else {"held_out_percent": data.validation_split_percentage, "seed": seed})
     return {"train": train, "validation": validation, "text_column": data.text_column, "block_size": data.block_size,
             "domains": data.domains, "num_proc": data.preprocessing_num_workers,
+            "chat_template": text_digest(data.chat_template), "loss_on_all_tokens": data.loss_on_all_tokens,
+            "packing": data.packing, "overlong_sequences": data.overlong_sequences,
             "tokenizer": tokenizer_digest(tokenizer), "code": code_digest()}

@@ -27,6 +27,7 @@ from ..run.config import DataConfig
 from .domains import file_domains, listed_domains
 from .file_specs import DataFile, data_files
 from .files import unreadable_reason
+from .formats import TEXT, format_of
 from .text import hub_unreachable, load_files, pack_blocks, value_problem
 
 FEATURES = Features({"text": Value("string"), "domain": Value("string")})
@@ -74,6 +75,8 @@ class StreamError(ValueError):
 
 def _text_and_domain(row: dict, column: str, domain: Optional[str], source: str) -> dict:
     """A stream row: the text, and the entry's domain, else the row's own ``domain`` value (as a string), else None."""
+    if column not in row and format_of(list(row)) != TEXT:
+        raise StreamError(streamed_records(source, format_of(list(row))))
     if column not in row:
         raise StreamError(f"{source}: no column {column!r}; its columns are {list(row)}. Pass --text_column with the "
                          "one that holds the text.")
@@ -81,6 +84,11 @@ def _text_and_domain(row: dict, column: str, domain: Optional[str], source: str)
         raise StreamError(value_problem(row[column], column, source))
     domain = domain if domain is not None else row.get("domain")
     return {"text": row[column], "domain": None if domain is None else str(domain)}
+
+
+def streamed_records(source: str, kind: str) -> str:
+    return (f"{source} holds {kind} records, and --streaming reads text only: drop --streaming to train on "
+            "conversations or prompt/completion pairs (docs/data.md#formats)")
 
 
 def _rows(shards: list[Shard], text_column: str) -> Iterator[dict]:
@@ -142,6 +150,8 @@ def open_stream(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[T
     domains = _stream_domains(data, files + validation_files, peeked)
     if validation_files:
         eval_texts = load_files(validation_files, data.text_column)
+        if format_of(eval_texts.column_names) != TEXT:
+            raise ValueError(streamed_records(data.validation_file, format_of(eval_texts.column_names)))
         text_column = data.text_column
     else:
         rows = validation if validation is not None else first[:held_out]

@@ -4,12 +4,14 @@ fixed-length token blocks."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from functools import partial
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +20,7 @@ from ..run.config import DataConfig, too_small
 from .domains import domain_index, domains_problems
 from .file_specs import DataFile, data_files, resolve_files
 from .files import unreadable_reason
+from .formats import RECORD, SOURCE, TEXT, format_columns, format_of
 from .synthetic import DOMAINS, synthetic_corpus, synthetic_domain_problems, synthetic_domains
 
 
@@ -34,6 +37,8 @@ def data_problems(data: DataConfig) -> list[str]:
                         "held-out split)")
     problems += domains_problems(data.domains) + streaming_problems(data)
     problems += synthetic_domain_problems(data.synthetic_domains)
+    if data.chat_template and not Path(data.chat_template).is_file():
+        problems.append(f"--chat_template {data.chat_template!r} is not a file; give a Jinja chat template file")
     problems += too_small(data, ("block_size", "synthetic_examples"))
     problems += too_small(data, ("shuffle_buffer_size", "streaming_validation_texts"), minimum=0)
     if not 0 < data.validation_split_percentage < 100:
@@ -69,6 +74,7 @@ def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
         splits = {"train": _rename_text_column(corpus, data.text_column)}
     if data.validation_file:
         splits["validation"] = load_files(data_files("validation_file", data.validation_file), data.text_column)
+        _check_one_format([("--train_file", splits["train"]), ("--validation_file", splits["validation"])])
     if "validation" not in splits:
         splits["train"], splits["validation"] = _hold_out(splits["train"], data.validation_split_percentage, seed)
     return DatasetDict({"train": splits["train"], "validation": splits["validation"]})
@@ -77,11 +83,23 @@ def load_text_datasets(data: DataConfig, seed: int) -> DatasetDict:
 def load_files(files: list[DataFile], text_column: str) -> Dataset:
     """The texts of ``files`` in order, with column ``domain`` set from each file's ``name=`` entry, else kept from
     the file's own ``domain`` column (None where a file has neither, if another one has one)."""
-    parts = [_load_group(group, text_column) for group in _runs(files)]
+    groups = _runs(files)
+    parts = [_load_group(group, text_column) for group in groups]
+    _check_one_format([(group[0].path if len(group) == 1 else f"{group[0].path} (and {len(group) - 1} more)", part)
+                       for group, part in zip(groups, parts)])
     if any("domain" in part.column_names for part in parts):
         parts = [part if "domain" in part.column_names else part.add_column("domain", [None] * len(part))
                  for part in parts]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _check_one_format(parts: list[tuple[str, Dataset]]) -> None:
+    """One run reads one record format (formats.py): a ValueError naming the files (or flags) of each."""
+    kinds = {name: format_of(part.column_names) for name, part in parts}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{name} holds {kind}" for name, kind in kinds.items())
+        raise ValueError(f"the data mix record formats ({listed}); one run reads one format: text, messages or "
+                         "prompt/completion (docs/data.md#formats)")
 
 
 def _runs(files: list[DataFile]) -> list[list[DataFile]]:
@@ -99,9 +117,14 @@ def _load_group(files: list[DataFile], text_column: str) -> Dataset:
     shown = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more {builder} files)"
     if len(dataset) == 0:
         raise ValueError(f"{shown} holds no texts; give a file with at least a few lines of text")
-    if builder == "text":  # the text builder always names its one column "text"
+    if builder != "text" and format_of(dataset.column_names) != TEXT:
+        if len(files) > 1:  # one file at a time, so that each record is known by its file and number
+            return concatenate_datasets([_load_group([file], text_column) for file in files])
+        dataset = as_records(dataset, shown)
+    elif builder == "text":  # the text builder always names its one column "text"
         dataset = _rename_text_column(dataset, text_column)
-    dataset = _select_columns(dataset, text_column, source=shown)
+    else:
+        dataset = _select_columns(dataset, text_column, source=shown)
     if domain is None:
         return dataset
     if "domain" in dataset.column_names:  # the entry's name wins over the file's own column
@@ -117,8 +140,27 @@ def _load_hub_dataset(name: str, config_name: Optional[str], text_column: str) -
         raise ValueError(hub_unreachable(name, config_name, err)) from err
     if "train" not in loaded:
         raise ValueError(f"dataset {name!r} has no 'train' split (it has {', '.join(loaded)})")
-    return {split: _select_columns(loaded[split], text_column, source=f"{name} ({split} split)")
+    return {split: (_select_columns(loaded[split], text_column, source=f"{name} ({split} split)")
+                    if format_of(loaded[split].column_names) == TEXT
+                    else as_records(loaded[split], f"{name} ({split} split)"))
             for split in ("train", "validation") if split in loaded}
+
+
+def as_records(dataset: Dataset, source: str) -> Dataset:
+    """A conversational or prompt/completion dataset as it is tokenised (sequences.py): the format's columns as JSON
+    text (so that files whose messages have different fields concatenate), ``domain`` if present, and each record's
+    source and 1-based number for the messages about it."""
+    columns = format_columns(format_of(dataset.column_names))
+    dataset = dataset.select_columns([c for c in dataset.column_names if c in (*columns, "domain")])
+    features = Features({name: Value("string") if name in columns else feature
+                         for name, feature in dataset.features.items()})  # not inferred: that may give datasets' Json
+    dataset = dataset.map(partial(_as_json, columns=columns), batched=True, features=features,
+                          desc=f"Reading {source}")
+    return dataset.add_column(SOURCE, [source] * len(dataset)).add_column(RECORD, list(range(1, len(dataset) + 1)))
+
+
+def _as_json(batch: dict, columns: list[str]) -> dict[str, list[str]]:
+    return {column: [json.dumps(value) for value in batch[column]] for column in columns}
 
 
 def hub_unreachable(name: str, config_name: Optional[str], err: OSError) -> str:
@@ -165,9 +207,9 @@ def value_problem(value, text_column: str, source: str) -> str:
         return (f"{source}: every value of column {text_column!r} is null: there is no text to train on; check "
                 "--text_column and the file")
     if isinstance(value, (list, dict)) or kind in ("list", "dict", "List", "LargeList", "Sequence"):
-        return (f"{source}: column {text_column!r} holds lists or records (chat messages?), not text: this trainer "
-                "reads plain text; write each conversation as one string (for example with the tokenizer's chat "
-                "template) in a text column, or pass --text_column with the column that holds the text")
+        return (f"{source}: column {text_column!r} holds lists or records (chat messages?), not text: name a "
+                "column of conversations `messages` (a list of {role, content} each, docs/data.md#formats), or pass "
+                "--text_column with the column that holds the text")
     return (f"{source}: column {text_column!r} holds {kind} values, not text; pass --text_column with the column "
             "that holds the text")
 

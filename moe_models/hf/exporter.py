@@ -85,8 +85,11 @@ def check_target(output_dir: Path, overwrite: bool) -> None:
 
 def written_in_place(output_dir: Path, write) -> None:
     """``write(folder)`` into a new folder beside ``output_dir``, which then takes its place: a failed or interrupted
-    export leaves ``output_dir`` as it was (an earlier export stays whole)."""
+    export leaves ``output_dir`` as it was (an earlier export stays whole). Missing parent folders are made, as
+    train.py makes its --output_dir."""
     output_dir = output_dir.resolve()
+    with guarded_write("the export", output_dir):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
     try:
         with guarded_write("the export", output_dir):

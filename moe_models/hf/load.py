@@ -10,6 +10,7 @@ No rank materialises every expert.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..models.architectures import architecture_of
 from ..models.source import check_vocabulary
 from ..moe.experts import StackedExperts
+from ..moe.checks import moe_problems
 from ..moe.layer import moe_layers_of
+from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
 from ..run.config import ConfigError, MoEConfig, flag_text
@@ -46,7 +49,7 @@ def import_hf_moe(path: str, moe: MoEConfig, vocab_needed: int, seed: int,
     disagrees with the checkpoint (``given``: the flags the command line gave, see settings_from_checkpoint)."""
     checkpoint_config = AutoConfig.from_pretrained(path)
     dense_config, settings, _ = dense_config_and_moe_settings(checkpoint_config)
-    moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers, given)
+    moe = settings_from_checkpoint(moe, settings, dense_config.num_hidden_layers, given, Path(path) / "config.json")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
         check_vocabulary(model, vocab_needed)
@@ -78,10 +81,12 @@ def load_score_bias(router, bias: torch.Tensor | None) -> None:
 
 
 def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int,
-                             given: frozenset[str] | None = None) -> MoEConfig:
+                             given: frozenset[str] | None = None, source: Path | str = "its config.json") -> MoEConfig:
     """``moe`` with the checkpoint's num_experts, top_k, moe_layers and shared experts. A flag the user gave
     (``given``, the command line's flags; None: a value other than the default counts as given) with another value
-    is refused with both values, as are flags that have no meaning for an import; the others take the checkpoint's."""
+    is refused with both values, as are flags that have no meaning for an import; the others take the checkpoint's.
+    What the flags then do not go with (moe_problems, parallel_problems) is refused here, each problem saying which
+    setting came from the checkpoint (``source``, its config.json), not from a flag."""
     defaults, problems = MoEConfig(), []
 
     def was_given(name: str) -> bool:
@@ -101,7 +106,25 @@ def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int,
         problems.append(f"--expert_init {moe.expert_init}: an import reads its experts from the checkpoint; drop the flag")
     if problems:
         raise ConfigError(problems)
-    return dataclasses.replace(moe, **checkpoint)
+    merged = dataclasses.replace(moe, **checkpoint)
+    inherited = {name: value for name, value in checkpoint.items() if not was_given(name)}
+    problems = [with_source(problem, inherited, source) for problem in settings_problems(merged)
+                if problem not in settings_problems(moe)]  # the flags' own problems were refused before
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def settings_problems(moe: MoEConfig) -> list[str]:
+    return moe_problems(moe) + parallel_problems(moe)
+
+
+def with_source(problem: str, inherited: dict, source: Path | str) -> str:
+    """A problem that only the checkpoint's settings caused, saying where they came from: the settings it names (all
+    inherited ones when it names none), from the checkpoint's config.json, not from a flag the user passed."""
+    named = [name for name in inherited if re.search(rf"\b{name}\b", problem)] or list(inherited)
+    values = ", ".join(f"{name} {flag_text(inherited[name])}" for name in named)
+    return f"{problem} ({values}: the imported checkpoint's setting, from {source}, not a flag you passed)"
 
 
 

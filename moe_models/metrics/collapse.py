@@ -1,8 +1,12 @@
-"""Router-collapse early warning: each training row's per-layer routing values checked against three conditions
+"""Router-collapse early warning: each training row's per-layer routing values checked against four conditions
 (docs/metrics.md, "Router-collapse warnings").
 
 - ``effective_experts``: exp(entropy of the load) below ``--collapse_effective_experts`` x E;
-- ``imbalance``: the busiest expert's load over the mean load above ``--collapse_imbalance``;
+- ``imbalance``: the busiest expert's load over the mean load above ``--collapse_imbalance``, or above
+  ``--collapse_imbalance_of_max`` of the way from even (1) to its maximum E / top_k, whichever is lower (so that it
+  can fire for any E and top_k);
+- ``dead_experts``: an expert routed fewer than ``--collapse_dead_expert_share`` x an even share of the logging
+  interval's routes (none at all, or nearly none);
 - ``router_logit_norm``: the mean router-logit norm grew in each of the last ``--collapse_logit_norm_intervals``
   logging intervals, by a factor above ``--collapse_logit_norm_growth`` over them, to above
   ``--collapse_logit_rms`` x sqrt(E) (a root-mean-square logit above that: a router that learns from small logits
@@ -28,6 +32,8 @@ class CollapseThresholds:
 
     effective_experts: float = 0.5      # fraction of E
     imbalance: float = 2.5              # max / mean load
+    imbalance_of_max: float = 0.8       # or this far from even (1) to the maximum E / top_k, whichever is lower
+    dead_expert_share: float = 0.1      # an expert under this x an even share of the interval's routes is dead
     logit_norm_intervals: int = 5       # consecutive growing intervals
     logit_norm_growth: float = 1.5      # total growth factor over them
     logit_rms: float = 2.0              # and the norm above this x sqrt(E)
@@ -35,8 +41,16 @@ class CollapseThresholds:
 
     @classmethod
     def of(cls, log: LogConfig) -> "CollapseThresholds":
-        return cls(log.collapse_effective_experts, log.collapse_imbalance, log.collapse_logit_norm_intervals,
-                   log.collapse_logit_norm_growth, log.collapse_logit_rms, log.collapse_min_tokens)
+        return cls(log.collapse_effective_experts, log.collapse_imbalance, log.collapse_imbalance_of_max,
+                   log.collapse_dead_expert_share, log.collapse_logit_norm_intervals, log.collapse_logit_norm_growth,
+                   log.collapse_logit_rms, log.collapse_min_tokens)
+
+    def imbalance_bound(self, num_experts: int, top_k: int) -> float:
+        """The imbalance above which a layer of E experts, top-k, warns: the lower of the two thresholds that are on
+        (0 when both are off). Its maximum E / k is every token on the same k experts; 1 is even."""
+        bounds = ([self.imbalance] if self.imbalance > 0 else []) + (
+            [1 + self.imbalance_of_max * (num_experts / top_k - 1)] if self.imbalance_of_max > 0 else [])
+        return min(bounds, default=0.0)
 
 
 class CollapseMonitor:
@@ -77,8 +91,12 @@ class CollapseMonitor:
         if t.effective_experts > 0 and "effective_experts" in layer:
             bound = t.effective_experts * num_experts
             found["effective_experts"] = (layer["effective_experts"] < bound, layer["effective_experts"], bound)
-        if t.imbalance > 0 and "imbalance" in layer:
-            found["imbalance"] = (layer["imbalance"] > t.imbalance, layer["imbalance"], t.imbalance)
+        bound = t.imbalance_bound(num_experts, self.moe.top_k)
+        if bound > 0 and "imbalance" in layer:
+            found["imbalance"] = (layer["imbalance"] > bound, layer["imbalance"], bound)
+        if t.dead_expert_share > 0:
+            least = least_share(layer["routed_per_expert"])
+            found["dead_experts"] = (least < t.dead_expert_share, least, t.dead_expert_share)
         if t.logit_norm_intervals > 0 and "router_logit_norm" in layer:
             norms = self.logit_norms.setdefault(i, [])
             norms.append(layer["router_logit_norm"])
@@ -101,23 +119,48 @@ class CollapseMonitor:
             fixes = [f"the router z-loss, --router_z_loss_coef 1e-3 or more (now {moe.router_z_loss_coef:g})",
                      "a lower --learning_rate"]
         else:
-            what = (f"effective experts {layer['effective_experts']:.2f} of {num_experts} "
-                    f"(warns below {self.thresholds.effective_experts:g} x E = "
-                    f"{self.thresholds.effective_experts * num_experts:g})" if condition == "effective_experts" else
-                    f"imbalance (max/mean load) {layer['imbalance']:.2f} (1 is even, {num_experts / moe.top_k:g} = "
-                    f"E/top_k is every token on the same experts; warns above {threshold:g})")
-            fixes = [f"a larger --aux_loss_coef (now {moe.aux_loss_coef:g})",
-                     f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {moe.router_bias_update_rate:g})",
-                     f"router noise, --noisy_gate_policy Jitter (now {moe.noisy_gate_policy})"]
-            if moe.drop_tokens:
-                fixes.append(f"and, while it lasts, a larger --capacity_factor (now {moe.capacity_factor:g}) or "
-                             f"--drop_tokens false, so that overloaded experts drop fewer tokens (drop fraction now "
-                             f"{layer.get('drop_fraction', 0.0):.1%})")
+            fixes = self.balance_fixes(layer)
+            if condition == "dead_experts":
+                load = layer["routed_per_expert"]
+                dead = dead_experts(load, threshold)
+                what = (f"{len(dead)} of {num_experts} experts ({', '.join(map(str, dead))}) got "
+                        f"{'almost no' if any(load[e] for e in dead) else 'no'} routes in this logging interval (the "
+                        f"least loaded {value:.1%} of an even share; warns below {threshold:.0%})")
+            elif condition == "effective_experts":
+                what = (f"effective experts {layer['effective_experts']:.2f} of {num_experts} (warns below "
+                        f"{self.thresholds.effective_experts:g} x E = {self.thresholds.effective_experts * num_experts:g})")
+            else:
+                what = (f"imbalance (max/mean load) {layer['imbalance']:.2f} (1 is even, {num_experts / moe.top_k:g} = "
+                        f"E/top_k is every token on the same experts; warns above {threshold:.3g})")
         return f"router collapse warning, moe layer {i}: {what}. Try {'; '.join(fixes)}."
+
+    def balance_fixes(self, layer: dict) -> list[str]:
+        """The settings that counter a collapsing load, with their values now."""
+        moe = self.moe
+        fixes = [f"a larger --aux_loss_coef (now {moe.aux_loss_coef:g})",
+                 f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {moe.router_bias_update_rate:g})",
+                 f"router noise, --noisy_gate_policy Jitter (now {moe.noisy_gate_policy})"]
+        if moe.drop_tokens:
+            fixes.append(f"and, while it lasts, a larger --capacity_factor (now {moe.capacity_factor:g}) or "
+                         f"--drop_tokens false, so that overloaded experts drop fewer tokens (drop fraction now "
+                         f"{layer.get('drop_fraction', 0.0):.1%})")
+        return fixes
+
+
+def least_share(load_E: list[float]) -> float:
+    """The least-loaded expert's routes over an even share (the mean load): 1 when even, 0 for an expert with none."""
+    mean = sum(load_E) / len(load_E)
+    return min(load_E) / mean if mean > 0 else 1.0
+
+
+def dead_experts(load_E: list[float], share: float) -> list[int]:
+    """The experts routed fewer than ``share`` x an even share."""
+    mean = sum(load_E) / len(load_E)
+    return [e for e, n in enumerate(load_E) if n < share * mean]
 
 
 LABELS = {"effective_experts": "the effective expert count", "imbalance": "the imbalance",
-          "router_logit_norm": "the router-logit norm's growth"}
+          "router_logit_norm": "the router-logit norm's growth", "dead_experts": "the least-loaded expert's share"}
 
 
 def console_line(warning: dict) -> str:
@@ -125,7 +168,7 @@ def console_line(warning: dict) -> str:
     (metrics.jsonl, the wandb alert, TensorBoard). A clearance's message is short already."""
     if warning["collapse"] != "warning":
         return warning["message"]
-    below = warning["condition"] == "effective_experts"
+    below = warning["condition"] in ("effective_experts", "dead_experts")
     return (f"router collapse warning, moe layer {warning['layer']} at step {warning['step']}: "
             f"{LABELS[warning['condition']].removeprefix('the ')} {warning['value']:.3g} ({'below' if below else 'above'} "
             f"{warning['threshold']:.3g}); what to try: its row in metrics.jsonl, docs/metrics.md")

@@ -208,13 +208,15 @@ def log_problems(log: LogConfig) -> list[str]:
     problems = []
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         problems.append(f"peak_tflops ({log.peak_tflops}) must be > 0, or leave it out")
-    minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_logit_norm_intervals": 0,
-                "collapse_logit_norm_growth": 1, "collapse_logit_rms": 0, "collapse_min_tokens": 0}
+    minimums = {"collapse_effective_experts": 0, "collapse_imbalance": 0, "collapse_imbalance_of_max": 0,
+                "collapse_dead_expert_share": 0, "collapse_logit_norm_intervals": 0, "collapse_logit_norm_growth": 1,
+                "collapse_logit_rms": 0, "collapse_min_tokens": 0}
     problems += [f"{name} ({getattr(log, name)}) must be >= {low}" for name, low in minimums.items()
                  if getattr(log, name) < low]
-    if log.collapse_effective_experts > 1:
-        problems.append(f"collapse_effective_experts ({log.collapse_effective_experts}) is a fraction of a layer's "
-                        "experts: give a value from 0 (off) to 1")
+    fractions = {"collapse_effective_experts": "a layer's experts", "collapse_imbalance_of_max": "the way from an "
+                 "even load to the largest imbalance", "collapse_dead_expert_share": "an even share"}
+    problems += [f"{name} ({getattr(log, name)}) is a fraction of {what}: give a value from 0 (off) to 1"
+                 for name, what in fractions.items() if getattr(log, name) > 1]
     targets = report_targets(log.report_to)
     unknown = [name for name in targets if name not in REPORT_TARGETS]
     if unknown or not log.report_to.strip():

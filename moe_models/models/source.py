@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..run.config import ModelConfig
 from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES, architecture_of_config
 from .discovery import counts_experts
+from .hub import unreachable_hub_problem
 from .tokenization import BYTE_VOCAB_SIZE
 
 DEFAULT_PRESET = "tiny-llama"
@@ -68,6 +69,9 @@ def load_dense_model(model: ModelConfig, vocab_needed: int, dtype: torch.dtype =
         try:
             dense = AutoModelForCausalLM.from_pretrained(model.model_name_or_path, dtype=dtype)
         except OSError as err:
+            unreachable = unreachable_hub_problem(model.model_name_or_path, err, "--model_name_or_path")
+            if unreachable:
+                raise ValueError(f"could not load the model: {unreachable}") from None
             raise ValueError(f"could not load a causal LM from {model.model_name_or_path!r}: {err}. Give a folder "
                              "with config.json and weights, or a hub id (the hub needs network access; "
                              "HF_HUB_OFFLINE=1 forbids it).") from err

@@ -6,11 +6,11 @@ per byte, plus a single ``<|endoftext|>`` special token that separates packed do
 
 from __future__ import annotations
 
-from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..run.config import ModelConfig
+from .hub import unreachable_hub_problem
 
 END_OF_TEXT = "<|endoftext|>"
 BYTE_VOCAB_SIZE = 257  # 256 byte symbols + END_OF_TEXT
@@ -43,11 +43,14 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        offline = (" The HF hub is not reachable (HF_HUB_OFFLINE=1), so only local folders and already "
-                   "cached hub ids can be loaded." if hub_constants.HF_HUB_OFFLINE else "")
-        raise ValueError(f"could not load a tokenizer from {name!r}: {str(err).rstrip('.')}.{offline} "
-                         "Pass --tokenizer_name with a local tokenizer folder (one written by save_pretrained).") \
-            from err
+        # the model's own name: its folder holds the tokenizer too, and --tokenizer_name cannot bring the model
+        flag = "--tokenizer_name" if model.tokenizer_name else "--model_name_or_path"
+        unreachable = unreachable_hub_problem(name, err, flag)
+        if unreachable:
+            raise ValueError(f"could not load a tokenizer: {unreachable}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise ValueError(f"could not load a tokenizer from {name!r}: {reason}. Pass --tokenizer_name with a local "
+                         "tokenizer folder (one written by save_pretrained).") from err
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer {name!r} has no eos token, which separates documents packed into one "
                          "block; pass --tokenizer_name with a tokenizer that has one")

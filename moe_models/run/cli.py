@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from .config import SECTION_TYPES, RunConfig
+from .config import SECTION_TYPES, RunConfig, flag_text
 
 # CLI: every field of every section becomes --field_name. Written here rather than taken from
 # transformers.HfArgumentParser because that parser refuses Union[int, list[int]] fields
@@ -120,6 +120,19 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         sections[section] = cls(**{k: v for k, v in namespace.items() if k in names})
     return RunConfig(**sections, given=frozenset(namespace))
+
+
+def given_flags(cfg: RunConfig, leave_out: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """The flags the command line gave (``cfg.given``), with their values, in the order of the settings, as a command
+    line's words again (a true bool as the bare flag); ``leave_out``: names to drop."""
+    words = []
+    for section, cls in SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            if f.name in cfg.given and f.name not in leave_out:
+                value = getattr(getattr(cfg, section), f.name)
+                words += [f"--{f.name}"] if value is True else [f"--{f.name}", *flag_text(value).split(" ")] \
+                    if isinstance(value, list) else [f"--{f.name}", flag_text(value)]
+    return words
 
 
 def configuration_markdown() -> str:

@@ -86,6 +86,21 @@ class DataConfig:
         1000, "With --streaming and no --validation_file: the eval texts, the first N of the hub dataset's validation "
         "split if it has one, else the first N texts of the training data in the order given, which are then held "
         "out (never trained on). Tokenised once at the start.")
+    chat_template: Optional[str] = _flag(
+        None, "A Jinja chat template file that renders the conversations of a `messages` column (and conversational "
+        "prompt/completion pairs), over the tokenizer's own. A tokenizer without a template needs it for such data. "
+        "A template with generation blocks (Jinja tags `generation` ... `endgeneration`) marks the assistant tokens "
+        "itself (docs/data.md).")
+    loss_on_all_tokens: bool = _flag(
+        False, "Conversational and prompt/completion data: train on every token. false (the default) = the loss is on "
+        "the assistant turns (or completions) only; the other tokens get label -100, in training and eval.")
+    packing: bool = _flag(
+        True, "Conversational and prompt/completion data: pack whole sequences into blocks of --block_size, with "
+        "position ids restarting per sequence so that attention stays within each; false = one sequence per row, "
+        "padded to --block_size, the padding masked. Text data is always concatenated and cut into blocks.")
+    overlong_sequences: Literal["truncate", "drop"] = _flag(
+        "truncate", "Conversational and prompt/completion data: what happens to a sequence longer than --block_size: "
+        "truncate (its first --block_size tokens are kept) or drop (left out). The run says how many.")
     data_cache_dir: Optional[str] = _flag(
         None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, "
         "block_size, the text column, the domains and the packing code), so that a second run on the same data "
@@ -329,10 +344,19 @@ class LogConfig:
     collapse_effective_experts: float = _flag(
         0.5, "Router-collapse warning: warn when an MoE layer's effective expert count, exp(entropy of its load), falls "
         "below this fraction of its experts (E when even; top_k when every token picks the same experts, so with E <= "
-        "2 x top_k the default cannot fire and --collapse_imbalance is the check). 0 = off (docs/metrics.md).")
+        "2 x top_k the default cannot fire: --collapse_imbalance_of_max and --collapse_dead_expert_share can). 0 = off "
+        "(docs/metrics.md).")
     collapse_imbalance: float = _flag(
         2.5, "Router-collapse warning: warn when an MoE layer's imbalance, its busiest expert's load over the mean load, "
         "rises above this (1 is even; E / top_k is every token on the same experts). 0 = off.")
+    collapse_imbalance_of_max: float = _flag(
+        0.8, "Router-collapse warning: warn too when an MoE layer's imbalance is above this fraction of the way from "
+        "even (1) to its maximum E / top_k, when that is below --collapse_imbalance (the case of few experts: 4 "
+        "experts, top-2 warn above 1.8). 0 = off; 1 never fires.")
+    collapse_dead_expert_share: float = _flag(
+        0.1, "Router-collapse warning: warn when an expert of an MoE layer was routed fewer than this fraction of an "
+        "even share (the mean load) in a logging interval: a dead expert, with no tokens or almost none. Fires for "
+        "any number of experts and top_k. 0 = off.")
     collapse_logit_norm_intervals: int = _flag(
         5, "Router-collapse warning: warn when an MoE layer's mean router-logit norm grew in each of this many "
         "consecutive logging intervals, by a factor above --collapse_logit_norm_growth over them. 0 = off.")

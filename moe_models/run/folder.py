@@ -57,6 +57,8 @@ class Resolved:
     train_stream: dict | None = None
     validation_blocks: int | None = None
     data_cache: dict | None = None
+    # conversational data: per split, its sequences, how many were too long or had nothing to train on, its blocks
+    sequences: dict | None = None
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

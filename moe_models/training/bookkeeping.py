@@ -4,7 +4,7 @@ disagree.
 
     book = Bookkeeping(model, MoELayers(model), device, world_size, bf16=..., peak_tflops=..., nonfinite=...)
     book.start_step()                                  before an optimizer step's first forward
-    book.add_micro_batch(input_ids, balance_loss)      after each training forward (sums stay on the device)
+    book.add_micro_batch(input_ids, balance_loss, labels)  after each training forward (sums stay on the device)
     book.after_optimizer_step(step, skipped, say)      every rank: the non-finite guard counts (and, after too many
                                                        in a row, raises NonFiniteError with the message), the MoE
                                                        layers' biases move, the step is timed
@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..data.batches import target_count
 from ..metrics.collapse import CollapseMonitor
 from ..metrics.device import DeviceInterval
 from ..metrics.throughput import active_parameters, attention_dims, flops_per_token, resolve_peak_tflops, \
@@ -50,7 +51,7 @@ class NonFiniteTerms:
 class Bookkeeping:
     """A run's training rows, for either trainer (module docstring); the same calls on every rank."""
 
-    SUMS = ("balance_loss", "micro_batches", "tokens")
+    SUMS = ("balance_loss", "micro_batches", "tokens", "trained_tokens")
 
     def __init__(self, model: nn.Module, moe_layers: MoELayers, device: torch.device, world_size: int, *,
                  bf16: bool, peak_tflops: Optional[float], nonfinite: NonFiniteTerms,
@@ -76,14 +77,17 @@ class Bookkeeping:
     def start_step(self) -> None:
         self.started = time.perf_counter()
 
-    def add_micro_batch(self, input_ids: torch.Tensor, balance_loss: torch.Tensor) -> None:
-        """A training forward's balance loss (summed over the MoE layers) and tokens, added on the device."""
+    def add_micro_batch(self, input_ids: torch.Tensor, balance_loss: torch.Tensor,
+                        labels: Optional[torch.Tensor] = None) -> None:
+        """A training forward's balance loss (summed over the MoE layers), tokens and the tokens its loss is on (the
+        targets whose ``labels`` are not -100; without labels, every token's successor), added on the device."""
         if self.flops_per_token is None:
             self.flops_per_token = flops_per_token(active_parameters(self.model, self.moe_layers.counted),
                                                    *attention_dims(self.model.config), input_ids.shape[-1])
         self.sums["balance_loss"] += balance_loss.detach().double()
         self.sums["micro_batches"] += 1
         self.sums["tokens"] += input_ids.numel()
+        self.sums["trained_tokens"] += target_count(input_ids if labels is None else labels)
         self.last_input_ids = input_ids
 
     def after_optimizer_step(self, step: int, skipped: bool, say: Callable[[str], None]) -> None:
@@ -129,6 +133,7 @@ class Bookkeeping:
             row.update(throughput_metrics(tokens, self.steps, self.seconds, self.world_size, self.flops_per_token,
                                           self.peak_tflops, spent))
         row["nonfinite_steps"] = self.guard.total
+        row["trained_tokens"] = int(summed["trained_tokens"])
         row.update(moe_row)
         row.update(self.device_interval.metrics(summed, tokens, self.world_size))
         self.sums, self.seconds, self.steps = self.zero_sums(), 0.0, 0

@@ -121,7 +121,7 @@ class MoETrainer(Trainer):
             if not self.divides_loss_later(num_items_in_batch):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
-            self.book.add_micro_batch(inputs["input_ids"], balance_loss)
+            self.book.add_micro_batch(inputs["input_ids"], balance_loss, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
 
     def divides_loss_later(self, num_items_in_batch) -> bool:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from dataclasses import dataclass
 
 from ..moe.parallel import parallel_problems
+from ..run.cli import given_flags
 from ..run.config import MoEConfig
 from ..run.moe_layout import expert_counts
 from .clusters import Cluster, resolve_cluster
@@ -20,6 +22,10 @@ from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_
 from .step_time import StepTime, predict
 
 PARTS = ("compute", "all_to_all", "gradients", "optimizer")
+# what a layout sets, and the plan's own flags: neither goes into the launch command from the plan's command line
+LAYOUT_FLAGS = frozenset({"ep_size", "deepspeed", "per_device_train_batch_size", "gradient_accumulation_steps",
+                          "gradient_checkpointing"})
+PLAN_FLAGS = frozenset({"plan", "device_memory_gb", "plan_cluster", "plan_nodes", "plan_search", "plan_world_size"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,29 @@ def search_plan(cfg, result: dict, ds_config: dict) -> list[dict]:
                     resolve_cluster(cfg.train.plan_cluster), math.gcd(*expert_counts(cfg.moe)),
                     result["device_memory_gb"])
     return [layout.as_dict() for layout in ranked]
+
+
+def launch_command(cfg, best: dict, world_size: int, devices_per_node: int) -> str:
+    """The command that trains the plan's run with the layout ``best`` (``Layout.as_dict``): the launcher for the
+    plan's world (one node: --num_gpus; more: a hostfile), train.py, the plan's flags without the plan's own, and the
+    layout's flags in place of those it sets."""
+    nodes = world_size // devices_per_node
+    launcher = ["--hostfile", "HOSTFILE"] if nodes > 1 else ["--num_gpus", str(world_size)]
+    return shlex.join(["deepspeed", *launcher, "train.py", *given_flags(cfg, PLAN_FLAGS | LAYOUT_FLAGS),
+                       *best["flags"].split()])
+
+
+def launch_lines(result: dict) -> list[str]:
+    """The console's lines for the plan's ``launch_command``: the command, and for several nodes what HOSTFILE is."""
+    if not result.get("launch_command"):
+        return []
+    nodes = result["setup"]["world_size"] // result["cluster"]["devices_per_node"]
+    lines = [f"launch the fastest layout: {result['launch_command']}"]
+    if nodes > 1:
+        lines.append(f"  (HOSTFILE: {nodes} lines 'HOSTNAME slots={result['cluster']['devices_per_node']}', one per "
+                     "node; or launch/multi_node_hostfile.sh HOSTFILE with the same train.py flags, which checks it "
+                     "first)")
+    return lines
 
 
 def why_best(ranked: list[dict]) -> str:

@@ -9,7 +9,7 @@ from typing import Sequence
 import deepspeed
 import torch
 
-from ..data.batches import TrainBatches, eval_batches
+from ..data.batches import TrainBatches, eval_batches, model_inputs, target_count
 from ..metrics.collapse import CollapseMonitor, CollapseThresholds
 from ..metrics.domain_loss import domain_loss_metrics, domain_loss_sums
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
@@ -25,9 +25,9 @@ from .nonfinite import guard_engine
 from .preemption import StopRequest
 
 
-def lm_loss_of(engine: deepspeed.DeepSpeedEngine, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """Next-token loss of one forward (transformers shifts the labels)."""
-    return engine(input_ids=input_ids, labels=input_ids, **forward_kwargs).loss
+def lm_loss_of(engine: deepspeed.DeepSpeedEngine, inputs: dict, **forward_kwargs) -> torch.Tensor:
+    """Next-token loss of one forward of a batch's ``model_inputs`` (transformers shifts the labels)."""
+    return engine(**{**forward_kwargs, **inputs}).loss
 
 
 def forward_kwargs(compiled: bool) -> dict:
@@ -127,14 +127,15 @@ class TrainLoop:
         self.book.start_step()
         lm_loss_sum = self.zero()
         for _ in range(self.cfg.train.gradient_accumulation_steps):
-            input_ids = next(self.batches)["input_ids"].to(self.world.device)
-            lm_loss = lm_loss_of(self.engine, input_ids, **self.forward_kwargs)
+            inputs = model_inputs(next(self.batches), self.world.device)
+            input_ids = inputs["input_ids"]
+            lm_loss = lm_loss_of(self.engine, inputs, **self.forward_kwargs)
             router_loss, balance_loss = self.moe_layers.router_loss(lm_loss)
             self.engine.backward(lm_loss + router_loss)
             self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
             self.engine.step()
             lm_loss_sum += lm_loss.detach().double()
-            self.book.add_micro_batch(input_ids, balance_loss)
+            self.book.add_micro_batch(input_ids, balance_loss, inputs["labels"])
         self.book.after_optimizer_step(self.state.step + 1, skipped=not self.engine.was_step_applied(),
                                        say=self.sinks.console.print)
         return lm_loss_sum
@@ -172,12 +173,13 @@ class TrainLoop:
         domain_routes = self.moe_layers.domain_routes(len(self.domains), self.world.device, self.domains)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
-            input_ids = batch["input_ids"].to(self.world.device)
-            targets = input_ids[:, 1:].numel()
-            output = self.engine(input_ids=input_ids, labels=input_ids, **self.forward_kwargs)
-            sums += torch.stack([output.loss.double() * targets, sums.new_tensor(targets)])
-            if "domain_ids" in batch and self.domains:
-                by_domain += domain_loss_sums(output.logits, input_ids, batch["domain_ids"], len(self.domains))
+            inputs = model_inputs(batch, self.world.device)
+            targets = target_count(inputs["labels"]).double()
+            output = self.engine(**{**self.forward_kwargs, **inputs})
+            sums += torch.stack([output.loss.double() * targets, targets])
+            if "domain_ids" in batch and self.domains:  # the tokens the loss is on
+                domain_ids = batch["domain_ids"].to(self.world.device).masked_fill(inputs["labels"] == -100, -1)
+                by_domain += domain_loss_sums(output.logits, inputs["input_ids"], domain_ids, len(self.domains))
             domain_routes.add(batch.get("domain_ids"))
         self.engine.train()
         loss_sum, targets, *by_domain_sums = all_reduce_sum(torch.cat([sums, by_domain.flatten()])).tolist()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
@@ -119,7 +120,8 @@ def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoECon
     path = cfg.model.model_name_or_path
     if is_hf_moe_folder(path):
         dense, settings, _ = dense_config_and_moe_settings(AutoConfig.from_pretrained(path))
-        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given)
+        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given,
+                                               Path(path) / "config.json")
     return (AutoConfig.from_pretrained(path) if path else resolve_model_config(cfg.model)), cfg.moe
 
 
@@ -300,8 +302,12 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
         rows.append(f"  precision: {result['precision_note']}")
     if device_gib is not None:
         fits = m["total"] <= device_gib * GIB
-        rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
-                    + ("" if fits else f"; smallest change that fits: {advice or 'none of the listed changes'}"))
+        if result.get("search"):  # --plan_search: its fastest layout is the answer, fitting or not
+            rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}; the fastest layout that fits "
+                        f"(--plan_search, below): {result['search'][0]['flags']}")
+        else:
+            rows.append(f"  fits {device_gib:g} GiB: {'yes' if fits else 'no'}"
+                        + ("" if fits else f"; smallest change that fits: {advice or 'none of the listed changes'}"))
     return "\n".join(rows)
 
 

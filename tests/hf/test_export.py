@@ -369,8 +369,9 @@ def test_cli_help_and_missing_inputs(tmp_path, capsys):
 def test_cli_notes_how_training_differed(exported, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(exported["root"] / "run", run)
-    export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "exact")])
+    export_main(["--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "new" / "parents" / "exact")])
     assert "note:" not in capsys.readouterr().out  # trained with the default routing: exact
+    assert (tmp_path / "new" / "parents" / "exact" / "config.json").is_file()  # missing parents made, as train.py does
     config = json.loads((run / "run_config.json").read_text())
     config["moe"].update(drop_tokens=True, top2_2nd_expert_sampling=True)  # as if trained with DeepSpeed's defaults
     (run / "run_config.json").write_text(json.dumps(config))

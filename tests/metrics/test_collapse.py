@@ -46,25 +46,27 @@ def test_a_collapsed_layer_warns_once_per_condition_until_it_clears():
     watch = monitor(logit_norm_intervals=0)
     first = watch.check(training_row(10, COLLAPSED))
     assert [(w["collapse"], w["condition"], w["layer"]) for w in first] == [
-        ("warning", "effective_experts", 0), ("warning", "imbalance", 0)]
-    effective, imbalance = first
+        ("warning", "effective_experts", 0), ("warning", "imbalance", 0), ("warning", "dead_experts", 0)]
+    effective, imbalance, dead = first
     assert effective["value"] == pytest.approx(2.0) and effective["threshold"] == 4.0  # 0.5 x 8 experts
     assert imbalance["value"] == pytest.approx(4.0) and imbalance["threshold"] == 2.5
+    assert dead["value"] == 0.0 and dead["threshold"] == 0.1
+    assert "6 of 8 experts (2, 3, 4, 5, 6, 7) got no routes" in dead["message"]
     for text in ("--aux_loss_coef (now 0.01)", "--router_bias_update_rate 1e-3 (now 0)", "--capacity_factor (now 1)"):
-        assert text in effective["message"] and text in imbalance["message"]
+        assert all(text in w["message"] for w in first)
     assert watch.check(training_row(20, COLLAPSED)) == []  # still collapsed: no repeat
     cleared = watch.check(training_row(30, EVEN))
     assert [(w["collapse"], w["condition"]) for w in cleared] == [("cleared", "effective_experts"),
-                                                                  ("cleared", "imbalance")]
-    assert len(watch.check(training_row(40, COLLAPSED))) == 2  # collapsed again: warned again
+                                                                  ("cleared", "imbalance"), ("cleared", "dead_experts")]
+    assert len(watch.check(training_row(40, COLLAPSED))) == 3  # collapsed again: warned again
 
 
 def test_an_interval_of_too_few_tokens_is_not_checked():
     """The same collapsed load: not a warning over 1023 routed tokens (the default floor is 1024), a warning over
     1024; --collapse_min_tokens 0 checks every interval."""
     assert monitor().check(training_row(10, COLLAPSED, routed_tokens=1023)) == []
-    assert len(monitor().check(training_row(10, COLLAPSED, routed_tokens=1024))) == 2
-    assert len(monitor(min_tokens=0).check(training_row(10, COLLAPSED, routed_tokens=256))) == 2
+    assert len(monitor().check(training_row(10, COLLAPSED, routed_tokens=1024))) == 3
+    assert len(monitor(min_tokens=0).check(training_row(10, COLLAPSED, routed_tokens=256))) == 3
     cfg = parse_args(["--collapse_min_tokens", "256"])
     assert CollapseThresholds.of(cfg.log).min_tokens == 256
 
@@ -79,7 +81,10 @@ def test_the_console_line_is_short_and_the_row_keeps_the_advice():
 
 def test_the_row_of_step_1_is_not_checked_and_zero_turns_a_condition_off():
     assert monitor().check(training_row(1, COLLAPSED)) == []
-    assert monitor(effective_experts=0, imbalance=0, logit_norm_intervals=0).check(training_row(5, COLLAPSED)) == []
+    assert monitor(effective_experts=0, imbalance=0, imbalance_of_max=0, dead_expert_share=0,
+                   logit_norm_intervals=0).check(training_row(5, COLLAPSED)) == []
+    only_relative = monitor(effective_experts=0, imbalance=0, dead_expert_share=0, logit_norm_intervals=0)
+    assert [w["threshold"] for w in only_relative.check(training_row(5, COLLAPSED))] == [pytest.approx(3.4)]
 
 
 def test_router_logits_growing_for_several_intervals_warn():
@@ -121,7 +126,61 @@ def test_a_resumed_run_does_not_warn_again_of_a_collapse_that_held_at_its_checkp
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40]
     assert [(r["step"], r["condition"]) for r in rows if "collapse" in r] == [(10, "effective_experts"),
-                                                                             (10, "imbalance")]
+                                                                             (10, "imbalance"), (10, "dead_experts")]
+
+
+def test_four_experts_top_2_on_two_experts_warns():
+    """The case no default caught before: 4 experts, top-2, every token on experts 0 and 1 at every step. Effective
+    experts is 2 = 0.5 x 4 (not below), the imbalance 2 = E / top_k, its maximum (below 2.5); it is above 1 + 0.8 x
+    (2 - 1) = 1.8, and experts 2 and 3 have no routes."""
+    watch = CollapseMonitor(CollapseThresholds(), MoEConfig(num_experts=4, top_k=2))
+    load = [2048, 2048, 0, 0]
+    first = watch.check(training_row(10, load))
+    assert [(w["condition"], w["value"], w["threshold"]) for w in first] == [
+        ("imbalance", pytest.approx(2.0), pytest.approx(1.8)), ("dead_experts", 0.0, 0.1)]
+    assert "2 of 4 experts (2, 3) got no routes" in first[1]["message"]
+    assert "warns above 1.8" in first[0]["message"]
+    assert all(watch.check(training_row(step, load)) == [] for step in range(20, 100, 10))  # once, not every row
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(2, 1), (4, 1), (4, 2), (6, 4), (8, 2), (16, 8), (64, 8), (128, 8)])
+def test_every_token_on_the_same_experts_warns_for_any_e_and_k(num_experts, top_k):
+    """All routes on k experts: imbalance E / k, the rest dead; warned by the bound written out here, min(2.5,
+    1 + 0.8 x (E / k - 1)). An even load (with the noise of 10% either way) is not warned of."""
+    moe = MoEConfig(num_experts=num_experts, top_k=top_k)
+    collapsed = [4096] * top_k + [0] * (num_experts - top_k)
+    found = CollapseMonitor(CollapseThresholds(), moe).check(training_row(10, collapsed))
+    bound = min(2.5, 1 + 0.8 * (num_experts / top_k - 1))
+    imbalance, = [w for w in found if w["condition"] == "imbalance"]
+    assert imbalance["value"] == pytest.approx(num_experts / top_k) and imbalance["threshold"] == pytest.approx(bound)
+    assert "dead_experts" in {w["condition"] for w in found}
+    noisy = [4096 * (0.9 if e % 2 else 1.1) for e in range(num_experts)]
+    assert CollapseMonitor(CollapseThresholds(), moe).check(training_row(10, noisy)) == []
+
+
+def test_an_expert_with_almost_no_routes_is_dead():
+    """Under 0.1 x the mean load (the default share): 50 of a mean of 762.5 routes (6.6%) warns; 100 of 775 (12.9%)
+    does not."""
+    watch = CollapseMonitor(CollapseThresholds(), MoEConfig(num_experts=4, top_k=1))
+    assert watch.check(training_row(10, [1000, 1000, 1000, 100])) == []
+    dead, = watch.check(training_row(20, [1000, 1000, 1000, 50]))
+    assert dead["condition"] == "dead_experts" and dead["value"] == pytest.approx(50 / 762.5)
+    assert "1 of 4 experts (3) got almost no routes" in dead["message"]
+    assert console_line(dead) == ("router collapse warning, moe layer 0 at step 20: least-loaded expert's share "
+                                  "0.0656 (below 0.1); what to try: its row in metrics.jsonl, docs/metrics.md")
+
+
+def test_the_new_thresholds_are_flags():
+    """train.py's flags reach CollapseThresholds (the one MoETrainer takes), and bad values are refused."""
+    cfg = parse_args(["--collapse_imbalance_of_max", "0.5", "--collapse_dead_expert_share", "0.02"])
+    thresholds = CollapseThresholds.of(cfg.log)
+    assert (thresholds.imbalance_of_max, thresholds.dead_expert_share) == (0.5, 0.02)
+    assert thresholds.imbalance_bound(4, 2) == 1.5 and CollapseThresholds.of(parse_args([]).log) == CollapseThresholds()
+    with pytest.raises(ValueError) as err:
+        validate(parse_args(["--collapse_imbalance_of_max", "1.5", "--collapse_dead_expert_share", "-0.1"]),
+                 world_size=1)
+    assert "collapse_imbalance_of_max (1.5) is a fraction" in str(err.value)
+    assert "collapse_dead_expert_share (-0.1) must be >= 0" in str(err.value)
 
 
 def test_collapse_thresholds_are_checked():
@@ -140,13 +199,13 @@ FLAGS = ["--num_experts", "8", "--top_k", "2", "--max_steps", "8", "--logging_st
          "--per_device_train_batch_size", "4", "--disable_tqdm", "--collapse_min_tokens", "0"]  # 128 tokens a step
 
 
-def forced_logits(rule):
+def forced_logits(rule, num_experts: int = 8):
     """Router.logits replaced by ``rule(router, the real logits [T, E], how many forwards this router has run)``, for
-    the run's 8-expert routers (the conversion's proof, on a 2-expert probe model, routes as it does)."""
+    the run's routers of ``num_experts`` (the conversion's proof, on a 2-expert probe model, routes as it does)."""
     real = Router.logits
 
     def logits(self, x_TD):
-        if self.wg.out_features != 8:
+        if self.wg.out_features != num_experts:
             return real(self, x_TD)
         self.forwards_seen = getattr(self, "forwards_seen", 0) + 1
         return rule(self, real(self, x_TD), self.forwards_seen)
@@ -168,7 +227,8 @@ def test_a_router_forced_to_collapse_is_warned_of(world, tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     warnings = [r for r in rows_of(out) if r.get("collapse") == "warning"]
     found = {(w["layer"], w["condition"]) for w in warnings}
-    assert found == {(i, c) for i in range(4) for c in ("effective_experts", "imbalance", "router_logit_norm")}
+    assert found == {(i, c) for i in range(4)
+                     for c in ("effective_experts", "imbalance", "dead_experts", "router_logit_norm")}
     assert len(warnings) == len(found)  # once each: the collapse lasts, the warning is not repeated
     assert {w["step"] for w in warnings if w["condition"] != "router_logit_norm"} == {2}  # the first row checked
     assert {w["step"] for w in warnings if w["condition"] == "router_logit_norm"} == {7}  # 5 growing intervals
@@ -192,3 +252,19 @@ def test_an_even_routing_is_not_warned_of(world, tmp_path, monkeypatch, capsys):
     assert not [r for r in rows if "collapse" in r] and "collapse" not in capsys.readouterr().out
     last = [r for r in rows if "loss" in r][-1]
     assert last["moe/layer_0/effective_experts"] > 7.5 and last["moe/layer_0/imbalance"] < 1.5
+
+
+def test_four_experts_top_2_forced_onto_two_is_warned_of_by_train_py(world, tmp_path, monkeypatch):
+    """The issue's run through train.py: 4 experts, top-2, every token on experts 0 and 1 (tokens_per_expert [n, n, 0,
+    0] at every step): warned as imbalance and dead experts, as the flags set them."""
+    favour_E = torch.tensor([10.0, 10.0, 0.0, 0.0])
+    monkeypatch.setattr(Router, "logits", forced_logits(lambda router, logits_TE, n: logits_TE + favour_E, 4))
+    out = tmp_path / "run"
+    main([*FLAGS, "--num_experts", "4", "--max_steps", "3", "--output_dir", str(out),
+          "--collapse_dead_expert_share", "0.05"])
+    rows = rows_of(out)
+    assert [r["moe/layer_0/tokens_per_expert"] for r in rows if "loss" in r][-1][2:] == [0, 0]
+    warnings = [r for r in rows if r.get("collapse") == "warning"]
+    assert {(w["layer"], w["condition"]) for w in warnings} == {(i, c) for i in range(4)
+                                                                for c in ("imbalance", "dead_experts")}
+    assert {w["threshold"] for w in warnings if w["condition"] == "dead_experts"} == {0.05}

@@ -22,6 +22,7 @@ def test_expert_counts_add_up_over_two_ep_ranks(tmp_path):
                      "--warmup_steps", "1", "--synthetic_examples", "1000", "--block_size", "64",
                      "--per_device_train_batch_size", "4", "--expert_init", "copy_noise", "--expert_noise_std", "0.5",
                      "--peak_tflops", "0.01", "--eval_capacity_factor", "4", "--collapse_imbalance", "1.0001",
+                     "--collapse_dead_expert_share", "0",
                      "--collapse_min_tokens", "512",
                      "--disable_tqdm", "--output_dir", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from moe_models.run.threads import choose_cpu_threads
+import os
+
+from moe_models.run.threads import choose_cpu_threads, machine_load
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the choice is made on a CPU only")
 
@@ -23,7 +25,7 @@ def keep_threads():
     ({"OMP_NUM_THREADS": "", "LOCAL_SIZE": "2"}, 4, 2),  # an empty variable is not a choice
 ])
 def test_each_rank_takes_its_share_of_the_cores(env, cores, threads):
-    line = choose_cpu_threads(env, cores=cores)
+    line = choose_cpu_threads(env, cores=cores, load=0.0)  # an idle machine
     assert torch.get_num_threads() == threads
     assert line.startswith(f"CPU threads: {threads} per rank ({cores} cores available / ")
 
@@ -34,3 +36,24 @@ def test_the_users_choice_stands(variable):
     line = choose_cpu_threads({variable: "3", "LOCAL_SIZE": "1"}, cores=8)
     assert torch.get_num_threads() == 1  # not changed
     assert line == f"CPU threads: 1 per rank ({variable}=3 is set; unset it to share the cores among the ranks)"
+
+
+@pytest.mark.parametrize("env, cores, load, threads", [
+    ({}, 2, 1.2, 1),                   # one rank, 2 cores, another job on one of them (the slow case: 2 threads)
+    ({}, 8, 3.4, 5),                   # 3 of 8 cores busy
+    ({"LOCAL_SIZE": "2"}, 8, 3.4, 2),  # 5 free cores for 2 ranks
+    ({}, 2, 9.0, 1),                   # busier than the machine: still one thread
+])
+def test_cores_other_work_keeps_busy_are_left_to_it(env, cores, load, threads):
+    line = choose_cpu_threads(env, cores=cores, load=load)
+    assert torch.get_num_threads() == threads
+    share = cores // int(env.get("LOCAL_SIZE", 1))
+    assert line.startswith(f"CPU threads: {threads} per rank, not {share} ({cores} cores available / ")
+    assert f"the machine is busy, a load average of {load:.1f}" in line
+    assert line.endswith(f"set OMP_NUM_THREADS={share} to take the share anyway")
+
+
+def test_a_light_load_or_a_share_of_a_larger_machine_changes_nothing():
+    assert choose_cpu_threads({}, cores=2, load=0.4).startswith("CPU threads: 2 per rank (2 cores available")
+    assert choose_cpu_threads({"LOCAL_SIZE": "2"}, cores=2, load=1.0).startswith("CPU threads: 1 per rank (")
+    assert machine_load(cores=os.cpu_count() + 1) == 0.0  # the load of cores this process does not run on

@@ -19,8 +19,8 @@ from moe_models.training import loop  # noqa: E402
 real, calls = loop.lm_loss_of, itertools.count(1)
 
 
-def poisoned(engine, input_ids):
-    lm_loss = real(engine, input_ids)
+def poisoned(engine, inputs):
+    lm_loss = real(engine, inputs)
     if next(calls) in steps and int(os.environ.get("RANK", "0")) == rank:
         lm_loss = lm_loss * float("nan")
     return lm_loss

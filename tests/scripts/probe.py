@@ -24,6 +24,7 @@ from host_syncs import HostSyncs  # noqa: E402
 from moe_models.moe.layer import moe_layers_of  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import all_reduce_sum  # noqa: E402
+from moe_models.data.batches import model_inputs  # noqa: E402
 from moe_models.training.loop import lm_loss_of  # noqa: E402
 from train import build  # noqa: E402
 
@@ -52,9 +53,9 @@ def main() -> None:
     record = {"initial": expert_tensors(layers, lambda p: p), "losses": [],
               "parameters": sum(p.numel() for p in engine.module.parameters()), "moe_layers": len(layers)}
     for step in range(steps):
-        input_ids = next(trainer.batches)["input_ids"].to(world.device)
+        inputs = model_inputs(next(trainer.batches), world.device)
         with HostSyncs() as syncs:
-            lm_loss = lm_loss_of(engine, input_ids)
+            lm_loss = lm_loss_of(engine, inputs)
             engine.backward(lm_loss + trainer.moe_layers.router_loss(lm_loss)[0])
         if step == 1:
             record["host_syncs"] = [(s.op, s.where, s.ours) for s in syncs.found]

@@ -6,6 +6,7 @@ has a timeout, and on failure or hang shows the ranks' output.
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -246,7 +247,9 @@ def test_other_zero_stages_train_with_ep2(tmp_path, stage):
     output = launch(["train.py", "--ep_size", "2", "--deepspeed", stage, *QUICK, "--output_dir", str(out)], **threads)
     if threads:
         cores = len(os.sched_getaffinity(0))
-        assert f"start-up: CPU threads: {max(1, cores // 2)} per rank ({cores} cores available / 2 ranks" in output
+        share = max(1, cores // 2)  # or fewer, with the machine's other load named (the line says "not {share}")
+        assert re.search(rf"start-up: CPU threads: {share} per rank \({cores} cores available / 2 ranks|start-up: CPU "
+                         rf"threads: \d+ per rank, not {share} \({cores} cores available / 2 ranks", output)
         assert output.count("start-up: CPU threads") == 1  # rank 0's line only
     # the all-to-all is torch's functional one, not the deprecated one (ZeRO 1/2's own all_gather_into_tensor warns)
     assert not [line for line in output.splitlines() if "FutureWarning" in line and "all_to_all" in line]

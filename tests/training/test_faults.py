@@ -32,8 +32,8 @@ def poison_losses(monkeypatch, steps: set[int] | None) -> None:
     """Make the LM loss NaN at the given optimizer steps (None: from step 3 on); gradients follow."""
     real, calls = loop_module.lm_loss_of, itertools.count(1)
 
-    def poisoned(engine, input_ids):
-        lm_loss = real(engine, input_ids)
+    def poisoned(engine, inputs):
+        lm_loss = real(engine, inputs)
         step = next(calls)
         return lm_loss * float("nan") if (step >= 3 if steps is None else step in steps) else lm_loss
 
@@ -122,11 +122,11 @@ def test_a_failed_save_loses_nothing(world, tmp_path, monkeypatch, capsys):
 def test_the_error_names_the_first_moe_layer_that_went_non_finite(world, tmp_path, monkeypatch, capsys):
     real, calls = loop_module.lm_loss_of, itertools.count(1)
 
-    def break_router_of_layer_1(engine, input_ids):
+    def break_router_of_layer_1(engine, inputs):
         if next(calls) == 3:
             with torch.no_grad():
                 moe_layers_of(engine.module)[1].router.wg.weight.fill_(float("nan"))
-        return real(engine, input_ids)
+        return real(engine, inputs)
 
     monkeypatch.setattr(loop_module, "lm_loss_of", break_router_of_layer_1)
     with pytest.raises(SystemExit):

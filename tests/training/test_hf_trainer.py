@@ -346,7 +346,8 @@ def test_moe_trainer_warns_of_collapse_counts_domains_and_reports_mfu(tmp_path, 
     blocks = blocks.map(lambda batch: {"labels": batch["input_ids"]}, batched=True)
     trainer = MoETrainer(model=tiny_moe_model(), args=trainer_args(tmp_path, max_steps=3), train_dataset=blocks,
                          eval_dataset=blocks.select(range(8)), data_collator=default_data_collator,
-                         collapse=CollapseThresholds(imbalance=1.01, min_tokens=0), peak_tflops=1.0, domains=domains)
+                         collapse=CollapseThresholds(imbalance=1.01, dead_expert_share=0, min_tokens=0), peak_tflops=1.0,
+                         domains=domains)
     trainer.train()
     warnings = [w for w in trainer.collapse_warnings if w["collapse"] == "warning"]
     assert warnings and {w["condition"] for w in warnings} == {"imbalance"} and warnings[0]["step"] == 2

@@ -94,6 +94,26 @@ def test_plan_for_two_nodes_of_eight_from_one_process(world, tmp_path, capsys):
     assert plan["search"][0]["tokens_per_sec"] >= plan["step_time"]["tokens_per_sec"]
     shown = capsys.readouterr().out
     assert "predicted on h100-sxm-ib400 (2 nodes x 8)" in shown and "best:" in shown
+    # the search's best is the header's answer, and the command that launches it: the plan's flags without its own,
+    # the layout's in place of the --ep_size given
+    best = plan["search"][0]["flags"]
+    assert f"fits 80 GiB: yes; the fastest layout that fits (--plan_search, below): {best}\n" in shown
+    assert "smallest change" not in shown
+    command = f"deepspeed --hostfile HOSTFILE train.py --block_size 32 --num_experts 16 --output_dir {tmp_path} {best}"
+    assert plan["launch_command"] == command and f"launch the fastest layout: {command}\n" in shown
+    assert "HOSTFILE: 2 lines 'HOSTNAME slots=8', one per node" in shown
+
+
+def test_the_launch_command_of_one_node_and_of_a_flag_of_each_kind():
+    from moe_models.run.cli import parse_args
+    from moe_models.training.layout_search import launch_command
+    cfg = parse_args(["--num_experts", "8", "--disable_tqdm", "--moe_layers", "0,2", "--train_file", "my data.txt",
+                      "--gradient_checkpointing", "--deepspeed", "zero2", "--plan", "--plan_cluster", "h100-sxm-ib400",
+                      "--plan_search", "--device_memory_gb", "40"])
+    best = {"flags": "--ep_size 4 --deepspeed zero1 --per_device_train_batch_size 2 --gradient_accumulation_steps 4"}
+    assert launch_command(cfg, best, world_size=8, devices_per_node=8) == (
+        "deepspeed --num_gpus 8 train.py --train_file 'my data.txt' --num_experts 8 --moe_layers 0,2 --disable_tqdm "
+        "--ep_size 4 --deepspeed zero1 --per_device_train_batch_size 2 --gradient_accumulation_steps 4")
 
 
 def test_adaptive_compute_plans_at_most_top_k_and_predicts_at_the_compute_target(world, tmp_path, capsys):
