@@ -18,7 +18,7 @@ from moe_models.hf.in_place_proof import probe_model, prove_in_place
 from moe_models.moe.fused_experts import FusedExperts, LocalFusedExperts
 from moe_models.run.cli import parse_args
 from moe_models.training.ds_config import build_deepspeed_config
-from moe_models.training.trainer import build_engine, optimizer_param_groups
+from moe_models.training.engine import build_engine, optimizer_param_groups
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 

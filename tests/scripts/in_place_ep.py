@@ -28,7 +28,7 @@ from moe_models.moe.parallel import make_expert_parallel_groups  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import init_world  # noqa: E402
 from moe_models.training.ds_config import build_deepspeed_config  # noqa: E402
-from moe_models.training.trainer import build_engine  # noqa: E402
+from moe_models.training.engine import build_engine  # noqa: E402
 
 EP = 2
 TOLERANCE = 1e-4  # relative to each tensor's largest magnitude (fp32)

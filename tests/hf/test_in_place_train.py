@@ -1,0 +1,74 @@
+"""train.py continues an HF MoE folder in place (hf/in_place_run.py): a DeepSeek-V3-shaped checkpoint (MLA attention,
+a dense first block, group-limited sigmoid routing with a correction bias, a shared expert) trains at ep_size 2
+through the launcher with ZeRO 2 with the ep_size 1 losses, resumes exactly, logs its layers' routing metrics, and
+refuses what it cannot do with one line, writing nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import launch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import train
+from moe_models.models.probe import small_moe_config
+from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.run.folder import RunFolder
+
+FLAGS = ["--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--synthetic_examples", "300",
+         "--block_size", "32", "--per_device_train_batch_size", "2", "--warmup_steps", "1", "--disable_tqdm",
+         "--deepspeed", "zero2", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_folder(tmp_path_factory):
+    """A DeepSeek-V3 checkpoint as save_pretrained writes it (its config made small, fresh weights), with a
+    tokenizer."""
+    folder = tmp_path_factory.mktemp("deepseek_v3")
+    config = small_moe_config(AutoConfig.for_model("deepseek_v3"))
+    config.vocab_size = 257
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in RunFolder(output_dir).metrics.rows() if "loss" in row}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exactly(deepseek_folder, tmp_path):
+    common = ["--model_name_or_path", str(deepseek_folder), *FLAGS]
+    # one process reading both ranks' sequences: a batch of 4 is the two ranks' batches of 2 (data/batches.py)
+    one = train.main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ep1")])
+    launch(["train.py", *common, "--ep_size", "2", "--output_dir", str(tmp_path / "ep2")])
+    ep1, ep2 = losses(tmp_path / "ep1"), losses(tmp_path / "ep2")
+    assert ep1.keys() == ep2.keys() == {1, 2, 3, 4} and one["steps"] == 4
+    assert ep2 == pytest.approx(ep1, rel=1e-5)
+    record = RunFolder(tmp_path / "ep2").record()
+    moe = record.settings.moe
+    assert (moe.num_experts, moe.top_k, moe.ep_size) == (8, 2, 2) and record.resolved.imported_from == \
+        str(deepseek_folder)
+    assert list(record.resolved.moe_layout.blocks) == [1]  # the first block stays dense (first_k_dense_replace)
+    row = [r for r in RunFolder(tmp_path / "ep2").metrics.rows() if "loss" in r][-1]
+    routes = 2 * 2 * 32 * 2  # ranks x sequences x tokens x top-2, one step
+    assert sum(row["moe/layer_0/routed_per_expert"]) == routes and "moe/layer_0/router_entropy" in row
+    # an exact resume: steps 3 and 4 again from the checkpoint of step 2
+    train.main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ep1"),
+                "--resume_from_checkpoint",
+                str(tmp_path / "ep1" / "checkpoints" / "global_step2")])
+    assert losses(tmp_path / "ep1") == ep1
+
+
+def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_folder, tmp_path, capsys):
+    for flags, message in ((["--num_experts", "4"], "--num_experts: "),
+                           (["--score_function", "sigmoid"], "--score_function: ")):
+        out = tmp_path / "refused"
+        with pytest.raises(SystemExit):
+            train.main(["--model_name_or_path", str(deepseek_folder), *FLAGS, *flags, "--output_dir", str(out)])
+        assert message in capsys.readouterr().err
+        assert not out.exists()
