@@ -29,6 +29,7 @@ def test_ep2_over_two_hosts_equals_ep1_on_one(netns_hosts, tmp_path):
     outputs = [succeed(node) for node in nodes]
     sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
     assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
+    assert not any("which this host does not have" in output for output in outputs)  # link0 is on every host
     succeed(reference)
     across_hosts, one_host = logged_rows(out), logged_rows(tmp_path / "one_host")
     assert sorted(across_hosts) == sorted(one_host) == [(1, "loss"), (2, "loss"), (3, "eval_loss"), (3, "loss")]
