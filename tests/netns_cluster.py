@@ -3,8 +3,11 @@ interface (`link0`, address 10.0.0.<i + 1>/24), all plugged into a bridge in a n
 link is shaped with `tc ... tbf rate RATE` in both directions: the host's egress and the switch port's egress.
 
 Ranks on one host talk over that host's loopback (the kernel routes a host's own address there); ranks on two hosts
-cross two shaped ports. The namespaces have unique names per cluster, so parallel runs do not clash, and are deleted
-when the `cluster` context ends, failing or not (deleting a namespace deletes its interfaces).
+cross two shaped ports. The namespaces have unique names per cluster (`moe-<pid>-<random>-...`), so parallel runs do
+not clash, and are deleted when the `cluster` context ends, failing or not (deleting a namespace deletes its
+interfaces), after killing what still runs in them; the bench entry point turns SIGTERM into that end too. A process
+killed outright (SIGKILL) cannot clean up: the next cluster made on the machine does it for the namespaces whose
+process no longer runs.
 
 Needs root, `ip` and `tc` (Debian: iproute2). Where they are missing, `cluster` raises `Unavailable` with the reason
 (tests skip with it). This kernel has no netem, so a link gets a rate and no delay.
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -95,9 +100,31 @@ def why_unavailable() -> str | None:
     return None
 
 
+def remove_stale() -> list[str]:
+    """Delete the namespaces of clusters whose process no longer runs; their names."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    stale = [name for name, pid in re.findall(r"^(moe-(\d+)-[0-9a-f]{6}-\S+)", listed, re.MULTILINE)
+             if not os.path.exists(f"/proc/{pid}")]
+    for name in stale:
+        _delete(name)
+    return stale
+
+
+def _delete(namespace: str) -> None:
+    """Kill what still runs in the namespace, then delete it."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30).stdout
+    for pid in pids.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
+
+
 @contextmanager
 def cluster(hosts: int = 2, rate: str = "1gbit") -> Iterator[Cluster]:
-    """`hosts` namespaces joined by a bridge, every link shaped to `rate`; all deleted on exit."""
+    """`hosts` namespaces joined by a bridge, every link shaped to `rate`; on exit, what still runs in them is killed
+    and they are deleted."""
     reason = why_unavailable()
     if reason:
         raise Unavailable(reason)
@@ -110,6 +137,7 @@ def cluster(hosts: int = 2, rate: str = "1gbit") -> Iterator[Cluster]:
         except RuntimeError as error:
             raise Unavailable(str(error)) from None
         made.append(switch)
+        remove_stale()
         _ip("-n", switch, "link", "add", "bridge0", "type", "bridge")
         _ip("-n", switch, "link", "set", "bridge0", "up")
         members = []
@@ -129,7 +157,7 @@ def cluster(hosts: int = 2, rate: str = "1gbit") -> Iterator[Cluster]:
         yield made_cluster
     finally:
         for namespace in reversed(made):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
+            _delete(namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command each host runs after --")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SystemExit: the namespaces are deleted on the way out
     with cluster(args.hosts, args.rate) as made:
         procs = []
         try:

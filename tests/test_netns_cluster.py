@@ -3,8 +3,10 @@ rate asked for, and nothing is left behind, even when the body fails."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from helpers import REPO
 from netns_cluster import BURST, Unavailable, cluster, why_unavailable
 
 # Host 1 receives until the sender closes, and prints the bytes and the seconds from the first byte to the last.
@@ -84,3 +86,38 @@ def test_why_unavailable_names_what_is_missing(monkeypatch):
     with pytest.raises(Unavailable, match="tc not found"):
         with cluster():
             pass
+
+
+def test_the_bench_entry_point_cleans_up_when_terminated_and_a_killed_ones_namespaces_go_with_the_next_cluster():
+    """What ran in the hosts is killed too: `sh` and its `sleep` child of each host."""
+    def started():
+        proc = subprocess.Popen([sys.executable, "tests/netns_cluster.py", "--", "sh", "-c", "echo up; sleep 60"],
+                                cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "up\n" and proc.stdout.readline() == "up\n"
+        names = [name for name in namespaces().split() if name.startswith(f"moe-{proc.pid}-")]
+        pids = [int(pid) for name in names for pid in subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=True).stdout.split()]
+        assert len(names) == 3 and len(pids) == 4
+        return proc, names, pids
+
+    def running(pid):  # a killed process may stay a zombie until its new parent reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def gone(names, pids):
+        return not any(name in namespaces() for name in names) and not any(running(pid) for pid in pids)
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    terminated, names, pids = started()
+    terminated.terminate()
+    assert terminated.wait(timeout=30) == 143
+    assert gone(names, pids)
+
+    killed, names, pids = started()
+    killed.kill()
+    killed.wait(timeout=30)
+    assert not gone(names, pids)
+    with cluster(2):
+        assert gone(names, pids)
