@@ -2,6 +2,8 @@
 one launcher in each, the ranks finding each other over the namespaces' link by GLOO_SOCKET_IFNAME."""
 
 import json
+import os
+import signal
 
 import pytest
 from helpers import LAUNCHER, free_port, logged_rows, start, succeed
@@ -26,11 +28,16 @@ def test_ep2_over_two_hosts_equals_ep1_on_one(netns_hosts, tmp_path):
                    MASTER_PORT=port, GLOO_SOCKET_IFNAME=host.interface) for host in netns_hosts.hosts]
     reference = start([*LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--ep_size", "1",
                        *FLAGS, "--output_dir", str(tmp_path / "one_host")])  # at the same time: the cores idle less
-    outputs = [succeed(node) for node in nodes]
-    sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
+    try:
+        outputs = [succeed(node) for node in nodes]
+        sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
+        succeed(reference)
+    finally:  # a failed node leaves no launcher running
+        for proc in (*nodes, reference):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
     assert not any("which this host does not have" in output for output in outputs)  # link0 is on every host
-    succeed(reference)
     across_hosts, one_host = logged_rows(out), logged_rows(tmp_path / "one_host")
     assert sorted(across_hosts) == sorted(one_host) == [(1, "loss"), (2, "loss"), (3, "eval_loss"), (3, "loss")]
     for key, value in one_host.items():
@@ -40,5 +47,4 @@ def test_ep2_over_two_hosts_equals_ep1_on_one(netns_hosts, tmp_path):
     across = sum(row[f"moe/layer_{i}/all_to_all_bytes_across_nodes"] for row in rows for i in range(4))
     assert sum(row[f"moe/layer_{i}/all_to_all_bytes_in_node"] for row in rows for i in range(4)) == 0
     assert across > 0
-    print(f"all-to-all bytes across nodes (rank 0, 3 steps): {across}; sent over the link by each host: {sent}")
-    assert min(sent) > across
+    assert min(sent) > across, f"bytes each host sent over its link {sent}, all-to-all bytes counted across {across}"
