@@ -22,3 +22,15 @@ def data_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data-cache")
     os.environ["MOE_MODELS_DATA_CACHE"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def netns_hosts():
+    """Two hosts on this machine as network namespaces, links at 1 Gbit/s (tests/netns_cluster.py), shared by the
+    session's tests; skips, naming why, where namespaces cannot be made."""
+    from netns_cluster import Unavailable, cluster
+    try:
+        with cluster(2, "1gbit") as made:
+            yield made
+    except Unavailable as error:
+        pytest.skip(str(error))

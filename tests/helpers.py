@@ -4,6 +4,7 @@ install of the project."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,12 @@ def launch(args: list[str], num_ranks: int = 2, timeout: int = 300, cwd: Path = 
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the ranks left {left} in /dev/shm"
     return output
+
+
+def logged_rows(output_dir: Path) -> dict[tuple[int, str], float]:
+    """(step, "loss" or "eval_loss") -> the value metrics.jsonl holds."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], key): r[key] for r in rows for key in ("loss", "eval_loss") if key in r}
 
 
 def install_project(folder: Path) -> Path:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .socket_interfaces import interface_warnings
 from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
 
 # The ranks of this node, as the launchers announce them: torchrun and accelerate, DeepSpeed's launcher (which sets
@@ -74,6 +75,8 @@ def init_world(timeout_s: int = 600) -> World:
         if isinstance(c10d.default_pg_nccl_timeout, timedelta):
             c10d.default_pg_nccl_timeout = timeout
         wait_for_extension_locks(say=lambda line: print(line, flush=True))  # DeepSpeed's JIT build waits silently
+        for line in interface_warnings():
+            print(line, flush=True)
         address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
             with announced(f"rank {os.environ['RANK']} waits at {address} for all {os.environ['WORLD_SIZE']} ranks to "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, start, succeed
+from helpers import LAUNCHER, REPO, finish, free_port, launch, launch_env, logged_rows, start, succeed
 
 import train
 
@@ -264,12 +264,6 @@ RESUME = [*QUICK, "--logging_steps", "1", "--eval_steps", "0"]
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
     return {step: loss for (step, key), loss in logged_rows(output_dir).items() if key == "loss"}
-
-
-def logged_rows(output_dir: Path) -> dict[tuple[int, str], float]:
-    """(step, "loss" or "eval_loss") -> the value metrics.jsonl holds."""
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], key): r[key] for r in rows for key in ("loss", "eval_loss") if key in r}
 
 
 @pytest.fixture(scope="module")
