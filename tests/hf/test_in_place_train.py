@@ -66,7 +66,8 @@ def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exact
 
 def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_folder, tmp_path, capsys):
     for flags, message in ((["--num_experts", "4"], "--num_experts: "),
-                           (["--score_function", "sigmoid"], "--score_function: ")):
+                           (["--score_function", "sigmoid"], "--score_function: "),
+                           (["--plan"], "--plan: ")):  # not counted by the plan yet: said, not a wrong plan
         out = tmp_path / "refused"
         with pytest.raises(SystemExit):
             train.main(["--model_name_or_path", str(deepseek_folder), *FLAGS, *flags, "--output_dir", str(out)])
