@@ -1,11 +1,12 @@
 """CPU threads per rank: each rank's share of the cores it may run on, unless the user chose them."""
 
+import os
+import time
+
 import pytest
 import torch
 
-import os
-
-from moe_models.run.threads import choose_cpu_threads, machine_load
+from moe_models.run.threads import busy_cores, choose_cpu_threads
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the choice is made on a CPU only")
 
@@ -49,11 +50,28 @@ def test_cores_other_work_keeps_busy_are_left_to_it(env, cores, load, threads):
     assert torch.get_num_threads() == threads
     share = cores // int(env.get("LOCAL_SIZE", 1))
     assert line.startswith(f"CPU threads: {threads} per rank, not {share} ({cores} cores available / ")
-    assert f"the machine is busy, a load average of {load:.1f}" in line
+    assert f"the machine is busy, other work keeps {load:.1f} cores busy now" in line
     assert line.endswith(f"set OMP_NUM_THREADS={share} to take the share anyway")
 
 
 def test_a_light_load_or_a_share_of_a_larger_machine_changes_nothing():
     assert choose_cpu_threads({}, cores=2, load=0.4).startswith("CPU threads: 2 per rank (2 cores available")
     assert choose_cpu_threads({"LOCAL_SIZE": "2"}, cores=2, load=1.0).startswith("CPU threads: 1 per rank (")
-    assert machine_load(cores=os.cpu_count() + 1) == 0.0  # the load of cores this process does not run on
+    assert busy_cores(cores=os.cpu_count() + 1) == 0.0  # the machine's time is spread over cores it does not run on
+
+
+def test_a_busy_core_is_seen_at_once_and_an_idle_machine_as_idle():
+    """The sample sees another process that keeps a core busy now (a busy loop in a child), and none once it ended:
+    no minute's average lags behind."""
+    import subprocess
+    import sys
+    cores = os.cpu_count()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # past its start-up
+        busy = busy_cores(cores, seconds=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 0.6  # a whole core, less what the sample's rounding and the scheduler take
+    assert busy_cores(cores, seconds=0.5) <= busy - 0.5  # gone at once
