@@ -76,11 +76,17 @@ def _expert_count(config) -> int | None:
     return next((n for n in counts if isinstance(n, int) and n > 1), None)
 
 
-def counts_experts(config: dict) -> bool:
-    """Whether a config.json's fields count experts: an MoE model to continue (in place), not a dense one to
-    convert."""
+def checkpoint_expert_count(config: dict) -> int | None:
+    """The experts per sparse block a config.json's fields count (an MoE model to continue, imported or in place, not
+    a dense one to convert); None when it counts none."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return any(isinstance(text.get(field), int) and text[field] > 1 for field in EXPERT_COUNT_FIELDS)
+    return next((text[field] for field in EXPERT_COUNT_FIELDS
+                 if isinstance(text.get(field), int) and not isinstance(text[field], bool) and text[field] > 1), None)
+
+
+def counts_experts(config: dict) -> bool:
+    """Whether a config.json's fields count experts: an MoE model to continue, not a dense one to convert."""
+    return checkpoint_expert_count(config) is not None
 
 
 def _num_layers(config) -> int | None:

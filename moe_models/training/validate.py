@@ -4,6 +4,7 @@ was given the same settings."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch.distributed as dist
@@ -11,10 +12,11 @@ import torch.distributed as dist
 from ..data.prepare import cache_problems
 from ..data.text import data_problems
 from ..metrics.sinks import log_problems
-from ..models.source import model_problems
+from ..models.discovery import checkpoint_expert_count
+from ..models.source import local_config, model_problems
 from ..moe.checks import moe_problems
 from ..moe.parallel import parallel_problems
-from ..run.config import ConfigError, RunConfig, TrainConfig, empty_strings, too_small
+from ..run.config import ConfigError, MoEConfig, RunConfig, TrainConfig, empty_strings, too_small
 from ..run.folder import RunFolder
 from ..run.writes import writable_problem
 from .clusters import plan_problems
@@ -31,19 +33,28 @@ def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     problems = empty_strings(cfg)
     if problems:  # an empty path would be read as the current folder below
         raise ConfigError(problems)
-    problems = (moe_problems(cfg.moe) + parallel_problems(cfg.moe, world_size, planning=cfg.train.plan)
+    moe = checked_moe(cfg)
+    problems = (moe_problems(moe) + parallel_problems(moe, world_size, planning=cfg.train.plan)
                 + model_problems(cfg.model, cfg.data.block_size) + data_problems(cfg.data) + train_problems(cfg.train)
                 + log_problems(cfg.log) + deepspeed_config_problems(cfg.train.deepspeed) + write_problems(cfg))
     if problems:
         raise ConfigError(problems)
     check_resumable(cfg, world_size)
     check_upcycle_source(cfg)
-    ds_config = build_deepspeed_config(cfg, world_size)
+    ds_config = build_deepspeed_config(dataclasses.replace(cfg, moe=moe), world_size)  # its checks see the same
     problems = compile_problems(cfg, training_dtype(ds_config))  # the dtype is the DeepSpeed config's
     if problems:
         raise ConfigError(problems)
     check_not_finished(cfg)
     return ds_config
+
+
+def checked_moe(cfg: RunConfig) -> MoEConfig:
+    """The MoE settings the checks see: those of the flags, with an MoE checkpoint's own expert count when the model
+    is one (imported or continued in place: its experts come from the folder, not from --num_experts)."""
+    config, _ = local_config(cfg.model)
+    count = checkpoint_expert_count(config) if config and cfg.model.model_name_or_path else None
+    return dataclasses.replace(cfg.moe, num_experts=count) if count else cfg.moe
 
 
 def check_same_settings(cfg: RunConfig) -> None:

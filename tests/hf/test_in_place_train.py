@@ -15,7 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import train
 from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.run.cli import parse_args
+from moe_models.run.config import ConfigError
 from moe_models.run.folder import RunFolder
+from moe_models.training.validate import validate
 
 FLAGS = ["--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--synthetic_examples", "300",
          "--block_size", "32", "--per_device_train_batch_size", "2", "--warmup_steps", "1", "--disable_tqdm",
@@ -73,3 +76,16 @@ def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_fold
             train.main(["--model_name_or_path", str(deepseek_folder), *FLAGS, *flags, "--output_dir", str(out)])
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_expert_parallelism_is_checked_against_the_checkpoints_experts(tmp_path):
+    """--num_experts is not the model's when its folder is an MoE checkpoint: 12 experts take ep_size 3 (the flag's
+    default of 8 would not), and 12 experts refuse ep_size 8 naming 12."""
+    folder = tmp_path / "twelve"
+    config = small_moe_config(AutoConfig.for_model("deepseek_v3"))
+    config.n_routed_experts = 12
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    flags = ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    validate(parse_args([*flags, "--ep_size", "3"]), world_size=3)
+    with pytest.raises(ConfigError, match=r"num_experts \(12\) must be divisible by ep_size \(8\)"):
+        validate(parse_args([*flags, "--ep_size", "8"]), world_size=8)
