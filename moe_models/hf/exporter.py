@@ -23,6 +23,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..models.architectures import architecture_of_config
+from ..models.discovery import checkpoint_expert_count
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
 from ..run.config import MoEConfig, RunConfig
 from ..run.folder import RunFolder
@@ -42,6 +43,9 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     from_trainer = trainer_folder(checkpoint_dir)
     moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
                           else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
+    if dense.model_type not in ADAPTERS and checkpoint_expert_count(dense.to_dict()):
+        raise ValueError(f"this run continued a {dense.model_type} model in place (docs/models.md); export back to its "
+                         "own class is not written yet: its DeepSpeed checkpoint holds the weights, one file per expert")
     config = hf_moe_config(dense, moe, layout)
     check_target(output_dir, overwrite)
     if from_trainer:

@@ -13,6 +13,7 @@ from helpers import launch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import train
+from moe_models.hf.exporter import export
 from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
 from moe_models.run.cli import parse_args
@@ -65,6 +66,10 @@ def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exact
                 "--resume_from_checkpoint",
                 str(tmp_path / "ep1" / "checkpoints" / "global_step2")])
     assert losses(tmp_path / "ep1") == ep1
+    # export back to the class is not written yet: said, and nothing written
+    with pytest.raises(ValueError, match="continued a deepseek_v3 model in place"):
+        export(tmp_path / "ep2" / "checkpoints", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_folder, tmp_path, capsys):
