@@ -23,7 +23,8 @@ EXPECTED = {"score_function", "norm_topk_prob", "routed_scaling_factor", "router
 # A setting of each routing flag that changes routing, with what it needs beside it, for export's rule.
 CHANGED = {
     "score_function": dict(score_function="sigmoid", top_k=1), "norm_topk_prob": dict(norm_topk_prob=False),
-    "routed_scaling_factor": dict(routed_scaling_factor=2.0), "router_bias_update_rate": dict(router_bias_update_rate=1e-3),
+    "routed_scaling_factor": dict(routed_scaling_factor=2.0),
+    "router_bias_update_rate": dict(router_bias_update_rate=1e-3),
     "expert_groups": dict(expert_groups=4, max_groups_per_token=2),
     "max_groups_per_token": dict(expert_groups=4, max_groups_per_token=2),
     "null_expert_target_real_k": dict(num_null_experts=2, null_expert_target_real_k=1.5),

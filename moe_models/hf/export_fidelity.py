@@ -16,12 +16,14 @@ from .configs import MOE_CLASSES, export_model_type, export_problems
 # has an entry and that each rule holds):
 # - "router": the HF class's router must compute it exactly, or export refuses (hf/configs.py, _routing_problems);
 # - "trained otherwise": the run routed otherwise than the exported HF model will, noted (training_differences);
-# - "training only": it acts in training forwards only; DeepSpeed's eval routing, which the HF model's equals, ignores it.
+# - "training only": it acts in training forwards only; DeepSpeed's eval routing, which the HF model's equals,
+#   ignores it.
 EXPORT_OF_ROUTING_FLAG = {
     "score_function": "router", "norm_topk_prob": "router", "routed_scaling_factor": "router",
     "router_bias_update_rate": "router", "expert_groups": "router", "max_groups_per_token": "router",
     "null_expert_target_real_k": "router", "top_p": "router", "min_k": "router",
-    "drop_tokens": "trained otherwise", "capacity_factor": "trained otherwise", "eval_capacity_factor": "trained otherwise",
+    "drop_tokens": "trained otherwise", "capacity_factor": "trained otherwise",
+    "eval_capacity_factor": "trained otherwise",
     "min_capacity": "trained otherwise", "top2_2nd_expert_sampling": "trained otherwise",
     "benchmark_balanced_routing": "trained otherwise",
     "noisy_gate_policy": "training only", "use_rts": "training only",

@@ -44,8 +44,9 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
                           else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
     if dense.model_type not in ADAPTERS and checkpoint_expert_count(dense.to_dict()):
-        raise ValueError(f"this run continued a {dense.model_type} model in place (docs/models.md); export back to its "
-                         "own class is not written yet: its DeepSpeed checkpoint holds the weights, one file per expert")
+        raise ValueError(f"this run continued a {dense.model_type} model in place (docs/models.md); export back to "
+                         "its own class is not written yet: its DeepSpeed checkpoint holds the weights, one file per "
+                         "expert")
     config = hf_moe_config(dense, moe, layout)
     check_target(output_dir, overwrite)
     if from_trainer:

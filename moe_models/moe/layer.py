@@ -44,9 +44,10 @@ def expert_weight_key(ffn: str, expert_id: int, projection: str) -> str:
 class MoEFeedForward(nn.Module):
     """Drop-in for a dense FFN: hidden states [B, S, D] in, [B, S, D] out.
 
-    The load-balancing loss, the z-loss and the dynamic loss (each when its weight is not 0) and the routes (each token's top-k global expert
-    ids, -1 for a dropped route) of the last forward are kept in ``balance_loss`` (DeepSpeed's ``l_aux``), ``z_loss`` and ``last_topk_ids_TK``,
-    with their weights ``aux_loss_coef``, ``z_loss_coef`` and ``dynamic_loss_coef`` (moe/model_layers.py adds them to a trainer's loss);
+    The load-balancing loss, the z-loss and the dynamic loss (each when its weight is not 0) and the routes (each
+    token's top-k global expert ids, -1 for a dropped route) of the last forward are kept in ``balance_loss``
+    (DeepSpeed's ``l_aux``), ``z_loss``, ``dynamic_loss`` and ``last_topk_ids_TK``, with their weights
+    ``aux_loss_coef``, ``z_loss_coef`` and ``dynamic_loss_coef`` (moe/model_layers.py adds them to a trainer's loss);
     ``routing`` adds up the ``Routes`` of every training forward on the device for the metrics (docs/metrics.md).
 
     With ``cfg.num_shared_experts`` N > 0, ``shared_experts`` (an FFN of the dense FFN's class, N routed experts wide,

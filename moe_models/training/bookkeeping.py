@@ -119,9 +119,10 @@ class Bookkeeping:
     # -- the logging interval ----------------------------------------------------------------------------------
 
     def training_row(self, extra_sums: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict, dict]:
-        """(the interval's row, the summed ``extra_sums`` and ``micro_batches``): ``aux_loss`` (the balance loss summed over the MoE layers,
-        mean over micro-batches and ranks), throughput and MFU, ``nonfinite_steps``, the MoE layers' metrics and the
-        device figures, over all ranks in one all-reduce with the trainer's ``extra_sums``; the interval restarts."""
+        """(the interval's row, the summed ``extra_sums`` and ``micro_batches``). The row: ``aux_loss`` (the balance
+        loss summed over the MoE layers, mean over micro-batches and ranks), throughput and MFU, ``nonfinite_steps``,
+        the MoE layers' metrics and the device figures, over all ranks in one all-reduce with the trainer's
+        ``extra_sums``; the interval restarts."""
         extra_sums = extra_sums or {}
         summed = sum_over_ranks({**extra_sums, **self.sums, **self.moe_layers.interval_sums(self.device),
                                  **self.device_interval.sums()})

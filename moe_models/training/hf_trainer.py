@@ -226,7 +226,8 @@ class MoETrainer(Trainer):
 
     def checkpoint_before(self, step: int) -> str:
         """The last ``checkpoint-N`` the Trainer saved before ``step`` ("none")."""
-        steps = sorted(int(path.name.split("-")[-1]) for path in Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        saved = Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        steps = sorted(int(path.name.split("-")[-1]) for path in saved
                        if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < step)
         return str(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{steps[-1]}") if steps else "none"
 
