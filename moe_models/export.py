@@ -20,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ShortErrorParser(
         prog="python -m moe_models.export", allow_abbrev=False,
         description="Export a train.py DeepSpeed MoE checkpoint as a native Hugging Face MoE model (Mixtral for "
-                    "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3, and more: docs/export.md) with its "
-                    "tokenizer.")
+                    "Llama/Mistral, Qwen2-MoE / Qwen3-MoE for Qwen2/Qwen3, and more: docs/export.md), or a run "
+                    "that continued an HF MoE in place as its own class, with its tokenizer.")
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="the checkpoints/ folder of a train.py output folder (OUT/checkpoints); or a folder "
                         "MoETrainer saved (a Trainer checkpoint-N, a save_model() folder) or its output_dir (the "

@@ -7,7 +7,8 @@ FlexOlmo, HunYuan-MoE, ERNIE-4.5-MoE, Cohere2-MoE or GLM4-MoE: hf/configs.py).
 OUT is a train.py output folder (run/folder.py: the run record with the MoE settings and layout, base_model/ with
 the dense HF config, tokenizer/ and checkpoints/); or a transformers Trainer output folder written by MoETrainer,
 whose checkpoint-N folders hold the MoE settings' record, config.json, the tokenizer and the weights
-(hf/trainer_folder.py).
+(hf/trainer_folder.py). A run that continued an HF MoE in place (hf/in_place_run.py) is written back as its own
+class (hf/in_place_export.py).
 HF_DIR then loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``, no remote
 code. docs/export.md says what maps to what, what is refused, and when the two models compute the same function.
 """
@@ -31,22 +32,29 @@ from ..run.moe_layout import MoELayout
 from ..run.writes import guarded_write, writable_problem
 from .adapters import ADAPTERS
 from .configs import hf_moe_config
+from .in_place_export import in_place_state
 from .trainer_folder import read_trainer_folder, trainer_folder, trainer_folder_weights
 from .weights import deepspeed_weights
 
 
 def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overwrite: bool = False) -> PretrainedConfig:
-    """Write the checkpoint ``tag`` (default: the newest) as a native HF MoE model and the run's tokenizer to
-    ``output_dir``; return the written model's config. ``checkpoint_dir``: a train.py run's checkpoints/ folder, or a
-    folder MoETrainer saved (or its output_dir). Raises ValueError (NotRepresentable among them) before anything is
-    written when the model has no exact native class or the inputs are incomplete."""
+    """Write the checkpoint ``tag`` (default: the newest) as a native HF MoE model (for a run continued in place,
+    its own class) and the run's tokenizer to ``output_dir``; return the written model's config. ``checkpoint_dir``:
+    a train.py run's checkpoints/ folder, or a folder MoETrainer saved (or its output_dir). Raises ValueError
+    (NotRepresentable among them) before anything is written when the model has no exact native class or the inputs
+    are incomplete."""
     from_trainer = trainer_folder(checkpoint_dir)
     moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
                           else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
-    if dense.model_type not in ADAPTERS and checkpoint_expert_count(dense.to_dict()):
-        raise ValueError(f"this run continued a {dense.model_type} model in place (docs/models.md); export back to "
-                         "its own class is not written yet: its DeepSpeed checkpoint holds the weights, one file per "
-                         "expert")
+    if dense.model_type not in ADAPTERS and checkpoint_expert_count(dense.to_dict()):  # continued in place
+        if from_trainer:
+            raise ValueError(f"{from_trainer} holds a {dense.model_type} model continued in place, which export reads "
+                             "from a train.py run only: pass that run's checkpoints/ folder")
+        check_target(output_dir, overwrite)
+        run = RunFolder.of_checkpoints(checkpoint_dir)
+        config, state = in_place_state(Path(checkpoint_dir), run_tag(checkpoint_dir, tag), dense,
+                                       run.record().resolved.imported_from)
+        return save_model(config, state, run.tokenizer_dir, output_dir)
     config = hf_moe_config(dense, moe, layout)
     check_target(output_dir, overwrite)
     if from_trainer:
@@ -56,7 +64,12 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
         module, expert_weights = run_weights(checkpoint_dir, tag, dense, layout)
         tokenizer_dir = RunFolder.of_checkpoints(checkpoint_dir).tokenizer_dir
     state = ADAPTERS[config.model_type].to_hf(module, architecture_of_config(dense), layout, expert_weights)
+    return save_model(config, state, tokenizer_dir, output_dir)
 
+
+def save_model(config: PretrainedConfig, state: dict, tokenizer_dir: Path, output_dir: Path) -> PretrainedConfig:
+    """The model of ``config`` holding ``state`` (every weight, in the class's names) and the tokenizer of
+    ``tokenizer_dir``, as ``save_pretrained`` writes them, into ``output_dir`` (in place, whole or not at all)."""
     dtype = next(iter(state.values())).dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -135,6 +148,13 @@ def read_run_settings(run_dir: Path) -> tuple[MoEConfig, PretrainedConfig, MoELa
 def run_weights(checkpoint_dir: Path, tag: str | None, dense: PretrainedConfig, layout: MoELayout) -> tuple:
     """The weights of a train.py run's checkpoint ``tag`` (default: the one ``latest`` names), which must be
     complete."""
+    return deepspeed_weights(CheckpointFolder(checkpoint_dir).path, run_tag(checkpoint_dir, tag),
+                             architecture_of_config(dense), layout)
+
+
+def run_tag(checkpoint_dir: Path, tag: str | None) -> Path:
+    """The folder of a train.py run's checkpoint ``tag`` (default: the one ``latest`` names), complete when it
+    exists."""
     folder = CheckpointFolder(checkpoint_dir)
     tag_dir = folder.path / tag if tag else folder.latest()
     if tag_dir is None:
@@ -142,7 +162,7 @@ def run_weights(checkpoint_dir: Path, tag: str | None, dense: PretrainedConfig, 
                               "(a global_step* folder in it)")
     if tag_dir.is_dir():
         folder.check_complete(tag_dir)
-    return deepspeed_weights(folder.path, tag_dir, architecture_of_config(dense), layout)
+    return tag_dir
 
 
 def moe_settings(checkpoint_dir: Path) -> MoEConfig:

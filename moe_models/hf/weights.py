@@ -30,22 +30,34 @@ def deepspeed_weights(checkpoints_dir: Path, tag_dir: Path, arch: Architecture,
                       layout: MoELayout) -> tuple[dict[str, torch.Tensor], ExpertWeights]:
     """The weights of DeepSpeed checkpoint ``tag_dir`` (a folder in ``checkpoints_dir``): the non-expert weights and
     routers from the model file, each expert from its own file."""
-    module_file = Path(get_model_ckpt_name_for_rank(str(tag_dir), "00"))
-    if not module_file.is_file():
-        raise ValueError(f"{module_file} not found: {tag_dir.name!r} is not a complete DeepSpeed checkpoint in "
-                         f"{checkpoints_dir}")
-    module = torch.load(module_file, map_location="cpu", weights_only=True, mmap=True)["module"]
+    module = module_state(checkpoints_dir, tag_dir)
 
     def expert_weights(moe_layer_id: int, expert_id: int) -> tuple[torch.Tensor, ...]:
-        path = Path(DeepSpeedEngine._get_expert_ckpt_name(str(checkpoints_dir), moe_layer_id, expert_id, tag_dir.name))
-        if not path.is_file():
-            raise ValueError(f"{path} not found: checkpoint {tag_dir.name!r} lacks expert {expert_id} of MoE layer "
-                             f"{moe_layer_id} (an interrupted save, or MoE settings from another run)")
-        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        weights = expert_state(checkpoints_dir, tag_dir, moe_layer_id, expert_id)
         ffn = arch.ffn_path(layout.blocks[moe_layer_id])
         return tuple(weights[expert_weight_key(ffn, expert_id, projection)] for projection in SWIGLU)
 
     return module, expert_weights
+
+
+def module_state(checkpoints_dir: Path, tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The model file's state of DeepSpeed checkpoint ``tag_dir``: every weight but the experts' (which DeepSpeed
+    takes out), under the model's names. The file is the same at every ZeRO stage below 3 and every ep_size."""
+    module_file = Path(get_model_ckpt_name_for_rank(str(tag_dir), "00"))
+    if not module_file.is_file():
+        raise ValueError(f"{module_file} not found: {tag_dir.name!r} is not a complete DeepSpeed checkpoint in "
+                         f"{checkpoints_dir}")
+    return torch.load(module_file, map_location="cpu", weights_only=True, mmap=True)["module"]
+
+
+def expert_state(checkpoints_dir: Path, tag_dir: Path, moe_layer_id: int, expert_id: int) -> dict[str, torch.Tensor]:
+    """The file DeepSpeed saves for global expert ``expert_id`` of its ``moe_layer_id``-th MoE module (written by
+    the rank that held it, at any ep_size): that expert's state under the module's path, numbered by global id."""
+    path = Path(DeepSpeedEngine._get_expert_ckpt_name(str(checkpoints_dir), moe_layer_id, expert_id, tag_dir.name))
+    if not path.is_file():
+        raise ValueError(f"{path} not found: checkpoint {tag_dir.name!r} lacks expert {expert_id} of MoE layer "
+                         f"{moe_layer_id} (an interrupted save, or MoE settings from another run)")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def has_safetensors(folder: Path) -> bool:

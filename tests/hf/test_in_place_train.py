@@ -1,19 +1,27 @@
 """train.py continues an HF MoE folder in place (hf/in_place_run.py): a DeepSeek-V3-shaped checkpoint (MLA attention,
 a dense first block, group-limited sigmoid routing with a correction bias, a shared expert) trains at ep_size 2
-through the launcher with ZeRO 2 with the ep_size 1 losses, resumes exactly, logs its layers' routing metrics, and
-refuses what it cannot do with one line, writing nothing."""
+through the launcher with ZeRO 2 with the ep_size 1 losses, resumes exactly, logs its layers' routing metrics,
+exports back to its own class (which stock transformers loads with the run's loss, and which continues in place
+again), and refuses what it cannot do with one line, writing nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from helpers import launch
-from transformers import AutoConfig, AutoModelForCausalLM
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train
+from moe_models.data.batches import model_inputs
+from moe_models.data.prepare import prepare_data
 from moe_models.hf.exporter import export
+from moe_models.hf.in_place_export import exported_config
+from moe_models.hf.in_place_load import load_in_place
+from moe_models.hf.in_place_run import is_in_place_folder
 from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
 from moe_models.run.cli import parse_args
@@ -66,10 +74,44 @@ def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exact
                 "--resume_from_checkpoint",
                 str(tmp_path / "ep1" / "checkpoints" / "global_step2")])
     assert losses(tmp_path / "ep1") == ep1
-    # export back to the class is not written yet: said, and nothing written
-    with pytest.raises(ValueError, match="continued a deepseek_v3 model in place"):
-        export(tmp_path / "ep2" / "checkpoints", tmp_path / "exported")
-    assert not (tmp_path / "exported").exists()
+    exported_in_its_class(tmp_path, deepseek_folder, ep2)
+
+
+def exported_in_its_class(tmp_path, source, ep2_losses):
+    """The EP2 run's checkpoint of step 2 exported: the stock class loads it with the loss the run logged at step 3
+    (the step that started from those weights), in the files stock save_pretrained writes, and it continues in place
+    again; an expert file missing is refused, nothing written."""
+    exported = tmp_path / "exported"
+    export(tmp_path / "ep2" / "checkpoints", exported, tag="global_step2")
+    stock = AutoModelForCausalLM.from_pretrained(exported)
+    run = RunFolder(tmp_path / "ep1")
+    settings = run.record().settings
+    data = prepare_data(settings.data, AutoTokenizer.from_pretrained(run.tokenizer_dir), seed=settings.train.seed)
+    # both ranks' sequences of a step, as at EP1
+    batches = data.train_batches(4, rank=0, world_size=1, seed=settings.train.seed)
+    step3 = [next(batches) for _ in range(3)][-1]
+    with torch.no_grad():
+        assert stock(**model_inputs(step3, "cpu")).loss.item() == pytest.approx(ep2_losses[3], rel=1e-5)
+    reference = tmp_path / "stock"  # what stock save_pretrained writes for the config, and the source's config
+    AutoModelForCausalLM.from_config(stock.config).save_pretrained(reference)
+    assert saved_keys(exported) == saved_keys(reference)
+    assert json.loads((exported / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    assert AutoTokenizer.from_pretrained(exported)("héllo").input_ids == byte_level_tokenizer()("héllo").input_ids
+    # it continues in place again: its own experts 4-7 on the second of two ranks
+    assert is_in_place_folder(str(exported))
+    validate(parse_args(["--model_name_or_path", str(exported), "--output_dir", str(tmp_path / "again"),
+                         "--ep_size", "2"]), world_size=2)
+    again = load_in_place(exported, ep_size=2, ep_rank=1)
+    assert torch.equal(again.model.layers[1].mlp.experts.experts.gate_up_proj,
+                       stock.model.layers[1].mlp.experts.gate_up_proj[4:])
+    next((tmp_path / "ep2" / "checkpoints").glob("global_step2/layer_0_expert_7_*")).unlink()
+    with pytest.raises(ValueError, match="lacks expert 7 of MoE layer 0"):
+        export(tmp_path / "ep2" / "checkpoints", tmp_path / "refused", tag="global_step2")
+    assert not (tmp_path / "refused").exists()
+
+
+def saved_keys(folder) -> set[str]:
+    return {key for path in folder.glob("*.safetensors") for key in safe_open(path, "pt").keys()}
 
 
 def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_folder, tmp_path, capsys):
@@ -94,3 +136,17 @@ def test_expert_parallelism_is_checked_against_the_checkpoints_experts(tmp_path)
     validate(parse_args([*flags, "--ep_size", "3"]), world_size=3)
     with pytest.raises(ConfigError, match=r"num_experts \(12\) must be divisible by ep_size \(8\)"):
         validate(parse_args([*flags, "--ep_size", "8"]), world_size=8)
+
+
+def test_the_exported_config_has_output_router_logits_as_the_source_had_it(tmp_path):
+    """The run turns output_router_logits on (the family's balance loss joins its loss); the export's config has it
+    as the source folder had it, or the class's default when that folder is gone, and the run's other settings."""
+    source = small_moe_config(AutoConfig.for_model("qwen3_moe"))
+    source.output_router_logits = False
+    source.save_pretrained(tmp_path / "source")
+    run = copy.deepcopy(source)
+    run.output_router_logits, run.norm_topk_prob = True, not source.norm_topk_prob
+    exported = exported_config(run, str(tmp_path / "source"))
+    assert (exported.output_router_logits, exported.norm_topk_prob) == (False, run.norm_topk_prob)
+    assert exported_config(run, str(tmp_path / "gone")).output_router_logits is False
+    assert run.output_router_logits  # the run's config is left as it was
