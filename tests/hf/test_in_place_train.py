@@ -16,6 +16,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train
+from examples import small_moe_folder
 from moe_models.data.batches import model_inputs
 from moe_models.data.prepare import prepare_data
 from moe_models.hf.exporter import export
@@ -37,13 +38,9 @@ FLAGS = ["--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--syn
 @pytest.fixture(scope="module")
 def deepseek_folder(tmp_path_factory):
     """A DeepSeek-V3 checkpoint as save_pretrained writes it (its config made small, fresh weights), with a
-    tokenizer."""
-    folder = tmp_path_factory.mktemp("deepseek_v3")
-    config = small_moe_config(AutoConfig.for_model("deepseek_v3"))
-    config.vocab_size = 257
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
+    tokenizer: what the quickstart's examples/small_moe_folder.py writes."""
+    folder = tmp_path_factory.mktemp("deepseek_v3") / "folder"
+    small_moe_folder.main(["--model_type", "deepseek_v3", "--output", str(folder)])
     return folder
 
 
