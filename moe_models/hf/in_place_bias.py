@@ -1,6 +1,6 @@
 """Aux-loss-free balancing of a model continued in place (hf/in_place.py) moves the family's own bias: where each
 sparse block holds a correction bias (``e_score_correction_bias``, added to the scores for the choice of experts
-only: DeepSeek-V3, dots.llm1, GLM-4.5-MoE's relatives, MiniMax-M2, Nemotron-H, ...), --router_bias_update_rate
+only: DeepSeek-V3, GLM-4-MoE-Lite, MiniMax-M2, Nemotron-H, ...), --router_bias_update_rate
 moves it after each optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the
 load counted over every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays
 the family's buffer (or parameter) where it was, in its router or in the block, so checkpoints save and restore it

@@ -1,8 +1,9 @@
 """The preflight plan (`train.py --plan`): what a run will hold per rank, before it is launched.
 
 The settings are validated as for a run, the model is built on the meta device (no weight is allocated) and its
-parameters are counted (an HF MoE folder continued in place: its own class from its config, every expert swapped in,
-hf/in_place_run.py's ``in_place_on_meta``); the rest is arithmetic on DeepSpeed's rules (docs/performance.md#the-preflight-plan):
+parameters are counted (an HF MoE folder continued in place: its own class from its config, every expert swapped
+in, hf/in_place_run.py's ``in_place_on_meta``); the rest is arithmetic on DeepSpeed's rules
+(docs/performance.md#the-preflight-plan):
 
 - weights: the dense (non-expert) parameters and this rank's num_experts / ep_size experts, in the training dtype;
 - gradients: ZeRO 0 holds one per local parameter; ZeRO 1 and 2 keep this rank's partition of them (dense
@@ -376,8 +377,9 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
         result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None,
                       all_to_all_bytes_in_node=in_node, all_to_all_bytes_across_nodes=across)
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
-    advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
-                                      math.gcd(*expert_counts(checked_moe(cfg))), device_gib) if fits is False else None)
+    experts = math.gcd(*expert_counts(checked_moe(cfg)))  # an MoE folder's own experts, not --num_experts'
+    advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]), experts, device_gib)
+              if fits is False else None)
     result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice,
                   precision_note=None if cluster else precision_note(cfg, result["setup"]["bf16"]))
     return result
