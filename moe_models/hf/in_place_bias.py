@@ -3,8 +3,8 @@ sparse block holds a correction bias (``e_score_correction_bias``, added to the 
 only: DeepSeek-V3, GLM-4-MoE-Lite, MiniMax-M2, Nemotron-H, ...), --router_bias_update_rate
 moves it after each optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the
 load counted over every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays
-the family's buffer (or parameter) where it was, in its router or in the block, so checkpoints save and restore it
-under the family's name."""
+the family's tensor where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and
+restore it under the family's name."""
 
 from __future__ import annotations
 
@@ -51,4 +51,15 @@ def move_correction_biases(model: nn.Module, rate: float) -> None:
     if rate <= 0:
         return
     for block, owner in correction_biases(model):
+        held_fp32(owner)
         block.block.get_submodule(EXPERTS_NAME).correction_bias = CorrectionBias(owner, CORRECTION_BIAS, rate)
+
+
+def held_fp32(owner: nn.Module) -> None:
+    """The correction bias of ``owner`` as an fp32 buffer of the same name (the state dict's entry is unchanged): steps
+    of 1e-3 would round away in bf16 (a bf16 run reads it in bf16; a bias kept as a parameter without gradient,
+    Laguna's, DeepSpeed would cast to bf16, while it keeps fp32 buffers), as our own score bias is (moe/router.py)."""
+    bias = getattr(owner, CORRECTION_BIAS).detach().float()
+    if CORRECTION_BIAS in owner._parameters:
+        delattr(owner, CORRECTION_BIAS)
+    owner.register_buffer(CORRECTION_BIAS, bias)
