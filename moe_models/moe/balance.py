@@ -9,10 +9,12 @@ its gating functions, and has no bias balancing, so these are written here. Shap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .adaptive import bias_gap
 
@@ -83,16 +85,51 @@ def update_score_biases(routers: list) -> None:
     biased = [router for router in routers if router.score_bias is not None and router.scoring.router_bias_update_rate > 0]
     if not biased:
         return
-    loads = torch.cat([_local_load(router) for router in biased])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loads)
-    for router, load_E in zip(biased, loads.split([router.score_bias.numel() for router in biased])):
+    loads = _summed_over_ranks([_local_load(router.step_load, router.score_bias) for router in biased])
+    for router, load_E in zip(biased, loads):
         rate, scoring = router.scoring.router_bias_update_rate, router.scoring
         gap_E = bias_gap(load_E, router.num_real_experts, router.k, scoring.null_expert_target_real_k)
         router.score_bias += rate * torch.sign(gap_E).to(router.score_bias.dtype)
 
 
-def _local_load(router) -> torch.Tensor:
-    load_E = router.step_load.local_E
-    return load_E.double() if load_E is not None else router.score_bias.new_zeros(router.score_bias.shape,
-                                                                                   dtype=torch.float64)
+@dataclass
+class CorrectionBias:
+    """An HF family's own aux-loss-free bias (DeepSeek-V3's ``e_score_correction_bias``) that a layer continued in
+    place moves (moe/fused_experts.py; hf/in_place_bias.py finds it): the tensor ``name`` of ``owner``, read at each
+    use (the engine may move the module), and the rate of its updates."""
+
+    owner: nn.Module
+    name: str
+    rate: float
+
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+
+@torch.no_grad()
+def update_correction_biases(layers: list) -> None:
+    """``update_score_biases`` for the in-place layers (FusedExperts) whose family's bias moves (``correction_bias``):
+    ``bias_e += rate x sign(mean load - load_e)``, the load being every rank's routes per expert over the step (one
+    all-reduce). Every rank calls it, and every rank ends with the same biases."""
+    biased = [layer for layer in layers if layer.correction_bias is not None]
+    if not biased:
+        return
+    loads = _summed_over_ranks([_local_load(layer.step_load, layer.correction_bias.tensor()) for layer in biased])
+    for layer, load_E in zip(biased, loads):
+        bias = layer.correction_bias.tensor()
+        gap_E = bias_gap(load_E, load_E.numel(), layer.routing.top_k, None)
+        bias.view(-1).add_(layer.correction_bias.rate * torch.sign(gap_E).to(bias.dtype))
+
+
+def _summed_over_ranks(loads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each layer's routes per expert summed over every rank, by one all-reduce of them all."""
+    summed = torch.cat(loads)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(summed)
+    return summed.split([load.numel() for load in loads])
+
+
+def _local_load(step_load: StepLoad, bias: torch.Tensor) -> torch.Tensor:
+    """This rank's routes per expert of the step (float64; zeros shaped as ``bias`` before any forward)."""
+    load_E = step_load.local_E
+    return load_E.double() if load_E is not None else bias.new_zeros(bias.numel(), dtype=torch.float64)

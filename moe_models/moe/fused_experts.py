@@ -30,6 +30,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from .balance import CorrectionBias, StepLoad
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import _per_expert_state, _stacked_state
@@ -93,6 +94,8 @@ class FusedExperts(MoE):
     ``routing`` sums every training forward's routes (per-layer metrics, moe/counters.py); the router logits come
     from ``router`` (the block's router module) when given, by a forward hook that keeps its output of E columns.
     ``last_topk_ids_TK`` keeps the last forward's routes (global ids, -1 for a route to no computing expert).
+    ``correction_bias``, when set (hf/in_place_bias.py), is the family's aux-loss-free bias that moves after each
+    optimizer step by the step's routes per expert, which ``step_load`` counts (moe/balance.py).
     """
 
     def __init__(self, family_experts: nn.Module, hidden_size: int, ep_size: int = 1, ep_rank: int = 0,
@@ -117,6 +120,8 @@ class FusedExperts(MoE):
             self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
         self.routing = RoutingCounters(num_experts)
         self.last_topk_ids_TK: Optional[torch.Tensor] = None
+        self.correction_bias: Optional[CorrectionBias] = None
+        self.step_load = StepLoad()
         self._router_logits: Optional[torch.Tensor] = None
         if router is not None:
             router.register_forward_hook(self._keep_router_logits)
@@ -145,6 +150,8 @@ class FusedExperts(MoE):
                         ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
         out_TD = self.deepspeed_moe(x_TD, routes)
         self.last_topk_ids_TK = ids_TK
+        if self.training and self.correction_bias is not None and not recomputing():
+            self.step_load.add_local(counts_E)
         if self.training and self.routing.enabled and routes.logits_TE is not None and not recomputing():
             self.routing.add(routes)
         return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..metrics.routing import mean_pairwise_cosine, routing_metrics, shared_expert_metrics
 from ..metrics.throughput import expert_flops_per_token, expert_parameters, routes_per_token
-from .balance import update_score_biases
+from .balance import update_correction_biases, update_score_biases
 from .counters import RoutingSums, from_named, named
 from .dispatcher import AllToAllDispatcher
 from .domain_routing import DomainRouteCounts
@@ -87,8 +87,9 @@ class MoELayers:
         routers = [layer.router for layer in self.layers]
         if applied:
             update_score_biases(routers)
-        for router in routers:
-            router.step_load.reset()
+            update_correction_biases(self.in_place)
+        for step_load in [router.step_load for router in routers] + [layer.step_load for layer in self.in_place]:
+            step_load.reset()
         for layer in self.counted:
             layer.routing.end_step()
         self.steps_in_interval += 1
@@ -129,6 +130,8 @@ class MoELayers:
                 values["forced_balanced_routing"] = True  # a benchmark's routing, not a learned one
             if router is not None and router.score_bias is not None:  # aux-loss-free balancing: the same on every rank
                 values["score_bias"] = layer.router.score_bias.tolist()
+            if getattr(layer, "correction_bias", None) is not None:  # in place: the family's bias, as it moves
+                values["score_bias"] = layer.correction_bias.tensor().reshape(-1).tolist()
             for where in ("in_node", "across_nodes"):
                 name = f"moe/layer_{i}/sent_bytes/{where}"
                 if name in summed and self.steps_in_interval:  # mean over ranks, per optimizer step

@@ -20,6 +20,7 @@ from ..run.moe_layout import expert_counts
 from .clusters import Cluster, resolve_cluster
 from .preflight import GIB, ModelShape, Setup, all_to_all_bytes_per_step, bytes_per_rank, predicted_shape
 from .step_time import StepTime, predict
+from .validate import checked_moe
 
 PARTS = ("compute", "all_to_all", "gradients", "optimizer")
 # what a layout sets, and the plan's own flags: neither goes into the launch command from the plan's command line
@@ -73,7 +74,7 @@ def search_plan(cfg, result: dict, ds_config: dict) -> list[dict]:
     """--plan_search: the layouts of the plan ``result`` (preflight.plan_with_fit, made with --plan_cluster) that fit
     its device memory, fastest first, as ``Layout.as_dict``."""
     ranked = search(predicted_shape(result), Setup(**result["setup"]), ds_config,
-                    resolve_cluster(cfg.train.plan_cluster), math.gcd(*expert_counts(cfg.moe)),
+                    resolve_cluster(cfg.train.plan_cluster), math.gcd(*expert_counts(checked_moe(cfg))),
                     result["device_memory_gb"])
     return [layout.as_dict() for layout in ranked]
 

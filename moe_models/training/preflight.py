@@ -1,7 +1,9 @@
 """The preflight plan (`train.py --plan`): what a run will hold per rank, before it is launched.
 
 The settings are validated as for a run, the model is built on the meta device (no weight is allocated) and its
-parameters are counted; the rest is arithmetic on DeepSpeed's rules (docs/performance.md#the-preflight-plan):
+parameters are counted (an HF MoE folder continued in place: its own class from its config, every expert swapped
+in, hf/in_place_run.py's ``in_place_on_meta``); the rest is arithmetic on DeepSpeed's rules
+(docs/performance.md#the-preflight-plan):
 
 - weights: the dense (non-expert) parameters and this rank's num_experts / ep_size experts, in the training dtype;
 - gradients: ZeRO 0 holds one per local parameter; ZeRO 1 and 2 keep this rank's partition of them (dense
@@ -28,20 +30,22 @@ from deepspeed.moe.utils import is_moe_param
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..hf.import_config import dense_config_and_moe_settings
-from ..hf.in_place_run import is_in_place_folder
+from ..hf.in_place import fused_experts_of
+from ..hf.in_place_run import in_place_on_meta, is_in_place_folder
 from ..hf.load import is_hf_moe_folder, settings_from_checkpoint
 from ..metrics.throughput import (active_parameters, attention_dims, expert_flops_per_token, expert_parameters,
-                                  flops_per_token)
+                                  flops_per_token, routes_per_token)
 from ..models.source import resolve_model_config
 from ..moe.layer import moe_layers_of
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
-from ..run.config import ConfigError, MoEConfig, RunConfig
+from ..run.config import MoEConfig, RunConfig
 from ..run.moe_layout import expert_counts
 from .clusters import resolve_cluster
 from .ds_config import bf16_follows_the_device
 from .step_time import all_to_all_split, predict
+from .validate import checked_moe
 
 GIB = 2**30
 ADAM_MOMENTS = 2
@@ -68,6 +72,8 @@ class ModelShape:
 
 def model_shape(cfg: RunConfig) -> ModelShape:
     """Build the model of ``cfg`` on the meta device (as at ep_size 1: every expert) and measure it."""
+    if is_in_place_folder(cfg.model.model_name_or_path):
+        return _in_place_shape(cfg)
     config, moe = _dense_config_and_settings(cfg)
     moe = dataclasses.replace(moe, ep_size=1)  # every expert; on the meta device nothing is drawn
     with init_empty_weights():
@@ -76,20 +82,43 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     with torch.device("meta"):
         model = convert_to_moe(model, moe, seed=0)
     layers, layout = moe_layers_of(model), settings_of(model)[1]
+    dense_units = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    shared_units = layout.shared_copies * dense_units * len(layers)
+    return _measured(model, layers, config, cfg.data.block_size,
+                     routed_units=sum(layer.top_k for layer in layers) * layout.expert_width(dense_units),
+                     always_on_units=(config.num_hidden_layers - len(layers)) * dense_units + shared_units)
+
+
+def _in_place_shape(cfg: RunConfig) -> ModelShape:
+    """An HF MoE folder continued in place, from its config alone: the family's class on the meta device with every
+    expert swapped in and the family's top-k. Its always-on units are the hidden units of every ``down_proj``
+    Linear outside the routed experts (dense blocks' FFNs, shared experts)."""
+    model = in_place_on_meta(cfg.model.model_name_or_path, cfg.moe, cfg.given)
+    layers = fused_experts_of(model)
+    return _measured(model, layers, model.config.get_text_config(), cfg.data.block_size,
+                     routed_units=sum(routes_per_token(layer) * _expert_width(layer) for layer in layers),
+                     always_on_units=sum(module.in_features for name, module in model.named_modules()
+                                         if name.endswith("down_proj") and isinstance(module, torch.nn.Linear)))
+
+
+def _expert_width(layer) -> int:
+    """F, the hidden units of one expert of an in-place layer (its down_proj [L, D, F], or [L, F, D] transposed)."""
+    experts = layer.experts
+    return experts.down_proj.shape[1 if experts.transposed else 2]
+
+
+def _measured(model, layers: list, config: PretrainedConfig, block_size: int, routed_units: int,
+              always_on_units: int) -> ModelShape:
+    """The shape of ``model`` (on the meta device, every expert in it) with MoE ``layers``."""
     experts = sum(p.numel() for p in model.parameters() if is_moe_param(p))
     active = active_parameters(model, layers)
-    dense_units = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
-    expert_units = layout.expert_width(dense_units)
-    shared_units = layout.shared_copies * dense_units * len(layers)
     return ModelShape(
         dense_parameters=sum(p.numel() for p in model.parameters()) - experts, expert_parameters=experts,
         active_parameters=active,
-        flops_per_token=flops_per_token(active, *attention_dims(config), cfg.data.block_size),
+        flops_per_token=flops_per_token(active, *attention_dims(config), block_size),
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-        moe_layers=len(layers), routes=sum(layer.top_k for layer in layers),
-        routed_units=sum(layer.top_k for layer in layers) * expert_units,
-        always_on_units=(config.num_hidden_layers - len(layers)) * dense_units + shared_units,
-        router_outputs=sum(layer.num_experts for layer in layers),
+        moe_layers=len(layers), routes=sum(map(routes_per_token, layers)), routed_units=routed_units,
+        always_on_units=always_on_units, router_outputs=sum(layer.num_experts for layer in layers),
         flops_per_route=expert_flops_per_token(sum(map(expert_parameters, layers)) / max(len(layers), 1), 1))
 
 
@@ -119,9 +148,6 @@ def predicted_shape(result: dict) -> ModelShape:
 def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoEConfig]:
     """The dense model's config and the MoE settings: an imported HF MoE folder's own (hf/load.py), else the flags'."""
     path = cfg.model.model_name_or_path
-    if is_in_place_folder(path):
-        raise ConfigError([f"--plan: {path} would be continued in place (docs/models.md), which the plan does not "
-                           "count yet; train without --plan, or plan the dense model of the family"])
     if is_hf_moe_folder(path):
         dense, settings, _ = dense_config_and_moe_settings(AutoConfig.from_pretrained(path))
         return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given,
@@ -351,8 +377,9 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
         result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None,
                       all_to_all_bytes_in_node=in_node, all_to_all_bytes_across_nodes=across)
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB
-    advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]),
-                                      math.gcd(*expert_counts(cfg.moe)), device_gib) if fits is False else None)
+    experts = math.gcd(*expert_counts(checked_moe(cfg)))  # an MoE folder's own experts, not --num_experts'
+    advice = (smallest_fitting_change(ModelShape(**result["shape"]), Setup(**result["setup"]), experts, device_gib)
+              if fits is False else None)
     result.update(device_memory_gb=device_gib, fits=fits, smallest_fitting_change=advice,
                   precision_note=None if cluster else precision_note(cfg, result["setup"]["bf16"]))
     return result

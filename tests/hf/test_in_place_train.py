@@ -1,8 +1,9 @@
 """train.py continues an HF MoE folder in place (hf/in_place_run.py): a DeepSeek-V3-shaped checkpoint (MLA attention,
 a dense first block, group-limited sigmoid routing with a correction bias, a shared expert) trains at ep_size 2
-through the launcher with ZeRO 2 with the ep_size 1 losses, resumes exactly, logs its layers' routing metrics,
-exports back to its own class (which stock transformers loads with the run's loss, and which continues in place
-again), and refuses what it cannot do with one line, writing nothing."""
+through the launcher with ZeRO 2 with the ep_size 1 losses and its correction bias moving (aux-loss-free
+balancing), resumes exactly, logs its layers' routing metrics, is planned from its config (--plan), exports back to
+its own class (which stock transformers loads with the run's loss, and which continues in place again), and refuses
+what it cannot do with one line, writing nothing."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from moe_models.data.prepare import prepare_data
 from moe_models.hf.exporter import export
 from moe_models.hf.in_place_export import exported_config
 from moe_models.hf.in_place_load import load_in_place
-from moe_models.hf.in_place_run import is_in_place_folder
+from moe_models.hf.in_place_run import continue_in_place, is_in_place_folder
 from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
+from moe_models.moe.model_layers import MoELayers
 from moe_models.run.cli import parse_args
-from moe_models.run.config import ConfigError
+from moe_models.run.config import ConfigError, MoEConfig
 from moe_models.run.folder import RunFolder
 from moe_models.training.validate import validate
 
@@ -48,10 +50,15 @@ def losses(output_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in RunFolder(output_dir).metrics.rows() if "loss" in row}
 
 
+def biases(output_dir) -> dict[int, list[float]]:
+    return {row["step"]: row["moe/layer_0/score_bias"] for row in RunFolder(output_dir).metrics.rows() if "loss" in row}
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exactly(deepseek_folder, tmp_path):
-    common = ["--model_name_or_path", str(deepseek_folder), *FLAGS]
+    # aux-loss-free balancing moves the family's correction bias by every rank's loads: the same at ep_size 1 and 2
+    common = ["--model_name_or_path", str(deepseek_folder), *FLAGS, "--router_bias_update_rate", "1e-3"]
     # one process reading both ranks' sequences: a batch of 4 is the two ranks' batches of 2 (data/batches.py)
     one = train.main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ep1")])
     launch(["train.py", *common, "--ep_size", "2", "--output_dir", str(tmp_path / "ep2")])
@@ -66,11 +73,14 @@ def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exact
     row = [r for r in RunFolder(tmp_path / "ep2").metrics.rows() if "loss" in r][-1]
     routes = 2 * 2 * 32 * 2  # ranks x sequences x tokens x top-2, one step
     assert sum(row["moe/layer_0/routed_per_expert"]) == routes and "moe/layer_0/router_entropy" in row
-    # an exact resume: steps 3 and 4 again from the checkpoint of step 2
+    bias = biases(tmp_path / "ep1")
+    assert biases(tmp_path / "ep2") == bias and any(bias[4])  # it moved, and as at ep_size 1
+    # an exact resume: steps 3 and 4 again from the checkpoint of step 2, whose bias it restores (steps 3 and 4 move
+    # it on from there: a bias restarted from the folder's zeros would end elsewhere)
     train.main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ep1"),
                 "--resume_from_checkpoint",
                 str(tmp_path / "ep1" / "checkpoints" / "global_step2")])
-    assert losses(tmp_path / "ep1") == ep1
+    assert losses(tmp_path / "ep1") == ep1 and biases(tmp_path / "ep1") == bias
     exported_in_its_class(tmp_path, deepseek_folder, ep2)
 
 
@@ -112,14 +122,67 @@ def saved_keys(folder) -> set[str]:
 
 
 def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_folder, tmp_path, capsys):
-    for flags, message in ((["--num_experts", "4"], "--num_experts: "),
-                           (["--score_function", "sigmoid"], "--score_function: "),
-                           (["--plan"], "--plan: ")):  # not counted by the plan yet: said, not a wrong plan
+    olmoe = tmp_path / "olmoe"  # a family whose router has no correction bias
+    AutoModelForCausalLM.from_config(small_moe_config(AutoConfig.for_model("olmoe"))).save_pretrained(olmoe)
+    byte_level_tokenizer().save_pretrained(olmoe)
+    for folder, flags, message in ((deepseek_folder, ["--num_experts", "4"], "--num_experts: "),
+                                   (deepseek_folder, ["--score_function", "sigmoid"], "--score_function: "),
+                                   (olmoe, ["--router_bias_update_rate", "1e-3"], "--router_bias_update_rate: "
+                                    f"{olmoe} (olmoe) has no correction bias (e_score_correction_bias) at "
+                                    "model.layers.0.mlp")):
         out = tmp_path / "refused"
         with pytest.raises(SystemExit):
-            train.main(["--model_name_or_path", str(deepseek_folder), *FLAGS, *flags, "--output_dir", str(out)])
+            train.main(["--model_name_or_path", str(folder), *FLAGS, *flags, "--output_dir", str(out)])
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_the_plan_counts_an_in_place_folder_from_its_config(deepseek_folder, tmp_path, ep_size):
+    """--plan builds the family's class on the meta device: its weights per rank are the stock class's parameters,
+    the routed experts split over ep_size and the rest replicated (fp32 here: no GPU with bf16); its active
+    parameters count the family's top-k of its experts per token."""
+    config = AutoConfig.from_pretrained(deepseek_folder)
+    with torch.device("meta"):
+        stock = AutoModelForCausalLM.from_config(config)
+    experts = sum(p.numel() for name, p in stock.named_parameters() if ".mlp.experts." in name)
+    dense = sum(p.numel() for p in stock.parameters()) - experts
+    embedding = stock.get_input_embeddings().weight.numel()
+    planned = train.main(["--model_name_or_path", str(deepseek_folder), "--plan", "--ep_size", str(ep_size),
+                          "--plan_world_size", "2", "--block_size", "32", "--output_dir", str(tmp_path)])
+    parameters = planned["parameters"]
+    assert (parameters["dense"], parameters["experts"]) == (dense, experts) and experts > 0
+    assert parameters["local"] == dense + experts // ep_size
+    assert planned["bytes_per_rank"]["weights"] == 4 * (dense + experts / ep_size)
+    top_k, num_experts = config.num_experts_per_tok, config.n_routed_experts
+    assert parameters["active"] == dense - embedding + experts * top_k // num_experts
+
+
+def test_the_correction_bias_moves_by_the_rate_and_the_sign_of_each_experts_load_gap(deepseek_folder):
+    """One step of aux-loss-free balancing in one process: bias_e += rate x sign(mean load - load_e), the loads
+    counted from what the family's router chose (its top-k indices, read by a hook on the stock router). A bf16 model:
+    the bias is held in fp32, where a step of 0.01 is exact (in bf16 it would be 0.01001)."""
+    rate = 0.01
+    model, _, _ = continue_in_place(str(deepseek_folder), MoEConfig(router_bias_update_rate=rate), torch.bfloat16,
+                                    257, given=frozenset({"router_bias_update_rate"}))
+    router = model.model.layers[1].mlp.gate
+    assert router.e_score_correction_bias.dtype == torch.float32 and router.weight.dtype == torch.bfloat16
+    chosen = []
+    router.register_forward_hook(lambda module, args, output: chosen.append(output[2]))
+    layers = MoELayers(model)
+    model.train()
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids)
+    load = torch.bincount(chosen[0].reshape(-1), minlength=8).double()
+    before = router.e_score_correction_bias.clone()
+    layers.after_optimizer_step(applied=False)  # a skipped step moves nothing, and the next one counts anew
+    assert torch.equal(router.e_score_correction_bias, before)
+    chosen.clear()
+    model(input_ids=ids, labels=ids)
+    layers.after_optimizer_step(applied=True)
+    expected = before + rate * torch.sign(load.mean() - load).float()
+    assert load.sum() == 4 * 32 * 2 and (load != load.mean()).any()
+    assert torch.allclose(router.e_score_correction_bias, expected, rtol=0, atol=1e-9)
 
 
 def test_expert_parallelism_is_checked_against_the_checkpoints_experts(tmp_path):

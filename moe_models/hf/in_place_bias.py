@@ -1,0 +1,65 @@
+"""Aux-loss-free balancing of a model continued in place (hf/in_place.py) moves the family's own bias: where each
+sparse block holds a correction bias (``e_score_correction_bias``, added to the scores for the choice of experts
+only: DeepSeek-V3, GLM-4-MoE-Lite, MiniMax-M2, Nemotron-H, ...), --router_bias_update_rate
+moves it after each optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the
+load counted over every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays
+the family's tensor where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and
+restore it under the family's name."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..moe.balance import CorrectionBias
+from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks
+
+CORRECTION_BIAS = "e_score_correction_bias"
+
+
+def correction_biases(model: nn.Module) -> list[tuple[SparseBlock, Optional[nn.Module]]]:
+    """Each sparse block of ``model`` with the module that holds its correction bias (its router, or the block
+    itself), None where it holds none; the experts are not searched."""
+    found = []
+    for block in sparse_blocks(model):
+        owner = next((module for name, module in block.block.named_modules()
+                      if name != EXPERTS_NAME and not name.startswith(f"{EXPERTS_NAME}.")
+                      and isinstance(getattr(module, CORRECTION_BIAS, None), torch.Tensor)), None)
+        found.append((block, owner))
+    return found
+
+
+def correction_bias_problem(model: nn.Module) -> Optional[str]:
+    """Why --router_bias_update_rate cannot move a bias of ``model`` (the family's class, on any device, experts not
+    swapped yet), or None."""
+    for block, owner in correction_biases(model):
+        if owner is None:
+            return (f"has no correction bias ({CORRECTION_BIAS}) at {block.path}, so its routing has no "
+                    "aux-loss-free bias to move")
+        entries, experts = getattr(owner, CORRECTION_BIAS).numel(), block.experts.down_proj.shape[0]
+        if entries != experts:
+            return (f"has a correction bias of {entries} entries for {experts} experts at {block.path}, which "
+                    "the routes per expert cannot move")
+    return None
+
+
+def move_correction_biases(model: nn.Module, rate: float) -> None:
+    """With ``rate`` > 0, give each swapped sparse block's experts (FusedExperts) its block's correction bias to move
+    after each optimizer step (``correction_bias_problem`` checked that every block has one)."""
+    if rate <= 0:
+        return
+    for block, owner in correction_biases(model):
+        held_fp32(owner)
+        block.block.get_submodule(EXPERTS_NAME).correction_bias = CorrectionBias(owner, CORRECTION_BIAS, rate)
+
+
+def held_fp32(owner: nn.Module) -> None:
+    """The correction bias of ``owner`` as an fp32 buffer of the same name (the state dict's entry is unchanged): steps
+    of 1e-3 would round away in bf16 (a bf16 run reads it in bf16; a bias kept as a parameter without gradient,
+    Laguna's, DeepSpeed would cast to bf16, while it keeps fp32 buffers), as our own score bias is (moe/router.py)."""
+    bias = getattr(owner, CORRECTION_BIAS).detach().float()
+    if CORRECTION_BIAS in owner._parameters:
+        delattr(owner, CORRECTION_BIAS)
+    owner.register_buffer(CORRECTION_BIAS, bias)
