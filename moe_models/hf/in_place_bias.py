@@ -63,3 +63,17 @@ def held_fp32(owner: nn.Module) -> None:
     if CORRECTION_BIAS in owner._parameters:
         delattr(owner, CORRECTION_BIAS)
     owner.register_buffer(CORRECTION_BIAS, bias)
+
+
+def family_balance_fixes(model: nn.Module, rate: float) -> list[str]:
+    """What counters a collapsing load in ``model`` continued in place, for the collapse warnings (our layer's flags
+    are refused there): moving its correction bias where it has one, its own balance loss's coefficient where its
+    config has one."""
+    fixes = []
+    if all(owner is not None for _, owner in correction_biases(model)):
+        fixes.append(f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {rate:g})")
+    coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", None)
+    if isinstance(coef, (int, float)):
+        fixes.append(f"a larger router_aux_loss_coef, the family's balance loss, in the folder's config.json "
+                     f"(now {coef:g})")
+    return fixes or ["a lower --learning_rate: the family has neither a correction bias nor a balance loss"]

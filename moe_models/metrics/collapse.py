@@ -21,6 +21,7 @@ also goes to wandb as an alert.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..run.config import LogConfig, MoEConfig
 from .rows import layer_values, moe_layer_ids
@@ -56,8 +57,10 @@ class CollapseThresholds:
 class CollapseMonitor:
     """Reads training rows in step order and returns the warning rows they start or clear (rank 0; no collective)."""
 
-    def __init__(self, thresholds: CollapseThresholds, moe: MoEConfig):
-        self.thresholds, self.moe = thresholds, moe
+    def __init__(self, thresholds: CollapseThresholds, moe: MoEConfig, family_fixes: Optional[list[str]] = None):
+        """``family_fixes``: what counters a collapsing load in a model that keeps its family's routing and balance
+        loss (continued in place), instead of our layer's flags, which such a run refuses."""
+        self.thresholds, self.moe, self.family_fixes = thresholds, moe, family_fixes
         self.active: dict[tuple[int, str], bool] = {}    # (layer, condition) -> warned and not cleared since
         self.logit_norms: dict[int, list[float]] = {}   # layer -> its last router_logit_norm values
 
@@ -136,6 +139,8 @@ class CollapseMonitor:
 
     def balance_fixes(self, layer: dict) -> list[str]:
         """The settings that counter a collapsing load, with their values now."""
+        if self.family_fixes is not None:
+            return self.family_fixes
         moe = self.moe
         fixes = [f"a larger --aux_loss_coef (now {moe.aux_loss_coef:g})",
                  f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {moe.router_bias_update_rate:g})",

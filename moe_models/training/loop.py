@@ -10,6 +10,8 @@ import deepspeed
 import torch
 
 from ..data.batches import TrainBatches, eval_batches, model_inputs, target_count
+from ..hf.in_place import fused_experts_of
+from ..hf.in_place_bias import family_balance_fixes
 from ..metrics.collapse import CollapseMonitor, CollapseThresholds
 from ..metrics.domain_loss import domain_loss_metrics, domain_loss_sums
 from ..metrics.sinks import MetricsLog, open_sinks, perplexity
@@ -65,7 +67,9 @@ class TrainLoop:
         self.book = Bookkeeping(
             engine.module, self.moe_layers, world.device, world.world_size, bf16=engine.bfloat16_enabled(),
             peak_tflops=cfg.log.peak_tflops,
-            collapse=CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe) if world.is_main else None,
+            collapse=CollapseMonitor(CollapseThresholds.of(cfg.log), cfg.moe, family_fixes=(
+                family_balance_fixes(engine.module, cfg.moe.router_bias_update_rate)
+                if fused_experts_of(engine.module) else None)) if world.is_main else None,
             nonfinite=NonFiniteTerms(
                 t.max_nonfinite_steps, {"learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
                                         "max_grad_norm": t.max_grad_norm, "aux_loss_coef": cfg.moe.aux_loss_coef},

@@ -156,3 +156,21 @@ def test_bf16_and_activation_checkpointing():
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS, use_cache=False).logits.float()
+
+
+def test_collapse_warnings_in_place_name_the_familys_own_balancing():
+    """Our layer's --aux_loss_coef and router noise are refused in place: the warnings name the family's correction
+    bias (DeepSeek-V3) or its balance loss's coefficient in config.json (OLMoE) instead."""
+    from transformers import DeepseekV3ForCausalLM, OlmoeForCausalLM
+
+    from moe_models.hf.in_place_bias import family_balance_fixes
+    from moe_models.metrics.collapse import CollapseMonitor, CollapseThresholds
+    from moe_models.run.config import MoEConfig
+    deepseek = family_balance_fixes(probe_model(DeepseekV3ForCausalLM, AutoConfig.for_model("deepseek_v3")), 0.0)
+    assert deepseek == ["aux-loss-free balancing, --router_bias_update_rate 1e-3 (now 0)"]
+    olmoe = family_balance_fixes(probe_model(OlmoeForCausalLM, AutoConfig.for_model("olmoe")), 0.0)
+    assert len(olmoe) == 1 and "router_aux_loss_coef" in olmoe[0] and \
+        f"(now {AutoConfig.for_model('olmoe').router_aux_loss_coef:g})" in olmoe[0]
+    monitor = CollapseMonitor(CollapseThresholds(), MoEConfig(), family_fixes=olmoe)
+    assert monitor.balance_fixes({}) == olmoe
+    assert "--aux_loss_coef" in " ".join(CollapseMonitor(CollapseThresholds(), MoEConfig()).balance_fixes({}))
