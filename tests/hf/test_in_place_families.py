@@ -28,8 +28,8 @@ from moe_models.run.folder import RunFolder
 # be linear attention (one in four is full attention), a model no checkpoint has and whose cache transformers refuses.
 FAMILIES = {"gpt_oss": {}, "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]}, "nemotron_h": {},
             "olmoe": {}, "mixtral": {}}
-FLAGS = ["--max_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--eval_steps", "0",
-         "--synthetic_examples", "300", "--block_size", "32", "--warmup_steps", "1", "--disable_tqdm",
+FLAGS = ["--max_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--eval_steps", "0", "--max_eval_batches",
+         "1", "--synthetic_examples", "300", "--block_size", "32", "--warmup_steps", "1", "--disable_tqdm",
          "--deepspeed", "zero2", "--collapse_min_tokens", "0", "--collapse_effective_experts", "0.99"]
 
 
@@ -53,7 +53,8 @@ def two_rank_runs(root, family: str) -> list[list[str]]:
             [*common, "--ep_size", "2", "--output_dir", str(root / family / "ep2")],
             [*common, "--ep_size", "2", *step2, "--gradient_checkpointing",
              "--output_dir", str(root / family / "ep2_resumed")],
-            [*common, "--ep_size", "1", *step2, "--reset_optimizer", "--output_dir", str(root / family / "ep1_from_ep2")]]
+            [*common, "--ep_size", "1", *step2, "--reset_optimizer",
+             "--output_dir", str(root / family / "ep1_from_ep2")]]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,19 @@ def test_a_checkpoint_resumes_exactly_and_at_another_ep_size(runs, family):
     assert RunFolder(runs / family / "ep1_from_ep2").record().settings.moe.ep_size == 1
 
 
+@pytest.mark.distributed
+def test_a_resume_at_another_ep_size_without_reset_optimizer_is_refused_saying_why(runs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--model_name_or_path", str(runs / "olmoe" / "model"), *FLAGS, "--per_device_train_batch_size",
+                    "4",
+                    "--resume_from_checkpoint", str(runs / "olmoe" / "ep2" / "checkpoints" / "global_step2"),
+                    "--output_dir", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert "ep_size 2" in err and "the optimizer state is sharded and ordered by the old layout" in err
+    assert "Pass --reset_optimizer" in err and not (tmp_path / "refused" / "metrics.jsonl").exists()
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_with_activation_checkpointing_trains_close_to_fp32_recomputing_each_block(runs, family, tmp_path):
