@@ -6,8 +6,8 @@ activation checkpointing, which recomputes each block: the eager losses) and at 
 trains close to fp32.
 
 Both ep sizes run on two ranks: the family's balance loss is computed on each rank's own tokens, so one process
-reading both ranks' sequences would differ by it (by 1e-5 of OLMoE's loss). One launch trains every family in turn
-(tests/scripts/train_in_turn.py)."""
+reading both ranks' sequences would differ by it (by 4e-5 of OLMoE's first loss). One launch trains every family in
+turn (tests/scripts/train_in_turn.py)."""
 
 from __future__ import annotations
 
