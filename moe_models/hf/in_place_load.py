@@ -63,8 +63,9 @@ class CheckpointNames:
         self.per_expert = dict(PER_EXPERT)
         for transform in get_checkpoint_conversion_mapping(model_type) or []:
             sources, targets = transform._original_source_patterns, transform._original_target_patterns
-            if isinstance(transform, WeightRenaming) and all(_plain(p) for p in sources + targets):
-                self.renames.append((targets[0], sources[0]))
+            literal = [_literal(p) for p in sources + targets]
+            if isinstance(transform, WeightRenaming) and all(literal):  # GraniteMoeHybrid: `router\.layer\.weight`
+                self.renames.append((literal[len(sources)], literal[0]))
             merged = re.fullmatch(r"(?:.*\.)?experts\.(gate_up_proj|down_proj|up_proj)", targets[0])
             if isinstance(transform, WeightConverter) and len(targets) == 1 and merged and \
                     all(".experts.*." in f".{s}" for s in sources):
@@ -77,8 +78,10 @@ class CheckpointNames:
         return next((c for c in candidates if self.reader.has(c)), name)
 
 
-def _plain(pattern: str) -> bool:
-    return re.fullmatch(r"[\w.]+", pattern) is not None
+def _literal(pattern: str) -> str | None:
+    """The name a rename pattern matches when it is a plain one (dots escaped or not), else None."""
+    text = pattern.replace("\\.", ".")
+    return text if re.fullmatch(r"[\w.]+", text) else None
 
 
 def _check_shards(folder: Path) -> None:

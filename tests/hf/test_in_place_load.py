@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, DeepseekV3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
+from transformers import (AutoConfig, DeepseekV3ForCausalLM, GraniteMoeHybridForCausalLM, MixtralForCausalLM,
+                          Qwen3MoeForCausalLM)
 
 from moe_models.hf.in_place_load import load_in_place
 from moe_models.hf.in_place_proof import probe_model
@@ -87,6 +88,15 @@ def test_the_fused_layout_reads_each_ranks_rows_only(tmp_path, reads):
     load_in_place(tmp_path, ep_size=2, ep_rank=0)
     expert_reads = [r for r in reads if ".experts." in (r[0] if isinstance(r, tuple) else r)]
     assert expert_reads and all(isinstance(r, tuple) and r[1:] == (0, 4) for r in expert_reads), expert_reads
+
+
+def test_renames_written_as_escaped_patterns_are_read(tmp_path):
+    """GraniteMoeHybrid's save_pretrained writes its router as `router.layer.weight` and its experts as
+    `input_linear`/`output_linear`; transformers' mapping names them by regex (`router\\.layer\\.weight`)."""
+    stock = probe_model(GraniteMoeHybridForCausalLM, AutoConfig.for_model("granitemoehybrid"))
+    stock.save_pretrained(tmp_path)
+    assert SafetensorsFolder(tmp_path, "granitemoehybrid").has("model.layers.0.block_sparse_moe.router.layer.weight")
+    torch.testing.assert_close(logits(load_in_place(tmp_path)), logits(stock), rtol=0, atol=1e-5)
 
 
 def test_a_broken_folder_is_refused_in_one_line(tmp_path):
