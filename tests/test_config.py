@@ -6,7 +6,8 @@ import os
 import pytest
 
 from moe_models.run.cli import build_parser, parse_args
-from moe_models.run.config import ConfigError, RunConfig, config_from_dict
+from moe_models.run.config import ConfigError, RunConfig
+from moe_models.run.config_values import config_from_dict
 from moe_models.training.ds_config import build_deepspeed_config, shipped_deepspeed_configs
 from moe_models.training.validate import validate
 

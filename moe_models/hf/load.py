@@ -28,7 +28,8 @@ from ..moe.layer import moe_layers_of
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
-from ..run.config import ConfigError, MoEConfig, flag_text
+from ..run.config import ConfigError, MoEConfig
+from ..run.config_values import flag_text
 from ..run.moe_layout import MoELayout, resolve_moe_layers
 from .adapters import ADAPTERS
 from .import_config import dense_config_and_moe_settings

@@ -10,7 +10,8 @@ import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from .config import SECTION_TYPES, RunConfig, flag_text
+from .config import SECTION_TYPES, RunConfig
+from .config_values import flag_text
 
 # CLI: every field of every section becomes --field_name. Written here rather than taken from
 # transformers.HfArgumentParser because that parser refuses Union[int, list[int]] fields

@@ -16,7 +16,8 @@ from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.discovery import counts_experts
 from ..models.source import DEFAULT_PRESET, local_config
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
-from ..run.config import ROUTING_FLAGS, ConfigError, RunConfig, flag_text
+from ..run.config import ROUTING_FLAGS, ConfigError, RunConfig
+from ..run.config_values import flag_text
 from ..run.folder import RunFolder, RunRecordError
 from ..run.moe_layout import NO_MOE_LAYERS, MoELayout
 from .checkpoint import optimizer_layout_problem

@@ -16,7 +16,8 @@ from ..models.discovery import checkpoint_expert_count
 from ..models.source import local_config, model_problems
 from ..moe.checks import moe_problems
 from ..moe.parallel import parallel_problems
-from ..run.config import ConfigError, MoEConfig, RunConfig, TrainConfig, empty_strings, too_small
+from ..run.config import ConfigError, MoEConfig, RunConfig, TrainConfig
+from ..run.config_values import empty_strings, too_small
 from ..run.folder import RunFolder
 from ..run.writes import writable_problem
 from .clusters import plan_problems

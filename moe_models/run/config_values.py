@@ -1,0 +1,44 @@
+"""Settings as values: a RunConfig rebuilt from run_config.json, a value written as command-line text, and the
+checks of values that every section's own check shares (an empty text, a count below its minimum)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import SECTION_TYPES, ConfigError, RunConfig
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from run_config.json's nested dict; unknown sections or keys are refused."""
+    unknown = set(values) - set(SECTION_TYPES)
+    problems = [f"unknown section {name!r}; expected one of {sorted(SECTION_TYPES)}" for name in sorted(unknown)]
+    sections = {}
+    for section, cls in SECTION_TYPES.items():
+        given = values.get(section, {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        problems += [f"unknown key {section}.{k}" for k in sorted(set(given) - names)]
+        sections[section] = cls(**{k: v for k, v in given.items() if k in names})
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**sections)
+
+
+def flag_text(value) -> str:
+    """A setting as it is written on the command line (a list as its values separated by spaces, a bool in lower
+    case)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def empty_strings(cfg: RunConfig) -> list[str]:
+    """Flags given as "" (an unset shell variable: --output_dir "$OUT"): no setting takes an empty text, and some would
+    quietly mean something else (the current folder, a tokenizer lookup of "")."""
+    return [f"--{name} is empty (''): give a value, or leave the flag out for its default (an unset shell variable?)"
+            for section in cfg.to_dict().values() for name, value in section.items() if value == ""]
+
+
+def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:
+    """One problem per field of ``section`` named in ``names`` whose value (when set) is below ``minimum``."""
+    return [f"{name} ({getattr(section, name)}) must be >= {minimum}" for name in names
+            if getattr(section, name) is not None and getattr(section, name) < minimum]
