@@ -48,7 +48,7 @@ from .training.ds_config import training_dtype
 from .training.layout_search import launch_command, launch_lines, search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
-from .training.resumable import FinishedRun, resumed_settings
+from .training.resumable import FinishedRun, resumed_record_path, resumed_settings
 from .training.engine import build_engine
 from .training.loop import TrainLoop
 from .training.validate import check_same_settings, validate
@@ -123,7 +123,7 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
         cfg, taken = resumed_settings(cfg)
     if taken and launched_rank() == 0:
         print(f"Resuming with the routing settings the run was trained with: {', '.join(taken)} "
-              "(from its run_config.json)")
+              f"(from {resumed_record_path(cfg)})")
 
     if cfg.moe.benchmark_balanced_routing and launched_rank() == 0:
         print("Benchmark routing: --benchmark_balanced_routing spreads every token evenly over the experts; the "

@@ -1,9 +1,11 @@
-"""Settings as values: a RunConfig rebuilt from run_config.json, a value written as command-line text, and the
-checks of values that every section's own check shares (an empty text, a count below its minimum)."""
+"""Settings as values: a RunConfig rebuilt from run_config.json, a value written as command-line text, the checks of
+values that every section's own check shares (an empty text, a count below its minimum), and a problem that settings
+no flag gave caused, told with where they came from."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .config import SECTION_TYPES, ConfigError, RunConfig
 
@@ -42,3 +44,12 @@ def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:
     """One problem per field of ``section`` named in ``names`` whose value (when set) is below ``minimum``."""
     return [f"{name} ({getattr(section, name)}) must be >= {minimum}" for name in names
             if getattr(section, name) is not None and getattr(section, name) < minimum]
+
+
+def with_source(problem: str, inherited: dict, whose: str) -> str:
+    """A problem that settings no flag gave caused (``inherited``: name -> value, taken from a checkpoint or a resumed
+    run's record), saying where they came from: the settings it names (all inherited ones when it names none), then
+    ``whose`` ("the imported checkpoint's setting, from .../config.json"), not a flag the user passed."""
+    named = [name for name in inherited if re.search(rf"\b{name}\b", problem)] or list(inherited)
+    values = ", ".join(f"{name} {flag_text(inherited[name])}" for name in named)
+    return f"{problem} ({values}: {whose}, not a flag you passed)"

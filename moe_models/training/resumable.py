@@ -90,12 +90,19 @@ def resumed_settings(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
             [f"--{name} {flag_text(value)}" for name, value in taken.items()])
 
 
-def _resumed_record(cfg: RunConfig):
+def resumed_record_path(cfg: RunConfig) -> Path | None:
+    """The run_config.json of the run --resume_from_checkpoint continues (None: no resume, or no record)."""
     tag_dir = resumed_tag(cfg)
     if tag_dir is None or not RunFolder.of_tag(tag_dir).holds_run():
         return None
+    return RunFolder.of_tag(tag_dir).record_path
+
+
+def _resumed_record(cfg: RunConfig):
+    if resumed_record_path(cfg) is None:
+        return None
     try:
-        return RunFolder.of_tag(tag_dir).record()
+        return RunFolder.of_tag(resumed_tag(cfg)).record()
     except RunRecordError:
         return None
 
