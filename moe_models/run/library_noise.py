@@ -1,9 +1,11 @@
-"""What DeepSpeed prints on every run that is not the user's to act on, dropped where it is made and by its exact text,
-so that a warning with any other text still shows.
+"""What DeepSpeed prints on every run (and torch warns of it) that is not the user's to act on, dropped where it is
+made and by its exact text, so that a warning with any other text still shows.
 
 - ``Attempting to get learning rate from scheduler before it has started``: a warning on DeepSpeed's logger when its
   engine asks the schedule for the learning rate before the first step, on every run; a filter on that logger while
   the engine is made drops it.
+- torch's FutureWarning ``torch.distributed.all_gather_into_tensor is deprecated``, once per rank of a run of several:
+  DeepSpeed's ZeRO optimizer calls it after each step; a warnings filter on that message, set with the engine.
 - ``DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully`` (the CPU process group's shared-memory op,
   on every start) and ``No existing process group found, creating a new group named: ep_size_N`` (the engine making
   the expert-parallel groups): plain prints, which no log level silences; dropped from stdout while those calls run.
@@ -15,6 +17,7 @@ import io
 import logging
 import re
 import sys
+import warnings
 from contextlib import contextmanager, redirect_stdout
 
 DEEPSPEED_PRINTS = (re.compile(r"DeepSpeed \S+ built successfully"),
@@ -47,6 +50,12 @@ class _LinesDropped(io.TextIOBase):
 
 def _not_noise(record: logging.LogRecord) -> bool:
     return record.getMessage() not in DEEPSPEED_WARNINGS
+
+
+def drop_deprecated_all_gather_warning() -> None:
+    """torch's deprecation of the collective DeepSpeed's ZeRO calls (not the user's to change), left out."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 @contextmanager
