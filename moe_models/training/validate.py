@@ -30,7 +30,8 @@ from .resumable import (check_not_finished, check_resumable, check_upcycle_sourc
 def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
     started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming
-    it). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
+    it), and the routing settings a resume takes from its run's record with the flags (a ConfigError naming where they
+    came from). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
     disagrees with them). Last, FinishedRun when the checkpoint to resume is at --max_steps."""
     problems = empty_strings(cfg)
     if problems:  # an empty path would be read as the current folder below
