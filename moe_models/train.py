@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,8 +37,8 @@ from .run.cli import parse_args
 from .run.config import RunConfig
 from .run.distributed import (World, init_world, is_collective_timeout, launched_rank, launched_world_size,
                               main_process_first)
-from .run.folder import Resolved, RunFolder, RunRecord
-from .run.moe_layout import MoELayout
+from .run.folder import CHECKPOINTS, Resolved, RunFolder, RunRecord
+from .run.moe_layout import NO_MOE_LAYERS, MoELayout
 from .run.startup import StartupLines
 from .run.cpu_memory import keep_freed_memory
 from .run.threads import choose_cpu_threads
@@ -48,7 +49,7 @@ from .training.ds_config import training_dtype
 from .training.layout_search import launch_command, launch_lines, search_plan, search_table
 from .training.nonfinite import NonFiniteError
 from .training.preflight import plan_table, plan_with_fit
-from .training.resumable import FinishedRun, resumed_settings
+from .training.resumable import FinishedRun, resumed_record_path, resumed_settings
 from .training.engine import build_engine
 from .training.loop import TrainLoop
 from .training.validate import check_same_settings, validate
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world.rank), file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
     if world.is_main:
-        print_summary(summary, trainer.output_dir)
+        exportable = cfg.moe.moe_layers != NO_MOE_LAYERS and not is_in_place_folder(cfg.model.model_name_or_path)
+        print_summary(summary, trainer.output_dir, next_steps(trainer.output_dir, exportable))
     return summary
 
 
@@ -123,7 +125,7 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
         cfg, taken = resumed_settings(cfg)
     if taken and launched_rank() == 0:
         print(f"Resuming with the routing settings the run was trained with: {', '.join(taken)} "
-              "(from its run_config.json)")
+              f"(from {resumed_record_path(cfg)})")
 
     if cfg.moe.benchmark_balanced_routing and launched_rank() == 0:
         print("Benchmark routing: --benchmark_balanced_routing spreads every token evenly over the experts; the "
@@ -235,7 +237,7 @@ def timeout_message(err: RuntimeError, trainer: TrainLoop, timeout_s: int, rank:
             f"{trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint latest.")
 
 
-def print_summary(summary: dict, output_dir: Path) -> None:
+def print_summary(summary: dict, output_dir: Path, next_lines: list[str]) -> None:
     def number(value, digits=4):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -244,7 +246,20 @@ def print_summary(summary: dict, output_dir: Path) -> None:
           f"{number(summary['last_loss'])}, eval_loss {number(summary['eval_loss'])}, "
           f"{summary['tokens_per_sec']:.0f} tokens/s (whole run) over {summary['train_seconds']:.0f} s.\n"
           f"Outputs in {output_dir}/: metrics.jsonl, run_config.json, tokenizer/, base_model/, checkpoints/")
+    print("\n".join(next_lines))
     print(json.dumps(summary))
+
+
+def next_steps(output_dir: Path, exportable: bool) -> list[str]:
+    """The commands that come after a run, with its folder: the report, and the export of an MoE model to its HF
+    class (not of a dense run, nor of a model continued in place, whose export is not written yet)."""
+    folder = shlex.quote(str(output_dir))
+    lines = [f"Report (plots, summary.txt): python -m moe_models.report {folder}"]
+    if exportable:
+        hf_folder = shlex.quote(f"{str(output_dir).rstrip('/')}-hf")
+        lines.append(f"Export (an HF model and its tokenizer): python -m moe_models.export --checkpoint "
+                     f"{shlex.quote(str(Path(output_dir) / CHECKPOINTS))} --output {hf_folder}")
+    return lines
 
 
 def command() -> None:

@@ -662,6 +662,20 @@ def test_routing_flag_left_out_on_resume_is_taken_from_the_run(run_dir, tmp_path
     assert given.moe.capacity_factor == 1.0 and taken == []
 
 
+def test_resume_refusal_of_a_recorded_routing_setting_says_where_it_came_from(capsys, run_dir, tmp_path):
+    """A run recorded with --score_function sigmoid, resumed with --moe_impl deepspeed: the sigmoid rule is the run's,
+    not a flag of this command, and the refusal says so and names the record."""
+    copy = copied(run_dir, tmp_path)
+    record = json.loads((copy / "run_config.json").read_text())
+    record["moe"]["score_function"] = "sigmoid"  # as if the run had been trained with --score_function sigmoid
+    (copy / "run_config.json").write_text(json.dumps(record))
+    refused(capsys, ["--moe_impl", "deepspeed", "--reset_optimizer", *resume(copy), "--max_steps", "2"],
+            "--score_function sigmoid: the stock DeepSpeed gate (--moe_impl deepspeed) routes by softmax top-k with its "
+            "own balance loss only; use --moe_impl grouped (the default), which keeps the same DeepSpeed layer and "
+            f"checkpoint names (score_function sigmoid: the resumed run's setting, from {copy / 'run_config.json'}, "
+            "not a flag you passed)", folder=copy)
+
+
 def test_a_run_started_with_the_old_routing_defaults_resumes_with_them(run_dir, tmp_path):
     """Runs started before the defaults became dropless and deterministic recorded drop_tokens and
     top2_2nd_expert_sampling true: they continue so, not with today's defaults."""

@@ -1,12 +1,15 @@
 """Flags, validation that reports every problem at once, and the DeepSpeed config's "auto" filling."""
 
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 
 from moe_models.run.cli import build_parser, parse_args
-from moe_models.run.config import ConfigError, RunConfig, config_from_dict
+from moe_models.run.config import ConfigError, MoEConfig, RunConfig
+from moe_models.run.config_values import config_from_dict
 from moe_models.training.ds_config import build_deepspeed_config, shipped_deepspeed_configs
 from moe_models.training.validate import validate
 
@@ -121,6 +124,33 @@ def test_help_lists_every_field():
     text = build_parser().format_help()
     for flag in ["--num_experts", "--expert_init", "--deepspeed", "--train_file", "--model_config"]:
         assert flag in text
+
+
+PLAN_FLAGS = ["--plan", "--device_memory_gb", "--plan_cluster", "--plan_nodes", "--plan_search", "--plan_world_size"]
+
+
+def help_of(capsys, argv: list[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def flags_in(text: str) -> set[str]:
+    return set(re.findall(r"^  (--\w+)", text, re.MULTILINE))
+
+
+def test_plan_help_lists_the_plans_flags_only(capsys):
+    """--plan --help (and --help plan) list the plan's six flags, not the hundred of every --help."""
+    code, everything, _ = help_of(capsys, ["--help"])
+    assert code == 0 and set(PLAN_FLAGS) < flags_in(everything) and len(flags_in(everything)) > 100
+    for argv in (["--plan", "--help"], ["--help", "plan"], ["--num_experts", "4", "--help", "--plan"]):
+        code, out, _ = help_of(capsys, argv)
+        assert code == 0 and flags_in(out) == set(PLAN_FLAGS), argv
+    code, out, _ = help_of(capsys, ["--help", "moe"])
+    assert code == 0 and flags_in(out) == {f"--{f.name}" for f in dataclasses.fields(MoEConfig)}
+    code, out, err = help_of(capsys, ["--help", "planz"])
+    assert code == 2 and not out and "--help planz: no such topic; give a section (model, data, moe" in err
 
 
 def test_configuration_doc_matches_the_code():

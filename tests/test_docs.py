@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from helpers import REPO
@@ -81,8 +82,11 @@ def test_quickstart_default_run_figures_agree(capsys):
     steps, first, last, eval_loss, tokens_per_sec, seconds = figures.groups()
     train.print_summary({"steps": int(steps), "stopped_by": None, "first_loss": float(first),
                          "last_loss": float(last), "eval_loss": float(eval_loss),
-                         "tokens_per_sec": float(tokens_per_sec), "train_seconds": float(seconds)}, REPO / "x")
-    assert capsys.readouterr().out.splitlines()[1] == done
+                         "tokens_per_sec": float(tokens_per_sec), "train_seconds": float(seconds)},
+                        Path("outputs/run"), train.next_steps(Path("outputs/run"), exportable=True))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == done
+    assert "\n".join(printed[1:5]) in text  # the summary, the outputs and the next steps' commands, as printed
     prose = one_line(text[:text.index(done)])
     assert f"eval loss {float(eval_loss):.3f}" in prose or f"eval loss {eval_loss}" in prose
     assert f"loss {float(first):.2f} -> {float(last):.2f}" in prose

@@ -16,7 +16,8 @@ from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerBase
 
-from ..run.config import DataConfig, too_small
+from ..run.config import DataConfig
+from ..run.config_values import too_small
 from .domains import domain_index, domains_problems
 from .file_specs import DataFile, data_files, resolve_files
 from .files import unreadable_reason

@@ -10,7 +10,6 @@ No rank materialises every expert.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,8 @@ from ..moe.layer import moe_layers_of
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
-from ..run.config import ConfigError, MoEConfig, flag_text
+from ..run.config import ConfigError, MoEConfig
+from ..run.config_values import flag_text, with_source
 from ..run.moe_layout import MoELayout, resolve_moe_layers
 from .adapters import ADAPTERS
 from .import_config import dense_config_and_moe_settings
@@ -108,7 +108,8 @@ def settings_from_checkpoint(moe: MoEConfig, checkpoint: dict, num_layers: int,
         raise ConfigError(problems)
     merged = dataclasses.replace(moe, **checkpoint)
     inherited = {name: value for name, value in checkpoint.items() if not was_given(name)}
-    problems = [with_source(problem, inherited, source) for problem in settings_problems(merged)
+    whose = f"the imported checkpoint's setting, from {source}"
+    problems = [with_source(problem, inherited, whose) for problem in settings_problems(merged)
                 if problem not in settings_problems(moe)]  # the flags' own problems were refused before
     if problems:
         raise ConfigError(problems)
@@ -119,12 +120,6 @@ def settings_problems(moe: MoEConfig) -> list[str]:
     return moe_problems(moe) + parallel_problems(moe)
 
 
-def with_source(problem: str, inherited: dict, source: Path | str) -> str:
-    """A problem that only the checkpoint's settings caused, saying where they came from: the settings it names (all
-    inherited ones when it names none), from the checkpoint's config.json, not from a flag the user passed."""
-    named = [name for name in inherited if re.search(rf"\b{name}\b", problem)] or list(inherited)
-    values = ", ".join(f"{name} {flag_text(inherited[name])}" for name in named)
-    return f"{problem} ({values}: the imported checkpoint's setting, from {source}, not a flag you passed)"
 
 
 

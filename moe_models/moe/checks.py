@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..run.config import MoEConfig, too_small
+from ..run.config import MoEConfig
+from ..run.config_values import too_small
 from ..run.moe_layout import expert_counts, resolve_moe_layers
 from .balance import AUX_LOSS_TYPES
 from .router import Scoring

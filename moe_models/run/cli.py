@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from .config import SECTION_TYPES, RunConfig, flag_text
+from .config import SECTION_TYPES, RunConfig
+from .config_values import flag_text
 
 # CLI: every field of every section becomes --field_name. Written here rather than taken from
 # transformers.HfArgumentParser because that parser refuses Union[int, list[int]] fields
@@ -91,10 +93,17 @@ def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> N
         parser.add_argument(name, type=hint, **kw)
 
 
+HELP_TOPICS = (f"a section ({', '.join(SECTION_TYPES)}) or a flag with the flags that work with it only (plan, "
+               "streaming, num_null_experts, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ShortErrorParser(
         description="Turn a Hugging Face causal LM into a DeepSpeed Mixture-of-Experts model and train it.",
-        allow_abbrev=False)
+        epilog=f"--help TOPIC lists fewer flags: {HELP_TOPICS}; --plan --help lists the plan's.",
+        allow_abbrev=False, add_help=False)
+    parser.add_argument("-h", "--help", nargs="?", const="", default=argparse.SUPPRESS, metavar="TOPIC",
+                        help=f"Show this help and exit; with a TOPIC, only its flags: {HELP_TOPICS}.")
     parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
     for section, cls in SECTION_TYPES.items():
         group = parser.add_argument_group(section, cls.__doc__)
@@ -104,10 +113,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    return {f.name: (section, f) for section, cls in SECTION_TYPES.items() for f in dataclasses.fields(cls)}
+
+
+def dependent_flags(name: str) -> list[str]:
+    """``name`` and the flags that work with it only, those whose help starts "With --name" or "Needs --name" (and
+    theirs in turn: --plan, --plan_cluster, --plan_search), in the order of the settings."""
+    fields, names = _fields(), {name}
+    while True:
+        more = {other for other, (_, f) in fields.items() if other not in names
+                and re.match(rf"(With|Needs) --({'|'.join(names)})\b", f.metadata["help"])}
+        if not more:
+            return [other for other in fields if other in names]
+        names |= more
+
+
+def topic_help(topics: list[str], prog: str | None = None) -> str:
+    """The --help text of some topics only: sections (all their flags) or flags with the flags that work with them
+    only (dependent_flags); a ValueError names an unknown topic."""
+    parser = ShortErrorParser(prog=prog, add_help=False, allow_abbrev=False)
+    parser.epilog = f"{parser.prog} --help lists every flag."
+    fields = _fields()
+    for topic in topics:
+        name = topic.removeprefix("--")
+        if name in SECTION_TYPES:
+            cls = SECTION_TYPES[name]
+            group, names = parser.add_argument_group(name, cls.__doc__), [f.name for f in dataclasses.fields(cls)]
+        elif name in fields:
+            names = dependent_flags(name)
+            group = parser.add_argument_group(f"--{name}" + (" and the flags that work with it only"
+                                                             if len(names) > 1 else ""))
+        else:
+            raise ValueError(f"--help {topic}: no such topic; give {HELP_TOPICS}, or --help alone for every flag")
+        for flag in names:
+            section, f = fields[flag]
+            _add_field(group, f, typing.get_type_hints(SECTION_TYPES[section])[flag])
+    return parser.format_help()
+
+
+def _answer_help(parser: argparse.ArgumentParser, topic: str, given: set[str]) -> None:
+    """Print the help --help asked for and exit: a topic's, else that of the given flags that others work with
+    (--plan --help), else every flag's."""
+    topics = [topic] if topic else [name for name in _fields() if name in given and len(dependent_flags(name)) > 1]
+    if not topics:
+        parser.print_help()
+        parser.exit(0)
+    try:
+        text = topic_help(topics, parser.prog)
+    except ValueError as err:
+        parser.error(str(err))
+    print(text, end="")
+    parser.exit(0)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     """Build a RunConfig from command-line flags; unknown flags are an error (exit 2 with a short usage)."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
+    if "help" in namespace:
+        _answer_help(parser, namespace.help, set(vars(namespace)))
     if unknown:
         expanded = any(not arg.startswith("-") and Path(arg).exists() for arg in unknown)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
@@ -147,6 +212,8 @@ def configuration_markdown() -> str:
              "or choice whose default is `None` takes `None` (or `none`, `null`) for no value. Unknown flags are",
              "refused. All settings are checked before anything heavy starts, and every problem is reported",
              "at once. The resolved settings of a run are saved as `run_config.json` in its output folder.", "",
+             "`train.py --help` lists every flag; `--help TOPIC` fewer: a section (`--help moe`) or a flag with the",
+             "flags that work with it only (`--help streaming`; `--plan --help` lists the plan's).", "",
              "The DeepSpeed JSON (`--deepspeed`) holds what no flag owns (ZeRO stage, optimizer betas, offload);",
              "its `\"auto\"` values are filled from the flags below, and a value that disagrees with its flag is",
              "refused.", "",

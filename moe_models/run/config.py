@@ -1,11 +1,9 @@
 """Typed run settings: one dataclass per concern, and the one error that lists every problem.
 
-Every field is a command-line flag of the same name (``--num_experts 8``, built in cli.py). Each field's
-``help`` metadata is its documentation: ``docs/configuration.md`` is checked against it by a test.
-This module imports nothing else of the package; each part checks its own section (``moe_problems``,
-``data_problems``, ...) and ``training/validate.py`` gathers their findings into one ConfigError.
+Every field is a command-line flag of the same name (``--num_experts 8``, built in cli.py); its ``help`` metadata is
+its documentation (``docs/configuration.md`` is checked against it). Imports nothing else of the package; each part
+checks its own section and ``training/validate.py`` gathers the findings into one ConfigError.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -102,10 +100,9 @@ class DataConfig:
         "truncate", "Conversational and prompt/completion data: what happens to a sequence longer than --block_size: "
         "truncate (its first --block_size tokens are kept) or drop (left out). The run says how many.")
     data_cache_dir: Optional[str] = _flag(
-        None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, "
-        "block_size, the text column, the domains and the packing code), so that a second run on the same data "
-        "skips tokenising. Default: $MOE_MODELS_DATA_CACHE, else ~/.cache/moe_models/data. Delete the folder to "
-        "clear it.")
+        None, "Where packed training and eval blocks are cached by content (the files' bytes, the tokenizer, block_size, "
+        "the text column, the domains and the packing code), so that a second run on the same data skips tokenising. "
+        "Default: $MOE_MODELS_DATA_CACHE, else ~/.cache/moe_models/data. Delete the folder to clear it.")
 
 
 @dataclass
@@ -130,9 +127,9 @@ class MoEConfig:
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = _routing_flag(
         None, "Noise on the router during training: Jitter (multiplicative on the input) or RSample (Gumbel).")
     use_rts: bool = _routing_flag(True, "Random token selection when dropping (top-1 only).")
-    top2_2nd_expert_sampling: bool = _routing_flag(False, "Top-2 only: pick the second expert with Gumbel noise "
-                                           "(DeepSpeed's default, which it applies in eval too); false (the default "
-                                           "here) = deterministic top-2, as the HF MoE classes route.")
+    top2_2nd_expert_sampling: bool = _routing_flag(
+        False, "Top-2 only: pick the second expert with Gumbel noise (DeepSpeed's default, which it applies in eval "
+        "too); false (the default here) = deterministic top-2, as the HF MoE classes route.")
     use_residual: bool = _flag(False, "Residual MoE: keep the dense FFN beside the experts and mix the two.")
     benchmark_balanced_routing: bool = _routing_flag(
         False, "For throughput benchmarks only: the router is computed as usual, but token t's k routes go to experts "
@@ -142,11 +139,11 @@ class MoEConfig:
     num_shared_experts: int = _flag(
         0, "Shared experts (DeepSeekMoE, Qwen2-MoE): N always-on FFNs beside the routed experts in every MoE layer, "
         "held as one FFN of the dense family's class N routed experts wide (with granular experts N must be a "
-        "multiple of granularity) and added to the routed output of "
-        "every token. Upcycled as copies of the dense FFN (--expert_init copy/copy_noise; the output projections are "
-        "scaled so that the layer still computes the dense FFN at step 0 for top_k >= 2; exact copies get equal "
-        "gradients and stay equal, so use copy_noise for N > 1), fresh with --expert_init random. Data-parallel "
-        "parameters, not expert-parallel ones. 0 = off (docs/routing.md; export: docs/export.md).")
+        "multiple of granularity) and added to the routed output of every token. Upcycled as copies of the dense FFN "
+        "(--expert_init copy/copy_noise; the output projections are scaled so that the layer still computes the dense "
+        "FFN at step 0 for top_k >= 2; exact copies get equal gradients and stay equal, so use copy_noise for N > 1), "
+        "fresh with --expert_init random. Data-parallel parameters, not expert-parallel ones. 0 = off "
+        "(docs/routing.md; export: docs/export.md).")
     shared_expert_gate: bool = _flag(
         False, "Needs --num_shared_experts >= 1: scale the shared experts' output per token by sigmoid(w . x), one "
         "learned vector w per MoE layer starting at 0 (a factor of 1/2), as Qwen2-MoE does.")
@@ -301,10 +298,9 @@ class TrainConfig:
         "kernel of grouped GEMMs takes bf16 only); refused with the reason where it cannot work "
         "(docs/performance.md#torchcompile).")
     plan: bool = _flag(
-        False, "Print the preflight plan and exit: parameters, bytes per rank of weights, gradients, optimizer "
-        "states and activations under these settings, all-to-all bytes and FLOPs; writes plan.json to output_dir. "
-        "Nothing is allocated (the model is built on the meta device); works under the launcher too "
-        "(docs/performance.md).")
+        False, "Print the preflight plan and exit: parameters, bytes per rank of weights, gradients, optimizer states "
+        "and activations under these settings, all-to-all bytes and FLOPs; writes plan.json to output_dir. Nothing is "
+        "allocated (the model is built on the meta device); works under the launcher too (docs/performance.md).")
     device_memory_gb: Optional[float] = _flag(
         None, "With --plan: the memory of one device in GiB; the plan says whether the run fits and, if not, the "
         "smallest change that does.")
@@ -402,38 +398,3 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__("Invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
-
-def config_from_dict(values: dict) -> RunConfig:
-    """Rebuild a RunConfig from run_config.json's nested dict; unknown sections or keys are refused."""
-    unknown = set(values) - set(SECTION_TYPES)
-    problems = [f"unknown section {name!r}; expected one of {sorted(SECTION_TYPES)}" for name in sorted(unknown)]
-    sections = {}
-    for section, cls in SECTION_TYPES.items():
-        given = values.get(section, {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        problems += [f"unknown key {section}.{k}" for k in sorted(set(given) - names)]
-        sections[section] = cls(**{k: v for k, v in given.items() if k in names})
-    if problems:
-        raise ConfigError(problems)
-    return RunConfig(**sections)
-
-
-def flag_text(value) -> str:
-    """A setting as it is written on the command line (a list as its values separated by spaces, a bool in lower
-    case)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def empty_strings(cfg: RunConfig) -> list[str]:
-    """Flags given as "" (an unset shell variable: --output_dir "$OUT"): no setting takes an empty text, and some would
-    quietly mean something else (the current folder, a tokenizer lookup of "")."""
-    return [f"--{name} is empty (''): give a value, or leave the flag out for its default (an unset shell variable?)"
-            for section in cfg.to_dict().values() for name, value in section.items() if value == ""]
-
-
-def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:
-    """One problem per field of ``section`` named in ``names`` whose value (when set) is below ``minimum``."""
-    return [f"{name} ({getattr(section, name)}) must be >= {minimum}" for name in names
-            if getattr(section, name) is not None and getattr(section, name) < minimum]

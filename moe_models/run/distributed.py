@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .library_noise import deepspeed_noise_dropped
 from .socket_interfaces import interface_warnings
 from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
 
@@ -81,7 +82,7 @@ def init_world(timeout_s: int = 600) -> World:
         try:
             with announced(f"rank {os.environ['RANK']} waits at {address} for all {os.environ['WORLD_SIZE']} ranks to "
                            f"join the process group (gives up after --dist_timeout_s {timeout_s} s)",
-                           say=lambda line: print(line, flush=True)):
+                           say=lambda line: print(line, flush=True)), deepspeed_noise_dropped():
                 deepspeed.init_distributed(verbose=False, timeout=timeout)
         except (RuntimeError, dist.DistError) as err:
             if not is_collective_timeout(err) and not isinstance(err, dist.DistStoreError):

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint_folder import CheckpointFolder
-from .config import SECTION_TYPES, ConfigError, MoEConfig, RunConfig, config_from_dict
+from .config import SECTION_TYPES, ConfigError, MoEConfig, RunConfig
+from .config_values import config_from_dict
 from .moe_layout import MoELayout
 from .writes import atomic_write, guarded_write
 

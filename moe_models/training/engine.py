@@ -10,6 +10,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from ..run.config import ConfigError
+from ..run.library_noise import deepspeed_noise_dropped, drop_deprecated_all_gather_warning
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,10 +27,12 @@ def build_engine(model: nn.Module, ds_config: dict, weight_decay: float,
                  config_file: str | None = None) -> deepspeed.DeepSpeedEngine:
     """The DeepSpeed engine; a parameter the DeepSpeed JSON (``config_file``, --deepspeed) gives its optimizer or
     schedule that the class does not take is a ConfigError naming the file and the key, not a library traceback."""
+    drop_deprecated_all_gather_warning()
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model,
-                                               model_parameters=optimizer_param_groups(model, weight_decay),
-                                               config=ds_config)
+        with deepspeed_noise_dropped():
+            engine, _, _, _ = deepspeed.initialize(model=model,
+                                                   model_parameters=optimizer_param_groups(model, weight_decay),
+                                                   config=ds_config)
     except TypeError as err:
         problem = unknown_parameter_problem(err, ds_config, config_file)
         if problem is None:

@@ -16,7 +16,8 @@ from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.discovery import counts_experts
 from ..models.source import DEFAULT_PRESET, local_config
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
-from ..run.config import ROUTING_FLAGS, ConfigError, RunConfig, flag_text
+from ..run.config import ROUTING_FLAGS, ConfigError, RunConfig
+from ..run.config_values import flag_text
 from ..run.folder import RunFolder, RunRecordError
 from ..run.moe_layout import NO_MOE_LAYERS, MoELayout
 from .checkpoint import optimizer_layout_problem
@@ -89,12 +90,19 @@ def resumed_settings(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
             [f"--{name} {flag_text(value)}" for name, value in taken.items()])
 
 
-def _resumed_record(cfg: RunConfig):
+def resumed_record_path(cfg: RunConfig) -> Path | None:
+    """The run_config.json of the run --resume_from_checkpoint continues (None: no resume, or no record)."""
     tag_dir = resumed_tag(cfg)
     if tag_dir is None or not RunFolder.of_tag(tag_dir).holds_run():
         return None
+    return RunFolder.of_tag(tag_dir).record_path
+
+
+def _resumed_record(cfg: RunConfig):
+    if resumed_record_path(cfg) is None:
+        return None
     try:
-        return RunFolder.of_tag(tag_dir).record()
+        return RunFolder.of_tag(resumed_tag(cfg)).record()
     except RunRecordError:
         return None
 

@@ -16,19 +16,22 @@ from ..models.discovery import checkpoint_expert_count
 from ..models.source import local_config, model_problems
 from ..moe.checks import moe_problems
 from ..moe.parallel import parallel_problems
-from ..run.config import ConfigError, MoEConfig, RunConfig, TrainConfig, empty_strings, too_small
+from ..run.config import ROUTING_FLAGS, ConfigError, MoEConfig, RunConfig, TrainConfig
+from ..run.config_values import empty_strings, too_small, with_source
 from ..run.folder import RunFolder
 from ..run.writes import writable_problem
 from .clusters import plan_problems
 from .compile import compile_problems
 from .ds_config import build_deepspeed_config, deepspeed_config_problems, training_dtype
-from .resumable import check_not_finished, check_resumable, check_upcycle_source
+from .resumable import (check_not_finished, check_resumable, check_upcycle_source, resumed_record_path,
+                        resumed_settings)
 
 
 def validate(cfg: RunConfig, world_size: int = 1) -> dict:
     """Raise one ConfigError listing every problem in ``cfg``; ``world_size`` is the number of ranks the launcher
     started (1 for ``python train.py``). Then the checkpoints to resume or to upcycle, if any (a CheckpointError naming
-    it). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
+    it), and the routing settings a resume takes from its run's record with the flags (a ConfigError naming where they
+    came from). Returns the run's DeepSpeed config, its "auto" values filled from the flags (a ConfigError when it
     disagrees with them). Last, FinishedRun when the checkpoint to resume is at --max_steps."""
     problems = empty_strings(cfg)
     if problems:  # an empty path would be read as the current folder below
@@ -41,8 +44,13 @@ def validate(cfg: RunConfig, world_size: int = 1) -> dict:
         raise ConfigError(problems)
     check_resumable(cfg, world_size)
     check_upcycle_source(cfg)
-    ds_config = build_deepspeed_config(dataclasses.replace(cfg, moe=moe), world_size)  # its checks see the same
-    problems = compile_problems(cfg, training_dtype(ds_config))  # the dtype is the DeepSpeed config's
+    resumed, _ = resumed_settings(cfg)
+    problems = resumed_problems(cfg, resumed, world_size)
+    if problems:
+        raise ConfigError(problems)
+    moe = checked_moe(resumed)
+    ds_config = build_deepspeed_config(dataclasses.replace(resumed, moe=moe), world_size)  # its checks see the same
+    problems = compile_problems(resumed, training_dtype(ds_config))  # the dtype is the DeepSpeed config's
     if problems:
         raise ConfigError(problems)
     check_not_finished(cfg)
@@ -55,6 +63,24 @@ def checked_moe(cfg: RunConfig) -> MoEConfig:
     config, _ = local_config(cfg.model)
     count = checkpoint_expert_count(config) if config and cfg.model.model_name_or_path else None
     return dataclasses.replace(cfg.moe, num_experts=count) if count else cfg.moe
+
+
+def resumed_problems(cfg: RunConfig, resumed: RunConfig, world_size: int) -> list[str]:
+    """What the routing settings a resume took from its run's record (``resumed``, from resumed_settings) do not go
+    with, each problem saying that the setting is the resumed run's, from its run_config.json, and not a flag (the
+    flags' own problems were refused before)."""
+    inherited = {name: getattr(resumed.moe, name) for name in ROUTING_FLAGS
+                 if getattr(resumed.moe, name) != getattr(cfg.moe, name)}
+    if not inherited:
+        return []
+
+    def problems(settings: RunConfig) -> list[str]:
+        moe = checked_moe(settings)
+        return moe_problems(moe) + parallel_problems(moe, world_size, planning=settings.train.plan)
+
+    whose = f"the resumed run's setting, from {resumed_record_path(cfg)}"
+    own = problems(cfg)
+    return [with_source(problem, inherited, whose) for problem in problems(resumed) if problem not in own]
 
 
 def check_same_settings(cfg: RunConfig) -> None:

@@ -251,8 +251,9 @@ def test_other_zero_stages_train_with_ep2(tmp_path, stage):
         assert re.search(rf"start-up: CPU threads: {share} per rank \({cores} cores available / 2 ranks|start-up: CPU "
                          rf"threads: \d+ per rank, not {share} \({cores} cores available / 2 ranks", output)
         assert output.count("start-up: CPU threads") == 1  # rank 0's line only
-    # the all-to-all is torch's functional one, not the deprecated one (ZeRO 1/2's own all_gather_into_tensor warns)
-    assert not [line for line in output.splitlines() if "FutureWarning" in line and "all_to_all" in line]
+    # the all-to-all is torch's functional one, not the deprecated one; torch's warning about ZeRO 1/2's own
+    # all_gather_into_tensor is dropped (run/library_noise.py)
+    assert not [line for line in output.splitlines() if "FutureWarning" in line]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < 5.55  # ln(257): learning happened
     assert expert_files(out, 3) == ALL_EXPERT_FILES

@@ -31,6 +31,20 @@ def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=child_env(PYTHONPATH=str(REPO)))
 
 
+# The lines a run prints itself, by their beginnings: a line that begins otherwise is another library's.
+OUR_LINES = re.compile(r"start-up: |step \d+: |  moe layer \d+: |mfu not reported: |Done: |Outputs in |Report \(|"
+                       r"Export \(|router collapse warning, |\{\"steps\": ")
+# A progress bar (tqdm's, also datasets' own for its steps), on stderr: redrawn in place on a terminal.
+PROGRESS_BAR = re.compile(r".*\|.*\| \d+/\d+ \[")
+
+
+def not_ours(result: subprocess.CompletedProcess) -> list[str]:
+    """The console lines of a run that other libraries printed (progress bars aside)."""
+    lines = result.stdout.splitlines() + [line for line in re.split(r"[\r\n]", result.stderr)
+                                          if not PROGRESS_BAR.match(line)]
+    return [line for line in lines if line.strip() and not OUR_LINES.match(line)]
+
+
 @pytest.mark.slow
 def test_default_cli_trains_and_writes_its_outputs(tmp_path):
     out = tmp_path / "run"
@@ -38,6 +52,10 @@ def test_default_cli_trains_and_writes_its_outputs(tmp_path):
                        "--num_experts", "4", "--disable_tqdm")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Done: 60 steps, loss" in result.stdout
+    assert not_ours(result) == []  # DeepSpeed's lines of every run are dropped (run/library_noise.py)
+    assert (f"Export (an HF model and its tokenizer): python -m moe_models.export --checkpoint {out / 'checkpoints'} "
+            f"--output {out}-hf") in result.stdout.splitlines()
+    assert f"Report (plots, summary.txt): python -m moe_models.report {out}" in result.stdout.splitlines()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -143,6 +161,8 @@ def test_debug_script_runs_the_same_path(tmp_path):
     assert any(line.startswith("start-up: CPU threads: ") for line in lines)
     assert "note: " not in result.stdout  # the default run exports exactly: no early note
     assert "router collapse" not in result.stdout  # 2 x 128 tokens an interval: below --collapse_min_tokens
+    # the libraries' lines: DeepSpeed's of every run are dropped, a real warning (3 steps, 10 of warmup) still shows
+    assert [line.split("] ")[-1] for line in not_ours(result)] == ["total_num_steps 3 is less than warmup_num_steps 10"]
 
 
 @pytest.mark.slow
