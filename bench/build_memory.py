@@ -13,15 +13,14 @@ settings in that dtype.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _host_memory import GIB, PeakAbove, parameter_bytes  # noqa: E402
 from moe_models.models.source import load_dense_model  # noqa: E402
 from moe_models.moe.surgery import convert_to_moe  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
@@ -52,19 +51,18 @@ def main() -> None:
     cfg = parse_args(["--model_name_or_path", str(args.model_dir), "--num_experts", "4", "--top_k", "2",
                       "--ep_size", str(args.ep_size)])
     world = init_world()
-    before = psutil.Process().memory_info().rss
+    peak = PeakAbove()
     dtype = getattr(torch, args.dtype)
     dense = load_dense_model(cfg.model, vocab_needed=0, dtype=dtype)
     model = convert_to_moe(dense, cfg.moe, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = parameter_bytes(model)
     setup = Setup(world_size=world.world_size, ep_size=args.ep_size, zero_stage=2, bf16=dtype == torch.bfloat16,
                   offload_optimizer=False, micro_batch=1, block_size=128, gradient_accumulation_steps=1,
                   activation_checkpointing=False)
     planned = bytes_per_rank(model_shape(cfg), setup)["weights"]
-    print(f"rank {world.rank}: ep_size {args.ep_size}, {args.dtype}: build peak {(peak - before) / 2**30:.2f} GiB "
-          f"above the {before / 2**30:.2f} GiB before it; parameters held {held / 2**30:.2f} GiB; plan's weights "
-          f"{planned / 2**30:.2f} GiB", flush=True)
+    print(f"rank {world.rank}: ep_size {args.ep_size}, {args.dtype}: build peak {peak.bytes() / GIB:.2f} GiB "
+          f"above the {peak.before / GIB:.2f} GiB before it; parameters held {held / GIB:.2f} GiB; plan's weights "
+          f"{planned / GIB:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

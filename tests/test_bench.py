@@ -1,12 +1,14 @@
-"""The benchmarks in bench/ still start: every script parses its arguments (imports included) and prints its help."""
+"""The benchmarks in bench/ still start: every script parses its arguments (imports included) and prints its help; and
+the figures a benchmark compares with are right (bench/in_place_memory.py: the weights a rank holds)."""
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO, child_env
-
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")
@@ -16,3 +18,33 @@ def test_benchmark_script_starts(script):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "usage:" in result.stdout
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_in_place_memory_bench_expects_what_a_rank_of_ep2_holds(tmp_path, layout):
+    """bench/in_place_memory.py's weights per rank (non-expert parameters + half the experts, counted on the meta
+    model) are the bytes a rank of ep_size 2 holds after the in-place read, in either layout, and less than a whole
+    model: the rank read only its experts."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from moe_models.hf.in_place_load import load_in_place
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+                              num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
+                              kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, vocab_size=64)
+    whole = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    whole.save_pretrained(tmp_path, save_original_format=layout == "per_expert")
+    held = sum(p.numel() * p.element_size() for p in load_in_place(tmp_path, 2, 0, torch.bfloat16).parameters())
+    experts = sum(p.numel() for name, p in whole.named_parameters() if name.endswith(("experts.gate_up_proj",
+                                                                                      "experts.down_proj")))
+    assert held == (sum(p.numel() for p in whole.parameters()) - experts / 2) * 2
+    assert bench_module("in_place_memory").counted_weights_per_rank(tmp_path, 2, 2) == held
