@@ -1,5 +1,5 @@
 """Host memory of continuing an HF MoE folder in place (each rank reads only its experts), per rank, beside the
-weights a rank holds by the plan's rule.
+weights per rank of the plan.
 
     python bench/in_place_memory.py --model_dir DIR --save [--layout fused]   # once: DeepSeek-V3, 1.02 B, random bf16
     deepspeed --num_gpus 2 bench/in_place_memory.py --model_dir DIR --ep_size 2
@@ -14,10 +14,9 @@ probe, then hf/in_place_load.py, each rank reading only the slices of its expert
 resident memory of the process over the read, and again once every parameter has been read (a sum of each, as the
 first step reads them), above its memory before it (bench/_host_memory.py; the safetensors are memory-mapped, so
 the pages read count while they are resident, and a tensor kept as a view of the file has its pages read only when
-it is first used), the bytes of the parameters it holds, and
-the weights per rank by the plan's rule (moe_models/training/preflight.py `bytes_per_rank`): from the plan when it
-counts the folder, else from the parameters of the config's model built on the meta device (every non-expert
-parameter plus num_experts / ep_size experts per sparse block, 2 bytes each), which the line then says.
+it is first used), the bytes of the parameters it holds, and the plan's weights per rank (train.py --plan's
+count of the folder, moe_models/training/preflight.py `bytes_per_rank`: every non-expert parameter plus
+num_experts / ep_size experts per sparse block, 2 bytes each in bf16).
 """
 
 from __future__ import annotations
@@ -55,30 +54,14 @@ def save(model_dir: Path, layout: str) -> None:
     print(f"saved {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters to {model_dir} ({layout})")
 
 
-def counted_weights_per_rank(model_dir: Path, ep_size: int, width: int) -> float:
-    """Every non-expert parameter plus ep_size's share of the routed experts' (``...experts.*``, shared experts
-    aside), counted on the config's model built on the meta device, ``width`` bytes each."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    dense = sum(p.numel() for p in model.parameters()) - experts
-    return (dense + experts / ep_size) * width
-
-
-def planned_weights(cfg, model_dir: Path, ep_size: int, world_size: int) -> tuple[float, str]:
-    """The weights per rank of the plan (bf16), and where the figure comes from."""
-    from moe_models.run.config import ConfigError
+def planned_weights(cfg, world_size: int) -> float:
+    """The plan's weights per rank (bf16) of the run ``cfg`` describes (train.py --plan counts an in-place folder
+    from its config: its class on the meta device, the routed experts split by ep_size)."""
     from moe_models.training.preflight import Setup, bytes_per_rank, model_shape
 
-    setup = Setup(world_size=world_size, ep_size=ep_size, zero_stage=2, bf16=True, offload_optimizer=False,
+    setup = Setup(world_size=world_size, ep_size=cfg.moe.ep_size, zero_stage=2, bf16=True, offload_optimizer=False,
                   micro_batch=1, block_size=128, gradient_accumulation_steps=1, activation_checkpointing=False)
-    try:
-        return bytes_per_rank(model_shape(cfg), setup)["weights"], "plan's weights"
-    except ConfigError:  # the plan does not count an in-place folder yet
-        return counted_weights_per_rank(model_dir, ep_size, 2), "weights by the plan's rule, counted on the meta model"
+    return bytes_per_rank(model_shape(cfg), setup)["weights"]
 
 
 def touch_every_parameter(model) -> None:
@@ -107,10 +90,10 @@ def measure(model_dir: Path, ep_size: int) -> None:
     read = peak.bytes()
     touch_every_parameter(model)
     held = parameter_bytes(model)
-    planned, source = planned_weights(cfg, model_dir, ep_size, world.world_size)
+    planned = planned_weights(cfg, world.world_size)
     print(f"rank {world.rank}: ep_size {ep_size}, bf16, {model_dir.name}: peak {read / GIB:.2f} GiB over the read, "
           f"{peak.bytes() / GIB:.2f} GiB once every parameter is read, above the {peak.before / GIB:.2f} GiB before "
-          f"it; parameters held {held / GIB:.2f} GiB; {source} "
+          f"it; parameters held {held / GIB:.2f} GiB; the plan's weights per rank "
           f"{planned / GIB:.2f} GiB", flush=True)
 
 

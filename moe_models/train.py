@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world.rank), file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
     if world.is_main:
-        exportable = cfg.moe.moe_layers != NO_MOE_LAYERS and not is_in_place_folder(cfg.model.model_name_or_path)
+        exportable = cfg.moe.moe_layers != NO_MOE_LAYERS or is_in_place_folder(cfg.model.model_name_or_path)
         print_summary(summary, trainer.output_dir, next_steps(trainer.output_dir, exportable))
     return summary
 
@@ -252,7 +252,7 @@ def print_summary(summary: dict, output_dir: Path, next_lines: list[str]) -> Non
 
 def next_steps(output_dir: Path, exportable: bool) -> list[str]:
     """The commands that come after a run, with its folder: the report, and the export of an MoE model to its HF
-    class (not of a dense run, nor of a model continued in place, whose export is not written yet)."""
+    class (a model continued in place: its own class; not of a dense run)."""
     folder = shlex.quote(str(output_dir))
     lines = [f"Report (plots, summary.txt): python -m moe_models.report {folder}"]
     if exportable:

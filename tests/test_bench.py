@@ -29,12 +29,13 @@ def bench_module(name: str):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_in_place_memory_bench_expects_what_a_rank_of_ep2_holds(tmp_path, layout):
-    """bench/in_place_memory.py's weights per rank (non-expert parameters + half the experts, counted on the meta
-    model) are the bytes a rank of ep_size 2 holds after the in-place read, in either layout, and less than a whole
-    model: the rank read only its experts."""
+    """The plan's weights per rank that bench/in_place_memory.py prints beside its figures (non-expert parameters +
+    half the experts) are the bytes a rank of ep_size 2 holds after the in-place read, in either layout, and less
+    than a whole model: the rank read only its experts."""
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     from moe_models.hf.in_place_load import load_in_place
+    from moe_models.run.cli import parse_args
 
     torch.manual_seed(0)
     config = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
@@ -47,4 +48,5 @@ def test_in_place_memory_bench_expects_what_a_rank_of_ep2_holds(tmp_path, layout
     experts = sum(p.numel() for name, p in whole.named_parameters() if name.endswith(("experts.gate_up_proj",
                                                                                       "experts.down_proj")))
     assert held == (sum(p.numel() for p in whole.parameters()) - experts / 2) * 2
-    assert bench_module("in_place_memory").counted_weights_per_rank(tmp_path, 2, 2) == held
+    cfg = parse_args(["--model_name_or_path", str(tmp_path), "--ep_size", "2"])
+    assert bench_module("in_place_memory").planned_weights(cfg, world_size=2) == held

@@ -56,11 +56,13 @@ def biases(output_dir) -> dict[int, list[float]]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exactly(deepseek_folder, tmp_path):
+def test_a_deepseek_v3_folder_trains_in_place_at_ep2_as_at_ep1_and_resumes_exactly(deepseek_folder, tmp_path,
+                                                                                    capsys):
     # aux-loss-free balancing moves the family's correction bias by every rank's loads: the same at ep_size 1 and 2
     common = ["--model_name_or_path", str(deepseek_folder), *FLAGS, "--router_bias_update_rate", "1e-3"]
     # one process reading both ranks' sequences: a batch of 4 is the two ranks' batches of 2 (data/batches.py)
     one = train.main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ep1")])
+    assert f"python -m moe_models.export --checkpoint {tmp_path / 'ep1' / 'checkpoints'}" in capsys.readouterr().out
     launch(["train.py", *common, "--ep_size", "2", "--output_dir", str(tmp_path / "ep2")])
     ep1, ep2 = losses(tmp_path / "ep1"), losses(tmp_path / "ep2")
     assert ep1.keys() == ep2.keys() == {1, 2, 3, 4} and one["steps"] == 4
