@@ -53,7 +53,9 @@ def main() -> None:
     record = {"initial": expert_tensors(layers, lambda p: p), "losses": [],
               "parameters": sum(p.numel() for p in engine.module.parameters()), "moe_layers": len(layers)}
     for step in range(steps):
-        inputs = model_inputs(next(trainer.batches), world.device)
+        batch = next(trainer.batches)
+        trainer.moe_layers.ignore_padding(batch.get("attention_mask"), world.device)
+        inputs = model_inputs(batch, world.device)
         with HostSyncs() as syncs:
             lm_loss = lm_loss_of(engine, inputs)
             engine.backward(lm_loss + trainer.moe_layers.router_loss(lm_loss)[0])
