@@ -25,10 +25,16 @@ def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tens
     only when there is none (masking_utils), and a forward makes one by default (the config's use_cache)."""
     inputs = {name: batch[name].to(device) for name in MODEL_INPUTS if name in batch}
     inputs.setdefault("labels", inputs["input_ids"])
-    if "position_ids" in inputs:
-        inputs.pop("attention_mask", None)  # the MoE layers' only (moe/padding.py): with it transformers would not
-        inputs["use_cache"] = False         # look for the packed sequences
-    return inputs
+    return packed_forward(inputs)
+
+
+def packed_forward(inputs: dict) -> dict:
+    """A packed batch's (one with position ids) forward arguments: without its attention mask, which is the MoE
+    layers' alone (moe/padding.py; with it transformers would not look for the packed sequences), and without a KV
+    cache. Other batches as they are."""
+    if "position_ids" not in inputs:
+        return inputs
+    return {**{name: value for name, value in inputs.items() if name != "attention_mask"}, "use_cache": False}
 
 
 def target_count(labels_BT: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.batches import packed_forward
 from ..metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
@@ -113,8 +114,14 @@ class MoETrainer(Trainer):
         """The Trainer's loss plus, in training, the router losses of the same forward. The Trainer divides the loss
         by the accumulation steps afterwards unless the LM loss already is the micro-batch's share of the step's
         tokens (``num_items_in_batch``); the router loss, a mean over this micro-batch, then gets that division
-        here. Either way a step's loss is its LM loss plus the mean router loss of its micro-batches."""
+        here. Either way a step's loss is its LM loss plus the mean router loss of its micro-batches.
+
+        A batch with an ``attention_mask`` has its padding left out of routing (moe/padding.py); a packed one (with
+        ``position_ids``, as train.py's conversational blocks) runs without the mask and a KV cache, as train.py runs
+        it (data/batches.py)."""
         inputs = {name: value for name, value in inputs.items() if name != DOMAIN_IDS}
+        self.moe_layers.ignore_padding(inputs.get("attention_mask"), self.args.device)
+        inputs = packed_forward(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.model.training:
             extra, balance_loss = self.moe_layers.router_loss(loss)
