@@ -275,7 +275,7 @@ PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmo
                 "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01",
                 "--train_file", str(REPO / "examples" / "chat" / "conversations.jsonl"),
                 "--chat_template", str(REPO / "examples" / "chat" / "chat.jinja"), "--block_size", "128",
-                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
+                "--per_device_train_batch_size", "2", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
                 "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm",
                 "--peak_tflops", "0.002"]
 # Each trainer's own values beside the row the bookkeeping (training/bookkeeping.py) gives both.
