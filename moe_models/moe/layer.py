@@ -125,9 +125,13 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """With ``real_tokens`` set (the batch has padding), only the real tokens are routed and counted; the
         padding's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
-        real = self.real_tokens
-        if real is None:
+        if self.real_tokens is None:
             return self._forward_tokens(hidden_states)
+        return self._forward_real_tokens(hidden_states)
+
+    @torch.compiler.disable  # the real tokens' count changes with every batch: no graph per count (--compile)
+    def _forward_real_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        real = self.real_tokens
         if not isinstance(self.moe, GroupedMoE) and self.moe.ep_size > 1 and self.router.drop_tokens:
             raise ValueError("--moe_impl deepspeed with --drop_tokens at ep_size > 1 cannot leave padding out of the "
                              "capacity (its all-to-all needs the same token count on every rank): use --moe_impl "
