@@ -100,6 +100,21 @@ def test_the_sequence_loss_and_the_bias_load_count_each_row_s_real_tokens(world)
     assert layer.router.step_load.local_E.tolist() == [6, 4, 4, 2]
 
 
+def test_the_global_batch_loss_counts_the_real_tokens(world):
+    """--aux_loss_type global_batch on one rank, first micro-batch: E x sum_e f_e x P_e, f_e the routes to e over
+    the 8 real tokens x k, P_e the mean probability of e over them."""
+    cfg = MoEConfig(num_experts=E, top_k=2, aux_loss_type="global_batch", use_rts=False,
+                    top2_2nd_expert_sampling=False)
+    layer = MoEFeedForward(torch.nn.Linear(E, E), hidden_size=E, num_experts=E, cfg=cfg).train()
+    with torch.no_grad():
+        layer.router.wg.weight.copy_(10 * torch.eye(E))
+    without_padding(layer, ATTENTION_MASK)
+    layer(padded_batch())
+    P_E = softmax_of_choices().mean(dim=0)
+    f_E = [sum(e in choice for choice in CHOICES) / (len(CHOICES) * 2) for e in range(E)]
+    assert layer.balance_loss.item() == pytest.approx(E * sum(f_E[e] * P_E[e].item() for e in range(E)), rel=1e-6)
+
+
 def test_no_mask_or_no_padding_routes_every_token(world):
     layer = routed_layer(2, None)
     without_padding(layer, torch.ones(2, 8, dtype=torch.long))
