@@ -131,6 +131,14 @@ class MoETrainer(Trainer):
             self.book.add_micro_batch(inputs["input_ids"], balance_loss, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's forward and backward; then the MoE layers forget the batch's padding (``compute_loss`` gave
+        it to them, and a recompute in the backward needed it), so that no later forward reads it."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.moe_layers.ignore_padding(None, self.args.device)
+
     def divides_loss_later(self, num_items_in_batch) -> bool:
         """Whether ``Trainer.training_step`` divides what ``compute_loss`` returns by the accumulation steps (its own
         condition)."""
@@ -213,7 +221,10 @@ class MoETrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         domain_ids = inputs.pop(DOMAIN_IDS, None) if isinstance(inputs, dict) else None
-        result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        try:
+            result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self.moe_layers.ignore_padding(None, self.args.device)  # as after a training step
         if self.domain_routes is not None:
             self.domain_routes.add(domain_ids)
         return result
