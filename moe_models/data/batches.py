@@ -21,13 +21,21 @@ def _as_tensors(dataset: Dataset) -> Dataset:
 def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """The forward's arguments of a batch, on ``device``: its input ids, its labels (the input ids themselves for
     text blocks, where every token is a target) and, for conversational data, its position ids (packed) or attention
-    mask (padded). Packed blocks run without a KV cache: transformers looks for packed sequences in the position ids
-    only when there is none (masking_utils), and a forward makes one by default (the config's use_cache)."""
+    mask (padded; a packed block's mask, 0 on its free end, is for the MoE layers alone: ``MoELayers.ignore_padding``).
+    Packed blocks run without a KV cache: transformers looks for packed sequences in the position ids only when there
+    is none (masking_utils), and a forward makes one by default (the config's use_cache)."""
     inputs = {name: batch[name].to(device) for name in MODEL_INPUTS if name in batch}
     inputs.setdefault("labels", inputs["input_ids"])
-    if "position_ids" in inputs:
-        inputs["use_cache"] = False
-    return inputs
+    return packed_forward(inputs)
+
+
+def packed_forward(inputs: dict) -> dict:
+    """A packed batch's (one with position ids) forward arguments: without its attention mask, which is the MoE
+    layers' alone (moe/padding.py; with it transformers would not look for the packed sequences), and without a KV
+    cache. Other batches as they are."""
+    if "position_ids" not in inputs:
+        return inputs
+    return {**{name: value for name, value in inputs.items() if name != "attention_mask"}, "use_cache": False}
 
 
 def target_count(labels_BT: torch.Tensor) -> torch.Tensor:

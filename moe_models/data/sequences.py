@@ -9,7 +9,11 @@ Then, in each map batch of 1000 records:
   sequence, which is how transformers finds packed sequences and keeps attention within each (masking_utils for
   sdpa and eager, cu_seqlens for flash attention). The free end of a block is padding: pad tokens, label -100,
   positions of a sequence of their own.
-- without packing: one sequence per row, padded to --block_size, with an ``attention_mask`` that is 0 on the padding.
+- without packing: one sequence per row, padded to --block_size.
+
+Either way a block's ``attention_mask`` is 0 on its padding: the MoE layers route its real tokens only
+(moe/padding.py), and a padded row's forward takes it (a packed one's does not: transformers looks for packed
+sequences in the position ids only without a mask).
 
 The first token of every sequence gets label -100: it is never a target of its own sequence, and in a packed block it
 would otherwise be a target of the sequence before it.
@@ -143,7 +147,7 @@ def _blocks(batch: dict, block_size: int, pad: int, packing: bool, drop_overlong
             if not batch["untrained"][row] and not (drop_overlong and batch["overlong"][row])]
     lengths = [len(ids) for ids in batch["input_ids"]]
     groups = best_fit_decreasing(kept, lengths, block_size) if packing else [[row] for row in kept]
-    out = {"input_ids": [], "labels": [], "position_ids" if packing else "attention_mask": []}
+    out = {"input_ids": [], "labels": [], "attention_mask": [], **({"position_ids": []} if packing else {})}
     if "domain_ids" in batch:
         out["domain_ids"] = []
     for group in groups:
@@ -154,8 +158,7 @@ def _blocks(batch: dict, block_size: int, pad: int, packing: bool, drop_overlong
         if packing:
             out["position_ids"].append(list(itertools.chain(*(range(len(batch["input_ids"][row])) for row in group),
                                                             range(free))))
-        else:
-            out["attention_mask"].append([1] * (block_size - free) + [0] * free)
+        out["attention_mask"].append([1] * (block_size - free) + [0] * free)
         if "domain_ids" in batch:
             out["domain_ids"].append(list(itertools.chain(*(batch["domain_ids"][row] for row in group)))
                                      + [-1] * free)

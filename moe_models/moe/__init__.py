@@ -5,6 +5,7 @@ record), ``dispatcher`` (routes sorted by expert; the all-to-all at ep_size > 1)
 one grouped GEMM, or one by one), and the combine in ``layer``; ``shared`` holds the always-on experts the layer
 adds beside them. ``surgery`` puts layers into a model by its ``MoELayout`` (run/moe_layout.py), after ``checks`` and
 ``parallel`` (which also makes the expert-parallel groups); ``counters`` add up the ``Routes`` of training forwards;
+``padding`` leaves a batch's padding out of routing;
 ``step`` is what every trainer calls: the router losses, the bias updates after an optimizer step, the metrics.
 
 Shape letters, one legend for the whole package (a tensor's name ends with its shape): B batch, S sequence,

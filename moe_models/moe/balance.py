@@ -44,6 +44,19 @@ def sequence_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, tok
     return E * (chosen_BE / (S * K) * P_BE).sum(dim=1).mean()
 
 
+def sequence_balance_loss_by_rows(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, rows_T: torch.Tensor,
+                                  rows: int) -> torch.Tensor:
+    """``sequence_balance_loss`` for sequences of different lengths: token t is in sequence ``rows_T[t]`` of
+    ``rows`` (each with a token), as when a padded batch's real tokens alone are routed (moe/padding.py)."""
+    T, E = probs_TE.shape
+    K = topk_ids_TK.shape[1]
+    chosen_TE = torch.zeros_like(probs_TE).scatter_(1, topk_ids_TK, 1.0)
+    chosen_BE = probs_TE.new_zeros(rows, E).index_add_(0, rows_T, chosen_TE)
+    P_sum_BE = probs_TE.new_zeros(rows, E).index_add_(0, rows_T, probs_TE)
+    tokens_B1 = probs_TE.new_zeros(rows).index_add_(0, rows_T, probs_TE.new_ones(T)).unsqueeze(1)
+    return E * (chosen_BE / (tokens_B1 * K) * P_sum_BE / tokens_B1).sum(dim=1).mean()
+
+
 class StepLoad:
     """Routes chosen per expert over the training forwards of one optimizer step, for what balances by the step's
     load: this rank's counts (for the aux-loss-free bias) and, for the global-batch loss, every rank's so far (with

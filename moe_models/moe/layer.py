@@ -24,6 +24,7 @@ from .adaptive import dynamic_loss
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for
 from .experts import GroupedFFNExperts, StackedExperts, local_experts, per_expert_key
+from .padding import RealTokens
 from .parallel import expert_parallel_rank
 from .router import Router, Scoring, recomputing
 from .shared import SharedExpertCounters, shared_experts_output, widened_ffn, zero_gate
@@ -78,6 +79,7 @@ class MoEFeedForward(nn.Module):
         self.dynamic_loss_coef = cfg.dynamic_loss_coef
         self.dynamic_loss: torch.Tensor | None = None  # the last forward's, with its graph, when it is on
         self.last_topk_ids_TK: torch.Tensor | None = None  # the last forward's routes (global ids; for eval counts)
+        self.real_tokens: RealTokens | None = None  # the batch's real tokens: padding is not routed (moe/padding.py)
         self.routing = RoutingCounters(num_experts, cfg.top_k)
         shared = cfg.num_shared_experts > 0
         copies = MoELayout.of_layer(cfg, num_experts).shared_copies
@@ -121,6 +123,30 @@ class MoEFeedForward(nn.Module):
         return range(first, first + n_local)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """With ``real_tokens`` set (the batch has padding), only the real tokens are routed and counted; the
+        padding's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
+        if self.real_tokens is None:
+            return self._forward_tokens(hidden_states)
+        return self._forward_real_tokens(hidden_states)
+
+    @torch.compiler.disable  # the real tokens' count changes with every batch: no graph per count (--compile)
+    def _forward_real_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        real = self.real_tokens
+        if not isinstance(self.moe, GroupedMoE) and self.moe.ep_size > 1 and self.router.drop_tokens:
+            raise ValueError("--moe_impl deepspeed with --drop_tokens at ep_size > 1 cannot leave padding out of the "
+                             "capacity (its all-to-all needs the same token count on every rank): use --moe_impl "
+                             "grouped (the default)")
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        self.router.real_rows = real.rows_N, real.rows  # the sequence balance loss counts per batch row
+        try:
+            y_ND = self._forward_tokens(real.take(x_TD).unsqueeze(0)).squeeze(0)
+        finally:
+            self.router.real_rows = None
+        if self.last_topk_ids_TK is not None:
+            self.last_topk_ids_TK = real.put(self.last_topk_ids_TK, fill=-1)
+        return real.put(y_ND).reshape(hidden_states.shape)
+
+    def _forward_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output, self.balance_loss, _ = self.moe(hidden_states)
         routes, self.router.last_routes = self.router.last_routes, None
         self.last_topk_ids_TK = routes.topk_ids_TK if routes is not None else None

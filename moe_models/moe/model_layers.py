@@ -3,6 +3,7 @@ share, training/bookkeeping.py, and MoETrainer's loss), so that both add the sam
 log the same metrics.
 
     moe_layers = MoELayers(model)                           the MoEFeedForward layers, in model order (iterable)
+    moe_layers.ignore_padding(batch["attention_mask"], dev) before each forward of a batch with padding
     loss, balance_loss = moe_layers.router_loss(lm_loss)    after each training forward: what the routers add
     ... backward, optimizer step ...
     moe_layers.after_optimizer_step(applied)                every rank, after each optimizer step (applied or skipped)
@@ -33,6 +34,7 @@ from .dispatcher import AllToAllDispatcher
 from .domain_routing import DomainRouteCounts
 from .fused_experts import FusedExperts
 from .layer import MoEFeedForward, moe_layers_of
+from .padding import RealTokens
 from .shared import SharedSums
 
 
@@ -78,6 +80,13 @@ class MoELayers:
         if other_losses:
             loss = loss + torch.stack(other_losses).sum()
         return loss, balance_loss(self.layers)
+
+    def ignore_padding(self, attention_mask_BS: torch.Tensor | None, device: torch.device) -> None:
+        """Before each forward, training or eval: the batch's attention mask (1 real, 0 padding; None or all ones:
+        no padding), so that every MoE layer routes, counts and balances its real tokens only (moe/padding.py)."""
+        real = RealTokens.of(attention_mask_BS, device) if self.layers else None
+        for layer in self.layers:
+            layer.real_tokens = real
 
     # -- after the optimizer step ------------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from deepspeed.moe.sharded_moe import (TopKGate, gumbel_rsample, multiplicative_
                                       topkgating)
 
 from .adaptive import top_p_choice, without_null_routes
-from .balance import StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss, switch_balance_loss
+from .balance import (StepLoad, balance_probs, global_batch_balance_loss, sequence_balance_loss,
+                      sequence_balance_loss_by_rows, switch_balance_loss)
 from .routes import Routes, _mask, _renormalised, recomputing, routes_per_expert
 
 
@@ -103,6 +104,8 @@ class Router(TopKGate):
         self.register_buffer("score_bias", None)
         self.step_load = StepLoad()  # this optimizer step's routes per expert (moe/balance.py)
         self.force_balanced = False  # --benchmark_balanced_routing: ``balanced_routes`` replaces the choice
+        self.real_rows: Optional[tuple[torch.Tensor, int]] = None  # (row of each token, rows): a padded batch's real
+        #                                                  tokens alone (moe/padding.py), for the sequence balance loss
 
     @property
     def num_real_experts(self) -> int:
@@ -174,7 +177,9 @@ class Router(TopKGate):
         weights_TK = weights_TK * s.routed_scaling_factor
         chosen_E = routes_per_expert(topk_ids_TK, E_all)
         probs_TE = balance_probs(scores_TE)
-        if s.aux_loss_type == "sequence":
+        if s.aux_loss_type == "sequence" and self.real_rows is not None:
+            balance_loss = sequence_balance_loss_by_rows(probs_TE, topk_ids_TK, *self.real_rows)
+        elif s.aux_loss_type == "sequence":
             balance_loss = sequence_balance_loss(probs_TE, topk_ids_TK, tokens_per_sequence)
         elif s.aux_loss_type == "global_batch" and self.training:  # a recompute reuses its forward's counts
             step_counts_E1 = self.step_load.all_ranks_E1 if recomputing() else self.step_load.add_all_ranks(chosen_E, T)

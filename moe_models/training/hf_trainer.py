@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.batches import packed_forward
 from ..metrics.collapse import CollapseMonitor, CollapseThresholds, console_line
 from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
@@ -113,8 +114,14 @@ class MoETrainer(Trainer):
         """The Trainer's loss plus, in training, the router losses of the same forward. The Trainer divides the loss
         by the accumulation steps afterwards unless the LM loss already is the micro-batch's share of the step's
         tokens (``num_items_in_batch``); the router loss, a mean over this micro-batch, then gets that division
-        here. Either way a step's loss is its LM loss plus the mean router loss of its micro-batches."""
+        here. Either way a step's loss is its LM loss plus the mean router loss of its micro-batches.
+
+        A batch with an ``attention_mask`` has its padding left out of routing (moe/padding.py); a packed one (with
+        ``position_ids``, as train.py's conversational blocks) runs without the mask and a KV cache, as train.py runs
+        it (data/batches.py)."""
         inputs = {name: value for name, value in inputs.items() if name != DOMAIN_IDS}
+        self.moe_layers.ignore_padding(inputs.get("attention_mask"), self.args.device)
+        inputs = packed_forward(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.model.training:
             extra, balance_loss = self.moe_layers.router_loss(loss)
@@ -123,6 +130,14 @@ class MoETrainer(Trainer):
             loss = loss + extra
             self.book.add_micro_batch(inputs["input_ids"], balance_loss, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's forward and backward; then the MoE layers forget the batch's padding (``compute_loss`` gave
+        it to them, and a recompute in the backward needed it), so that no later forward reads it."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.moe_layers.ignore_padding(None, self.args.device)
 
     def divides_loss_later(self, num_items_in_batch) -> bool:
         """Whether ``Trainer.training_step`` divides what ``compute_loss`` returns by the accumulation steps (its own
@@ -206,7 +221,10 @@ class MoETrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         domain_ids = inputs.pop(DOMAIN_IDS, None) if isinstance(inputs, dict) else None
-        result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        try:
+            result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self.moe_layers.ignore_padding(None, self.args.device)  # as after a training step
         if self.domain_routes is not None:
             self.domain_routes.add(domain_ids)
         return result

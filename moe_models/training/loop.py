@@ -131,7 +131,9 @@ class TrainLoop:
         self.book.start_step()
         lm_loss_sum = self.zero()
         for _ in range(self.cfg.train.gradient_accumulation_steps):
-            inputs = model_inputs(next(self.batches), self.world.device)
+            batch = next(self.batches)
+            self.moe_layers.ignore_padding(batch.get("attention_mask"), self.world.device)
+            inputs = model_inputs(batch, self.world.device)
             input_ids = inputs["input_ids"]
             lm_loss = lm_loss_of(self.engine, inputs, **self.forward_kwargs)
             router_loss, balance_loss = self.moe_layers.router_loss(lm_loss)
@@ -177,6 +179,7 @@ class TrainLoop:
         domain_routes = self.moe_layers.domain_routes(len(self.domains), self.world.device, self.domains)
         for batch in eval_batches(self.eval_set, self.cfg.train.per_device_eval_batch_size, self.world.rank,
                                   self.world.world_size, self.cfg.train.max_eval_batches):
+            self.moe_layers.ignore_padding(batch.get("attention_mask"), self.world.device)
             inputs = model_inputs(batch, self.world.device)
             targets = target_count(inputs["labels"]).double()
             output = self.engine(**{**self.forward_kwargs, **inputs})

@@ -91,10 +91,11 @@ def test_labels_and_packing_are_the_hand_computation(template, tmp_path, tokeniz
     assert sum(lengths) <= BLOCK  # all three fit one block
     pad = BLOCK - sum(lengths)
     block = data.validation[0]
-    assert len(data.validation) == 1 and set(block) == {"input_ids", "labels", "position_ids"}
+    assert len(data.validation) == 1 and set(block) == {"input_ids", "labels", "position_ids", "attention_mask"}
     assert block["input_ids"] == sum((ids for ids, _ in expected), []) + [tokenizer.pad_token_id] * pad
     assert block["labels"] == sum((labels for _, labels in expected), []) + [-100] * pad
     assert block["position_ids"] == sum((list(range(n)) for n in lengths), []) + list(range(pad))
+    assert block["attention_mask"] == [1] * sum(lengths) + [0] * pad  # for the MoE layers: padding is not routed
     assert data.sequences["validation"] == {"sequences": 3, "overlong": 0, "untrained": 0, "blocks": 1}
 
 

@@ -6,6 +6,7 @@ does, takes a few optimizer steps, and writes what the tests compare to OUTPUT_D
 - the loss of every step as logged (mean over ranks);
 - the number of parameters this rank holds;
 - the host syncs of the second step's forward and backward (tests/host_syncs.py) and the number of MoE layers;
+- the tokens of its batches that are not padding, and those the first MoE layer routed;
 then it saves a checkpoint like train.py.
 
 Usage: deepspeed --num_gpus N tests/scripts/probe.py --steps K <train.py flags>
@@ -51,9 +52,13 @@ def main() -> None:
     world, trainer = build(cfg)
     engine, layers = trainer.engine, moe_layers_of(trainer.engine.module)
     record = {"initial": expert_tensors(layers, lambda p: p), "losses": [],
-              "parameters": sum(p.numel() for p in engine.module.parameters()), "moe_layers": len(layers)}
+              "parameters": sum(p.numel() for p in engine.module.parameters()), "moe_layers": len(layers),
+              "real_tokens": 0}
     for step in range(steps):
-        inputs = model_inputs(next(trainer.batches), world.device)
+        batch = next(trainer.batches)
+        record["real_tokens"] += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
+        trainer.moe_layers.ignore_padding(batch.get("attention_mask"), world.device)
+        inputs = model_inputs(batch, world.device)
         with HostSyncs() as syncs:
             lm_loss = lm_loss_of(engine, inputs)
             engine.backward(lm_loss + trainer.moe_layers.router_loss(lm_loss)[0])
@@ -67,6 +72,7 @@ def main() -> None:
         trainer.moe_layers.after_optimizer_step(engine.was_step_applied())
         mean_loss = all_reduce_sum(lm_loss.detach().clone()) / world.world_size
         record["losses"].append(mean_loss.item())
+    record["routed_tokens"] = int(layers[0].routing.sums(world.device).tokens)
     trainer.state.step = steps
     trainer.save()
     torch.save(record, Path(cfg.train.output_dir) / f"probe_rank{world.rank}.pt")

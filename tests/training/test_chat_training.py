@@ -63,6 +63,8 @@ def test_the_answers_are_learned_where_the_noise_cannot_be(masked, tmp_path, cha
     train_rows = [row for row in rows(masked) if "loss" in row]
     # every block holds one conversation, so each step trains on its 4 answer tokens per row
     assert {row["trained_tokens"] for row in train_rows} == {BATCH * ANSWER_TOKENS}
+    # ...and the MoE layers route its 45 tokens, not the 19 of padding after them
+    assert {row["moe/layer_0/routed_tokens"] for row in train_rows} == {BATCH * 45}
     assert train_rows[0]["loss"] > 3.0
     answers_loss = [row for row in rows(masked) if "eval_loss" in row][-1]["eval_loss"]
     all_loss = [row for row in rows(unmasked) if "eval_loss" in row][-1]["eval_loss"]

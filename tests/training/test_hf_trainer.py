@@ -270,9 +270,12 @@ def test_the_example_runs_and_the_docs_show_it_verbatim(tmp_path):
 
 # -- one MoE step for both trainers (moe/model_layers.py) ------------------------------------------------------------------
 
+# Conversations, packed: the loss on the answers, and the padding at the end of each block not routed.
 PARITY_FLAGS = ["--num_experts", "4", "--top_k", "2", "--score_function", "sigmoid",
-                "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01", "--synthetic_examples", "300", "--block_size", "32",
-                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
+                "--router_bias_update_rate", "0.01", "--router_z_loss_coef", "0.01",
+                "--train_file", str(REPO / "examples" / "chat" / "conversations.jsonl"),
+                "--chat_template", str(REPO / "examples" / "chat" / "chat.jinja"), "--block_size", "128",
+                "--per_device_train_batch_size", "2", "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
                 "--max_eval_batches", "1", "--warmup_steps", "2", "--deepspeed", "zero2", "--disable_tqdm",
                 "--peak_tflops", "0.002"]
 # Each trainer's own values beside the row the bookkeeping (training/bookkeeping.py) gives both.
@@ -294,8 +297,10 @@ def moe_keys(row: dict) -> dict:
 
 
 def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
-    """The same model (built as train.py builds it), the same batches in the same order, the same DeepSpeed optimizer
-    and schedule (train.py's resolved JSON): both trainers log the same MoE keys with the same values at every step,
+    """The same model (built as train.py builds it), the same batches in the same order (packed conversations: their
+    labels, position ids and padding), the same DeepSpeed optimizer and schedule (train.py's resolved JSON): both
+    trainers train on the same answer tokens, route the same real tokens (not the padding) and log the same MoE keys
+    with the same values at every step,
     with the scored rule, the z-loss and the aux-loss-free bias on (the biases move the routing of later steps); the
     same row keys beside each trainer's own, and MFU from the same FLOPs per token (PaLM's 6 N + 12 L d T of the
     sequence length, the figure train.py records) and peak."""
@@ -310,8 +315,10 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
     model = convert_to_moe(load_dense_model(cfg.model, vocab_needed=len(tokenizer)), cfg.moe, seed=cfg.train.seed)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     batches = data.train_batches(cfg.train.per_device_train_batch_size, 0, 1, seed=cfg.train.seed)
-    ids = torch.cat([next(batches)["input_ids"] for _ in range(cfg.train.max_steps)]).tolist()
-    blocks = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    steps = [next(batches) for _ in range(cfg.train.max_steps)]
+    assert set(steps[0]) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    assert all((batch["position_ids"][:, 1:] == 0).any(dim=1).all() for batch in steps)  # 2+ sequences in each block
+    blocks = Dataset.from_dict({name: torch.cat([batch[name] for batch in steps]).tolist() for name in steps[0]})
     t = cfg.train
     args = trainer_args(tmp_path / "hf", deepspeed=record.resolved.deepspeed_config, max_steps=t.max_steps,
                         per_device_train_batch_size=t.per_device_train_batch_size, learning_rate=t.learning_rate,
@@ -321,8 +328,14 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
                       peak_tflops=0.002)
     trainer.train()
     theirs = [row for row in trainer.state.log_history if "loss" in row]
+    assert all(layer.real_tokens is None for layer in trainer.moe_layers)  # the last batch's padding forgotten
 
     assert [row["step"] for row in theirs] == [row["step"] for row in ours] == [1, 2, 3, 4]
+    real_tokens = [int(batch["attention_mask"].sum()) for batch in steps]
+    assert all(real < cfg.train.per_device_train_batch_size * 128 for real in real_tokens)  # each step has padding
+    for mine, hf, real, batch in zip(ours, theirs, real_tokens, steps):
+        assert mine["moe/layer_0/routed_tokens"] == hf["moe/layer_0/routed_tokens"] == real
+        assert mine["trained_tokens"] == hf["trained_tokens"] == int((batch["labels"][:, 1:] != -100).sum())
     for mine, hf in zip(ours, theirs):
         expected, logged = moe_keys(mine), moe_keys(hf)
         assert logged.keys() == expected.keys() and len(expected) > 4 * 12
@@ -332,7 +345,7 @@ def test_train_py_and_moe_trainer_log_the_same_moe_metrics(world, tmp_path):
         assert set(scalars(mine, per_expert=True)) - OWN_KEYS["train.py"] == set(hf) - OWN_KEYS["MoETrainer"]
     flops = record.resolved.flops_per_token
     assert trainer.book.flops_per_token == flops and flops == 6 * active_parameters(
-        trainer.model, trainer.moe_layers) + 12 * 4 * trainer.model.config.hidden_size * 32  # 4 blocks, 32 tokens
+        trainer.model, trainer.moe_layers) + 12 * 4 * trainer.model.config.hidden_size * 128  # 4 blocks, 128 tokens
     for row in (*ours, *theirs):
         assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / 0.002e12, rel=1e-9)
 
