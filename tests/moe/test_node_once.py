@@ -15,6 +15,8 @@ from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.node_once import NodeOnceDispatcher
 from moe_models.moe.routes import Routes, routes_per_expert
 from moe_models.run.config import MoEConfig
+from moe_models.training.node_once_bytes import node_once_bytes, nodes_per_token
+from moe_models.training.preflight import Setup
 
 RANKS, NODE, E, D = 4, 2, 8, 8
 L = E // RANKS  # experts per rank; node 0 holds experts 0-3 (ranks 0, 1), node 1 experts 4-7 (ranks 2, 3)
@@ -117,6 +119,19 @@ def _rank(rank: int, port: int):
             across[m] = torch.tensor(float(runs["node_once"][4][1]))
             dist.all_reduce(across[m])
         assert across[1] < across[2]
+
+        # --benchmark_balanced_routing's routes (token t on experts (t k + j) mod E), 2 sequences of 6 tokens, top-3:
+        # the plan's count is the mean of the ranks' counts
+        ids_TK = (torch.arange(12 * 3) % E).view(12, 3)
+        x_TD, grad_TD, weights_TK = (torch.randn(12, n, generator=gen) for n in (D, D, 3))
+        counted = torch.tensor(_run(dispatchers["node_once"], local_LDD, x_TD, ids_TK, weights_TK, grad_TD)[4],
+                               dtype=torch.float64)
+        dist.all_reduce(counted)
+        setup = Setup(world_size=RANKS, ep_size=RANKS, zero_stage=0, bf16=False, offload_optimizer=False,
+                      micro_batch=2, block_size=6, gradient_accumulation_steps=1, activation_checkpointing=False,
+                      dispatcher="node_once")
+        balanced = MoEConfig(num_experts=E, top_k=3, ep_size=RANKS, benchmark_balanced_routing=True)
+        assert tuple((counted / RANKS).tolist()) == pytest.approx(node_once_bytes(balanced, 1, 3, D, setup, NODE))
     finally:
         dist.destroy_process_group()
 
@@ -124,3 +139,14 @@ def _rank(rank: int, port: int):
 @pytest.mark.distributed
 def test_node_once_equals_per_route_and_crosses_each_node_once():
     mp.start_processes(_rank, args=(free_port(),), nprocs=RANKS, start_method="fork")  # no re-import per rank
+
+
+def test_nodes_a_token_reaches_as_the_plan_counts_them():
+    # k of E experts drawn evenly: a node of E / n experts is missed with probability C(E - E/n, k) / C(E, k)
+    assert nodes_per_token(8, 4, 2, tokens=1, balanced=False) == pytest.approx(2 * (1 - 1 / 70))
+    assert nodes_per_token(8, 2, 4, tokens=1, balanced=False) == pytest.approx(4 * (1 - 15 / 28))
+    # node-limited routing, one group per node: M = 1 reaches one node, M = 2 of 4 groups on 2 nodes at most two
+    assert nodes_per_token(8, 4, 2, 1, False, expert_groups=2, max_groups=1) == 1
+    assert 1 < nodes_per_token(16, 4, 4, 1, False, expert_groups=4, max_groups=2) <= 2
+    # benchmark routing, 8 experts on 2 nodes, top-3: tokens 0..3 on {0,1,2} {3,4,5} {6,7,0} {1,2,3}: 1, 2, 2, 1
+    assert nodes_per_token(8, 3, 2, tokens=4, balanced=True) == 1.5
