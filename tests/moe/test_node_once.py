@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port, tiny_model
 
+from moe_models.moe.checks import moe_problems
 from moe_models.moe.dispatcher import AllToAllDispatcher
 from moe_models.moe.layer import MoEFeedForward
 from moe_models.moe.node_once import NodeOnceDispatcher
@@ -150,3 +151,9 @@ def test_nodes_a_token_reaches_as_the_plan_counts_them():
     assert 1 < nodes_per_token(16, 4, 4, 1, False, expert_groups=4, max_groups=2) <= 2
     # benchmark routing, 8 experts on 2 nodes, top-3: tokens 0..3 on {0,1,2} {3,4,5} {6,7,0} {1,2,3}: 1, 2, 2, 1
     assert nodes_per_token(8, 3, 2, tokens=4, balanced=True) == 1.5
+
+
+def test_node_once_is_refused_on_the_stock_layer():
+    problems = moe_problems(MoEConfig(dispatcher="node_once", moe_impl="deepspeed"))
+    assert "--dispatcher node_once needs --moe_impl grouped (the stock layer has its own exchange)" in problems
+    assert not any("dispatcher" in p for p in moe_problems(MoEConfig(dispatcher="node_once")))
