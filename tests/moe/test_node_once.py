@@ -17,7 +17,8 @@ from moe_models.moe.node_once import NodeOnceDispatcher
 from moe_models.moe.routes import Routes, routes_per_expert
 from moe_models.run.config import MoEConfig
 from moe_models.training.node_once_bytes import node_once_bytes, nodes_per_token
-from moe_models.training.preflight import Setup
+from moe_models.training.preflight import ModelShape, Setup, all_to_all_bytes_per_step
+from moe_models.training.step_time import all_to_all_split
 
 RANKS, NODE, E, D = 4, 2, 8, 8
 L = E // RANKS  # experts per rank; node 0 holds experts 0-3 (ranks 0, 1), node 1 experts 4-7 (ranks 2, 3)
@@ -122,17 +123,25 @@ def _rank(rank: int, port: int):
         assert across[1] < across[2]
 
         # --benchmark_balanced_routing's routes (token t on experts (t k + j) mod E), 2 sequences of 6 tokens, top-3:
-        # the plan's count is the mean of the ranks' counts
+        # the plan's counts (either dispatcher) are the mean of the ranks' counts
         ids_TK = (torch.arange(12 * 3) % E).view(12, 3)
         x_TD, grad_TD, weights_TK = (torch.randn(12, n, generator=gen) for n in (D, D, 3))
-        counted = torch.tensor(_run(dispatchers["node_once"], local_LDD, x_TD, ids_TK, weights_TK, grad_TD)[4],
-                               dtype=torch.float64)
-        dist.all_reduce(counted)
+        counted = {name: torch.tensor(_run(d, local_LDD, x_TD, ids_TK, weights_TK, grad_TD)[4], dtype=torch.float64)
+                   for name, d in dispatchers.items()}
+        for sums in counted.values():
+            dist.all_reduce(sums)
         setup = Setup(world_size=RANKS, ep_size=RANKS, zero_stage=0, bf16=False, offload_optimizer=False,
                       micro_batch=2, block_size=6, gradient_accumulation_steps=1, activation_checkpointing=False,
                       dispatcher="node_once")
         balanced = MoEConfig(num_experts=E, top_k=3, ep_size=RANKS, benchmark_balanced_routing=True)
-        assert tuple((counted / RANKS).tolist()) == pytest.approx(node_once_bytes(balanced, 1, 3, D, setup, NODE))
+        planned = node_once_bytes(balanced, 1, 3, D, setup, NODE)
+        assert tuple((counted["node_once"] / RANKS).tolist()) == pytest.approx(planned)
+        shape = ModelShape(dense_parameters=0, expert_parameters=0, active_parameters=0, flops_per_token=0.0,
+                           num_layers=1, hidden_size=D, vocab_size=1, moe_layers=1, routes=3, routed_units=0,
+                           always_on_units=0, router_outputs=E)
+        per_route = all_to_all_split(all_to_all_bytes_per_step(shape, setup), RANKS, NODE)
+        assert tuple((counted["per_route"] / RANKS).tolist()) == pytest.approx(per_route)
+        assert planned[1] < per_route[1]
     finally:
         dist.destroy_process_group()
 
