@@ -223,8 +223,8 @@ def all_to_all_bytes_by_node(cfg: RunConfig, shape: ModelShape, setup: Setup,
                              devices_per_node: int) -> tuple[float, float]:
     """(in node, across nodes) bytes one rank's dispatcher sends per step: per_route's bytes over its peers
     (step_time.all_to_all_split), node_once's by training/node_once_bytes.py."""
-    if setup.dispatcher == "node_once":
-        return node_once_bytes(cfg.moe, shape.moe_layers, shape.routes // max(shape.moe_layers, 1),
+    if setup.dispatcher == "node_once":  # an imported HF MoE folder's own experts and routing, else the flags'
+        return node_once_bytes(_dense_config_and_settings(cfg)[1], shape.moe_layers, shape.routes // max(shape.moe_layers, 1),
                                shape.hidden_size, setup, devices_per_node)
     return all_to_all_split(all_to_all_bytes_per_step(shape, setup), setup.ep_size, devices_per_node)
 
