@@ -75,6 +75,8 @@ def scoring_problems(moe: MoEConfig) -> list[str]:
     if moe.benchmark_balanced_routing and (moe.moe_impl == "deepspeed" or moe.drop_tokens):
         problems.append("--benchmark_balanced_routing needs --moe_impl grouped and --drop_tokens false (the stock "
                         "gate routes inside DeepSpeed's layer; an even load needs no capacity)")
+    if moe.dispatcher == "node_once" and moe.moe_impl == "deepspeed":
+        problems.append("--dispatcher node_once needs --moe_impl grouped (the stock layer has its own exchange)")
     scoring = Scoring.of(moe)  # its fields are the flags beyond DeepSpeed's gate; any off its default: the scored rule
     chosen = [f"--{f.name} {getattr(moe, f.name)}" for f in dataclasses.fields(Scoring)
               if getattr(scoring, f.name) != f.default]

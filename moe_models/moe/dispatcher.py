@@ -46,6 +46,10 @@ class LocalDispatcher:
         """The experts' rows back in token order: y_TKD, zeros for dropped routes."""
         return self._unsort(y_ND, sorted_)
 
+    def weighted_combine(self, y_ND: torch.Tensor, sorted_: Sorted, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Step 4 whole: the rows back in token order, each token's k outputs weighed and summed in fp32: out_TD."""
+        return weighted_sum(self.combine(y_ND, sorted_), weights_TK)
+
     def _sort(self, x_TD: torch.Tensor, routes: Routes) -> tuple[torch.Tensor, Sorted]:
         ids_R = routes.topk_ids_TK.reshape(-1)
         dropped_last_R = torch.where(ids_R < 0, self.num_experts, ids_R)
@@ -111,7 +115,6 @@ class AllToAllDispatcher(LocalDispatcher):
         y_RD = torch.cat([y_sent, y_sent.new_zeros(num_routes - num_kept, y_ND.shape[1])])
         return self._unsort(y_RD, sorted_)
 
-
     def _count_sent(self, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
         """The rows this layer's exchanges send to each peer, from the split sizes already on the host: the forward
         sends its routes (dispatch) and the experts' outputs of the peers' routes (combine); the backward sends the
@@ -138,6 +141,13 @@ def dispatcher_for(num_local_experts: int, ep_size: int, drop_tokens: bool) -> L
     if ep_size > 1:
         return AllToAllDispatcher(num_local_experts, ep_size)
     return LocalDispatcher(num_local_experts, drop_tokens)
+
+
+def weighted_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Each token's k outputs weighed and summed as one batched GEMM, [T, 1, K] @ [T, K, D], in the weights' dtype
+    (fp32, as in DeepSpeed's decode)."""
+    weights_T1K = weights_TK.unsqueeze(1)
+    return torch.bmm(weights_T1K, y_TKD.to(weights_T1K.dtype)).squeeze(1)
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:

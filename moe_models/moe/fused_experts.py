@@ -32,9 +32,8 @@ from torch import nn
 
 from .balance import CorrectionBias, StepLoad
 from .counters import RoutingCounters
-from .dispatcher import dispatcher_for
+from .dispatcher import dispatcher_for, weighted_sum
 from .experts import _per_expert_state, _stacked_state
-from .layer import weighted_sum
 from .parallel import group_name
 from .routes import Routes, recomputing, routes_per_expert
 

@@ -22,8 +22,9 @@ from ..run.config import MoEConfig
 from ..run.moe_layout import MoELayout
 from .adaptive import dynamic_loss
 from .counters import RoutingCounters
-from .dispatcher import dispatcher_for
+from .dispatcher import LocalDispatcher, dispatcher_for
 from .experts import GroupedFFNExperts, StackedExperts, local_experts, per_expert_key
+from .node_once import NodeOnceDispatcher
 from .padding import RealTokens
 from .parallel import expert_parallel_rank
 from .router import Router, Scoring, recomputing
@@ -68,7 +69,8 @@ class MoEFeedForward(nn.Module):
                     noisy_gate_policy=cfg.noisy_gate_policy, drop_tokens=cfg.drop_tokens, use_rts=cfg.use_rts,
                     top2_2nd_expert_sampling=cfg.top2_2nd_expert_sampling)
         if cfg.moe_impl == "grouped":  # a MoE subclass: same parameters, names, flags and process groups
-            self.moe = GroupedMoE(hidden_size, ffn_projections=ffn_projections, scoring=Scoring.of(cfg), **args)
+            self.moe = GroupedMoE(hidden_size, ffn_projections=ffn_projections, scoring=Scoring.of(cfg),
+                                  dispatcher=cfg.dispatcher, **args)
         else:
             self.moe = MoE(hidden_size, **args)
             self.moe.deepspeed_moe.gate = router_like(self.moe.deepspeed_moe.gate)
@@ -195,24 +197,26 @@ class GroupedMoE(MoE):
     ``ffn_projections``: the expert FFN's (input projections, output projection) by attribute name, without which its
     experts run one by one; ``scoring``: the router's options beyond DeepSpeed's gate). DeepSpeed builds the gate, the
     local experts (with their expert-parallel flags) and the process groups; the MOELayer is replaced by
-    ``RouteDispatchCombine``."""
+    ``RouteDispatchCombine``; ``dispatcher``: --dispatcher."""
 
     def __init__(self, *args, ffn_projections: Optional[tuple[tuple[str, ...], str]] = None,
-                 scoring: Scoring = Scoring(), **kwargs):
+                 scoring: Scoring = Scoring(), dispatcher: str = "per_route", **kwargs):
         super().__init__(*args, **kwargs)
         stock = self.deepspeed_moe
         experts = local_experts(stock.experts, ffn_projections, self.expert_group_name)
         self.deepspeed_moe = RouteDispatchCombine(router_like(stock.gate, scoring), experts, stock.ep_group_name,
-                                             stock.ep_size, stock.num_local_experts)
+                                             stock.ep_size, stock.num_local_experts, dispatcher)
 
 
 class RouteDispatchCombine(MOELayer):
     """MOELayer whose forward never builds [tokens, experts, capacity] tensors."""
 
-    def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int):
+    def __init__(self, gate: Router, experts: nn.Module, ep_group_name: str, ep_size: int, num_local_experts: int,
+                 dispatcher: str = "per_route"):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
-        self.dispatcher = dispatcher_for(num_local_experts, ep_size,
-                                         gate.drop_tokens or gate.scoring.leaves_routes_unrouted)
+        self.dispatcher: LocalDispatcher = (
+            NodeOnceDispatcher(num_local_experts, ep_size) if dispatcher == "node_once" and ep_size > 1
+            else dispatcher_for(num_local_experts, ep_size, gate.drop_tokens or gate.scoring.leaves_routes_unrouted))
 
     def _set_ep_group(self, ep_group) -> None:
         super()._set_ep_group(ep_group)
@@ -226,7 +230,8 @@ class RouteDispatchCombine(MOELayer):
         2. dispatch: routes sorted by expert and their tokens gathered (at ep_size > 1 also sent to the ranks
            holding their experts);
         3. experts: the local experts on their rows (one grouped GEMM, or one by one);
-        4. combine: rows back in token order, each token's k outputs summed with the routing weights in fp32.
+        4. combine: rows back in token order, each token's k outputs summed with the routing weights in fp32
+           (--dispatcher node_once: a node's share summed there, moe/node_once.py).
         Sets ``l_aux`` and ``exp_counts`` as DeepSpeed's MOELayer does.
         """
         if used_token is not None:
@@ -235,19 +240,11 @@ class RouteDispatchCombine(MOELayer):
         routes = self.gate.route(x_TD, hidden_states.shape[-2])         # 1. route (sequences of S tokens)
         x_ND, counts_L, sorted_ = self.dispatcher.dispatch(x_TD, routes)  # 2. dispatch
         y_ND = self.experts(x_ND, counts_L)                             # 3. experts
-        y_TKD = self.dispatcher.combine(y_ND, sorted_)                  # 4. combine
-        out_TD = weighted_sum(y_TKD, routes.weights_TK)
+        out_TD = self.dispatcher.weighted_combine(y_ND, sorted_, routes.weights_TK)  # 4. combine
         if routes.null_weight_T is not None:  # identity null experts: the token's input, weighted, on its own rank
             out_TD = out_TD + routes.null_weight_T.unsqueeze(1) * x_TD.to(out_TD.dtype)
         self.l_aux, self.exp_counts = routes.balance_loss, routes.chosen_E
         return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
-
-
-def weighted_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Each token's k outputs weighed and summed as one batched GEMM, [T, 1, K] @ [T, K, D], in the weights' dtype
-    (fp32, as in DeepSpeed's decode)."""
-    weights_T1K = weights_TK.unsqueeze(1)
-    return torch.bmm(weights_T1K, y_TKD.to(weights_T1K.dtype)).squeeze(1)
 
 
 def router_like(gate, scoring: Scoring = Scoring()) -> Router:

@@ -114,6 +114,14 @@ class MoEConfig:
     top_k: int = _flag(2, "Experts each token is routed to (DeepSpeed's k).")
     ep_size: int = _flag(1, "Expert-parallel size: ranks that share one copy of the experts; each rank holds "
                          "num_experts / ep_size experts per layer.")
+    dispatcher: Literal["per_route", "node_once"] = _flag(
+        "per_route", "How routes travel to experts on other ranks (ep_size > 1; --moe_impl grouped). per_route: one "
+        "row per route, so a token with k experts on another node crosses to it k times. node_once: a token crosses "
+        "to each other node once, to the rank of that node with its local index, which sends it on to its experts "
+        "there and returns one row, their outputs weighed and summed; more collectives per layer, so it pays where "
+        "tokens have several experts per other node: many nodes' worth of fine-grained experts, node-limited routing "
+        "(--max_groups_per_token), a slow link between nodes (docs/multi-node.md). Same results; needs ep_size a "
+        "multiple of the ranks per node once it spans nodes; within one node it is per_route.")
     moe_layers: Union[str, list[int]] = _flag(
         "all", "Which transformer blocks get an MoE FFN: 'all', 'every:N' (blocks N-1, 2N-1, ...), or block indices "
         "such as '1,3,5'; 'none' trains the dense model as it is, with no MoE layer (the dense control of a "

@@ -41,9 +41,11 @@ from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.surgery import convert_to_moe
 from ..run.config import MoEConfig, RunConfig
+from ..run.distributed import ranks_on_this_node
 from ..run.moe_layout import expert_counts
 from .clusters import resolve_cluster
 from .ds_config import bf16_follows_the_device
+from .node_once_bytes import node_once_bytes
 from .step_time import all_to_all_split, predict
 from .validate import checked_moe
 
@@ -168,6 +170,7 @@ class Setup:
     block_size: int
     gradient_accumulation_steps: int
     activation_checkpointing: bool
+    dispatcher: str = "per_route"  # --dispatcher
 
     @classmethod
     def of(cls, cfg: RunConfig, ds_config: dict, world_size: int) -> Setup:
@@ -177,7 +180,7 @@ class Setup:
                    offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
                    micro_batch=cfg.train.per_device_train_batch_size, block_size=cfg.data.block_size,
                    gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                   activation_checkpointing=cfg.train.gradient_checkpointing)
+                   activation_checkpointing=cfg.train.gradient_checkpointing, dispatcher=cfg.moe.dispatcher)
 
 
 def bytes_per_rank(shape: ModelShape, setup: Setup) -> dict[str, float]:
@@ -242,11 +245,26 @@ def all_to_all_bytes_per_step(shape: ModelShape, setup: Setup) -> float:
             * setup.gradient_accumulation_steps)
 
 
-def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
-    """The plan of a run: the model's shape, each rank's bytes, the all-to-all traffic and FLOPs (plan.json)."""
+def all_to_all_bytes_by_node(cfg: RunConfig, shape: ModelShape, setup: Setup,
+                             devices_per_node: int) -> tuple[float, float]:
+    """(in node, across nodes) bytes one rank's dispatcher sends per step: per_route's bytes over its peers
+    (step_time.all_to_all_split), node_once's by training/node_once_bytes.py."""
+    if setup.dispatcher == "node_once":  # an imported HF MoE folder's own experts and routing, else the flags'
+        return node_once_bytes(_dense_config_and_settings(cfg)[1], shape.moe_layers, shape.routes // max(shape.moe_layers, 1),
+                               shape.hidden_size, setup, devices_per_node)
+    return all_to_all_split(all_to_all_bytes_per_step(shape, setup), setup.ep_size, devices_per_node)
+
+
+def plan(cfg: RunConfig, ds_config: dict, world_size: int, devices_per_node: int | None = None) -> dict:
+    """The plan of a run: the model's shape, each rank's bytes, the all-to-all traffic and FLOPs (plan.json).
+    ``devices_per_node`` (default: the launcher's ranks per node, else one node) matters to --dispatcher node_once."""
     shape = model_shape(cfg)
     setup = Setup.of(cfg, ds_config, world_size)
     memory = bytes_per_rank(shape, setup)
+    all_to_all = all_to_all_bytes_per_step(shape, setup)
+    if setup.dispatcher == "node_once":
+        all_to_all = sum(all_to_all_bytes_by_node(cfg, shape, setup, devices_per_node
+                                                  or ranks_on_this_node(default=world_size)))
     return {
         "setup": dataclasses.asdict(setup),
         "parameters": {"dense": shape.dense_parameters, "experts": shape.expert_parameters,
@@ -256,7 +274,7 @@ def plan(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
         "bytes_per_rank": memory,
         "activations_other_way": activation_bytes(shape, dataclasses.replace(
             setup, activation_checkpointing=not setup.activation_checkpointing)),
-        "all_to_all_bytes_per_step": all_to_all_bytes_per_step(shape, setup),
+        "all_to_all_bytes_per_step": all_to_all,
         "flops_per_token": shape.flops_per_token,
         "shape": dataclasses.asdict(shape),
         **({"adaptive_compute": adaptive} if (adaptive := adaptive_compute(cfg.moe, shape)) else {}),
@@ -315,7 +333,9 @@ def plan_table(result: dict, device_gib: float | None, advice: str | None) -> st
                                                                  "activations", "total")]
     other = "with" if not s["activation_checkpointing"] else "without"
     rows.append(f"    (activations {other} activation checkpointing: {result['activations_other_way'] / GIB:.3f})")
-    rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing)")
+    dispatcher = ", --dispatcher node_once" if s.get("dispatcher") == "node_once" else ""
+    rows.append(f"  all-to-all per step and rank: {result['all_to_all_bytes_per_step'] / GIB:.3f} GiB (even routing"
+                f"{dispatcher})")
     rows.append(f"  training FLOPs per token: {result['flops_per_token']:.4g}")
     rows += _adaptive_rows(result.get("adaptive_compute"))
     step = result.get("step_time")
@@ -366,14 +386,14 @@ def plan_with_fit(cfg: RunConfig, ds_config: dict, world_size: int) -> dict:
     cluster = resolve_cluster(cfg.train.plan_cluster) if cfg.train.plan_cluster else None
     if cluster is not None and bf16_follows_the_device(cfg.train.deepspeed):  # the cluster's devices, not this one
         ds_config = {**ds_config, "bf16": {**ds_config.get("bf16", {}), "enabled": cluster.bf16}}
-    result = plan(cfg, ds_config, world_size)
+    result = plan(cfg, ds_config, world_size, cluster.devices_per_node if cluster else None)
     device_gib = cfg.train.device_memory_gb if cfg.train.device_memory_gb is not None or cluster is None \
         else cluster.memory_gib
     if cluster is not None:
+        in_node, across = all_to_all_bytes_by_node(cfg, ModelShape(**result["shape"]), Setup(**result["setup"]),
+                                                    cluster.devices_per_node)
         step = predict(predicted_shape(result), Setup(**result["setup"]), ds_config, cluster,
-                       result["all_to_all_bytes_per_step"])
-        in_node, across = all_to_all_split(result["all_to_all_bytes_per_step"], result["setup"]["ep_size"],
-                                           cluster.devices_per_node)
+                       result["all_to_all_bytes_per_step"], split=(in_node, across))
         result.update(cluster=dataclasses.asdict(cluster), step_time=step.as_dict() if step else None,
                       all_to_all_bytes_in_node=in_node, all_to_all_bytes_across_nodes=across)
     fits = None if device_gib is None else result["bytes_per_rank"]["total"] <= device_gib * GIB

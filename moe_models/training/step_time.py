@@ -10,7 +10,10 @@ Per optimizer step and rank (T = micro-batch x block x accumulation tokens, W ra
   the group's P ranks next to each other (ranks i P .. i P + P - 1), so min(P, G) - 1 peers share the node and
   P - min(P, G) are on other nodes; in-node and cross-node sends run at once (the slower sets the time), plus one
   latency per exchange (per MoE layer, 3 in each forward: the per-expert counts, dispatch and combine; 2 in the
-  backward: the gradients of dispatch and combine);
+  backward: the gradients of dispatch and combine); with --dispatcher node_once (training/node_once_bytes.py counts
+  its bytes) the two levels run one after the other: the cross-node part, then the in-node part, each at its own
+  rate, with 4 exchanges across and 3 inside per forward (3 and 2 in the backward); --plan_search ranks its layouts
+  with the per-route dispatcher;
 - gradients: the dense gradients reduced over all W ranks and each rank's experts' over its expert-data-parallel
   group (W / P ranks, strided by P); a ring moves 2 (W - 1) / W of the bytes per rank (ZeRO 0: an all-reduce; ZeRO 1/2:
   a reduce-scatter and, after the step, the all-gather of the updated parameters: the same bytes), over the
@@ -103,9 +106,23 @@ def all_to_all_seconds(bytes_per_step: float, exchanges: int, ep_size: int, clus
     return transfer + exchanges * latency
 
 
-def predict(shape, setup, ds_config: dict, cluster: Cluster, all_to_all_bytes: float) -> StepTime | None:
+def node_once_seconds(split: tuple[float, float], forwards: int, moe_layers: int, accumulation: int,
+                      cluster: Cluster) -> float:
+    """--dispatcher node_once's exchanges of one step: across nodes, then inside, one after the other; per layer and
+    forward 4 exchanges across (counts, rows, route values, the sums back) and 3 inside (counts, rows, outputs
+    back), per backward 3 and 2."""
+    in_node, across = split
+    exchanges_across = moe_layers * (4 * forwards + 3) * accumulation
+    exchanges_in = moe_layers * (3 * forwards + 2) * accumulation
+    return (across / cluster.inter_node_bandwidth + exchanges_across * cluster.inter_node_latency
+            + in_node / cluster.intra_node_bandwidth + exchanges_in * cluster.intra_node_latency)
+
+
+def predict(shape, setup, ds_config: dict, cluster: Cluster, all_to_all_bytes: float,
+            split: tuple[float, float] | None = None) -> StepTime | None:
     """The step time of ``setup`` (training/preflight.Setup) for the model ``shape`` on ``cluster``; None with
-    optimizer offload (not modelled). ``all_to_all_bytes``: the plan's bytes one rank sends per step."""
+    optimizer offload (not modelled). ``all_to_all_bytes``: the plan's bytes one rank sends per step; ``split``:
+    those (in node, across nodes), which --dispatcher node_once needs (without it, the per-route model)."""
     if setup.offload_optimizer:
         return None
     W, P = setup.world_size, setup.ep_size
@@ -116,6 +133,8 @@ def predict(shape, setup, ds_config: dict, cluster: Cluster, all_to_all_bytes: f
     forwards = 2 if setup.activation_checkpointing else 1  # the recompute is a forward again
     exchanges = shape.moe_layers * (3 * forwards + 2) * setup.gradient_accumulation_steps
     all_to_all = all_to_all_seconds(all_to_all_bytes, exchanges, P, cluster)
+    if setup.dispatcher == "node_once" and split is not None and split[1] > 0:
+        all_to_all = node_once_seconds(split, forwards, shape.moe_layers, setup.gradient_accumulation_steps, cluster)
 
     width = 2 if setup.bf16 else 4
     spans_nodes = W > cluster.devices_per_node

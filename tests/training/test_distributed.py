@@ -175,13 +175,16 @@ def test_world_mismatch_ends_in_one_clear_error(tmp_path):
 
 
 def test_two_nodes_without_ssh(tmp_path):
-    """Two launchers on this machine acting as two nodes of 2 ranks each; ep_size 4 splits the experts across them.
-    With routes spread evenly (--benchmark_balanced_routing), the bytes each rank's dispatcher counts inside its node
-    and across nodes equal the plan's for 2 nodes of 2 devices: 1 peer in the node, 2 on the other."""
+    """Two launchers on this machine acting as two nodes of 2 ranks each; ep_size 4 splits the experts across them,
+    with the node-once dispatcher. With routes spread evenly (--benchmark_balanced_routing: token t on experts 2t and
+    2t + 1 mod 4, both on one node), the bytes each rank's dispatcher counts inside its node and across nodes equal
+    the plan's for 2 nodes of 2 devices: each token crosses to the other node for half the ranks, once, where the
+    per-route dispatcher sends 2 rows. (The per-route counts across nodes: tests/moe/test_node_once.py.)"""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
     port, out = str(free_port()), tmp_path / "run"
-    flags = ["--ep_size", "4", *QUICK, "--benchmark_balanced_routing", "--logging_steps", "1"]
+    flags = ["--ep_size", "4", *QUICK, "--benchmark_balanced_routing", "--logging_steps", "1",
+             "--dispatcher", "node_once"]
     nodes = [start(["launch/multi_node_no_ssh.sh", str(hostfile), str(rank), "127.0.0.1", *flags, "--output_dir",
                     str(out)], MASTER_PORT=port) for rank in (0, 1)]
     outputs = [succeed(node) for node in nodes]
@@ -198,7 +201,14 @@ def test_two_nodes_without_ssh(tmp_path):
     plan_dir = tmp_path / "plan"
     train.main([*flags, "--plan", "--plan_cluster", str(cluster), "--plan_nodes", "2", "--output_dir", str(plan_dir)])
     planned = json.loads((plan_dir / "plan.json").read_text())
-    assert planned["all_to_all_bytes_across_nodes"] == 2 * planned["all_to_all_bytes_in_node"] > 0
+    row_bytes, tokens = planned["shape"]["hidden_size"] * 4, 4 * 64  # fp32 rows, a micro-batch's tokens
+    # per layer, forward and backward: half the ranks' tokens cross once (a row, 2 x 2 fp32 route values, the sum
+    # back); inside the node half the routes go to the other rank and come back
+    per_layer = (2 * tokens / 2 * (2 * row_bytes + 2 * 2 * 4), 2 * 2 * tokens * 2 / 2 * row_bytes)
+    assert planned["all_to_all_bytes_across_nodes"] == pytest.approx(4 * per_layer[0])
+    assert planned["all_to_all_bytes_in_node"] == pytest.approx(4 * per_layer[1])
+    # per route, half of each rank's 2 x tokens routes cross, a row out and one back, forward and backward
+    assert planned["all_to_all_bytes_across_nodes"] < 4 * 2 * 2 * tokens * row_bytes
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(rows) == 3
     for row in rows:

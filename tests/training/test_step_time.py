@@ -62,6 +62,16 @@ def test_one_node_bf16_checkpointing_and_overlap_by_hand():
     assert step.optimizer == pytest.approx(((1e6 / 4 + 8e6 / 2 / 2) * 32 + (1e6 + 8e6 / 2) * 16) / 1e11)
 
 
+def test_node_once_two_levels_one_after_the_other_by_hand():
+    step = predict(SHAPE, setup(dispatcher="node_once"), {}, CLUSTER, all_to_all_bytes=5e6, split=(3e6, 2e6))
+    # across at the network's rate, then in the node at NVLink's; per layer 4 exchanges across and 3 inside forward,
+    # 3 and 2 backward, x 2 layers x 2 micro-batches
+    assert step.all_to_all == pytest.approx(2e6 / 1e9 + 7 * 4 * 1e-4 + 3e6 / 1e10 + 5 * 4 * 1e-5)
+    # nothing across (one node): the per-route model
+    inside = predict(SHAPE, setup(dispatcher="node_once", ep_size=4), {}, CLUSTER, 3e6, split=(3e6, 0.0))
+    assert inside.all_to_all == predict(SHAPE, setup(ep_size=4), {}, CLUSTER, 3e6).all_to_all
+
+
 def test_no_all_to_all_at_ep_size_1_and_no_prediction_with_offload():
     assert predict(SHAPE, setup(ep_size=1), {}, CLUSTER, all_to_all_bytes=0.0).all_to_all == 0.0
     assert predict(SHAPE, setup(offload_optimizer=True), {}, CLUSTER, all_to_all_bytes=8e6) is None
