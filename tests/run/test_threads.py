@@ -60,6 +60,7 @@ def test_a_light_load_or_a_share_of_a_larger_machine_changes_nothing():
     assert busy_cores(cores=os.cpu_count() + 1) == 0.0  # the machine's time is spread over cores it does not run on
 
 
+@pytest.mark.alone  # another test beside it could keep both cores busy: the child would not show
 def test_a_busy_core_is_seen_at_once_and_an_idle_machine_as_idle():
     """The sample sees another process that keeps a core busy now (a busy loop in a child), and none once it ended:
     no minute's average lags behind."""
