@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +34,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    nodes: dict[str, list[int]] = field(default_factory=dict)  # node address -> its ranks, if gathered (run/nodes.py)
 
     @property
     def is_main(self) -> bool:

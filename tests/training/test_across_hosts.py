@@ -6,9 +6,10 @@ GLOO_SOCKET_IFNAME; both give the losses of one ep_size 1 launch on one host, ru
 import json
 import os
 import signal
+import time
 
 import pytest
-from helpers import LAUNCHER, free_port, launch_env, logged_rows, start, succeed
+from helpers import LAUNCHER, finish, free_port, launch_env, logged_rows, rank_process, saved, start, succeed, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -119,3 +120,52 @@ def test_ep2_through_ssh_equals_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp
     assert "10.0.0.2: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
     assert_same_losses(logged_rows(out), one_host.logged_rows())
     assert_bytes_crossed(out, sent)
+
+
+def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, one_host, tmp_path):
+    """ep_size 2 on 2 hosts x 1 rank (no-ssh launchers), a checkpoint every step; after the first, the second host's
+    link goes down (`ip link set link0 down` in its namespace). Each host's rank gives up within --dist_timeout_s
+    and names the other host's address as not answering; with the link back up, --resume_from_checkpoint latest
+    ends with every logged loss equal to the uninterrupted ep_size 1 run's."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("host-a slots=1\nhost-b slots=1\n")
+    out, (first, second) = tmp_path / "cut", netns_hosts.hosts
+
+    def two_hosts(*flags: str) -> list:
+        port = str(free_port())
+        return [start(host.command(["launch/multi_node_no_ssh.sh", str(hostfile), str(host.index), first.address,
+                                    "--ep_size", "2", *FLAGS, "--output_dir", str(out), *flags]),
+                      MASTER_PORT=port, GLOO_SOCKET_IFNAME=host.interface) for host in netns_hosts.hosts]
+
+    nodes = two_hosts("--save_steps", "1", "--dist_timeout_s", "10")
+    one_host.start()
+    try:
+        wait_for(lambda: saved(out), 300, "the first checkpoint", every=0.02)
+        held = rank_process(nodes[1].pid, 0)
+        held.suspend()  # the second host's rank waits while its link goes: the cut falls inside the run
+        second.set_link(False)
+        cut = time.monotonic()
+        held.resume()
+        results = [finish(node, timeout=120) for node in nodes]
+        waited = time.monotonic() - cut
+    finally:
+        second.set_link(True)
+        stop(*nodes)
+    print(f"both hosts exited {[code for code, _ in results]} {waited:.1f} s after the cut")
+    assert all(code != 0 for code, _ in results) and waited < 45, f"exits {results} after {waited:.0f} s"
+    for (_, output), other in zip(results, (second, first)):
+        line = next((line for line in output.splitlines() if "error: rank" in line), output[-3000:])
+        print(line)
+        assert "waited more than --dist_timeout_s (10 s)" in line
+        assert f"Node not answering from this rank's node: {other.address} (rank {other.index}: " in line
+        assert "Traceback" not in output
+
+    latest = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert latest < 3, "the run ended before the cut"
+    resumed = two_hosts("--resume_from_checkpoint", "latest")
+    try:
+        for node in resumed:
+            succeed(node)
+    finally:
+        stop(*resumed)
+    assert_same_losses(logged_rows(out), one_host.logged_rows())
