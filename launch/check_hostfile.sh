@@ -34,7 +34,7 @@ check_ssh_hosts() {
   done
   for i in "${!hosts[@]}"; do
     if ! wait "${pids[$i]}"; then
-      reason=$(grep -v '^\s*$' "$folder/$i" | tail -n 1)
+      reason=$(tr -d '\r' <"$folder/$i" | grep -v '^\s*$' | tail -n 1)
       echo "error: host ${hosts[$i]} in $hostfile does not answer ssh from $(hostname) (${reason:-no message})." \
            "Check that it is up and reachable, runs sshd, and takes this node's key without a password;" \
            "or remove it from the hostfile" >&2

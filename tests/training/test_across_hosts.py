@@ -169,3 +169,19 @@ def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, 
     finally:
         stop(*resumed)
     assert_same_losses(logged_rows(out), one_host.logged_rows())
+
+
+def test_a_hostfile_host_that_does_not_answer_ssh_is_named_at_once(netns_hosts, netns_ssh, tmp_path):
+    """launch/multi_node_hostfile.sh with a hostfile whose second host (an address on the hosts' network that no
+    host has) cannot be reached: one line naming it, before any rank starts, instead of the first host's ranks
+    waiting for it (DeepSpeed's own ssh check asks the first host only)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{netns_hosts.master.address} slots=1\n10.0.0.250 slots=1\n")
+    began = time.monotonic()
+    code, output = finish(start(netns_hosts.master.command(["launch/multi_node_hostfile.sh", str(hostfile),
+                                                            "--output_dir", str(tmp_path / "run")]),
+                                PATH=f"{netns_ssh.bin}{os.pathsep}{launch_env()['PATH']}"), timeout=60)
+    print(f"exited {code} after {time.monotonic() - began:.1f} s: {output.strip()}")
+    assert code == 1
+    assert output.count("\n") == 1 and output.startswith(f"error: host 10.0.0.250 in {hostfile} does not answer ssh")
+    assert netns_hosts.master.address not in output.split("(")[0]
