@@ -1,7 +1,8 @@
 """Expert parallelism across hosts, two network namespaces (tests/netns_cluster.py) and the launchers users run: the
 no-ssh mode, one launcher in each host, and the ssh mode, one launcher on the first host starting every rank through
 pdsh and an sshd in each host (tests/netns_sshd.py). The ranks find each other over the namespaces' link by
-GLOO_SOCKET_IFNAME; both give the losses of one ep_size 1 launch on one host, run once for the module."""
+GLOO_SOCKET_IFNAME; both give the losses of one ep_size 1 launch on one host, run once for the module (the no-ssh
+run through a host cut off and a resume)."""
 
 import json
 import os
@@ -61,28 +62,6 @@ def assert_same_losses(across_hosts: dict, one_host: dict) -> None:
         assert across_hosts[key] == pytest.approx(value, rel=1e-5), key
 
 
-def test_ep2_over_two_hosts_equals_ep1_on_one(netns_hosts, one_host, tmp_path):
-    """ep_size 2 on 2 hosts x 1 rank (the experts split across hosts: every all-to-all byte crosses the link) gives
-    the losses and eval loss of ep_size 1 on 2 ranks of one launcher."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("host-a slots=1\nhost-b slots=1\n")
-    out, port = tmp_path / "hosts", str(free_port())
-    sent_before = [host.sent_bytes() for host in netns_hosts.hosts]
-    nodes = [start(host.command(["launch/multi_node_no_ssh.sh", str(hostfile), str(host.index),
-                                 netns_hosts.master.address, "--ep_size", "2", *FLAGS, "--output_dir", str(out)]),
-                   MASTER_PORT=port, GLOO_SOCKET_IFNAME=host.interface) for host in netns_hosts.hosts]
-    one_host.start()  # at the same time: the cores idle less
-    try:
-        outputs = [succeed(node) for node in nodes]
-        sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
-    finally:
-        stop(*nodes)
-    assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
-    assert not any("which this host does not have" in output for output in outputs)  # link0 is on every host
-    assert_same_losses(logged_rows(out), one_host.logged_rows())
-    assert_bytes_crossed(out, sent)
-
-
 def assert_bytes_crossed(out, sent: list[int]) -> None:
     """Every all-to-all byte was counted across nodes, and each host sent more than that over its link."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -122,14 +101,15 @@ def test_ep2_through_ssh_equals_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp
     assert_bytes_crossed(out, sent)
 
 
-def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, one_host, tmp_path):
-    """ep_size 2 on 2 hosts x 1 rank (no-ssh launchers), a checkpoint every step; after the first, the second host's
-    link goes down (`ip link set link0 down` in its namespace). Each host's rank gives up within --dist_timeout_s
-    and names the other host's address as not answering; with the link back up, --resume_from_checkpoint latest
-    ends with every logged loss equal to the uninterrupted ep_size 1 run's."""
+def test_ep2_over_two_hosts_a_host_cut_off_and_the_resume_equal_ep1_on_one(netns_hosts, one_host, tmp_path):
+    """ep_size 2 on 2 hosts x 1 rank, one no-ssh launcher in each (the experts split across hosts: every all-to-all
+    byte crosses the link), a checkpoint every step. After the first, the second host's link goes down (`ip link set
+    link0 down` in its namespace): each host's rank gives up within --dist_timeout_s and names the other host's
+    address as not answering. With the link back up, --resume_from_checkpoint latest ends with every logged loss and
+    the eval loss equal to those of the uninterrupted ep_size 1 run on 2 ranks of one launcher."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("host-a slots=1\nhost-b slots=1\n")
-    out, (first, second) = tmp_path / "cut", netns_hosts.hosts
+    out, (first, second) = tmp_path / "hosts", netns_hosts.hosts
 
     def two_hosts(*flags: str) -> list:
         port = str(free_port())
@@ -137,8 +117,9 @@ def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, 
                                     "--ep_size", "2", *FLAGS, "--output_dir", str(out), *flags]),
                       MASTER_PORT=port, GLOO_SOCKET_IFNAME=host.interface) for host in netns_hosts.hosts]
 
+    sent_before = [host.sent_bytes() for host in netns_hosts.hosts]
     nodes = two_hosts("--save_steps", "1", "--dist_timeout_s", "10")
-    one_host.start()
+    one_host.start()  # at the same time: the cores idle less
     try:
         wait_for(lambda: saved(out), 300, "the first checkpoint", every=0.02)
         held = rank_process(nodes[1].pid, 0)
@@ -153,7 +134,9 @@ def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, 
         stop(*nodes)
     print(f"both hosts exited {[code for code, _ in results]} {waited:.1f} s after the cut")
     assert all(code != 0 for code, _ in results) and waited < 45, f"exits {results} after {waited:.0f} s"
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in results[1][1]
     for (_, output), other in zip(results, (second, first)):
+        assert "which this host does not have" not in output  # link0 is on every host
         line = next((line for line in output.splitlines() if "error: rank" in line), output[-3000:])
         print(line)
         assert "waited more than --dist_timeout_s (10 s)" in line
@@ -166,9 +149,11 @@ def test_a_host_cut_off_ends_the_job_naming_it_and_the_run_resumes(netns_hosts, 
     try:
         for node in resumed:
             succeed(node)
+        sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
     finally:
         stop(*resumed)
     assert_same_losses(logged_rows(out), one_host.logged_rows())
+    assert_bytes_crossed(out, sent)
 
 
 def test_a_hostfile_host_that_does_not_answer_ssh_is_named_at_once(netns_hosts, netns_ssh, tmp_path):
