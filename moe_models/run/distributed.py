@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .nodes import master_resolution_error
 from .socket_interfaces import interface_warnings
 from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
 
@@ -78,6 +79,9 @@ def init_world(timeout_s: int = 600) -> World:
         wait_for_extension_locks(say=lambda line: print(line, flush=True))  # DeepSpeed's JIT build waits silently
         for line in interface_warnings():
             print(line, flush=True)
+        unresolved = master_resolution_error()
+        if unresolved:
+            raise ValueError(unresolved)  # before the rendezvous, which would retry the name until the timeout
         address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
             with announced(f"rank {os.environ['RANK']} waits at {address} for all {os.environ['WORLD_SIZE']} ranks to "

@@ -1,4 +1,5 @@
-"""Which node each rank runs on, and, once a collective has timed out, which of the other nodes no longer answer.
+"""Which node each rank runs on, and, once a collective has timed out, which of the other nodes no longer answer;
+before the process group, whether this host resolves MASTER_ADDR at all.
 
 A rank's node is the address it reaches MASTER_ADDR from (the kernel's choice of source address for that route; no
 packet is sent), gathered from every rank once the process group exists. After a timeout, each other node is asked
@@ -28,6 +29,21 @@ def own_address(master_addr: str | None = None) -> str:
             return probe.getsockname()[0]
     except OSError:
         return socket.gethostname()
+
+
+def master_resolution_error(env=os.environ) -> str | None:
+    """Why this host cannot resolve MASTER_ADDR (one line), or None. Without the check the rank would try to reach an
+    unknown name until --dist_timeout_s and then blame the rendezvous."""
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        return None
+    try:
+        socket.getaddrinfo(master_addr, None)
+    except socket.gaierror as err:
+        return (f"MASTER_ADDR {master_addr} does not resolve on {socket.gethostname()} ({err.strerror}): set "
+                "MASTER_ADDR (the launcher's --master_addr) to the first node's address, or to a name every node "
+                "resolves")
+    return None
 
 
 def gather_nodes() -> dict[str, list[int]]:
