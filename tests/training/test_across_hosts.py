@@ -96,7 +96,7 @@ def test_ep2_through_ssh_equals_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp
     finally:
         stop(launcher)
     assert f"Running on the following workers: {','.join(h.address for h in netns_hosts.hosts)}" in output
-    assert "10.0.0.2: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
+    assert f"{netns_hosts.hosts[1].address}: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
     assert_same_losses(logged_rows(out), one_host.logged_rows())
     assert_bytes_crossed(out, sent)
 
