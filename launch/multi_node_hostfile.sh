@@ -2,7 +2,8 @@
 # Several nodes from ONE command on the first node: the deepspeed launcher reaches the others over
 # passwordless ssh (pdsh) and starts every rank. Every node needs the same code path and environment.
 #   launch/multi_node_hostfile.sh launch/hostfile.example --ep_size 8 --num_experts 64 ...
-# Extra deepspeed launcher flags go in LAUNCHER_ARGS (e.g. LAUNCHER_ARGS="--launcher openmpi").
+# Extra deepspeed launcher flags go in LAUNCHER_ARGS (e.g. LAUNCHER_ARGS="--launcher openmpi"). Every host must
+# answer ssh first (SSH_CONNECT_TIMEOUT seconds each, default 10), unless LAUNCHER_ARGS has --no_ssh_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/check_hostfile.sh
@@ -10,6 +11,10 @@ source launch/check_hostfile.sh
 hostfile=${1:?usage: launch/multi_node_hostfile.sh HOSTFILE [train.py flags...]}
 shift
 check_hostfile "$hostfile"
+case " ${LAUNCHER_ARGS:-} " in
+  *" --no_ssh_check "* | *" --no_ssh "*) ;;  # as DeepSpeed's own check, skipped with these flags
+  *) check_ssh_hosts "$hostfile" ;;
+esac
 master_addr=${MASTER_ADDR:-$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1; exit}')}
 # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of launcher flags
 exec deepspeed ${LAUNCHER_ARGS:-} --hostfile "$hostfile" --master_addr "$master_addr" --master_port "${MASTER_PORT:-29500}" \

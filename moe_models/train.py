@@ -39,6 +39,7 @@ from .run.distributed import (World, init_world, is_collective_timeout, launched
                               main_process_first)
 from .run.folder import CHECKPOINTS, Resolved, RunFolder, RunRecord
 from .run.moe_layout import NO_MOE_LAYERS, MoELayout
+from .run.nodes import gather_nodes, silent_nodes
 from .run.startup import StartupLines
 from .run.cpu_memory import keep_freed_memory
 from .run.threads import choose_cpu_threads
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     except RuntimeError as err:
         if not is_collective_timeout(err):
             raise
-        print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world.rank), file=sys.stderr, flush=True)
+        print(timeout_message(err, trainer, cfg.train.dist_timeout_s, world), file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: exit handlers that wait on it would hang
     if world.is_main:
         exportable = cfg.moe.moe_layers != NO_MOE_LAYERS or is_in_place_folder(cfg.model.model_name_or_path)
@@ -131,7 +132,7 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
         print("Benchmark routing: --benchmark_balanced_routing spreads every token evenly over the experts; the "
               "router does not learn to route (metrics rows carry moe/layer_i/forced_balanced_routing)")
     with startup.phase("process group"):
-        world = init_world(cfg.train.dist_timeout_s)
+        world = dataclasses.replace(init_world(cfg.train.dist_timeout_s), nodes=gather_nodes())  # named if one is lost
         check_same_settings(cfg)
     set_seed(cfg.train.seed)
     folder = RunFolder(cfg.train.output_dir)
@@ -230,10 +231,13 @@ def write_run_files(cfg: RunConfig, folder: RunFolder, tokenizer, model, layout:
     folder.write_base_model_config(model.config)
 
 
-def timeout_message(err: RuntimeError, trainer: TrainLoop, timeout_s: int, rank: int) -> str:
-    return (f"error: rank {rank}: {trainer.phase} waited more than --dist_timeout_s ({timeout_s} s) for the other "
-            f"ranks ({str(err).splitlines()[0]}). A rank is frozen or its node stopped answering: check every node's "
-            f"processes, devices and network. The last complete checkpoint is "
+def timeout_message(err: RuntimeError, trainer: TrainLoop, timeout_s: int, world: World) -> str:
+    silent = silent_nodes(world.nodes)
+    cause = (f"Node{'s' if len(silent) > 1 else ''} not answering from this rank's node: {'; '.join(silent)}: check "
+             "that node's network link, power and processes" if silent else
+             "A rank is frozen or its node stopped answering: check every node's processes, devices and network")
+    return (f"error: rank {world.rank}: {trainer.phase} waited more than --dist_timeout_s ({timeout_s} s) for the "
+            f"other ranks ({str(err).splitlines()[0]}). {cause}. The last complete checkpoint is "
             f"{trainer.checkpoints.latest() or 'none yet'}; relaunch with --resume_from_checkpoint latest.")
 
 

@@ -34,3 +34,15 @@ def netns_hosts():
             yield made
     except Unavailable as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def netns_ssh(netns_hosts, tmp_path_factory):
+    """An sshd in each of netns_hosts' hosts, reached with keys of the session (tests/netns_sshd.py); skips, naming
+    what is missing, where sshd or pdsh are not installed."""
+    from netns_sshd import sshd_on, why_unavailable
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with sshd_on(netns_hosts, tmp_path_factory.mktemp("ssh")) as made:
+        yield made

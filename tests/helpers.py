@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, set_seed
@@ -84,6 +86,26 @@ def launch(args: list[str], num_ranks: int = 2, timeout: int = 300, cwd: Path = 
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the ranks left {left} in /dev/shm"
     return output
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def rank_process(launcher_pid: int, local_rank: int) -> psutil.Process:
+    """The train.py process a launcher started for ``local_rank``."""
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no process for local rank {local_rank} under launcher {launcher_pid}")
+
+
+def saved(output_dir: Path) -> bool:
+    """A checkpoint of the run is complete."""
+    return (output_dir / "checkpoints" / "latest").is_file()
 
 
 def logged_rows(output_dir: Path) -> dict[tuple[int, str], float]:

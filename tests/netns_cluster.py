@@ -67,6 +67,10 @@ class Host:
         """argv run inside this host's namespace (the environment and the file system stay the machine's)."""
         return ["ip", "netns", "exec", self.namespace, *argv]
 
+    def set_link(self, up: bool) -> None:
+        """Bring the host's interface up or down (down: the host is cut off from every other host)."""
+        _ip("-n", self.namespace, "link", "set", self.interface, "up" if up else "down")
+
     def sent_bytes(self) -> int:
         """Bytes this host has sent over its interface (what crossed to other hosts)."""
         path = f"/sys/class/net/{self.interface}/statistics/tx_bytes"

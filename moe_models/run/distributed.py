@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from .library_noise import deepspeed_noise_dropped
+from .nodes import master_resolution_error
 from .socket_interfaces import interface_warnings
 from .startup_waits import announced, rendezvous_error, wait_for_extension_locks
 
@@ -35,6 +36,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    nodes: dict[str, list[int]] = field(default_factory=dict)  # node address -> its ranks, if gathered (run/nodes.py)
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +80,9 @@ def init_world(timeout_s: int = 600) -> World:
         wait_for_extension_locks(say=lambda line: print(line, flush=True))  # DeepSpeed's JIT build waits silently
         for line in interface_warnings():
             print(line, flush=True)
+        unresolved = master_resolution_error()
+        if unresolved:
+            raise ValueError(unresolved)  # before the rendezvous, which would retry the name until the timeout
         address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
             with announced(f"rank {os.environ['RANK']} waits at {address} for all {os.environ['WORLD_SIZE']} ranks to "

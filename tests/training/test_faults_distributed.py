@@ -7,11 +7,10 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from helpers import LAUNCHER, finish, free_port, start, succeed
+from helpers import LAUNCHER, finish, free_port, rank_process, saved, start, succeed, wait_for
 
 pytestmark = pytest.mark.distributed
 
@@ -21,28 +20,9 @@ RUN = ["--num_experts", "4", "--top_k", "2", "--use_rts", "false", "--top2_2nd_e
        "--disable_tqdm"]
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def rank_process(launcher_pid: int, local_rank: int) -> psutil.Process:
-    """The train.py process a launcher started for ``local_rank``."""
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
-            return child
-    raise AssertionError(f"no process for local rank {local_rank} under launcher {launcher_pid}")
-
-
 def losses(output_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def saved(output_dir: Path) -> bool:
-    return (output_dir / "checkpoints" / "latest").is_file()
 
 
 def test_a_killed_rank_ends_the_launch(tmp_path):
