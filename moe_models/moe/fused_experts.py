@@ -34,6 +34,7 @@ from .balance import CorrectionBias, StepLoad
 from .counters import RoutingCounters
 from .dispatcher import dispatcher_for, weighted_sum
 from .experts import _per_expert_state, _stacked_state
+from .padding import RealTokens
 from .parallel import group_name
 from .routes import Routes, recomputing, routes_per_expert
 
@@ -94,7 +95,8 @@ class FusedExperts(MoE):
     from ``router`` (the block's router module) when given, by a forward hook that keeps its output of E columns.
     ``last_topk_ids_TK`` keeps the last forward's routes (global ids, -1 for a route to no computing expert).
     ``correction_bias``, when set (hf/in_place_bias.py), is the family's aux-loss-free bias that moves after each
-    optimizer step by the step's routes per expert, which ``step_load`` counts (moe/balance.py).
+    optimizer step by the step's routes per expert, which ``step_load`` counts (moe/balance.py). ``real_tokens``,
+    when set (the batch has padding: ``MoELayers.ignore_padding``), keeps the padding's routes out of all of these.
     """
 
     def __init__(self, family_experts: nn.Module, hidden_size: int, ep_size: int = 1, ep_rank: int = 0,
@@ -121,6 +123,7 @@ class FusedExperts(MoE):
         self.last_topk_ids_TK: Optional[torch.Tensor] = None
         self.correction_bias: Optional[CorrectionBias] = None
         self.step_load = StepLoad()
+        self.real_tokens: Optional[RealTokens] = None  # the batch's real tokens (MoELayers.ignore_padding)
         self._router_logits: Optional[torch.Tensor] = None
         if router is not None:
             router.register_forward_hook(self._keep_router_logits)
@@ -138,22 +141,43 @@ class FusedExperts(MoE):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """The family's experts' output for tokens ``hidden_states`` [T, D] routed to ``top_k_index`` [T, K] with
         ``top_k_weights`` [T, K]. Ids outside 0..E-1 (a family's zero-computation experts, a sentinel) compute
-        nothing here."""
+        nothing here. With ``real_tokens`` set (the batch has padding), only the real tokens' routes are run and
+        counted: a padding token's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids_TK = top_k_index.reshape(x_TD.shape[0], -1)
         ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
         weights_TK = torch.where(ids_TK >= 0, top_k_weights.reshape(ids_TK.shape).float(), 0.0)
-        counts_E = routes_per_expert(ids_TK, self.num_experts)
         logits_TE, self._router_logits = self._router_logits, None
-        routes = Routes(logits_TE.reshape(-1, self.num_experts).float() if logits_TE is not None else None,
-                        ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
+        logits_TE = logits_TE.reshape(-1, self.num_experts).float() if logits_TE is not None else None
+        if self.real_tokens is None:
+            out_TD = self._run_routes(x_TD, ids_TK, weights_TK, logits_TE)
+        else:
+            out_TD = self._run_real_routes(x_TD, ids_TK, weights_TK, logits_TE)
+        return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    @torch.compiler.disable  # the real tokens' count changes with every batch: no graph per count (--compile)
+    def _run_real_routes(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                         logits_TE: Optional[torch.Tensor]) -> torch.Tensor:
+        """``_run_routes`` of the real tokens alone (the family's router saw them all), put back in place."""
+        real = self.real_tokens
+        out_ND = self._run_routes(real.take(x_TD), real.take(ids_TK), real.take(weights_TK),
+                                  real.take(logits_TE) if logits_TE is not None else None)
+        self.last_topk_ids_TK = real.put(self.last_topk_ids_TK, fill=-1)
+        return real.put(out_ND)
+
+    def _run_routes(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                    logits_TE: Optional[torch.Tensor]) -> torch.Tensor:
+        """dispatch -> experts -> combine of these routes, counted (a training forward) in the routing counters and
+        the step's load."""
+        counts_E = routes_per_expert(ids_TK, self.num_experts)
+        routes = Routes(logits_TE, ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
         out_TD = self.deepspeed_moe(x_TD, routes)
         self.last_topk_ids_TK = ids_TK
         if self.training and self.correction_bias is not None and not recomputing():
             self.step_load.add_local(counts_E)
         if self.training and self.routing.enabled and routes.logits_TE is not None and not recomputing():
             self.routing.add(routes)
-        return out_TD.to(hidden_states.dtype).reshape(hidden_states.shape)
+        return out_TD
 
     def global_expert_ids(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local_experts)

@@ -83,9 +83,11 @@ class MoELayers:
 
     def ignore_padding(self, attention_mask_BS: torch.Tensor | None, device: torch.device) -> None:
         """Before each forward, training or eval: the batch's attention mask (1 real, 0 padding; None or all ones:
-        no padding), so that every MoE layer routes, counts and balances its real tokens only (moe/padding.py)."""
-        real = RealTokens.of(attention_mask_BS, device) if self.layers else None
-        for layer in self.layers:
+        no padding), so that every MoE layer routes, counts and balances its real tokens only (moe/padding.py); an
+        in-place layer (FusedExperts), whose family's router sees every token, runs and counts the real tokens' routes
+        only."""
+        real = RealTokens.of(attention_mask_BS, device) if self.counted else None
+        for layer in self.counted:
             layer.real_tokens = real
 
     # -- after the optimizer step ------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ forward, so that each layer routes those tokens only.
 A layer that holds ``RealTokens`` takes its real tokens out of the batch, runs its router, experts and shared
 experts on them alone, and puts their outputs back in place (a padding token's output is 0). So the balance loss,
 the z-loss, the capacity (sized by the real tokens, as DeepSpeed sizes it by its input's), the expert loads, the
-bias updates and every routing metric are those of the batch without its padding. The positions are found on the
-host from the batch's mask before it moves to the device, so the layers read nothing back.
+bias updates and every routing metric are those of the batch without its padding. A model continued in place
+(moe/fused_experts.py) routes every token by its family's router, then runs and counts the real tokens' routes only.
+The positions are found on the host from the batch's mask before it moves to the device, so the layers read nothing
+back.
 """
 
 from __future__ import annotations

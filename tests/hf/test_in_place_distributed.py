@@ -1,7 +1,8 @@
 """Experts swapped in place at ep_size 2 (two launcher ranks on CPU, all-to-all over gloo) give the ep_size 1 logits
-and gradients, and DeepSpeed engines (ZeRO-2) at ep_size 1 and 2 the same losses and weights over four steps, for
-Qwen3-MoE (softmax top-k) and DeepSeek-V3 (sigmoid, correction bias, expert groups, shared experts and a dense
-first block): tests/scripts/in_place_ep.py checks them on each rank."""
+and gradients (on batches padded differently on each rank, whose padding neither routes), and DeepSpeed engines
+(ZeRO-2) at ep_size 1 and 2 the same losses and weights over four steps, for Qwen3-MoE (softmax top-k) and
+DeepSeek-V3 (sigmoid, correction bias, expert groups, shared experts and a dense first block):
+tests/scripts/in_place_ep.py checks them on each rank."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import launch
+from helpers import REPO, launch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -35,6 +35,9 @@ from moe_models.training.validate import validate
 FLAGS = ["--max_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--synthetic_examples", "300",
          "--block_size", "32", "--per_device_train_batch_size", "2", "--warmup_steps", "1", "--disable_tqdm",
          "--deepspeed", "zero2", "--save_steps", "2"]
+# Conversations one per row (--packing false), padded to 128 tokens.
+PADDED_CHAT = ["--train_file", str(REPO / "examples" / "chat" / "conversations.jsonl"), "--chat_template",
+               str(REPO / "examples" / "chat" / "chat.jinja"), "--packing", "false", "--block_size", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +96,7 @@ def exported_in_its_class(tmp_path, source, ep2_losses):
     exported = tmp_path / "exported"
     export(tmp_path / "ep2" / "checkpoints", exported, tag="global_step2")
     stock = AutoModelForCausalLM.from_pretrained(exported)
-    run = RunFolder(tmp_path / "ep1")
-    settings = run.record().settings
-    data = prepare_data(settings.data, AutoTokenizer.from_pretrained(run.tokenizer_dir), seed=settings.train.seed)
-    # both ranks' sequences of a step, as at EP1
-    batches = data.train_batches(4, rank=0, world_size=1, seed=settings.train.seed)
-    step3 = [next(batches) for _ in range(3)][-1]
+    step3 = batches_of(tmp_path / "ep1", 4, 3)[-1]  # both ranks' sequences of a step, as at EP1
     with torch.no_grad():
         assert stock(**model_inputs(step3, "cpu")).loss.item() == pytest.approx(ep2_losses[3], rel=1e-5)
     reference = tmp_path / "stock"  # what stock save_pretrained writes for the config, and the source's config
@@ -117,6 +115,27 @@ def exported_in_its_class(tmp_path, source, ep2_losses):
     with pytest.raises(ValueError, match="lacks expert 7 of MoE layer 0"):
         export(tmp_path / "ep2" / "checkpoints", tmp_path / "refused", tag="global_step2")
     assert not (tmp_path / "refused").exists()
+
+
+def batches_of(run_dir, batch_size: int, steps: int) -> list[dict]:
+    """The training batches of a run's first ``steps`` steps, read again from its data settings in one process."""
+    run = RunFolder(run_dir)
+    settings = run.record().settings
+    data = prepare_data(settings.data, AutoTokenizer.from_pretrained(run.tokenizer_dir), seed=settings.train.seed)
+    batches = data.train_batches(batch_size, rank=0, world_size=1, seed=settings.train.seed)
+    return [next(batches) for _ in range(steps)]
+
+
+def test_a_run_in_place_on_padded_conversations_routes_their_real_tokens(deepseek_folder, tmp_path):
+    """train.py gives each batch's attention mask to the swapped experts: every step's routes are its real tokens'
+    (moe/padding.py; the counts against the stock model: tests/hf/test_in_place_padding.py)."""
+    train.main(["--model_name_or_path", str(deepseek_folder), *FLAGS, *PADDED_CHAT,
+                "--max_steps", "2", "--save_steps", "0", "--output_dir", str(tmp_path)])
+    rows = [row for row in RunFolder(tmp_path).metrics.rows() if "loss" in row]
+    real = [int(batch["attention_mask"].sum()) for batch in batches_of(tmp_path, 2, 2)]
+    assert all(tokens < 2 * 128 for tokens in real)  # padding in every step
+    assert [row["moe/layer_0/routed_tokens"] for row in rows] == real
+    assert [sum(row["moe/layer_0/routed_per_expert"]) for row in rows] == [2 * tokens for tokens in real]
 
 
 def saved_keys(folder) -> set[str]:

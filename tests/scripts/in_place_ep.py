@@ -1,11 +1,12 @@
 """Experts swapped in place at ep_size 2 give the ep_size 1 logits and gradients; run under the deepspeed launcher with
 2 CPU ranks by tests/hf/test_in_place_distributed.py.
 
-Every rank builds the same probe of each family (the same weights), and takes its own batch. The reference is the
-probe swapped at ep_size 1 on this rank alone: its logits on this rank's batch, its router and other gradients from
-this rank's batch, and its expert gradients from both ranks' batches (at ep_size 2 an expert's rows come from every
-rank of its group, and its gradient with them). Prints `OK <family> rank <r>` per family; an assertion fails
-otherwise. Then DeepSpeed engines (ZeRO-2) at ep_size 1 and 2 take four steps: the same losses and weights
+Every rank builds the same probe of each family (the same weights), and takes its own batch, padded (a different
+number of pad tokens per rank, left out of routing by MoELayers.ignore_padding, of the loss by its targets). The
+reference is the probe swapped at ep_size 1 on this rank alone: its logits on this rank's batch, its router and
+other gradients from this rank's batch, and its expert gradients from both ranks' batches (at ep_size 2 an expert's
+rows come from every rank of its group, and its gradient with them), and no pad token routed. Prints
+`OK <family> rank <r>` per family; an assertion fails otherwise. Then DeepSpeed engines (ZeRO-2) at ep_size 1 and 2 take four steps: the same losses and weights
 (`TRAINED <family> rank <r>`).
 
 Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py OUTPUT_DIR qwen3_moe deepseek_v3
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from moe_models.hf.in_place import fused_experts_of, swap_experts  # noqa: E402
 from moe_models.hf.in_place_proof import probe_model  # noqa: E402
 from moe_models.models.probe import small_moe_config  # noqa: E402
+from moe_models.moe.model_layers import MoELayers  # noqa: E402
 from moe_models.moe.parallel import make_expert_parallel_groups  # noqa: E402
 from moe_models.run.cli import parse_args  # noqa: E402
 from moe_models.run.distributed import init_world  # noqa: E402
@@ -38,9 +40,21 @@ def batch(rank: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(100 + rank))
 
 
-def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()), logits.detach()
+def padding(rank: int) -> torch.Tensor:
+    """The attention mask of rank r's padded batch in ``check``: its first row ends in 4 + 4r pad tokens, so the
+    ranks route different numbers of real tokens (moe/padding.py)."""
+    return torch.tensor([[1] * (20 - 4 * rank) + [0] * (4 + 4 * rank), [1] * 24])
+
+
+def loss_of(model, ids: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+    """The loss over the real tokens' targets of a batch with attention mask ``mask_BS``, and its logits (0 at the
+    padding)."""
+    MoELayers(model).ignore_padding(mask_BS, torch.device("cpu"))
+    logits = model(input_ids=ids, attention_mask=mask_BS, use_cache=False).logits.float()
+    real_BS = mask_BS.bool()
+    targets = torch.where(real_BS[:, 1:], ids[:, 1:], -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten())
+    return loss, torch.where(real_BS.unsqueeze(-1), logits, 0.0).detach()
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -59,13 +73,15 @@ def check(model_type: str) -> None:
     swap_experts(one)                # ep_size 1: every expert here
     swap_experts(two, ep_size=EP)    # ep_size 2: this rank's half, the rows by all-to-all
 
-    loss_two, logits_two = loss_of(two, batch(rank))
+    loss_two, logits_two = loss_of(two, batch(rank), padding(rank))
     loss_two.backward()
-    loss_one, logits_one = loss_of(one, batch(rank))
+    for layer in fused_experts_of(two):  # the padding was not routed: each rank sends its real tokens only
+        assert (layer.last_topk_ids_TK.view(2, 24, -1)[~padding(rank).bool()] == -1).all()
+    loss_one, logits_one = loss_of(one, batch(rank), padding(rank))
     close(logits_two, logits_one, f"{model_type}: logits")
     own = {name: p.grad.clone() for name, p in one.named_parameters() if p.grad is not None}
     one.zero_grad()
-    sum(loss_of(one, batch(r))[0] for r in range(EP)).backward()  # the experts' rows from both ranks
+    sum(loss_of(one, batch(r), padding(r))[0] for r in range(EP)).backward()  # the experts' rows from both ranks
 
     ones = dict(one.named_parameters())
     for name, param in two.named_parameters():

@@ -1,6 +1,7 @@
 """Fine-tuning on conversations through train.py: the loss is on the answers (a learning check where only the answers
 can be learned), the logged counts are the answer tokens, the run says what became of over-long ones, its export
-answers through stock apply_chat_template and generate, and a resume continues exactly."""
+answers through stock apply_chat_template and generate, and a resume of the run on padded rows (--packing false)
+continues exactly."""
 
 import contextlib
 import io
@@ -45,11 +46,12 @@ def rows(output_dir):
 
 @pytest.fixture(scope="module")
 def masked(world, tmp_path_factory, chat_files):
-    """The run on the answers, with a checkpoint half-way; and what it printed."""
+    """The run on the answers, one conversation per row padded to the block (--packing false: the forward takes the
+    attention mask), with a checkpoint half-way; and what it printed."""
     folder = tmp_path_factory.mktemp("answers")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train.main([*FLAGS, *chat_files, "--save_steps", "15", "--output_dir", str(folder)])
+        train.main([*FLAGS, *chat_files, "--packing", "false", "--save_steps", "15", "--output_dir", str(folder)])
     return folder, printed.getvalue()
 
 
@@ -61,7 +63,7 @@ def test_the_answers_are_learned_where_the_noise_cannot_be(masked, tmp_path, cha
     assert "1 sequences have no token to train on within the block and were dropped" in out
     train.main([*FLAGS, *chat_files, "--loss_on_all_tokens", "true", "--output_dir", str(unmasked)])
     train_rows = [row for row in rows(masked) if "loss" in row]
-    # every block holds one conversation, so each step trains on its 4 answer tokens per row
+    # every row holds one conversation, so each step trains on its 4 answer tokens per row
     assert {row["trained_tokens"] for row in train_rows} == {BATCH * ANSWER_TOKENS}
     # ...and the MoE layers route its 45 tokens, not the 19 of padding after them
     assert {row["moe/layer_0/routed_tokens"] for row in train_rows} == {BATCH * 45}
@@ -89,7 +91,7 @@ def test_the_answers_are_learned_where_the_noise_cannot_be(masked, tmp_path, cha
 def test_a_chat_run_resumes_exactly(masked, tmp_path, chat_files):
     masked, _ = masked
     resumed = tmp_path / "resumed"
-    train.main([*FLAGS, *chat_files, "--output_dir", str(resumed), "--resume_from_checkpoint",
+    train.main([*FLAGS, *chat_files, "--packing", "false", "--output_dir", str(resumed), "--resume_from_checkpoint",
                 str(masked / "checkpoints" / "global_step15")])
     losses = {row["step"]: row["loss"] for row in rows(masked) if "loss" in row}
     after = {row["step"]: row["loss"] for row in rows(resumed) if "loss" in row}
