@@ -148,7 +148,8 @@ def _rank(rank: int, port: int):
 
 @pytest.mark.distributed
 def test_node_once_equals_per_route_and_crosses_each_node_once():
-    mp.start_processes(_rank, args=(free_port(),), nprocs=RANKS, start_method="fork")  # no re-import per rank
+    # spawned, not forked: a forked rank would inherit this process's group if an earlier test made one
+    mp.spawn(_rank, args=(free_port(),), nprocs=RANKS)
 
 
 def test_nodes_a_token_reaches_as_the_plan_counts_them():
