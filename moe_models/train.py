@@ -49,7 +49,8 @@ from .training.clusters import planned_world_size
 from .training.ds_config import training_dtype
 from .training.layout_search import launch_command, launch_lines, search_plan, search_table
 from .training.nonfinite import NonFiniteError
-from .training.preflight import plan_table, plan_with_fit
+from .training.plan_table import plan_table
+from .training.preflight import plan_with_fit
 from .training.resumable import FinishedRun, resumed_record_path, resumed_settings
 from .training.engine import build_engine
 from .training.loop import TrainLoop
