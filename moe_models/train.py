@@ -25,7 +25,6 @@ from .data.prepare import PreparedData, prepare_data
 from .data.stream import StreamError
 from .hf.export_fidelity import export_outlook
 from .hf.in_place_run import continue_in_place, is_in_place_folder
-from .hf.load import import_hf_moe, is_hf_moe_folder
 from .metrics.throughput import active_parameters, attention_dims, flops_per_token
 from .models.source import load_dense_model, model_source_text
 from .models.tokenization import load_tokenizer
@@ -144,22 +143,14 @@ def build(cfg: RunConfig) -> tuple[World, TrainLoop]:
         tokenizer = load_tokenizer(cfg.model)
         if cfg.data.chat_template:  # the run's tokenizer, and so its export, carries the template it trained with
             tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
-    imported_from = cfg.model.model_name_or_path if is_hf_moe_folder(cfg.model.model_name_or_path) else None
-    in_place = not imported_from and is_in_place_folder(cfg.model.model_name_or_path)
+    in_place = is_in_place_folder(cfg.model.model_name_or_path)
+    imported_from = cfg.model.model_name_or_path if in_place else None
     if in_place:  # continue an HF MoE in its own class: only its experts are swapped, each rank reads its own
-        imported_from = cfg.model.model_name_or_path
         with startup.phase("model continued in place", begins=f"continuing {imported_from} in place (its own class "
                            "and routing; each rank reads its experts)", waits=f"reading {imported_from}"):
             model, moe, layout = continue_in_place(imported_from, cfg.moe, training_dtype(ds_config),
                                                    len(tokenizer), given=cfg.given)
             dense_params = sum(p.numel() for p in model.parameters())
-        cfg = dataclasses.replace(cfg, moe=moe)
-    elif imported_from:  # continue an HF MoE model: its own experts, not upcycled
-        with startup.phase("model imported", begins=f"importing the HF MoE model {imported_from} (its own experts "
-                           "and router, not upcycled; each rank reads its experts)",
-                           waits=f"importing the HF MoE model {imported_from}"):
-            model, moe, layout, dense_params = import_hf_moe(imported_from, cfg.moe, len(tokenizer), cfg.train.seed,
-                                                             given=cfg.given)
         cfg = dataclasses.replace(cfg, moe=moe)
     else:
         dtype = training_dtype(ds_config)

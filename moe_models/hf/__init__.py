@@ -1,2 +1,2 @@
-"""Native Hugging Face MoE classes: one adapter per family (weight names both ways), the configs both ways and
-what is refused, export of a DeepSpeed checkpoint, and import of an HF MoE folder to train it further."""
+"""Native Hugging Face MoE classes: export of a DeepSpeed checkpoint to them (one adapter per class for the weights'
+names, the configs and what is refused), and any HF MoE folder continued in place, in its own class."""

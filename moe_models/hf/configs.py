@@ -1,5 +1,5 @@
 """The native transformers MoE class of each family: which class a model exports to, what it cannot hold, and the
-class's config (the way back, importing such a checkpoint: hf/import_config.py).
+class's config (the way back: an exported folder is continued in place, hf/in_place_run.py).
 
 With softmax scores each dense family maps to the MoE class with its very attention, norms and embeddings
 (``MOE_MODEL_TYPE_OF``): Llama and Mistral to Mixtral (with shared experts: GraniteMoeShared, set to Llama's scalings),

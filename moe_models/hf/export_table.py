@@ -1,4 +1,4 @@
-"""docs/export.md's tables, generated from hf/configs.py and hf/adapters.py so that they cannot drift: each dense
+"""docs/export.md's tables, generated from hf/configs.py so that they cannot drift: each dense
 family's export class (or why it has none), and what each class holds of the routing and layout.
 
     UPDATE_DOCS=1 python -m pytest -q tests/hf/test_export_families.py -k doc    # rewrites them
@@ -7,7 +7,6 @@ family's export class (or why it has none), and what each class holds of the rou
 from __future__ import annotations
 
 from ..models.architectures import ARCHITECTURES
-from .adapters import ADAPTERS
 from .configs import (MOE_CLASSES, MOE_MODEL_TYPE_OF, NO_MOE_CLASS, NOT_MATCHED, SIGMOID_BASES,
                       SIGMOID_MOE_TYPE, WITH_SHARED_EXPERTS)
 
@@ -42,17 +41,15 @@ def family_rows() -> list[tuple[str, str]]:
 
 
 def class_rows() -> list[tuple[str, ...]]:
-    """What each export class holds: sparse blocks, top-k weights, shared experts, router, import."""
+    """What each export class holds: sparse blocks, top-k weights, shared experts, router."""
     rows = []
     for moe_type, target in MOE_CLASSES.items():
         weights = ("always rescaled to sum to 1 (top-1: with `--norm_topk_prob true`)" if target.always_renormalises
                    else "`norm_topk_prob`: DeepSpeed's rule or `--norm_topk_prob`")
         router = [target.score_function] + (["aux-loss-free bias"] if target.score_bias else []) + (
             ["`--routed_scaling_factor`"] if target.routed_scaling else [])
-        imported = ("yes, as llama, qwen2 or qwen3, as its attention settings say" if moe_type == SIGMOID_MOE_TYPE
-                    else f"yes, as {ADAPTERS[moe_type].dense_model_type}")
         rows.append((f"`{target.hf_class}`", SPARSE_BLOCKS[target.dense_blocks], weights,
-                     SHARED[target.shared_experts], ", ".join(router), imported))
+                     SHARED[target.shared_experts], ", ".join(router)))
     return rows
 
 
@@ -60,8 +57,8 @@ def export_table_markdown() -> str:
     """The generated section of docs/export.md, markers included."""
     lines = [BEGIN, "", "| dense family | exports to |", "|---|---|"]
     lines += [f"| {family} | {targets} |" for family, targets in family_rows()]
-    lines += ["", "| class | sparse blocks | top-k weights | shared experts | router | imported back |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| class | sparse blocks | top-k weights | shared experts | router |",
+              "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in class_rows()]
     return "\n".join(lines + ["", END])
 

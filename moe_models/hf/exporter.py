@@ -46,7 +46,7 @@ def export(checkpoint_dir: Path, output_dir: Path, tag: str | None = None, overw
     from_trainer = trainer_folder(checkpoint_dir)
     moe, dense, layout = (read_trainer_folder(from_trainer) if from_trainer
                           else read_run_settings(RunFolder.of_checkpoints(checkpoint_dir).path))
-    if dense.model_type not in ADAPTERS and checkpoint_expert_count(dense.to_dict()):  # continued in place
+    if checkpoint_expert_count(dense.to_dict()):  # continued in place: the run's model is an MoE class itself
         if from_trainer:
             raise ValueError(f"{from_trainer} holds a {dense.model_type} model continued in place, which export reads "
                              "from a train.py run only: pass that run's checkpoints/ folder")

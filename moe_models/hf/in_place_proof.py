@@ -26,8 +26,7 @@ PROBE_SHAPE = (2, 32)  # sequences, tokens: 128 routes at top-2, so every one of
 TOLERANCE = 1e-4       # on logits and gradients, relative to their largest magnitude (fp32)
 GRADIENT_FLOOR = 1e-3  # a gradient's scale is at least this share of the model's largest (a router whose top-1
 #                        weight is always 1 gets a gradient of rounding noise, ~1e-9)
-WHAT_TO_DO = ("start from a dense model of the family instead (docs/models.md), or continue the MoE through "
-              "moe_models/hf/load.py if it imports the class")
+WHAT_TO_DO = "start from a dense model of the family instead (docs/models.md)"
 
 _PROVEN: dict[tuple[str, str], str | None] = {}  # (class, config JSON) -> None, or why the proof failed
 
@@ -83,6 +82,7 @@ def _disproof(model_class: type, config: PretrainedConfig) -> str | None:
     return _gradient_problem(stock, swapped, model_type)
 
 
+@torch.enable_grad()  # the proof may be asked for under no_grad (a plan, an evaluation): it needs the backward
 def _logits_and_backward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits.float()
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
@@ -98,7 +98,8 @@ def _gradient_problem(stock: nn.Module, swapped: nn.Module, model_type: str) -> 
     if unreached:
         return _refusal(model_type, f"with swapped experts the backward pass does not reach {unreached[0]}")
     stock_params = dict(stock.named_parameters())
-    floor = GRADIENT_FLOOR * max(p.grad.abs().max().item() for p in stock_params.values() if p.grad is not None)
+    floor = GRADIENT_FLOOR * max(p.grad.abs().max().item() for p in stock_params.values()
+                                 if p.grad is not None and p.numel())  # a module of no units has empty ones
     for name, param in swapped.named_parameters():
         stock_name = _stock_name(name)
         reference = stock_params[stock_name].grad
@@ -119,6 +120,8 @@ def _stock_name(name: str) -> str:
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    if not expected.numel():
+        return 0.0
     scale = max(expected.abs().max().item(), floor) or 1.0
     return (got.float() - expected.float()).abs().max().item() / scale
 

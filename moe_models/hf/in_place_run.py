@@ -1,5 +1,5 @@
-"""What train.py does with ``--model_name_or_path FOLDER`` when the folder holds an HF MoE class that hf/load.py has
-no adapter for: it continues the model in place (hf/in_place.py). The family is proven first on its probe
+"""What train.py does with ``--model_name_or_path FOLDER`` when the folder holds an HF MoE class (its config counts
+experts): it continues the model in place (hf/in_place.py). The family is proven first on its probe
 (hf/in_place_proof.py), then each rank reads its experts (hf/in_place_load.py). The run's MoE settings describe the
 checkpoint (its experts per sparse block, its top-k, the sparse blocks); the routing and its balance loss are the
 family's own (``output_router_logits`` on: the HF loss includes ``router_aux_loss_coef`` x the family's balance
@@ -24,8 +24,8 @@ from ..models.source import check_vocabulary
 from ..moe.parallel import make_expert_parallel_groups
 from ..run.config import ConfigError, MoEConfig
 from ..run.moe_layout import MoELayout
-from .adapters import ADAPTERS
 from .in_place import fused_experts_of, swap_experts
+from .in_place_balance import use_family_balance_loss
 from .in_place_bias import correction_bias_problem, move_correction_biases
 from .in_place_load import load_in_place
 from .in_place_proof import prove_in_place
@@ -36,11 +36,11 @@ IN_PLACE_FLAGS = ("ep_size", "moe_impl", "router_bias_update_rate")
 
 
 def is_in_place_folder(name_or_path: str | None) -> bool:
-    """A local folder whose config.json is an HF MoE class (it counts experts) that hf/load.py does not import."""
+    """A local folder whose config.json is an HF MoE class (it counts experts)."""
     if not name_or_path or not (Path(name_or_path) / "config.json").is_file():
         return False
     config = AutoConfig.from_pretrained(name_or_path)
-    return config.model_type not in ADAPTERS and bool(expert_count(config))
+    return bool(expert_count(config))
 
 
 def expert_count(config: PretrainedConfig) -> int:
@@ -67,8 +67,7 @@ def continue_in_place(path: str, moe: MoEConfig, dtype: torch.dtype, vocab_neede
     for module in fused_experts_of(model):  # the family's top-k, before the first forward counts it (FLOPs, metrics)
         module.routing.top_k = top_k_of(config)
     move_correction_biases(model, moe.router_bias_update_rate)
-    if hasattr(model.config, "output_router_logits"):  # the family's balance loss joins its LM loss
-        model.config.output_router_logits = True
+    use_family_balance_loss(model)  # it joins the LM loss
     blocks = sorted({int(found.group(1)) for module_path, module in model.named_modules()
                      if module in fused_experts_of(model) and (found := re.search(r"\.(\d+)\.", module_path))})
     settings = dataclasses.replace(moe, num_experts=expert_count(config), top_k=top_k_of(config), moe_layers=blocks,

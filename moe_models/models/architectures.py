@@ -63,12 +63,6 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 )}
 
 
-# The model_types of the transformers MoE classes whose checkpoints import (moe_models/hf/load.py; hf/adapters.py has
-# one adapter for each): a folder of one of these is an MoE model to continue, not a dense model to upcycle.
-IMPORTABLE_MOE_MODEL_TYPES = ("cohere2_moe", "ernie4_5_moe", "flex_olmo", "glm4_moe", "granitemoe", "granitemoe_swa",
-                              "granitemoeshared", "hunyuan_v1_moe", "mixtral", "qwen2_moe", "qwen3_moe")
-
-
 def architecture_of(model: nn.Module) -> Architecture:
     """The table entry for a transformers model, or what inspecting its blocks finds; a ValueError saying what was
     found when neither gives a block FFN."""

@@ -12,7 +12,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..run.config import ModelConfig
-from .architectures import ARCHITECTURES, IMPORTABLE_MOE_MODEL_TYPES, architecture_of_config
+from .architectures import ARCHITECTURES, architecture_of_config
 from .discovery import counts_experts
 from .hub import unreachable_hub_problem
 from .tokenization import BYTE_VOCAB_SIZE
@@ -155,11 +155,11 @@ def local_config(model: ModelConfig) -> tuple[dict | None, str]:
 
 def family_problems(config: dict, where: str) -> list[str]:
     """The model is a family surgery converts (listed, or a decoder-only causal LM whose block FFN inspection finds:
-    checked on the meta device) or an HF MoE folder that imports."""
+    checked on the meta device) or an HF MoE folder, continued in place."""
     if "_error" in config:
         return [config["_error"] + "; give a config.json written by save_pretrained"]
     model_type = config.get("model_type")
-    if model_type in ARCHITECTURES or model_type in IMPORTABLE_MOE_MODEL_TYPES:
+    if model_type in ARCHITECTURES:
         return []
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and counts_experts(config):
         return []  # an MoE to continue in place (hf/in_place_run.py): its family's probe decides at the build

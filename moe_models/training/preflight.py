@@ -22,17 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from deepspeed.moe.utils import is_moe_param
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from ..hf.import_config import dense_config_and_moe_settings
 from ..hf.in_place import fused_experts_of
 from ..hf.in_place_run import in_place_on_meta, is_in_place_folder
-from ..hf.load import is_hf_moe_folder, settings_from_checkpoint
 from ..metrics.throughput import (active_parameters, attention_dims, expert_flops_per_token, expert_parameters,
                                   flops_per_token, routes_per_token)
 from ..models.source import resolve_model_config
@@ -76,8 +73,9 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     """Build the model of ``cfg`` on the meta device (as at ep_size 1: every expert) and measure it."""
     if is_in_place_folder(cfg.model.model_name_or_path):
         return _in_place_shape(cfg)
-    config, moe = _dense_config_and_settings(cfg)
-    moe = dataclasses.replace(moe, ep_size=1)  # every expert; on the meta device nothing is drawn
+    path = cfg.model.model_name_or_path
+    config = AutoConfig.from_pretrained(path) if path else resolve_model_config(cfg.model)
+    moe = dataclasses.replace(cfg.moe, ep_size=1)  # every expert; on the meta device nothing is drawn
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # init_empty_weights re-creates assigned parameters: tie once outside it
@@ -145,16 +143,6 @@ def predicted_shape(result: dict) -> ModelShape:
     shape = ModelShape(**result["shape"])
     adaptive = result.get("adaptive_compute")
     return dataclasses.replace(shape, flops_per_token=adaptive["predicted_flops_per_token"]) if adaptive else shape
-
-
-def _dense_config_and_settings(cfg: RunConfig) -> tuple[PretrainedConfig, MoEConfig]:
-    """The dense model's config and the MoE settings: an imported HF MoE folder's own (hf/load.py), else the flags'."""
-    path = cfg.model.model_name_or_path
-    if is_hf_moe_folder(path):
-        dense, settings, _ = dense_config_and_moe_settings(AutoConfig.from_pretrained(path))
-        return dense, settings_from_checkpoint(cfg.moe, settings, dense.num_hidden_layers, cfg.given,
-                                               Path(path) / "config.json")
-    return (AutoConfig.from_pretrained(path) if path else resolve_model_config(cfg.model)), cfg.moe
 
 
 @dataclass(frozen=True)
@@ -249,8 +237,8 @@ def all_to_all_bytes_by_node(cfg: RunConfig, shape: ModelShape, setup: Setup,
                              devices_per_node: int) -> tuple[float, float]:
     """(in node, across nodes) bytes one rank's dispatcher sends per step: per_route's bytes over its peers
     (step_time.all_to_all_split), node_once's by training/node_once_bytes.py."""
-    if setup.dispatcher == "node_once":  # an imported HF MoE folder's own experts and routing, else the flags'
-        return node_once_bytes(_dense_config_and_settings(cfg)[1], shape.moe_layers, shape.routes // max(shape.moe_layers, 1),
+    if setup.dispatcher == "node_once":  # the flags' experts and routing (an MoE in place takes no --dispatcher)
+        return node_once_bytes(cfg.moe, shape.moe_layers, shape.routes // max(shape.moe_layers, 1),
                                shape.hidden_size, setup, devices_per_node)
     return all_to_all_split(all_to_all_bytes_per_step(shape, setup), setup.ep_size, devices_per_node)
 

@@ -12,7 +12,6 @@ import json
 import zipfile
 from pathlib import Path
 
-from ..models.architectures import IMPORTABLE_MOE_MODEL_TYPES
 from ..models.discovery import counts_experts
 from ..models.source import DEFAULT_PRESET, local_config
 from ..run.checkpoint_folder import CheckpointError, CheckpointFolder
@@ -183,8 +182,8 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
     fix = (f"resume with the settings it was trained with ({run.record_path}), or start a new run "
            "without --resume_from_checkpoint")
     current, _ = local_config(cfg.model)
-    if current is None or current.get("model_type") in IMPORTABLE_MOE_MODEL_TYPES or counts_experts(current):  # an import
-        return None  # a hub id, or an imported or in-place MoE: its settings come from the checkpoint
+    if current is None or counts_experts(current):  # an MoE in place
+        return None  # a hub id, or an MoE in place: its settings come from the checkpoint
     if saved is not None:
         differing = [key for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
         if differing:

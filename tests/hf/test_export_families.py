@@ -1,5 +1,5 @@
-"""Export of every family with a matching transformers MoE class, and import back: stock ``AutoModelForCausalLM``
-computes the converted model's function, and the imported model computes the exported one's.
+"""Export of every family with a matching transformers MoE class, and back: stock ``AutoModelForCausalLM`` computes
+the converted model's function, and the exported folder, continued in place, computes the stock class's.
 
 The converted models are not trained (train.py's own export path is tests/hf/test_export.py): random experts and
 routers scaled up so that routes differ, saved as a folder MoETrainer writes (model.safetensors, moe_config.json,
@@ -18,8 +18,8 @@ from moe_models import convert_to_moe
 from moe_models.hf.configs import MOE_CLASSES, NotRepresentable, hf_moe_config
 from moe_models.hf.export_table import export_table_markdown, with_export_table
 from moe_models.hf.exporter import export
-from moe_models.hf.import_config import dense_config_and_moe_settings
-from moe_models.hf.load import import_hf_moe
+from moe_models.hf.in_place import fused_experts_of
+from moe_models.hf.in_place_run import continue_in_place
 from moe_models.models.tokenization import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from moe_models.moe.layer import ROUTER_SCORE_BIAS, ROUTER_WEIGHT
 from moe_models.run.config import MoEConfig
@@ -54,7 +54,7 @@ CASES = {
     "cohere2": ("cohere2", dict(TINY, sliding_window=8, logit_scale=0.5),
                 dict(top_k=2, moe_layers="1,2", num_shared_experts=1), "Cohere2MoeForCausalLM"),
 }
-IMPORTED = ["granite", "granite_shared", "granite_swa", "olmo2", "olmo2_top1", "hunyuan", "ernie", "cohere2"]
+CONTINUED = ["granite", "granite_shared", "granite_swa", "olmo2", "olmo2_top1", "hunyuan", "ernie", "cohere2"]
 
 
 def tokens(batch=2, length=24, seed=0):
@@ -113,25 +113,34 @@ def test_the_router_bias_is_exported_and_steers_the_choice(exported):
     assert not torch.allclose(hf(ids).logits, with_bias, atol=1e-3)
 
 
-@pytest.mark.parametrize("exported", IMPORTED, indirect=True)
-def test_the_exported_folder_imports_back_and_trains(exported):
-    """Imported for further training: the DeepSpeed model computes the stock class's logits and its loss
-    reaches every expert and router."""
-    model, moe, layout, _ = import_hf_moe(str(exported["hf_dir"]), MoEConfig(drop_tokens=False,
-                                                                              top2_2nd_expert_sampling=False),
-                                          BYTE_VOCAB_SIZE, seed=0)
+def continued(folder: Path) -> tuple[torch.nn.Module, MoEConfig]:
+    """The folder continued in place as train.py does it (ep_size 1, fp32): its model and the settings that describe
+    it."""
+    model, settings, _ = continue_in_place(str(folder), MoEConfig(), torch.float32, BYTE_VOCAB_SIZE)
+    return model, settings
+
+
+@pytest.mark.parametrize("exported", CONTINUED, indirect=True)
+def test_the_exported_folder_continues_in_place_and_trains(exported):
+    """Continued in place for further training: its own class, the stock class's logits, and the loss reaches
+    every expert and router."""
+    model, moe = continued(exported["hf_dir"])
     trained_moe, trained_layout = exported["model"].moe_settings
-    assert layout == trained_layout
-    assert (moe.num_experts, moe.top_k, moe.num_shared_experts) == (4, trained_moe.top_k,
-                                                                     trained_moe.num_shared_experts)
+    assert type(model).__name__ == exported["hf_class"]
+    assert (moe.num_experts, moe.top_k) == (4, trained_moe.top_k)
+    assert moe.moe_layers == list(trained_layout.blocks)
     hf = AutoModelForCausalLM.from_pretrained(exported["hf_dir"], dtype=torch.float32).eval()
     ids = tokens(seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
     loss = model.train()(input_ids=ids, labels=ids).loss
     loss.backward()
+    experts = {id(p) for layer in fused_experts_of(model) for p in layer.parameters()}
+    routers = [name for name, p in model.named_parameters() if id(p) not in experts and p.shape[0] == 4
+               and name.endswith(("gate.weight", "router.weight", "gate.wg.weight"))]
+    assert len(routers) == len(trained_layout.blocks)
     for name, param in model.named_parameters():
-        if name.endswith(ROUTER_WEIGHT) or ".experts." in name:
+        if id(param) in experts or name in routers:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
@@ -141,38 +150,33 @@ FULL_ROTARY = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.
                    partial_rotary_factor=1.0)
 
 
-@pytest.mark.parametrize("moe_type, fields, settings", [
+@pytest.mark.parametrize("moe_type, fields, sparse_blocks", [
     ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
-                        residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.2), {}),
-    ("granitemoeshared", dict(num_local_experts=4, num_experts_per_tok=1, shared_intermediate_size=192),
-     dict(num_shared_experts=2, norm_topk_prob=True)),
-    ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False), dict(norm_topk_prob=False)),
-    ("hunyuan_v1_moe", dict(num_experts=4, moe_topk=2, head_dim=16), dict(num_shared_experts=1)),
+                        residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.2), [0, 1, 2]),
+    ("granitemoeshared", dict(num_local_experts=4, num_experts_per_tok=1, shared_intermediate_size=192), [0, 1, 2]),
+    ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False), [0, 1, 2]),
+    ("hunyuan_v1_moe", dict(num_experts=4, moe_topk=2, head_dim=16), [0, 1, 2]),
     ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1,
-                          moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1),
-     dict(num_shared_experts=1, norm_topk_prob=True, moe_layers=[1, 2])),
-    # dense block 0 twice as wide as the experts: granular experts; q/k norms: imported as Qwen3
+                          moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1), [1, 2]),
+    # a dense block 0 twice as wide as the experts, q/k norms, shared experts, a routed scaling factor
     ("glm4_moe", dict(n_routed_experts=4, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=2,
                       first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=False, use_qk_norm=True,
-                      routed_scaling_factor=1.5, head_dim=16, **FULL_ROTARY),
-     dict(score_function="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5, num_shared_experts=2,
-          expert_init="granular", granularity=2, moe_layers=[1, 2])),
+                      routed_scaling_factor=1.5, head_dim=16, **FULL_ROTARY), [1, 2]),
     # group-limited routing: 8 experts in 4 groups, each token inside its best 2 (DeepSeek-V3's rule)
     ("glm4_moe", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, n_shared_experts=0,
                       first_k_dense_replace=0, n_group=4, topk_group=2, norm_topk_prob=True, head_dim=16,
-                      **FULL_ROTARY),
-     dict(score_function="sigmoid", expert_groups=4, max_groups_per_token=2, num_experts=8)),
-    # dense first block twice as wide as the experts (granular), a summed shared expert, top-1 (weight 1.0)
+                      **FULL_ROTARY), [0, 1, 2]),
+    # a dense first block twice as wide as the experts, a summed shared expert, top-1
     ("cohere2_moe", dict(num_experts=4, num_experts_per_tok=1, intermediate_size=48, head_dim=16, sliding_window=8,
                          mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=96,
                          prefix_dense_sliding_window_pattern=2, num_shared_experts=2,
-                         shared_expert_combination_strategy="sum", bos_token_id=1, eos_token_id=2),
-     dict(num_shared_experts=2, norm_topk_prob=True, expert_init="granular", granularity=2, moe_layers=[1, 2])),
+                         shared_expert_combination_strategy="sum", bos_token_id=1, eos_token_id=2), [1, 2]),
 ])
 @torch.no_grad()
-def test_a_checkpoint_made_by_transformers_imports_with_its_function(world, tmp_path, moe_type, fields, settings):
+def test_a_checkpoint_made_by_transformers_continues_with_its_function(world, tmp_path, moe_type, fields,
+                                                                       sparse_blocks):
     """The HF class built by transformers itself (random weights and router biases, the hub's layout on disk)
-    imports exactly: the DeepSpeed model computes its logits."""
+    continues in place exactly: the model with its experts swapped computes its logits."""
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(moe_type, **{**FOREIGN, **fields})).eval()
     for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
@@ -181,10 +185,12 @@ def test_a_checkpoint_made_by_transformers_imports_with_its_function(world, tmp_
         elif name.endswith("e_score_correction_bias"):
             tensor.normal_(0, 0.1)
     hf.save_pretrained(tmp_path)
-    model, moe, _, _ = import_hf_moe(str(tmp_path), MoEConfig(drop_tokens=False, top2_2nd_expert_sampling=False),
-                                     BYTE_VOCAB_SIZE, seed=0)
-    for name, value in settings.items():
-        assert getattr(moe, name) == value, name
+    model, moe = continued(tmp_path)
+    config = hf.config
+    assert moe.num_experts == next(fields[name] for name in ("num_local_experts", "num_experts", "moe_num_experts",
+                                                             "n_routed_experts") if name in fields)
+    assert moe.top_k == next(fields[name] for name in ("num_experts_per_tok", "moe_topk", "moe_k") if name in fields)
+    assert moe.moe_layers == sparse_blocks and config.model_type == moe_type
     ids = tokens()
     torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -233,22 +239,6 @@ def test_ernie_sparse_blocks_are_the_layout(moe_layers, start_end_interval):
 def test_every_export_class_is_documented_with_its_hf_class():
     for moe_type, target in MOE_CLASSES.items():
         assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[moe_type] == target.hf_class
-
-
-@pytest.mark.parametrize("moe_type, fields, message", [
-    ("cohere2_moe", dict(num_shared_experts=1, shared_expert_combination_strategy="average"),
-     "shared_expert_combination_strategy 'average': DeepSpeed's MoE layers add the shared experts' output"),
-    ("cohere2_moe", dict(rms_norm_eps=1e-6), "Cohere2-MoE then normalises by RMSNorm, Cohere2 by LayerNorm"),
-    ("cohere2_moe", dict(mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
-                         prefix_dense_sliding_window_pattern=1), "rotates q/k in dense full-attention blocks [0]"),
-    ("glm4_moe", dict(use_qk_norm=True, attention_bias=True), "use_qk_norm and attention_bias"),
-    ("ernie4_5_moe", dict(use_bias=True), "use_bias is true: ERNIE-4.5's FFN biases"),
-])
-def test_checkpoints_no_dense_family_rebuilds_are_refused_on_import(moe_type, fields, message):
-    config = AutoConfig.for_model(moe_type, **dict(FOREIGN, num_hidden_layers=2), **fields)
-    with pytest.raises(NotRepresentable) as err:
-        dense_config_and_moe_settings(config)
-    assert message in str(err.value)
 
 
 def test_export_doc_tables_match_the_code():

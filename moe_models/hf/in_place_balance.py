@@ -1,0 +1,46 @@
+"""The family's own balance loss in place: transformers adds ``router_aux_loss_coef`` x its balance loss to the LM
+loss when ``output_router_logits`` is on, from the router logits its output recorder collects.
+
+Some classes of transformers 5.17 read ``output_router_logits`` in their forward but register no recorder of router
+logits (GraniteMoe, GraniteMoeShared, GraniteMoe-SWA, GraniteMoeHybrid): with the flag on, their forward fails on
+the loss (``'int' object has no attribute 'to'``), stock or ours. For such a class the recorder transformers gives the
+others is registered here: the block's router class, at the index of its output that holds the logits, [T, E]. It is
+written here because transformers has no hook for it; it changes nothing while ``output_router_logits`` is off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
+
+from .in_place import sparse_blocks
+
+ROUTER_LOGITS = "router_logits"
+
+
+def use_family_balance_loss(model: nn.Module) -> None:
+    """Turn the family's balance loss on (where its config has ``output_router_logits``), registering the router
+    logits' recorder its class lacks."""
+    if not hasattr(model.config, "output_router_logits"):
+        return
+    model.config.output_router_logits = True
+    for module in model.modules():  # the class whose forward records the decoder's outputs (``model.model``)
+        flags = _CAN_RECORD_REGISTRY.get(str(type(module)))
+        if flags is not None and "hidden_states" in flags and ROUTER_LOGITS not in flags:
+            router = sparse_blocks(model)[0].router
+            flags[ROUTER_LOGITS] = OutputRecorder(type(router), index=logits_index(router))
+
+
+@torch.no_grad()
+def logits_index(router: nn.Module) -> int:
+    """Where the router's output holds its logits: the element [T, E] (E its experts) that is no top-k."""
+    weight = next(p for p in router.parameters() if p.dim() == 2)  # [E, D]
+    num_experts, hidden = weight.shape
+    outputs = router(torch.zeros(3, hidden, dtype=weight.dtype, device=weight.device))
+    found = [i for i, out in enumerate(outputs) if torch.is_tensor(out) and out.is_floating_point()
+             and tuple(out.shape) == (3, num_experts)]
+    if len(found) != 1:
+        raise ValueError(f"{type(router).__name__} returns no single [tokens, {num_experts}] tensor of logits, so its "
+                         "family's balance loss cannot be recorded")
+    return found[0]
