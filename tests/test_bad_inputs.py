@@ -40,12 +40,12 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def refused(capsys, args: list[str], expected: str, folder: Path | None = None) -> str:
-    """Run train.main(QUICK + args); it must exit non-zero without a traceback, its last stderr line must hold
+def refused(capsys, args: list[str], expected: str, folder: Path | None = None, base: list[str] = QUICK) -> str:
+    """Run train.main(base + args); it must exit non-zero without a traceback, its last stderr line must hold
     ``expected``, and ``folder`` (an existing run) must be byte-identical afterwards."""
     before = snapshot(folder) if folder else None
     with pytest.raises(SystemExit) as exit_:
-        train.main([*QUICK, *args])
+        train.main([*base, *args])
     out, err = capsys.readouterr()
     assert exit_.value.code not in (0, None)
     assert "Traceback" not in out + err
@@ -600,21 +600,20 @@ def hf_moe_folder(run_dir, tmp_path_factory):
     return output
 
 
-def test_import_with_a_flag_that_disagrees_with_the_folder(capsys, run_dir, hf_moe_folder):
+def test_a_routing_flag_for_an_moe_in_place_is_refused(capsys, run_dir, hf_moe_folder):
     refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *into(run_dir), "--num_experts", "8"],
-            "--num_experts 8 disagrees with the imported checkpoint, which has num_experts 4; drop the flag (or pass "
-            "--num_experts 4)", folder=run_dir)
+            f"--num_experts: {hf_moe_folder} is continued in place (mixtral), with the family's own routing, balance "
+            "loss and experts; leave it out", folder=run_dir)
 
 
-def test_import_with_the_default_value_given_still_counts_as_given(capsys, run_dir, hf_moe_folder):
-    # QUICK gives --num_experts 4; here the folder is imported with --top_k 2 given as 1, the other way round
-    refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *into(run_dir), "--top_k", "1"],
-            "--top_k 1 disagrees with the imported checkpoint, which has top_k 2", folder=run_dir)
+def test_a_flag_given_at_the_folders_own_value_is_still_refused(capsys, run_dir, hf_moe_folder):
+    # QUICK gives --num_experts 4, the folder's own count: refused as given, not compared
+    refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *into(run_dir)],
+            f"--num_experts: {hf_moe_folder} is continued in place (mixtral)", folder=run_dir)
 
 
-def test_import_refusal_of_a_checkpoint_setting_says_where_it_came_from(capsys, run_dir, tmp_path):
-    """A Qwen3-MoE checkpoint (norm_topk_prob false, its class's default) with --moe_impl deepspeed: the refusal names
-    --norm_topk_prob, a flag the user never passed, so it says that the value is the checkpoint's and from where."""
+def test_the_stock_deepspeed_layer_for_an_moe_in_place_is_refused(capsys, run_dir, tmp_path):
+    """A Qwen3-MoE folder made by transformers with --moe_impl deepspeed: in place, its experts run grouped."""
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = tmp_path / "qwen3-moe"
     config = AutoConfig.for_model("qwen3_moe", vocab_size=257, hidden_size=64, intermediate_size=128,
@@ -622,12 +621,12 @@ def test_import_refusal_of_a_checkpoint_setting_says_where_it_came_from(capsys, 
                                   num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                   norm_topk_prob=False)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    quick = QUICK[2:]  # without its --num_experts, which in place is refused first
+    assert "--num_experts" not in quick
     refused(capsys, ["--model_name_or_path", str(folder), "--tokenizer_name", str(run_dir / "tokenizer"),
                      "--moe_impl", "deepspeed", *into(run_dir)],
-            "--norm_topk_prob False: the stock DeepSpeed gate (--moe_impl deepspeed) routes by softmax top-k with its "
-            "own balance loss only; use --moe_impl grouped (the default), which keeps the same DeepSpeed layer and "
-            f"checkpoint names (norm_topk_prob false: the imported checkpoint's setting, from {folder / 'config.json'}, "
-            "not a flag you passed)", folder=run_dir)
+            f"--moe_impl deepspeed: {folder} is continued in place (qwen3_moe), its experts run grouped in the "
+            "family's own block; leave the flag out", folder=run_dir, base=quick)
 
 
 @pytest.mark.parametrize("section, key", [("optimizer", "betaz"), ("scheduler", "warmup_stepz")])

@@ -139,13 +139,6 @@ def test_a_non_editable_install_finds_the_shipped_deepspeed_configs(tmp_path):
     assert Path(zero2).is_relative_to(site) and Path(zero2).is_file()
 
 
-def test_importable_moe_families_are_the_adapters():
-    """The lower layers' list of importable MoE families (models/) is hf/'s adapter table, no more, no less."""
-    from moe_models.hf.adapters import ADAPTERS
-    from moe_models.models.architectures import IMPORTABLE_MOE_MODEL_TYPES
-    assert sorted(IMPORTABLE_MOE_MODEL_TYPES) == sorted(ADAPTERS)
-
-
 def test_docs_architecture_lists_every_module():
     """docs/architecture.md's map of the package names every module (the names are unique) and no module that is
     gone."""

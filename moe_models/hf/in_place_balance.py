@@ -4,8 +4,9 @@ loss when ``output_router_logits`` is on, from the router logits its output reco
 Some classes of transformers 5.17 read ``output_router_logits`` in their forward but register no recorder of router
 logits (GraniteMoe, GraniteMoeShared, GraniteMoe-SWA, GraniteMoeHybrid): with the flag on, their forward fails on
 the loss (``'int' object has no attribute 'to'``), stock or ours. For such a class the recorder transformers gives the
-others is registered here: the block's router class, at the index of its output that holds the logits, [T, E]. It is
-written here because transformers has no hook for it; it changes nothing while ``output_router_logits`` is off.
+others is declared here, on the class, for the process: the block's router class, at the index of its output that
+holds the logits, [T, E]. It is written here because transformers has no other way to add it; it changes nothing
+while ``output_router_logits`` is off, and makes the stock class's loss work as its code intends when it is on.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def use_family_balance_loss(model: nn.Module) -> None:
     if not hasattr(model.config, "output_router_logits"):
         return
     model.config.output_router_logits = True
-    for module in model.modules():  # the class whose forward records the decoder's outputs (``model.model``)
+    for module in model.modules():  # the classes whose forward records the decoder's outputs
         flags = _CAN_RECORD_REGISTRY.get(str(type(module)))
         if flags is not None and "hidden_states" in flags and ROUTER_LOGITS not in flags:
             router = sparse_blocks(model)[0].router
-            flags[ROUTER_LOGITS] = OutputRecorder(type(router), index=logits_index(router))
+            flags = {**flags, ROUTER_LOGITS: OutputRecorder(type(router), index=logits_index(router))}
+            # on the class, as transformers declares it, since each new instance registers its class's anew
+            type(module)._can_record_outputs = _CAN_RECORD_REGISTRY[str(type(module))] = flags
 
 
 @torch.no_grad()

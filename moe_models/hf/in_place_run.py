@@ -98,6 +98,9 @@ def proven_config(path: str, moe: MoEConfig, given: frozenset[str]) -> Pretraine
         raise ConfigError([f"--{name}: {path} is continued in place ({config.model_type}), with the family's own "
                            "routing, balance loss and experts; leave it out (docs/models.md, Continue an MoE in "
                            "place)" for name in ours])
+    if moe.moe_impl != "grouped":
+        raise ConfigError([f"--moe_impl {moe.moe_impl}: {path} is continued in place ({config.model_type}), its experts "
+                           "run grouped in the family's own block; leave the flag out"])
     experts = expert_count(config)
     if experts % moe.ep_size:
         raise ConfigError([f"ep_size ({moe.ep_size}) must divide the {experts} experts of {path}: pick an ep_size "
