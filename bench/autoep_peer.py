@@ -12,7 +12,7 @@ the LM loss alone.
 Then the deepspeed launcher starts 2 ranks twice (CPU ranks when there is no GPU), one engine per launch, so each
 peak is its own:
 - ours: the run train.py builds from `--model_name_or_path DIR --ep_size 2` (train.py `build`: the folder continued
-  in place, or imported where hf/adapters.py has the family), its steps (`TrainLoop.train_step`);
+  in place), its steps (`TrainLoop.train_step`);
 - AutoEP: `from_pretrained(DIR)` and `deepspeed.initialize` with the same DeepSpeed JSON (the run's, its "auto"
   values filled from the same flags) plus `"expert_parallel": {"enabled": true, "autoep_size": 2}`, the same
   optimizer groups and the same batches (the run's data, each rank its share).
@@ -91,7 +91,6 @@ def worker(args: argparse.Namespace, train_flags: list[str]) -> None:
 
     import torch
     import torch.distributed as dist
-    from moe_models.hf.in_place_run import is_in_place_folder
     from moe_models.run.cli import parse_args
 
     output_dir = args.result.parent / f"{args.engine}_run"  # the launch's scratch folder, the same on every rank
@@ -108,8 +107,7 @@ def worker(args: argparse.Namespace, train_flags: list[str]) -> None:
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak.bytes())
     if rank == 0:
-        path = ("in place" if is_in_place_folder(str(args.model_dir)) else "imported (hf/load.py)") \
-            if args.engine == "ours" else "AutoEP"
+        path = "in place" if args.engine == "ours" else "AutoEP"
         args.result.write_text(json.dumps({
             "path": path, "losses": losses, "peaks": peaks, "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step * (len(seconds) - 1) / sum(seconds[1:]), "torch": torch.__version__}))

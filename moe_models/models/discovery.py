@@ -43,7 +43,8 @@ def find_ffn(model: nn.Module) -> FoundFFN:
     if experts:
         raise ValueError(f"model type {model_type!r} is already a Mixture of Experts ({experts} experts per layer): "
                          "its FFNs are experts already. Continue training it in place from its folder (--model_name_or_path "
-                         "FOLDER; docs/models.md), or start from a dense model of the family.")
+                         "FOLDER) where docs/models.md lists the family as continued in place, or start from a dense "
+                         "model of the family.")
     blocks_path, blocks = _blocks(model, _num_layers(config), model_type)
     hidden = hidden_size_of(model)
     found = [_as_ffn(name, child, hidden) for name, child in blocks[0].named_children()]
