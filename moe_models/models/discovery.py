@@ -78,7 +78,7 @@ def _expert_count(config) -> int | None:
 
 
 def checkpoint_expert_count(config: dict) -> int | None:
-    """The experts per sparse block a config.json's fields count (an MoE model to continue, imported or in place, not
+    """The experts per sparse block a config.json's fields count (an MoE model to continue in place, not
     a dense one to convert); None when it counts none."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     return next((text[field] for field in EXPERT_COUNT_FIELDS

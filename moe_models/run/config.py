@@ -32,8 +32,8 @@ class ModelConfig:
 
     model_name_or_path: Optional[str] = _flag(
         None, "A dense HF causal LM (local folder or hub id). Its weights are loaded and its FFNs upcycled into experts. "
-        "A local folder of an HF MoE class export writes (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoe, FlexOlmo, ...) is "
-        "imported instead: its experts and routers are loaded as they are (see docs/export.md).")
+        "A local folder of an HF MoE class (DeepSeek-V3, Qwen3-MoE, Mixtral, GPT-OSS, an export of a run, ...) is "
+        "continued in place instead: its own class, routers and experts (see docs/models.md).")
     model_config: Optional[str] = _flag(
         None, "Train from scratch from a config: a built-in preset name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-qwen3, tiny-gpt2; see moe_models/models/source.py) or a config.json "
         "path. Used when --model_name_or_path is not given; defaults to the 'tiny-llama' preset.")

@@ -49,7 +49,7 @@ def too_small(section, names: tuple[str, ...], minimum: int = 1) -> list[str]:
 def with_source(problem: str, inherited: dict, whose: str) -> str:
     """A problem that settings no flag gave caused (``inherited``: name -> value, taken from a checkpoint or a resumed
     run's record), saying where they came from: the settings it names (all inherited ones when it names none), then
-    ``whose`` ("the imported checkpoint's setting, from .../config.json"), not a flag the user passed."""
+    ``whose`` ("the resumed run's setting, from .../run_config.json"), not a flag the user passed."""
     named = [name for name in inherited if re.search(rf"\b{name}\b", problem)] or list(inherited)
     values = ", ".join(f"{name} {flag_text(inherited[name])}" for name in named)
     return f"{problem} ({values}: {whose}, not a flag you passed)"

@@ -59,7 +59,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> dict:
 
 def checked_moe(cfg: RunConfig) -> MoEConfig:
     """The MoE settings the checks see: those of the flags, with an MoE checkpoint's own expert count when the model
-    is one (imported or continued in place: its experts come from the folder, not from --num_experts)."""
+    is one (continued in place: its experts come from the folder, not from --num_experts)."""
     config, _ = local_config(cfg.model)
     count = checkpoint_expert_count(config) if config and cfg.model.model_name_or_path else None
     return dataclasses.replace(cfg.moe, num_experts=count) if count else cfg.moe
