@@ -330,6 +330,24 @@ def test_checkpoint_of_another_run(case, capsys, run_dir):
     refused(capsys, [*flags, *resume(run_dir)], expected, folder=run_dir)
 
 
+@pytest.mark.parametrize("imported", [False, True])
+def test_a_checkpoint_with_our_layers_resumed_on_an_moe_folder(imported, capsys, run_dir, hf_moe_folder, tmp_path):
+    """The Mixtral export of run_dir continues in place; run_dir's checkpoint (a Llama with our MoE layers) does not
+    fit it. A run that an earlier version imported from that folder is told to export and continue the export."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    if imported:
+        record = json.loads((copy / "run_config.json").read_text())
+        record["resolved"]["imported_from"] = str(hf_moe_folder)
+        (copy / "run_config.json").write_text(json.dumps(record))
+    expected = (f"holds a llama model with our MoE layers (trained from "
+                f"{str(hf_moe_folder) if imported else 'tiny-llama'!r}), and this run continues {hf_moe_folder} in "
+                "place, in its own class, which that checkpoint does not fit: ")
+    expected += (f"export the checkpoint (python -m moe_models.export --checkpoint {copy / 'checkpoints'} --tag "
+                 "global_step1 --output HF_DIR)" if imported else "resume with the settings it was trained with")
+    refused(capsys, ["--model_name_or_path", str(hf_moe_folder), *resume(copy)], expected, folder=copy)
+
+
 def test_truncated_checkpoint_file(capsys, run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

@@ -182,7 +182,17 @@ def _other_run(tag_dir: Path, cfg: RunConfig) -> str | None:
     fix = (f"resume with the settings it was trained with ({run.record_path}), or start a new run "
            "without --resume_from_checkpoint")
     current, _ = local_config(cfg.model)
-    if current is None or counts_experts(current):  # an MoE in place
+    if current is not None and counts_experts(current) and saved is not None and not counts_experts(saved):
+        source = record.settings.model
+        was = record.resolved.imported_from or source.model_name_or_path or source.model_config or DEFAULT_PRESET
+        found = (f"{tag_dir} holds a {saved.get('model_type')} model with our MoE layers (trained from {was!r}), and "
+                 f"this run continues {cfg.model.model_name_or_path} in place, in its own class, which that checkpoint "
+                 "does not fit")
+        if record.resolved.imported_from:  # an MoE folder imported through its dense family, as earlier versions did
+            return (f"{found}: export the checkpoint (python -m moe_models.export --checkpoint {tag_dir.parent} --tag "
+                    f"{tag_dir.name} --output HF_DIR) and continue the export with --model_name_or_path HF_DIR")
+        return f"{found}: {fix}"
+    if current is None or counts_experts(current):
         return None  # a hub id, or an MoE in place: its settings come from the checkpoint
     if saved is not None:
         differing = [key for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
