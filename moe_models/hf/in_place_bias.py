@@ -1,10 +1,10 @@
 """Aux-loss-free balancing of a model continued in place (hf/in_place.py) moves the family's own bias: where each
-sparse block holds a correction bias (``e_score_correction_bias``, added to the scores for the choice of experts
-only: DeepSeek-V3, GLM-4-MoE-Lite, MiniMax-M2, Nemotron-H, ...), --router_bias_update_rate
-moves it after each optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the
-load counted over every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays
-the family's tensor where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and
-restore it under the family's name."""
+sparse block holds a correction bias (added to the scores for the choice of experts only, never to the weights, and
+held outside the gradient: a buffer or a parameter without gradient), --router_bias_update_rate moves it after each
+optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the load counted over
+every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays the family's tensor
+where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and restore it under the
+family's name. ``CORRECTION_BIASES`` names it in each family that has one."""
 
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ import torch
 from torch import nn
 
 from ..moe.balance import CorrectionBias
+from ..moe.fused_experts import FusedExperts
 from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks
 
-CORRECTION_BIAS = "e_score_correction_bias"
+# The names a correction bias goes by, each checked in its families' forward (transformers 5.17): chosen by
+# top-k of the scores plus the bias, weighed by the scores alone, the bias a buffer or a parameter without gradient.
+CORRECTION_BIASES = (
+    "e_score_correction_bias",  # DeepSeek-V3 and its kin, GLM-4.5, MiniMax-M2, Nemotron-H, ERNIE-4.5, Laguna, ...
+    "expert_bias",              # AFMoE (a parameter without gradient), LFM2-MoE (a buffer, with use_expert_bias)
+    "balancing_biases",         # Zaya: E + 1 entries, the last its skip class's (refused below)
+)
 
 
 def correction_biases(model: nn.Module) -> list[tuple[SparseBlock, Optional[nn.Module]]]:
@@ -26,9 +33,14 @@ def correction_biases(model: nn.Module) -> list[tuple[SparseBlock, Optional[nn.M
     for block in sparse_blocks(model):
         owner = next((module for name, module in block.block.named_modules()
                       if name != EXPERTS_NAME and not name.startswith(f"{EXPERTS_NAME}.")
-                      and isinstance(getattr(module, CORRECTION_BIAS, None), torch.Tensor)), None)
+                      and bias_name(module) is not None), None)
         found.append((block, owner))
     return found
+
+
+def bias_name(owner: nn.Module) -> Optional[str]:
+    """The name of the correction bias ``owner`` holds (None: none)."""
+    return next((name for name in CORRECTION_BIASES if isinstance(getattr(owner, name, None), torch.Tensor)), None)
 
 
 def correction_bias_problem(model: nn.Module) -> Optional[str]:
@@ -36,13 +48,19 @@ def correction_bias_problem(model: nn.Module) -> Optional[str]:
     swapped yet), or None."""
     for block, owner in correction_biases(model):
         if owner is None:
-            return (f"has no correction bias ({CORRECTION_BIAS}) at {block.path}, so its routing has no "
-                    "aux-loss-free bias to move")
-        entries, experts = getattr(owner, CORRECTION_BIAS).numel(), block.experts.down_proj.shape[0]
+            return (f"has no correction bias ({', '.join(CORRECTION_BIASES)}) at {block.path}, so its routing "
+                    "has no aux-loss-free bias to move")
+        name = bias_name(owner)
+        entries, experts = getattr(owner, name).numel(), expert_count(block.experts)
         if entries != experts:
-            return (f"has a correction bias of {entries} entries for {experts} experts at {block.path}, which "
-                    "the routes per expert cannot move")
+            return (f"has a correction bias ({name}) of {entries} entries for {experts} experts at {block.path}, "
+                    "which the routes per expert cannot move")
     return None
+
+
+def expert_count(experts: nn.Module) -> int:
+    """The experts of a sparse block's experts module, swapped or not."""
+    return experts.num_experts if isinstance(experts, FusedExperts) else experts.down_proj.shape[0]
 
 
 def move_correction_biases(model: nn.Module, rate: float) -> None:
@@ -52,17 +70,18 @@ def move_correction_biases(model: nn.Module, rate: float) -> None:
         return
     for block, owner in correction_biases(model):
         held_fp32(owner)
-        block.block.get_submodule(EXPERTS_NAME).correction_bias = CorrectionBias(owner, CORRECTION_BIAS, rate)
+        block.block.get_submodule(EXPERTS_NAME).correction_bias = CorrectionBias(owner, bias_name(owner), rate)
 
 
 def held_fp32(owner: nn.Module) -> None:
     """The correction bias of ``owner`` as an fp32 buffer of the same name (the state dict's entry is unchanged): steps
     of 1e-3 would round away in bf16 (a bf16 run reads it in bf16; a bias kept as a parameter without gradient,
-    Laguna's, DeepSpeed would cast to bf16, while it keeps fp32 buffers), as our own score bias is (moe/router.py)."""
-    bias = getattr(owner, CORRECTION_BIAS).detach().float()
-    if CORRECTION_BIAS in owner._parameters:
-        delattr(owner, CORRECTION_BIAS)
-    owner.register_buffer(CORRECTION_BIAS, bias)
+    Laguna's or AFMoE's, DeepSpeed would cast to bf16, while it keeps fp32 buffers), as our own score bias is (moe/router.py)."""
+    name = bias_name(owner)
+    bias = getattr(owner, name).detach().float()
+    if name in owner._parameters:
+        delattr(owner, name)
+    owner.register_buffer(name, bias)
 
 
 def family_balance_fixes(model: nn.Module, rate: float) -> list[str]:
@@ -70,7 +89,7 @@ def family_balance_fixes(model: nn.Module, rate: float) -> list[str]:
     are refused there): moving its correction bias where it has one, its own balance loss's coefficient where its
     config has one."""
     fixes = []
-    if all(owner is not None for _, owner in correction_biases(model)):
+    if correction_bias_problem(model) is None:
         fixes.append(f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {rate:g})")
     coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", None)
     if isinstance(coef, (int, float)):

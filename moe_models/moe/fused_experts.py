@@ -92,7 +92,9 @@ class FusedExperts(MoE):
     experts ``ep_rank * L`` to ``(ep_rank + 1) * L - 1``, L = E / ep_size), with that module's forward signature.
 
     ``routing`` sums every training forward's routes (per-layer metrics, moe/counters.py); the router logits come
-    from ``router`` (the block's router module) when given, by a forward hook that keeps its output of E columns.
+    from ``router`` (the block's router module) when given, by a forward hook that keeps its output of E columns (of
+    E + 1 where the router also scores a skip class: Zaya's, whose block hands a route to it to the experts as expert
+    0 with weight 0, so it runs and counts as expert 0's, as in the stock class).
     ``last_topk_ids_TK`` keeps the last forward's routes (global ids, -1 for a route to no computing expert).
     ``correction_bias``, when set (hf/in_place_bias.py), is the family's aux-loss-free bias that moves after each
     optimizer step by the step's routes per expert, which ``step_load`` counts (moe/balance.py). ``real_tokens``,
@@ -125,13 +127,15 @@ class FusedExperts(MoE):
         self.step_load = StepLoad()
         self.real_tokens: Optional[RealTokens] = None  # the batch's real tokens (MoELayers.ignore_padding)
         self._router_logits: Optional[torch.Tensor] = None
+        # the router's classes: its experts, and a skip class where it has one (Zaya's ``num_router_classes``)
+        self.router_classes = getattr(router, "num_router_classes", num_experts)
         if router is not None:
             router.register_forward_hook(self._keep_router_logits)
 
     def _keep_router_logits(self, module, args, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
         self._router_logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 2
-                                    and o.shape[-1] == self.num_experts and o.is_floating_point()), None)
+                                    and o.shape[-1] == self.router_classes and o.is_floating_point()), None)
 
     @property
     def experts(self) -> LocalFusedExperts:
@@ -148,7 +152,7 @@ class FusedExperts(MoE):
         ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
         weights_TK = torch.where(ids_TK >= 0, top_k_weights.reshape(ids_TK.shape).float(), 0.0)
         logits_TE, self._router_logits = self._router_logits, None
-        logits_TE = logits_TE.reshape(-1, self.num_experts).float() if logits_TE is not None else None
+        logits_TE = logits_TE.reshape(-1, self.router_classes).float() if logits_TE is not None else None
         if self.real_tokens is None:
             out_TD = self._run_routes(x_TD, ids_TK, weights_TK, logits_TE)
         else:

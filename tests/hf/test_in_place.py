@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
-from transformers import AutoConfig, Qwen3MoeForCausalLM
+from transformers import AutoConfig, Qwen3MoeForCausalLM, ZayaForCausalLM
 
 from moe_models.hf import in_place_proof
 from moe_models.hf.in_place import fused_experts_of, sparse_blocks, swap_experts
@@ -131,6 +131,36 @@ def test_the_family_keeps_its_balance_loss_and_each_layer_counts_its_routes():
     tokens, top_k = IDS.numel(), stock.config.num_experts_per_tok
     assert sums.tokens == tokens and sums.forwards == 1 and sums.kept_E.sum() == tokens * top_k
     assert sums.router_entropy > 0  # from the router's logits
+
+
+def test_zaya_counts_its_routes_with_its_skip_class_as_the_stock_experts_see_them():
+    """Zaya's router scores E experts and a skip class (E + 1 logits); its block hands a route to the skip class to
+    the experts as expert 0 with weight 0. Its skip bias set to 0 here, so that some tokens choose it: every route
+    counts as the stock block hands it to its experts, tokens x top-k in all, and the logits stay the stock ones."""
+    stock = probe_model(ZayaForCausalLM, AutoConfig.for_model("zaya"))
+    for block in sparse_blocks(stock):
+        block.router.balancing_biases[-1] = 0.0
+    model = copy.deepcopy(stock)
+    swapped = swap_experts(model)
+    chosen, skipped = [], []
+
+    def keep(router, args, output):
+        logits_TC, ids_TK = output[0], output[2]
+        chosen.append(ids_TK)  # as the block hands them to its experts
+        skipped.append((torch.softmax(logits_TC, -1) + router.balancing_biases).argmax(-1) == router.num_experts)
+
+    for block in sparse_blocks(stock):
+        block.router.register_forward_hook(keep)
+    expected = stock.train()(input_ids=IDS, use_cache=False).logits
+    got = model.train()(input_ids=IDS, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    tokens, top_k = IDS.numel(), stock.config.num_experts_per_tok
+    assert len(swapped) == len(chosen) >= 2 and top_k == 1 and any(s.any() for s in skipped)
+    for layer, ids_TK in zip(swapped, chosen):
+        sums = layer.routing.sums(torch.device("cpu"))
+        assert sums.tokens == tokens and sums.kept_E.sum() == tokens * top_k
+        assert torch.equal(sums.kept_E, torch.bincount(ids_TK.reshape(-1), minlength=8).double())
+        assert sums.router_entropy > 0  # from the router's E + 1 logits
 
 
 def test_bf16_and_activation_checkpointing():

@@ -149,8 +149,8 @@ def test_what_an_in_place_run_cannot_do_is_refused_writing_nothing(deepseek_fold
     for folder, flags, message in ((deepseek_folder, ["--num_experts", "4"], "--num_experts: "),
                                    (deepseek_folder, ["--score_function", "sigmoid"], "--score_function: "),
                                    (olmoe, ["--router_bias_update_rate", "1e-3"], "--router_bias_update_rate: "
-                                    f"{olmoe} (olmoe) has no correction bias (e_score_correction_bias) at "
-                                    "model.layers.0.mlp")):
+                                    f"{olmoe} (olmoe) has no correction bias (e_score_correction_bias, expert_bias, "
+                                    "balancing_biases) at model.layers.0.mlp")):
         out = tmp_path / "refused"
         with pytest.raises(SystemExit):
             train.main(["--model_name_or_path", str(folder), *FLAGS, *flags, "--output_dir", str(out)])
