@@ -2,7 +2,7 @@
 loss when ``output_router_logits`` is on, from the router logits its output recorder collects.
 
 Some classes of transformers 5.17 read ``output_router_logits`` in their forward but register no recorder of router
-logits (GraniteMoe, GraniteMoeShared, GraniteMoe-SWA, GraniteMoeHybrid): with the flag on, their forward fails on
+logits (GraniteMoe, GraniteMoeShared, GraniteMoe-SWA, GraniteMoeHybrid, Qwen4-Exp): with the flag on, their forward fails on
 the loss (``'int' object has no attribute 'to'``), stock or ours. For such a class the recorder transformers gives the
 others is declared here, on the class, for the process: the block's router class, at the index of its output that
 holds the logits, [T, E]. It is written here because transformers has no other way to add it; it changes nothing
