@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_models.models.architectures import SWIGLU, SWIGLU_FFN_PROJECTIONS  # noqa: E402
+from moe_models.models.architectures import SWIGLU_FFN_PROJECTIONS  # noqa: E402
 from moe_models.moe.layer import GroupedMoE  # noqa: E402
 
 CPU_SHAPES = [(256, 512, 8, 2), (256, 128, 32, 4)]                         # (d_model, d_ffn, experts, top_k)

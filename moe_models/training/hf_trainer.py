@@ -31,7 +31,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torch.distributed as dist
 from accelerate.utils import DummyOptim
 from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
@@ -45,7 +44,7 @@ from ..moe.parallel import parallel_problems
 from ..moe.saved_settings import settings_of
 from ..moe.model_layers import MoELayers
 from ..run.config import ConfigError, MoEConfig
-from ..run.distributed import init_world, sum_over_ranks
+from ..run.distributed import init_world
 from ..run.folder import RunFolder
 from ..run.cpu_memory import keep_freed_memory
 from ..run.threads import choose_cpu_threads
