@@ -50,3 +50,19 @@ def test_in_place_memory_bench_expects_what_a_rank_of_ep2_holds(tmp_path, layout
     assert held == (sum(p.numel() for p in whole.parameters()) - experts / 2) * 2
     cfg = parse_args(["--model_name_or_path", str(tmp_path), "--ep_size", "2"])
     assert bench_module("in_place_memory").planned_weights(cfg, world_size=2) == held
+
+
+def test_shaped_link_table_pairs_the_runs_and_sets_bytes_against_the_plan():
+    """bench/shaped_link.py's table: each dispatcher's median step (the plan's in brackets), the median, lowest and
+    highest node_once / per_route ratio of the runs taken in pairs, and the bytes across nodes a run counted against
+    the plan's."""
+    runs = {"per_route": [(2.0, 8e6), (3.0, 8e6), (2.2, 8e6)], "node_once": [(1.0, 2e6), (1.8, 2e6), (1.2, 3e6)]}
+    result = {"rate": "200mbit", "model": "E32 top-8", "routing": "M=1",
+              "plan": {"per_route": {"step_time": 2.5, "across_nodes": 1e7},
+                       "node_once": {"step_time": 1.0, "across_nodes": 2e6}},
+              **{d: [{"step_time": t, "across_nodes": b} for t, b in pairs] for d, pairs in runs.items()}}
+    header, rule, line = bench_module("shaped_link").table([result]).splitlines()
+    assert header.count("|") == rule.count("|") == line.count("|") == 8
+    # ratios per pair 0.5, 0.6, 0.545...: median 0.55; plan 1.0 / 2.5
+    assert line == ("| 200mbit | E32 top-8 | M=1 | 2200 (2500) | 1200 (1000) | 0.55 [0.50-0.60] (0.40) "
+                    "| 8.00 (0.80), 2.33 (1.17) |")
