@@ -1,22 +1,25 @@
 """Per-route against node-once dispatch across a shaped link: step time measured on 2 hosts x 2 ranks of the network
 namespace cluster (tests/netns_cluster.py), beside the plan's prediction for the same flags.
 
-    python bench/shaped_link.py [--rates 200mbit,1gbit] [--repeats 3] [--steps 12] [--out FOLDER]
+    python bench/shaped_link.py [--rates 200mbit,1gbit] [--repeats 3] [--steps 6] [--out FOLDER]
+    python bench/shaped_link.py --tabulate A/results.json B/results.json [--out FOLDER]   (plan and tabulate only)
 
 For each link rate, one cluster of 2 hosts, every link shaped to the rate (tc tbf, no delay); for each model (E8
 top-2, and E32 top-8 of experts a quarter as wide: the same active FLOPs) without and with node-limited routing
 (--expert_groups 2 --max_groups_per_token 1: a group is one host's experts), ep_size 4 through the no-ssh launcher
 (launch/multi_node_no_ssh.sh, one per host) with --dispatcher per_route and node_once in turn, ``repeats`` pairs,
-the first dispatcher of a pair alternating. A run's step time is the median of its logged intervals after the
-first; its bytes across nodes are rank 0's per step (all_to_all_bytes_across_nodes summed over the layers).
+the first dispatcher of a pair alternating (the machine's other load hits both). A run's step time is the median
+of its logged steps after the first; its bytes across nodes are rank 0's per step (all_to_all_bytes_across_nodes
+summed over the layers).
 
 The plan: a cluster file per rate (OUT/shaped_RATE.json), 2 devices per node, whose compute rate and optimizer
 bandwidth are measured (bench/step_time_check.py's node_rates) with 4 ranks at once, as the cluster runs them on
-this machine's cores; its in-node link is gloo's loopback all-to-all (step_time_check's calibration) and its
-inter-node bandwidth the shaped rate shared by the host's 2 ranks; latency per exchange, in and across nodes, is
-what one small all-to-all costs while the ranks train (the median of 3 tries, at least the latency between
-idle ranks). Then `train.py --plan --plan_cluster FILE --plan_nodes 2`
-with each run's flags. OMP_NUM_THREADS is 1 per rank. Needs root (the namespaces).
+this machine's cores; its in-node link is gloo's loopback (step_time_check's calibration), its inter-node bandwidth
+the shaped rate shared by the host's 2 ranks, its latency per exchange, in and across nodes, what one small
+all-to-all costs while the ranks train (the median of 3 tries, at least the idle latency); a second file
+(shaped_RATE_idle.json) has the latency between idle ranks instead. Then `train.py --plan --plan_cluster FILE
+--plan_nodes 2` with each run's flags. The calibration is kept in OUT/calibration.json and reused. OMP_NUM_THREADS
+is 1 per rank. Needs root (the namespaces).
 """
 
 from __future__ import annotations
@@ -71,12 +74,17 @@ def run_once(cluster, flags: list[str], out: Path, model: Path, steps: int, port
     return {"step_time": statistics.median(row["step_time"] for row in rows[1:]), **per_step}
 
 
-def cluster_file(rate: str, base: dict, out: Path) -> Path:
-    """The plan's cluster for this machine with the inter-node link at ``rate`` (tc units), shared by 2 ranks."""
+def cluster_file(rate: str, base: dict, out: Path, idle: bool = False) -> Path:
+    """The plan's cluster for this machine with the inter-node link at ``rate`` (tc units), shared by 2 ranks; with
+    ``idle``, the latency between idle ranks in place of the one measured in training."""
     bits = float(rate[:-4]) * {"m": 1e6, "g": 1e9}[rate[-4]]
-    path = out / f"shaped_{rate}.json"
-    path.write_text(json.dumps({**base, "inter_node_bandwidth": bits / 8 / 2,
-                                "source": base["source"] + f"; inter-node link tc tbf {rate}, 2 ranks per host"}))
+    cluster = {key: value for key, value in base.items() if key != "idle_latency"}
+    cluster.update(inter_node_bandwidth=bits / 8 / 2, source=base["source"] + f"; inter-node link tc tbf {rate}, "
+                   "2 ranks per host" + ("; the idle latency" if idle else ""))
+    if idle:
+        cluster.update(intra_node_latency=base["idle_latency"], inter_node_latency=base["idle_latency"])
+    path = out / f"shaped_{rate}{'_idle' if idle else ''}.json"
+    path.write_text(json.dumps(cluster))
     return path
 
 
@@ -99,7 +107,7 @@ def calibrated(out: Path) -> dict:
     latency = max(statistics.median(tries), idle_latency)
     rate, bandwidth = node_rates(4)
     base = dict(devices_per_node=2, memory_gib=5, peak_flops=rate, matmul_flops=rate, memory_bandwidth=bandwidth,
-                intra_node_bandwidth=bandwidth_in_node, intra_node_latency=latency,
+                intra_node_bandwidth=bandwidth_in_node, intra_node_latency=latency, idle_latency=idle_latency,
                 inter_node_bandwidth=bandwidth_in_node, inter_node_latency=latency, bf16=False,
                 source=f"bench/shaped_link.py on this machine, {time.strftime('%Y-%m-%d')}: 4 ranks at once, dense "
                        f"training {rate / 1e9:.2f} GFLOP/s, optimizer step {bandwidth / 1e9:.2f} GB/s; gloo in node "
@@ -122,26 +130,45 @@ def planned(cluster: Path, flags: list[str], out: Path, model: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    """One line per (rate, model, routing): each dispatcher's median measured and predicted step time, the median
-    per-pair ratio node_once / per_route, and measured / planned bytes across nodes."""
-    lines = ["| link | model | routing | per_route ms (plan) | node_once ms (plan) | node_once / per_route "
-             "measured (plan) | MB across / step per_route, node_once (run / plan) |",
-             "|---|---|---|---|---|---|---|"]
+    """One line per (rate, model, routing): each dispatcher's median measured step time and the plan's (with the
+    latency measured in training, and the idle one), the per-pair ratios node_once / per_route (median [lowest -
+    highest]) beside the plan's, and the bytes across nodes per step of rank 0 (mean over the runs) / the plan's."""
+    lines = ["| link | model | routing | per_route ms: measured, plan, plan idle | node_once ms: measured, plan, plan "
+             "idle | node_once / per_route: measured [range], plan, plan idle | MB across per step: per_route, "
+             "node_once (run / plan) |", "|---|---|---|---|---|---|---|"]
     for result in results:
         cells = []
         for dispatcher in DISPATCHERS:
-            runs = result[dispatcher]
-            cells.append(f"{1e3 * statistics.median(r['step_time'] for r in runs):.0f} "
-                         f"({1e3 * result['plan'][dispatcher]['step_time']:.0f})")
+            cells.append(", ".join([f"{1e3 * statistics.median(r['step_time'] for r in result[dispatcher]):.0f}",
+                                    *(f"{1e3 * result[plan][dispatcher]['step_time']:.0f}"
+                                      for plan in ("plan", "plan_idle"))]))
         ratios = [b["step_time"] / a["step_time"] for a, b in zip(result["per_route"], result["node_once"])]
-        plan_ratio = result["plan"]["node_once"]["step_time"] / result["plan"]["per_route"]["step_time"]
-        moved = ", ".join(f"{statistics.mean(r['across_nodes'] for r in result[d]) / 1e6:.2f} "
-                          f"({statistics.mean(r['across_nodes'] for r in result[d]) / result['plan'][d]['across_nodes']:.2f})"
-                          for d in DISPATCHERS)
-        cells.append(f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] ({plan_ratio:.2f})")
+        cells.append(f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}], " + ", ".join(
+            f"{result[plan]['node_once']['step_time'] / result[plan]['per_route']['step_time']:.2f}"
+            for plan in ("plan", "plan_idle")))
+        across = {d: statistics.mean(r["across_nodes"] for r in result[d]) for d in DISPATCHERS}
+        cells.append(", ".join(f"{across[d] / 1e6:.2f} ({across[d] / result['plan'][d]['across_nodes']:.2f})"
+                               for d in DISPATCHERS))
         lines.append(f"| {result['rate']} | {result['model']} | {result['routing'] or 'all groups'} | "
-                     + " | ".join(cells) + f" | {moved} |")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tabulate(results: list[dict], base: dict, out: Path) -> str:
+    """Plan every measured configuration (both latencies) and make the table."""
+    for result in results:
+        model = out / f"model_f{MODELS[result['model']][0]}.json"
+        model.write_text(json.dumps({**MODEL, "intermediate_size": MODELS[result["model"]][0]}))
+        name = f"{result['rate']} {result['model']} {result['routing']}".strip().replace(" ", "_")
+        for plan, idle in (("plan", False), ("plan_idle", True)):
+            cluster = cluster_file(result["rate"], base, out, idle)
+            result[plan] = {d: planned(cluster, flags_of(result["model"], result["routing"], d), out / name, model)
+                            for d in DISPATCHERS}
+    return table(results)
+
+
+def flags_of(model: str, routing: str, dispatcher: str) -> list[str]:
+    return [*MODELS[model][1], *ROUTING[routing], "--dispatcher", dispatcher]
 
 
 def main() -> None:
@@ -151,45 +178,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "shaped_link")
+    parser.add_argument("--tabulate", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="measure nothing: plan the runs of these results.json files (OUT's calibration) and "
+                        "print their table")
     args = parser.parse_args()
-    from netns_cluster import cluster
-    from step_time_check import free_ports
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base = calibrated(args.out)
     print(f"calibrated: {base['source']} ({time.monotonic() - started:.0f} s)", flush=True)
-    models = {}
-    for model in args.models.split(","):
-        width, _ = MODELS[model]
-        models[model] = args.out / f"model_f{width}.json"
-        models[model].write_text(json.dumps({**MODEL, "intermediate_size": width}))
-    rates = args.rates.split(",")
+    if args.tabulate:
+        results = [result for path in args.tabulate for result in json.loads(path.read_text())]
+    else:
+        results = measure(args.rates.split(","), args.models.split(","), args.repeats, args.steps, args.out)
+    print(tabulate(results, base, args.out))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"bench wall time {time.monotonic() - started:.0f} s")
+
+
+def measure(rates: list[str], models: list[str], repeats: int, steps: int, out: Path) -> list[dict]:
+    """The runs, each dispatcher ``repeats`` times in turn, per rate, model and routing (results.json as it goes)."""
+    from netns_cluster import cluster
+    from step_time_check import free_ports
     results = []
     with cluster(2, rates[0]) as hosts:
         for rate in rates:
             hosts.shape(rate)
-            plan_cluster = cluster_file(rate, base, args.out)
-            for model, model_json in models.items():
-                for routing, routing_flags in ROUTING.items():
+            for model in models:
+                model_json = out / f"model_f{MODELS[model][0]}.json"
+                model_json.write_text(json.dumps({**MODEL, "intermediate_size": MODELS[model][0]}))
+                for routing in ROUTING:
                     name = f"{rate} {model} {routing}".strip().replace(" ", "_")
-                    result = {"rate": rate, "model": model, "routing": routing, "plan": {}}
-
-                    def flags(dispatcher: str) -> list[str]:
-                        return [*MODELS[model][1], *routing_flags, "--dispatcher", dispatcher]
-                    for repeat in range(args.repeats):
+                    result = {"rate": rate, "model": model, "routing": routing}
+                    for repeat in range(repeats):
                         for dispatcher in DISPATCHERS[::1 if repeat % 2 == 0 else -1]:
                             t0 = time.monotonic()
-                            run = run_once(hosts, flags(dispatcher), args.out / name / f"{dispatcher}_{repeat}",
-                                           model_json, args.steps, free_ports(1)[0])
+                            run = run_once(hosts, flags_of(model, routing, dispatcher),
+                                           out / name / f"{dispatcher}_{repeat}", model_json, steps, free_ports(1)[0])
                             result.setdefault(dispatcher, []).append(run)
                             print(f"{name} {dispatcher} #{repeat}: {run} ({time.monotonic() - t0:.0f} s)", flush=True)
-                    for dispatcher in DISPATCHERS:
-                        result["plan"][dispatcher] = planned(plan_cluster, flags(dispatcher), args.out / name,
-                                                             model_json)
                     results.append(result)
-                    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(table(results))
-    print(f"bench wall time {time.monotonic() - started:.0f} s")
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":
