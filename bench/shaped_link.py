@@ -167,6 +167,17 @@ def tabulate(results: list[dict], base: dict, out: Path) -> str:
     return table(results)
 
 
+def merged(results) -> list[dict]:
+    """One result per (rate, model, routing): the runs of several results files for one configuration together."""
+    by_key: dict[tuple, dict] = {}
+    for result in results:
+        key = (result["rate"], result["model"], result["routing"])
+        kept = by_key.setdefault(key, {"rate": key[0], "model": key[1], "routing": key[2]})
+        for dispatcher in DISPATCHERS:
+            kept.setdefault(dispatcher, []).extend(result[dispatcher])
+    return list(by_key.values())
+
+
 def flags_of(model: str, routing: str, dispatcher: str) -> list[str]:
     return [*MODELS[model][1], *ROUTING[routing], "--dispatcher", dispatcher]
 
@@ -180,14 +191,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "shaped_link")
     parser.add_argument("--tabulate", type=Path, nargs="+", metavar="RESULTS_JSON",
                         help="measure nothing: plan the runs of these results.json files (OUT's calibration) and "
-                        "print their table")
+                        "print their table, the runs of one configuration in several files together")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base = calibrated(args.out)
     print(f"calibrated: {base['source']} ({time.monotonic() - started:.0f} s)", flush=True)
     if args.tabulate:
-        results = [result for path in args.tabulate for result in json.loads(path.read_text())]
+        results = merged(result for path in args.tabulate for result in json.loads(path.read_text()))
     else:
         results = measure(args.rates.split(","), args.models.split(","), args.repeats, args.steps, args.out)
     print(tabulate(results, base, args.out))

@@ -67,3 +67,14 @@ def test_shaped_link_table_pairs_the_runs_and_sets_bytes_against_the_plan():
     # ratios per pair 0.5, 0.6, 0.545...: median 0.55; plans 1.0 / 2.5 and 0.5 / 2.0
     assert line == ("| 200mbit | E32 top-8 | M=1 | 2200, 2500, 2000 | 1200, 1000, 500 | 0.55 [0.50-0.60], 0.40, 0.25 "
                     "| 8.00 (0.80), 2.33 (1.17) |")
+
+
+def test_shaped_link_merges_the_runs_of_one_configuration():
+    """--tabulate over several results files: one row per configuration, its runs from every file, in order."""
+    def result(rate, times):
+        return {"rate": rate, "model": "E8 top-2", "routing": "", "plan": {},
+                **{d: [{"step_time": t} for t in times] for d in ("per_route", "node_once")}}
+    rows = bench_module("shaped_link").merged([result("1gbit", [1.0]), result("200mbit", [2.0]),
+                                                result("1gbit", [3.0, 4.0])])
+    assert [(row["rate"], [r["step_time"] for r in row["node_once"]]) for row in rows] == \
+        [("1gbit", [1.0, 3.0, 4.0]), ("200mbit", [2.0])]
