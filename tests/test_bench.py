@@ -50,3 +50,31 @@ def test_in_place_memory_bench_expects_what_a_rank_of_ep2_holds(tmp_path, layout
     assert held == (sum(p.numel() for p in whole.parameters()) - experts / 2) * 2
     cfg = parse_args(["--model_name_or_path", str(tmp_path), "--ep_size", "2"])
     assert bench_module("in_place_memory").planned_weights(cfg, world_size=2) == held
+
+
+def test_shaped_link_table_pairs_the_runs_and_sets_bytes_against_the_plan():
+    """bench/shaped_link.py's table: each dispatcher's median step and the plan's two predictions, the median, lowest
+    and highest node_once / per_route ratio of the runs taken in pairs beside the plans' ratios, and the bytes across
+    nodes a run counted against the plan's."""
+    runs = {"per_route": [(2.0, 8e6), (3.0, 8e6), (2.2, 8e6)], "node_once": [(1.0, 2e6), (1.8, 2e6), (1.2, 3e6)]}
+    result = {"rate": "200mbit", "model": "E32 top-8", "routing": "M=1",
+              "plan": {"per_route": {"step_time": 2.5, "across_nodes": 1e7},
+                       "node_once": {"step_time": 1.0, "across_nodes": 2e6}},
+              "plan_idle": {"per_route": {"step_time": 2.0}, "node_once": {"step_time": 0.5}},
+              **{d: [{"step_time": t, "across_nodes": b} for t, b in pairs] for d, pairs in runs.items()}}
+    header, rule, line = bench_module("shaped_link").table([result]).splitlines()
+    assert header.count("|") == rule.count("|") == line.count("|") == 8
+    # ratios per pair 0.5, 0.6, 0.545...: median 0.55; plans 1.0 / 2.5 and 0.5 / 2.0
+    assert line == ("| 200mbit | E32 top-8 | M=1 | 2200, 2500, 2000 | 1200, 1000, 500 | 0.55 [0.50-0.60], 0.40, 0.25 "
+                    "| 8.00 (0.80), 2.33 (1.17) |")
+
+
+def test_shaped_link_merges_the_runs_of_one_configuration():
+    """--tabulate over several results files: one row per configuration, its runs from every file, in order."""
+    def result(rate, times):
+        return {"rate": rate, "model": "E8 top-2", "routing": "", "plan": {},
+                **{d: [{"step_time": t} for t in times] for d in ("per_route", "node_once")}}
+    rows = bench_module("shaped_link").merged([result("1gbit", [1.0]), result("200mbit", [2.0]),
+                                                result("1gbit", [3.0, 4.0])])
+    assert [(row["rate"], [r["step_time"] for r in row["node_once"]]) for row in rows] == \
+        [("1gbit", [1.0, 3.0, 4.0]), ("200mbit", [2.0])]
