@@ -113,7 +113,7 @@ def test_ep2_through_ssh_a_host_cut_off_and_the_resume_equal_ep1_on_one(netns_ho
                      PATH=f"{netns_ssh.bin}{os.pathsep}{launch_env()['PATH']}")
 
     sent_before = [host.sent_bytes() for host in netns_hosts.hosts]
-    launcher = through_ssh("--save_steps", "1", "--dist_timeout_s", "10")
+    launcher = through_ssh("--save_steps", "1", "--dist_timeout_s", "20")  # ranks start over ssh: a margin to join
     one_host.start()
     try:
         wait_for(lambda: saved(out), 300, "the first checkpoint", every=0.02)
@@ -130,10 +130,10 @@ def test_ep2_through_ssh_a_host_cut_off_and_the_resume_equal_ep1_on_one(netns_ho
         stop(launcher)
         second.set_link(True)
     print(f"the ssh launcher exited {code} {waited:.1f} s after the cut")
-    assert held and code != 0 and waited < 45, f"exit {code} after {waited:.0f} s"
+    assert held and code != 0 and waited < 60, f"exit {code} after {waited:.0f} s"
     assert f"Running on the following workers: {first.address},{second.address}" in output
     line = next((line for line in output.splitlines() if "error: rank" in line), output[-3000:])
-    assert "waited more than --dist_timeout_s (10 s)" in line
+    assert "waited more than --dist_timeout_s (20 s)" in line
     assert f"Node not answering from this rank's node: {second.address} (rank 1: " in line
     latest = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
     assert latest < 3, "the run ended before the cut"
