@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 from helpers import LAUNCHER, finish, free_port, launch_env, logged_rows, rank_process, saved, start, succeed, wait_for
 
@@ -72,31 +71,11 @@ def assert_bytes_crossed(out, sent: list[int]) -> None:
     assert min(sent) > across, f"bytes each host sent over its link {sent}, all-to-all bytes counted across {across}"
 
 
-def ranks_in(host, out) -> list[psutil.Process]:
-    """The train.py processes of the run writing to ``out`` that run in ``host``'s namespace (started there by an
-    sshd, not by a launcher of this test)."""
-    own = os.stat(f"/run/netns/{host.namespace}").st_ino
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            line = " ".join(proc.info["cmdline"] or [])
-            if "train.py" in line and str(out) in line and "--local_rank=" in line \
-                    and os.stat(f"/proc/{proc.pid}/ns/net").st_ino == own:
-                found.append(proc)
-        except (psutil.Error, FileNotFoundError, PermissionError):
-            continue
-    return found
-
-
-def test_ep2_through_ssh_a_host_cut_off_and_the_resume_equal_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp_path):
+def test_ep2_through_ssh_equals_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp_path):
     """`launch/multi_node_hostfile.sh` (deepspeed --hostfile, pdsh over ssh) run in the first host's namespace, the
     hostfile naming both hosts' addresses: DeepSpeed's ssh check, then one rank per host started by pdsh through
     that host's sshd, with the environment the launcher exports (PYTHON*, and DS_ENV_FILE's lines: an sshd session
-    starts with none of the launcher's own). After the first checkpoint the second host's link goes down and stays
-    down: the command ends within --dist_timeout_s plus the wrapper's ssh keep-alive bound (here 3 s x 3; without it
-    pdsh's ssh session to the lost host waits for ever: the launcher was still running 150 s after the cut), naming
-    the host. With the link back, the same command with
-    --resume_from_checkpoint latest gives the losses of ep_size 1 on one host."""
+    starts with none of the launcher's own). Same losses as ep_size 1 on one host."""
     hostfile, env_file = tmp_path / "hostfile", tmp_path / "deepspeed_env"
     hostfile.write_text("".join(f"{host.address} slots=1\n" for host in netns_hosts.hosts))
     ranks_env = {key: value for key, value in launch_env().items()
@@ -104,47 +83,20 @@ def test_ep2_through_ssh_a_host_cut_off_and_the_resume_equal_ep1_on_one(netns_ho
                  or key.startswith(("HF_", "WANDB_", "TORCH_"))}
     env_file.write_text("".join(f"{key}={value}\n" for key, value in
                                 {**ranks_env, "GLOO_SOCKET_IFNAME": netns_hosts.master.interface}.items()))
-    out, (first, second) = tmp_path / "ssh", netns_hosts.hosts
-
-    def through_ssh(*flags: str):
-        return start(netns_hosts.master.command(["launch/multi_node_hostfile.sh", str(hostfile), "--ep_size", "2",
-                                                 *FLAGS, "--output_dir", str(out), *flags]),
-                     MASTER_PORT=str(free_port()), DS_ENV_FILE=str(env_file), SSH_ALIVE_INTERVAL="3",
-                     PATH=f"{netns_ssh.bin}{os.pathsep}{launch_env()['PATH']}")
-
+    out = tmp_path / "ssh"
     sent_before = [host.sent_bytes() for host in netns_hosts.hosts]
-    launcher = through_ssh("--save_steps", "1", "--dist_timeout_s", "20")  # ranks start over ssh: a margin to join
+    launcher = start(netns_hosts.master.command(["launch/multi_node_hostfile.sh", str(hostfile), "--ep_size", "2",
+                                                 *FLAGS, "--output_dir", str(out)]),
+                     MASTER_PORT=str(free_port()), DS_ENV_FILE=str(env_file),
+                     PATH=f"{netns_ssh.bin}{os.pathsep}{launch_env()['PATH']}")
     one_host.start()
     try:
-        wait_for(lambda: saved(out), 300, "the first checkpoint", every=0.02)
-        held = ranks_in(second, out)
-        for rank in held:
-            rank.suspend()  # the second host's rank waits while its link goes: the cut falls inside the run
-        second.set_link(False)
-        cut = time.monotonic()
-        for rank in held:
-            rank.resume()
-        code, output = finish(launcher, timeout=150)
-        waited = time.monotonic() - cut
-    finally:
-        stop(launcher)
-        second.set_link(True)
-    print(f"the ssh launcher exited {code} {waited:.1f} s after the cut")
-    assert held and code != 0 and waited < 60, f"exit {code} after {waited:.0f} s"
-    assert f"Running on the following workers: {first.address},{second.address}" in output
-    line = next((line for line in output.splitlines() if "error: rank" in line), output[-3000:])
-    assert "waited more than --dist_timeout_s (20 s)" in line
-    assert f"Node not answering from this rank's node: {second.address} (rank 1: " in line
-    latest = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
-    assert latest < 3, "the run ended before the cut"
-
-    resumed = through_ssh("--resume_from_checkpoint", "latest")
-    try:
-        output = succeed(resumed)
+        output = succeed(launcher)
         sent = [host.sent_bytes() - before for host, before in zip(netns_hosts.hosts, sent_before)]
     finally:
-        stop(resumed)
-    assert f"{second.address}: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
+        stop(launcher)
+    assert f"Running on the following workers: {','.join(h.address for h in netns_hosts.hosts)}" in output
+    assert f"{netns_hosts.hosts[1].address}: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
     assert_same_losses(logged_rows(out), one_host.logged_rows())
     assert_bytes_crossed(out, sent)
 
