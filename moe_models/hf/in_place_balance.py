@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
 
+from ..moe.fused_experts import router_logits_positions
 from .in_place import sparse_blocks
 
 ROUTER_LOGITS = "router_logits"
@@ -41,8 +42,7 @@ def logits_index(router: nn.Module) -> int:
     weight = next(p for p in router.parameters() if p.dim() == 2)  # [E, D]
     num_experts, hidden = weight.shape
     outputs = router(torch.zeros(3, hidden, dtype=weight.dtype, device=weight.device))
-    found = [i for i, out in enumerate(outputs) if torch.is_tensor(out) and out.is_floating_point()
-             and tuple(out.shape) == (3, num_experts)]
+    found = router_logits_positions(outputs if isinstance(outputs, tuple) else (outputs,), num_experts)
     if len(found) != 1:
         raise ValueError(f"{type(router).__name__} returns no single [tokens, {num_experts}] tensor of logits, so its "
                          "family's balance loss cannot be recorded")

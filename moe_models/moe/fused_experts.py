@@ -43,6 +43,14 @@ FUSED_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 FUSED_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
+def router_logits_positions(outputs: tuple, classes: int) -> list[int]:
+    """Where a family router's ``outputs`` hold its logits over its ``classes``: the floating-point tensors [..., classes]
+    (its top-k ids and weights are [..., K]). The one home of this rule: the routing metrics read the logits by it
+    (FusedExperts) and the balance loss's recorder (hf/in_place_balance.py)."""
+    return [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor) and out.dim() >= 2
+            and out.shape[-1] == classes and out.is_floating_point()]
+
+
 def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]:
     """Why ``experts`` is not a fused experts module ``FusedExperts`` can take the place of (None when it is)."""
     params = dict(experts.named_parameters(recurse=False))
@@ -134,8 +142,8 @@ class FusedExperts(MoE):
 
     def _keep_router_logits(self, module, args, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
-        self._router_logits = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() >= 2
-                                    and o.shape[-1] == self.router_classes and o.is_floating_point()), None)
+        found = router_logits_positions(outputs, self.router_classes)
+        self._router_logits = outputs[found[0]] if found else None
 
     @property
     def experts(self) -> LocalFusedExperts:
