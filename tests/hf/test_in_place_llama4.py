@@ -8,15 +8,15 @@ transformers loads with the trained model's logits."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4ForConditionalGeneration
 
 import train
 from moe_models.hf.exporter import export
 from moe_models.hf.in_place import fused_experts_of, sparse_blocks, swap_experts
+from moe_models.hf.in_place_load import load_in_place
 from moe_models.hf.in_place_balance import has_balance_loss, use_family_balance_loss
 from moe_models.hf.in_place_proof import probe_model, prove_in_place
 from moe_models.models.probe import small_moe_config
@@ -108,19 +108,23 @@ def test_llama4_has_no_balance_loss_so_its_router_logits_stay_as_loaded():
 
 @pytest.fixture(scope="module")
 def llama4_folder(tmp_path_factory):
-    """A Llama 4 folder as save_pretrained writes it (the interleaved config made small, fresh weights), with the
-    byte-level tokenizer."""
+    """A Llama 4 folder as the hub's Scout and Maverick are: Llama4ForConditionalGeneration (a vision tower, the causal
+    LM under ``language_model.``), its config made small with a dense block before the sparse one, fresh weights, and
+    the byte-level tokenizer."""
     folder = tmp_path_factory.mktemp("llama4") / "folder"
-    config = small_moe_config(interleaved_config())
+    config = small_moe_config(AutoConfig.for_model("llama4"))
     tokenizer = byte_level_tokenizer()
-    config.vocab_size = len(tokenizer)
+    config.text_config = small_moe_config(interleaved_config(vocab_size=len(tokenizer)))
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    Llama4ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 def test_a_trained_llama4_folder_exports_to_a_folder_stock_transformers_loads_with_its_logits(llama4_folder, tmp_path):
+    """The multimodal folder is read as its causal LM (what AutoModelForCausalLM loads of it), trained three steps, and
+    exported as that class: stock transformers loads it with the trained model's logits, and it continues in place
+    again (the second of two ranks reading experts 4-7)."""
     # the schedule warms up from 0: the weights move from the second step on
     cfg = parse_args(["--model_name_or_path", str(llama4_folder), "--max_steps", "3", "--save_steps", "3",
                       "--logging_steps", "1", "--eval_steps", "0", "--max_eval_batches", "1", "--synthetic_examples",
@@ -133,13 +137,17 @@ def test_a_trained_llama4_folder_exports_to_a_folder_stock_transformers_loads_wi
     assert sum(last["moe/layer_0/routed_per_expert"]) == 2 * 32 and "moe/layer_1/routed_per_expert" not in last
     export(tmp_path / "run" / "checkpoints", tmp_path / "exported", tag="global_step3")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert type(stock) is Llama4ForCausalLM
     source = AutoModelForCausalLM.from_pretrained(llama4_folder)
-    moved = stock.model.layers[1].feed_forward.experts.gate_up_proj - source.model.layers[1].feed_forward.experts.gate_up_proj
-    assert moved.abs().max() > 0  # the experts trained, and the export holds them
+    assert type(stock) is type(source) is Llama4ForCausalLM
+    experts = stock.model.layers[1].feed_forward.experts.gate_up_proj
+    assert (experts - source.model.layers[1].feed_forward.experts.gate_up_proj).abs().max() > 0  # trained, exported
     with torch.no_grad():
         expected = trained(input_ids=IDS, use_cache=False).logits
         got = stock(input_ids=IDS, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
-    assert json.loads((tmp_path / "exported" / "config.json").read_text()) == \
-        json.loads((llama4_folder / "config.json").read_text())
+    where = ("_name_or_path", "architectures")  # the source's text config, under the exported class's name
+    assert {k: v for k, v in stock.config.to_dict().items() if k not in where} == \
+        {k: v for k, v in source.config.to_dict().items() if k not in where}
+    assert stock.config.model_type == "llama4_text" and stock.config.architectures == ["Llama4ForCausalLM"]
+    again = load_in_place(tmp_path / "exported", ep_size=2, ep_rank=1)
+    assert torch.equal(again.model.layers[1].feed_forward.experts.experts.gate_up_proj, experts[4:])
