@@ -46,7 +46,8 @@ FUSED_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 def router_logits_positions(outputs: tuple, classes: int) -> list[int]:
     """Where a family router's ``outputs`` hold its logits over its ``classes``: the floating-point tensors [..., classes]
     (its top-k ids and weights are [..., K]). The one home of this rule: the routing metrics read the logits by it
-    (FusedExperts) and the balance loss's recorder (hf/in_place_balance.py)."""
+    (FusedExperts) and the balance loss's recorder (hf/in_place_balance.py). One family's router returns two such
+    tensors, Llama 4's (scores, logits): moe/expert_major_experts.py takes the last."""
     return [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor) and out.dim() >= 2
             and out.shape[-1] == classes and out.is_floating_point()]
 
