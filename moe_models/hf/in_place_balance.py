@@ -53,7 +53,8 @@ def has_balance_loss(model: nn.Module) -> bool:
         returned = inspect.signature(type(model).forward, eval_str=True).return_annotation
     except (NameError, TypeError, ValueError):
         return True
-    outputs = [c for c in typing.get_args(returned) or (returned,) if isinstance(c, type) and issubclass(c, ModelOutput)]
+    outputs = [c for c in typing.get_args(returned) or (returned,)
+               if isinstance(c, type) and issubclass(c, ModelOutput)]
     return not outputs or any("aux_loss" in getattr(c, "__dataclass_fields__", {}) for c in outputs)
 
 

@@ -45,8 +45,8 @@ class ExpertMajorExperts(FusedExperts):
             return f"{name}'s block has no router with a top_k beside it ({type(router).__name__})"
         if top_k != 1:
             return (f"{type(router).__name__} routes top-{top_k}: each of a token's routes would carry its own input "
-                    "(the token scaled by that route's score), and only top-1 is continued in place (num_experts_per_tok "
-                    "1, as in the released Llama 4 models)")
+                    "(the token scaled by that route's score), and only top-1 is continued in place "
+                    "(num_experts_per_tok 1, as in the released Llama 4 models)")
         return None
 
     def _keep_router_logits(self, module, args, output) -> None:

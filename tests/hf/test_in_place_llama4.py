@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Ll
 import train
 from moe_models.hf.exporter import export
 from moe_models.hf.in_place import fused_experts_of, sparse_blocks, swap_experts
-from moe_models.hf.in_place_load import load_in_place
 from moe_models.hf.in_place_balance import has_balance_loss, use_family_balance_loss
+from moe_models.hf.in_place_bias import family_balance_fixes
+from moe_models.hf.in_place_load import load_in_place
 from moe_models.hf.in_place_proof import probe_model, prove_in_place
 from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
@@ -95,7 +96,8 @@ def test_a_top_2_router_is_refused_in_one_line():
 
 
 def test_llama4_has_no_balance_loss_so_its_router_logits_stay_as_loaded():
-    """Llama4ForCausalLM's loss is the LM loss alone, with output_router_logits on or off (transformers 5.17)."""
+    """Llama4ForCausalLM's loss is the LM loss alone, with output_router_logits on or off (transformers 5.17): the run
+    leaves the flag as loaded and trains on that loss."""
     stock, model, _ = stock_and_swapped()
     with torch.no_grad():
         plain = stock(input_ids=IDS, labels=IDS, use_cache=False).loss
@@ -104,6 +106,9 @@ def test_llama4_has_no_balance_loss_so_its_router_logits_stay_as_loaded():
     assert not has_balance_loss(model)
     use_family_balance_loss(model)
     assert model.config.output_router_logits is False
+    # the collapse warnings advise no coefficient that the class does not use (no correction bias either)
+    assert family_balance_fixes(model, 0.0) == ["a lower --learning_rate: the family has neither a correction bias "
+                                                "nor a balance loss"]
 
 
 @pytest.fixture(scope="module")
