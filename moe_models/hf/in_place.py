@@ -5,7 +5,10 @@ and the block's own code still calls the router and the experts: routing is the 
 router trains with the model.
 
 A sparse block is found as a module whose child ``experts`` holds fused expert parameters (``gate_up_proj`` or
-``up_proj`` [E, ...] and ``down_proj`` [E, ...]); its router is its child ``gate`` or ``router``.
+``up_proj`` [E, ...] and ``down_proj`` [E, ...]); its router is its child ``gate`` or ``router``. Experts whose
+forward takes the router's top-k become ``FusedExperts``; those whose forward takes the hidden states alone (the
+block hands every expert every token, expert-major: Llama 4) become ``ExpertMajorExperts``
+(moe/expert_major_experts.py), which run the same routes sparsely.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import NamedTuple, Optional
 
 from torch import nn
 
-from ..moe.fused_experts import FusedExperts, FusedExpertsLayer, fused_experts_problem
+from ..moe.expert_major_experts import ExpertMajorExperts
+from ..moe.fused_experts import FusedExperts, FusedExpertsLayer, forward_arguments
 from ..moe.parallel import expert_parallel_rank
 
 ROUTER_NAMES = ("gate", "router")
@@ -50,7 +54,7 @@ def in_place_problem(model: nn.Module) -> Optional[str]:
                 "sparse block was found")
     hidden = model.get_input_embeddings().embedding_dim
     for found in blocks:
-        problem = fused_experts_problem(found.experts, hidden)
+        problem = swap_class(found.experts).problem(found.experts, hidden, found.router)
         if problem:
             return f"model type {model_type!r}: at {found.path}.experts, {problem}"
     return None
@@ -78,10 +82,16 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
     hidden = model.get_input_embeddings().embedding_dim
     swapped = []
     for found in blocks:
-        module = FusedExperts(found.experts, hidden, ep_size, rank, router=found.router)
+        module = swap_class(found.experts)(found.experts, hidden, ep_size, rank, router=found.router)
         setattr(found.block, EXPERTS_NAME, module)
         swapped.append(module)
     return swapped
+
+
+def swap_class(experts: nn.Module) -> type[FusedExperts]:
+    """What takes the place of the family's ``experts``: ``ExpertMajorExperts`` where its forward takes the hidden
+    states alone (its block runs every expert on every token, expert-major), ``FusedExperts`` otherwise."""
+    return ExpertMajorExperts if forward_arguments(experts) == ["hidden_states"] else FusedExperts
 
 
 def fused_experts_of(model: nn.Module) -> list[FusedExperts]:

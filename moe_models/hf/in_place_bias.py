@@ -16,6 +16,7 @@ from torch import nn
 from ..moe.balance import CorrectionBias
 from ..moe.fused_experts import FusedExperts
 from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks
+from .in_place_balance import has_balance_loss
 
 # The names a correction bias goes by, each checked in its families' forward (transformers 5.17): chosen by
 # top-k of the scores plus the bias, weighed by the scores alone, the bias a buffer or a parameter without gradient.
@@ -92,7 +93,7 @@ def family_balance_fixes(model: nn.Module, rate: float) -> list[str]:
     if correction_bias_problem(model) is None:
         fixes.append(f"aux-loss-free balancing, --router_bias_update_rate 1e-3 (now {rate:g})")
     coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", None)
-    if isinstance(coef, (int, float)):
+    if isinstance(coef, (int, float)) and has_balance_loss(model):
         fixes.append(f"a larger router_aux_loss_coef, the family's balance loss, in the folder's config.json "
                      f"(now {coef:g})")
     return fixes or ["a lower --learning_rate: the family has neither a correction bias nor a balance loss"]

@@ -47,7 +47,7 @@ def load_in_place(folder: str | Path, ep_size: int = 1, ep_rank: int | None = No
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_experts(model, ep_size, ep_rank)
     reader = SafetensorsFolder(folder, config.model_type)
-    names = CheckpointNames(config.model_type, reader)
+    names = CheckpointNames(config.model_type, reader, model.base_model_prefix)
     fill_meta_parameters(model, lambda name: _tensor(model, reader, names, name))
     _load_buffers(model, reader, names)
     return model
@@ -55,10 +55,12 @@ def load_in_place(folder: str | Path, ep_size: int = 1, ep_rank: int | None = No
 
 class CheckpointNames:
     """The checkpoint's name of a model tensor, and the hub's per-expert names of a fused expert parameter, from
-    transformers' conversion mapping of the family (its plain renames and its expert merges)."""
+    transformers' conversion mapping of the family (its plain renames and its expert merges) and the class's
+    ``base_model_prefix`` (a multimodal checkpoint holds the causal LM under it, as Llama 4's
+    ``language_model.model.layers...``, which transformers' loading strips too)."""
 
-    def __init__(self, model_type: str, reader: SafetensorsFolder):
-        self.reader = reader
+    def __init__(self, model_type: str, reader: SafetensorsFolder, prefix: str = ""):
+        self.reader, self.prefix = reader, prefix
         self.renames: list[tuple[str, str]] = []   # (model's part, checkpoint's part)
         self.per_expert = dict(PER_EXPERT)
         for transform in get_checkpoint_conversion_mapping(model_type) or []:
@@ -75,6 +77,8 @@ class CheckpointNames:
         """The checkpoint's name of model tensor ``name``: itself, or renamed as the family's mapping does."""
         candidates = [name] + [name.replace(model_part, checkpoint_part)
                                for model_part, checkpoint_part in self.renames if model_part in name]
+        if self.prefix:
+            candidates += [f"{self.prefix}.{candidate}" for candidate in candidates]
         return next((c for c in candidates if self.reader.has(c)), name)
 
 

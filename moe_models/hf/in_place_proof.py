@@ -42,8 +42,11 @@ def prove_in_place(model_class: type, config: PretrainedConfig) -> None:
 
 
 def probe_model(model_class: type, config: PretrainedConfig, seed: int = 0) -> nn.Module:
-    """The family's probe: ``model_class`` of ``config`` made small, fresh fp32 weights drawn from ``seed``, eval
+    """The family's probe: ``model_class`` of ``config`` made small (of its text part where the class takes that of
+    a composite config: Llama 4's causal LM of a multimodal folder), fresh fp32 weights drawn from ``seed``, eval
     mode (no dropout), its experts run by the family's own eager code where transformers lets that be chosen."""
+    if not isinstance(config, model_class.config_class):
+        config = config.get_text_config()
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         model = model_class(small_moe_config(config)).float().eval()

@@ -46,13 +46,15 @@ FUSED_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 def router_logits_positions(outputs: tuple, classes: int) -> list[int]:
     """Where a family router's ``outputs`` hold its logits over its ``classes``: the floating-point tensors [..., classes]
     (its top-k ids and weights are [..., K]). The one home of this rule: the routing metrics read the logits by it
-    (FusedExperts) and the balance loss's recorder (hf/in_place_balance.py)."""
+    (FusedExperts) and the balance loss's recorder (hf/in_place_balance.py). One family's router returns two such
+    tensors, Llama 4's (scores, logits): moe/expert_major_experts.py takes the last."""
     return [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor) and out.dim() >= 2
             and out.shape[-1] == classes and out.is_floating_point()]
 
 
 def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]:
-    """Why ``experts`` is not a fused experts module ``FusedExperts`` can take the place of (None when it is)."""
+    """Why ``experts`` does not hold fused experts' parameters as ``LocalFusedExperts`` takes them (None when it
+    does); its forward is each swap's own question (``FusedExperts.problem``)."""
     params = dict(experts.named_parameters(recurse=False))
     if "down_proj" not in params or not ({"gate_up_proj", "up_proj"} & params.keys()):
         return (f"{type(experts).__name__} holds no fused gate_up_proj (or up_proj) and down_proj parameters "
@@ -64,11 +66,6 @@ def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]
     if any(p.dim() < 2 or p.shape[0] != num for p in params.values()):
         shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
         return f"{type(experts).__name__}'s parameters do not all lead with one expert count ({shapes})"
-    arguments = [a for a in inspect.signature(type(experts).forward).parameters.values()
-                 if a.kind in (a.POSITIONAL_ONLY, a.POSITIONAL_OR_KEYWORD)]
-    if len(arguments) < 4:  # self, hidden_states, top_k_index, top_k_weights
-        return (f"{type(experts).__name__}.forward takes ({', '.join(a.name for a in arguments[1:])}), not the "
-                "router's top-k indices and weights: its block runs the experts its own way")
     inner = [n for n, _ in experts.named_parameters() if n not in params] + [n for n, _ in experts.named_buffers()]
     if inner:
         return (f"{type(experts).__name__} holds parameters or buffers in its submodules ({', '.join(inner)}), "
@@ -77,6 +74,14 @@ def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]
                                                                                       hidden_size)):
         return f"{type(experts).__name__}'s down_proj {tuple(params['down_proj'].shape)} is not [E, D, F] or [E, F, D]"
     return None
+
+
+def forward_arguments(experts: nn.Module) -> list[str]:
+    """The positional arguments of ``experts``' forward, ``self`` aside (``hidden_states, top_k_index,
+    top_k_weights`` where the block routes its tokens to the experts)."""
+    arguments = [a for a in inspect.signature(type(experts).forward).parameters.values()
+                 if a.kind in (a.POSITIONAL_ONLY, a.POSITIONAL_OR_KEYWORD)]
+    return [a.name for a in arguments[1:]]
 
 
 def _width(experts: nn.Module, params: dict) -> int:
@@ -112,7 +117,7 @@ class FusedExperts(MoE):
     def __init__(self, family_experts: nn.Module, hidden_size: int, ep_size: int = 1, ep_rank: int = 0,
                  router: Optional[nn.Module] = None):
         nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's gate and E expert copies
-        problem = fused_experts_problem(family_experts, hidden_size)
+        problem = self.problem(family_experts, hidden_size, router)
         if problem:
             raise ValueError(problem)
         num_experts = family_experts.down_proj.shape[0]
@@ -139,6 +144,17 @@ class FusedExperts(MoE):
         self.router_classes = getattr(router, "num_router_classes", num_experts)
         if router is not None:
             router.register_forward_hook(self._keep_router_logits)
+
+    @classmethod
+    def problem(cls, family_experts: nn.Module, hidden_size: int, router: Optional[nn.Module]) -> Optional[str]:
+        """Why this class cannot take the place of ``family_experts`` (None when it can): fused parameters, and a
+        forward that takes the router's top-k indices and weights."""
+        problem = fused_experts_problem(family_experts, hidden_size)
+        arguments = forward_arguments(family_experts)
+        if problem is None and len(arguments) < 3:  # hidden_states, top_k_index, top_k_weights
+            return (f"{type(family_experts).__name__}.forward takes ({', '.join(arguments)}), not the router's "
+                    "top-k indices and weights: its block runs the experts its own way")
+        return problem
 
     def _keep_router_logits(self, module, args, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)

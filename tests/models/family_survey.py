@@ -17,11 +17,12 @@ from transformers.integrations.moe import _default_apply_gate
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe_models import MoEConfig, convert_to_moe
-from moe_models.hf.in_place import sparse_blocks
+from moe_models.hf.in_place import sparse_blocks, swap_class
 from moe_models.hf.in_place_proof import probe_model, prove_in_place
 from moe_models.models.architectures import ARCHITECTURES, architecture_of_config
 from moe_models.models.discovery import EXPERT_COUNT_FIELDS
 from moe_models.models.probe import small_config, small_moe_config
+from moe_models.moe.expert_major_experts import ExpertMajorExperts
 from moe_models.moe.ffn_form import ffn_form, FFNForm
 from moe_models.moe.proof import prove_conversion
 
@@ -172,8 +173,6 @@ def in_place_outcome_of(model_type: str) -> InPlaceOutcome:
     config = AutoConfig.for_model(model_type)
     with torch.device("meta"):
         model_class = type(AutoModelForCausalLM.from_config(small_moe_config(config)))  # the class it loads
-    if not isinstance(config, model_class.config_class):  # a composite config: the class takes its text part
-        config = config.get_text_config()
     try:
         prove_in_place(model_class, config)
     except ValueError as err:
@@ -186,6 +185,8 @@ def in_place_outcome_of(model_type: str) -> InPlaceOutcome:
                 f"gated, {type(experts.act_fn).__name__}" if hasattr(experts, "gate_up_proj") else
                 f"plain, {type(experts.act_fn).__name__}")
     biases = ", biases" if hasattr(experts, "down_proj_bias") else ""
+    if swap_class(experts) is ExpertMajorExperts:
+        biases += "; every expert on every token (expert-major), run sparsely"
     paths = sorted({re.sub(r"\.\d+\.", ".N.", b.path) for b in blocks})
     router = type(blocks[0].router).__name__ if blocks[0].router is not None else "none"
     return InPlaceOutcome(model_type, name, True, f"`{'`, `'.join(paths)}`; router {router}; "
