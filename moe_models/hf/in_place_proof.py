@@ -6,7 +6,9 @@ experts swapped at ep_size 1 and must keep the stock class's function.
 - backward: every parameter of the swapped experts and of every router gets a gradient, and every parameter's
   gradient equals the stock model's to 1e-4 of that tensor's largest, or of a thousandth of the model's largest
   gradient where that is larger (the experts' compared whole: at ep_size 1 the
-  swapped module holds them all, under the family's parameter names).
+  swapped module holds them all, under the family's parameter names); where the stock parameter holds rows past the
+  swapped one's (LongCat-Flash's gate_up_proj, a row per identity expert, which no expert uses), those rows' stock
+  gradient must be 0.
 
 A family that fails is refused with one line: what was found and what to do. The result is kept per (class, config).
 """
@@ -109,6 +111,12 @@ def _gradient_problem(stock: nn.Module, swapped: nn.Module, model_type: str) -> 
         if (param.grad is None) != (reference is None):
             return _refusal(model_type, f"with swapped experts {stock_name} gets a gradient where the stock model "
                             f"{'does not' if reference is None else 'does'}")
+        if reference is not None and reference.dim() and reference.shape[0] > param.shape[0]:
+            idle = reference[param.shape[0]:]  # rows no expert uses (LongCat-Flash's identity experts' gate_up_proj)
+            if idle.any():
+                return _refusal(model_type, f"{stock_name}'s rows past the swapped experts' get a gradient in the "
+                                "stock model")
+            reference = reference[:param.shape[0]]
         difference = _relative(param.grad, reference, floor) if reference is not None else 0.0
         if not difference <= TOLERANCE:
             return _refusal(model_type, f"with swapped experts the gradient of {stock_name} differs from the stock "

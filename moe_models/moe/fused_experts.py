@@ -52,9 +52,11 @@ def router_logits_positions(outputs: tuple, classes: int) -> list[int]:
             and out.shape[-1] == classes and out.is_floating_point()]
 
 
-def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]:
+def fused_experts_problem(experts: nn.Module, hidden_size: int, idle_gate_up_rows: int = 0) -> Optional[str]:
     """Why ``experts`` does not hold fused experts' parameters as ``LocalFusedExperts`` takes them (None when it
-    does); its forward is each swap's own question (``FusedExperts.problem``)."""
+    does); its forward is each swap's own question (``FusedExperts.problem``). ``gate_up_proj`` may hold
+    ``idle_gate_up_rows`` rows past the experts' (rows its class allocates and never uses: LongCat-Flash's, one per
+    identity expert, moe/identity_experts.py)."""
     params = dict(experts.named_parameters(recurse=False))
     if "down_proj" not in params or not ({"gate_up_proj", "up_proj"} & params.keys()):
         return (f"{type(experts).__name__} holds no fused gate_up_proj (or up_proj) and down_proj parameters "
@@ -63,7 +65,8 @@ def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]
     if extra:
         return f"{type(experts).__name__} holds parameters other than the fused experts' ({', '.join(extra)})"
     num = params["down_proj"].shape[0]
-    if any(p.dim() < 2 or p.shape[0] != num for p in params.values()):
+    if any(p.dim() < 2 or p.shape[0] != num + (idle_gate_up_rows if n == "gate_up_proj" else 0)
+           for n, p in params.items()):
         shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
         return f"{type(experts).__name__}'s parameters do not all lead with one expert count ({shapes})"
     inner = [n for n, _ in experts.named_parameters() if n not in params] + [n for n, _ in experts.named_buffers()]
@@ -169,12 +172,11 @@ class FusedExperts(MoE):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """The family's experts' output for tokens ``hidden_states`` [T, D] routed to ``top_k_index`` [T, K] with
         ``top_k_weights`` [T, K]. Ids outside 0..E-1 (a family's zero-computation experts, a sentinel) compute
-        nothing here. With ``real_tokens`` set (the batch has padding), only the real tokens' routes are run and
+        nothing here (``_routes``; LongCat-Flash's identity experts: moe/identity_experts.py). With ``real_tokens`` set (the batch has padding), only the real tokens' routes are run and
         counted: a padding token's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids_TK = top_k_index.reshape(x_TD.shape[0], -1)
-        ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
-        weights_TK = torch.where(ids_TK >= 0, top_k_weights.reshape(ids_TK.shape).float(), 0.0)
+        weights_TK = top_k_weights.reshape(ids_TK.shape).float()
         logits_TE, self._router_logits = self._router_logits, None
         logits_TE = logits_TE.reshape(-1, self.router_classes).float() if logits_TE is not None else None
         if self.real_tokens is None:
@@ -195,17 +197,28 @@ class FusedExperts(MoE):
 
     def _run_routes(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                     logits_TE: Optional[torch.Tensor]) -> torch.Tensor:
-        """dispatch -> experts -> combine of these routes, counted (a training forward) in the routing counters and
-        the step's load."""
-        counts_E = routes_per_expert(ids_TK, self.num_experts)
-        routes = Routes(logits_TE, ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
+        """dispatch -> experts -> combine of these routes (plus, where ``_routes`` gives the tokens a weight of
+        their own input, that share of it: identity experts), counted (a training forward) in the routing counters
+        and the step's load (routes per expert, then per null expert where there are some)."""
+        routes = self._routes(ids_TK, weights_TK, logits_TE)
         out_TD = self.deepspeed_moe(x_TD, routes)
-        self.last_topk_ids_TK = ids_TK
+        if routes.null_weight_T is not None:  # identity experts: the token's input, weighted, on its own rank
+            out_TD = out_TD + routes.null_weight_T.unsqueeze(1) * x_TD.to(out_TD.dtype)
+        self.last_topk_ids_TK = routes.topk_ids_TK
         if self.training and self.correction_bias is not None and not recomputing():
-            self.step_load.add_local(counts_E)
+            self.step_load.add_local(routes.chosen_E if routes.chosen_null is None
+                                     else torch.cat([routes.chosen_E, routes.chosen_null]))
         if self.training and self.routing.enabled and routes.logits_TE is not None and not recomputing():
             self.routing.add(routes)
         return out_TD
+
+    def _routes(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, logits_TE: Optional[torch.Tensor]) -> Routes:
+        """The family's routes as this layer runs them: ids outside 0..E-1 (a family's zero-computation experts, a
+        sentinel) marked -1 with weight 0, computing nothing."""
+        ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
+        weights_TK = torch.where(ids_TK >= 0, weights_TK, 0.0)
+        counts_E = routes_per_expert(ids_TK, self.num_experts)
+        return Routes(logits_TE, ids_TK, weights_TK, counts_E, counts_E, weights_TK.new_zeros(()))
 
     def global_expert_ids(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local_experts)
