@@ -2,10 +2,10 @@
 sparse block holds a correction bias (added to the scores for the choice of experts only, never to the weights, and
 held outside the gradient: a buffer or a parameter without gradient), --router_bias_update_rate moves it after each
 optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the load counted over
-every rank's routes of the step (moe/balance.py's ``update_correction_biases``). Identity experts' entries
-(LongCat-Flash's) stay, as our layer's null experts' without a compute target: the experts' move by their mean load. The bias stays the family's tensor
-where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and restore it under the
-family's name. ``CORRECTION_BIASES`` names it in each family that has one."""
+every rank's routes of the step (moe/balance.py's ``update_correction_biases``); identity experts' entries
+(LongCat-Flash's) stay, as our layer's null experts' without a compute target, and the experts' move by their mean
+load. The bias stays the family's tensor where it was, in its router or in the block, held as an fp32 buffer, so
+checkpoints save and restore it under the family's name. ``CORRECTION_BIASES`` names it in each family that has one."""
 
 from __future__ import annotations
 

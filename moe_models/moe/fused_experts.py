@@ -172,8 +172,9 @@ class FusedExperts(MoE):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """The family's experts' output for tokens ``hidden_states`` [T, D] routed to ``top_k_index`` [T, K] with
         ``top_k_weights`` [T, K]. Ids outside 0..E-1 (a family's zero-computation experts, a sentinel) compute
-        nothing here (``_routes``; LongCat-Flash's identity experts: moe/identity_experts.py). With ``real_tokens`` set (the batch has padding), only the real tokens' routes are run and
-        counted: a padding token's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
+        nothing here (``_routes``; LongCat-Flash's identity experts: moe/identity_experts.py). With ``real_tokens``
+        set (the batch has padding), only the real tokens' routes are run and counted: a padding token's output is 0
+        and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids_TK = top_k_index.reshape(x_TD.shape[0], -1)
         weights_TK = top_k_weights.reshape(ids_TK.shape).float()
