@@ -23,6 +23,7 @@ from moe_models.models.architectures import ARCHITECTURES, architecture_of_confi
 from moe_models.models.discovery import EXPERT_COUNT_FIELDS
 from moe_models.models.probe import small_config, small_moe_config
 from moe_models.moe.expert_major_experts import ExpertMajorExperts
+from moe_models.moe.identity_experts import IdentityExperts
 from moe_models.moe.ffn_form import ffn_form, FFNForm
 from moe_models.moe.proof import prove_conversion
 
@@ -187,6 +188,8 @@ def in_place_outcome_of(model_type: str) -> InPlaceOutcome:
     biases = ", biases" if hasattr(experts, "down_proj_bias") else ""
     if swap_class(experts) is ExpertMajorExperts:
         biases += "; every expert on every token (expert-major), run sparsely"
+    if swap_class(experts) is IdentityExperts:
+        biases += "; identity experts past its experts (`zero_expert_num`), run on each token's rank"
     paths = sorted({re.sub(r"\.\d+\.", ".N.", b.path) for b in blocks})
     router = type(blocks[0].router).__name__ if blocks[0].router is not None else "none"
     return InPlaceOutcome(model_type, name, True, f"`{'`, `'.join(paths)}`; router {router}; "
