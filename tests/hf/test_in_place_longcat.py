@@ -131,6 +131,10 @@ def test_a_trained_longcat_folder_exports_to_a_folder_stock_transformers_loads_w
         assert 0 < real < routes and last[f"moe/layer_{i}/null_route_share"] == pytest.approx(1 - real / routes)
         assert last[f"moe/layer_{i}/real_experts_per_token"] == pytest.approx(real / (2 * 32))
         assert len(last[f"moe/layer_{i}/score_bias"]) == E + Z and last[f"moe/layer_{i}/score_bias"][E:] == [0, 0]
+    # the realised FLOPs leave the identity routes out: 6 x an expert's 3 F D parameters per route not run
+    planned = RunFolder(tmp_path / "run").record().resolved.flops_per_token
+    unspent = sum(6 * 3 * 32 * 64 * (K - last[f"moe/layer_{i}/real_experts_per_token"]) for i in range(2))
+    assert last["flops_per_token_spent"] == pytest.approx(planned - unspent) and unspent > 0
     export(tmp_path / "run" / "checkpoints", tmp_path / "exported", tag="global_step3")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     source = AutoModelForCausalLM.from_pretrained(longcat_folder)
