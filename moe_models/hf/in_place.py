@@ -9,7 +9,8 @@ A sparse block is found as a module whose child ``experts`` holds fused expert p
 forward takes the router's top-k become ``FusedExperts``; those whose forward takes the hidden states alone (the
 block hands every expert every token, expert-major: Llama 4) become ``ExpertMajorExperts``
 (moe/expert_major_experts.py), which run the same routes sparsely; those that also run identity experts
-(LongCat-Flash) become ``IdentityExperts`` (moe/identity_experts.py).
+(LongCat-Flash) become ``IdentityExperts`` (moe/identity_experts.py), and those that take the router's logits and
+route by their own rule (Aria) ``SelfRoutingExperts`` (moe/self_routing_experts.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ..moe.expert_major_experts import ExpertMajorExperts
 from ..moe.fused_experts import FusedExperts, FusedExpertsLayer, forward_arguments
 from ..moe.identity_experts import IdentityExperts, identity_expert_count
+from ..moe.self_routing_experts import FORWARD as SELF_ROUTING_FORWARD, SelfRoutingExperts
 from ..moe.parallel import expert_parallel_rank
 
 ROUTER_NAMES = ("gate", "router")
@@ -80,7 +82,7 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
                          "that can)")
     blocks = sparse_blocks(model)
     for found in blocks:
-        count = found.experts.down_proj.shape[0]
+        count = swap_class(found.experts).family_expert_count(found.experts)
         if count % ep_size:
             raise ValueError(f"num_experts ({count}) at {found.path}.experts must be divisible by ep_size "
                              f"({ep_size}): pick an ep_size that divides {count}")
@@ -99,9 +101,12 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
 def swap_class(experts: nn.Module) -> type[FusedExperts]:
     """What takes the place of the family's ``experts``: ``ExpertMajorExperts`` where its forward takes the hidden
     states alone (its block runs every expert on every token, expert-major), ``IdentityExperts`` where it runs
-    identity experts past its experts (LongCat-Flash's), ``FusedExperts`` otherwise."""
+    identity experts past its experts (LongCat-Flash's), ``SelfRoutingExperts`` where it takes the router's logits
+    and routes by its own rule (Aria's), ``FusedExperts`` otherwise."""
     if forward_arguments(experts) == ["hidden_states"]:
         return ExpertMajorExperts
+    if forward_arguments(experts) == SELF_ROUTING_FORWARD:
+        return SelfRoutingExperts
     return IdentityExperts if identity_expert_count(experts) else FusedExperts
 
 

@@ -27,7 +27,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..moe.experts import per_expert_name
-from .in_place import EXPERTS_NAME, IDLE_GATE_UP_ROWS, sparse_blocks
+from .in_place import EXPERTS_NAME, IDLE_GATE_UP_ROWS, sparse_blocks, swap_class
 from .weights import expert_state, module_state
 
 ROUTER_LOGITS = "output_router_logits"
@@ -44,9 +44,10 @@ def in_place_state(checkpoints_dir: Path, tag_dir: Path, run_config: PretrainedC
     # DeepSpeed numbers its MoE modules in the order of named_modules(), as sparse_blocks finds the blocks
     for moe_layer_id, found in enumerate(sparse_blocks(model)):
         experts_path = f"{found.path}.{EXPERTS_NAME}"
-        count = found.experts.down_proj.shape[0]
+        swap = swap_class(found.experts)
+        count = swap.family_expert_count(found.experts)
         files = [expert_state(checkpoints_dir, tag_dir, moe_layer_id, expert_id) for expert_id in range(count)]
-        for name, _ in found.experts.named_parameters(recurse=False):
+        for name in swap.family_parameter_names(found.experts):  # gate_up_proj, ... (Aria's fc1.weight, ...)
             keys = [f"{experts_path}.deepspeed_moe.experts.{per_expert_name(e, name)}" for e in range(count)]
             missing = [key for key, file in zip(keys, files) if key not in file]
             if missing:

@@ -111,21 +111,23 @@ def _tensor(model: nn.Module, reader: SafetensorsFolder, names: CheckpointNames,
         return reader.tensor(names.of(name))
     module = model.get_submodule(experts_path)
     assert isinstance(module, FusedExperts)
-    rows = _expert_rows(reader, names, experts_path, attr, module.global_expert_ids())
+    rows = _expert_rows(reader, names, experts_path, attr, module.global_expert_ids(),
+                        module.experts.stacked_names()[attr])
     if rows is None:
         per_expert = names.per_expert.get(attr)
         first = f"{experts_path}.{module.global_expert_ids().start}.{per_expert[0]}" if per_expert else attr
-        raise ValueError(f"{reader.folder} has neither {names.of(f'{experts_path}.{attr}')!r} (fused experts) nor "
+        fused = names.of(f"{experts_path}.{module.experts.stacked_names()[attr]}")
+        raise ValueError(f"{reader.folder} has neither {fused!r} (fused experts) nor "
                          f"{names.of(first)!r} (one tensor per expert); is it a complete {reader.moe_type} "
                          "checkpoint of this config?")
     return rows
 
 
 def _expert_rows(reader: SafetensorsFolder, names: CheckpointNames, experts_path: str, attr: str,
-                 ids: range) -> torch.Tensor | None:
-    """Rows ``ids`` of fused expert parameter ``attr``: of the fused tensor, or the experts' tensors merged; None
-    when the folder holds neither."""
-    fused = names.of(f"{experts_path}.{attr}")
+                 ids: range, family_name: str | None = None) -> torch.Tensor | None:
+    """Rows ``ids`` of fused expert parameter ``attr`` (``family_name`` in the family's module, default the same):
+    of the fused tensor, or the experts' tensors merged; None when the folder holds neither."""
+    fused = names.of(f"{experts_path}.{family_name or attr}")
     if reader.has(fused):
         return reader.slice(fused)[ids.start:ids.stop]
     per_expert = names.per_expert.get(attr)

@@ -12,10 +12,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from in_place_checks import assert_stock_loss_and_gradients, train_three_steps
 from transformers import AutoConfig, AutoModelForCausalLM, LongcatFlashForCausalLM
 
-import train
 from moe_models.hf.exporter import export
 from moe_models.hf.in_place import IDLE_GATE_UP_ROWS, sparse_blocks, swap_experts
 from moe_models.hf.in_place_bias import correction_bias_problem, move_correction_biases
@@ -26,7 +25,6 @@ from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
 from moe_models.moe.identity_experts import IdentityExperts
 from moe_models.moe.model_layers import MoELayers
-from moe_models.run.cli import parse_args
 from moe_models.run.folder import RunFolder
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -53,19 +51,8 @@ def test_the_swapped_experts_give_the_stock_loss_and_gradients_and_count_identit
     assert stock.model.layers[0].mlp.experts.gate_up_proj.shape[0] == E + Z
     assert len(swapped) == 2 and all(isinstance(m, IdentityExperts) for m in swapped)
     calls = router_calls(stock)
-    expected = stock(input_ids=IDS, labels=IDS, use_cache=False).loss
-    got = model(input_ids=IDS, labels=IDS, use_cache=False).loss
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    expected.backward()
-    got.backward()
-    reference = dict(stock.named_parameters())
-    for name, param in model.named_parameters():
-        stock_grad = reference[name.replace(".deepspeed_moe.experts.", ".")].grad
-        if name.endswith("gate_up_proj"):  # the identity experts' rows: no gradient in the stock model
-            assert stock_grad.shape[0] == E + Z and not stock_grad[E:].any()
-            stock_grad = stock_grad[:E]
-        torch.testing.assert_close(param.grad, stock_grad, rtol=1e-4, atol=1e-4 * stock_grad.abs().max().item(),
-                                   msg=name)
+    assert_stock_loss_and_gradients(stock, model, IDS)  # the stock gate_up_proj's Z rows: no gradient
+    assert model.model.layers[0].mlp.experts.experts.gate_up_proj.shape[0] == E
     for block, layer, (hidden, ids_TK) in zip(stock.model.layers, swapped, calls):
         identity_TK = ids_TK >= E
         assert identity_TK.any() and not identity_TK.all()  # the probe routes to both kinds
@@ -118,14 +105,7 @@ def test_a_trained_longcat_folder_exports_to_a_folder_stock_transformers_loads_w
     """Three steps of train.py with the correction bias moving: the identity routes counted as running no expert,
     the export loaded by stock transformers with the trained model's logits, the experts' gate_up_proj rows trained
     and the identity experts' rows as in the source folder; it continues in place again (the second of two ranks)."""
-    cfg = parse_args(["--model_name_or_path", str(longcat_folder), "--max_steps", "3", "--save_steps", "3",
-                      "--logging_steps", "1", "--eval_steps", "0", "--max_eval_batches", "1", "--synthetic_examples",
-                      "100", "--block_size", "32", "--per_device_train_batch_size", "2", "--warmup_steps", "1",
-                      "--router_bias_update_rate", "1e-3", "--disable_tqdm", "--output_dir", str(tmp_path / "run")])
-    _, trainer = train.build(cfg)
-    trainer.train()
-    trained = trainer.engine.module.eval()
-    last = [row for row in RunFolder(tmp_path / "run").metrics.rows() if "loss" in row][-1]
+    trained, last = train_three_steps(longcat_folder, tmp_path / "run", "--router_bias_update_rate", "1e-3")
     for i in range(2):
         routes, real = 2 * 32 * K, sum(last[f"moe/layer_{i}/routed_per_expert"])
         assert 0 < real < routes and last[f"moe/layer_{i}/null_route_share"] == pytest.approx(1 - real / routes)
