@@ -17,7 +17,7 @@ from torch import nn
 from ..moe.balance import CorrectionBias
 from ..moe.fused_experts import FusedExperts
 from ..moe.identity_experts import identity_expert_count
-from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks
+from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks, swap_class
 from .in_place_balance import has_balance_loss
 
 # The names a correction bias goes by, each checked in its families' forward (transformers 5.17): chosen by
@@ -66,7 +66,7 @@ def routed_classes(experts: nn.Module) -> int:
     its identity experts where it has some (LongCat-Flash's, moe/identity_experts.py)."""
     if isinstance(experts, FusedExperts):
         return experts.num_experts + getattr(experts, "num_identity_experts", 0)
-    return experts.down_proj.shape[0] + identity_expert_count(experts)
+    return swap_class(experts).family_expert_count(experts) + identity_expert_count(experts)
 
 
 def move_correction_biases(model: nn.Module, rate: float) -> None:
