@@ -8,7 +8,9 @@ A sparse block is found as a module whose child ``experts`` holds fused expert p
 ``up_proj`` [E, ...] and ``down_proj`` [E, ...]); its router is its child ``gate`` or ``router``. Experts whose
 forward takes the router's top-k become ``FusedExperts``; those whose forward takes the hidden states alone (the
 block hands every expert every token, expert-major: Llama 4) become ``ExpertMajorExperts``
-(moe/expert_major_experts.py), which run the same routes sparsely.
+(moe/expert_major_experts.py), which run the same routes sparsely; those that also run identity experts
+(LongCat-Flash) become ``IdentityExperts`` (moe/identity_experts.py), and those that take the router's logits and
+route by their own rule (Aria) ``SelfRoutingExperts`` (moe/self_routing_experts.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from torch import nn
 
 from ..moe.expert_major_experts import ExpertMajorExperts
 from ..moe.fused_experts import FusedExperts, FusedExpertsLayer, forward_arguments
+from ..moe.identity_experts import IdentityExperts, identity_expert_count
+from ..moe.self_routing_experts import FORWARD as SELF_ROUTING_FORWARD, SelfRoutingExperts
 from ..moe.parallel import expert_parallel_rank
 
 ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAME = "experts"
+# The block's buffer of gate_up_proj's rows past the experts' (LongCat-Flash's, one per identity expert, which its
+# class allocates and never uses), kept for the export: outside the swapped module, whose non-expert entries
+# DeepSpeed's checkpoint drops.
+IDLE_GATE_UP_ROWS = "identity_experts_gate_up_proj"
 
 
 class SparseBlock(NamedTuple):
@@ -74,7 +82,7 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
                          "that can)")
     blocks = sparse_blocks(model)
     for found in blocks:
-        count = found.experts.down_proj.shape[0]
+        count = swap_class(found.experts).family_expert_count(found.experts)
         if count % ep_size:
             raise ValueError(f"num_experts ({count}) at {found.path}.experts must be divisible by ep_size "
                              f"({ep_size}): pick an ep_size that divides {count}")
@@ -84,14 +92,22 @@ def swap_experts(model: nn.Module, ep_size: int = 1, ep_rank: int | None = None)
     for found in blocks:
         module = swap_class(found.experts)(found.experts, hidden, ep_size, rank, router=found.router)
         setattr(found.block, EXPERTS_NAME, module)
+        if isinstance(module, IdentityExperts):
+            found.block.register_buffer(IDLE_GATE_UP_ROWS, module.__dict__.pop("idle_gate_up_rows"))
         swapped.append(module)
     return swapped
 
 
 def swap_class(experts: nn.Module) -> type[FusedExperts]:
     """What takes the place of the family's ``experts``: ``ExpertMajorExperts`` where its forward takes the hidden
-    states alone (its block runs every expert on every token, expert-major), ``FusedExperts`` otherwise."""
-    return ExpertMajorExperts if forward_arguments(experts) == ["hidden_states"] else FusedExperts
+    states alone (its block runs every expert on every token, expert-major), ``IdentityExperts`` where it runs
+    identity experts past its experts (LongCat-Flash's), ``SelfRoutingExperts`` where it takes the router's logits
+    and routes by its own rule (Aria's), ``FusedExperts`` otherwise."""
+    if forward_arguments(experts) == ["hidden_states"]:
+        return ExpertMajorExperts
+    if forward_arguments(experts) == SELF_ROUTING_FORWARD:
+        return SelfRoutingExperts
+    return IdentityExperts if identity_expert_count(experts) else FusedExperts
 
 
 def fused_experts_of(model: nn.Module) -> list[FusedExperts]:

@@ -2,9 +2,10 @@
 sparse block holds a correction bias (added to the scores for the choice of experts only, never to the weights, and
 held outside the gradient: a buffer or a parameter without gradient), --router_bias_update_rate moves it after each
 optimizer step as our layer moves its score bias: bias_e += rate x sign(mean load - load_e), the load counted over
-every rank's routes of the step (moe/balance.py's ``update_correction_biases``). The bias stays the family's tensor
-where it was, in its router or in the block, held as an fp32 buffer, so checkpoints save and restore it under the
-family's name. ``CORRECTION_BIASES`` names it in each family that has one."""
+every rank's routes of the step (moe/balance.py's ``update_correction_biases``); identity experts' entries
+(LongCat-Flash's) stay, as our layer's null experts' without a compute target, and the experts' move by their mean
+load. The bias stays the family's tensor where it was, in its router or in the block, held as an fp32 buffer, so
+checkpoints save and restore it under the family's name. ``CORRECTION_BIASES`` names it in each family that has one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from ..moe.balance import CorrectionBias
 from ..moe.fused_experts import FusedExperts
-from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks
+from ..moe.identity_experts import identity_expert_count
+from .in_place import EXPERTS_NAME, SparseBlock, sparse_blocks, swap_class
 from .in_place_balance import has_balance_loss
 
 # The names a correction bias goes by, each checked in its families' forward (transformers 5.17): chosen by
@@ -52,16 +54,19 @@ def correction_bias_problem(model: nn.Module) -> Optional[str]:
             return (f"has no correction bias ({', '.join(CORRECTION_BIASES)}) at {block.path}, so its routing "
                     "has no aux-loss-free bias to move")
         name = bias_name(owner)
-        entries, experts = getattr(owner, name).numel(), expert_count(block.experts)
-        if entries != experts:
-            return (f"has a correction bias ({name}) of {entries} entries for {experts} experts at {block.path}, "
+        entries, classes = getattr(owner, name).numel(), routed_classes(block.experts)
+        if entries != classes:
+            return (f"has a correction bias ({name}) of {entries} entries for {classes} experts at {block.path}, "
                     "which the routes per expert cannot move")
     return None
 
 
-def expert_count(experts: nn.Module) -> int:
-    """The experts of a sparse block's experts module, swapped or not."""
-    return experts.num_experts if isinstance(experts, FusedExperts) else experts.down_proj.shape[0]
+def routed_classes(experts: nn.Module) -> int:
+    """The classes the routes of a sparse block's experts module are counted over, swapped or not: its experts, and
+    its identity experts where it has some (LongCat-Flash's, moe/identity_experts.py)."""
+    if isinstance(experts, FusedExperts):
+        return experts.num_experts + getattr(experts, "num_identity_experts", 0)
+    return swap_class(experts).family_expert_count(experts) + identity_expert_count(experts)
 
 
 def move_correction_biases(model: nn.Module, rate: float) -> None:

@@ -8,7 +8,8 @@ The DeepSpeed checkpoint holds the weights in two parts (hf/weights.py reads its
 - one file per global expert of each swapped ``experts`` module (``layer_L_expert_E_...``, written by the rank that
   held it, at any ep_size): under ``{block}.experts.deepspeed_moe.experts.deepspeed_experts.{E}.{name}``, expert E's
   slice of the family's fused parameter ``name`` (moe/fused_experts.py). The slices of all E experts, stacked in
-  expert order, are the fused parameter again (``{block}.experts.{name}`` [E, ...]).
+  expert order, are the fused parameter again (``{block}.experts.{name}`` [E, ...]); LongCat-Flash's gate_up_proj
+  [E + Z, ...] ends with the Z rows no expert uses, kept in the model file as a buffer of the block (hf/in_place.py).
 
 The config is the run's (base_model/config.json: the source folder's, as the run's model held it), with
 ``output_router_logits`` as the source folder had it: the run turns it on so that the family's balance loss joins
@@ -26,7 +27,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..moe.experts import per_expert_name
-from .in_place import EXPERTS_NAME, sparse_blocks
+from .in_place import EXPERTS_NAME, IDLE_GATE_UP_ROWS, sparse_blocks, swap_class
 from .weights import expert_state, module_state
 
 ROUTER_LOGITS = "output_router_logits"
@@ -43,15 +44,19 @@ def in_place_state(checkpoints_dir: Path, tag_dir: Path, run_config: PretrainedC
     # DeepSpeed numbers its MoE modules in the order of named_modules(), as sparse_blocks finds the blocks
     for moe_layer_id, found in enumerate(sparse_blocks(model)):
         experts_path = f"{found.path}.{EXPERTS_NAME}"
-        count = found.experts.down_proj.shape[0]
+        swap = swap_class(found.experts)
+        count = swap.family_expert_count(found.experts)
         files = [expert_state(checkpoints_dir, tag_dir, moe_layer_id, expert_id) for expert_id in range(count)]
-        for name, _ in found.experts.named_parameters(recurse=False):
+        for name in swap.family_parameter_names(found.experts):  # gate_up_proj, ... (Aria's fc1.weight, ...)
             keys = [f"{experts_path}.deepspeed_moe.experts.{per_expert_name(e, name)}" for e in range(count)]
             missing = [key for key, file in zip(keys, files) if key not in file]
             if missing:
                 raise ValueError(f"checkpoint {tag_dir.name!r} has no {missing[0]} in the file of its expert: the "
                                  f"run's base_model/config.json ({config.model_type}) is not the model it saved")
             state[f"{experts_path}.{name}"] = torch.stack([file[key] for key, file in zip(keys, files)])
+        idle = state.pop(f"{found.path}.{IDLE_GATE_UP_ROWS}", None)  # the rows no expert uses, after the experts'
+        if idle is not None:
+            state[f"{experts_path}.gate_up_proj"] = torch.cat([state[f"{experts_path}.gate_up_proj"], idle])
     return config, state
 
 

@@ -10,6 +10,9 @@ Two layouts of the experts are read:
   Mixtral's ``w1``/``w3``/``w2``...; its checkpoint conversion mapping names them, and its renames such as
   Mixtral's ``block_sparse_moe`` -> ``mlp``): the rank's experts' tensors, gate and up concatenated as transformers
   does (``MergeModulelist`` then ``Concatenate(dim=1)``).
+
+LongCat-Flash's gate_up_proj rows past its experts' (one per identity expert, used by none) are read into a buffer
+of their block (``_load_idle_rows``), zeros where the folder holds none.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 from ..moe.fused_experts import FusedExperts
-from .in_place import swap_experts
+from .in_place import EXPERTS_NAME, IDLE_GATE_UP_ROWS, sparse_blocks, swap_experts
 from .load import SafetensorsFolder, fill_meta_parameters
 
 INDEX = "model.safetensors.index.json"
@@ -50,6 +53,7 @@ def load_in_place(folder: str | Path, ep_size: int = 1, ep_rank: int | None = No
     names = CheckpointNames(config.model_type, reader, model.base_model_prefix)
     fill_meta_parameters(model, lambda name: _tensor(model, reader, names, name))
     _load_buffers(model, reader, names)
+    _load_idle_rows(model, reader, names)
     return model
 
 
@@ -107,18 +111,46 @@ def _tensor(model: nn.Module, reader: SafetensorsFolder, names: CheckpointNames,
         return reader.tensor(names.of(name))
     module = model.get_submodule(experts_path)
     assert isinstance(module, FusedExperts)
-    ids = module.global_expert_ids()
-    fused = names.of(f"{experts_path}.{attr}")
+    rows = _expert_rows(reader, names, experts_path, attr, module.global_expert_ids(),
+                        module.experts.stacked_names()[attr])
+    if rows is None:
+        per_expert = names.per_expert.get(attr)
+        first = f"{experts_path}.{module.global_expert_ids().start}.{per_expert[0]}" if per_expert else attr
+        fused = names.of(f"{experts_path}.{module.experts.stacked_names()[attr]}")
+        raise ValueError(f"{reader.folder} has neither {fused!r} (fused experts) nor "
+                         f"{names.of(first)!r} (one tensor per expert); is it a complete {reader.moe_type} "
+                         "checkpoint of this config?")
+    return rows
+
+
+def _expert_rows(reader: SafetensorsFolder, names: CheckpointNames, experts_path: str, attr: str,
+                 ids: range, family_name: str | None = None) -> torch.Tensor | None:
+    """Rows ``ids`` of fused expert parameter ``attr`` (``family_name`` in the family's module, default the same):
+    of the fused tensor, or the experts' tensors merged; None when the folder holds neither."""
+    fused = names.of(f"{experts_path}.{family_name or attr}")
     if reader.has(fused):
         return reader.slice(fused)[ids.start:ids.stop]
     per_expert = names.per_expert.get(attr)
-    first = names.of(f"{experts_path}.{ids.start}.{per_expert[0]}") if per_expert else None
-    if first is None or not reader.has(first):
-        raise ValueError(f"{reader.folder} has neither {fused!r} (fused experts) nor {first or attr!r} (one tensor "
-                         f"per expert); is it a complete {reader.moe_type} checkpoint of this config?")
+    if not per_expert or not reader.has(names.of(f"{experts_path}.{ids.start}.{per_expert[0]}")):
+        return None
     parts = [torch.stack([reader.tensor(names.of(f"{experts_path}.{e}.{suffix}")) for e in ids])
              for suffix in per_expert]
     return torch.cat(parts, dim=1)
+
+
+def _load_idle_rows(model: nn.Module, reader: SafetensorsFolder, names: CheckpointNames) -> None:
+    """Each block's gate_up_proj rows past its experts' (LongCat-Flash's, a row per identity expert: hf/in_place.py's
+    ``IDLE_GATE_UP_ROWS``), read from the folder, or zeros where it holds none (the hub's checkpoints of the family
+    hold no weights for its identity experts; no route uses these rows)."""
+    for found in sparse_blocks(model):
+        idle = getattr(found.block, IDLE_GATE_UP_ROWS, None)
+        if idle is None:
+            continue
+        experts = found.experts.num_experts
+        rows = _expert_rows(reader, names, f"{found.path}.{EXPERTS_NAME}", "gate_up_proj",
+                            range(experts, experts + idle.shape[0]))
+        found.block.register_buffer(IDLE_GATE_UP_ROWS, rows.to(idle.dtype) if rows is not None
+                                    else torch.zeros(idle.shape, dtype=idle.dtype))
 
 
 def _load_buffers(model: nn.Module, reader: SafetensorsFolder, names: CheckpointNames) -> None:

@@ -6,7 +6,9 @@ experts swapped at ep_size 1 and must keep the stock class's function.
 - backward: every parameter of the swapped experts and of every router gets a gradient, and every parameter's
   gradient equals the stock model's to 1e-4 of that tensor's largest, or of a thousandth of the model's largest
   gradient where that is larger (the experts' compared whole: at ep_size 1 the
-  swapped module holds them all, under the family's parameter names).
+  swapped module holds them all, under the family's parameter names); where the stock parameter holds rows past the
+  swapped one's (LongCat-Flash's gate_up_proj, a row per identity expert, which no expert uses), those rows' stock
+  gradient must be 0.
 
 A family that fails is refused with one line: what was found and what to do. The result is kept per (class, config).
 """
@@ -20,6 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..models.probe import small_moe_config
+from ..moe.fused_experts import FusedExperts
 from .in_place import fused_experts_of, in_place_problem, sparse_blocks, swap_experts
 
 PROBE_SHAPE = (2, 32)  # sequences, tokens: 128 routes at top-2, so every one of the 8 experts gets rows
@@ -101,14 +104,21 @@ def _gradient_problem(stock: nn.Module, swapped: nn.Module, model_type: str) -> 
     if unreached:
         return _refusal(model_type, f"with swapped experts the backward pass does not reach {unreached[0]}")
     stock_params = dict(stock.named_parameters())
+    stock_names = _stock_names(swapped)
     floor = GRADIENT_FLOOR * max(p.grad.abs().max().item() for p in stock_params.values()
                                  if p.grad is not None and p.numel())  # a module of no units has empty ones
     for name, param in swapped.named_parameters():
-        stock_name = _stock_name(name)
+        stock_name = stock_names.get(name, name)
         reference = stock_params[stock_name].grad
         if (param.grad is None) != (reference is None):
             return _refusal(model_type, f"with swapped experts {stock_name} gets a gradient where the stock model "
                             f"{'does not' if reference is None else 'does'}")
+        if reference is not None and reference.dim() and reference.shape[0] > param.shape[0]:
+            idle = reference[param.shape[0]:]  # rows no expert uses (LongCat-Flash's identity experts' gate_up_proj)
+            if idle.any():
+                return _refusal(model_type, f"{stock_name}'s rows past the swapped experts' get a gradient in the "
+                                "stock model")
+            reference = reference[:param.shape[0]]
         difference = _relative(param.grad, reference, floor) if reference is not None else 0.0
         if not difference <= TOLERANCE:
             return _refusal(model_type, f"with swapped experts the gradient of {stock_name} differs from the stock "
@@ -116,10 +126,15 @@ def _gradient_problem(stock: nn.Module, swapped: nn.Module, model_type: str) -> 
     return None
 
 
-def _stock_name(name: str) -> str:
-    """A swapped model's parameter name as the stock model spells it (``...experts.deepspeed_moe.experts.X`` is
-    ``...experts.X``)."""
-    return name.replace(".deepspeed_moe.experts.", ".")
+def _stock_names(swapped: nn.Module) -> dict[str, str]:
+    """The swapped experts' parameter names as the stock model spells them: ``...experts.deepspeed_moe.experts.X``
+    is ``...experts.X``, or X's name in the family's module (Aria's ``fc1.weight``)."""
+    names = {}
+    for path, module in swapped.named_modules():
+        if isinstance(module, FusedExperts):
+            for fused, family in module.experts.stacked_names().items():
+                names[f"{path}.deepspeed_moe.experts.{fused}"] = f"{path}.{family}"
+    return names
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

@@ -123,14 +123,15 @@ class CorrectionBias:
 def update_correction_biases(layers: list) -> None:
     """``update_score_biases`` for the in-place layers (FusedExperts) whose family's bias moves (``correction_bias``):
     ``bias_e += rate x sign(mean load - load_e)``, the load being every rank's routes per expert over the step (one
-    all-reduce). Every rank calls it, and every rank ends with the same biases."""
+    all-reduce); a bias entry past the layer's E experts (an identity expert's: moe/identity_experts.py) stays, as a
+    null expert's without a target (``bias_gap``). Every rank calls it, and every rank ends with the same biases."""
     biased = [layer for layer in layers if layer.correction_bias is not None]
     if not biased:
         return
     loads = _summed_over_ranks([_local_load(layer.step_load, layer.correction_bias.tensor()) for layer in biased])
     for layer, load_E in zip(biased, loads):
         bias = layer.correction_bias.tensor()
-        gap_E = bias_gap(load_E, load_E.numel(), layer.routing.top_k, None)
+        gap_E = bias_gap(load_E, layer.num_experts, layer.routing.top_k, None)
         bias.view(-1).add_(layer.correction_bias.rate * torch.sign(gap_E).to(bias.dtype))
 
 

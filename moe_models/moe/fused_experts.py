@@ -52,21 +52,38 @@ def router_logits_positions(outputs: tuple, classes: int) -> list[int]:
             and out.shape[-1] == classes and out.is_floating_point()]
 
 
-def fused_experts_problem(experts: nn.Module, hidden_size: int) -> Optional[str]:
+def fused_parameters(experts: nn.Module, names: Optional[dict[str, str]] = None) -> dict[str, nn.Parameter]:
+    """The fused parameters of ``experts`` by their fused names (``gate_up_proj``, ``down_proj``, ...): its own
+    parameters, or, with ``names``, those each fused name maps to (a family holding them under its own names: Aria's
+    ``fc1.weight``, moe/self_routing_experts.py); a name it lacks is left out."""
+    if names is None:
+        return dict(experts.named_parameters(recurse=False))
+    held = dict(experts.named_parameters())
+    return {fused: held[name] for fused, name in names.items() if name in held}
+
+
+def fused_experts_problem(experts: nn.Module, hidden_size: int, idle_gate_up_rows: int = 0,
+                          names: Optional[dict[str, str]] = None) -> Optional[str]:
     """Why ``experts`` does not hold fused experts' parameters as ``LocalFusedExperts`` takes them (None when it
-    does); its forward is each swap's own question (``FusedExperts.problem``)."""
-    params = dict(experts.named_parameters(recurse=False))
+    does); its forward is each swap's own question (``FusedExperts.problem``). ``gate_up_proj`` may hold
+    ``idle_gate_up_rows`` rows past the experts' (rows its class allocates and never uses: LongCat-Flash's, one per
+    identity expert, moe/identity_experts.py); ``names``: as in ``fused_parameters``."""
+    params = fused_parameters(experts, names)
     if "down_proj" not in params or not ({"gate_up_proj", "up_proj"} & params.keys()):
-        return (f"{type(experts).__name__} holds no fused gate_up_proj (or up_proj) and down_proj parameters "
+        wanted = (f"{', '.join(names.values())} (the fused experts' parameters of its class)" if names
+                  else "fused gate_up_proj (or up_proj) and down_proj parameters")
+        return (f"{type(experts).__name__} holds no {wanted} "
                 f"(it holds {', '.join(n for n, _ in experts.named_parameters()) or 'none'})")
     extra = [n for n in params if n not in FUSED_WEIGHTS + FUSED_BIASES]
     if extra:
         return f"{type(experts).__name__} holds parameters other than the fused experts' ({', '.join(extra)})"
     num = params["down_proj"].shape[0]
-    if any(p.dim() < 2 or p.shape[0] != num for p in params.values()):
+    if any(p.dim() < 2 or p.shape[0] != num + (idle_gate_up_rows if n == "gate_up_proj" else 0)
+           for n, p in params.items()):
         shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
         return f"{type(experts).__name__}'s parameters do not all lead with one expert count ({shapes})"
-    inner = [n for n, _ in experts.named_parameters() if n not in params] + [n for n, _ in experts.named_buffers()]
+    own = set(names.values()) if names else params.keys()
+    inner = [n for n, _ in experts.named_parameters() if n not in own] + [n for n, _ in experts.named_buffers()]
     if inner:
         return (f"{type(experts).__name__} holds parameters or buffers in its submodules ({', '.join(inner)}), "
                 "which the grouped experts would not train or move")
@@ -120,7 +137,7 @@ class FusedExperts(MoE):
         problem = self.problem(family_experts, hidden_size, router)
         if problem:
             raise ValueError(problem)
-        num_experts = family_experts.down_proj.shape[0]
+        num_experts = self.family_expert_count(family_experts)
         if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size}): pick an ep_size "
                              f"that divides {num_experts}")
@@ -129,7 +146,8 @@ class FusedExperts(MoE):
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
         self.first_expert = ep_rank * self.num_local_experts
         local = LocalFusedExperts(family_experts, range(self.first_expert, self.first_expert + self.num_local_experts),
-                                  self.expert_group_name)
+                                  self.expert_group_name, self.family_names(family_experts),
+                                  self.activation(family_experts))
         self.deepspeed_moe = FusedExpertsLayer(local, dispatcher_for(self.num_local_experts, ep_size, True))
         if ep_size > 1 and self.expert_group_name in groups._get_expert_parallel_group_dict():
             # the dispatcher's group now, where it exists (the engine sets it again): the model runs before it
@@ -156,6 +174,27 @@ class FusedExperts(MoE):
                     "top-k indices and weights: its block runs the experts its own way")
         return problem
 
+    @classmethod
+    def family_names(cls, family_experts: nn.Module) -> Optional[dict[str, str]]:
+        """Each fused parameter's name in the family's module; None: the same names (``fused_parameters``)."""
+        return None
+
+    @classmethod
+    def activation(cls, family_experts: nn.Module) -> Optional[nn.Module]:
+        """The experts' activation where the family's module holds none as ``act_fn`` (None: its ``act_fn``)."""
+        return None
+
+    @classmethod
+    def family_parameter_names(cls, family_experts: nn.Module) -> list[str]:
+        """The family module's names of its fused parameters (``gate_up_proj``, ...; Aria's ``fc1.weight``, ...)."""
+        names = cls.family_names(family_experts)
+        return [names[fused] if names else fused for fused in fused_parameters(family_experts, names)]
+
+    @classmethod
+    def family_expert_count(cls, family_experts: nn.Module) -> int:
+        """The experts of the family's module (its down projection's leading dimension)."""
+        return fused_parameters(family_experts, cls.family_names(family_experts))["down_proj"].shape[0]
+
     def _keep_router_logits(self, module, args, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
         found = router_logits_positions(outputs, self.router_classes)
@@ -169,12 +208,12 @@ class FusedExperts(MoE):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """The family's experts' output for tokens ``hidden_states`` [T, D] routed to ``top_k_index`` [T, K] with
         ``top_k_weights`` [T, K]. Ids outside 0..E-1 (a family's zero-computation experts, a sentinel) compute
-        nothing here. With ``real_tokens`` set (the batch has padding), only the real tokens' routes are run and
-        counted: a padding token's output is 0 and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
+        nothing here (``_routes``; LongCat-Flash's identity experts: moe/identity_experts.py). With ``real_tokens``
+        set (the batch has padding), only the real tokens' routes are run and counted: a padding token's output is 0
+        and its ``last_topk_ids_TK`` -1 (moe/padding.py)."""
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids_TK = top_k_index.reshape(x_TD.shape[0], -1)
-        ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
-        weights_TK = torch.where(ids_TK >= 0, top_k_weights.reshape(ids_TK.shape).float(), 0.0)
+        weights_TK = top_k_weights.reshape(ids_TK.shape).float()
         logits_TE, self._router_logits = self._router_logits, None
         logits_TE = logits_TE.reshape(-1, self.router_classes).float() if logits_TE is not None else None
         if self.real_tokens is None:
@@ -195,17 +234,28 @@ class FusedExperts(MoE):
 
     def _run_routes(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                     logits_TE: Optional[torch.Tensor]) -> torch.Tensor:
-        """dispatch -> experts -> combine of these routes, counted (a training forward) in the routing counters and
-        the step's load."""
-        counts_E = routes_per_expert(ids_TK, self.num_experts)
-        routes = Routes(logits_TE, ids_TK, weights_TK, counts_E, counts_E, x_TD.new_zeros((), dtype=torch.float32))
+        """dispatch -> experts -> combine of these routes (plus, where ``_routes`` gives the tokens a weight of
+        their own input, that share of it: identity experts), counted (a training forward) in the routing counters
+        and the step's load (routes per expert, then per null expert where there are some)."""
+        routes = self._routes(ids_TK, weights_TK, logits_TE)
         out_TD = self.deepspeed_moe(x_TD, routes)
-        self.last_topk_ids_TK = ids_TK
+        if routes.null_weight_T is not None:  # identity experts: the token's input, weighted, on its own rank
+            out_TD = out_TD + routes.null_weight_T.unsqueeze(1) * x_TD.to(out_TD.dtype)
+        self.last_topk_ids_TK = routes.topk_ids_TK
         if self.training and self.correction_bias is not None and not recomputing():
-            self.step_load.add_local(counts_E)
+            self.step_load.add_local(routes.chosen_E if routes.chosen_null is None
+                                     else torch.cat([routes.chosen_E, routes.chosen_null]))
         if self.training and self.routing.enabled and routes.logits_TE is not None and not recomputing():
             self.routing.add(routes)
         return out_TD
+
+    def _routes(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, logits_TE: Optional[torch.Tensor]) -> Routes:
+        """The family's routes as this layer runs them: ids outside 0..E-1 (a family's zero-computation experts, a
+        sentinel) marked -1 with weight 0, computing nothing."""
+        ids_TK = torch.where((ids_TK >= 0) & (ids_TK < self.num_experts), ids_TK, -1)
+        weights_TK = torch.where(ids_TK >= 0, weights_TK, 0.0)
+        counts_E = routes_per_expert(ids_TK, self.num_experts)
+        return Routes(logits_TE, ids_TK, weights_TK, counts_E, counts_E, weights_TK.new_zeros(()))
 
     def global_expert_ids(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local_experts)
@@ -233,13 +283,17 @@ class FusedExpertsLayer(nn.Module):
 
 
 class LocalFusedExperts(nn.Module):
-    """The local experts' slices of the family's fused parameters ([L, ...] each, same names and layout), run as
-    grouped GEMMs over rows grouped by local expert, with the family's expert function. State dicts show one entry
-    per (local expert, parameter), ``deepspeed_experts.{i}.{name}``, and take them back."""
+    """The local experts' slices of the family's fused parameters ([L, ...] each, same layout, under their fused
+    names), run as grouped GEMMs over rows grouped by local expert, with the family's expert function (``act_fn``:
+    the family's own, where not given). State dicts show one entry per (local expert, parameter),
+    ``deepspeed_experts.{i}.{name}`` under the family's name of the parameter (``family_names``), and take them
+    back."""
 
-    def __init__(self, family_experts: nn.Module, expert_ids: range, expert_group_name: str):
+    def __init__(self, family_experts: nn.Module, expert_ids: range, expert_group_name: str,
+                 family_names: Optional[dict[str, str]] = None, act_fn: Optional[nn.Module] = None):
         super().__init__()
-        params = dict(family_experts.named_parameters(recurse=False))
+        params = fused_parameters(family_experts, family_names)
+        self.family_names = family_names or {name: name for name in params}
         self.num_experts = len(expert_ids)
         self.transposed = _transposed(family_experts, params)
         self.has_gate = "gate_up_proj" in params
@@ -250,21 +304,23 @@ class LocalFusedExperts(nn.Module):
             mine = getattr(self, name)
             mine.allreduce, mine.group_name, mine.is_expert_group = False, expert_group_name, True
         for name in params:  # the family's module keeps its function, not its weights
-            delattr(family_experts, name)
+            holder, _, attr = self.family_names[name].rpartition(".")
+            delattr(family_experts.get_submodule(holder), attr)
         self.__dict__["function"] = family_experts  # not a submodule: no parameters, no state-dict entries
+        self.__dict__["act_fn"] = act_fn if act_fn is not None else getattr(family_experts, "act_fn", None)
         self.register_state_dict_post_hook(_per_expert_state)
         self.register_load_state_dict_pre_hook(_stacked_state)
 
     def stacked_names(self) -> dict[str, str]:
-        """Each stacked parameter's name -> its name in one expert's entries (the same)."""
-        return {name: name for name, _ in self.named_parameters()}
+        """Each stacked parameter's name -> its name in one expert's entries (the family's)."""
+        return {name: self.family_names[name] for name, _ in self.named_parameters()}
 
     def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         offsets_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
         # each row's local expert; rows past the last offset (none at ep_size > 1, dropped routes at 1) get L
         expert_N = torch.bucketize(torch.arange(x_ND.shape[0], device=x_ND.device), offsets_L, right=True)
         up = self._project("gate_up_proj" if self.has_gate else "up_proj", x_ND, offsets_L, expert_N)
-        hidden = self._gated(up) if self.has_gate else self.function.act_fn(up)
+        hidden = self._gated(up) if self.has_gate else self.act_fn(up)
         out_ND = self._project("down_proj", hidden, offsets_L, expert_N)
         return torch.where((expert_N < self.num_experts).unsqueeze(-1), out_ND, 0.0)
 
@@ -273,7 +329,7 @@ class LocalFusedExperts(nn.Module):
         if apply_gate is not None:  # the family's own (transformers' decorator gives the default one)
             return apply_gate(self.function, gate_up_NF2)
         gate, up = gate_up_NF2.chunk(2, dim=-1)
-        return self.function.act_fn(gate) * up
+        return self.act_fn(gate) * up
 
     def _project(self, name: str, x_NI: torch.Tensor, offsets_L: torch.Tensor, expert_N: torch.Tensor):
         weight = getattr(self, name).to(x_NI.dtype)

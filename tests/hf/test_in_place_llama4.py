@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+from in_place_checks import assert_stock_loss_and_gradients, train_three_steps
 from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4ForConditionalGeneration
 
-import train
 from moe_models.hf.exporter import export
 from moe_models.hf.in_place import fused_experts_of, sparse_blocks, swap_experts
 from moe_models.hf.in_place_balance import has_balance_loss, use_family_balance_loss
@@ -24,8 +24,6 @@ from moe_models.models.probe import small_moe_config
 from moe_models.models.tokenization import byte_level_tokenizer
 from moe_models.moe.expert_major_experts import ExpertMajorExperts
 from moe_models.moe.model_layers import MoELayers
-from moe_models.run.cli import parse_args
-from moe_models.run.folder import RunFolder
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -48,16 +46,7 @@ def test_the_swapped_experts_give_the_stock_loss_and_gradients_routing_each_toke
     assert len(swapped) == 1 and isinstance(swapped[0], ExpertMajorExperts)
     logits = []
     stock.model.layers[1].feed_forward.router.register_forward_hook(lambda m, a, out: logits.append(out[1]))
-    expected = stock(input_ids=IDS, labels=IDS, use_cache=False).loss
-    got = model(input_ids=IDS, labels=IDS, use_cache=False).loss
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    expected.backward()
-    got.backward()
-    reference = dict(stock.named_parameters())
-    for name, param in model.named_parameters():
-        stock_grad = reference[name.replace(".deepspeed_moe.experts.", ".")].grad
-        torch.testing.assert_close(param.grad, stock_grad, rtol=1e-4, atol=1e-4 * stock_grad.abs().max().item(),
-                                   msg=name)
+    assert_stock_loss_and_gradients(stock, model, IDS)
     # routes and metrics: the stock router's top-1 choices, and the entropy of its logits' softmax
     logits_TE = logits[0].detach()
     sums = swapped[0].routing.sums(torch.device("cpu"))
@@ -130,15 +119,7 @@ def test_a_trained_llama4_folder_exports_to_a_folder_stock_transformers_loads_wi
     """The multimodal folder is read as its causal LM (what AutoModelForCausalLM loads of it), trained three steps, and
     exported as that class: stock transformers loads it with the trained model's logits, and it continues in place
     again (the second of two ranks reading experts 4-7)."""
-    # the schedule warms up from 0: the weights move from the second step on
-    cfg = parse_args(["--model_name_or_path", str(llama4_folder), "--max_steps", "3", "--save_steps", "3",
-                      "--logging_steps", "1", "--eval_steps", "0", "--max_eval_batches", "1", "--synthetic_examples",
-                      "100", "--block_size", "32", "--per_device_train_batch_size", "2", "--warmup_steps", "1",
-                      "--disable_tqdm", "--output_dir", str(tmp_path / "run")])
-    _, trainer = train.build(cfg)
-    trainer.train()
-    trained = trainer.engine.module.eval()
-    last = [row for row in RunFolder(tmp_path / "run").metrics.rows() if "loss" in row][-1]
+    trained, last = train_three_steps(llama4_folder, tmp_path / "run")
     assert sum(last["moe/layer_0/routed_per_expert"]) == 2 * 32 and "moe/layer_1/routed_per_expert" not in last
     export(tmp_path / "run" / "checkpoints", tmp_path / "exported", tag="global_step3")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()

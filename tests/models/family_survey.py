@@ -23,6 +23,8 @@ from moe_models.models.architectures import ARCHITECTURES, architecture_of_confi
 from moe_models.models.discovery import EXPERT_COUNT_FIELDS
 from moe_models.models.probe import small_config, small_moe_config
 from moe_models.moe.expert_major_experts import ExpertMajorExperts
+from moe_models.moe.identity_experts import IdentityExperts
+from moe_models.moe.self_routing_experts import SelfRoutingExperts
 from moe_models.moe.ffn_form import ffn_form, FFNForm
 from moe_models.moe.proof import prove_conversion
 
@@ -181,12 +183,16 @@ def in_place_outcome_of(model_type: str) -> InPlaceOutcome:
     blocks = sparse_blocks(probe)
     experts = blocks[0].experts
     own_gate = vars(type(experts)).get("_apply_gate", _default_apply_gate) is not _default_apply_gate
-    function = ("its own `_apply_gate`" if own_gate else
-                f"gated, {type(experts.act_fn).__name__}" if hasattr(experts, "gate_up_proj") else
-                f"plain, {type(experts.act_fn).__name__}")
+    act_fn = swap_class(experts).activation(experts) or getattr(experts, "act_fn", None)
+    gated = "gate_up_proj" in (swap_class(experts).family_names(experts) or dict(experts.named_parameters()))
+    function = ("its own `_apply_gate`" if own_gate else f"{'gated' if gated else 'plain'}, {type(act_fn).__name__}")
     biases = ", biases" if hasattr(experts, "down_proj_bias") else ""
     if swap_class(experts) is ExpertMajorExperts:
         biases += "; every expert on every token (expert-major), run sparsely"
+    if swap_class(experts) is IdentityExperts:
+        biases += "; identity experts past its experts (`zero_expert_num`), run on each token's rank"
+    if swap_class(experts) is SelfRoutingExperts:
+        biases += "; routes itself from the router's logits (its own top-k), `fc1`/`fc2` as gate_up/down"
     paths = sorted({re.sub(r"\.\d+\.", ".N.", b.path) for b in blocks})
     router = type(blocks[0].router).__name__ if blocks[0].router is not None else "none"
     return InPlaceOutcome(model_type, name, True, f"`{'`, `'.join(paths)}`; router {router}; "

@@ -9,7 +9,7 @@ rows come from every rank of its group, and its gradient with them), and no pad 
 `OK <family> rank <r>` per family; an assertion fails otherwise. Then DeepSpeed engines (ZeRO-2) at ep_size 1 and 2 take four steps: the same losses and weights
 (`TRAINED <family> rank <r>`).
 
-Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py OUTPUT_DIR qwen3_moe deepseek_v3 llama4_text
+Usage: deepspeed --num_gpus 2 tests/scripts/in_place_ep.py OUTPUT_DIR qwen3_moe deepseek_v3 llama4_text longcat_flash aria_text
 """
 
 import copy
