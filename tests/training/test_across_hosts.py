@@ -79,7 +79,8 @@ def test_ep2_through_ssh_equals_ep1_on_one(netns_hosts, netns_ssh, one_host, tmp
     hostfile, env_file = tmp_path / "hostfile", tmp_path / "deepspeed_env"
     hostfile.write_text("".join(f"{host.address} slots=1\n" for host in netns_hosts.hosts))
     ranks_env = {key: value for key, value in launch_env().items()
-                 if key in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MOE_MODELS_DATA_CACHE")
+                 if key in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MOE_MODELS_DATA_CACHE",
+                            "PATH")  # the venv's ninja, which built the ops in the shared extensions folder
                  or key.startswith(("HF_", "WANDB_", "TORCH_"))}
     env_file.write_text("".join(f"{key}={value}\n" for key, value in
                                 {**ranks_env, "GLOO_SOCKET_IFNAME": netns_hosts.master.interface}.items()))
